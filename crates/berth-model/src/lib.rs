@@ -1,0 +1,102 @@
+//! berth's desired state: networks, sandboxes and endpoints, as stored and as served by the API.
+//!
+//! Everything here is plain data and pure validation so that front-ends (CLI, Docker, CNI) and
+//! the agent agree on one meaning of every field, and so it can be tested without root.
+
+mod names;
+mod validate;
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+pub use names::{
+    BRIDGE_PREFIX, IFNAME_MAX, VETH_PREFIX, bridge_name, is_berth_link_name, veth_name,
+};
+pub use validate::{
+    MacAddr, ModelError, parse_cidr, validate_ifname, validate_mtu, validate_name,
+    validate_sandbox_name,
+};
+
+/// The pool that networks created without `--subnet` are carved from, one /24 each.
+pub const DEFAULT_POOL: &str = "10.210.0.0/16";
+/// Prefix length of the subnets carved from [`DEFAULT_POOL`].
+pub const DEFAULT_POOL_PREFIX: u8 = 24;
+/// MTU used when neither the user nor the host's default route gives one.
+pub const FALLBACK_MTU: u32 = 1500;
+
+/// One L2 network: a bridge on each host, with one subnet per address family.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Network {
+    /// Random hex identifier; the bridge name is derived from it.
+    pub id: String,
+    pub name: String,
+    /// At most one IPv4 and one IPv6 subnet.
+    pub subnets: Vec<Subnet>,
+    pub mtu: u32,
+    /// An internal network has no way out of the host.
+    pub internal: bool,
+    /// The Linux bridge that carries the network on this host.
+    pub bridge: String,
+}
+
+impl Network {
+    pub fn subnet_v4(&self) -> Option<&Subnet> {
+        self.subnets.iter().find(|s| s.cidr.addr().is_ipv4())
+    }
+    pub fn subnet_v6(&self) -> Option<&Subnet> {
+        self.subnets.iter().find(|s| s.cidr.addr().is_ipv6())
+    }
+    /// The subnet an address belongs to, if any.
+    pub fn subnet_for(&self, ip: IpAddr) -> Option<&Subnet> {
+        self.subnets.iter().find(|s| s.cidr.contains(&ip))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Subnet {
+    /// The subnet in canonical form (host bits zero).
+    pub cidr: IpNet,
+    /// The gateway address, held by the bridge.
+    pub gateway: IpAddr,
+}
+
+/// A network namespace berth created and named (`berth sandbox create`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sandbox {
+    pub name: String,
+    /// Where the namespace is bind-mounted (`<netns-dir>/<name>`).
+    pub path: String,
+}
+
+/// One interface of one sandbox on one network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    /// Random hex identifier; the host-side veth name is derived from it.
+    pub id: String,
+    pub network: String,
+    /// The sandbox's network namespace.
+    pub netns: NetnsRef,
+    /// Interface name inside the sandbox.
+    pub ifname: String,
+    /// Host-side veth name.
+    pub host_ifname: String,
+    /// The endpoint's name (for service discovery); defaults to the sandbox name.
+    pub name: Option<String>,
+    pub mac: MacAddr,
+    /// Addresses with the subnet's prefix length, IPv4 first.
+    pub ips: Vec<IpNet>,
+}
+
+/// A network namespace as berth refers to it: where it is and which namespace it was.
+///
+/// The identity (`dev:inode` of the nsfs file) tells a namespace that went away and was replaced
+/// by another at the same path (a reused `/proc/PID/ns/net`) from the one berth attached.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetnsRef {
+    pub path: String,
+    pub id: String,
+    /// Set when the namespace is a berth sandbox.
+    pub sandbox: Option<String>,
+}

@@ -1,0 +1,56 @@
+//! Kernel object names. Everything berth creates is recognisably berth's, so that reconciliation
+//! can find what it owns, and remove what the store no longer knows, without touching anything
+//! else on the host.
+
+/// Linux limit on interface names (IFNAMSIZ - 1).
+pub const IFNAME_MAX: usize = 15;
+/// Bridges: `berth-` and 9 hex digits of the network id.
+pub const BRIDGE_PREFIX: &str = "berth-";
+/// Host ends of veth pairs: `berth` and 10 hex digits of the endpoint id (no dash, unlike bridges).
+pub const VETH_PREFIX: &str = "berth";
+
+pub fn bridge_name(network_id: &str) -> String {
+    let take = IFNAME_MAX - BRIDGE_PREFIX.len();
+    format!(
+        "{BRIDGE_PREFIX}{}",
+        &network_id[..take.min(network_id.len())]
+    )
+}
+
+pub fn veth_name(endpoint_id: &str) -> String {
+    let take = IFNAME_MAX - VETH_PREFIX.len();
+    format!(
+        "{VETH_PREFIX}{}",
+        &endpoint_id[..take.min(endpoint_id.len())]
+    )
+}
+
+/// Whether a link name is one berth would have made (a bridge or a host-side veth).
+pub fn is_berth_link_name(name: &str) -> bool {
+    match name.strip_prefix(VETH_PREFIX) {
+        Some(rest) => {
+            let hex = rest.strip_prefix('-').unwrap_or(rest);
+            !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit())
+        }
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_fit_and_are_recognised() {
+        let id = "0123456789abcdef";
+        let b = bridge_name(id);
+        let v = veth_name(id);
+        assert_eq!(b, "berth-012345678");
+        assert_eq!(v, "berth0123456789");
+        assert!(b.len() <= IFNAME_MAX && v.len() <= IFNAME_MAX);
+        assert!(is_berth_link_name(&b) && is_berth_link_name(&v));
+        for other in ["eth0", "berth", "berth-", "berthx1", "docker0", "br-berth"] {
+            assert!(!is_berth_link_name(other), "{other}");
+        }
+    }
+}

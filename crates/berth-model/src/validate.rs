@@ -1,0 +1,242 @@
+//! Parsing and validation of user input. Each error names the offending value, because it ends
+//! up as the one-line message a user sees.
+
+use std::fmt;
+use std::str::FromStr;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::names::IFNAME_MAX;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ModelError {
+    #[error("invalid CIDR {0:?}: expected ADDRESS/PREFIX, e.g. 10.91.0.0/24")]
+    InvalidCidr(String),
+    #[error("invalid subnet {given}: host bits are set, did you mean {canonical}?")]
+    NotCanonical { given: String, canonical: String },
+    #[error("invalid {what} name {name:?}: {why}")]
+    InvalidName {
+        what: &'static str,
+        name: String,
+        why: &'static str,
+    },
+    #[error(
+        "invalid interface name {0:?}: 1 to 15 characters, no '/', ':', whitespace, '.' or '..'"
+    )]
+    InvalidIfname(String),
+    #[error("invalid MAC address {0:?}: expected six hex bytes like 02:42:0a:5b:00:0a")]
+    InvalidMac(String),
+    #[error("invalid MAC address {0}: it must be unicast (lowest bit of the first byte clear)")]
+    MulticastMac(String),
+    #[error("invalid MTU {0}: must be between 68 and 65535")]
+    InvalidMtu(u32),
+}
+
+/// Parses `ADDRESS/PREFIX` and insists on the canonical network form, as Docker does: a subnet
+/// with host bits set is almost always a typo for something else.
+pub fn parse_cidr(s: &str) -> Result<IpNet, ModelError> {
+    let net = IpNet::from_str(s.trim()).map_err(|_| ModelError::InvalidCidr(s.to_string()))?;
+    if net.trunc() != net {
+        return Err(ModelError::NotCanonical {
+            given: s.to_string(),
+            canonical: net.trunc().to_string(),
+        });
+    }
+    Ok(net)
+}
+
+/// Network and endpoint names: what Docker accepts for names.
+pub fn validate_name(what: &'static str, name: &str) -> Result<(), ModelError> {
+    let err = |why| ModelError::InvalidName {
+        what,
+        name: name.to_string(),
+        why,
+    };
+    if name.is_empty() || name.len() > 64 {
+        return Err(err("1 to 64 characters"));
+    }
+    if !name.as_bytes()[0].is_ascii_alphanumeric() {
+        return Err(err("must start with a letter or digit"));
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+    {
+        return Err(err("only letters, digits, '_', '.' and '-'"));
+    }
+    Ok(())
+}
+
+/// Sandbox names become file names under the netns directory, so they must be one path
+/// component; we also keep them to the same character set as network names.
+pub fn validate_sandbox_name(name: &str) -> Result<(), ModelError> {
+    validate_name("sandbox", name)
+}
+
+pub fn validate_ifname(name: &str) -> Result<(), ModelError> {
+    let bad = name.is_empty()
+        || name.len() > IFNAME_MAX
+        || name == "."
+        || name == ".."
+        || name
+            .bytes()
+            .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || !b.is_ascii_graphic());
+    if bad {
+        return Err(ModelError::InvalidIfname(name.to_string()));
+    }
+    Ok(())
+}
+
+pub fn validate_mtu(mtu: u32) -> Result<u32, ModelError> {
+    if (68..=65535).contains(&mtu) {
+        Ok(mtu)
+    } else {
+        Err(ModelError::InvalidMtu(mtu))
+    }
+}
+
+/// An Ethernet address, serialised as `aa:bb:cc:dd:ee:ff`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl MacAddr {
+    /// A random locally administered unicast address.
+    pub fn random_local(mut rand: impl FnMut() -> u8) -> Self {
+        let mut b = [0u8; 6];
+        b.iter_mut().for_each(|x| *x = rand());
+        b[0] = (b[0] & 0xfe) | 0x02;
+        MacAddr(b)
+    }
+}
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            b[0], b[1], b[2], b[3], b[4], b[5]
+        )
+    }
+}
+
+impl fmt::Debug for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl FromStr for MacAddr {
+    type Err = ModelError;
+    fn from_str(s: &str) -> Result<Self, ModelError> {
+        let invalid = || ModelError::InvalidMac(s.to_string());
+        let mut out = [0u8; 6];
+        let mut parts = s.split([':', '-']);
+        for byte in out.iter_mut() {
+            let part = parts.next().ok_or_else(invalid)?;
+            if part.len() != 2 {
+                return Err(invalid());
+            }
+            *byte = u8::from_str_radix(part, 16).map_err(|_| invalid())?;
+        }
+        if parts.next().is_some() {
+            return Err(invalid());
+        }
+        if out[0] & 1 == 1 {
+            return Err(ModelError::MulticastMac(s.to_string()));
+        }
+        Ok(MacAddr(out))
+    }
+}
+
+impl Serialize for MacAddr {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for MacAddr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr_must_be_canonical() {
+        assert_eq!(
+            parse_cidr("10.91.0.0/24").unwrap().to_string(),
+            "10.91.0.0/24"
+        );
+        assert_eq!(
+            parse_cidr("fd00:91::/64").unwrap().to_string(),
+            "fd00:91::/64"
+        );
+        assert!(matches!(
+            parse_cidr("10.91.0.5/24"),
+            Err(ModelError::NotCanonical { .. })
+        ));
+        for bad in ["10.91.0.0", "10.91.0.0/33", "banana", "", "10.300.0.0/16"] {
+            assert!(
+                matches!(parse_cidr(bad), Err(ModelError::InvalidCidr(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn names() {
+        assert!(validate_name("network", "blue-1.a_b").is_ok());
+        for bad in ["", "-x", "a/b", "a b", "..", ".", &"x".repeat(65)] {
+            assert!(validate_name("network", bad).is_err(), "{bad:?}");
+            assert!(validate_sandbox_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn ifnames() {
+        assert!(validate_ifname("eth0").is_ok());
+        for bad in ["", "a/b", "a b", ".", "..", "sixteen-chars-xx", "a:b"] {
+            assert!(validate_ifname(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn mac_round_trip() {
+        let m: MacAddr = "02:42:0A:5b:00:0a".parse().unwrap();
+        assert_eq!(m.to_string(), "02:42:0a:5b:00:0a");
+        let json = serde_json::to_string(&m).unwrap();
+        assert_eq!(serde_json::from_str::<MacAddr>(&json).unwrap(), m);
+        assert!(matches!(
+            "01:00:5e:00:00:01".parse::<MacAddr>(),
+            Err(ModelError::MulticastMac(_))
+        ));
+        for bad in [
+            "02:42:0a:5b:00",
+            "02:42:0a:5b:00:0a:01",
+            "zz:42:0a:5b:00:0a",
+            "2:42:a:5b:0:a",
+        ] {
+            assert!(
+                matches!(bad.parse::<MacAddr>(), Err(ModelError::InvalidMac(_))),
+                "{bad}"
+            );
+        }
+        let r = MacAddr::random_local(|| 0xff);
+        assert_eq!(r.0[0], 0xfe & 0xff | 0x02);
+        assert_eq!(r.0[0] & 1, 0);
+    }
+
+    #[test]
+    fn mtu_bounds() {
+        assert!(validate_mtu(1400).is_ok());
+        assert!(validate_mtu(67).is_err());
+        assert!(validate_mtu(65536).is_err());
+    }
+}
