@@ -1,0 +1,201 @@
+//! The bridge driver: one Linux bridge per network holding the gateway addresses, one veth pair
+//! per endpoint. Every function is idempotent ("ensure"), so the same code serves attach and
+//! the repair pass after a restart.
+
+use std::fs::File;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use crate::netlink::VethSpec;
+use crate::{DataplaneError, Link, Netlink, Result};
+
+pub struct BridgeSpec {
+    pub name: String,
+    pub mtu: u32,
+    pub mac: [u8; 6],
+    /// Gateway addresses with the subnet prefix length.
+    pub addresses: Vec<IpNet>,
+}
+
+/// Makes the bridge exist, up, with its MTU and gateway addresses. Returns its index.
+pub fn ensure_bridge(nl: &mut Netlink, spec: &BridgeSpec) -> Result<u32> {
+    let link = match nl.link_by_name(&spec.name)? {
+        Some(l) => {
+            if !l.up || l.mtu != spec.mtu {
+                nl.set_link(l.index, spec.mtu, None)?;
+            }
+            l
+        }
+        None => {
+            nl.create_bridge(&spec.name, spec.mtu, spec.mac)?;
+            nl.link_by_name(&spec.name)?.ok_or_else(|| {
+                DataplaneError::Protocol(format!("bridge {} vanished after creation", spec.name))
+            })?
+        }
+    };
+    let have = nl.addresses(link.index)?;
+    let missing: Vec<_> = spec
+        .addresses
+        .iter()
+        .filter(|a| !have.contains(a))
+        .map(|a| Netlink::address_msg(link.index, *a))
+        .collect();
+    if !missing.is_empty() {
+        nl.batch(missing)?;
+    }
+    Ok(link.index)
+}
+
+/// Deletes a link by name; returns whether there was one.
+pub fn delete_link(nl: &mut Netlink, name: &str) -> Result<bool> {
+    match nl.link_by_name(name)? {
+        Some(l) => match nl.delete_link(l.index) {
+            Ok(()) => Ok(true),
+            // Deleted meanwhile (e.g. its peer's namespace went away): that is what we wanted.
+            Err(e) if e.errno() == Some(nix::errno::Errno::ENODEV as i32) => Ok(false),
+            Err(e) => Err(e),
+        },
+        None => Ok(false),
+    }
+}
+
+pub struct EndpointSpec<'a> {
+    pub host_ifname: &'a str,
+    pub bridge_index: u32,
+    pub mtu: u32,
+    pub ifname: &'a str,
+    pub mac: [u8; 6],
+    /// Addresses with prefix length.
+    pub ips: &'a [IpNet],
+    /// One default gateway per address family.
+    pub gateways: &'a [IpAddr],
+}
+
+/// Creates the endpoint: the veth pair (peer made directly in the sandbox under its final name),
+/// then the sandbox side's addresses and default routes in one netlink round trip. On failure
+/// the pair is removed again, so a failed attach leaves nothing behind.
+pub fn attach_endpoint(host: &mut Netlink, ns: &File, spec: &EndpointSpec<'_>) -> Result<()> {
+    host.create_veth(&VethSpec {
+        host_name: spec.host_ifname,
+        controller: spec.bridge_index,
+        mtu: spec.mtu,
+        peer_name: spec.ifname,
+        peer_mac: spec.mac,
+        peer_ns: ns,
+    })?;
+    let configured = Netlink::open_in(ns).and_then(|mut sb| configure_sandbox(&mut sb, spec));
+    if configured.is_err() {
+        let _ = delete_link(host, spec.host_ifname);
+    }
+    configured
+}
+
+fn configure_sandbox(sb: &mut Netlink, spec: &EndpointSpec<'_>) -> Result<()> {
+    let link = sb.link_by_name(spec.ifname)?.ok_or_else(|| {
+        DataplaneError::Protocol(format!(
+            "{} missing in the sandbox after creation",
+            spec.ifname
+        ))
+    })?;
+    let mut msgs = vec![Netlink::set_link_msg(link.index, spec.mtu, None)];
+    msgs.extend(
+        spec.ips
+            .iter()
+            .map(|ip| Netlink::address_msg(link.index, *ip)),
+    );
+    msgs.extend(
+        spec.gateways
+            .iter()
+            .map(|gw| Netlink::default_route_msg(link.index, *gw)),
+    );
+    sb.batch(msgs)
+}
+
+/// The sandbox side of an endpoint as the kernel has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxLinkState {
+    pub link: Option<Link>,
+    pub addresses: Vec<IpNet>,
+    pub gateways: Vec<IpAddr>,
+}
+
+pub fn sandbox_state(sb: &mut Netlink, ifname: &str) -> Result<SandboxLinkState> {
+    let Some(link) = sb.link_by_name(ifname)? else {
+        return Ok(SandboxLinkState {
+            link: None,
+            addresses: vec![],
+            gateways: vec![],
+        });
+    };
+    let addresses = sb.addresses(link.index)?;
+    let gateways = sb
+        .default_routes()?
+        .into_iter()
+        .filter(|(_, oif)| *oif == Some(link.index))
+        .filter_map(|(gw, _)| gw)
+        .collect();
+    Ok(SandboxLinkState {
+        link: Some(link),
+        addresses,
+        gateways,
+    })
+}
+
+/// What [`ensure_endpoint`] had to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Repair {
+    Nothing,
+    /// The veth pair was missing and was created.
+    Recreated,
+    /// The pair existed but something (controller, up, address, route) was put back.
+    Reconfigured,
+}
+
+/// Brings an endpoint back to its spec. `host_link` is the host end as found by the caller (one
+/// dump for all endpoints, rather than one lookup each).
+pub fn ensure_endpoint(
+    host: &mut Netlink,
+    host_link: Option<&Link>,
+    ns: &File,
+    spec: &EndpointSpec<'_>,
+) -> Result<Repair> {
+    let Some(host_link) = host_link else {
+        attach_endpoint(host, ns, spec)?;
+        return Ok(Repair::Recreated);
+    };
+    let mut repair = Repair::Nothing;
+    if host_link.controller != Some(spec.bridge_index) || !host_link.up {
+        host.set_link(host_link.index, spec.mtu, Some(spec.bridge_index))?;
+        repair = Repair::Reconfigured;
+    }
+    let mut sb = Netlink::open_in(ns)?;
+    let state = sandbox_state(&mut sb, spec.ifname)?;
+    let Some(link) = state.link else {
+        // The host end exists but its peer is not where it should be: start over.
+        delete_link(host, spec.host_ifname)?;
+        attach_endpoint(host, ns, spec)?;
+        return Ok(Repair::Recreated);
+    };
+    let mut msgs: Vec<_> = spec
+        .ips
+        .iter()
+        .filter(|ip| !state.addresses.contains(ip))
+        .map(|ip| Netlink::address_msg(link.index, *ip))
+        .collect();
+    msgs.extend(
+        spec.gateways
+            .iter()
+            .filter(|gw| !state.gateways.contains(gw))
+            .map(|gw| Netlink::default_route_msg(link.index, *gw)),
+    );
+    if !link.up {
+        sb.set_link(link.index, spec.mtu, None)?;
+        repair = Repair::Reconfigured;
+    }
+    if !msgs.is_empty() {
+        sb.batch(msgs)?;
+        repair = Repair::Reconfigured;
+    }
+    Ok(repair)
+}

@@ -1,0 +1,55 @@
+//! Everything berth does to the kernel, over netlink, with no helper processes.
+//!
+//! Calls are synchronous: the agent runs them on blocking threads. A netlink socket acts in the
+//! namespace it was created in, so [`Netlink::open_in`] creates sockets for other namespaces on
+//! a throwaway thread and hands them back; no thread that outlives the call ever changes
+//! namespace.
+
+mod bridge;
+mod netlink;
+pub mod netns;
+
+pub use bridge::{
+    BridgeSpec, EndpointSpec, Repair, SandboxLinkState, attach_endpoint, delete_link,
+    ensure_bridge, ensure_endpoint, sandbox_state,
+};
+pub use netlink::{Link, Netlink, ROUTE_PROTOCOL};
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DataplaneError {
+    #[error("{op}: {source}")]
+    Kernel {
+        op: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("unexpected netlink reply: {0}")]
+    Protocol(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl DataplaneError {
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            DataplaneError::Kernel { source, .. } | DataplaneError::Io { source, .. } => {
+                source.raw_os_error()
+            }
+            DataplaneError::Protocol(_) => None,
+        }
+    }
+
+    pub(crate) fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        DataplaneError::Io {
+            what: what.into(),
+            source,
+        }
+    }
+}
+
+pub type Result<T, E = DataplaneError> = std::result::Result<T, E>;

@@ -1,0 +1,502 @@
+//! A minimal synchronous rtnetlink client: requests with ACKs, batches of requests in one
+//! `send`, and dumps.
+
+use std::fs::File;
+use std::net::IpAddr;
+use std::os::fd::AsFd;
+
+use ipnet::IpNet;
+use netlink_packet_core::{
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkHeader,
+    NetlinkMessage, NetlinkPayload,
+};
+use netlink_packet_route::address::{AddressAttribute, AddressHeaderFlags, AddressMessage};
+use netlink_packet_route::link::{
+    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
+};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+use nix::sched::{CloneFlags, setns};
+
+use crate::{DataplaneError, Result};
+
+/// The route protocol number berth marks its routes with, so they are recognisably berth's.
+pub const ROUTE_PROTOCOL: u8 = 201;
+
+/// A network interface as the kernel reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    /// `bridge`, `veth`, ...; `None` for plain devices like `lo`.
+    pub kind: Option<String>,
+    pub mtu: u32,
+    pub controller: Option<u32>,
+    pub up: bool,
+}
+
+pub struct Netlink {
+    socket: Socket,
+    seq: u32,
+    buf: Vec<u8>,
+}
+
+impl Netlink {
+    /// A socket in the calling thread's network namespace.
+    pub fn open() -> Result<Self> {
+        let mut socket =
+            Socket::new(NETLINK_ROUTE).map_err(|e| DataplaneError::io("netlink socket", e))?;
+        socket
+            .bind_auto()
+            .map_err(|e| DataplaneError::io("netlink bind", e))?;
+        socket
+            .connect(&SocketAddr::new(0, 0))
+            .map_err(|e| DataplaneError::io("netlink connect", e))?;
+        // Errors carry the kernel's own explanation where it has one; best effort.
+        let _ = socket.set_ext_ack(true);
+        Ok(Netlink {
+            socket,
+            seq: 0,
+            buf: vec![0; 64 * 1024],
+        })
+    }
+
+    /// A socket in the network namespace `ns`, created on a short-lived thread so that no
+    /// long-lived thread ever changes namespace.
+    pub fn open_in(ns: &File) -> Result<Self> {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|e| {
+                    DataplaneError::Kernel {
+                        op: "enter network namespace".into(),
+                        source: e.into(),
+                    }
+                })?;
+                Netlink::open()
+            })
+            .join()
+            .unwrap_or_else(|_| Err(DataplaneError::Protocol("netns thread panicked".into())))
+        })
+    }
+
+    /// Sends every request in one datagram and waits for all their ACKs. The kernel processes
+    /// each message even if an earlier one failed; the first failure is returned.
+    pub fn batch(&mut self, requests: Vec<(RouteNetlinkMessage, u16, String)>) -> Result<()> {
+        let first_seq = self.seq.wrapping_add(1);
+        let mut out = Vec::new();
+        let mut ops = Vec::with_capacity(requests.len());
+        for (msg, flags, op) in requests {
+            self.seq = self.seq.wrapping_add(1);
+            let mut header = NetlinkHeader::default();
+            header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
+            header.sequence_number = self.seq;
+            let mut nl = NetlinkMessage::new(header, NetlinkPayload::from(msg));
+            nl.finalize();
+            let start = out.len();
+            out.resize(start + nl.buffer_len(), 0);
+            nl.serialize(&mut out[start..]);
+            ops.push(op);
+        }
+        self.socket
+            .send(&out, 0)
+            .map_err(|e| DataplaneError::io("netlink send", e))?;
+        let mut pending = ops.len();
+        let mut first_err = None;
+        while pending > 0 {
+            self.recv_each(|msg| {
+                if let NetlinkPayload::Error(e) = msg.payload {
+                    let i = msg.header.sequence_number.wrapping_sub(first_seq) as usize;
+                    if i < ops.len() {
+                        pending -= 1;
+                        if let Some(code) = e.code
+                            && first_err.is_none()
+                        {
+                            first_err = Some(DataplaneError::Kernel {
+                                op: ops[i].clone(),
+                                source: std::io::Error::from_raw_os_error(-code.get()),
+                            });
+                        }
+                    }
+                }
+                Ok(())
+            })?;
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    pub fn request(&mut self, msg: RouteNetlinkMessage, flags: u16, op: &str) -> Result<()> {
+        self.batch(vec![(msg, flags, op.to_string())])
+    }
+
+    fn dump(&mut self, msg: RouteNetlinkMessage, op: &str) -> Result<Vec<RouteNetlinkMessage>> {
+        self.seq = self.seq.wrapping_add(1);
+        let seq = self.seq;
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+        header.sequence_number = seq;
+        let mut nl = NetlinkMessage::new(header, NetlinkPayload::from(msg));
+        nl.finalize();
+        let mut out = vec![0; nl.buffer_len()];
+        nl.serialize(&mut out);
+        self.socket
+            .send(&out, 0)
+            .map_err(|e| DataplaneError::io("netlink send", e))?;
+        let mut items = Vec::new();
+        let mut done = false;
+        while !done {
+            self.recv_each(|m| {
+                if m.header.sequence_number != seq {
+                    return Ok(());
+                }
+                match m.payload {
+                    NetlinkPayload::InnerMessage(inner) => items.push(inner),
+                    NetlinkPayload::Done(_) => done = true,
+                    NetlinkPayload::Error(e) => {
+                        done = true;
+                        if let Some(code) = e.code {
+                            return Err(DataplaneError::Kernel {
+                                op: op.to_string(),
+                                source: std::io::Error::from_raw_os_error(-code.get()),
+                            });
+                        }
+                    }
+                    _ => {}
+                }
+                Ok(())
+            })?;
+        }
+        Ok(items)
+    }
+
+    /// Receives one datagram and hands each netlink message in it to `f`.
+    fn recv_each(
+        &mut self,
+        mut f: impl FnMut(NetlinkMessage<RouteNetlinkMessage>) -> Result<()>,
+    ) -> Result<()> {
+        let n = self
+            .socket
+            .recv(&mut &mut self.buf[..], 0)
+            .map_err(|e| DataplaneError::io("netlink recv", e))?;
+        let mut off = 0;
+        while off < n {
+            let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&self.buf[off..n])
+                .map_err(|e| DataplaneError::Protocol(e.to_string()))?;
+            let len = msg.header.length as usize;
+            if len == 0 {
+                break;
+            }
+            f(msg)?;
+            off += len.next_multiple_of(4);
+        }
+        Ok(())
+    }
+
+    // ---- links ----
+
+    pub fn links(&mut self) -> Result<Vec<Link>> {
+        let items = self.dump(
+            RouteNetlinkMessage::GetLink(LinkMessage::default()),
+            "list links",
+        )?;
+        Ok(items
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewLink(l) => Some(link_from(&l)),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// One link by name, asked for directly (not a dump), so its cost does not grow with the
+    /// number of links on the host.
+    pub fn link_by_name(&mut self, name: &str) -> Result<Option<Link>> {
+        let mut msg = LinkMessage::default();
+        msg.attributes.push(LinkAttribute::IfName(name.to_string()));
+        self.seq = self.seq.wrapping_add(1);
+        let seq = self.seq;
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST;
+        header.sequence_number = seq;
+        let mut nl = NetlinkMessage::new(
+            header,
+            NetlinkPayload::from(RouteNetlinkMessage::GetLink(msg)),
+        );
+        nl.finalize();
+        let mut out = vec![0; nl.buffer_len()];
+        nl.serialize(&mut out);
+        self.socket
+            .send(&out, 0)
+            .map_err(|e| DataplaneError::io("netlink send", e))?;
+        let mut answer: Option<Result<Option<Link>>> = None;
+        while answer.is_none() {
+            self.recv_each(|m| {
+                if m.header.sequence_number != seq {
+                    return Ok(());
+                }
+                answer = Some(match m.payload {
+                    NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(l)) => {
+                        Ok(Some(link_from(&l)))
+                    }
+                    NetlinkPayload::Error(e) => match e.code.map(|c| -c.get()) {
+                        Some(libc_enodev) if libc_enodev == nix::errno::Errno::ENODEV as i32 => {
+                            Ok(None)
+                        }
+                        Some(code) => Err(DataplaneError::Kernel {
+                            op: format!("get link {name}"),
+                            source: std::io::Error::from_raw_os_error(code),
+                        }),
+                        None => Ok(None),
+                    },
+                    other => Err(DataplaneError::Protocol(format!(
+                        "get link {name}: {other:?}"
+                    ))),
+                });
+                Ok(())
+            })?;
+        }
+        answer.expect("loop ends with an answer")
+    }
+
+    /// Creates a bridge, up, with a fixed MAC so that the bridge's address does not change as
+    /// ports come and go.
+    pub fn create_bridge(&mut self, name: &str, mtu: u32, mac: [u8; 6]) -> Result<()> {
+        let mut msg = LinkMessage::default();
+        msg.header.flags = LinkFlags::Up;
+        msg.header.change_mask = LinkFlags::Up;
+        msg.attributes = vec![
+            LinkAttribute::IfName(name.to_string()),
+            LinkAttribute::Mtu(mtu),
+            LinkAttribute::Address(mac.to_vec()),
+            LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Bridge)]),
+        ];
+        self.request(
+            RouteNetlinkMessage::NewLink(msg),
+            NLM_F_CREATE | NLM_F_EXCL,
+            &format!("create bridge {name}"),
+        )
+    }
+
+    /// Creates a veth pair in one message: the host end up and enslaved to `controller`, the
+    /// peer created directly inside the namespace `peer_ns` under its final name.
+    pub fn create_veth(&mut self, v: &VethSpec<'_>) -> Result<()> {
+        // The peer cannot be set up here: the kernel refuses to open a veth before its pair is
+        // joined (ENOTCONN). It is brought up with the sandbox-side batch instead.
+        let mut peer = LinkMessage::default();
+        peer.attributes = vec![
+            LinkAttribute::IfName(v.peer_name.to_string()),
+            LinkAttribute::Mtu(v.mtu),
+            LinkAttribute::Address(v.peer_mac.to_vec()),
+            LinkAttribute::NetNsFd(std::os::fd::AsRawFd::as_raw_fd(v.peer_ns)),
+        ];
+        let mut msg = LinkMessage::default();
+        msg.header.flags = LinkFlags::Up;
+        msg.header.change_mask = LinkFlags::Up;
+        msg.attributes = vec![
+            LinkAttribute::IfName(v.host_name.to_string()),
+            LinkAttribute::Mtu(v.mtu),
+            LinkAttribute::Controller(v.controller),
+            LinkAttribute::LinkInfo(vec![
+                LinkInfo::Kind(InfoKind::Veth),
+                LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer))),
+            ]),
+        ];
+        self.request(
+            RouteNetlinkMessage::NewLink(msg),
+            NLM_F_CREATE | NLM_F_EXCL,
+            &format!("create veth {} with peer {}", v.host_name, v.peer_name),
+        )
+    }
+
+    /// Sets a link up, its MTU and (when given) its controller.
+    pub fn set_link(&mut self, index: u32, mtu: u32, controller: Option<u32>) -> Result<()> {
+        self.batch(vec![Self::set_link_msg(index, mtu, controller)])
+    }
+
+    pub fn set_link_msg(
+        index: u32,
+        mtu: u32,
+        controller: Option<u32>,
+    ) -> (RouteNetlinkMessage, u16, String) {
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        msg.header.flags = LinkFlags::Up;
+        msg.header.change_mask = LinkFlags::Up;
+        msg.attributes.push(LinkAttribute::Mtu(mtu));
+        if let Some(c) = controller {
+            msg.attributes.push(LinkAttribute::Controller(c));
+        }
+        (
+            RouteNetlinkMessage::SetLink(msg),
+            0,
+            format!("set link {index} up"),
+        )
+    }
+
+    pub fn delete_link(&mut self, index: u32) -> Result<()> {
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        self.request(
+            RouteNetlinkMessage::DelLink(msg),
+            0,
+            &format!("delete link {index}"),
+        )
+    }
+
+    // ---- addresses and routes ----
+
+    pub fn addresses(&mut self, index: u32) -> Result<Vec<IpNet>> {
+        let items = self.dump(
+            RouteNetlinkMessage::GetAddress(AddressMessage::default()),
+            "list addresses",
+        )?;
+        Ok(items
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewAddress(a) if a.header.index == index => {
+                    a.attributes.iter().find_map(|attr| match attr {
+                        AddressAttribute::Address(ip) => IpNet::new(*ip, a.header.prefix_len).ok(),
+                        _ => None,
+                    })
+                }
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// The message that adds (or keeps) `addr` on link `index`; IPv6 addresses skip DAD, since
+    /// berth's IPAM already guarantees uniqueness and DAD would delay the first packet by ~1 s.
+    pub fn address_msg(index: u32, addr: IpNet) -> (RouteNetlinkMessage, u16, String) {
+        let mut msg = AddressMessage::default();
+        msg.header.index = index;
+        msg.header.prefix_len = addr.prefix_len();
+        msg.header.family = if addr.addr().is_ipv4() {
+            AddressFamily::Inet
+        } else {
+            AddressFamily::Inet6
+        };
+        if addr.addr().is_ipv6() {
+            msg.header.flags = AddressHeaderFlags::Nodad;
+        }
+        msg.attributes.push(AddressAttribute::Local(addr.addr()));
+        msg.attributes.push(AddressAttribute::Address(addr.addr()));
+        if let IpNet::V4(v4) = addr
+            && v4.prefix_len() < 31
+        {
+            msg.attributes
+                .push(AddressAttribute::Broadcast(v4.broadcast()));
+        }
+        (
+            RouteNetlinkMessage::NewAddress(msg),
+            NLM_F_CREATE | NLM_F_REPLACE,
+            format!("add address {addr} to link {index}"),
+        )
+    }
+
+    /// The message that sets the default route via `gateway` out of link `index`.
+    pub fn default_route_msg(index: u32, gateway: IpAddr) -> (RouteNetlinkMessage, u16, String) {
+        let mut msg = RouteMessage::default();
+        msg.header.address_family = if gateway.is_ipv4() {
+            AddressFamily::Inet
+        } else {
+            AddressFamily::Inet6
+        };
+        msg.header.table = RouteHeader::RT_TABLE_MAIN;
+        msg.header.protocol = RouteProtocol::from(ROUTE_PROTOCOL);
+        msg.header.scope = RouteScope::Universe;
+        msg.header.kind = RouteType::Unicast;
+        msg.attributes
+            .push(RouteAttribute::Gateway(RouteAddress::from(gateway)));
+        msg.attributes.push(RouteAttribute::Oif(index));
+        (
+            RouteNetlinkMessage::NewRoute(msg),
+            NLM_F_CREATE | NLM_F_REPLACE,
+            format!("set default route via {gateway}"),
+        )
+    }
+
+    /// Default routes of the main table: (gateway, out interface).
+    pub fn default_routes(&mut self) -> Result<Vec<(Option<IpAddr>, Option<u32>)>> {
+        let mut out = Vec::new();
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let mut req = RouteMessage::default();
+            req.header.address_family = family;
+            for m in self.dump(RouteNetlinkMessage::GetRoute(req), "list routes")? {
+                let RouteNetlinkMessage::NewRoute(r) = m else {
+                    continue;
+                };
+                if r.header.destination_prefix_length != 0
+                    || r.header.table != RouteHeader::RT_TABLE_MAIN
+                    || r.header.kind != RouteType::Unicast
+                {
+                    continue;
+                }
+                let mut gw = None;
+                let mut oif = None;
+                for a in &r.attributes {
+                    match a {
+                        RouteAttribute::Gateway(RouteAddress::Inet(g)) => gw = Some(IpAddr::V4(*g)),
+                        RouteAttribute::Gateway(RouteAddress::Inet6(g)) => {
+                            gw = Some(IpAddr::V6(*g))
+                        }
+                        RouteAttribute::Oif(i) => oif = Some(*i),
+                        _ => {}
+                    }
+                }
+                out.push((gw, oif));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The MTU of the interface the IPv4 (else IPv6) default route leaves through.
+    pub fn default_route_mtu(&mut self) -> Result<Option<u32>> {
+        let Some(oif) = self.default_routes()?.into_iter().find_map(|(_, oif)| oif) else {
+            return Ok(None);
+        };
+        Ok(self
+            .links()?
+            .into_iter()
+            .find(|l| l.index == oif)
+            .map(|l| l.mtu))
+    }
+}
+
+/// What [`Netlink::create_veth`] creates.
+pub struct VethSpec<'a> {
+    pub host_name: &'a str,
+    pub controller: u32,
+    pub mtu: u32,
+    pub peer_name: &'a str,
+    pub peer_mac: [u8; 6],
+    pub peer_ns: &'a File,
+}
+
+fn link_from(l: &LinkMessage) -> Link {
+    let mut link = Link {
+        index: l.header.index,
+        name: String::new(),
+        kind: None,
+        mtu: 0,
+        controller: None,
+        up: l.header.flags.contains(LinkFlags::Up),
+    };
+    for a in &l.attributes {
+        match a {
+            LinkAttribute::IfName(n) => link.name = n.clone(),
+            LinkAttribute::Mtu(m) => link.mtu = *m,
+            LinkAttribute::Controller(c) => link.controller = Some(*c),
+            LinkAttribute::LinkInfo(infos) => {
+                for i in infos {
+                    if let LinkInfo::Kind(k) = i {
+                        link.kind = Some(k.to_string());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    link
+}
