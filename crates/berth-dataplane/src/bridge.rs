@@ -60,39 +60,40 @@ pub fn delete_link(nl: &mut Netlink, name: &str) -> Result<bool> {
     }
 }
 
-pub struct EndpointSpec<'a> {
-    pub host_ifname: &'a str,
+#[derive(Debug, Clone)]
+pub struct EndpointSpec {
+    pub host_ifname: String,
     pub bridge_index: u32,
     pub mtu: u32,
-    pub ifname: &'a str,
+    pub ifname: String,
     pub mac: [u8; 6],
     /// Addresses with prefix length.
-    pub ips: &'a [IpNet],
+    pub ips: Vec<IpNet>,
     /// One default gateway per address family.
-    pub gateways: &'a [IpAddr],
+    pub gateways: Vec<IpAddr>,
 }
 
 /// Creates the endpoint: the veth pair (peer made directly in the sandbox under its final name),
 /// then the sandbox side's addresses and default routes in one netlink round trip. On failure
 /// the pair is removed again, so a failed attach leaves nothing behind.
-pub fn attach_endpoint(host: &mut Netlink, ns: &File, spec: &EndpointSpec<'_>) -> Result<()> {
+pub fn attach_endpoint(host: &mut Netlink, ns: &File, spec: &EndpointSpec) -> Result<()> {
     host.create_veth(&VethSpec {
-        host_name: spec.host_ifname,
+        host_name: &spec.host_ifname,
         controller: spec.bridge_index,
         mtu: spec.mtu,
-        peer_name: spec.ifname,
+        peer_name: &spec.ifname,
         peer_mac: spec.mac,
         peer_ns: ns,
     })?;
     let configured = Netlink::open_in(ns).and_then(|mut sb| configure_sandbox(&mut sb, spec));
     if configured.is_err() {
-        let _ = delete_link(host, spec.host_ifname);
+        let _ = delete_link(host, &spec.host_ifname);
     }
     configured
 }
 
-fn configure_sandbox(sb: &mut Netlink, spec: &EndpointSpec<'_>) -> Result<()> {
-    let link = sb.link_by_name(spec.ifname)?.ok_or_else(|| {
+fn configure_sandbox(sb: &mut Netlink, spec: &EndpointSpec) -> Result<()> {
+    let link = sb.link_by_name(&spec.ifname)?.ok_or_else(|| {
         DataplaneError::Protocol(format!(
             "{} missing in the sandbox after creation",
             spec.ifname
@@ -158,7 +159,7 @@ pub fn ensure_endpoint(
     host: &mut Netlink,
     host_link: Option<&Link>,
     ns: &File,
-    spec: &EndpointSpec<'_>,
+    spec: &EndpointSpec,
 ) -> Result<Repair> {
     let Some(host_link) = host_link else {
         attach_endpoint(host, ns, spec)?;
@@ -170,10 +171,10 @@ pub fn ensure_endpoint(
         repair = Repair::Reconfigured;
     }
     let mut sb = Netlink::open_in(ns)?;
-    let state = sandbox_state(&mut sb, spec.ifname)?;
+    let state = sandbox_state(&mut sb, &spec.ifname)?;
     let Some(link) = state.link else {
         // The host end exists but its peer is not where it should be: start over.
-        delete_link(host, spec.host_ifname)?;
+        delete_link(host, &spec.host_ifname)?;
         attach_endpoint(host, ns, spec)?;
         return Ok(Repair::Recreated);
     };

@@ -44,13 +44,13 @@ fn bridge_endpoint_attach_repair_and_cleanup() {
     let ips = [net("10.9.0.2/24"), net("fd00:9::2/64")];
     let gws: [IpAddr; 2] = ["10.9.0.1".parse().unwrap(), "fd00:9::1".parse().unwrap()];
     let ep = EndpointSpec {
-        host_ifname: "berth0000000001",
+        host_ifname: "berth0000000001".into(),
         bridge_index: bridge,
         mtu: 1400,
-        ifname: "eth0",
+        ifname: "eth0".into(),
         mac: [0x02, 0x42, 0, 0, 0, 2],
-        ips: &ips,
-        gateways: &gws,
+        ips: ips.to_vec(),
+        gateways: gws.to_vec(),
     };
     berth_dataplane::attach_endpoint(&mut host, &ns, &ep).unwrap();
     let hl = host.link_by_name("berth0000000001").unwrap().unwrap();

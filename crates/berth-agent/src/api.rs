@@ -1,0 +1,151 @@
+//! The `/v1` HTTP/JSON API (documented in docs/api.md).
+//!
+//! Bodies are taken as bytes and parsed here, so that a missing Content-Type is accepted and a
+//! malformed body gets the same `{"error": ...}` shape as every other failure.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use berth_api::{Attach, CreateNetwork, CreateSandbox, Detach, ErrorBody};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::{Agent, AgentError};
+
+type Shared = State<Arc<Agent>>;
+
+impl IntoResponse for AgentError {
+    fn into_response(self) -> Response {
+        let status =
+            StatusCode::from_u16(self.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        if status.is_server_error() {
+            tracing::error!(error = %self, "request failed");
+        }
+        (
+            status,
+            axum::Json(ErrorBody {
+                error: self.to_string(),
+            }),
+        )
+            .into_response()
+    }
+}
+
+fn ok<T: Serialize>(status: StatusCode, v: T) -> Response {
+    (status, axum::Json(v)).into_response()
+}
+
+fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, AgentError> {
+    serde_json::from_slice(body)
+        .map_err(|e| AgentError::Invalid(format!("invalid request body: {e}")))
+}
+
+pub fn router(agent: Arc<Agent>) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/networks", get(list_networks).post(create_network))
+        .route(
+            "/v1/networks/{name}",
+            get(get_network).delete(delete_network),
+        )
+        .route("/v1/sandboxes", get(list_sandboxes).post(create_sandbox))
+        .route(
+            "/v1/sandboxes/{name}",
+            get(get_sandbox).delete(delete_sandbox),
+        )
+        .route("/v1/endpoints", get(list_endpoints).post(attach))
+        .route(
+            "/v1/endpoints/{id}",
+            get(get_endpoint).delete(delete_endpoint),
+        )
+        .route("/v1/detach", post(detach))
+        .fallback(|| async {
+            AgentError::NotFound("no such API path (see docs/api.md)".into()).into_response()
+        })
+        .with_state(agent)
+}
+
+async fn status(State(a): Shared) -> Result<Response, AgentError> {
+    Ok(ok(StatusCode::OK, a.status().await?))
+}
+
+async fn list_networks(State(a): Shared) -> Result<Response, AgentError> {
+    Ok(ok(StatusCode::OK, a.networks().await?))
+}
+
+async fn create_network(State(a): Shared, body: Bytes) -> Result<Response, AgentError> {
+    let req: CreateNetwork = parse(&body)?;
+    Ok(ok(StatusCode::CREATED, a.create_network(req).await?))
+}
+
+async fn get_network(State(a): Shared, Path(name): Path<String>) -> Result<Response, AgentError> {
+    Ok(ok(StatusCode::OK, a.network(&name).await?))
+}
+
+async fn delete_network(
+    State(a): Shared,
+    Path(name): Path<String>,
+) -> Result<Response, AgentError> {
+    a.delete_network(&name).await?;
+    Ok(ok(StatusCode::OK, serde_json::json!({ "removed": name })))
+}
+
+async fn list_sandboxes(State(a): Shared) -> Result<Response, AgentError> {
+    Ok(ok(StatusCode::OK, a.sandboxes().await?))
+}
+
+async fn create_sandbox(State(a): Shared, body: Bytes) -> Result<Response, AgentError> {
+    let req: CreateSandbox = parse(&body)?;
+    Ok(ok(StatusCode::CREATED, a.create_sandbox(&req.name).await?))
+}
+
+async fn get_sandbox(State(a): Shared, Path(name): Path<String>) -> Result<Response, AgentError> {
+    Ok(ok(StatusCode::OK, a.sandbox(&name).await?))
+}
+
+async fn delete_sandbox(
+    State(a): Shared,
+    Path(name): Path<String>,
+) -> Result<Response, AgentError> {
+    a.delete_sandbox(&name).await?;
+    Ok(ok(StatusCode::OK, serde_json::json!({ "removed": name })))
+}
+
+async fn list_endpoints(
+    State(a): Shared,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, AgentError> {
+    Ok(ok(
+        StatusCode::OK,
+        a.endpoints(q.get("network").map(String::as_str)).await?,
+    ))
+}
+
+async fn attach(State(a): Shared, body: Bytes) -> Result<Response, AgentError> {
+    let req: Attach = parse(&body)?;
+    Ok(ok(StatusCode::CREATED, a.attach(req).await?))
+}
+
+async fn get_endpoint(State(a): Shared, Path(id): Path<String>) -> Result<Response, AgentError> {
+    Ok(ok(StatusCode::OK, a.endpoint(&id).await?))
+}
+
+async fn delete_endpoint(State(a): Shared, Path(id): Path<String>) -> Result<Response, AgentError> {
+    a.delete_endpoint(&id).await?;
+    Ok(ok(StatusCode::OK, serde_json::json!({ "removed": id })))
+}
+
+async fn detach(State(a): Shared, body: Bytes) -> Result<Response, AgentError> {
+    let req: Detach = parse(&body)?;
+    a.detach(&req.network, &req.sandbox).await?;
+    Ok(ok(
+        StatusCode::OK,
+        serde_json::json!({ "detached": req.sandbox, "network": req.network }),
+    ))
+}

@@ -1,0 +1,70 @@
+//! `berth daemon`: open the store, repair the kernel, serve the API until SIGTERM. Stopping
+//! leaves every container connected: the kernel state is the containers', not the daemon's.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use berth_dataplane::Netlink;
+use berth_model::FALLBACK_MTU;
+use berth_store::{RedbStore, Store};
+use tokio::net::UnixListener;
+
+use crate::{Agent, AgentError, Result};
+
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub state_dir: PathBuf,
+    pub run_dir: PathBuf,
+    pub netns_dir: PathBuf,
+}
+
+impl DaemonConfig {
+    pub fn socket(&self) -> PathBuf {
+        self.run_dir.join("berth.sock")
+    }
+}
+
+pub async fn run(cfg: DaemonConfig) -> Result<()> {
+    let store: Arc<dyn Store> = Arc::new(RedbStore::open(&cfg.state_dir)?);
+    for dir in [&cfg.run_dir, &cfg.netns_dir] {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| AgentError::Invalid(format!("cannot create {}: {e}", dir.display())))?;
+    }
+    let default_mtu = tokio::task::spawn_blocking(|| Netlink::open()?.default_route_mtu())
+        .await
+        .map_err(|e| AgentError::Internal(e.to_string()))??
+        .unwrap_or(FALLBACK_MTU);
+    let agent = Arc::new(Agent::new(store, cfg.netns_dir.clone(), default_mtu));
+    let report = agent.reconcile().await?;
+    tracing::info!(?report, "kernel reconciled with the store");
+
+    let socket = cfg.socket();
+    // We hold the state directory's lock, but another daemon (other state) may serve here.
+    if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+        return Err(AgentError::Conflict(format!(
+            "another daemon is serving on {}",
+            socket.display()
+        )));
+    }
+    let _ = std::fs::remove_file(&socket);
+    let listener = UnixListener::bind(&socket)
+        .map_err(|e| AgentError::Invalid(format!("cannot listen on {}: {e}", socket.display())))?;
+    tracing::info!(socket = %socket.display(), mtu = default_mtu, "berth daemon ready");
+    let served = axum::serve(listener, crate::api::router(agent))
+        .with_graceful_shutdown(shutdown_signal())
+        .await;
+    let _ = std::fs::remove_file(&socket);
+    served.map_err(|e| AgentError::Internal(format!("API server: {e}")))?;
+    tracing::info!("berth daemon stopped; containers stay connected");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

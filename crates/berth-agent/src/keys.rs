@@ -1,0 +1,49 @@
+//! The store's key layout. One place, so that every writer and the reconciler agree.
+//!
+//! ```text
+//! networks/<network>                 Network
+//! ipam/<network>/<ip>                owner: "gateway" or an endpoint id
+//! endpoints/<id>                     Endpoint
+//! attachments/<netns-id>/<ifname>    endpoint id   (one interface name per namespace)
+//! members/<network>/<netns-id>       endpoint id   (one endpoint per namespace and network)
+//! sandboxes/<name>                   Sandbox
+//! ```
+
+use std::net::IpAddr;
+
+pub const NETWORKS: &str = "networks/";
+pub const IPAM: &str = "ipam/";
+pub const ENDPOINTS: &str = "endpoints/";
+pub const ATTACHMENTS: &str = "attachments/";
+pub const MEMBERS: &str = "members/";
+pub const SANDBOXES: &str = "sandboxes/";
+
+pub const GATEWAY_OWNER: &str = "gateway";
+
+pub fn network(name: &str) -> String {
+    format!("{NETWORKS}{name}")
+}
+pub fn ipam_prefix(network: &str) -> String {
+    format!("{IPAM}{network}/")
+}
+pub fn ipam(network: &str, ip: IpAddr) -> String {
+    format!("{IPAM}{network}/{ip}")
+}
+pub fn endpoint(id: &str) -> String {
+    format!("{ENDPOINTS}{id}")
+}
+pub fn attachments_prefix(netns_id: &str) -> String {
+    format!("{ATTACHMENTS}{netns_id}/")
+}
+pub fn attachment(netns_id: &str, ifname: &str) -> String {
+    format!("{ATTACHMENTS}{netns_id}/{ifname}")
+}
+pub fn members_prefix(network: &str) -> String {
+    format!("{MEMBERS}{network}/")
+}
+pub fn member(network: &str, netns_id: &str) -> String {
+    format!("{MEMBERS}{network}/{netns_id}")
+}
+pub fn sandbox(name: &str) -> String {
+    format!("{SANDBOXES}{name}")
+}

@@ -1,0 +1,680 @@
+//! The per-host agent.
+//!
+//! Data flows one way: an API call validates its input, commits the desired state to the store
+//! in one transaction (addresses included, so an address is never handed out twice), and only
+//! then changes the kernel. If the kernel step fails the transaction is undone; if the daemon
+//! dies in between, [`Agent::reconcile`] finishes or undoes the work at the next start.
+
+pub mod api;
+pub mod daemon;
+mod error;
+mod keys;
+mod reconcile;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use berth_api::{Attach, CreateNetwork, Status};
+use berth_dataplane::{BridgeSpec, EndpointSpec, Netlink, netns};
+use berth_ipam::{IpamError, Pool};
+use berth_model::{
+    DEFAULT_POOL, DEFAULT_POOL_PREFIX, Endpoint, MacAddr, NetnsRef, Network, Sandbox, Subnet,
+    bridge_name, parse_cidr, validate_ifname, validate_mtu, validate_name, validate_sandbox_name,
+    veth_name,
+};
+use berth_store::{Compare, KeyValue, Store, Txn, TxnOutcome};
+use ipnet::IpNet;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+pub use error::{AgentError, Result};
+pub use reconcile::ReconcileReport;
+
+pub struct Agent {
+    store: Arc<dyn Store>,
+    netns_dir: PathBuf,
+    /// MTU for networks created without one: the host's default-route interface's.
+    default_mtu: u32,
+    /// The in-memory index of taken addresses per network, rebuilt from the store at start.
+    pools: Mutex<HashMap<String, Vec<Pool>>>,
+    /// Creating or removing a network excludes attach and detach; those run in parallel.
+    topology: tokio::sync::RwLock<()>,
+}
+
+fn random_id() -> String {
+    format!("{:016x}", fastrand::u64(..))
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("model types serialise")
+}
+
+fn decode<T: DeserializeOwned>(kv: &KeyValue) -> Result<T> {
+    serde_json::from_slice(&kv.value).map_err(|e| AgentError::Corrupt {
+        key: kv.key.clone(),
+        why: e.to_string(),
+    })
+}
+
+/// Runs blocking kernel work off the async workers.
+async fn kernel<T: Send + 'static>(
+    f: impl FnOnce() -> berth_dataplane::Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| AgentError::Internal(format!("kernel task failed: {e}")))?
+        .map_err(AgentError::from)
+}
+
+fn gateway_nets(net: &Network) -> Vec<IpNet> {
+    net.subnets
+        .iter()
+        .map(|s| IpNet::new(s.gateway, s.cidr.prefix_len()).expect("prefix from a valid subnet"))
+        .collect()
+}
+
+fn bridge_spec(net: &Network) -> BridgeSpec {
+    // The bridge MAC is derived from the network id: stable across re-creation by reconcile.
+    let id = u64::from_str_radix(&net.id, 16).unwrap_or(0).to_be_bytes();
+    BridgeSpec {
+        name: net.bridge.clone(),
+        mtu: net.mtu,
+        mac: [0x02, id[3], id[4], id[5], id[6], id[7]],
+        addresses: gateway_nets(net),
+    }
+}
+
+impl Agent {
+    pub fn new(store: Arc<dyn Store>, netns_dir: PathBuf, default_mtu: u32) -> Self {
+        Agent {
+            store,
+            netns_dir,
+            default_mtu,
+            pools: Mutex::new(HashMap::new()),
+            topology: tokio::sync::RwLock::new(()),
+        }
+    }
+
+    pub fn netns_dir(&self) -> &Path {
+        &self.netns_dir
+    }
+
+    async fn load<T: DeserializeOwned>(&self, key: &str) -> Result<Option<(T, u64)>> {
+        match self.store.get(key).await? {
+            Some(kv) => Ok(Some((decode(&kv)?, kv.mod_revision))),
+            None => Ok(None),
+        }
+    }
+
+    async fn load_all<T: DeserializeOwned>(&self, prefix: &str) -> Result<Vec<T>> {
+        self.store
+            .list(prefix)
+            .await?
+            .items
+            .iter()
+            .map(decode)
+            .collect()
+    }
+
+    async fn commit(&self, txn: Txn) -> Result<TxnOutcome> {
+        Ok(self.store.txn(txn).await?)
+    }
+
+    // ---------------------------------------------------------------- networks
+
+    pub async fn networks(&self) -> Result<Vec<Network>> {
+        self.load_all(keys::NETWORKS).await
+    }
+
+    pub async fn network(&self, name: &str) -> Result<Network> {
+        self.load::<Network>(&keys::network(name))
+            .await?
+            .map(|(n, _)| n)
+            .ok_or_else(|| AgentError::NotFound(format!("no network named {name:?}")))
+    }
+
+    pub async fn create_network(&self, req: CreateNetwork) -> Result<Network> {
+        validate_name("network", &req.name)?;
+        let mtu = validate_mtu(req.mtu.unwrap_or(self.default_mtu))?;
+        let v4 = req.subnet.as_deref().map(parse_cidr).transpose()?;
+        let v6 = req.ipv6_subnet.as_deref().map(parse_cidr).transpose()?;
+        if let Some(n) = v4.filter(|n| !n.addr().is_ipv4()) {
+            return Err(AgentError::Invalid(format!(
+                "--subnet {n} is not IPv4; use --ipv6-subnet"
+            )));
+        }
+        if let Some(n) = v6.filter(|n| !n.addr().is_ipv6()) {
+            return Err(AgentError::Invalid(format!(
+                "--ipv6-subnet {n} is not IPv6"
+            )));
+        }
+        if v4.is_none() && req.gateway.is_some() {
+            return Err(AgentError::Invalid("--gateway needs --subnet".into()));
+        }
+        if v6.is_none() && req.ipv6_gateway.is_some() {
+            return Err(AgentError::Invalid(
+                "--ipv6-gateway needs --ipv6-subnet".into(),
+            ));
+        }
+
+        let _topology = self.topology.write().await;
+        if self.store.get(&keys::network(&req.name)).await?.is_some() {
+            return Err(AgentError::Conflict(format!(
+                "network {:?} already exists",
+                req.name
+            )));
+        }
+        let existing = self.networks().await?;
+        let overlap = |cidr: &IpNet| {
+            existing.iter().find_map(|n| {
+                n.subnets
+                    .iter()
+                    .find(|s| s.cidr.contains(cidr) || cidr.contains(&s.cidr))
+                    .map(|s| (n.name.clone(), s.cidr))
+            })
+        };
+        let v4 = match v4 {
+            Some(c) => c,
+            None => carve_default(&overlap)?,
+        };
+        let mut subnets = Vec::new();
+        for (cidr, gw) in [(Some(v4), &req.gateway), (v6, &req.ipv6_gateway)] {
+            let Some(cidr) = cidr else { continue };
+            if let Some((other, theirs)) = overlap(&cidr) {
+                return Err(AgentError::Conflict(format!(
+                    "subnet {cidr} overlaps {theirs} of network {other:?}"
+                )));
+            }
+            let mut pool = Pool::new(cidr);
+            let gateway = match gw {
+                Some(g) => {
+                    let ip: IpAddr = g.parse().map_err(|_| {
+                        AgentError::Invalid(format!("invalid gateway address {g:?}"))
+                    })?;
+                    if !cidr.contains(&ip) {
+                        return Err(AgentError::Invalid(format!(
+                            "gateway {ip} is outside subnet {cidr}"
+                        )));
+                    }
+                    pool.take(ip).map_err(|e| match e {
+                        IpamError::Reserved { .. } => AgentError::Invalid(format!(
+                            "gateway {ip} is the network or broadcast address of {cidr}"
+                        )),
+                        other => other.into(),
+                    })?;
+                    ip
+                }
+                None => pool.allocate()?,
+            };
+            subnets.push((Subnet { cidr, gateway }, pool));
+        }
+
+        let id = random_id();
+        let net = Network {
+            bridge: bridge_name(&id),
+            id,
+            name: req.name.clone(),
+            subnets: subnets.iter().map(|(s, _)| s.clone()).collect(),
+            mtu,
+            internal: req.internal,
+        };
+        let mut txn = Txn::new()
+            .when(Compare::Absent(keys::network(&net.name)))
+            .put(keys::network(&net.name), encode(&net));
+        for s in &net.subnets {
+            txn = txn.put(keys::ipam(&net.name, s.gateway), keys::GATEWAY_OWNER);
+        }
+        if let TxnOutcome::CompareFailed(_) = self.commit(txn).await? {
+            return Err(AgentError::Conflict(format!(
+                "network {:?} already exists",
+                net.name
+            )));
+        }
+        let spec = bridge_spec(&net);
+        let made =
+            kernel(move || berth_dataplane::ensure_bridge(&mut Netlink::open()?, &spec)).await;
+        if let Err(e) = made {
+            self.forget_network(&net).await?;
+            return Err(e);
+        }
+        self.pools.lock().expect("pools lock").insert(
+            net.name.clone(),
+            subnets.into_iter().map(|(_, p)| p).collect(),
+        );
+        tracing::info!(network = %net.name, bridge = %net.bridge, subnets = ?net.subnets, "network created");
+        Ok(net)
+    }
+
+    pub async fn delete_network(&self, name: &str) -> Result<()> {
+        let _topology = self.topology.write().await;
+        let net = self.network(name).await?;
+        let members = self
+            .store
+            .list(&keys::members_prefix(name))
+            .await?
+            .items
+            .len();
+        if members > 0 {
+            return Err(AgentError::Conflict(format!(
+                "network {name:?} is in use by {members} endpoint(s); detach them first"
+            )));
+        }
+        let bridge = net.bridge.clone();
+        kernel(move || berth_dataplane::delete_link(&mut Netlink::open()?, &bridge)).await?;
+        self.forget_network(&net).await?;
+        tracing::info!(network = %name, "network removed");
+        Ok(())
+    }
+
+    /// Removes a network's records (it has no endpoints) and its pool.
+    async fn forget_network(&self, net: &Network) -> Result<()> {
+        let mut txn = Txn::new().delete(keys::network(&net.name));
+        for kv in self.store.list(&keys::ipam_prefix(&net.name)).await?.items {
+            txn = txn.delete(kv.key);
+        }
+        self.commit(txn).await?;
+        self.pools.lock().expect("pools lock").remove(&net.name);
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- sandboxes
+
+    pub async fn sandboxes(&self) -> Result<Vec<Sandbox>> {
+        self.load_all(keys::SANDBOXES).await
+    }
+
+    pub async fn sandbox(&self, name: &str) -> Result<Sandbox> {
+        self.load::<Sandbox>(&keys::sandbox(name))
+            .await?
+            .map(|(s, _)| s)
+            .ok_or_else(|| AgentError::NotFound(format!("no sandbox named {name:?}")))
+    }
+
+    pub async fn create_sandbox(&self, name: &str) -> Result<Sandbox> {
+        validate_sandbox_name(name)?;
+        let path = self.netns_dir.join(name);
+        let sb = Sandbox {
+            name: name.to_string(),
+            path: path.display().to_string(),
+        };
+        let txn = Txn::new()
+            .when(Compare::Absent(keys::sandbox(name)))
+            .put(keys::sandbox(name), encode(&sb));
+        if let TxnOutcome::CompareFailed(_) = self.commit(txn).await? {
+            return Err(AgentError::Conflict(format!(
+                "sandbox {name:?} already exists"
+            )));
+        }
+        if let Err(e) = kernel(move || netns::create(&path)).await {
+            self.commit(Txn::new().delete(keys::sandbox(name))).await?;
+            if e_is_exists(&e) {
+                return Err(AgentError::Conflict(format!(
+                    "{} already exists and is not a berth sandbox",
+                    sb.path
+                )));
+            }
+            return Err(e);
+        }
+        tracing::info!(sandbox = %name, path = %sb.path, "sandbox created");
+        Ok(sb)
+    }
+
+    /// Detaches the sandbox from every network, then removes its namespace.
+    pub async fn delete_sandbox(&self, name: &str) -> Result<()> {
+        let sb = self.sandbox(name).await?;
+        if let Some(id) = netns::id_at(Path::new(&sb.path)) {
+            for ep in self.endpoints_in(&id).await? {
+                self.remove_endpoint(&ep).await?;
+            }
+        }
+        let path = PathBuf::from(&sb.path);
+        kernel(move || netns::remove(&path)).await?;
+        self.commit(Txn::new().delete(keys::sandbox(name))).await?;
+        tracing::info!(sandbox = %name, "sandbox removed");
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- endpoints
+
+    pub async fn endpoints(&self, network: Option<&str>) -> Result<Vec<Endpoint>> {
+        let mut all: Vec<Endpoint> = self.load_all(keys::ENDPOINTS).await?;
+        if let Some(n) = network {
+            all.retain(|e| e.network == n);
+        }
+        Ok(all)
+    }
+
+    pub async fn endpoint(&self, id: &str) -> Result<Endpoint> {
+        self.load::<Endpoint>(&keys::endpoint(id))
+            .await?
+            .map(|(e, _)| e)
+            .ok_or_else(|| AgentError::NotFound(format!("no endpoint {id:?}")))
+    }
+
+    async fn endpoints_in(&self, netns_id: &str) -> Result<Vec<Endpoint>> {
+        let mut out = Vec::new();
+        for kv in self
+            .store
+            .list(&keys::attachments_prefix(netns_id))
+            .await?
+            .items
+        {
+            let id = String::from_utf8_lossy(&kv.value).to_string();
+            if let Some((ep, _)) = self.load::<Endpoint>(&keys::endpoint(&id)).await? {
+                out.push(ep);
+            }
+        }
+        Ok(out)
+    }
+
+    /// A sandbox name or a namespace path, opened.
+    async fn resolve_netns(&self, sandbox: &str) -> Result<(File, NetnsRef)> {
+        let (path, name) = if sandbox.contains('/') {
+            (sandbox.to_string(), None)
+        } else {
+            (self.sandbox(sandbox).await?.path, Some(sandbox.to_string()))
+        };
+        let file = netns::open(Path::new(&path)).map_err(|e| {
+            AgentError::Invalid(format!("{path} is not a usable network namespace: {e}"))
+        })?;
+        let id = netns::id_of(&file)?;
+        Ok((
+            file,
+            NetnsRef {
+                path,
+                id,
+                sandbox: name,
+            },
+        ))
+    }
+
+    pub async fn attach(&self, req: Attach) -> Result<Endpoint> {
+        let ifname = req.ifname.clone().unwrap_or_else(|| "eth0".into());
+        validate_ifname(&ifname)?;
+        if let Some(n) = &req.name {
+            validate_name("endpoint", n)?;
+        }
+        let mac = match &req.mac {
+            Some(m) => m.parse::<MacAddr>()?,
+            None => MacAddr::random_local(|| fastrand::u8(..)),
+        };
+        let requested: Vec<IpAddr> = req
+            .ips
+            .iter()
+            .map(|s| {
+                s.parse()
+                    .map_err(|_| AgentError::Invalid(format!("invalid IP address {s:?}")))
+            })
+            .collect::<Result<_>>()?;
+
+        let _topology = self.topology.read().await;
+        let (net, net_rev) = self
+            .load::<Network>(&keys::network(&req.network))
+            .await?
+            .ok_or_else(|| AgentError::NotFound(format!("no network named {:?}", req.network)))?;
+        let (ns, netns_ref) = self.resolve_netns(&req.sandbox).await?;
+
+        let ips = self.allocate(&net, &requested)?;
+        let id = random_id();
+        let ep = Endpoint {
+            host_ifname: veth_name(&id),
+            id,
+            network: net.name.clone(),
+            name: req.name.clone().or_else(|| netns_ref.sandbox.clone()),
+            netns: netns_ref,
+            ifname,
+            mac,
+            ips,
+        };
+        let txn = self.endpoint_records(
+            &ep,
+            Txn::new().when(Compare::ModRevision(keys::network(&net.name), net_rev)),
+            true,
+        );
+        let outcome = match self.commit(txn).await {
+            Ok(o) => o,
+            Err(e) => {
+                self.release(&ep);
+                return Err(e);
+            }
+        };
+        if let TxnOutcome::CompareFailed(c) = outcome {
+            self.release(&ep);
+            return Err(self.explain_attach_conflict(&c, &ep, &req));
+        }
+
+        let bridge = bridge_spec(&net);
+        let spec_ep = ep.clone();
+        let made = kernel(move || {
+            let mut host = Netlink::open()?;
+            let bridge_index = match host.link_by_name(&bridge.name)? {
+                Some(l) => l.index,
+                None => berth_dataplane::ensure_bridge(&mut host, &bridge)?,
+            };
+            berth_dataplane::attach_endpoint(
+                &mut host,
+                &ns,
+                &endpoint_spec(&spec_ep, &net, bridge_index),
+            )
+        })
+        .await;
+        if let Err(e) = made {
+            self.commit(self.endpoint_records(&ep, Txn::new(), false))
+                .await?;
+            self.release(&ep);
+            if e_is_exists(&e) {
+                return Err(AgentError::Conflict(format!(
+                    "{} already has an interface named {}",
+                    req.sandbox, ep.ifname
+                )));
+            }
+            return Err(e);
+        }
+        tracing::debug!(endpoint = %ep.id, network = %ep.network, sandbox = %req.sandbox, ips = ?ep.ips, "attached");
+        Ok(ep)
+    }
+
+    /// The store records of one endpoint: created with absence checks (so interface names,
+    /// memberships and addresses are unique), or deleted.
+    fn endpoint_records(&self, ep: &Endpoint, mut txn: Txn, create: bool) -> Txn {
+        let mut keyed = vec![
+            (keys::endpoint(&ep.id), encode(ep)),
+            (
+                keys::attachment(&ep.netns.id, &ep.ifname),
+                ep.id.clone().into_bytes(),
+            ),
+            (
+                keys::member(&ep.network, &ep.netns.id),
+                ep.id.clone().into_bytes(),
+            ),
+        ];
+        keyed.extend(ep.ips.iter().map(|ip| {
+            (
+                keys::ipam(&ep.network, ip.addr()),
+                ep.id.clone().into_bytes(),
+            )
+        }));
+        for (k, v) in keyed {
+            txn = if create {
+                txn.when(Compare::Absent(k.clone())).put(k, v)
+            } else {
+                txn.delete(k)
+            };
+        }
+        txn
+    }
+
+    fn explain_attach_conflict(&self, c: &Compare, ep: &Endpoint, req: &Attach) -> AgentError {
+        let key = match c {
+            Compare::Absent(k) | Compare::ModRevision(k, _) => k.as_str(),
+        };
+        if key.starts_with(keys::NETWORKS) {
+            AgentError::NotFound(format!("network {:?} was removed meanwhile", ep.network))
+        } else if key.starts_with(keys::ATTACHMENTS) {
+            AgentError::Conflict(format!(
+                "{} already has an interface named {}",
+                req.sandbox, ep.ifname
+            ))
+        } else if key.starts_with(keys::MEMBERS) {
+            AgentError::Conflict(format!(
+                "{} is already attached to network {:?}",
+                req.sandbox, ep.network
+            ))
+        } else {
+            let ip = key.rsplit('/').next().unwrap_or(key);
+            AgentError::Conflict(format!(
+                "address {ip} is already in use on network {:?}",
+                ep.network
+            ))
+        }
+    }
+
+    /// Picks the endpoint's addresses: the requested ones, and the next free one for every
+    /// subnet without a request. On failure nothing stays taken.
+    fn allocate(&self, net: &Network, requested: &[IpAddr]) -> Result<Vec<IpNet>> {
+        for ip in requested {
+            if net.subnet_for(*ip).is_none() {
+                let subnets: Vec<_> = net.subnets.iter().map(|s| s.cidr.to_string()).collect();
+                return Err(AgentError::Invalid(format!(
+                    "address {ip} is outside network {:?} ({})",
+                    net.name,
+                    subnets.join(", ")
+                )));
+            }
+        }
+        let mut pools = self.pools.lock().expect("pools lock");
+        let pools = pools
+            .get_mut(&net.name)
+            .ok_or_else(|| AgentError::Internal(format!("no pool for network {}", net.name)))?;
+        let mut got: Vec<IpNet> = Vec::new();
+        let mut failure = None;
+        for pool in pools.iter_mut() {
+            let mine: Vec<_> = requested
+                .iter()
+                .filter(|ip| pool.subnet().contains(*ip))
+                .collect();
+            let result = match mine.as_slice() {
+                [] => pool.allocate(),
+                [ip] => pool.take(**ip).map(|()| **ip).map_err(|e| match e {
+                    IpamError::InUse(_) => IpamError::InUse(**ip),
+                    other => other,
+                }),
+                _ => {
+                    failure = Some(AgentError::Invalid(format!(
+                        "more than one address requested in {}",
+                        pool.subnet()
+                    )));
+                    break;
+                }
+            };
+            match result {
+                Ok(ip) => {
+                    got.push(IpNet::new(ip, pool.subnet().prefix_len()).expect("valid prefix"))
+                }
+                Err(e) => {
+                    failure = Some(match e {
+                        IpamError::InUse(ip) => AgentError::Conflict(format!(
+                            "address {ip} is already in use on network {:?}",
+                            net.name
+                        )),
+                        other => other.into(),
+                    });
+                    break;
+                }
+            }
+        }
+        if let Some(f) = failure {
+            for ip in &got {
+                for pool in pools.iter_mut() {
+                    pool.release(ip.addr());
+                }
+            }
+            return Err(f);
+        }
+        Ok(got)
+    }
+
+    fn release(&self, ep: &Endpoint) {
+        if let Some(pools) = self.pools.lock().expect("pools lock").get_mut(&ep.network) {
+            for ip in &ep.ips {
+                pools.iter_mut().for_each(|p| p.release(ip.addr()));
+            }
+        }
+    }
+
+    pub async fn detach(&self, network: &str, sandbox: &str) -> Result<()> {
+        let _topology = self.topology.read().await;
+        let not_attached =
+            || AgentError::NotFound(format!("{sandbox} is not attached to network {network:?}"));
+        self.network(network).await?;
+        let (_, netns_ref) = self.resolve_netns(sandbox).await?;
+        let kv = self
+            .store
+            .get(&keys::member(network, &netns_ref.id))
+            .await?
+            .ok_or_else(not_attached)?;
+        let id = String::from_utf8_lossy(&kv.value).to_string();
+        let ep = self.endpoint(&id).await.map_err(|_| not_attached())?;
+        self.remove_endpoint(&ep).await
+    }
+
+    pub async fn delete_endpoint(&self, id: &str) -> Result<()> {
+        let _topology = self.topology.read().await;
+        let ep = self.endpoint(id).await?;
+        self.remove_endpoint(&ep).await
+    }
+
+    /// Kernel first, then the store: the address is released only once no interface holds it.
+    async fn remove_endpoint(&self, ep: &Endpoint) -> Result<()> {
+        let host_ifname = ep.host_ifname.clone();
+        kernel(move || berth_dataplane::delete_link(&mut Netlink::open()?, &host_ifname)).await?;
+        self.commit(self.endpoint_records(ep, Txn::new(), false))
+            .await?;
+        self.release(ep);
+        tracing::debug!(endpoint = %ep.id, network = %ep.network, "detached");
+        Ok(())
+    }
+
+    pub async fn status(&self) -> Result<Status> {
+        Ok(Status {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            store: self.store.describe(),
+            netns_dir: self.netns_dir.display().to_string(),
+            networks: self.store.list(keys::NETWORKS).await?.items.len(),
+            endpoints: self.store.list(keys::ENDPOINTS).await?.items.len(),
+            sandboxes: self.store.list(keys::SANDBOXES).await?.items.len(),
+        })
+    }
+}
+
+fn endpoint_spec(ep: &Endpoint, net: &Network, bridge_index: u32) -> EndpointSpec {
+    EndpointSpec {
+        host_ifname: ep.host_ifname.clone(),
+        bridge_index,
+        mtu: net.mtu,
+        ifname: ep.ifname.clone(),
+        mac: ep.mac.0,
+        ips: ep.ips.clone(),
+        gateways: net.subnets.iter().map(|s| s.gateway).collect(),
+    }
+}
+
+/// The first /24 of the default pool that overlaps no existing network.
+fn carve_default(overlap: &dyn Fn(&IpNet) -> Option<(String, IpNet)>) -> Result<IpNet> {
+    let pool: IpNet = DEFAULT_POOL.parse().expect("valid default pool");
+    pool.subnets(DEFAULT_POOL_PREFIX)
+        .expect("valid prefix")
+        .find(|c| overlap(c).is_none())
+        .ok_or_else(|| {
+            AgentError::Conflict(format!(
+                "the default pool {DEFAULT_POOL} is used up; give --subnet"
+            ))
+        })
+}
+
+fn e_is_exists(e: &AgentError) -> bool {
+    matches!(e, AgentError::Dataplane(d) if d.errno() == Some(nix::errno::Errno::EEXIST as i32))
+}

@@ -1,0 +1,161 @@
+//! The start-up repair pass: make the kernel match the store, and the store match what still
+//! exists. After it: every network has its bridge, every endpoint whose namespace still exists
+//! has its veth, addresses and routes, endpoints whose namespace is gone are removed and their
+//! addresses released, and no berth-named link is left that the store does not know.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+use berth_dataplane::{Netlink, Repair, netns};
+use berth_ipam::Pool;
+use berth_model::{Endpoint, Network, Sandbox, is_berth_link_name};
+use berth_store::Txn;
+use serde::Serialize;
+
+use crate::{Agent, Result, bridge_spec, endpoint_spec, kernel, keys};
+
+/// What the repair pass found and did.
+#[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
+pub struct ReconcileReport {
+    pub networks: usize,
+    pub endpoints: usize,
+    pub endpoints_repaired: usize,
+    pub endpoints_removed: usize,
+    pub sandboxes_removed: usize,
+    pub links_removed: usize,
+    pub stale_records_removed: usize,
+}
+
+impl Agent {
+    pub async fn reconcile(&self) -> Result<ReconcileReport> {
+        let _topology = self.topology.write().await;
+        let mut report = ReconcileReport::default();
+
+        // Networks and their bridges.
+        let networks: Vec<Network> = self.load_all(keys::NETWORKS).await?;
+        let mut bridge_index = HashMap::new();
+        for net in &networks {
+            let spec = bridge_spec(net);
+            let idx = kernel(move || berth_dataplane::ensure_bridge(&mut Netlink::open()?, &spec))
+                .await?;
+            bridge_index.insert(net.name.clone(), idx);
+        }
+        report.networks = networks.len();
+        let by_name: HashMap<_, _> = networks.iter().map(|n| (n.name.clone(), n)).collect();
+
+        // Sandboxes whose namespace is gone (e.g. after a reboot) are gone.
+        for sb in self.load_all::<Sandbox>(keys::SANDBOXES).await? {
+            if netns::id_at(Path::new(&sb.path)).is_none() {
+                let path = sb.path.clone();
+                kernel(move || netns::remove(Path::new(&path))).await?;
+                self.commit(Txn::new().delete(keys::sandbox(&sb.name)))
+                    .await?;
+                report.sandboxes_removed += 1;
+                tracing::warn!(sandbox = %sb.name, "sandbox namespace is gone; record removed");
+            }
+        }
+
+        // Endpoints: repair the living, remove the dead.
+        let host_links = kernel(|| Netlink::open()?.links()).await?;
+        let endpoints: Vec<Endpoint> = self.load_all(keys::ENDPOINTS).await?;
+        let mut live = Vec::new();
+        for ep in endpoints {
+            let net = by_name.get(&ep.network);
+            let alive = netns::id_at(Path::new(&ep.netns.path)).as_deref() == Some(&ep.netns.id);
+            let Some(net) = net.filter(|_| alive) else {
+                let host_ifname = ep.host_ifname.clone();
+                kernel(move || berth_dataplane::delete_link(&mut Netlink::open()?, &host_ifname))
+                    .await?;
+                self.commit(self.endpoint_records(&ep, Txn::new(), false))
+                    .await?;
+                report.endpoints_removed += 1;
+                tracing::warn!(endpoint = %ep.id, netns = %ep.netns.path, "namespace gone; endpoint removed");
+                continue;
+            };
+            let spec = endpoint_spec(&ep, net, bridge_index[&ep.network]);
+            let host_link = host_links
+                .iter()
+                .find(|l| l.name == ep.host_ifname)
+                .cloned();
+            let path = ep.netns.path.clone();
+            let repair = kernel(move || {
+                let ns = netns::open(Path::new(&path))?;
+                berth_dataplane::ensure_endpoint(
+                    &mut Netlink::open()?,
+                    host_link.as_ref(),
+                    &ns,
+                    &spec,
+                )
+            })
+            .await;
+            match repair {
+                Ok(Repair::Nothing) => {}
+                Ok(r) => {
+                    report.endpoints_repaired += 1;
+                    tracing::info!(endpoint = %ep.id, repair = ?r, "endpoint repaired");
+                }
+                Err(e) => {
+                    tracing::error!(endpoint = %ep.id, error = %e, "endpoint could not be repaired")
+                }
+            }
+            live.push(ep);
+        }
+        report.endpoints = live.len();
+
+        // Links that look like berth's but that the store does not know.
+        let known: HashSet<&str> = networks
+            .iter()
+            .map(|n| n.bridge.as_str())
+            .chain(live.iter().map(|e| e.host_ifname.as_str()))
+            .collect();
+        for link in host_links {
+            let ours = matches!(link.kind.as_deref(), Some("bridge" | "veth"));
+            if ours && is_berth_link_name(&link.name) && !known.contains(link.name.as_str()) {
+                let name = link.name.clone();
+                kernel(move || berth_dataplane::delete_link(&mut Netlink::open()?, &name)).await?;
+                report.links_removed += 1;
+                tracing::warn!(link = %link.name, "unknown berth link removed");
+            }
+        }
+
+        // Index records that point at nothing (defensive: they are written in the same
+        // transactions as their endpoint, so this finds only damage from outside).
+        let live_ids: HashSet<&str> = live.iter().map(|e| e.id.as_str()).collect();
+        let mut txn = Txn::new();
+        for prefix in [keys::IPAM, keys::ATTACHMENTS, keys::MEMBERS] {
+            for kv in self.store.list(prefix).await?.items {
+                let owner = String::from_utf8_lossy(&kv.value);
+                let network_known = !prefix.starts_with("ipam")
+                    || by_name
+                        .keys()
+                        .any(|n| kv.key.starts_with(&keys::ipam_prefix(n)));
+                if (owner != keys::GATEWAY_OWNER && !live_ids.contains(owner.as_ref()))
+                    || !network_known
+                {
+                    txn = txn.delete(kv.key);
+                    report.stale_records_removed += 1;
+                }
+            }
+        }
+        if !txn.ops.is_empty() {
+            self.commit(txn).await?;
+        }
+
+        // Rebuild the address pools from what the store now holds.
+        let mut pools = HashMap::new();
+        for net in &networks {
+            let mut ps: Vec<Pool> = net.subnets.iter().map(|s| Pool::new(s.cidr)).collect();
+            for kv in self.store.list(&keys::ipam_prefix(&net.name)).await?.items {
+                let ip = kv.key.rsplit('/').next().and_then(|s| s.parse().ok());
+                if let Some(ip) = ip {
+                    for p in ps.iter_mut().filter(|p| p.subnet().contains(&ip)) {
+                        let _ = p.take(ip);
+                    }
+                }
+            }
+            pools.insert(net.name.clone(), ps);
+        }
+        *self.pools.lock().expect("pools lock") = pools;
+        Ok(report)
+    }
+}

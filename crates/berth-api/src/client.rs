@@ -1,0 +1,194 @@
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::ErrorBody;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    #[error("cannot reach the berth daemon at {socket}: {source} (is `berth daemon` running?)")]
+    Unreachable {
+        socket: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The daemon answered with an error.
+    #[error("{message}")]
+    Api { status: u16, message: String },
+    #[error("bad answer from the berth daemon: {0}")]
+    Protocol(String),
+}
+
+/// A client of one daemon's API socket. Each call is one short HTTP/1.1 exchange.
+#[derive(Debug, Clone)]
+pub struct Client {
+    socket: PathBuf,
+    timeout: Duration,
+}
+
+impl Client {
+    pub fn new(socket: impl AsRef<Path>) -> Self {
+        Client {
+            socket: socket.as_ref().to_path_buf(),
+            timeout: Duration::from_secs(120),
+        }
+    }
+
+    /// Bounds how long a call may wait for the daemon.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.call("GET", path, None::<&()>)
+    }
+
+    pub fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        self.call("POST", path, Some(body))
+    }
+
+    pub fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.call("DELETE", path, None::<&()>)
+    }
+
+    pub fn call<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T, ClientError> {
+        let body = match body {
+            Some(b) => serde_json::to_vec(b).map_err(|e| ClientError::Protocol(e.to_string()))?,
+            None => Vec::new(),
+        };
+        let unreachable = |source| ClientError::Unreachable {
+            socket: self.socket.display().to_string(),
+            source,
+        };
+        let mut stream = UnixStream::connect(&self.socket).map_err(unreachable)?;
+        stream
+            .set_read_timeout(Some(self.timeout))
+            .map_err(unreachable)?;
+        stream
+            .set_write_timeout(Some(self.timeout))
+            .map_err(unreachable)?;
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: berth\r\nConnection: close\r\nAccept: application/json\r\n"
+        )
+        .into_bytes();
+        if !body.is_empty() || method == "POST" {
+            req.extend_from_slice(
+                format!(
+                    "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                    body.len()
+                )
+                .as_bytes(),
+            );
+        }
+        req.extend_from_slice(b"\r\n");
+        req.extend_from_slice(&body);
+        stream.write_all(&req).map_err(unreachable)?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).map_err(unreachable)?;
+        let (status, payload) = parse_response(&raw)?;
+        if (200..300).contains(&status) {
+            serde_json::from_slice(&payload).map_err(|e| {
+                ClientError::Protocol(format!("{e} in {}", String::from_utf8_lossy(&payload)))
+            })
+        } else {
+            let message = serde_json::from_slice::<ErrorBody>(&payload)
+                .map(|b| b.error)
+                .unwrap_or_else(|_| {
+                    format!("HTTP {status}: {}", String::from_utf8_lossy(&payload))
+                });
+            Err(ClientError::Api { status, message })
+        }
+    }
+}
+
+/// Splits an HTTP/1.1 response into status and body (`Content-Length`, chunked, or to EOF).
+fn parse_response(raw: &[u8]) -> Result<(u16, Vec<u8>), ClientError> {
+    let bad = |what: &str| ClientError::Protocol(what.to_string());
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| bad("no header end"))?;
+    let head = std::str::from_utf8(&raw[..end]).map_err(|_| bad("header not UTF-8"))?;
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad("no status line"))?;
+    let mut chunked = false;
+    let mut length = None;
+    for l in lines {
+        let Some((k, v)) = l.split_once(':') else {
+            continue;
+        };
+        if k.eq_ignore_ascii_case("content-length") {
+            length = v.trim().parse::<usize>().ok();
+        } else if k.eq_ignore_ascii_case("transfer-encoding")
+            && v.trim().eq_ignore_ascii_case("chunked")
+        {
+            chunked = true;
+        }
+    }
+    let rest = &raw[end + 4..];
+    let body = if chunked {
+        let mut out = Vec::new();
+        let mut r = rest;
+        loop {
+            let nl = r
+                .windows(2)
+                .position(|w| w == b"\r\n")
+                .ok_or_else(|| bad("bad chunk"))?;
+            let size = std::str::from_utf8(&r[..nl])
+                .ok()
+                .and_then(|s| {
+                    usize::from_str_radix(s.split(';').next().unwrap_or("").trim(), 16).ok()
+                })
+                .ok_or_else(|| bad("bad chunk size"))?;
+            r = &r[nl + 2..];
+            if size == 0 {
+                break;
+            }
+            if r.len() < size {
+                return Err(bad("truncated chunk"));
+            }
+            out.extend_from_slice(&r[..size]);
+            r = r.get(size + 2..).unwrap_or(&[]);
+        }
+        out
+    } else if let Some(n) = length {
+        rest.get(..n).ok_or_else(|| bad("truncated body"))?.to_vec()
+    } else {
+        rest.to_vec()
+    };
+    Ok((status, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_length_and_chunked_bodies() {
+        let r = b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\n{}";
+        assert_eq!(parse_response(r).unwrap(), (201, b"{}".to_vec()));
+        let r = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
+        assert_eq!(parse_response(r).unwrap(), (200, b"abcde".to_vec()));
+        assert!(parse_response(b"garbage").is_err());
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n{}").is_err());
+    }
+}

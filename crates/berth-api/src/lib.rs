@@ -1,0 +1,85 @@
+//! The berth API (`/v1/...`, HTTP/JSON on a unix socket): request and response types shared by
+//! the daemon and its clients, and a synchronous client.
+//!
+//! The client is deliberately plain `std` I/O: the CLI and the CNI plugin are short-lived
+//! processes whose start-up time is part of every attach, so they carry no async runtime.
+
+mod client;
+
+use serde::{Deserialize, Serialize};
+
+pub use berth_model::{Endpoint, MacAddr, NetnsRef, Network, Sandbox, Subnet};
+pub use client::{Client, ClientError};
+
+/// Default API socket (`<run-dir>/berth.sock`).
+pub const DEFAULT_SOCKET: &str = "/run/berth/berth.sock";
+
+/// `POST /v1/networks`
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateNetwork {
+    pub name: String,
+    /// IPv4 subnet; when absent a free /24 is carved from the default pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6_subnet: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6_gateway: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+    #[serde(default)]
+    pub internal: bool,
+}
+
+/// `POST /v1/sandboxes`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSandbox {
+    pub name: String,
+}
+
+/// `POST /v1/endpoints`: attach a sandbox (a berth sandbox name, or any netns path) to a
+/// network.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Attach {
+    pub network: String,
+    pub sandbox: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ifname: Option<String>,
+    /// Requested IPv4 and/or IPv6 addresses (without prefix length).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ips: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// `POST /v1/detach`: detach a sandbox from a network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Detach {
+    pub network: String,
+    pub sandbox: String,
+}
+
+/// `GET /v1/status`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub store: String,
+    pub netns_dir: String,
+    pub networks: usize,
+    pub endpoints: usize,
+    pub sandboxes: usize,
+}
+
+/// Every error response: `{"error": "one line a person can act on"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
