@@ -54,6 +54,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
             "/v1/networks/{name}",
             get(get_network).delete(delete_network),
         )
+        .route("/v1/networks/{name}/allocations", get(allocations))
         .route("/v1/sandboxes", get(list_sandboxes).post(create_sandbox))
         .route(
             "/v1/sandboxes/{name}",
@@ -94,6 +95,10 @@ async fn delete_network(
 ) -> Result<Response, AgentError> {
     a.delete_network(&name).await?;
     Ok(ok(StatusCode::OK, serde_json::json!({ "removed": name })))
+}
+
+async fn allocations(State(a): Shared, Path(name): Path<String>) -> Result<Response, AgentError> {
+    Ok(ok(StatusCode::OK, a.allocations(&name).await?))
 }
 
 async fn list_sandboxes(State(a): Shared) -> Result<Response, AgentError> {

@@ -17,7 +17,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use berth_api::{Attach, CreateNetwork, Status};
+use berth_api::{Allocation, Attach, CreateNetwork, Status};
 use berth_dataplane::{BridgeSpec, EndpointSpec, Netlink, netns};
 use berth_ipam::{IpamError, Pool};
 use berth_model::{
@@ -246,6 +246,23 @@ impl Agent {
         );
         tracing::info!(network = %net.name, bridge = %net.bridge, subnets = ?net.subnets, "network created");
         Ok(net)
+    }
+
+    /// Every address the network's IPAM holds, and who holds it.
+    pub async fn allocations(&self, name: &str) -> Result<Vec<Allocation>> {
+        self.network(name).await?;
+        let prefix = keys::ipam_prefix(name);
+        Ok(self
+            .store
+            .list(&prefix)
+            .await?
+            .items
+            .into_iter()
+            .map(|kv| Allocation {
+                ip: kv.key[prefix.len()..].to_string(),
+                owner: String::from_utf8_lossy(&kv.value).into_owned(),
+            })
+            .collect())
     }
 
     pub async fn delete_network(&self, name: &str) -> Result<()> {

@@ -67,6 +67,14 @@ pub struct Detach {
     pub sandbox: String,
 }
 
+/// `GET /v1/networks/{name}/allocations`: one address held in the network's IPAM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Allocation {
+    pub ip: String,
+    /// `gateway`, or the id of the endpoint holding it.
+    pub owner: String,
+}
+
 /// `GET /v1/status`
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {

@@ -66,8 +66,8 @@ fn bridge_endpoint_attach_repair_and_cleanup() {
 
     // A second attach with the same interface name fails and leaves the first one intact.
     let dup = EndpointSpec {
-        host_ifname: "berth0000000002",
-        ..ep
+        host_ifname: "berth0000000002".into(),
+        ..ep.clone()
     };
     let err = berth_dataplane::attach_endpoint(&mut host, &ns, &dup).unwrap_err();
     assert_eq!(err.errno(), Some(libc_eexist()), "{err}");

@@ -1,0 +1,260 @@
+//! Test hosts: each is a private network namespace with its own berth daemon (own state, run
+//! and netns directories), so tests never touch the machine's network and run side by side.
+//! Dropping a host, also while a test panics, kills its daemon and removes every namespace,
+//! mount and file it made.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use berth_api::Client;
+use serde_json::Value;
+
+pub const BERTH: &str = env!("CARGO_BIN_EXE_berth");
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+pub fn run(cmd: &str, args: &[&str]) -> Output {
+    Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"))
+}
+
+pub fn run_ok(cmd: &str, args: &[&str]) -> String {
+    let o = run(cmd, args);
+    assert!(o.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub struct Host {
+    pub netns: String,
+    pub dir: PathBuf,
+    daemon: Option<Child>,
+}
+
+impl Host {
+    /// A host namespace with `lo` up and a running daemon.
+    pub fn new() -> Host {
+        let mut h = Host::bare();
+        h.start();
+        h
+    }
+
+    /// A host namespace without a daemon.
+    pub fn bare() -> Host {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let netns = format!("berth-e2e-{}-{n}", std::process::id());
+        let dir = std::env::temp_dir().join(&netns);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        run_ok("ip", &["netns", "add", &netns]);
+        let h = Host { netns, dir, daemon: None };
+        h.sh(&["ip", "link", "set", "lo", "up"]);
+        h
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("run/berth.sock")
+    }
+
+    pub fn client(&self) -> Client {
+        Client::new(self.socket()).with_timeout(Duration::from_secs(30))
+    }
+
+    pub fn netns_path(&self) -> String {
+        format!("/run/netns/{}", self.netns)
+    }
+
+    /// Starts a daemon in the background without waiting for it.
+    pub fn spawn_daemon(&self, state: &str) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("daemon.log"))
+            .unwrap();
+        Command::new("nsenter")
+            .arg(format!("--net={}", self.netns_path()))
+            .arg(BERTH)
+            .args(["daemon", "--log-level", "debug", "--state-dir"])
+            .arg(self.dir.join(state))
+            .arg("--run-dir")
+            .arg(self.dir.join("run"))
+            .arg("--netns-dir")
+            .arg(self.dir.join("netns"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    }
+
+    /// Starts the daemon and waits until it answers.
+    pub fn start(&mut self) {
+        assert!(self.daemon.is_none(), "daemon already running");
+        self.daemon = Some(self.spawn_daemon("state"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.client().get::<Value>("/v1/status").is_err() {
+            if let Some(status) = self.daemon.as_mut().unwrap().try_wait().unwrap() {
+                panic!("daemon exited with {status}:\n{}", self.log());
+            }
+            assert!(Instant::now() < deadline, "daemon did not come up:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            let _ = d.kill();
+            let _ = d.wait();
+        }
+    }
+
+    /// SIGTERM, as a service manager stops it.
+    pub fn stop(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(d.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            )
+            .unwrap();
+            let status = d.wait().unwrap();
+            assert!(status.success(), "daemon exit on SIGTERM: {status}\n{}", self.log());
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    /// Runs the CLI against this host's daemon.
+    pub fn berth(&self, args: &[&str]) -> Output {
+        Command::new(BERTH).arg("--socket").arg(self.socket()).args(args).output().unwrap()
+    }
+
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.berth(args);
+        assert!(
+            o.status.success(),
+            "berth {args:?} failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Runs a CLI command that must fail; returns its one-line error.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let o = self.berth(args);
+        let err = String::from_utf8_lossy(&o.stderr).trim().to_string();
+        assert!(!o.status.success(), "berth {args:?} should have failed");
+        assert_eq!(err.lines().count(), 1, "one-line error expected, got: {err}");
+        assert!(err.starts_with("berth: error: "), "{err}");
+        err
+    }
+
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut a = vec!["-o", "json"];
+        a.extend_from_slice(args);
+        serde_json::from_str(&self.ok(&a)).unwrap()
+    }
+
+    /// Runs a command in the host namespace.
+    pub fn sh(&self, cmd: &[&str]) -> String {
+        let mut a = vec!["netns", "exec", self.netns.as_str()];
+        a.extend_from_slice(cmd);
+        run_ok("ip", &a)
+    }
+
+    pub fn sandbox_path(&self, sandbox: &str) -> PathBuf {
+        self.dir.join("netns").join(sandbox)
+    }
+
+    /// Runs a command inside a sandbox (or any netns path).
+    pub fn in_netns(&self, netns: &Path, cmd: &[&str]) -> Output {
+        Command::new("nsenter").arg(format!("--net={}", netns.display())).args(cmd).output().unwrap()
+    }
+
+    pub fn ping(&self, sandbox: &str, ip: &str) -> bool {
+        self.in_netns(&self.sandbox_path(sandbox), &["ping", "-c1", "-W1", "-q", ip])
+            .status
+            .success()
+    }
+
+    /// Link names in the host namespace.
+    pub fn host_links(&self) -> Vec<String> {
+        self.sh(&["ip", "-o", "link", "show"])
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap().to_string())
+            .collect()
+    }
+
+    /// Everything observable about the host: the daemon's state and the kernel's. Used to show
+    /// that a rejected request changed nothing.
+    pub fn snapshot(&self) -> String {
+        let mut s = String::new();
+        for what in [["network", "ls"], ["endpoint", "ls"], ["sandbox", "ls"]] {
+            s += &self.json(&what).to_string();
+        }
+        for n in self.json(&["network", "ls"]).as_array().unwrap() {
+            let name = n["name"].as_str().unwrap();
+            s += &serde_json::to_string(&self.client().get::<Value>(&format!("/v1/networks/{name}/allocations")).unwrap()).unwrap();
+        }
+        s += &self.sh(&["ip", "-o", "link", "show"]);
+        s += &self.sh(&["ip", "-o", "addr", "show"]);
+        for sb in self.json(&["sandbox", "ls"]).as_array().unwrap() {
+            let p = sb["path"].as_str().unwrap();
+            s += &String::from_utf8_lossy(&self.in_netns(Path::new(p), &["ip", "-o", "addr", "show"]).stdout);
+            s += &String::from_utf8_lossy(&self.in_netns(Path::new(p), &["ip", "route", "show"]).stdout);
+        }
+        s
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- daemon log of {} ---\n{}", self.netns, self.log());
+        }
+        self.kill();
+        if let Ok(entries) = std::fs::read_dir(self.dir.join("netns")) {
+            for e in entries.flatten() {
+                let _ = nix::mount::umount2(&e.path(), nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+        let _ = run("ip", &["netns", "del", &self.netns]);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A process in a fresh network namespace of its own, like a container: attachable by
+/// `/proc/PID/ns/net`. Killed on drop.
+pub struct Container {
+    child: Child,
+}
+
+impl Container {
+    pub fn start() -> Container {
+        let child = Command::new("unshare").args(["-n", "sleep", "600"]).spawn().unwrap();
+        let c = Container { child };
+        // Wait until the child is inside its own namespace.
+        let mine = std::fs::read_link("/proc/self/ns/net").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::fs::read_link(c.netns()).ok().is_none_or(|l| l == mine) {
+            assert!(Instant::now() < deadline, "unshare did not start");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        c
+    }
+
+    pub fn netns(&self) -> String {
+        format!("/proc/{}/ns/net", self.child.id())
+    }
+
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

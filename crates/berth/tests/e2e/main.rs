@@ -1,0 +1,6 @@
+//! End-to-end tests: the real daemon and CLI, the real kernel, real traffic. Run as root.
+
+mod bad_input;
+mod bridge;
+mod crash;
+mod harness;
