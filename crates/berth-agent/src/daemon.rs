@@ -50,6 +50,7 @@ pub async fn run(cfg: DaemonConfig) -> Result<()> {
     let listener = UnixListener::bind(&socket)
         .map_err(|e| AgentError::Invalid(format!("cannot listen on {}: {e}", socket.display())))?;
     tracing::info!(socket = %socket.display(), mtu = default_mtu, "berth daemon ready");
+    tokio::spawn(agent.clone().run_reaper());
     let served = axum::serve(listener, crate::api::router(agent))
         .with_graceful_shutdown(shutdown_signal())
         .await;

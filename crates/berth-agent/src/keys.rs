@@ -7,6 +7,8 @@
 //! attachments/<netns-id>/<ifname>    endpoint id   (one interface name per namespace)
 //! members/<network>/<netns-id>       endpoint id   (one endpoint per namespace and network)
 //! sandboxes/<name>                   Sandbox
+//! releasing/<id>                     Endpoint, detached, whose veth is not deleted yet: its
+//!                                    addresses stay held until it is
 //! ```
 
 use std::net::IpAddr;
@@ -17,6 +19,7 @@ pub const ENDPOINTS: &str = "endpoints/";
 pub const ATTACHMENTS: &str = "attachments/";
 pub const MEMBERS: &str = "members/";
 pub const SANDBOXES: &str = "sandboxes/";
+pub const RELEASING: &str = "releasing/";
 
 pub const GATEWAY_OWNER: &str = "gateway";
 
@@ -46,4 +49,7 @@ pub fn member(network: &str, netns_id: &str) -> String {
 }
 pub fn sandbox(name: &str) -> String {
     format!("{SANDBOXES}{name}")
+}
+pub fn releasing(id: &str) -> String {
+    format!("{RELEASING}{id}")
 }

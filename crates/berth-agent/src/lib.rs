@@ -22,8 +22,8 @@ use berth_dataplane::{BridgeSpec, EndpointSpec, Netlink, netns};
 use berth_ipam::{IpamError, Pool};
 use berth_model::{
     DEFAULT_POOL, DEFAULT_POOL_PREFIX, Endpoint, MacAddr, NetnsRef, Network, Sandbox, Subnet,
-    bridge_name, parse_cidr, validate_ifname, validate_mtu, validate_name, validate_sandbox_name,
-    veth_name,
+    bridge_name, parse_cidr, tombstone_name, validate_ifname, validate_mtu, validate_name,
+    validate_sandbox_name, veth_name,
 };
 use berth_store::{Compare, KeyValue, Store, Txn, TxnOutcome};
 use ipnet::IpNet;
@@ -42,6 +42,10 @@ pub struct Agent {
     pools: Mutex<HashMap<String, Vec<Pool>>>,
     /// Creating or removing a network excludes attach and detach; those run in parallel.
     topology: tokio::sync::RwLock<()>,
+    /// Wakes the reaper, which deletes detached endpoints' veths in batches.
+    reaper: tokio::sync::Notify,
+    /// One reap pass at a time.
+    reaping: tokio::sync::Mutex<()>,
 }
 
 fn random_id() -> String {
@@ -82,7 +86,8 @@ fn bridge_spec(net: &Network) -> BridgeSpec {
     BridgeSpec {
         name: net.bridge.clone(),
         mtu: net.mtu,
-        mac: [0x02, id[3], id[4], id[5], id[6], id[7]],
+        // 02:62 never meets the 02:42 space of endpoint MACs.
+        mac: [0x02, 0x62, id[4], id[5], id[6], id[7]],
         addresses: gateway_nets(net),
     }
 }
@@ -95,6 +100,8 @@ impl Agent {
             default_mtu,
             pools: Mutex::new(HashMap::new()),
             topology: tokio::sync::RwLock::new(()),
+            reaper: tokio::sync::Notify::new(),
+            reaping: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -268,6 +275,9 @@ impl Agent {
     pub async fn delete_network(&self, name: &str) -> Result<()> {
         let _topology = self.topology.write().await;
         let net = self.network(name).await?;
+        // Detached endpoints still hold addresses of this network until their veths are gone;
+        // finish that first so nothing of the old network is released into a new one.
+        self.reap().await?;
         let members = self
             .store
             .list(&keys::members_prefix(name))
@@ -414,10 +424,7 @@ impl Agent {
         if let Some(n) = &req.name {
             validate_name("endpoint", n)?;
         }
-        let mac = match &req.mac {
-            Some(m) => m.parse::<MacAddr>()?,
-            None => MacAddr::random_local(|| fastrand::u8(..)),
-        };
+        let requested_mac = req.mac.as_deref().map(str::parse::<MacAddr>).transpose()?;
         let requested: Vec<IpAddr> = req
             .ips
             .iter()
@@ -433,8 +440,22 @@ impl Agent {
             .await?
             .ok_or_else(|| AgentError::NotFound(format!("no network named {:?}", req.network)))?;
         let (ns, netns_ref) = self.resolve_netns(&req.sandbox).await?;
+        if !requested.is_empty() && !self.store.list(keys::RELEASING).await?.items.is_empty() {
+            // A requested address may still be held by an endpoint detached a moment ago (a
+            // container restarted with its static address): release those first.
+            self.reap().await?;
+        }
 
         let ips = self.allocate(&net, &requested)?;
+        let mac = requested_mac.unwrap_or_else(|| {
+            match ips.iter().find_map(|ip| match ip {
+                IpNet::V4(v4) => Some(v4.addr()),
+                IpNet::V6(_) => None,
+            }) {
+                Some(v4) => MacAddr::from_ipv4(v4),
+                None => MacAddr::random_local(|| fastrand::u8(..)),
+            }
+        });
         let id = random_id();
         let ep = Endpoint {
             host_ifname: veth_name(&id),
@@ -644,14 +665,108 @@ impl Agent {
         self.remove_endpoint(&ep).await
     }
 
-    /// Kernel first, then the store: the address is released only once no interface holds it.
+    /// Detaching is two steps. Now: the host end goes down, the sandbox end goes down and is
+    /// renamed out of the way (the sandbox is off the network and may reuse the interface
+    /// name), and the endpoint moves to `releasing/`. Later, the reaper deletes the veths of
+    /// all detached endpoints in one kernel operation and only then releases their addresses,
+    /// so an address is never reused while an interface still holds it.
     async fn remove_endpoint(&self, ep: &Endpoint) -> Result<()> {
-        let host_ifname = ep.host_ifname.clone();
-        kernel(move || berth_dataplane::delete_link(&mut Netlink::open()?, &host_ifname)).await?;
-        self.commit(self.endpoint_records(ep, Txn::new(), false))
-            .await?;
-        self.release(ep);
+        let (host_ifname, ifname, tomb) = (
+            ep.host_ifname.clone(),
+            ep.ifname.clone(),
+            tombstone_name(&ep.id),
+        );
+        let (path, nsid) = (ep.netns.path.clone(), ep.netns.id.clone());
+        kernel(move || {
+            // Only the namespace we attached: the path may now name another one.
+            let ns = netns::open(Path::new(&path))
+                .ok()
+                .filter(|f| netns::id_of(f).ok().as_deref() == Some(nsid.as_str()));
+            berth_dataplane::retire_endpoint(
+                &mut Netlink::open()?,
+                &host_ifname,
+                ns.as_ref().map(|f| (f, ifname.as_str())),
+                &tomb,
+            )
+        })
+        .await?;
+        let txn = Txn::new()
+            .delete(keys::endpoint(&ep.id))
+            .delete(keys::attachment(&ep.netns.id, &ep.ifname))
+            .delete(keys::member(&ep.network, &ep.netns.id))
+            .put(keys::releasing(&ep.id), encode(ep));
+        self.commit(txn).await?;
+        self.reaper.notify_one();
         tracing::debug!(endpoint = %ep.id, network = %ep.network, "detached");
+        Ok(())
+    }
+
+    /// Waits for detached endpoints and reaps them, until the daemon stops.
+    pub async fn run_reaper(self: Arc<Self>) {
+        loop {
+            self.reaper.notified().await;
+            if let Err(e) = self.reap().await {
+                tracing::error!(error = %e, "reaping detached endpoints failed");
+            }
+        }
+    }
+
+    /// Deletes the veths of all detached endpoints at once, then releases the addresses of
+    /// those whose veth is gone. Returns how many were released.
+    pub async fn reap(&self) -> Result<usize> {
+        let _one = self.reaping.lock().await;
+        let pending: Vec<Endpoint> = self.load_all(keys::RELEASING).await?;
+        if pending.is_empty() {
+            return Ok(0);
+        }
+        let names: Vec<String> = pending.iter().map(|e| e.host_ifname.clone()).collect();
+        let gone = kernel(move || {
+            let mut host = Netlink::open()?;
+            berth_dataplane::reap(&mut host)?;
+            names
+                .iter()
+                .map(|n| host.link_by_name(n).map(|l| l.is_none()))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await?;
+        let done: Vec<&Endpoint> = pending
+            .iter()
+            .zip(gone)
+            .filter(|(_, gone)| *gone)
+            .map(|(e, _)| e)
+            .collect();
+        self.release_records(&done).await?;
+        Ok(done.len())
+    }
+
+    /// Drops `releasing/` records and the addresses they hold (where they still hold them).
+    async fn release_records(&self, eps: &[&Endpoint]) -> Result<()> {
+        if eps.is_empty() {
+            return Ok(());
+        }
+        let mut txn = Txn::new();
+        for ep in eps {
+            txn = txn.delete(keys::releasing(&ep.id));
+            for ip in &ep.ips {
+                let key = keys::ipam(&ep.network, ip.addr());
+                if let Some(kv) = self.store.get(&key).await?
+                    && kv.value == ep.id.as_bytes()
+                {
+                    txn = txn
+                        .when(Compare::ModRevision(key.clone(), kv.mod_revision))
+                        .delete(key);
+                }
+            }
+        }
+        if let TxnOutcome::CompareFailed(c) = self.commit(txn).await? {
+            // Someone changed an address record meanwhile; the next pass sees the new state.
+            tracing::debug!(?c, "release raced with another change; will retry");
+            self.reaper.notify_one();
+            return Ok(());
+        }
+        for ep in eps {
+            self.release(ep);
+        }
         Ok(())
     }
 

@@ -85,9 +85,17 @@ fn main() -> Result<()> {
     std::fs::create_dir_all(dir.join("sb"))?;
     let berth = std::env::current_exe()?.with_file_name("berth");
     if !berth.exists() {
-        bail!("{} not found: build it first (cargo build --release)", berth.display());
+        bail!(
+            "{} not found: build it first (cargo build --release)",
+            berth.display()
+        );
     }
-    let mut b = Bench { host: dir.join("host"), dir: dir.clone(), berth, daemon: None };
+    let mut b = Bench {
+        host: dir.join("host"),
+        dir: dir.clone(),
+        berth,
+        daemon: None,
+    };
     netns::create(&b.host)?;
     let host = std::fs::File::open(&b.host)?;
     nix::sched::setns(&host, nix::sched::CloneFlags::CLONE_NEWNET).context("enter host netns")?;
@@ -114,37 +122,93 @@ fn main() -> Result<()> {
     }
     let _: Network = client.post(
         "/v1/networks",
-        &CreateNetwork { name: "bench".into(), subnet: Some("10.77.0.0/20".into()), ..Default::default() },
+        &CreateNetwork {
+            name: "bench".into(),
+            subnet: Some("10.77.0.0/20".into()),
+            ..Default::default()
+        },
     )?;
 
     let mut rows = Vec::new();
-    let max = args.n.iter().copied().max().unwrap_or(0).max(args.baseline_n);
-    let sandboxes: Vec<PathBuf> = (0..max).map(|i| dir.join("sb").join(format!("s{i}"))).collect();
+    let max = args
+        .n
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or(0)
+        .max(args.baseline_n);
+    let sandboxes: Vec<PathBuf> = (0..max)
+        .map(|i| dir.join("sb").join(format!("s{i}")))
+        .collect();
     for p in &sandboxes {
         netns::create(p)?;
     }
 
     for &n in &args.n {
         let (attach, detach) = berth_api_run(&client, &sandboxes[..n])?;
-        rows.push(Row { tool: "berth (API)".into(), n, op: "attach", samples: attach });
-        rows.push(Row { tool: "berth (API)".into(), n, op: "detach", samples: detach });
+        rows.push(Row {
+            tool: "berth (API)".into(),
+            n,
+            op: "attach",
+            samples: attach,
+        });
+        rows.push(Row {
+            tool: "berth (API)".into(),
+            n,
+            op: "detach",
+            samples: detach,
+        });
     }
     let (attach, detach) = berth_cli_run(&b.berth, &socket, &sandboxes[..args.baseline_n])?;
-    rows.push(Row { tool: "berth (CLI process)".into(), n: args.baseline_n, op: "attach", samples: attach });
-    rows.push(Row { tool: "berth (CLI process)".into(), n: args.baseline_n, op: "detach", samples: detach });
+    rows.push(Row {
+        tool: "berth (CLI process)".into(),
+        n: args.baseline_n,
+        op: "attach",
+        samples: attach,
+    });
+    rows.push(Row {
+        tool: "berth (CLI process)".into(),
+        n: args.baseline_n,
+        op: "detach",
+        samples: detach,
+    });
 
     if !args.no_baselines {
         let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("baselines");
         let (add, del) = cni_reference_run(&here, &dir, &sandboxes[..args.baseline_n])?;
-        rows.push(Row { tool: "cni bridge+host-local".into(), n: args.baseline_n, op: "ADD", samples: add });
-        rows.push(Row { tool: "cni bridge+host-local".into(), n: args.baseline_n, op: "DEL", samples: del });
+        rows.push(Row {
+            tool: "cni bridge+host-local".into(),
+            n: args.baseline_n,
+            op: "ADD",
+            samples: add,
+        });
+        rows.push(Row {
+            tool: "cni bridge+host-local".into(),
+            n: args.baseline_n,
+            op: "DEL",
+            samples: del,
+        });
         let (setup, teardown) = netavark_run(&here, &dir, &sandboxes[..args.baseline_n])?;
-        rows.push(Row { tool: "netavark 1.4".into(), n: args.baseline_n, op: "setup", samples: setup });
-        rows.push(Row { tool: "netavark 1.4".into(), n: args.baseline_n, op: "teardown", samples: teardown });
+        rows.push(Row {
+            tool: "netavark 1.4".into(),
+            n: args.baseline_n,
+            op: "setup",
+            samples: setup,
+        });
+        rows.push(Row {
+            tool: "netavark 1.4".into(),
+            n: args.baseline_n,
+            op: "teardown",
+            samples: teardown,
+        });
     }
 
-    println!("\n| tool                         |     N | op       | p50 ms  | p99 ms  | first   | last    |");
-    println!("|------------------------------|------:|----------|--------:|--------:|--------:|--------:|");
+    println!(
+        "\n| tool                         |     N | op       | p50 ms  | p99 ms  | first   | last    |"
+    );
+    println!(
+        "|------------------------------|------:|----------|--------:|--------:|--------:|--------:|"
+    );
     for r in &rows {
         r.print();
     }
@@ -160,13 +224,30 @@ fn timed(mut f: impl FnMut() -> Result<()>) -> Result<Duration> {
 fn berth_api_run(client: &Client, sbs: &[PathBuf]) -> Result<(Vec<Duration>, Vec<Duration>)> {
     let mut attach = Vec::new();
     for p in sbs {
-        let req = Attach { network: "bench".into(), sandbox: p.display().to_string(), ..Default::default() };
-        attach.push(timed(|| client.post::<_, Endpoint>("/v1/endpoints", &req).map(drop).map_err(Into::into))?);
+        let req = Attach {
+            network: "bench".into(),
+            sandbox: p.display().to_string(),
+            ..Default::default()
+        };
+        attach.push(timed(|| {
+            client
+                .post::<_, Endpoint>("/v1/endpoints", &req)
+                .map(drop)
+                .map_err(Into::into)
+        })?);
     }
     let mut detach = Vec::new();
     for p in sbs {
-        let req = Detach { network: "bench".into(), sandbox: p.display().to_string() };
-        detach.push(timed(|| client.post::<_, serde_json::Value>("/v1/detach", &req).map(drop).map_err(Into::into))?);
+        let req = Detach {
+            network: "bench".into(),
+            sandbox: p.display().to_string(),
+        };
+        detach.push(timed(|| {
+            client
+                .post::<_, serde_json::Value>("/v1/detach", &req)
+                .map(drop)
+                .map_err(Into::into)
+        })?);
     }
     Ok((attach, detach))
 }
@@ -179,17 +260,35 @@ fn spawn_ok(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-fn berth_cli_run(berth: &Path, socket: &Path, sbs: &[PathBuf]) -> Result<(Vec<Duration>, Vec<Duration>)> {
+fn berth_cli_run(
+    berth: &Path,
+    socket: &Path,
+    sbs: &[PathBuf],
+) -> Result<(Vec<Duration>, Vec<Duration>)> {
     let mut attach = Vec::new();
     for p in sbs {
         attach.push(timed(|| {
-            spawn_ok(Command::new(berth).arg("--socket").arg(socket).arg("attach").arg(p).args(["--network", "bench"]))
+            spawn_ok(
+                Command::new(berth)
+                    .arg("--socket")
+                    .arg(socket)
+                    .arg("attach")
+                    .arg(p)
+                    .args(["--network", "bench"]),
+            )
         })?);
     }
     let mut detach = Vec::new();
     for p in sbs {
         detach.push(timed(|| {
-            spawn_ok(Command::new(berth).arg("--socket").arg(socket).arg("detach").arg(p).args(["--network", "bench"]))
+            spawn_ok(
+                Command::new(berth)
+                    .arg("--socket")
+                    .arg(socket)
+                    .arg("detach")
+                    .arg(p)
+                    .args(["--network", "bench"]),
+            )
         })?);
     }
     Ok((attach, detach))
@@ -197,7 +296,11 @@ fn berth_cli_run(berth: &Path, socket: &Path, sbs: &[PathBuf]) -> Result<(Vec<Du
 
 fn with_stdin(cmd: &mut Command, input: &str) -> Result<()> {
     use std::io::Write;
-    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
     child.stdin.take().unwrap().write_all(input.as_bytes())?;
     let out = child.wait_with_output()?;
     if !out.status.success() {
@@ -206,7 +309,11 @@ fn with_stdin(cmd: &mut Command, input: &str) -> Result<()> {
     Ok(())
 }
 
-fn cni_reference_run(here: &Path, dir: &Path, sbs: &[PathBuf]) -> Result<(Vec<Duration>, Vec<Duration>)> {
+fn cni_reference_run(
+    here: &Path,
+    dir: &Path,
+    sbs: &[PathBuf],
+) -> Result<(Vec<Duration>, Vec<Duration>)> {
     let conf = std::fs::read_to_string(here.join("cni-ref-bridge.json"))?
         .replace("DATADIR", &dir.join("host-local").display().to_string());
     let mut out = (Vec::new(), Vec::new());
@@ -228,7 +335,11 @@ fn cni_reference_run(here: &Path, dir: &Path, sbs: &[PathBuf]) -> Result<(Vec<Du
     Ok(out)
 }
 
-fn netavark_run(here: &Path, dir: &Path, sbs: &[PathBuf]) -> Result<(Vec<Duration>, Vec<Duration>)> {
+fn netavark_run(
+    here: &Path,
+    dir: &Path,
+    sbs: &[PathBuf],
+) -> Result<(Vec<Duration>, Vec<Duration>)> {
     let template = std::fs::read_to_string(here.join("netavark-net.json"))?;
     let cfg = dir.join("netavark");
     let mut out = (Vec::new(), Vec::new());
@@ -240,7 +351,14 @@ fn netavark_run(here: &Path, dir: &Path, sbs: &[PathBuf]) -> Result<(Vec<Duratio
                 .replace("NAME", &i.to_string())
                 .replace("IPADDR", &ip);
             samples.push(timed(|| {
-                with_stdin(Command::new("/usr/lib/podman/netavark").arg("--config").arg(&cfg).arg(cmd).arg(p), &conf)
+                with_stdin(
+                    Command::new("/usr/lib/podman/netavark")
+                        .arg("--config")
+                        .arg(&cfg)
+                        .arg(cmd)
+                        .arg(p),
+                    &conf,
+                )
             })?);
         }
     }

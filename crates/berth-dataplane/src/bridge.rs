@@ -50,12 +50,8 @@ pub fn ensure_bridge(nl: &mut Netlink, spec: &BridgeSpec) -> Result<u32> {
 /// Deletes a link by name; returns whether there was one.
 pub fn delete_link(nl: &mut Netlink, name: &str) -> Result<bool> {
     match nl.link_by_name(name)? {
-        Some(l) => match nl.delete_link(l.index) {
-            Ok(()) => Ok(true),
-            // Deleted meanwhile (e.g. its peer's namespace went away): that is what we wanted.
-            Err(e) if e.errno() == Some(nix::errno::Errno::ENODEV as i32) => Ok(false),
-            Err(e) => Err(e),
-        },
+        // Deleted meanwhile (e.g. its peer's namespace went away) is what we wanted.
+        Some(l) => gone_is_fine(nl.delete_link(l.index)).map(|()| true),
         None => Ok(false),
     }
 }
@@ -199,4 +195,44 @@ pub fn ensure_endpoint(
         repair = Repair::Reconfigured;
     }
     Ok(repair)
+}
+
+/// Link group for host ends of detached endpoints waiting to be deleted.
+pub const REAP_GROUP: u32 = 0x6265_7274; // "bert"
+
+/// The fast half of removing an endpoint: the host end goes down and into [`REAP_GROUP`], and
+/// the sandbox end goes down and is renamed to `tombstone`, so the sandbox loses the network at
+/// once and its interface name is free again. [`reap`] deletes the pairs later, in one batch.
+/// Missing links (the namespace died, say) are fine: there is less to retire.
+pub fn retire_endpoint(
+    host: &mut Netlink,
+    host_ifname: &str,
+    sandbox: Option<(&File, &str)>,
+    tombstone: &str,
+) -> Result<()> {
+    // The sandbox end first: once the host end is in the reap group, a reap pass already under
+    // way may delete the pair at any moment.
+    if let Some((ns, ifname)) = sandbox {
+        let mut sb = Netlink::open_in(ns)?;
+        if let Some(l) = sb.link_by_name(ifname)? {
+            gone_is_fine(sb.retire_link(l.index, Some(tombstone), None))?;
+        }
+    }
+    if let Some(l) = host.link_by_name(host_ifname)? {
+        gone_is_fine(host.retire_link(l.index, None, Some(REAP_GROUP)))?;
+    }
+    Ok(())
+}
+
+/// A link that vanished while we were removing it is removed.
+fn gone_is_fine(r: Result<()>) -> Result<()> {
+    match r {
+        Err(e) if e.errno() == Some(nix::errno::Errno::ENODEV as i32) => Ok(()),
+        other => other,
+    }
+}
+
+/// Deletes every retired endpoint's veth pair at once.
+pub fn reap(host: &mut Netlink) -> Result<()> {
+    host.delete_group(REAP_GROUP)
 }

@@ -335,6 +335,46 @@ impl Netlink {
         )
     }
 
+    /// Sets a link down, optionally renames it and puts it in a link group, in one message.
+    pub fn retire_link(
+        &mut self,
+        index: u32,
+        rename: Option<&str>,
+        group: Option<u32>,
+    ) -> Result<()> {
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        msg.header.change_mask = LinkFlags::Up;
+        if let Some(name) = rename {
+            msg.attributes.push(LinkAttribute::IfName(name.to_string()));
+        }
+        if let Some(g) = group {
+            msg.attributes.push(LinkAttribute::Group(g));
+        }
+        self.request(
+            RouteNetlinkMessage::SetLink(msg),
+            0,
+            &format!("retire link {index}"),
+        )
+    }
+
+    /// Deletes every link of a link group in one kernel operation: the costly part of removing
+    /// a device (waiting for RCU grace periods, ~15-25 ms here) is then paid once per group, not
+    /// once per device.
+    pub fn delete_group(&mut self, group: u32) -> Result<()> {
+        let mut msg = LinkMessage::default();
+        msg.attributes.push(LinkAttribute::Group(group));
+        match self.request(
+            RouteNetlinkMessage::DelLink(msg),
+            0,
+            &format!("delete link group {group}"),
+        ) {
+            // An empty group is nothing to delete.
+            Err(e) if e.errno() == Some(nix::errno::Errno::ENODEV as i32) => Ok(()),
+            other => other,
+        }
+    }
+
     pub fn delete_link(&mut self, index: u32) -> Result<()> {
         let mut msg = LinkMessage::default();
         msg.header.index = index;

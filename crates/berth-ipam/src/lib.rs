@@ -203,7 +203,7 @@ impl Bitmap {
         let nwords = len.div_ceil(64);
         let mut words = vec![0u64; nwords];
         // Bits past the end count as taken so they are never handed out.
-        if len % 64 != 0 {
+        if !len.is_multiple_of(64) {
             words[nwords - 1] = !0u64 << (len % 64);
         }
         let mut b = Bitmap {

@@ -12,7 +12,8 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 pub use names::{
-    BRIDGE_PREFIX, IFNAME_MAX, VETH_PREFIX, bridge_name, is_berth_link_name, veth_name,
+    BRIDGE_PREFIX, IFNAME_MAX, TOMBSTONE_PREFIX, VETH_PREFIX, bridge_name, is_berth_link_name,
+    tombstone_name, veth_name,
 };
 pub use validate::{
     MacAddr, ModelError, parse_cidr, validate_ifname, validate_mtu, validate_name,

@@ -9,6 +9,18 @@ pub const BRIDGE_PREFIX: &str = "berth-";
 /// Host ends of veth pairs: `berth` and 10 hex digits of the endpoint id (no dash, unlike bridges).
 pub const VETH_PREFIX: &str = "berth";
 
+/// What a detached endpoint's sandbox-side interface is renamed to until it is deleted:
+/// `berthx` and 9 hex digits of the endpoint id.
+pub const TOMBSTONE_PREFIX: &str = "berthx";
+
+pub fn tombstone_name(endpoint_id: &str) -> String {
+    let take = IFNAME_MAX - TOMBSTONE_PREFIX.len();
+    format!(
+        "{TOMBSTONE_PREFIX}{}",
+        &endpoint_id[..take.min(endpoint_id.len())]
+    )
+}
+
 pub fn bridge_name(network_id: &str) -> String {
     let take = IFNAME_MAX - BRIDGE_PREFIX.len();
     format!(

@@ -102,6 +102,14 @@ pub fn validate_mtu(mtu: u32) -> Result<u32, ModelError> {
 pub struct MacAddr(pub [u8; 6]);
 
 impl MacAddr {
+    /// `02:42:` and the IPv4 address, as Docker does: unique on a network because addresses
+    /// are, and stable when an address is reused, so peers' neighbour caches stay right when
+    /// a container comes back with the same address.
+    pub fn from_ipv4(ip: std::net::Ipv4Addr) -> Self {
+        let o = ip.octets();
+        MacAddr([0x02, 0x42, o[0], o[1], o[2], o[3]])
+    }
+
     /// A random locally administered unicast address.
     pub fn random_local(mut rand: impl FnMut() -> u8) -> Self {
         let mut b = [0u8; 6];
@@ -228,8 +236,12 @@ mod tests {
                 "{bad}"
             );
         }
+        assert_eq!(
+            MacAddr::from_ipv4("10.91.0.5".parse().unwrap()).to_string(),
+            "02:42:0a:5b:00:05"
+        );
         let r = MacAddr::random_local(|| 0xff);
-        assert_eq!(r.0[0], 0xfe & 0xff | 0x02);
+        assert_eq!(r.0[0], 0xfe, "locally administered, unicast");
         assert_eq!(r.0[0] & 1, 0);
     }
 

@@ -10,7 +10,15 @@ use crate::harness::Host;
 #[test]
 fn every_bad_request_is_refused_and_changes_nothing() {
     let h = Host::new();
-    h.ok(&["network", "create", "blue", "--subnet", "10.91.0.0/24", "--ipv6-subnet", "fd00:91::/64"]);
+    h.ok(&[
+        "network",
+        "create",
+        "blue",
+        "--subnet",
+        "10.91.0.0/24",
+        "--ipv6-subnet",
+        "fd00:91::/64",
+    ]);
     h.ok(&["network", "create", "green", "--subnet", "10.92.0.0/24"]);
     h.ok(&["sandbox", "create", "web"]);
     h.ok(&["sandbox", "create", "db"]);
@@ -18,34 +26,149 @@ fn every_bad_request_is_refused_and_changes_nothing() {
     let before = h.snapshot();
 
     let cases: &[(&[&str], &str)] = &[
-        (&["network", "create", "red", "--subnet", "10.91.0.0/16"], "overlaps 10.91.0.0/24"),
-        (&["network", "create", "red", "--subnet", "10.91.0.128/25"], "overlaps 10.91.0.0/24"),
-        (&["network", "create", "red", "--subnet", "10.93.0.0/24", "--ipv6-subnet", "fd00:91::/48"], "overlaps fd00:91::/64"),
-        (&["network", "create", "red", "--subnet", "10.93.0.0/33"], "invalid CIDR"),
-        (&["network", "create", "red", "--subnet", "banana"], "invalid CIDR"),
-        (&["network", "create", "red", "--subnet", "10.93.0.5/24"], "host bits are set"),
-        (&["network", "create", "red", "--subnet", "10.93.0.0/24", "--gateway", "10.94.0.1"], "outside subnet"),
-        (&["network", "create", "red", "--subnet", "10.93.0.0/24", "--gateway", "10.93.0.255"], "broadcast"),
-        (&["network", "create", "red", "--subnet", "10.93.0.0/24", "--mtu", "20"], "invalid MTU"),
-        (&["network", "create", "blue", "--subnet", "10.93.0.0/24"], "already exists"),
+        (
+            &["network", "create", "red", "--subnet", "10.91.0.0/16"],
+            "overlaps 10.91.0.0/24",
+        ),
+        (
+            &["network", "create", "red", "--subnet", "10.91.0.128/25"],
+            "overlaps 10.91.0.0/24",
+        ),
+        (
+            &[
+                "network",
+                "create",
+                "red",
+                "--subnet",
+                "10.93.0.0/24",
+                "--ipv6-subnet",
+                "fd00:91::/48",
+            ],
+            "overlaps fd00:91::/64",
+        ),
+        (
+            &["network", "create", "red", "--subnet", "10.93.0.0/33"],
+            "invalid CIDR",
+        ),
+        (
+            &["network", "create", "red", "--subnet", "banana"],
+            "invalid CIDR",
+        ),
+        (
+            &["network", "create", "red", "--subnet", "10.93.0.5/24"],
+            "host bits are set",
+        ),
+        (
+            &[
+                "network",
+                "create",
+                "red",
+                "--subnet",
+                "10.93.0.0/24",
+                "--gateway",
+                "10.94.0.1",
+            ],
+            "outside subnet",
+        ),
+        (
+            &[
+                "network",
+                "create",
+                "red",
+                "--subnet",
+                "10.93.0.0/24",
+                "--gateway",
+                "10.93.0.255",
+            ],
+            "broadcast",
+        ),
+        (
+            &[
+                "network",
+                "create",
+                "red",
+                "--subnet",
+                "10.93.0.0/24",
+                "--mtu",
+                "20",
+            ],
+            "invalid MTU",
+        ),
+        (
+            &["network", "create", "blue", "--subnet", "10.93.0.0/24"],
+            "already exists",
+        ),
         (&["network", "create", "bad/name"], "invalid network name"),
         (&["network", "rm", "blue"], "in use"),
         (&["network", "rm", "nosuch"], "no network named"),
-        (&["attach", "db", "--network", "blue", "--ip", "10.92.0.5"], "outside network"),
-        (&["attach", "db", "--network", "blue", "--ip", "10.91.0.10"], "already in use"),
-        (&["attach", "db", "--network", "blue", "--ip", "10.91.0.1"], "already in use"),
-        (&["attach", "db", "--network", "blue", "--ip", "10.91.0.255"], "broadcast"),
-        (&["attach", "db", "--network", "blue", "--ip", "not-an-ip"], "invalid IP address"),
+        (
+            &["attach", "db", "--network", "blue", "--ip", "10.92.0.5"],
+            "outside network",
+        ),
+        (
+            &["attach", "db", "--network", "blue", "--ip", "10.91.0.10"],
+            "already in use",
+        ),
+        (
+            &["attach", "db", "--network", "blue", "--ip", "10.91.0.1"],
+            "already in use",
+        ),
+        (
+            &["attach", "db", "--network", "blue", "--ip", "10.91.0.255"],
+            "broadcast",
+        ),
+        (
+            &["attach", "db", "--network", "blue", "--ip", "not-an-ip"],
+            "invalid IP address",
+        ),
         (&["attach", "db", "--network", "nosuch"], "no network named"),
-        (&["attach", "nosuch", "--network", "blue"], "no sandbox named"),
-        (&["attach", "/tmp", "--network", "blue"], "not a usable network namespace"),
-        (&["attach", "web", "--network", "green"], "already has an interface named eth0"),
-        (&["attach", "web", "--network", "blue", "--ifname", "eth1"], "already attached to network"),
-        (&["attach", "db", "--network", "blue", "--ifname", "way-too-long-name"], "invalid interface name"),
-        (&["attach", "db", "--network", "blue", "--mac", "01:00:5e:00:00:01"], "unicast"),
-        (&["attach", "db", "--network", "blue", "--mac", "zz"], "invalid MAC"),
+        (
+            &["attach", "nosuch", "--network", "blue"],
+            "no sandbox named",
+        ),
+        (
+            &["attach", "/tmp", "--network", "blue"],
+            "not a usable network namespace",
+        ),
+        (
+            &["attach", "web", "--network", "green"],
+            "already has an interface named eth0",
+        ),
+        (
+            &["attach", "web", "--network", "blue", "--ifname", "eth1"],
+            "already attached to network",
+        ),
+        (
+            &[
+                "attach",
+                "db",
+                "--network",
+                "blue",
+                "--ifname",
+                "way-too-long-name",
+            ],
+            "invalid interface name",
+        ),
+        (
+            &[
+                "attach",
+                "db",
+                "--network",
+                "blue",
+                "--mac",
+                "01:00:5e:00:00:01",
+            ],
+            "unicast",
+        ),
+        (
+            &["attach", "db", "--network", "blue", "--mac", "zz"],
+            "invalid MAC",
+        ),
         (&["detach", "db", "--network", "blue"], "not attached"),
-        (&["detach", "web", "--network", "nosuch"], "no network named"),
+        (
+            &["detach", "web", "--network", "nosuch"],
+            "no network named",
+        ),
         (&["sandbox", "create", "a/b"], "invalid sandbox name"),
         (&["sandbox", "create", ".."], "invalid sandbox name"),
         (&["sandbox", "create", "web"], "already exists"),
@@ -54,7 +177,10 @@ fn every_bad_request_is_refused_and_changes_nothing() {
     ];
     for (args, expected) in cases {
         let err = h.fails(args);
-        assert!(err.contains(expected), "berth {args:?}: expected {expected:?} in {err:?}");
+        assert!(
+            err.contains(expected),
+            "berth {args:?}: expected {expected:?} in {err:?}"
+        );
         assert_eq!(h.snapshot(), before, "berth {args:?} changed something");
     }
 
@@ -63,7 +189,11 @@ fn every_bad_request_is_refused_and_changes_nothing() {
     for (method, path, body) in [
         ("POST", "/v1/networks", "{not json"),
         ("POST", "/v1/networks", r#"{"name": 5}"#),
-        ("POST", "/v1/endpoints", r#"{"network": "blue", "sandbox": "db", "bogus": 1}"#),
+        (
+            "POST",
+            "/v1/endpoints",
+            r#"{"network": "blue", "sandbox": "db", "bogus": 1}"#,
+        ),
         ("POST", "/v1/detach", "[]"),
     ] {
         let raw: Value = serde_json::from_str(body).unwrap_or(Value::String(body.into()));
@@ -98,6 +228,10 @@ fn cli_usage_errors_exit_non_zero() {
     assert!(err.contains("cannot reach the berth daemon"), "{err}");
     let o = h.berth(&["attach", "web"]);
     assert_eq!(o.status.code(), Some(2), "clap usage error");
-    let o = std::process::Command::new(crate::harness::BERTH).arg("frobnicate").stderr(Stdio::null()).status().unwrap();
+    let o = std::process::Command::new(crate::harness::BERTH)
+        .arg("frobnicate")
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
     assert!(!o.success());
 }

@@ -19,14 +19,41 @@ fn ip_of(ep: &Value, v6: bool) -> String {
 #[test]
 fn sandboxes_on_a_network_reach_each_other_over_ipv4_and_ipv6() {
     let h = Host::new();
-    h.ok(&["network", "create", "blue", "--subnet", "10.91.0.0/24", "--ipv6-subnet", "fd00:91::/64"]);
+    h.ok(&[
+        "network",
+        "create",
+        "blue",
+        "--subnet",
+        "10.91.0.0/24",
+        "--ipv6-subnet",
+        "fd00:91::/64",
+    ]);
     h.ok(&["sandbox", "create", "web"]);
     h.ok(&["sandbox", "create", "db"]);
     let web = h.json(&["attach", "web", "--network", "blue"]);
-    let db = h.json(&["attach", "db", "--network", "blue", "--ip", "10.91.0.10", "--ifname", "eth5", "--mac", "02:42:0a:5b:00:0a"]);
-    assert_eq!(ip_of(&web, false), "10.91.0.2", "first free address after the gateway");
+    let db = h.json(&[
+        "attach",
+        "db",
+        "--network",
+        "blue",
+        "--ip",
+        "10.91.0.10",
+        "--ifname",
+        "eth5",
+        "--mac",
+        "02:42:0a:5b:00:0a",
+    ]);
+    assert_eq!(
+        ip_of(&web, false),
+        "10.91.0.2",
+        "first free address after the gateway"
+    );
     assert_eq!(ip_of(&db, false), "10.91.0.10");
     assert_eq!(db["mac"], "02:42:0a:5b:00:0a");
+    assert_eq!(
+        web["mac"], "02:42:0a:5b:00:02",
+        "MAC derived from the IPv4 address"
+    );
     assert!(h.ping("web", "10.91.0.10"));
     assert!(h.ping("db", &ip_of(&web, false)));
     assert!(h.ping("web", &ip_of(&db, true)));
@@ -35,21 +62,50 @@ fn sandboxes_on_a_network_reach_each_other_over_ipv4_and_ipv6() {
 
     // The sandbox side is what was asked for: name, MAC, address, default routes.
     let dbp = h.sandbox_path("db");
-    let link = String::from_utf8(h.in_netns(&dbp, &["ip", "-o", "link", "show", "eth5"]).stdout).unwrap();
-    assert!(link.contains("02:42:0a:5b:00:0a") && link.contains("state UP"), "{link}");
+    let link = String::from_utf8(
+        h.in_netns(&dbp, &["ip", "-o", "link", "show", "eth5"])
+            .stdout,
+    )
+    .unwrap();
+    assert!(
+        link.contains("02:42:0a:5b:00:0a") && link.contains("state UP"),
+        "{link}"
+    );
     let routes = String::from_utf8(h.in_netns(&dbp, &["ip", "route"]).stdout).unwrap();
-    assert!(routes.contains("default via 10.91.0.1 dev eth5"), "{routes}");
+    assert!(
+        routes.contains("default via 10.91.0.1 dev eth5"),
+        "{routes}"
+    );
     let routes6 = String::from_utf8(h.in_netns(&dbp, &["ip", "-6", "route"]).stdout).unwrap();
-    assert!(routes6.contains("default via fd00:91::1 dev eth5"), "{routes6}");
+    assert!(
+        routes6.contains("default via fd00:91::1 dev eth5"),
+        "{routes6}"
+    );
 
     // `berth sandbox exec` runs inside the sandbox.
-    let out = h.ok(&["sandbox", "exec", "web", "--", "ping", "-c1", "-W1", "10.91.0.10"]);
+    let out = h.ok(&[
+        "sandbox",
+        "exec",
+        "web",
+        "--",
+        "ping",
+        "-c1",
+        "-W1",
+        "10.91.0.10",
+    ]);
     assert!(out.contains("1 received"), "{out}");
 
     let eps = h.json(&["endpoint", "ls", "--network", "blue"]);
     assert_eq!(eps.as_array().unwrap().len(), 2);
     let status = h.json(&["status"]);
-    assert_eq!((status["networks"].as_u64(), status["endpoints"].as_u64(), status["sandboxes"].as_u64()), (Some(1), Some(2), Some(2)));
+    assert_eq!(
+        (
+            status["networks"].as_u64(),
+            status["endpoints"].as_u64(),
+            status["sandboxes"].as_u64()
+        ),
+        (Some(1), Some(2), Some(2))
+    );
 }
 
 #[test]
@@ -65,18 +121,39 @@ fn networks_are_isolated_and_a_sandbox_can_be_on_two() {
     h.ok(&["attach", "both", "--network", "blue"]);
     h.ok(&["attach", "both", "--network", "green", "--ifname", "eth1"]);
     let (a_ip, b_ip) = (ip_of(&a, false), ip_of(&b, false));
-    assert!(h.ping("both", &a_ip) && h.ping("both", &b_ip), "a sandbox on both reaches both");
-    assert!(!h.ping("a", &b_ip), "blue cannot reach green through the host");
-    assert!(!h.ping("b", &a_ip), "green cannot reach blue through the host");
-    let host_ping = |ip: &str| h.sh(&["sh", "-c", &format!("ping -c1 -W1 -q {ip} >/dev/null && echo yes || echo no")]);
-    assert_eq!(host_ping("10.91.0.1").trim(), "yes", "the host reaches its gateways");
+    assert!(
+        h.ping("both", &a_ip) && h.ping("both", &b_ip),
+        "a sandbox on both reaches both"
+    );
+    assert!(
+        !h.ping("a", &b_ip),
+        "blue cannot reach green through the host"
+    );
+    assert!(
+        !h.ping("b", &a_ip),
+        "green cannot reach blue through the host"
+    );
+    let host_ping = |ip: &str| {
+        h.sh(&[
+            "sh",
+            "-c",
+            &format!("ping -c1 -W1 -q {ip} >/dev/null && echo yes || echo no"),
+        ])
+    };
+    assert_eq!(
+        host_ping("10.91.0.1").trim(),
+        "yes",
+        "the host reaches its gateways"
+    );
 }
 
 #[test]
 fn default_subnets_and_mtu() {
     let h = Host::bare();
     // The host's default route leaves through an interface with MTU 1450: networks inherit it.
-    h.sh(&["ip", "link", "add", "uplink0", "mtu", "1450", "type", "veth", "peer", "name", "uplink1"]);
+    h.sh(&[
+        "ip", "link", "add", "uplink0", "mtu", "1450", "type", "veth", "peer", "name", "uplink1",
+    ]);
     h.sh(&["ip", "link", "set", "uplink0", "up"]);
     h.sh(&["ip", "addr", "add", "192.0.2.2/24", "dev", "uplink0"]);
     h.sh(&["ip", "route", "add", "default", "via", "192.0.2.1"]);
@@ -86,15 +163,25 @@ fn default_subnets_and_mtu() {
     let red = h.json(&["network", "create", "red", "--mtu", "1400"]);
     assert_eq!(green["subnets"][0]["cidr"], "10.210.0.0/24");
     assert_eq!(green["subnets"][0]["gateway"], "10.210.0.1");
-    assert_eq!(red["subnets"][0]["cidr"], "10.210.1.0/24", "next free /24 of the default pool");
+    assert_eq!(
+        red["subnets"][0]["cidr"], "10.210.1.0/24",
+        "next free /24 of the default pool"
+    );
     assert_eq!(green["mtu"], 1450);
     assert_eq!(red["mtu"], 1400);
     h.ok(&["sandbox", "create", "s"]);
     h.ok(&["attach", "s", "--network", "red"]);
-    let link = String::from_utf8(h.in_netns(&h.sandbox_path("s"), &["ip", "-o", "link", "show", "eth0"]).stdout).unwrap();
+    let link = String::from_utf8(
+        h.in_netns(&h.sandbox_path("s"), &["ip", "-o", "link", "show", "eth0"])
+            .stdout,
+    )
+    .unwrap();
     assert!(link.contains("mtu 1400"), "{link}");
     let bridge = red["bridge"].as_str().unwrap();
-    assert!(h.sh(&["ip", "-o", "link", "show", bridge]).contains("mtu 1400"));
+    assert!(
+        h.sh(&["ip", "-o", "link", "show", bridge])
+            .contains("mtu 1400")
+    );
 }
 
 #[test]
@@ -104,7 +191,14 @@ fn any_namespace_path_can_be_attached_and_is_released_when_it_dies() {
     h.ok(&["sandbox", "create", "web"]);
     h.ok(&["attach", "web", "--network", "blue", "--ip", "10.91.0.5"]);
     let mut c = Container::start();
-    let ep = h.json(&["attach", &c.netns(), "--network", "blue", "--ip", "10.91.0.9"]);
+    let ep = h.json(&[
+        "attach",
+        &c.netns(),
+        "--network",
+        "blue",
+        "--ip",
+        "10.91.0.9",
+    ]);
     assert_eq!(ep["netns"]["path"], c.netns());
     assert!(h.ping("web", "10.91.0.9"), "the container is reachable");
     let cping = h.in_netns(Path::new(&c.netns()), &["ping", "-c1", "-W1", "10.91.0.5"]);
@@ -117,32 +211,70 @@ fn any_namespace_path_can_be_attached_and_is_released_when_it_dies() {
     let eps = h.json(&["endpoint", "ls"]);
     assert_eq!(eps.as_array().unwrap().len(), 1, "{eps}");
     let allocs: Value = h.client().get("/v1/networks/blue/allocations").unwrap();
-    let held: Vec<&str> = allocs.as_array().unwrap().iter().map(|a| a["ip"].as_str().unwrap()).collect();
+    let held: Vec<&str> = allocs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["ip"].as_str().unwrap())
+        .collect();
     assert_eq!(held, ["10.91.0.1", "10.91.0.5"]);
-    assert!(!h.host_links().iter().any(|l| l == ep["host_ifname"].as_str().unwrap()));
+    assert!(
+        !h.host_links()
+            .iter()
+            .any(|l| l == ep["host_ifname"].as_str().unwrap())
+    );
 }
 
 #[test]
 fn restart_keeps_containers_connected_and_repairs_the_kernel() {
     let mut h = Host::new();
-    h.ok(&["network", "create", "blue", "--subnet", "10.91.0.0/24", "--ipv6-subnet", "fd00:91::/64"]);
+    h.ok(&[
+        "network",
+        "create",
+        "blue",
+        "--subnet",
+        "10.91.0.0/24",
+        "--ipv6-subnet",
+        "fd00:91::/64",
+    ]);
     h.ok(&["sandbox", "create", "a"]);
     h.ok(&["sandbox", "create", "b"]);
-    let a_host = h.json(&["attach", "a", "--network", "blue"])["host_ifname"].as_str().unwrap().to_string();
+    let a_host = h.json(&["attach", "a", "--network", "blue"])["host_ifname"]
+        .as_str()
+        .unwrap()
+        .to_string();
     h.ok(&["attach", "b", "--network", "blue"]);
     // SIGTERM stops the daemon and leaves the containers connected.
     h.stop();
     assert!(h.ping("a", "10.91.0.3"));
     // While it is down: b loses its address and route, a's veth is deleted, and a stray link
     // with a berth name appears.
-    h.in_netns(&h.sandbox_path("b"), &["ip", "addr", "flush", "dev", "eth0"]);
+    h.in_netns(
+        &h.sandbox_path("b"),
+        &["ip", "addr", "flush", "dev", "eth0"],
+    );
     h.sh(&["ip", "link", "del", &a_host]);
-    h.sh(&["ip", "link", "add", "berth0123456789", "type", "veth", "peer", "name", "stray0"]);
+    h.sh(&[
+        "ip",
+        "link",
+        "add",
+        "berth0123456789",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "stray0",
+    ]);
     h.start();
     assert!(h.ping("a", "10.91.0.3"), "a's veth was recreated");
     assert!(h.ping("b", "10.91.0.2"), "b's address was put back");
     assert!(h.ping("b", "fd00:91::2"));
-    assert!(!h.host_links().iter().any(|l| l == "berth0123456789" || l == "stray0"), "stray link removed");
+    assert!(
+        !h.host_links()
+            .iter()
+            .any(|l| l == "berth0123456789" || l == "stray0"),
+        "stray link removed"
+    );
     // And the API keeps working after a restart.
     h.ok(&["detach", "a", "--network", "blue"]);
     assert!(!h.ping("b", "10.91.0.2"));
@@ -159,19 +291,55 @@ fn removing_things_leaves_nothing_behind() {
     let err = h.fails(&["network", "rm", "blue"]);
     assert!(err.contains("in use by 2 endpoint"), "{err}");
     h.ok(&["detach", "a", "--network", "blue"]);
-    assert!(!h.host_links().contains(&a["host_ifname"].as_str().unwrap().to_string()));
-    assert!(h.in_netns(&h.sandbox_path("a"), &["ip", "link", "show", "eth0"]).status.code() != Some(0));
+    // The sandbox is off the network at once; the veth itself is deleted in the background.
+    assert!(
+        h.in_netns(&h.sandbox_path("a"), &["ip", "link", "show", "eth0"])
+            .status
+            .code()
+            != Some(0)
+    );
+    let a_host = a["host_ifname"].as_str().unwrap().to_string();
+    h.eventually("the detached veth is deleted", || {
+        !h.host_links().contains(&a_host)
+    });
+    h.eventually("the sandbox has only lo", || {
+        String::from_utf8_lossy(
+            &h.in_netns(&h.sandbox_path("a"), &["ip", "-o", "link"])
+                .stdout,
+        )
+        .lines()
+        .count()
+            == 1
+    });
     // rm of a sandbox detaches it first.
     h.ok(&["sandbox", "rm", "b"]);
     assert!(!h.sandbox_path("b").exists());
     h.ok(&["sandbox", "rm", "a"]);
     h.ok(&["network", "rm", "blue"]);
     let links = h.host_links();
-    assert_eq!(links, ["lo"], "no bridge or veth left: {links:?} (bridge was {})", net["bridge"]);
+    assert_eq!(
+        links,
+        ["lo"],
+        "no bridge or veth left: {links:?} (bridge was {})",
+        net["bridge"]
+    );
     let s = h.json(&["status"]);
-    assert_eq!((s["networks"].as_u64(), s["endpoints"].as_u64(), s["sandboxes"].as_u64()), (Some(0), Some(0), Some(0)));
+    assert_eq!(
+        (
+            s["networks"].as_u64(),
+            s["endpoints"].as_u64(),
+            s["sandboxes"].as_u64()
+        ),
+        (Some(0), Some(0), Some(0))
+    );
     // The address space is free again: the same subnet can be created anew.
-    h.ok(&["network", "create", "blue2", "--subnet", net["subnets"][0]["cidr"].as_str().unwrap()]);
+    h.ok(&[
+        "network",
+        "create",
+        "blue2",
+        "--subnet",
+        net["subnets"][0]["cidr"].as_str().unwrap(),
+    ]);
 }
 
 #[test]
@@ -180,7 +348,12 @@ fn concurrent_attaches_get_distinct_addresses() {
     h.ok(&["network", "create", "blue", "--subnet", "10.91.0.0/24"]);
     let c = h.client();
     for i in 0..48 {
-        let _: Value = c.post("/v1/sandboxes", &serde_json::json!({ "name": format!("s{i}") })).unwrap();
+        let _: Value = c
+            .post(
+                "/v1/sandboxes",
+                &serde_json::json!({ "name": format!("s{i}") }),
+            )
+            .unwrap();
     }
     let eps: Vec<Value> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..8)
@@ -189,14 +362,21 @@ fn concurrent_attaches_get_distinct_addresses() {
                 s.spawn(move || {
                     (0..6)
                         .map(|k| {
-                            let req = berth_api::Attach { network: "blue".into(), sandbox: format!("s{}", t * 6 + k), ..Default::default() };
+                            let req = berth_api::Attach {
+                                network: "blue".into(),
+                                sandbox: format!("s{}", t * 6 + k),
+                                ..Default::default()
+                            };
                             c.post::<_, Value>("/v1/endpoints", &req).unwrap()
                         })
                         .collect::<Vec<_>>()
                 })
             })
             .collect();
-        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
     });
     let mut ips: Vec<String> = eps.iter().map(|e| ip_of(e, false)).collect();
     ips.sort();
@@ -204,4 +384,34 @@ fn concurrent_attaches_get_distinct_addresses() {
     assert_eq!(ips.len(), 48, "48 distinct addresses");
     assert!(h.ping("s0", &ip_of(&eps[47], false)));
     assert!(h.ping("s47", &ip_of(&eps[0], false)));
+}
+
+#[test]
+fn detach_then_reattach_with_the_same_address_and_name() {
+    let h = Host::new();
+    h.ok(&["network", "create", "blue", "--subnet", "10.91.0.0/24"]);
+    h.ok(&["sandbox", "create", "a"]);
+    h.ok(&["sandbox", "create", "b"]);
+    h.ok(&["attach", "b", "--network", "blue"]);
+    for round in 0..5 {
+        let ep = h.json(&["attach", "a", "--network", "blue", "--ip", "10.91.0.50"]);
+        assert_eq!(ip_of(&ep, false), "10.91.0.50", "round {round}");
+        assert!(h.ping("b", "10.91.0.50"), "round {round}");
+        h.ok(&["detach", "a", "--network", "blue"]);
+        assert!(
+            !h.ping("b", "10.91.0.50"),
+            "detached at once, round {round}"
+        );
+    }
+    // Once reaped, the address is free and no veth is left of the five rounds.
+    h.eventually("detached addresses are released", || {
+        let allocs: Value = h.client().get("/v1/networks/blue/allocations").unwrap();
+        allocs.as_array().unwrap().len() == 2
+    });
+    let veths = h
+        .host_links()
+        .into_iter()
+        .filter(|l| l.starts_with("berth") && !l.starts_with("berth-"))
+        .count();
+    assert_eq!(veths, 1, "only b's veth is left");
 }

@@ -42,12 +42,19 @@ fn run_until_killed(
             .collect();
         let deadline = Instant::now() + Duration::from_secs(60);
         while done.load(Ordering::Relaxed) < kill_after {
-            assert!(Instant::now() < deadline, "calls did not progress:\n{}", h.log());
+            assert!(
+                Instant::now() < deadline,
+                "calls did not progress:\n{}",
+                h.log()
+            );
             std::thread::sleep(Duration::from_micros(200));
         }
         std::thread::sleep(Duration::from_micros(fastrand::u64(0..2000)));
         h.kill();
-        workers.into_iter().flat_map(|w| w.join().unwrap()).collect()
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect()
     })
 }
 
@@ -60,8 +67,17 @@ fn check_invariants(h: &Host) -> Vec<Endpoint> {
     // No address twice: among endpoints, and each endpoint address is the one IPAM holds for it.
     let mut owner_of: HashMap<String, String> = HashMap::new();
     for a in &allocs {
-        assert!(owner_of.insert(a.ip.clone(), a.owner.clone()).is_none(), "{} held twice", a.ip);
-        assert!(a.owner == "gateway" || ids.contains(a.owner.as_str()), "{} held by missing endpoint {}", a.ip, a.owner);
+        assert!(
+            owner_of.insert(a.ip.clone(), a.owner.clone()).is_none(),
+            "{} held twice",
+            a.ip
+        );
+        assert!(
+            a.owner == "gateway" || ids.contains(a.owner.as_str()),
+            "{} held by missing endpoint {}",
+            a.ip,
+            a.owner
+        );
     }
     let mut seen = HashSet::new();
     for e in &eps {
@@ -71,11 +87,18 @@ fn check_invariants(h: &Host) -> Vec<Endpoint> {
             assert_eq!(owner_of.get(&ip), Some(&e.id), "IPAM owner of {ip}");
         }
     }
-    assert_eq!(allocs.len(), eps.len() + 1, "one allocation per endpoint plus the gateway");
+    assert_eq!(
+        allocs.len(),
+        eps.len() + 1,
+        "one allocation per endpoint plus the gateway"
+    );
 
     // No berth interface without an endpoint, and none missing.
     let links: HashSet<String> = h.host_links().into_iter().collect();
-    let veths: HashSet<&String> = links.iter().filter(|l| l.starts_with("berth") && !l.starts_with("berth-")).collect();
+    let veths: HashSet<&String> = links
+        .iter()
+        .filter(|l| l.starts_with("berth") && !l.starts_with("berth-"))
+        .collect();
     let expected: HashSet<&String> = eps.iter().map(|e| &e.host_ifname).collect();
     assert_eq!(veths, expected, "host veths match endpoints");
 
@@ -103,28 +126,50 @@ fn sigkill_during_attach_and_detach_leaks_nothing() {
     h.ok(&["network", "create", "blue", "--subnet", "10.91.0.0/23"]);
     let c = h.client();
     for i in 0..SANDBOXES {
-        let _: serde_json::Value = c.post("/v1/sandboxes", &serde_json::json!({ "name": format!("s{i}") })).unwrap();
+        let _: serde_json::Value = c
+            .post(
+                "/v1/sandboxes",
+                &serde_json::json!({ "name": format!("s{i}") }),
+            )
+            .unwrap();
     }
 
     // Kill while attaching.
     let kill_after = fastrand::usize(20..SANDBOXES - 40);
     let attached = run_until_killed(&mut h, kill_after, |c, i| {
-        let req = Attach { network: "blue".into(), sandbox: format!("s{i}"), ..Default::default() };
+        let req = Attach {
+            network: "blue".into(),
+            sandbox: format!("s{i}"),
+            ..Default::default()
+        };
         c.post::<_, Endpoint>("/v1/endpoints", &req).is_ok()
     });
     h.start();
     let eps = check_invariants(&h);
     let present: HashSet<String> = eps.iter().filter_map(|e| e.netns.sandbox.clone()).collect();
     for i in &attached {
-        assert!(present.contains(&format!("s{i}")), "attach of s{i} returned success but was lost");
+        assert!(
+            present.contains(&format!("s{i}")),
+            "attach of s{i} returned success but was lost"
+        );
     }
-    eprintln!("killed after {} attaches; {} endpoints after restart", attached.len(), eps.len());
+    eprintln!(
+        "killed after {} attaches; {} endpoints after restart",
+        attached.len(),
+        eps.len()
+    );
 
     // The runtime retries what did not finish: everything attaches, addresses stay unique.
     for i in 0..SANDBOXES {
         if !present.contains(&format!("s{i}")) {
-            let req = Attach { network: "blue".into(), sandbox: format!("s{i}"), ..Default::default() };
-            h.client().post::<_, Endpoint>("/v1/endpoints", &req).unwrap();
+            let req = Attach {
+                network: "blue".into(),
+                sandbox: format!("s{i}"),
+                ..Default::default()
+            };
+            h.client()
+                .post::<_, Endpoint>("/v1/endpoints", &req)
+                .unwrap();
         }
     }
     assert_eq!(check_invariants(&h).len(), SANDBOXES);
@@ -132,13 +177,19 @@ fn sigkill_during_attach_and_detach_leaks_nothing() {
     // Kill while detaching.
     let kill_after = fastrand::usize(20..SANDBOXES - 40);
     let detached = run_until_killed(&mut h, kill_after, |c, i| {
-        let req = Detach { network: "blue".into(), sandbox: format!("s{i}") };
+        let req = Detach {
+            network: "blue".into(),
+            sandbox: format!("s{i}"),
+        };
         c.post::<_, serde_json::Value>("/v1/detach", &req).is_ok()
     });
     h.start();
     let eps = check_invariants(&h);
     let present: HashSet<String> = eps.iter().filter_map(|e| e.netns.sandbox.clone()).collect();
     for i in &detached {
-        assert!(!present.contains(&format!("s{i}")), "detach of s{i} returned success but came back");
+        assert!(
+            !present.contains(&format!("s{i}")),
+            "detach of s{i} returned success but came back"
+        );
     }
 }

@@ -15,12 +15,19 @@ pub const BERTH: &str = env!("CARGO_BIN_EXE_berth");
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
 pub fn run(cmd: &str, args: &[&str]) -> Output {
-    Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"))
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"))
 }
 
 pub fn run_ok(cmd: &str, args: &[&str]) -> String {
     let o = run(cmd, args);
-    assert!(o.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
@@ -46,7 +53,11 @@ impl Host {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         run_ok("ip", &["netns", "add", &netns]);
-        let h = Host { netns, dir, daemon: None };
+        let h = Host {
+            netns,
+            dir,
+            daemon: None,
+        };
         h.sh(&["ip", "link", "set", "lo", "up"]);
         h
     }
@@ -94,7 +105,11 @@ impl Host {
             if let Some(status) = self.daemon.as_mut().unwrap().try_wait().unwrap() {
                 panic!("daemon exited with {status}:\n{}", self.log());
             }
-            assert!(Instant::now() < deadline, "daemon did not come up:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not come up:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -115,7 +130,24 @@ impl Host {
             )
             .unwrap();
             let status = d.wait().unwrap();
-            assert!(status.success(), "daemon exit on SIGTERM: {status}\n{}", self.log());
+            assert!(
+                status.success(),
+                "daemon exit on SIGTERM: {status}\n{}",
+                self.log()
+            );
+        }
+    }
+
+    /// Waits up to 5 s for `cond`; for effects that are asynchronous by design.
+    pub fn eventually(&self, what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !cond() {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting until {what}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
@@ -125,7 +157,12 @@ impl Host {
 
     /// Runs the CLI against this host's daemon.
     pub fn berth(&self, args: &[&str]) -> Output {
-        Command::new(BERTH).arg("--socket").arg(self.socket()).args(args).output().unwrap()
+        Command::new(BERTH)
+            .arg("--socket")
+            .arg(self.socket())
+            .args(args)
+            .output()
+            .unwrap()
     }
 
     pub fn ok(&self, args: &[&str]) -> String {
@@ -143,7 +180,11 @@ impl Host {
         let o = self.berth(args);
         let err = String::from_utf8_lossy(&o.stderr).trim().to_string();
         assert!(!o.status.success(), "berth {args:?} should have failed");
-        assert_eq!(err.lines().count(), 1, "one-line error expected, got: {err}");
+        assert_eq!(
+            err.lines().count(),
+            1,
+            "one-line error expected, got: {err}"
+        );
         assert!(err.starts_with("berth: error: "), "{err}");
         err
     }
@@ -167,13 +208,20 @@ impl Host {
 
     /// Runs a command inside a sandbox (or any netns path).
     pub fn in_netns(&self, netns: &Path, cmd: &[&str]) -> Output {
-        Command::new("nsenter").arg(format!("--net={}", netns.display())).args(cmd).output().unwrap()
+        Command::new("nsenter")
+            .arg(format!("--net={}", netns.display()))
+            .args(cmd)
+            .output()
+            .unwrap()
     }
 
     pub fn ping(&self, sandbox: &str, ip: &str) -> bool {
-        self.in_netns(&self.sandbox_path(sandbox), &["ping", "-c1", "-W1", "-q", ip])
-            .status
-            .success()
+        self.in_netns(
+            &self.sandbox_path(sandbox),
+            &["ping", "-c1", "-W1", "-q", ip],
+        )
+        .status
+        .success()
     }
 
     /// Link names in the host namespace.
@@ -194,14 +242,26 @@ impl Host {
         }
         for n in self.json(&["network", "ls"]).as_array().unwrap() {
             let name = n["name"].as_str().unwrap();
-            s += &serde_json::to_string(&self.client().get::<Value>(&format!("/v1/networks/{name}/allocations")).unwrap()).unwrap();
+            s += &serde_json::to_string(
+                &self
+                    .client()
+                    .get::<Value>(&format!("/v1/networks/{name}/allocations"))
+                    .unwrap(),
+            )
+            .unwrap();
         }
         s += &self.sh(&["ip", "-o", "link", "show"]);
         s += &self.sh(&["ip", "-o", "addr", "show"]);
         for sb in self.json(&["sandbox", "ls"]).as_array().unwrap() {
             let p = sb["path"].as_str().unwrap();
-            s += &String::from_utf8_lossy(&self.in_netns(Path::new(p), &["ip", "-o", "addr", "show"]).stdout);
-            s += &String::from_utf8_lossy(&self.in_netns(Path::new(p), &["ip", "route", "show"]).stdout);
+            s += &String::from_utf8_lossy(
+                &self
+                    .in_netns(Path::new(p), &["ip", "-o", "addr", "show"])
+                    .stdout,
+            );
+            s += &String::from_utf8_lossy(
+                &self.in_netns(Path::new(p), &["ip", "route", "show"]).stdout,
+            );
         }
         s
     }
@@ -231,7 +291,10 @@ pub struct Container {
 
 impl Container {
     pub fn start() -> Container {
-        let child = Command::new("unshare").args(["-n", "sleep", "600"]).spawn().unwrap();
+        let child = Command::new("unshare")
+            .args(["-n", "sleep", "600"])
+            .spawn()
+            .unwrap();
         let c = Container { child };
         // Wait until the child is inside its own namespace.
         let mine = std::fs::read_link("/proc/self/ns/net").unwrap();
