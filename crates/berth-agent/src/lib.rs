@@ -337,7 +337,7 @@ impl Agent {
         }
         if let Err(e) = kernel(move || netns::create(&path)).await {
             self.commit(Txn::new().delete(keys::sandbox(name))).await?;
-            if e_is_exists(&e) {
+            if already_exists(&e) {
                 return Err(AgentError::Conflict(format!(
                     "{} already exists and is not a berth sandbox",
                     sb.path
@@ -351,6 +351,7 @@ impl Agent {
 
     /// Detaches the sandbox from every network, then removes its namespace.
     pub async fn delete_sandbox(&self, name: &str) -> Result<()> {
+        let _topology = self.topology.read().await;
         let sb = self.sandbox(name).await?;
         if let Some(id) = netns::id_at(Path::new(&sb.path)) {
             for ep in self.endpoints_in(&id).await? {
@@ -503,7 +504,7 @@ impl Agent {
             self.commit(self.endpoint_records(&ep, Txn::new(), false))
                 .await?;
             self.release(&ep);
-            if e_is_exists(&e) {
+            if already_exists(&e) {
                 return Err(AgentError::Conflict(format!(
                     "{} already has an interface named {}",
                     req.sandbox, ep.ifname
@@ -807,6 +808,6 @@ fn carve_default(overlap: &dyn Fn(&IpNet) -> Option<(String, IpNet)>) -> Result<
         })
 }
 
-fn e_is_exists(e: &AgentError) -> bool {
+fn already_exists(e: &AgentError) -> bool {
     matches!(e, AgentError::Dataplane(d) if d.errno() == Some(nix::errno::Errno::EEXIST as i32))
 }
