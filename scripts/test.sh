@@ -16,6 +16,11 @@ command -v ip >/dev/null || need+=(iproute2)
 command -v ping >/dev/null || need+=(iputils-ping)
 command -v nsenter >/dev/null || need+=(util-linux)
 command -v unshare >/dev/null || need+=(util-linux)
+command -v tc >/dev/null || need+=(iproute2)
+command -v iptables >/dev/null || need+=(iptables)
+[ -x /usr/lib/cni/portmap ] || need+=(containernetworking-plugins)
+command -v podman >/dev/null || need+=(podman)
+command -v busybox >/dev/null || need+=(busybox-static)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing test dependencies: ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive

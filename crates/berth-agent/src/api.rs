@@ -12,7 +12,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use berth_api::{Attach, CreateNetwork, CreateSandbox, Detach, ErrorBody};
+use berth_api::{Attach, CreateNetwork, CreateSandbox, Detach, ErrorBody, Gc};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -65,7 +65,13 @@ pub fn router(agent: Arc<Agent>) -> Router {
             "/v1/endpoints/{id}",
             get(get_endpoint).delete(delete_endpoint),
         )
+        .route("/v1/endpoints/{id}/check", get(check))
+        .route(
+            "/v1/networks/{name}/containers/{cid}/{ifname}",
+            get(container_endpoint),
+        )
         .route("/v1/detach", post(detach))
+        .route("/v1/gc", post(gc))
         .fallback(|| async {
             AgentError::NotFound("no such API path (see docs/api.md)".into()).into_response()
         })
@@ -148,9 +154,28 @@ async fn delete_endpoint(State(a): Shared, Path(id): Path<String>) -> Result<Res
 
 async fn detach(State(a): Shared, body: Bytes) -> Result<Response, AgentError> {
     let req: Detach = parse(&body)?;
-    a.detach(&req.network, &req.sandbox).await?;
+    a.detach(&req).await?;
     Ok(ok(
         StatusCode::OK,
-        serde_json::json!({ "detached": req.sandbox, "network": req.network }),
+        serde_json::json!({ "detached": true, "network": req.network }),
     ))
+}
+
+async fn container_endpoint(
+    State(a): Shared,
+    Path((name, cid, ifname)): Path<(String, String, String)>,
+) -> Result<Response, AgentError> {
+    Ok(ok(
+        StatusCode::OK,
+        a.container_endpoint(&name, &cid, &ifname).await?,
+    ))
+}
+
+async fn check(State(a): Shared, Path(id): Path<String>) -> Result<Response, AgentError> {
+    Ok(ok(StatusCode::OK, a.check(&id).await?))
+}
+
+async fn gc(State(a): Shared, body: Bytes) -> Result<Response, AgentError> {
+    let req: Gc = parse(&body)?;
+    Ok(ok(StatusCode::OK, a.gc(&req).await?))
 }

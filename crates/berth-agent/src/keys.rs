@@ -6,6 +6,7 @@
 //! endpoints/<id>                     Endpoint
 //! attachments/<netns-id>/<ifname>    endpoint id   (one interface name per namespace)
 //! members/<network>/<netns-id>       endpoint id   (one endpoint per namespace and network)
+//! containers/<network>/<cid>/<ifname>  endpoint id  (CNI: one per container interface)
 //! sandboxes/<name>                   Sandbox
 //! releasing/<id>                     Endpoint, detached, whose veth is not deleted yet: its
 //!                                    addresses stay held until it is
@@ -20,6 +21,7 @@ pub const ATTACHMENTS: &str = "attachments/";
 pub const MEMBERS: &str = "members/";
 pub const SANDBOXES: &str = "sandboxes/";
 pub const RELEASING: &str = "releasing/";
+pub const CONTAINERS: &str = "containers/";
 
 pub const GATEWAY_OWNER: &str = "gateway";
 
@@ -52,4 +54,10 @@ pub fn sandbox(name: &str) -> String {
 }
 pub fn releasing(id: &str) -> String {
     format!("{RELEASING}{id}")
+}
+pub fn containers_prefix(network: &str) -> String {
+    format!("{CONTAINERS}{network}/")
+}
+pub fn container(network: &str, container_id: &str, ifname: &str) -> String {
+    format!("{CONTAINERS}{network}/{container_id}/{ifname}")
 }

@@ -422,8 +422,15 @@ impl Agent {
     pub async fn attach(&self, req: Attach) -> Result<Endpoint> {
         let ifname = req.ifname.clone().unwrap_or_else(|| "eth0".into());
         validate_ifname(&ifname)?;
-        if let Some(n) = &req.name {
+        for n in req.name.iter().chain(&req.aliases) {
             validate_name("endpoint", n)?;
+        }
+        if let Some(cid) = &req.container_id {
+            validate_name("container id", cid).map_err(|_| {
+                AgentError::Invalid(format!(
+                    "invalid container id {cid:?}: letters, digits, '_', '.' and '-', starting with a letter or digit"
+                ))
+            })?;
         }
         let requested_mac = req.mac.as_deref().map(str::parse::<MacAddr>).transpose()?;
         let requested: Vec<IpAddr> = req
@@ -463,6 +470,8 @@ impl Agent {
             id,
             network: net.name.clone(),
             name: req.name.clone().or_else(|| netns_ref.sandbox.clone()),
+            aliases: req.aliases.clone(),
+            container_id: req.container_id.clone(),
             netns: netns_ref,
             ifname,
             mac,
@@ -471,6 +480,7 @@ impl Agent {
         let txn = self.endpoint_records(
             &ep,
             Txn::new().when(Compare::ModRevision(keys::network(&net.name), net_rev)),
+            true,
             true,
         );
         let outcome = match self.commit(txn).await {
@@ -501,7 +511,7 @@ impl Agent {
         })
         .await;
         if let Err(e) = made {
-            self.commit(self.endpoint_records(&ep, Txn::new(), false))
+            self.commit(self.endpoint_records(&ep, Txn::new(), false, true))
                 .await?;
             self.release(&ep);
             if already_exists(&e) {
@@ -516,26 +526,32 @@ impl Agent {
         Ok(ep)
     }
 
-    /// The store records of one endpoint: created with absence checks (so interface names,
-    /// memberships and addresses are unique), or deleted.
-    fn endpoint_records(&self, ep: &Endpoint, mut txn: Txn, create: bool) -> Txn {
+    /// The store records of one endpoint and its unique indexes (interface name per
+    /// namespace, membership per network, CNI container interface), and, with `with_addresses`,
+    /// its address allocations. Created with absence checks so each is unique, or deleted.
+    fn endpoint_records(
+        &self,
+        ep: &Endpoint,
+        mut txn: Txn,
+        create: bool,
+        with_addresses: bool,
+    ) -> Txn {
+        let id = || ep.id.clone().into_bytes();
         let mut keyed = vec![
             (keys::endpoint(&ep.id), encode(ep)),
-            (
-                keys::attachment(&ep.netns.id, &ep.ifname),
-                ep.id.clone().into_bytes(),
-            ),
-            (
-                keys::member(&ep.network, &ep.netns.id),
-                ep.id.clone().into_bytes(),
-            ),
+            (keys::attachment(&ep.netns.id, &ep.ifname), id()),
+            (keys::member(&ep.network, &ep.netns.id), id()),
         ];
-        keyed.extend(ep.ips.iter().map(|ip| {
-            (
-                keys::ipam(&ep.network, ip.addr()),
-                ep.id.clone().into_bytes(),
-            )
-        }));
+        if let Some(cid) = &ep.container_id {
+            keyed.push((keys::container(&ep.network, cid, &ep.ifname), id()));
+        }
+        if with_addresses {
+            keyed.extend(
+                ep.ips
+                    .iter()
+                    .map(|ip| (keys::ipam(&ep.network, ip.addr()), id())),
+            );
+        }
         for (k, v) in keyed {
             txn = if create {
                 txn.when(Compare::Absent(k.clone())).put(k, v)
@@ -556,6 +572,13 @@ impl Agent {
             AgentError::Conflict(format!(
                 "{} already has an interface named {}",
                 req.sandbox, ep.ifname
+            ))
+        } else if key.starts_with(keys::CONTAINERS) {
+            AgentError::Conflict(format!(
+                "container {} already has interface {} on network {:?}",
+                ep.container_id.as_deref().unwrap_or("?"),
+                ep.ifname,
+                ep.network
             ))
         } else if key.starts_with(keys::MEMBERS) {
             AgentError::Conflict(format!(
@@ -644,20 +667,144 @@ impl Agent {
         }
     }
 
-    pub async fn detach(&self, network: &str, sandbox: &str) -> Result<()> {
+    pub async fn detach(&self, req: &berth_api::Detach) -> Result<()> {
         let _topology = self.topology.read().await;
-        let not_attached =
-            || AgentError::NotFound(format!("{sandbox} is not attached to network {network:?}"));
+        let network = req.network.as_str();
         self.network(network).await?;
-        let (_, netns_ref) = self.resolve_netns(sandbox).await?;
-        let kv = self
-            .store
-            .get(&keys::member(network, &netns_ref.id))
-            .await?
-            .ok_or_else(not_attached)?;
+        let (key, who) = match (&req.sandbox, &req.container_id, &req.ifname) {
+            (Some(sandbox), None, None) => {
+                let (_, netns_ref) = self.resolve_netns(sandbox).await?;
+                (keys::member(network, &netns_ref.id), sandbox.clone())
+            }
+            (None, Some(cid), Some(ifname)) => (
+                keys::container(network, cid, ifname),
+                format!("container {cid} interface {ifname}"),
+            ),
+            _ => {
+                return Err(AgentError::Invalid(
+                    "detach takes either sandbox, or container_id and ifname".into(),
+                ));
+            }
+        };
+        let not_attached =
+            || AgentError::NotFound(format!("{who} is not attached to network {network:?}"));
+        let kv = self.store.get(&key).await?.ok_or_else(not_attached)?;
         let id = String::from_utf8_lossy(&kv.value).to_string();
         let ep = self.endpoint(&id).await.map_err(|_| not_attached())?;
         self.remove_endpoint(&ep).await
+    }
+
+    /// The endpoint of a CNI container interface, if there is one.
+    pub async fn container_endpoint(
+        &self,
+        network: &str,
+        container_id: &str,
+        ifname: &str,
+    ) -> Result<Endpoint> {
+        let missing = || {
+            AgentError::NotFound(format!(
+                "container {container_id} has no interface {ifname} on network {network:?}"
+            ))
+        };
+        let kv = self
+            .store
+            .get(&keys::container(network, container_id, ifname))
+            .await?
+            .ok_or_else(missing)?;
+        self.endpoint(&String::from_utf8_lossy(&kv.value))
+            .await
+            .map_err(|_| missing())
+    }
+
+    /// Compares an endpoint's kernel state with its record: the veth on the bridge and up,
+    /// and inside the namespace the interface with its MAC, addresses and default routes.
+    pub async fn check(&self, id: &str) -> Result<berth_api::CheckReport> {
+        let ep = self.endpoint(id).await?;
+        let net = self.network(&ep.network).await?;
+        let bridge = net.bridge.clone();
+        let expect = ep.clone();
+        let gateways: Vec<IpAddr> = net.subnets.iter().map(|s| s.gateway).collect();
+        let problems = kernel(move || {
+            let mut problems = Vec::new();
+            let mut host = Netlink::open()?;
+            let bridge_index = host.link_by_name(&bridge)?.map(|l| l.index);
+            match host.link_by_name(&expect.host_ifname)? {
+                None => problems.push(format!("host interface {} is missing", expect.host_ifname)),
+                Some(l) => {
+                    if bridge_index.is_none() || l.controller != bridge_index {
+                        problems.push(format!("{} is not on bridge {bridge}", expect.host_ifname));
+                    }
+                    if !l.up {
+                        problems.push(format!("{} is down", expect.host_ifname));
+                    }
+                }
+            }
+            let ns = match netns::open(Path::new(&expect.netns.path)) {
+                Ok(f) if netns::id_of(&f).ok().as_deref() == Some(expect.netns.id.as_str()) => f,
+                _ => {
+                    problems.push(format!("network namespace {} is gone", expect.netns.path));
+                    return Ok(problems);
+                }
+            };
+            let st = berth_dataplane::sandbox_state(&mut Netlink::open_in(&ns)?, &expect.ifname)?;
+            let Some(link) = st.link else {
+                problems.push(format!("{} is missing in the namespace", expect.ifname));
+                return Ok(problems);
+            };
+            if !link.up {
+                problems.push(format!("{} is down in the namespace", expect.ifname));
+            }
+            if link.mac != Some(expect.mac.0) {
+                problems.push(format!("{} has not MAC {}", expect.ifname, expect.mac));
+            }
+            for ip in &expect.ips {
+                if !st.addresses.contains(ip) {
+                    problems.push(format!("address {ip} is missing on {}", expect.ifname));
+                }
+            }
+            for gw in &gateways {
+                if !st.gateways.contains(gw) {
+                    problems.push(format!("default route via {gw} is missing"));
+                }
+            }
+            Ok(problems)
+        })
+        .await?;
+        Ok(berth_api::CheckReport { problems })
+    }
+
+    /// CNI garbage collection: removes every CNI endpoint of a network whose (container id,
+    /// interface) the runtime no longer knows. Endpoints made otherwise (sandboxes, Docker)
+    /// are not the runtime's to collect and are left alone.
+    pub async fn gc(&self, req: &berth_api::Gc) -> Result<berth_api::GcReport> {
+        self.network(&req.network).await?;
+        let valid: std::collections::HashSet<(&str, &str)> = req
+            .valid
+            .iter()
+            .map(|a| (a.container_id.as_str(), a.ifname.as_str()))
+            .collect();
+        let mut removed = Vec::new();
+        let _topology = self.topology.read().await;
+        for kv in self
+            .store
+            .list(&keys::containers_prefix(&req.network))
+            .await?
+            .items
+        {
+            let id = String::from_utf8_lossy(&kv.value).to_string();
+            let Ok(ep) = self.endpoint(&id).await else {
+                continue;
+            };
+            let known = ep
+                .container_id
+                .as_deref()
+                .is_some_and(|cid| valid.contains(&(cid, ep.ifname.as_str())));
+            if !known {
+                self.remove_endpoint(&ep).await?;
+                removed.push(ep.id);
+            }
+        }
+        Ok(berth_api::GcReport { removed })
     }
 
     pub async fn delete_endpoint(&self, id: &str) -> Result<()> {
@@ -691,11 +838,8 @@ impl Agent {
             )
         })
         .await?;
-        let txn = Txn::new()
-            .delete(keys::endpoint(&ep.id))
-            .delete(keys::attachment(&ep.netns.id, &ep.ifname))
-            .delete(keys::member(&ep.network, &ep.netns.id))
-            .put(keys::releasing(&ep.id), encode(ep));
+        let txn = self.endpoint_records(ep, Txn::new(), false, false);
+        let txn = txn.put(keys::releasing(&ep.id), encode(ep));
         self.commit(txn).await?;
         self.reaper.notify_one();
         tracing::debug!(endpoint = %ep.id, network = %ep.network, "detached");

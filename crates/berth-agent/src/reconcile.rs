@@ -76,7 +76,7 @@ impl Agent {
                 let host_ifname = ep.host_ifname.clone();
                 kernel(move || berth_dataplane::delete_link(&mut Netlink::open()?, &host_ifname))
                     .await?;
-                self.commit(self.endpoint_records(&ep, Txn::new(), false))
+                self.commit(self.endpoint_records(&ep, Txn::new(), false, true))
                     .await?;
                 report.endpoints_removed += 1;
                 tracing::warn!(endpoint = %ep.id, netns = %ep.netns.path, "namespace gone; endpoint removed");
@@ -132,7 +132,12 @@ impl Agent {
         // transactions as their endpoint, so this finds only damage from outside).
         let live_ids: HashSet<&str> = live.iter().map(|e| e.id.as_str()).collect();
         let mut txn = Txn::new();
-        for prefix in [keys::IPAM, keys::ATTACHMENTS, keys::MEMBERS] {
+        for prefix in [
+            keys::IPAM,
+            keys::ATTACHMENTS,
+            keys::MEMBERS,
+            keys::CONTAINERS,
+        ] {
             for kv in self.store.list(prefix).await?.items {
                 let owner = String::from_utf8_lossy(&kv.value);
                 let network_known = !prefix.starts_with("ipam")

@@ -57,14 +57,52 @@ pub struct Attach {
     pub mac: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
+    /// Set by CNI: the runtime's container id; `(network, container_id, ifname)` is unique.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
 }
 
-/// `POST /v1/detach`: detach a sandbox from a network.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// `POST /v1/detach`: detach from a network either a sandbox (name or netns path), or the
+/// interface `ifname` of a CNI container.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Detach {
     pub network: String,
-    pub sandbox: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ifname: Option<String>,
+}
+
+/// `GET /v1/endpoints/{id}/check`: the endpoint as the kernel has it, against the store.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckReport {
+    /// One line per thing that is not as it should be; empty when all is well.
+    pub problems: Vec<String>,
+}
+
+/// `POST /v1/gc`: remove the CNI endpoints of `network` that are not in `valid`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Gc {
+    pub network: String,
+    pub valid: Vec<Attachment>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Attachment {
+    pub container_id: String,
+    pub ifname: String,
+}
+
+/// The answer to [`Gc`]: ids of the endpoints removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcReport {
+    pub removed: Vec<String>,
 }
 
 /// `GET /v1/networks/{name}/allocations`: one address held in the network's IPAM.

@@ -245,7 +245,8 @@ fn berth_api_run(client: &Client, sbs: &[PathBuf]) -> Result<(Vec<Duration>, Vec
     for p in sbs {
         let req = Detach {
             network: "bench".into(),
-            sandbox: p.display().to_string(),
+            sandbox: Some(p.display().to_string()),
+            ..Default::default()
         };
         detach.push(timed(|| {
             client

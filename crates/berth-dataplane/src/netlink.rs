@@ -36,6 +36,7 @@ pub struct Link {
     pub mtu: u32,
     pub controller: Option<u32>,
     pub up: bool,
+    pub mac: Option<[u8; 6]>,
 }
 
 pub struct Netlink {
@@ -522,11 +523,13 @@ fn link_from(l: &LinkMessage) -> Link {
         mtu: 0,
         controller: None,
         up: l.header.flags.contains(LinkFlags::Up),
+        mac: None,
     };
     for a in &l.attributes {
         match a {
             LinkAttribute::IfName(n) => link.name = n.clone(),
             LinkAttribute::Mtu(m) => link.mtu = *m,
+            LinkAttribute::Address(a) => link.mac = a.as_slice().try_into().ok(),
             LinkAttribute::Controller(c) => link.controller = Some(*c),
             LinkAttribute::LinkInfo(infos) => {
                 for i in infos {

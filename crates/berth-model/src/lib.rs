@@ -85,6 +85,13 @@ pub struct Endpoint {
     pub host_ifname: String,
     /// The endpoint's name (for service discovery); defaults to the sandbox name.
     pub name: Option<String>,
+    /// More names for service discovery (CNI `aliases`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
+    /// The container runtime's id, for endpoints made through CNI: with the interface name it
+    /// identifies the endpoint even after the namespace is gone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
     pub mac: MacAddr,
     /// Addresses with the subnet's prefix length, IPv4 first.
     pub ips: Vec<IpNet>,

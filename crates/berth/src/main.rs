@@ -203,6 +203,7 @@ fn run(cli: Cli) -> Result<()> {
                     ips: a.ips,
                     mac: a.mac,
                     name: a.name,
+                    ..Default::default()
                 },
             )?;
             show(out, &ep, print_endpoint)
@@ -212,7 +213,8 @@ fn run(cli: Cli) -> Result<()> {
                 "/v1/detach",
                 &Detach {
                     network: network.clone(),
-                    sandbox: sandbox.clone(),
+                    sandbox: Some(sandbox.clone()),
+                    ..Default::default()
                 },
             )?;
             show(out, &v, |_| println!("{sandbox} detached from {network}"))

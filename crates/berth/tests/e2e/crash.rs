@@ -179,7 +179,8 @@ fn sigkill_during_attach_and_detach_leaks_nothing() {
     let detached = run_until_killed(&mut h, kill_after, |c, i| {
         let req = Detach {
             network: "blue".into(),
-            sandbox: format!("s{i}"),
+            sandbox: Some(format!("s{i}")),
+            ..Default::default()
         };
         c.post::<_, serde_json::Value>("/v1/detach", &req).is_ok()
     });

@@ -12,6 +12,8 @@ use berth_api::Client;
 use serde_json::Value;
 
 pub const BERTH: &str = env!("CARGO_BIN_EXE_berth");
+pub const BERTH_CNI: &str = env!("CARGO_BIN_EXE_berth-cni");
+pub const CNI_PLUGINS: &str = "/usr/lib/cni";
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
 pub fn run(cmd: &str, args: &[&str]) -> Output {
@@ -222,6 +224,48 @@ impl Host {
         )
         .status
         .success()
+    }
+
+    /// Runs a CNI plugin (`berth-cni` by default, else one from /usr/lib/cni) inside the host
+    /// namespace, as a runtime on this host would; returns (success, parsed stdout).
+    pub fn cni(&self, plugin: &str, env: &[(&str, &str)], conf: &Value) -> (bool, Value) {
+        use std::io::Write;
+        let exe = if plugin == "berth-cni" {
+            BERTH_CNI.to_string()
+        } else {
+            format!("{CNI_PLUGINS}/{plugin}")
+        };
+        let mut child = Command::new("nsenter")
+            .arg(format!("--net={}", self.netns_path()))
+            .arg(&exe)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("CNI_PATH", CNI_PLUGINS)
+            .envs(env.iter().copied())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(conf.to_string().as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let parsed = if stdout.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&stdout).unwrap_or_else(|e| {
+                panic!(
+                    "{plugin} printed non-JSON ({e}): {stdout}\nstderr: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })
+        };
+        (out.status.success(), parsed)
     }
 
     /// Link names in the host namespace.

@@ -2,5 +2,6 @@
 
 mod bad_input;
 mod bridge;
+mod cni;
 mod crash;
 mod harness;

@@ -1,0 +1,375 @@
+//! The request: `CNI_*` environment and the network configuration on stdin.
+
+use std::collections::HashMap;
+
+use berth_api::{Attachment, DEFAULT_SOCKET, Network};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::{CniError, SUPPORTED, code};
+
+/// The `CNI_*` environment.
+pub struct Env {
+    vars: HashMap<String, String>,
+}
+
+impl Env {
+    pub fn from_process() -> Self {
+        Env {
+            vars: std::env::vars()
+                .filter(|(k, _)| k.starts_with("CNI_"))
+                .collect(),
+        }
+    }
+
+    #[cfg(test)]
+    pub fn from_pairs(pairs: &[(&str, &str)]) -> Self {
+        Env {
+            vars: pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<&str> {
+        self.vars
+            .get(key)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+    }
+
+    fn require(&self, key: &str) -> Result<&str, CniError> {
+        self.get(key)
+            .ok_or_else(|| CniError::new(code::INVALID_ENV, format!("{key} is not set")))
+    }
+
+    pub fn command(&self) -> Result<String, CniError> {
+        self.require("CNI_COMMAND").map(str::to_string)
+    }
+
+    /// `(container id, netns, ifname)`, validated; the namespace only where it is required.
+    pub fn attachment(&self, need_netns: bool) -> Result<(&str, &str, &str), CniError> {
+        let cid = self.require("CNI_CONTAINERID")?;
+        let valid_cid = cid.as_bytes()[0].is_ascii_alphanumeric()
+            && cid
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+        if !valid_cid {
+            return Err(CniError::new(
+                code::INVALID_ENV,
+                format!(
+                    "invalid CNI_CONTAINERID {cid:?}: must start with a letter or digit, then letters, digits, '_', '.', '-'"
+                ),
+            ));
+        }
+        let netns = if need_netns {
+            self.require("CNI_NETNS")?
+        } else {
+            self.get("CNI_NETNS").unwrap_or("")
+        };
+        let ifname = self.require("CNI_IFNAME")?;
+        let bad_ifname = ifname.len() > 15
+            || ifname == "."
+            || ifname == ".."
+            || ifname
+                .bytes()
+                .any(|b| b == b'/' || b == b':' || !b.is_ascii_graphic());
+        if bad_ifname {
+            return Err(CniError::new(
+                code::INVALID_ENV,
+                format!("invalid CNI_IFNAME {ifname:?}"),
+            ));
+        }
+        Ok((cid, netns, ifname))
+    }
+
+    /// A `CNI_ARGS` value (`K=V;K2=V2`).
+    pub fn arg(&self, key: &str) -> Option<String> {
+        self.get("CNI_ARGS")?
+            .split(';')
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.to_string())
+    }
+}
+
+/// The plugin configuration, as the runtime hands it over (unknown keys are allowed: plugin
+/// configs carry other plugins' and runtimes' keys).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Raw {
+    cni_version: String,
+    name: String,
+    socket: Option<String>,
+    network: Option<String>,
+    subnet: Option<String>,
+    gateway: Option<String>,
+    ipv6_subnet: Option<String>,
+    ipv6_gateway: Option<String>,
+    mtu: Option<u32>,
+    internal: Option<bool>,
+    #[serde(default)]
+    runtime_config: RuntimeConfig,
+    #[serde(default)]
+    args: Option<Value>,
+    #[serde(rename = "cni.dev/valid-attachments")]
+    valid_attachments: Option<Vec<GcAttachment>>,
+    #[serde(rename = "cni.dev/attachments")]
+    attachments: Option<Vec<GcAttachment>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RuntimeConfig {
+    #[serde(default)]
+    ips: Vec<String>,
+    mac: Option<String>,
+    #[serde(default)]
+    aliases: HashMap<String, Vec<String>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct GcAttachment {
+    #[serde(rename = "containerID")]
+    container_id: String,
+    ifname: String,
+}
+
+/// The configuration, checked and reduced to what berth uses.
+#[derive(Debug)]
+pub struct NetConf {
+    pub cni_version: String,
+    pub socket: String,
+    /// The berth network: `network`, else the configuration's `name`.
+    pub network: String,
+    pub subnet: Option<String>,
+    pub gateway: Option<String>,
+    pub ipv6_subnet: Option<String>,
+    pub ipv6_gateway: Option<String>,
+    pub mtu: Option<u32>,
+    pub internal: Option<bool>,
+    /// `runtimeConfig.ips`, else `args.cni.ips`; without prefix lengths.
+    pub requested_ips: Vec<String>,
+    pub mac: Option<String>,
+    /// `runtimeConfig.aliases` for this network.
+    pub aliases: Vec<String>,
+    pub valid_attachments: Vec<Attachment>,
+}
+
+impl NetConf {
+    pub fn parse(stdin: &str) -> Result<Self, CniError> {
+        let value: Value = serde_json::from_str(stdin).map_err(|e| {
+            CniError::new(
+                code::DECODE,
+                format!("cannot decode the network configuration: {e}"),
+            )
+        })?;
+        let raw: Raw = serde_json::from_value(value).map_err(|e| {
+            CniError::new(
+                code::INVALID_CONFIG,
+                format!("invalid network configuration: {e}"),
+            )
+        })?;
+        if !SUPPORTED.contains(&raw.cni_version.as_str()) {
+            return Err(CniError::new(
+                code::INCOMPATIBLE_VERSION,
+                format!(
+                    "incompatible CNI version {:?}: berth-cni supports {}",
+                    raw.cni_version,
+                    SUPPORTED.join(", ")
+                ),
+            ));
+        }
+        let network = raw.network.clone().unwrap_or_else(|| raw.name.clone());
+        let mut requested_ips: Vec<String> = raw.runtime_config.ips.clone();
+        if requested_ips.is_empty()
+            && let Some(ips) = raw
+                .args
+                .as_ref()
+                .and_then(|a| a.pointer("/cni/ips"))
+                .and_then(Value::as_array)
+        {
+            requested_ips = ips
+                .iter()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
+                .collect();
+        }
+        let requested_ips = requested_ips
+            .into_iter()
+            .map(|ip| ip.split('/').next().unwrap_or_default().to_string())
+            .collect();
+        let aliases = raw
+            .runtime_config
+            .aliases
+            .get(&raw.name)
+            .cloned()
+            .unwrap_or_default();
+        let valid_attachments = raw
+            .valid_attachments
+            .or(raw.attachments)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|a| Attachment {
+                container_id: a.container_id,
+                ifname: a.ifname,
+            })
+            .collect();
+        Ok(NetConf {
+            cni_version: raw.cni_version,
+            socket: raw.socket.unwrap_or_else(|| DEFAULT_SOCKET.to_string()),
+            network,
+            subnet: raw.subnet,
+            gateway: raw.gateway,
+            ipv6_subnet: raw.ipv6_subnet,
+            ipv6_gateway: raw.ipv6_gateway,
+            mtu: raw.mtu,
+            internal: raw.internal,
+            requested_ips,
+            mac: raw.runtime_config.mac,
+            aliases,
+            valid_attachments,
+        })
+    }
+
+    /// STATUS and GC came with spec 1.1.0.
+    pub fn require_version(&self, min: &str, what: &str) -> Result<(), CniError> {
+        let rank = |v: &str| SUPPORTED.iter().position(|s| *s == v);
+        if rank(&self.cni_version) < rank(min) {
+            return Err(CniError::new(
+                code::INCOMPATIBLE_VERSION,
+                format!(
+                    "{what} needs cniVersion {min} or later, the configuration has {}",
+                    self.cni_version
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Where the configuration disagrees with an existing network; empty when it does not.
+    pub fn differences(&self, net: &Network) -> Vec<String> {
+        let mut diffs = Vec::new();
+        let mut compare = |what: &str, want: Option<String>, have: Option<String>| {
+            if let Some(w) = want
+                && Some(&w) != have.as_ref()
+            {
+                diffs.push(format!(
+                    "{what} is {} in berth, {w} in the configuration",
+                    have.as_deref().unwrap_or("unset")
+                ));
+            }
+        };
+        let v4 = net.subnet_v4();
+        let v6 = net.subnet_v6();
+        compare(
+            "subnet",
+            self.subnet.clone(),
+            v4.map(|s| s.cidr.to_string()),
+        );
+        compare(
+            "gateway",
+            self.gateway.clone(),
+            v4.map(|s| s.gateway.to_string()),
+        );
+        compare(
+            "ipv6Subnet",
+            self.ipv6_subnet.clone(),
+            v6.map(|s| s.cidr.to_string()),
+        );
+        compare(
+            "ipv6Gateway",
+            self.ipv6_gateway.clone(),
+            v6.map(|s| s.gateway.to_string()),
+        );
+        compare(
+            "mtu",
+            self.mtu.map(|m| m.to_string()),
+            Some(net.mtu.to_string()),
+        );
+        compare(
+            "internal",
+            self.internal.map(|i| i.to_string()),
+            Some(net.internal.to_string()),
+        );
+        diffs
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conf(extra: &str) -> Result<NetConf, CniError> {
+        NetConf::parse(&format!(
+            r#"{{"cniVersion":"1.1.0","name":"blue","type":"berth-cni"{extra}}}"#
+        ))
+    }
+
+    #[test]
+    fn parses_keys_and_runtime_config() {
+        let c = conf(r#","subnet":"10.91.0.0/24","mtu":1400,"runtimeConfig":{"ips":["10.91.0.9/24"],"mac":"02:00:00:00:00:09","aliases":{"blue":["web","w1"],"other":["x"]}}"#).unwrap();
+        assert_eq!(c.network, "blue");
+        assert_eq!(c.socket, DEFAULT_SOCKET);
+        assert_eq!(c.requested_ips, ["10.91.0.9"]);
+        assert_eq!(c.mac.as_deref(), Some("02:00:00:00:00:09"));
+        assert_eq!(c.aliases, ["web", "w1"]);
+        let c = conf(r#","network":"shared","args":{"cni":{"ips":["10.91.0.7"]}}"#).unwrap();
+        assert_eq!(
+            (c.network.as_str(), c.requested_ips.as_slice()),
+            ("shared", &["10.91.0.7".to_string()][..])
+        );
+    }
+
+    #[test]
+    fn errors_have_the_spec_codes() {
+        assert_eq!(NetConf::parse("{nope").unwrap_err().code, code::DECODE);
+        assert_eq!(
+            NetConf::parse(r#"{"cniVersion":"1.1.0"}"#)
+                .unwrap_err()
+                .code,
+            code::INVALID_CONFIG
+        );
+        assert_eq!(
+            conf(r#","mtu":"big""#).unwrap_err().code,
+            code::INVALID_CONFIG
+        );
+        let old = NetConf::parse(r#"{"cniVersion":"0.3.1","name":"blue"}"#).unwrap_err();
+        assert_eq!(old.code, code::INCOMPATIBLE_VERSION);
+        assert!(old.msg.contains("0.4.0, 1.0.0, 1.1.0"), "{}", old.msg);
+        let c = NetConf::parse(r#"{"cniVersion":"1.0.0","name":"blue"}"#).unwrap();
+        assert_eq!(
+            c.require_version("1.1.0", "GC").unwrap_err().code,
+            code::INCOMPATIBLE_VERSION
+        );
+    }
+
+    #[test]
+    fn env_is_validated() {
+        let e = Env::from_pairs(&[
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "-bad"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_NETNS", "/x"),
+        ]);
+        assert_eq!(e.attachment(true).unwrap_err().code, code::INVALID_ENV);
+        let e = Env::from_pairs(&[("CNI_CONTAINERID", "c1"), ("CNI_IFNAME", "eth0")]);
+        assert_eq!(
+            e.attachment(true).unwrap_err().code,
+            code::INVALID_ENV,
+            "ADD needs a netns"
+        );
+        assert_eq!(
+            e.attachment(false).unwrap(),
+            ("c1", "", "eth0"),
+            "DEL does not"
+        );
+        let e = Env::from_pairs(&[(
+            "CNI_ARGS",
+            "IgnoreUnknown=1;IP=10.0.0.5;MAC=02:00:00:00:00:01",
+        )]);
+        assert_eq!(e.arg("IP").as_deref(), Some("10.0.0.5"));
+        assert_eq!(e.arg("MAC").as_deref(), Some("02:00:00:00:00:01"));
+        assert!(Env::from_pairs(&[]).command().is_err());
+    }
+}

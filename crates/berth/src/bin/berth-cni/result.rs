@@ -1,0 +1,119 @@
+//! The ADD result, in the shape of the requested CNI version.
+
+use berth_api::{Endpoint, Network};
+use serde_json::{Value, json};
+
+pub fn add_result(version: &str, ep: &Endpoint, net: &Network, netns: &str) -> Value {
+    let legacy = version == "0.4.0";
+    let ips: Vec<Value> = ep
+        .ips
+        .iter()
+        .map(|ip| {
+            let gateway = net.subnet_for(ip.addr()).map(|s| s.gateway.to_string());
+            let mut v = json!({ "address": ip.to_string(), "interface": 1 });
+            if let Some(gw) = gateway {
+                v["gateway"] = json!(gw);
+            }
+            if legacy {
+                v["version"] = json!(if ip.addr().is_ipv4() { "4" } else { "6" });
+            }
+            v
+        })
+        .collect();
+    let routes: Vec<Value> = net
+        .subnets
+        .iter()
+        .filter(|s| ep.ips.iter().any(|ip| s.cidr.contains(&ip.addr())))
+        .map(|s| {
+            let dst = if s.gateway.is_ipv4() {
+                "0.0.0.0/0"
+            } else {
+                "::/0"
+            };
+            json!({ "dst": dst, "gw": s.gateway.to_string() })
+        })
+        .collect();
+    let mut sandbox_if = json!({ "name": ep.ifname, "mac": ep.mac.to_string(), "sandbox": netns });
+    if version == "1.1.0" {
+        sandbox_if["mtu"] = json!(net.mtu);
+    }
+    json!({
+        "cniVersion": version,
+        "interfaces": [ { "name": ep.host_ifname }, sandbox_if ],
+        "ips": ips,
+        "routes": routes,
+        "dns": {},
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use berth_api::{MacAddr, NetnsRef, Subnet};
+
+    fn fixture() -> (Endpoint, Network) {
+        let net = Network {
+            id: "0123456789abcdef".into(),
+            name: "blue".into(),
+            subnets: vec![
+                Subnet {
+                    cidr: "10.91.0.0/24".parse().unwrap(),
+                    gateway: "10.91.0.1".parse().unwrap(),
+                },
+                Subnet {
+                    cidr: "fd00:91::/64".parse().unwrap(),
+                    gateway: "fd00:91::1".parse().unwrap(),
+                },
+            ],
+            mtu: 1400,
+            internal: false,
+            bridge: "berth-012345678".into(),
+        };
+        let ep = Endpoint {
+            id: "aa".into(),
+            network: "blue".into(),
+            netns: NetnsRef {
+                path: "/run/netns/x".into(),
+                id: "1:2".into(),
+                sandbox: None,
+            },
+            ifname: "eth0".into(),
+            host_ifname: "berthaa".into(),
+            name: None,
+            aliases: vec![],
+            container_id: Some("c1".into()),
+            mac: MacAddr([2, 0x42, 10, 91, 0, 2]),
+            ips: vec![
+                "10.91.0.2/24".parse().unwrap(),
+                "fd00:91::2/64".parse().unwrap(),
+            ],
+        };
+        (ep, net)
+    }
+
+    #[test]
+    fn shapes_per_version() {
+        let (ep, net) = fixture();
+        let r = add_result("1.1.0", &ep, &net, "/run/netns/x");
+        assert_eq!(
+            r["interfaces"][1],
+            json!({"name":"eth0","mac":"02:42:0a:5b:00:02","sandbox":"/run/netns/x","mtu":1400})
+        );
+        assert_eq!(
+            r["ips"][0],
+            json!({"address":"10.91.0.2/24","gateway":"10.91.0.1","interface":1})
+        );
+        assert_eq!(
+            r["routes"],
+            json!([{"dst":"0.0.0.0/0","gw":"10.91.0.1"},{"dst":"::/0","gw":"fd00:91::1"}])
+        );
+        let old = add_result("0.4.0", &ep, &net, "/run/netns/x");
+        assert_eq!(old["ips"][1]["version"], "6");
+        assert!(old["interfaces"][1].get("mtu").is_none());
+        assert!(
+            add_result("1.0.0", &ep, &net, "/x")["ips"][0]
+                .get("version")
+                .is_none()
+        );
+    }
+}
