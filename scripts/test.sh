@@ -20,6 +20,7 @@ command -v tc >/dev/null || need+=(iproute2)
 command -v iptables >/dev/null || need+=(iptables)
 [ -x /usr/lib/cni/portmap ] || need+=(containernetworking-plugins)
 command -v podman >/dev/null || need+=(podman)
+command -v runc >/dev/null || need+=(runc)
 command -v busybox >/dev/null || need+=(busybox-static)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing test dependencies: ${need[*]}"

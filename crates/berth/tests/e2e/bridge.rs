@@ -157,7 +157,6 @@ fn default_subnets_and_mtu() {
     h.sh(&["ip", "link", "set", "uplink0", "up"]);
     h.sh(&["ip", "addr", "add", "192.0.2.2/24", "dev", "uplink0"]);
     h.sh(&["ip", "route", "add", "default", "via", "192.0.2.1"]);
-    let mut h = h;
     h.start();
     let green = h.json(&["network", "create", "green"]);
     let red = h.json(&["network", "create", "red", "--mtu", "1400"]);
@@ -186,7 +185,7 @@ fn default_subnets_and_mtu() {
 
 #[test]
 fn any_namespace_path_can_be_attached_and_is_released_when_it_dies() {
-    let mut h = Host::new();
+    let h = Host::new();
     h.ok(&["network", "create", "blue", "--subnet", "10.91.0.0/24"]);
     h.ok(&["sandbox", "create", "web"]);
     h.ok(&["attach", "web", "--network", "blue", "--ip", "10.91.0.5"]);
@@ -227,7 +226,7 @@ fn any_namespace_path_can_be_attached_and_is_released_when_it_dies() {
 
 #[test]
 fn restart_keeps_containers_connected_and_repairs_the_kernel() {
-    let mut h = Host::new();
+    let h = Host::new();
     h.ok(&[
         "network",
         "create",

@@ -163,7 +163,7 @@ fn add_check_del_status_gc_and_version() {
 
 #[test]
 fn bad_requests_get_the_spec_error_codes() {
-    let mut h = Host::new();
+    let h = Host::new();
     let ctr = Container::start();
     let c = conf(&h, "1.1.0", json!({}));
     let netns = ctr.netns();
@@ -383,4 +383,100 @@ fn chained_with_the_reference_tuning_portmap_and_bandwidth_plugins() {
     let nat = h.sh(&["sh", "-c", "iptables-save -t nat 2>/dev/null || true"]);
     assert!(!nat.contains("10.91.0.2:80"), "{nat}");
     h.eventually("the veth is gone", || !h.host_links().contains(&host_if));
+}
+
+#[test]
+fn daemon_killed_during_adds_leaks_nothing_and_calls_fail_fast() {
+    let h = Host::new();
+    let c = conf(&h, "1.1.0", json!({}));
+    let ctrs: Vec<Container> = (0..60).map(|_| Container::start()).collect();
+    let added = std::sync::atomic::AtomicUsize::new(0);
+    // Four runtime workers ADD; the daemon is killed after a random number of successes.
+    let outcomes: Vec<(usize, bool, u64, std::time::Duration)> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..4)
+            .map(|t| {
+                let (h, c, ctrs, added) = (&h, &c, &ctrs, &added);
+                s.spawn(move || {
+                    (t..60)
+                        .step_by(4)
+                        .map(|i| {
+                            let cid = format!("k{i}");
+                            let t0 = std::time::Instant::now();
+                            let (ok, out) =
+                                h.cni("berth-cni", &env("ADD", &cid, &ctrs[i].netns()), c);
+                            if ok {
+                                added.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                            (i, ok, out["code"].as_u64().unwrap_or(0), t0.elapsed())
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let kill_after = fastrand::usize(5..40);
+        while added.load(std::sync::atomic::Ordering::Relaxed) < kill_after {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        h.kill();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect()
+    });
+    let failed: Vec<usize> = outcomes.iter().filter(|o| !o.1).map(|o| o.0).collect();
+    assert!(!failed.is_empty(), "the daemon died before all ADDs");
+    for (i, ok, code, took) in &outcomes {
+        if !ok {
+            assert!(
+                *code == 11 || *code == 999,
+                "ADD k{i} while the daemon died: code {code}"
+            );
+            assert!(
+                *took < std::time::Duration::from_secs(15),
+                "ADD k{i} hung for {took:?}"
+            );
+        }
+    }
+
+    // Restart; the runtime DELs what failed and tries again.
+    h.start();
+    for i in &failed {
+        ok(
+            &h,
+            "berth-cni",
+            &env("DEL", &format!("k{i}"), &ctrs[*i].netns()),
+            &c,
+        );
+    }
+    for i in &failed {
+        ok(
+            &h,
+            "berth-cni",
+            &env("ADD", &format!("k{i}"), &ctrs[*i].netns()),
+            &c,
+        );
+    }
+    let eps = h.json(&["endpoint", "ls", "--network", "blue"]);
+    let eps = eps.as_array().unwrap();
+    assert_eq!(eps.len(), 60);
+    let mut v4: Vec<&str> = eps.iter().map(|e| e["ips"][0].as_str().unwrap()).collect();
+    v4.sort();
+    v4.dedup();
+    assert_eq!(v4.len(), 60, "no address twice");
+    h.eventually("every allocation belongs to an endpoint", || {
+        allocations(&h) == 2 + 2 * 60
+    });
+    let veths = h
+        .host_links()
+        .into_iter()
+        .filter(|l| l.starts_with("berth") && !l.starts_with("berth-"))
+        .count();
+    assert_eq!(veths, 60, "one veth per endpoint");
+    for ctr in ctrs.iter().step_by(6) {
+        let p = h.in_netns(
+            std::path::Path::new(&ctr.netns()),
+            &["ping", "-c1", "-W1", "10.91.0.1"],
+        );
+        assert!(p.status.success());
+    }
 }

@@ -17,7 +17,7 @@ const CALLERS: usize = 4;
 /// Runs `op` for every sandbox index from `CALLERS` threads until the daemon dies; returns the
 /// indices whose call returned success.
 fn run_until_killed(
-    h: &mut Host,
+    h: &Host,
     kill_after: usize,
     op: impl Fn(&Client, usize) -> bool + Sync,
 ) -> Vec<usize> {
@@ -122,7 +122,7 @@ fn sigkill_during_attach_and_detach_leaks_nothing() {
     let seed = fastrand::u64(..);
     fastrand::seed(seed);
     eprintln!("crash test seed {seed}");
-    let mut h = Host::new();
+    let h = Host::new();
     h.ok(&["network", "create", "blue", "--subnet", "10.91.0.0/23"]);
     let c = h.client();
     for i in 0..SANDBOXES {
@@ -136,7 +136,7 @@ fn sigkill_during_attach_and_detach_leaks_nothing() {
 
     // Kill while attaching.
     let kill_after = fastrand::usize(20..SANDBOXES - 40);
-    let attached = run_until_killed(&mut h, kill_after, |c, i| {
+    let attached = run_until_killed(&h, kill_after, |c, i| {
         let req = Attach {
             network: "blue".into(),
             sandbox: format!("s{i}"),
@@ -176,7 +176,7 @@ fn sigkill_during_attach_and_detach_leaks_nothing() {
 
     // Kill while detaching.
     let kill_after = fastrand::usize(20..SANDBOXES - 40);
-    let detached = run_until_killed(&mut h, kill_after, |c, i| {
+    let detached = run_until_killed(&h, kill_after, |c, i| {
         let req = Detach {
             network: "blue".into(),
             sandbox: Some(format!("s{i}")),

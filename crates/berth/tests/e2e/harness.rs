@@ -36,13 +36,13 @@ pub fn run_ok(cmd: &str, args: &[&str]) -> String {
 pub struct Host {
     pub netns: String,
     pub dir: PathBuf,
-    daemon: Option<Child>,
+    daemon: std::sync::Mutex<Option<Child>>,
 }
 
 impl Host {
     /// A host namespace with `lo` up and a running daemon.
     pub fn new() -> Host {
-        let mut h = Host::bare();
+        let h = Host::bare();
         h.start();
         h
     }
@@ -58,7 +58,7 @@ impl Host {
         let h = Host {
             netns,
             dir,
-            daemon: None,
+            daemon: Default::default(),
         };
         h.sh(&["ip", "link", "set", "lo", "up"]);
         h
@@ -99,12 +99,13 @@ impl Host {
     }
 
     /// Starts the daemon and waits until it answers.
-    pub fn start(&mut self) {
-        assert!(self.daemon.is_none(), "daemon already running");
-        self.daemon = Some(self.spawn_daemon("state"));
+    pub fn start(&self) {
+        let mut daemon = self.daemon.lock().unwrap();
+        assert!(daemon.is_none(), "daemon already running");
+        let child = daemon.insert(self.spawn_daemon("state"));
         let deadline = Instant::now() + Duration::from_secs(30);
         while self.client().get::<Value>("/v1/status").is_err() {
-            if let Some(status) = self.daemon.as_mut().unwrap().try_wait().unwrap() {
+            if let Some(status) = child.try_wait().unwrap() {
                 panic!("daemon exited with {status}:\n{}", self.log());
             }
             assert!(
@@ -116,16 +117,17 @@ impl Host {
         }
     }
 
-    pub fn kill(&mut self) {
-        if let Some(mut d) = self.daemon.take() {
+    /// SIGKILL, as a crash.
+    pub fn kill(&self) {
+        if let Some(mut d) = self.daemon.lock().unwrap().take() {
             let _ = d.kill();
             let _ = d.wait();
         }
     }
 
     /// SIGTERM, as a service manager stops it.
-    pub fn stop(&mut self) {
-        if let Some(mut d) = self.daemon.take() {
+    pub fn stop(&self) {
+        if let Some(mut d) = self.daemon.lock().unwrap().take() {
             nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(d.id() as i32),
                 nix::sys::signal::Signal::SIGTERM,

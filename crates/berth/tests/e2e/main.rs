@@ -5,3 +5,4 @@ mod bridge;
 mod cni;
 mod crash;
 mod harness;
+mod podman;
