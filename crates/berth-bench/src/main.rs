@@ -1,11 +1,12 @@
 //! `berth-bench`: attach and detach latency, berth beside the baselines, in one run.
 //!
 //! Everything happens inside a private "host" network namespace that this process enters at
-//! start (it is single-threaded, so that is safe), with sandboxes made by berth's own netns
-//! code in a temporary directory. berth is driven through its API socket (and, for a
-//! like-for-like comparison with the plugins, through the CLI, process start included); the
-//! reference CNI `bridge`+`host-local` plugins and netavark are spawned directly, as a runtime
-//! on that host would. Run as root: `cargo build --release && target/release/berth-bench`.
+//! start (before any thread exists, so that is safe), with sandboxes made by berth's own netns
+//! code in a temporary directory. berth is driven through its API socket, and, like for like
+//! with the other tools, through `berth-cni` (process start included); the reference CNI
+//! `bridge`+`host-local` plugins and netavark are spawned directly, as a runtime on that host
+//! would, each sequentially and with parallel callers. Run as root:
+//! `cargo build --release && target/release/berth-bench`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -22,9 +23,13 @@ struct Args {
     /// Runs of berth through the API: sandboxes attached in a row, then detached.
     #[arg(long, value_delimiter = ',', default_values_t = [10, 100, 1000])]
     n: Vec<usize>,
-    /// Sandboxes for the CLI and the baselines (each spawns a process per call).
-    #[arg(long, default_value_t = 100)]
-    baseline_n: usize,
+    /// Runs of the CNI-style comparison (berth-cni, reference plugins, netavark), each
+    /// sequential and with --parallel callers.
+    #[arg(long, value_delimiter = ',', default_values_t = [100, 1000])]
+    cni_n: Vec<usize>,
+    /// Concurrent callers for the parallel runs.
+    #[arg(long, default_value_t = 16)]
+    parallel: usize,
     /// Skip the baselines (e.g. where their packages are not installed).
     #[arg(long)]
     no_baselines: bool,
@@ -35,23 +40,27 @@ struct Row {
     n: usize,
     op: &'static str,
     samples: Vec<Duration>,
+    failed: usize,
 }
 
 impl Row {
     fn print(&self) {
         let mut s = self.samples.clone();
         s.sort();
-        let pct = |p: f64| s[((s.len() as f64 * p) as usize).min(s.len() - 1)];
-        let ms = |d: Duration| format!("{:.2}", d.as_secs_f64() * 1e3);
+        let ms = |d: Option<&Duration>| {
+            d.map_or("-".into(), |d| format!("{:.2}", d.as_secs_f64() * 1e3))
+        };
+        let pct = |p: f64| s.get(((s.len() as f64 * p) as usize).min(s.len().saturating_sub(1)));
         println!(
-            "| {:<28} | {:>5} | {:<8} | {:>7} | {:>7} | {:>7} | {:>7} |",
+            "| {:<30} | {:>5} | {:<8} | {:>7} | {:>7} | {:>7} | {:>7} | {:>6} |",
             self.tool,
             self.n,
             self.op,
             ms(pct(0.5)),
             ms(pct(0.99)),
-            ms(self.samples[0]),
-            ms(*self.samples.last().unwrap())
+            ms(self.samples.first()),
+            ms(self.samples.last()),
+            self.failed,
         );
     }
 }
@@ -130,13 +139,7 @@ fn main() -> Result<()> {
     )?;
 
     let mut rows = Vec::new();
-    let max = args
-        .n
-        .iter()
-        .copied()
-        .max()
-        .unwrap_or(0)
-        .max(args.baseline_n);
+    let max = args.n.iter().chain(&args.cni_n).copied().max().unwrap_or(0);
     let sandboxes: Vec<PathBuf> = (0..max)
         .map(|i| dir.join("sb").join(format!("s{i}")))
         .collect();
@@ -151,68 +154,55 @@ fn main() -> Result<()> {
             n,
             op: "attach",
             samples: attach,
+            failed: 0,
         });
         rows.push(Row {
             tool: "berth (API)".into(),
             n,
             op: "detach",
             samples: detach,
+            failed: 0,
         });
     }
-    let (attach, detach) = berth_cli_run(&b.berth, &socket, &sandboxes[..args.baseline_n])?;
-    rows.push(Row {
-        tool: "berth (CLI process)".into(),
-        n: args.baseline_n,
-        op: "attach",
-        samples: attach,
-    });
-    rows.push(Row {
-        tool: "berth (CLI process)".into(),
-        n: args.baseline_n,
-        op: "detach",
-        samples: detach,
-    });
 
     let installed =
         Path::new("/usr/lib/cni/bridge").exists() && Path::new("/usr/lib/podman/netavark").exists();
     if !args.no_baselines && !installed {
         eprintln!("baselines skipped: apt-get install containernetworking-plugins netavark");
     }
+    let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("baselines");
+    let mut tools = vec![Tool::berth_cni(&b.berth, &socket)];
     if !args.no_baselines && installed {
-        let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("baselines");
-        let (add, del) = cni_reference_run(&here, &dir, &sandboxes[..args.baseline_n])?;
-        rows.push(Row {
-            tool: "cni bridge+host-local".into(),
-            n: args.baseline_n,
-            op: "ADD",
-            samples: add,
-        });
-        rows.push(Row {
-            tool: "cni bridge+host-local".into(),
-            n: args.baseline_n,
-            op: "DEL",
-            samples: del,
-        });
-        let (setup, teardown) = netavark_run(&here, &dir, &sandboxes[..args.baseline_n])?;
-        rows.push(Row {
-            tool: "netavark 1.4".into(),
-            n: args.baseline_n,
-            op: "setup",
-            samples: setup,
-        });
-        rows.push(Row {
-            tool: "netavark 1.4".into(),
-            n: args.baseline_n,
-            op: "teardown",
-            samples: teardown,
-        });
+        tools.push(Tool::cni_reference(&here, &dir)?);
+        tools.push(Tool::netavark(&here, &dir)?);
+    }
+    for &n in &args.cni_n {
+        for callers in [1, args.parallel] {
+            for tool in &tools {
+                let label = match callers {
+                    1 => tool.name.to_string(),
+                    c => format!("{}, {c} callers", tool.name),
+                };
+                for (op, name) in [(Op::Add, tool.ops.0), (Op::Del, tool.ops.1)] {
+                    let (samples, failed) =
+                        run_calls(&sandboxes[..n], callers, |i, p| tool.call(op, i, p));
+                    rows.push(Row {
+                        tool: label.clone(),
+                        n,
+                        op: name,
+                        samples,
+                        failed,
+                    });
+                }
+            }
+        }
     }
 
     println!(
-        "\n| tool                         |     N | op       | p50 ms  | p99 ms  | first   | last    |"
+        "\n| tool                           |     N | op       | p50 ms  | p99 ms  | first   | last    | failed |"
     );
     println!(
-        "|------------------------------|------:|----------|--------:|--------:|--------:|--------:|"
+        "|--------------------------------|------:|----------|--------:|--------:|--------:|--------:|-------:|"
     );
     for r in &rows {
         r.print();
@@ -258,115 +248,155 @@ fn berth_api_run(client: &Client, sbs: &[PathBuf]) -> Result<(Vec<Duration>, Vec
     Ok((attach, detach))
 }
 
-fn spawn_ok(cmd: &mut Command) -> Result<()> {
-    let out = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).output()?;
-    if !out.status.success() {
-        bail!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(())
+/// Times `call` once per sandbox, from `callers` threads taking sandboxes in turn. Samples
+/// of successful calls are in completion order; failures are counted (and the first one is
+/// printed), since a baseline failing under load is a finding, not a reason to stop.
+fn run_calls(
+    sbs: &[PathBuf],
+    callers: usize,
+    call: impl Fn(usize, &Path) -> Result<()> + Sync,
+) -> (Vec<Duration>, usize) {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results = std::sync::Mutex::new((Vec::with_capacity(sbs.len()), 0usize));
+    std::thread::scope(|s| {
+        for _ in 0..callers {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(p) = sbs.get(i) else { return };
+                    let t = Instant::now();
+                    let r = call(i, p);
+                    let d = t.elapsed();
+                    let mut res = results.lock().expect("results lock");
+                    match r {
+                        Ok(()) => res.0.push(d),
+                        Err(e) => {
+                            if res.1 == 0 {
+                                eprintln!("first failure (call {i}): {e:#}");
+                            }
+                            res.1 += 1;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    results.into_inner().expect("results lock")
 }
 
-fn berth_cli_run(
-    berth: &Path,
-    socket: &Path,
-    sbs: &[PathBuf],
-) -> Result<(Vec<Duration>, Vec<Duration>)> {
-    let mut attach = Vec::new();
-    for p in sbs {
-        attach.push(timed(|| {
-            spawn_ok(
-                Command::new(berth)
-                    .arg("--socket")
-                    .arg(socket)
-                    .arg("attach")
-                    .arg(p)
-                    .args(["--network", "bench"]),
-            )
-        })?);
+#[derive(Clone, Copy)]
+enum Op {
+    Add,
+    Del,
+}
+
+/// A CNI-style attach tool: one process per call, configuration on stdin.
+struct Tool {
+    name: &'static str,
+    ops: (&'static str, &'static str),
+    kind: ToolKind,
+}
+
+enum ToolKind {
+    /// A CNI plugin binary with its configuration.
+    Cni { exe: PathBuf, conf: String },
+    /// netavark with its per-container configuration template and config dir.
+    Netavark {
+        template: String,
+        config_dir: PathBuf,
+    },
+}
+
+impl Tool {
+    fn berth_cni(berth: &Path, socket: &Path) -> Tool {
+        let conf = serde_json::json!({
+            "cniVersion": "1.1.0", "name": "benchcni", "type": "berth-cni",
+            "socket": socket, "subnet": "10.78.0.0/20",
+        });
+        Tool {
+            name: "berth-cni",
+            ops: ("ADD", "DEL"),
+            kind: ToolKind::Cni {
+                exe: berth.with_file_name("berth-cni"),
+                conf: conf.to_string(),
+            },
+        }
     }
-    let mut detach = Vec::new();
-    for p in sbs {
-        detach.push(timed(|| {
-            spawn_ok(
-                Command::new(berth)
-                    .arg("--socket")
-                    .arg(socket)
-                    .arg("detach")
-                    .arg(p)
-                    .args(["--network", "bench"]),
-            )
-        })?);
+
+    fn cni_reference(here: &Path, dir: &Path) -> Result<Tool> {
+        let conf = std::fs::read_to_string(here.join("cni-ref-bridge.json"))?
+            .replace("DATADIR", &dir.join("host-local").display().to_string());
+        Ok(Tool {
+            name: "cni bridge+host-local",
+            ops: ("ADD", "DEL"),
+            kind: ToolKind::Cni {
+                exe: "/usr/lib/cni/bridge".into(),
+                conf,
+            },
+        })
     }
-    Ok((attach, detach))
+
+    fn netavark(here: &Path, dir: &Path) -> Result<Tool> {
+        Ok(Tool {
+            name: "netavark 1.4",
+            ops: ("setup", "teardown"),
+            kind: ToolKind::Netavark {
+                template: std::fs::read_to_string(here.join("netavark-net.json"))?,
+                config_dir: dir.join("netavark"),
+            },
+        })
+    }
+
+    fn call(&self, op: Op, i: usize, netns: &Path) -> Result<()> {
+        let add = matches!(op, Op::Add);
+        match &self.kind {
+            ToolKind::Cni { exe, conf } => with_stdin(
+                Command::new(exe)
+                    .env("CNI_COMMAND", if add { "ADD" } else { "DEL" })
+                    .env("CNI_CONTAINERID", format!("c{i}"))
+                    .env("CNI_NETNS", netns)
+                    .env("CNI_IFNAME", "eth0")
+                    .env("CNI_PATH", "/usr/lib/cni"),
+                conf,
+            ),
+            ToolKind::Netavark {
+                template,
+                config_dir,
+            } => {
+                // netavark takes the address from its caller (no IPAM of its own here).
+                let conf = template
+                    .replace("CID", &format!("cid{i}"))
+                    .replace("NAME", &i.to_string())
+                    .replace("IPADDR", &format!("10.89.{}.{}", i / 250, i % 250 + 2));
+                with_stdin(
+                    Command::new("/usr/lib/podman/netavark")
+                        .arg("--config")
+                        .arg(config_dir)
+                        .arg(if add { "setup" } else { "teardown" })
+                        .arg(netns),
+                    &conf,
+                )
+            }
+        }
+    }
 }
 
 fn with_stdin(cmd: &mut Command, input: &str) -> Result<()> {
     use std::io::Write;
     let mut child = cmd
         .stdin(Stdio::piped())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
-    child.stdin.take().unwrap().write_all(input.as_bytes())?;
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(input.as_bytes())?;
     let out = child.wait_with_output()?;
     if !out.status.success() {
-        bail!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let said = [out.stdout, out.stderr].concat();
+        bail!("{}", String::from_utf8_lossy(&said).trim());
     }
     Ok(())
-}
-
-fn cni_reference_run(
-    here: &Path,
-    dir: &Path,
-    sbs: &[PathBuf],
-) -> Result<(Vec<Duration>, Vec<Duration>)> {
-    let conf = std::fs::read_to_string(here.join("cni-ref-bridge.json"))?
-        .replace("DATADIR", &dir.join("host-local").display().to_string());
-    let mut out = (Vec::new(), Vec::new());
-    for (cmd, samples) in [("ADD", &mut out.0), ("DEL", &mut out.1)] {
-        for (i, p) in sbs.iter().enumerate() {
-            samples.push(timed(|| {
-                with_stdin(
-                    Command::new("/usr/lib/cni/bridge")
-                        .env("CNI_COMMAND", cmd)
-                        .env("CNI_CONTAINERID", format!("c{i}"))
-                        .env("CNI_NETNS", p)
-                        .env("CNI_IFNAME", "eth0")
-                        .env("CNI_PATH", "/usr/lib/cni"),
-                    &conf,
-                )
-            })?);
-        }
-    }
-    Ok(out)
-}
-
-fn netavark_run(
-    here: &Path,
-    dir: &Path,
-    sbs: &[PathBuf],
-) -> Result<(Vec<Duration>, Vec<Duration>)> {
-    let template = std::fs::read_to_string(here.join("netavark-net.json"))?;
-    let cfg = dir.join("netavark");
-    let mut out = (Vec::new(), Vec::new());
-    for (cmd, samples) in [("setup", &mut out.0), ("teardown", &mut out.1)] {
-        for (i, p) in sbs.iter().enumerate() {
-            let ip = format!("10.89.{}.{}", i / 250, i % 250 + 2);
-            let conf = template
-                .replace("CID", &format!("cid{i}"))
-                .replace("NAME", &i.to_string())
-                .replace("IPADDR", &ip);
-            samples.push(timed(|| {
-                with_stdin(
-                    Command::new("/usr/lib/podman/netavark")
-                        .arg("--config")
-                        .arg(&cfg)
-                        .arg(cmd)
-                        .arg(p),
-                    &conf,
-                )
-            })?);
-        }
-    }
-    Ok(out)
 }
