@@ -16,6 +16,8 @@ pub struct DaemonConfig {
     pub state_dir: PathBuf,
     pub run_dir: PathBuf,
     pub netns_dir: PathBuf,
+    /// Where to serve Docker's NetworkDriver and IpamDriver plugin API; `None`: not at all.
+    pub docker_plugin_socket: Option<PathBuf>,
 }
 
 impl DaemonConfig {
@@ -39,22 +41,28 @@ pub async fn run(cfg: DaemonConfig) -> Result<()> {
     tracing::info!(?report, "kernel reconciled with the store");
 
     let socket = cfg.socket();
-    // We hold the state directory's lock, but another daemon (other state) may serve here.
-    if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
-        return Err(AgentError::Conflict(format!(
-            "another daemon is serving on {}",
-            socket.display()
-        )));
-    }
-    let _ = std::fs::remove_file(&socket);
-    let listener = UnixListener::bind(&socket)
-        .map_err(|e| AgentError::Invalid(format!("cannot listen on {}: {e}", socket.display())))?;
+    let listener = bind_socket(&socket)?;
     tracing::info!(socket = %socket.display(), mtu = default_mtu, "berth daemon ready");
     tokio::spawn(agent.clone().run_reaper());
+    let docker = match &cfg.docker_plugin_socket {
+        Some(path) => {
+            let listener = bind_socket(path)?;
+            tracing::info!(socket = %path.display(), "Docker plugin API ready");
+            let router = crate::docker::router(agent.clone());
+            Some(tokio::spawn(
+                async move { axum::serve(listener, router).await },
+            ))
+        }
+        None => None,
+    };
     let served = axum::serve(listener, crate::api::router(agent))
         .with_graceful_shutdown(shutdown_signal())
         .await;
     let _ = std::fs::remove_file(&socket);
+    if let (Some(task), Some(path)) = (docker, &cfg.docker_plugin_socket) {
+        task.abort();
+        let _ = std::fs::remove_file(path);
+    }
     served.map_err(|e| AgentError::Internal(format!("API server: {e}")))?;
     tracing::info!("berth daemon stopped; containers stay connected");
     Ok(())
@@ -68,4 +76,22 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
+}
+
+/// Listens on a unix socket, replacing a stale socket file but refusing one a live daemon
+/// still serves.
+fn bind_socket(path: &std::path::Path) -> Result<UnixListener> {
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(AgentError::Conflict(format!(
+            "another daemon is serving on {}",
+            path.display()
+        )));
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| AgentError::Invalid(format!("cannot create {}: {e}", dir.display())))?;
+    }
+    let _ = std::fs::remove_file(path);
+    UnixListener::bind(path)
+        .map_err(|e| AgentError::Invalid(format!("cannot listen on {}: {e}", path.display())))
 }

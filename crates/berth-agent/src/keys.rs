@@ -8,6 +8,9 @@
 //! members/<network>/<netns-id>       endpoint id   (one endpoint per namespace and network)
 //! containers/<network>/<cid>/<ifname>  endpoint id  (CNI: one per container interface)
 //! sandboxes/<name>                   Sandbox
+//! docker/pools/<pool id>            DockerPool      (Docker IPAM driver)
+//! docker/networks/<docker id>        DockerNetwork   (Docker network driver)
+//! docker/endpoints/<docker id>       DockerEndpoint
 //! releasing/<id>                     Endpoint, detached, whose veth is not deleted yet: its
 //!                                    addresses stay held until it is
 //! ```
@@ -24,6 +27,12 @@ pub const RELEASING: &str = "releasing/";
 pub const CONTAINERS: &str = "containers/";
 
 pub const GATEWAY_OWNER: &str = "gateway";
+/// Owner of addresses Docker's IPAM calls reserved before an endpoint exists:
+/// `docker:<pool id>`.
+pub const DOCKER_OWNER_PREFIX: &str = "docker:";
+pub const DOCKER_POOLS: &str = "docker/pools/";
+pub const DOCKER_NETWORKS: &str = "docker/networks/";
+pub const DOCKER_ENDPOINTS: &str = "docker/endpoints/";
 
 pub fn network(name: &str) -> String {
     format!("{NETWORKS}{name}")
@@ -60,4 +69,13 @@ pub fn containers_prefix(network: &str) -> String {
 }
 pub fn container(network: &str, container_id: &str, ifname: &str) -> String {
     format!("{CONTAINERS}{network}/{container_id}/{ifname}")
+}
+pub fn docker_pool(id: &str) -> String {
+    format!("{DOCKER_POOLS}{id}")
+}
+pub fn docker_network(id: &str) -> String {
+    format!("{DOCKER_NETWORKS}{id}")
+}
+pub fn docker_endpoint(id: &str) -> String {
+    format!("{DOCKER_ENDPOINTS}{id}")
 }

@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod daemon;
+pub mod docker;
 mod error;
 mod keys;
 mod reconcile;
@@ -144,6 +145,15 @@ impl Agent {
     }
 
     pub async fn create_network(&self, req: CreateNetwork) -> Result<Network> {
+        self.create_network_adopting(req, &[]).await
+    }
+
+    /// Creates a network; subnets in `adopting` may be Docker pools this network takes over.
+    async fn create_network_adopting(
+        &self,
+        req: CreateNetwork,
+        adopting: &[IpNet],
+    ) -> Result<Network> {
         validate_name("network", &req.name)?;
         let mtu = validate_mtu(req.mtu.unwrap_or(self.default_mtu))?;
         let v4 = req.subnet.as_deref().map(parse_cidr).transpose()?;
@@ -175,13 +185,25 @@ impl Agent {
             )));
         }
         let existing = self.networks().await?;
+        // Pools Docker's IPAM holds without a berth network of their own (another driver
+        // uses them, or their network is being created) are taken too.
+        let held: Vec<IpNet> = self
+            .load_all::<docker::DockerPool>(keys::DOCKER_POOLS)
+            .await?
+            .into_iter()
+            .filter(|p| p.network.is_none() && !adopting.contains(&p.cidr))
+            .map(|p| p.cidr)
+            .collect();
         let overlap = |cidr: &IpNet| {
-            existing.iter().find_map(|n| {
-                n.subnets
-                    .iter()
-                    .find(|s| s.cidr.contains(cidr) || cidr.contains(&s.cidr))
-                    .map(|s| (n.name.clone(), s.cidr))
-            })
+            existing
+                .iter()
+                .flat_map(|n| {
+                    n.subnets
+                        .iter()
+                        .map(move |s| (format!("network {:?}", n.name), s.cidr))
+                })
+                .chain(held.iter().map(|c| ("a Docker IPAM pool".to_string(), *c)))
+                .find(|(_, theirs)| theirs.contains(cidr) || cidr.contains(theirs))
         };
         let v4 = match v4 {
             Some(c) => c,
@@ -192,7 +214,7 @@ impl Agent {
             let Some(cidr) = cidr else { continue };
             if let Some((other, theirs)) = overlap(&cidr) {
                 return Err(AgentError::Conflict(format!(
-                    "subnet {cidr} overlaps {theirs} of network {other:?}"
+                    "subnet {cidr} overlaps {theirs} of {other}"
                 )));
             }
             let mut pool = Pool::new(cidr);
@@ -472,6 +494,7 @@ impl Agent {
             name: req.name.clone().or_else(|| netns_ref.sandbox.clone()),
             aliases: req.aliases.clone(),
             container_id: req.container_id.clone(),
+            runtime_configured: false,
             netns: netns_ref,
             ifname,
             mac,
@@ -738,6 +761,10 @@ impl Agent {
                         problems.push(format!("{} is down", expect.host_ifname));
                     }
                 }
+            }
+            if expect.runtime_configured {
+                // The runtime owns the sandbox side (name, addresses, routes).
+                return Ok(problems);
             }
             let ns = match netns::open(Path::new(&expect.netns.path)) {
                 Ok(f) if netns::id_of(&f).ok().as_deref() == Some(expect.netns.id.as_str()) => f,

@@ -71,7 +71,9 @@ impl Agent {
         let mut live = Vec::new();
         for ep in endpoints {
             let net = by_name.get(&ep.network);
-            let alive = netns::id_at(Path::new(&ep.netns.path)).as_deref() == Some(&ep.netns.id);
+            // Docker tells us when its endpoints go (DeleteEndpoint); it owns their namespace.
+            let alive = ep.runtime_configured
+                || netns::id_at(Path::new(&ep.netns.path)).as_deref() == Some(&ep.netns.id);
             let Some(net) = net.filter(|_| alive) else {
                 let host_ifname = ep.host_ifname.clone();
                 kernel(move || berth_dataplane::delete_link(&mut Netlink::open()?, &host_ifname))
@@ -87,6 +89,23 @@ impl Agent {
                 .iter()
                 .find(|l| l.name == ep.host_ifname)
                 .cloned();
+            if ep.runtime_configured {
+                // Only the host side is ours to repair; the runtime made the sandbox side.
+                match host_link {
+                    Some(l) if l.controller != Some(spec.bridge_index) || !l.up => {
+                        let (idx, mtu, br) = (l.index, spec.mtu, spec.bridge_index);
+                        kernel(move || Netlink::open()?.set_link(idx, mtu, Some(br))).await?;
+                        report.endpoints_repaired += 1;
+                    }
+                    Some(_) => {}
+                    None => tracing::error!(
+                        endpoint = %ep.id,
+                        "runtime-configured endpoint lost its veth; the runtime must reconnect it"
+                    ),
+                }
+                live.push(ep);
+                continue;
+            }
             let path = ep.netns.path.clone();
             let repair = kernel(move || {
                 let ns = netns::open(Path::new(&path))?;
@@ -144,9 +163,9 @@ impl Agent {
                     || by_name
                         .keys()
                         .any(|n| kv.key.starts_with(&keys::ipam_prefix(n)));
-                if (owner != keys::GATEWAY_OWNER && !live_ids.contains(owner.as_ref()))
-                    || !network_known
-                {
+                let reserved =
+                    owner == keys::GATEWAY_OWNER || owner.starts_with(keys::DOCKER_OWNER_PREFIX);
+                if (!reserved && !live_ids.contains(owner.as_ref())) || !network_known {
                     txn = txn.delete(kv.key);
                     report.stale_records_removed += 1;
                 }

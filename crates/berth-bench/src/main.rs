@@ -117,6 +117,7 @@ fn main() -> Result<()> {
             .arg(dir.join("run"))
             .arg("--netns-dir")
             .arg(dir.join("netns"))
+            .args(["--docker-plugin-socket", ""])
             .stderr(Stdio::inherit())
             .spawn()?,
     );

@@ -79,7 +79,7 @@ pub fn attach_endpoint(host: &mut Netlink, ns: &File, spec: &EndpointSpec) -> Re
         mtu: spec.mtu,
         peer_name: &spec.ifname,
         peer_mac: spec.mac,
-        peer_ns: ns,
+        peer_ns: Some(ns),
     })?;
     let configured = Netlink::open_in(ns).and_then(|mut sb| configure_sandbox(&mut sb, spec));
     if configured.is_err() {
@@ -235,4 +235,22 @@ fn gone_is_fine(r: Result<()>) -> Result<()> {
 /// Deletes every retired endpoint's veth pair at once.
 pub fn reap(host: &mut Netlink) -> Result<()> {
     host.delete_group(REAP_GROUP)
+}
+
+/// Creates an endpoint's veth pair with both ends in the host namespace: the host end on the
+/// bridge and up, the peer named `peer_name` with the endpoint's MAC, for a container runtime
+/// (Docker) to move into the sandbox and configure.
+pub fn create_runtime_endpoint(
+    host: &mut Netlink,
+    spec: &EndpointSpec,
+    peer_name: &str,
+) -> Result<()> {
+    host.create_veth(&VethSpec {
+        host_name: &spec.host_ifname,
+        controller: spec.bridge_index,
+        mtu: spec.mtu,
+        peer_name,
+        peer_mac: spec.mac,
+        peer_ns: None,
+    })
 }

@@ -10,8 +10,9 @@ mod netlink;
 pub mod netns;
 
 pub use bridge::{
-    BridgeSpec, EndpointSpec, REAP_GROUP, Repair, SandboxLinkState, attach_endpoint, delete_link,
-    ensure_bridge, ensure_endpoint, reap, retire_endpoint, sandbox_state,
+    BridgeSpec, EndpointSpec, REAP_GROUP, Repair, SandboxLinkState, attach_endpoint,
+    create_runtime_endpoint, delete_link, ensure_bridge, ensure_endpoint, reap, retire_endpoint,
+    sandbox_state,
 };
 pub use netlink::{Link, Netlink, ROUTE_PROTOCOL};
 

@@ -281,7 +281,7 @@ impl Netlink {
     }
 
     /// Creates a veth pair in one message: the host end up and enslaved to `controller`, the
-    /// peer created directly inside the namespace `peer_ns` under its final name.
+    /// peer created directly inside the namespace `peer_ns` (if given) under its final name.
     pub fn create_veth(&mut self, v: &VethSpec<'_>) -> Result<()> {
         // The peer cannot be set up here: the kernel refuses to open a veth before its pair is
         // joined (ENOTCONN). It is brought up with the sandbox-side batch instead.
@@ -290,8 +290,11 @@ impl Netlink {
             LinkAttribute::IfName(v.peer_name.to_string()),
             LinkAttribute::Mtu(v.mtu),
             LinkAttribute::Address(v.peer_mac.to_vec()),
-            LinkAttribute::NetNsFd(std::os::fd::AsRawFd::as_raw_fd(v.peer_ns)),
         ];
+        if let Some(ns) = v.peer_ns {
+            peer.attributes
+                .push(LinkAttribute::NetNsFd(std::os::fd::AsRawFd::as_raw_fd(ns)));
+        }
         let mut msg = LinkMessage::default();
         msg.header.flags = LinkFlags::Up;
         msg.header.change_mask = LinkFlags::Up;
@@ -512,7 +515,8 @@ pub struct VethSpec<'a> {
     pub mtu: u32,
     pub peer_name: &'a str,
     pub peer_mac: [u8; 6],
-    pub peer_ns: &'a File,
+    /// Where the peer is made; `None` leaves it beside the host end (for a runtime to move).
+    pub peer_ns: Option<&'a File>,
 }
 
 fn link_from(l: &LinkMessage) -> Link {

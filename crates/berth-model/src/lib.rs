@@ -92,6 +92,10 @@ pub struct Endpoint {
     /// identifies the endpoint even after the namespace is gone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container_id: Option<String>,
+    /// The container runtime (Docker) configures the sandbox side (it moves the interface in,
+    /// names it and sets its addresses); berth owns the host side only.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub runtime_configured: bool,
     pub mac: MacAddr,
     /// Addresses with the subnet's prefix length, IPv4 first.
     pub ips: Vec<IpNet>,

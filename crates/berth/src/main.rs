@@ -70,6 +70,9 @@ struct DaemonArgs {
     /// Where sandboxes are bind-mounted (as `ip netns` does).
     #[arg(long, default_value = "/run/netns")]
     netns_dir: PathBuf,
+    /// Docker plugin socket (NetworkDriver and IpamDriver); empty: no Docker plugin.
+    #[arg(long, default_value = "/run/docker/plugins/berth.sock")]
+    docker_plugin_socket: PathBuf,
     /// error, warn, info, debug or trace.
     #[arg(long, default_value = "info")]
     log_level: tracing::Level,
@@ -363,6 +366,8 @@ fn daemon(args: DaemonArgs) -> Result<()> {
             state_dir: args.state_dir,
             run_dir: args.run_dir,
             netns_dir: args.netns_dir,
+            docker_plugin_socket: Some(args.docker_plugin_socket)
+                .filter(|p| !p.as_os_str().is_empty()),
         },
     ))?;
     Ok(())

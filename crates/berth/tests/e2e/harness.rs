@@ -68,6 +68,10 @@ impl Host {
         self.dir.join("run/berth.sock")
     }
 
+    pub fn docker_plugin_socket(&self) -> PathBuf {
+        self.dir.join("run/docker-plugin.sock")
+    }
+
     pub fn client(&self) -> Client {
         Client::new(self.socket()).with_timeout(Duration::from_secs(30))
     }
@@ -92,6 +96,8 @@ impl Host {
             .arg(self.dir.join("run"))
             .arg("--netns-dir")
             .arg(self.dir.join("netns"))
+            .arg("--docker-plugin-socket")
+            .arg(self.docker_plugin_socket())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

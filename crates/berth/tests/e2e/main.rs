@@ -4,5 +4,6 @@ mod bad_input;
 mod bridge;
 mod cni;
 mod crash;
+mod docker;
 mod harness;
 mod podman;

@@ -9,13 +9,13 @@ use serde_json::{Value, json};
 
 use crate::harness::{BERTH_CNI, Host, run_ok};
 
-struct Podman<'h> {
+pub struct Podman<'h> {
     host: &'h Host,
     dir: PathBuf,
 }
 
 impl<'h> Podman<'h> {
-    fn new(host: &'h Host, network: &str, subnet: &str) -> Self {
+    pub fn new(host: &'h Host, network: &str, subnet: &str) -> Self {
         let dir = host.dir.join("podman");
         let (img, net) = (dir.join("img/bin"), dir.join("net"));
         std::fs::create_dir_all(&img).unwrap();
@@ -93,7 +93,7 @@ impl<'h> Podman<'h> {
             .unwrap()
     }
 
-    fn ok(&self, args: &[&str]) -> String {
+    pub fn ok(&self, args: &[&str]) -> String {
         let o = self.cmd(args);
         assert!(
             o.status.success(),

@@ -82,6 +82,7 @@ mod tests {
             name: None,
             aliases: vec![],
             container_id: Some("c1".into()),
+            runtime_configured: false,
             mac: MacAddr([2, 0x42, 10, 91, 0, 2]),
             ips: vec![
                 "10.91.0.2/24".parse().unwrap(),

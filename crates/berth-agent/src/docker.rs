@@ -1,0 +1,958 @@
+//! The Docker front-end: libnetwork's remote `NetworkDriver` and `IpamDriver` on one unix
+//! socket, translated onto berth's networks, IPAM and endpoints, so Docker containers, CNI
+//! containers and berth sandboxes can share a network.
+//!
+//! The engine's order of calls shapes the state kept here: IPAM pools are requested before
+//! the network exists (`docker/pools/`), addresses before the endpoint exists (reserved in the
+//! network's IPAM under a `docker:<pool>` owner), and the sandbox is known only at Join, when
+//! the berth endpoint is made and takes the addresses over. libnetwork moves the veth peer into
+//! the sandbox and configures it, so those endpoints are `runtime_configured`.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use berth_api::CreateNetwork;
+use berth_dataplane::Netlink;
+use berth_model::{DEFAULT_POOL, DEFAULT_POOL_PREFIX, Endpoint, MacAddr, NetnsRef, veth_name};
+use berth_store::{Compare, Txn, TxnOutcome};
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::{
+    Agent, AgentError, Result, bridge_spec, encode, endpoint_spec, kernel, keys, random_id,
+};
+
+/// `-o berth.network=NAME` (driver) or `--ipam-opt berth.network=NAME`: use the existing berth
+/// network NAME instead of creating one.
+pub const BIND_OPTION: &str = "berth.network";
+const GATEWAY_REQUEST: &str = "com.docker.network.gateway";
+/// IPv6 pools carved for `docker network create --ipv6` without a subnet: /64s of this.
+const DEFAULT_POOL_V6: &str = "fd62:6572:7468::/48";
+
+/// An IPAM pool handed to the engine.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct DockerPool {
+    id: String,
+    pub(crate) cidr: IpNet,
+    /// Identical RequestPool calls share the pool; it goes when the last one is released.
+    refs: u32,
+    gateway: Option<IpAddr>,
+    /// The berth network whose IPAM serves this pool, once there is one.
+    pub(crate) network: Option<String>,
+    /// Addresses handed out while no berth network serves the pool (another driver, e.g.
+    /// macvlan, uses berth's IPAM).
+    #[serde(default)]
+    allocated: BTreeSet<IpAddr>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct DockerNetwork {
+    id: String,
+    network: String,
+    /// Bound with `berth.network`: the berth network outlives the Docker one.
+    bound: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct DockerEndpoint {
+    id: String,
+    network_id: String,
+    network: String,
+    ips: Vec<IpNet>,
+    mac: MacAddr,
+    /// The berth endpoint, between Join and Leave.
+    endpoint: Option<String>,
+}
+
+/// A failure answered as `{"Err": msg}`, which the engine shows to the user.
+struct PluginError(StatusCode, String);
+
+impl From<AgentError> for PluginError {
+    fn from(e: AgentError) -> Self {
+        let status =
+            StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        if status.is_server_error() {
+            tracing::error!(error = %e, "docker plugin request failed");
+        }
+        PluginError(status, e.to_string())
+    }
+}
+
+impl IntoResponse for PluginError {
+    fn into_response(self) -> Response {
+        (self.0, axum::Json(json!({ "Err": self.1 }))).into_response()
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> AgentError {
+    AgentError::Invalid(msg.into())
+}
+
+/// The engine sends no Content-Type and may send an empty body or JSON `null` for options.
+fn parse<T: for<'de> Deserialize<'de> + Default>(body: &Bytes) -> Result<T> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body).map_err(|e| invalid(format!("invalid request body: {e}")))
+}
+
+/// A `map[string]string` that may arrive as `null`.
+fn options(v: &Option<HashMap<String, Value>>) -> HashMap<String, Value> {
+    v.clone().unwrap_or_default()
+}
+
+fn option_str(opts: &HashMap<String, Value>, key: &str) -> Option<String> {
+    match opts.get(key)? {
+        Value::String(s) if !s.is_empty() => Some(s.clone()),
+        Value::Bool(b) => Some(b.to_string()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+pub fn router(agent: Arc<Agent>) -> Router {
+    Router::new()
+        .route("/{method}", post(dispatch))
+        .fallback(|| async { PluginError(StatusCode::NOT_FOUND, "no such plugin method".into()) })
+        .with_state(agent)
+}
+
+async fn dispatch(
+    State(a): State<Arc<Agent>>,
+    UrlPath(method): UrlPath<String>,
+    body: Bytes,
+) -> Response {
+    tracing::debug!(%method, body = %String::from_utf8_lossy(&body), "docker plugin call");
+    let answer: std::result::Result<Value, PluginError> = async {
+        Ok(match method.as_str() {
+            "Plugin.Activate" => json!({ "Implements": ["NetworkDriver", "IpamDriver"] }),
+            "NetworkDriver.GetCapabilities" => json!({ "Scope": "local", "ConnectivityScope": "local" }),
+            "NetworkDriver.CreateNetwork" => a.docker_create_network(parse(&body)?).await?,
+            "NetworkDriver.DeleteNetwork" => a.docker_delete_network(parse(&body)?).await?,
+            "NetworkDriver.CreateEndpoint" => a.docker_create_endpoint(parse(&body)?).await?,
+            "NetworkDriver.DeleteEndpoint" => a.docker_delete_endpoint(parse(&body)?).await?,
+            "NetworkDriver.EndpointOperInfo" => a.docker_endpoint_info(parse(&body)?).await?,
+            "NetworkDriver.Join" => a.docker_join(parse(&body)?).await?,
+            "NetworkDriver.Leave" => a.docker_leave(parse(&body)?).await?,
+            // Published ports and NAT come with the outside-world work; nothing to do yet.
+            "NetworkDriver.ProgramExternalConnectivity"
+            | "NetworkDriver.RevokeExternalConnectivity"
+            | "NetworkDriver.DiscoverNew"
+            | "NetworkDriver.DiscoverDelete" => json!({}),
+            "IpamDriver.GetCapabilities" => {
+                json!({ "RequiresMACAddress": false, "RequiresRequestReplay": false })
+            }
+            "IpamDriver.GetDefaultAddressSpaces" => json!({
+                "LocalDefaultAddressSpace": "berth-local", "GlobalDefaultAddressSpace": "berth-global"
+            }),
+            "IpamDriver.RequestPool" => a.docker_request_pool(parse(&body)?).await?,
+            "IpamDriver.ReleasePool" => a.docker_release_pool(parse(&body)?).await?,
+            "IpamDriver.RequestAddress" => a.docker_request_address(parse(&body)?).await?,
+            "IpamDriver.ReleaseAddress" => a.docker_release_address(parse(&body)?).await?,
+            other => {
+                return Err(PluginError(StatusCode::NOT_FOUND, format!("unknown plugin method {other}")));
+            }
+        })
+    }
+    .await;
+    match answer {
+        Ok(v) => (StatusCode::OK, axum::Json(v)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+// ---- request bodies (Go field names on the wire) ----
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RequestPool {
+    #[serde(rename = "Pool")]
+    pool: String,
+    #[serde(rename = "SubPool")]
+    sub_pool: String,
+    #[serde(rename = "Options")]
+    options: Option<HashMap<String, Value>>,
+    #[serde(rename = "V6")]
+    v6: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct PoolRef {
+    #[serde(rename = "PoolID")]
+    pool_id: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RequestAddress {
+    #[serde(rename = "PoolID")]
+    pool_id: String,
+    #[serde(rename = "Address")]
+    address: String,
+    #[serde(rename = "Options")]
+    options: Option<HashMap<String, Value>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct IpamData {
+    #[serde(rename = "Pool")]
+    pool: String,
+    #[serde(rename = "Gateway")]
+    gateway: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct CreateNetworkReq {
+    #[serde(rename = "NetworkID")]
+    network_id: String,
+    #[serde(rename = "Options")]
+    options: Option<HashMap<String, Value>>,
+    #[serde(rename = "IPv4Data")]
+    ipv4: Option<Vec<IpamData>>,
+    #[serde(rename = "IPv6Data")]
+    ipv6: Option<Vec<IpamData>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct NetworkRef {
+    #[serde(rename = "NetworkID")]
+    network_id: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct Interface {
+    #[serde(rename = "Address")]
+    address: String,
+    #[serde(rename = "AddressIPv6")]
+    address_v6: String,
+    #[serde(rename = "MacAddress")]
+    mac: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct CreateEndpointReq {
+    #[serde(rename = "NetworkID")]
+    network_id: String,
+    #[serde(rename = "EndpointID")]
+    endpoint_id: String,
+    #[serde(rename = "Interface")]
+    interface: Option<Interface>,
+    #[serde(rename = "Options")]
+    options: Option<HashMap<String, Value>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct EndpointRef {
+    #[serde(rename = "NetworkID")]
+    network_id: String,
+    #[serde(rename = "EndpointID")]
+    endpoint_id: String,
+    #[serde(rename = "SandboxKey")]
+    sandbox_key: String,
+}
+
+fn required<'a>(what: &str, v: &'a str) -> Result<&'a str> {
+    if v.is_empty() {
+        Err(invalid(format!("{what} is missing")))
+    } else {
+        Ok(v)
+    }
+}
+
+fn parse_cidr_addr(what: &str, s: &str) -> Result<IpNet> {
+    s.parse::<IpNet>()
+        .map_err(|_| invalid(format!("invalid {what} {s:?}")))
+}
+
+impl Agent {
+    async fn docker_load<T: for<'de> Deserialize<'de>>(
+        &self,
+        key: &str,
+        what: &str,
+    ) -> Result<(T, u64)> {
+        self.load::<T>(key)
+            .await?
+            .ok_or_else(|| AgentError::NotFound(format!("unknown {what}")))
+    }
+
+    // ------------------------------------------------------------------ IPAM
+
+    async fn docker_request_pool(&self, req: RequestPool) -> Result<Value> {
+        if !req.sub_pool.is_empty() {
+            return Err(invalid(
+                "berth does not support --ip-range (SubPool); give the whole --subnet",
+            ));
+        }
+        let _topology = self.topology.write().await;
+        let networks = self.networks().await?;
+        let pools: Vec<DockerPool> = self.load_all(keys::DOCKER_POOLS).await?;
+        let opts = options(&req.options);
+        // Binding to an existing berth network by option: its subnet is the pool.
+        let wanted = match (req.pool.as_str(), option_str(&opts, BIND_OPTION)) {
+            ("", Some(name)) => {
+                let net = networks.iter().find(|n| n.name == name).ok_or_else(|| {
+                    AgentError::NotFound(format!("no berth network named {name:?}"))
+                })?;
+                let s = if req.v6 {
+                    net.subnet_v6()
+                } else {
+                    net.subnet_v4()
+                };
+                Some(
+                    s.ok_or_else(|| {
+                        invalid(format!(
+                            "berth network {name:?} has no IPv{} subnet",
+                            if req.v6 { 6 } else { 4 }
+                        ))
+                    })?
+                    .cidr,
+                )
+            }
+            ("", None) => None,
+            (p, _) => Some(berth_model::parse_cidr(p)?),
+        };
+        let taken = |c: &IpNet| {
+            networks
+                .iter()
+                .flat_map(|n| n.subnets.iter().map(move |s| (n.name.as_str(), s.cidr)))
+                .chain(pools.iter().map(|p| ("a Docker pool", p.cidr)))
+                .find(|(_, o)| o.contains(c) || c.contains(o))
+        };
+        let (cidr, network) = match wanted {
+            Some(c) => {
+                if let Some(p) = pools.iter().find(|p| p.cidr == c) {
+                    // Identical request: same pool, one more reference.
+                    let mut p = p.clone();
+                    p.refs += 1;
+                    self.commit(Txn::new().put(keys::docker_pool(&p.id), encode(&p)))
+                        .await?;
+                    return Ok(json!({ "PoolID": p.id, "Pool": p.cidr.to_string(), "Data": {} }));
+                }
+                match networks
+                    .iter()
+                    .find(|n| n.subnets.iter().any(|s| s.cidr == c))
+                {
+                    Some(n) => (c, Some(n.name.clone())),
+                    None => {
+                        if let Some((owner, theirs)) = taken(&c) {
+                            return Err(AgentError::Conflict(format!(
+                                "pool {c} overlaps {theirs} of {owner}"
+                            )));
+                        }
+                        (c, None)
+                    }
+                }
+            }
+            None => {
+                let (base, len) = if req.v6 {
+                    (DEFAULT_POOL_V6, 64)
+                } else {
+                    (DEFAULT_POOL, DEFAULT_POOL_PREFIX)
+                };
+                let base: IpNet = base.parse().expect("valid default pool");
+                let c = base
+                    .subnets(len)
+                    .expect("valid prefix")
+                    .find(|c| taken(c).is_none())
+                    .ok_or_else(|| {
+                        AgentError::Conflict(format!(
+                            "the default pool {base} is used up; give --subnet"
+                        ))
+                    })?;
+                (c, None)
+            }
+        };
+        let pool = DockerPool {
+            id: random_id(),
+            cidr,
+            refs: 1,
+            gateway: None,
+            network,
+            allocated: BTreeSet::new(),
+        };
+        self.commit(
+            Txn::new()
+                .when(Compare::Absent(keys::docker_pool(&pool.id)))
+                .put(keys::docker_pool(&pool.id), encode(&pool)),
+        )
+        .await?;
+        tracing::info!(pool = %pool.id, cidr = %pool.cidr, network = ?pool.network, "docker pool requested");
+        Ok(json!({ "PoolID": pool.id, "Pool": cidr.to_string(), "Data": {} }))
+    }
+
+    async fn docker_release_pool(&self, req: PoolRef) -> Result<Value> {
+        let key = keys::docker_pool(required("PoolID", &req.pool_id)?);
+        let (mut pool, rev) = self.docker_load::<DockerPool>(&key, "pool").await?;
+        pool.refs = pool.refs.saturating_sub(1);
+        let txn = Txn::new().when(Compare::ModRevision(key.clone(), rev));
+        let txn = if pool.refs == 0 {
+            txn.delete(key)
+        } else {
+            txn.put(key, encode(&pool))
+        };
+        self.commit(txn).await?;
+        Ok(json!({}))
+    }
+
+    async fn docker_request_address(&self, req: RequestAddress) -> Result<Value> {
+        let key = keys::docker_pool(required("PoolID", &req.pool_id)?);
+        let (mut pool, rev) = self.docker_load::<DockerPool>(&key, "pool").await?;
+        let opts = options(&req.options);
+        let requested: Option<IpAddr> = match req.address.as_str() {
+            "" => None,
+            a => Some(
+                a.parse()
+                    .map_err(|_| invalid(format!("invalid address {a:?}")))?,
+            ),
+        };
+        if let Some(ip) = requested.filter(|ip| !pool.cidr.contains(ip)) {
+            return Err(invalid(format!(
+                "address {ip} is outside pool {}",
+                pool.cidr
+            )));
+        }
+        let with_prefix = |ip: IpAddr| {
+            IpNet::new(ip, pool.cidr.prefix_len())
+                .expect("valid prefix")
+                .to_string()
+        };
+        let is_gateway =
+            option_str(&opts, "RequestAddressType").as_deref() == Some(GATEWAY_REQUEST);
+
+        if is_gateway {
+            let gw = match &pool.network {
+                // A bound network already has its gateway; the engine may only confirm it.
+                Some(name) => {
+                    let net = self.network(name).await?;
+                    let gw = net
+                        .subnet_for(pool.cidr.addr())
+                        .map(|s| s.gateway)
+                        .expect("bound pool is a subnet of its network");
+                    if let Some(ip) = requested.filter(|ip| *ip != gw) {
+                        return Err(AgentError::Conflict(format!(
+                            "berth network {name:?} has gateway {gw}, not {ip}"
+                        )));
+                    }
+                    gw
+                }
+                None => {
+                    let mut p = berth_ipam::Pool::new(pool.cidr);
+                    match requested {
+                        Some(ip) => p.take(ip).map(|()| ip)?,
+                        None => p.allocate()?,
+                    }
+                }
+            };
+            pool.gateway = Some(gw);
+            self.commit(
+                Txn::new()
+                    .when(Compare::ModRevision(key.clone(), rev))
+                    .put(key, encode(&pool)),
+            )
+            .await?;
+            return Ok(json!({ "Address": with_prefix(gw), "Data": {} }));
+        }
+
+        let ip = match &pool.network {
+            Some(name) => {
+                let net = self.network(name).await?;
+                let got = self.allocate(&net, &requested.into_iter().collect::<Vec<_>>())?;
+                let ip = got
+                    .iter()
+                    .map(|n| n.addr())
+                    .find(|a| pool.cidr.contains(a))
+                    .expect("allocated in the pool's subnet");
+                // Reserve only this family's address; the other family has its own pool.
+                for other in got.iter().filter(|n| n.addr() != ip) {
+                    self.release_ip(name, other.addr());
+                }
+                let k = keys::ipam(name, ip);
+                let owner = format!("{}{}", keys::DOCKER_OWNER_PREFIX, pool.id);
+                if let TxnOutcome::CompareFailed(_) = self
+                    .commit(Txn::new().when(Compare::Absent(k.clone())).put(k, owner))
+                    .await?
+                {
+                    self.release_ip(name, ip);
+                    return Err(AgentError::Conflict(format!(
+                        "address {ip} is already in use"
+                    )));
+                }
+                ip
+            }
+            None => {
+                // No berth network serves the pool: the pool record is its IPAM.
+                let mut p = berth_ipam::Pool::new(pool.cidr);
+                for a in pool.allocated.iter().chain(&pool.gateway) {
+                    let _ = p.take(*a);
+                }
+                let ip = match requested {
+                    Some(ip) => p.take(ip).map(|()| ip)?,
+                    None => p.allocate()?,
+                };
+                pool.allocated.insert(ip);
+                if let TxnOutcome::CompareFailed(_) = self
+                    .commit(
+                        Txn::new()
+                            .when(Compare::ModRevision(key.clone(), rev))
+                            .put(key, encode(&pool)),
+                    )
+                    .await?
+                {
+                    return Err(AgentError::Conflict(
+                        "pool changed meanwhile; try again".into(),
+                    ));
+                }
+                ip
+            }
+        };
+        Ok(json!({ "Address": with_prefix(ip), "Data": {} }))
+    }
+
+    async fn docker_release_address(&self, req: RequestAddress) -> Result<Value> {
+        let key = keys::docker_pool(required("PoolID", &req.pool_id)?);
+        let Some((mut pool, rev)) = self.load::<DockerPool>(&key).await? else {
+            return Ok(json!({}));
+        };
+        let ip: IpAddr = req
+            .address
+            .split('/')
+            .next()
+            .unwrap_or("")
+            .parse()
+            .map_err(|_| invalid(format!("invalid address {:?}", req.address)))?;
+        match &pool.network {
+            Some(name) => {
+                // Only a reservation still ours: once an endpoint took the address over, its
+                // detach releases it (and the gateway belongs to the network).
+                let k = keys::ipam(name, ip);
+                if let Some(kv) = self.store.get(&k).await?
+                    && kv.value.starts_with(keys::DOCKER_OWNER_PREFIX.as_bytes())
+                {
+                    self.commit(
+                        Txn::new()
+                            .when(Compare::ModRevision(k.clone(), kv.mod_revision))
+                            .delete(k),
+                    )
+                    .await?;
+                    self.release_ip(name, ip);
+                }
+            }
+            None => {
+                if pool.gateway == Some(ip) {
+                    pool.gateway = None;
+                }
+                pool.allocated.remove(&ip);
+                self.commit(
+                    Txn::new()
+                        .when(Compare::ModRevision(key.clone(), rev))
+                        .put(key, encode(&pool)),
+                )
+                .await?;
+            }
+        }
+        Ok(json!({}))
+    }
+
+    fn release_ip(&self, network: &str, ip: IpAddr) {
+        if let Some(pools) = self.pools.lock().expect("pools lock").get_mut(network) {
+            pools.iter_mut().for_each(|p| p.release(ip));
+        }
+    }
+
+    // ------------------------------------------------------------------ network driver
+
+    async fn docker_create_network(&self, req: CreateNetworkReq) -> Result<Value> {
+        let id = required("NetworkID", &req.network_id)?.to_string();
+        let opts = options(&req.options);
+        let generic: HashMap<String, Value> = opts
+            .get("com.docker.network.generic")
+            .and_then(|g| serde_json::from_value(g.clone()).ok())
+            .unwrap_or_default();
+        let v4: Vec<IpamData> = req.ipv4.unwrap_or_default();
+        let v6: Vec<IpamData> = req
+            .ipv6
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|d| !d.pool.is_empty())
+            .collect();
+        let pool_of = |d: &IpamData| parse_cidr_addr("pool", &d.pool).map(|p| p.trunc());
+        let gateway_of = |d: &IpamData| -> Result<Option<String>> {
+            Ok(match d.gateway.as_str() {
+                "" => None,
+                g => Some(parse_cidr_addr("gateway", g)?.addr().to_string()),
+            })
+        };
+
+        let (name, bound) = match option_str(&generic, BIND_OPTION) {
+            Some(name) => {
+                let net = self.network(&name).await?;
+                for d in v4.iter().chain(&v6) {
+                    let pool = pool_of(d)?;
+                    if !net.subnets.iter().any(|s| s.cidr == pool) {
+                        let theirs: Vec<_> =
+                            net.subnets.iter().map(|s| s.cidr.to_string()).collect();
+                        return Err(invalid(format!(
+                            "berth network {name:?} has subnet {}, not {pool}: create the Docker network with --ipam-driver berth and --subnet matching it",
+                            theirs.join(", ")
+                        )));
+                    }
+                }
+                (name, true)
+            }
+            None => {
+                let first = v4.first().ok_or_else(|| invalid("no IPv4 pool given"))?;
+                let mtu = option_str(&generic, "com.docker.network.driver.mtu")
+                    .map(|m| {
+                        m.parse::<u32>()
+                            .map_err(|_| invalid(format!("invalid MTU {m:?}")))
+                    })
+                    .transpose()?;
+                let internal = opts
+                    .get("com.docker.network.internal")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
+                let adopting = v4
+                    .iter()
+                    .chain(&v6)
+                    .map(pool_of)
+                    .collect::<Result<Vec<_>>>()?;
+                let req = CreateNetwork {
+                    name: format!("docker-{}", &id[..id.len().min(12)]),
+                    subnet: Some(pool_of(first)?.to_string()),
+                    gateway: gateway_of(first)?,
+                    ipv6_subnet: v6.first().map(pool_of).transpose()?.map(|p| p.to_string()),
+                    ipv6_gateway: v6.first().map(gateway_of).transpose()?.flatten(),
+                    mtu,
+                    internal,
+                };
+                let net = self.create_network_adopting(req, &adopting).await?;
+                (net.name, false)
+            }
+        };
+        // The pools of this network are now served by the berth network's IPAM.
+        for d in v4.iter().chain(&v6) {
+            let cidr = pool_of(d)?;
+            for (mut p, rev) in self.docker_pools_with(cidr).await? {
+                p.network = Some(name.clone());
+                self.commit(
+                    Txn::new()
+                        .when(Compare::ModRevision(keys::docker_pool(&p.id), rev))
+                        .put(keys::docker_pool(&p.id), encode(&p)),
+                )
+                .await?;
+            }
+        }
+        let dn = DockerNetwork {
+            id: id.clone(),
+            network: name.clone(),
+            bound,
+        };
+        self.commit(Txn::new().put(keys::docker_network(&id), encode(&dn)))
+            .await?;
+        tracing::info!(docker_network = %id, network = %name, bound, "docker network created");
+        Ok(json!({}))
+    }
+
+    async fn docker_pools_with(&self, cidr: IpNet) -> Result<Vec<(DockerPool, u64)>> {
+        let listing = self.store.list(keys::DOCKER_POOLS).await?;
+        let mut out = Vec::new();
+        for kv in listing.items {
+            let p: DockerPool = crate::decode(&kv)?;
+            if p.cidr == cidr {
+                out.push((p, kv.mod_revision));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn docker_delete_network(&self, req: NetworkRef) -> Result<Value> {
+        let key = keys::docker_network(required("NetworkID", &req.network_id)?);
+        let Some((dn, _)) = self.load::<DockerNetwork>(&key).await? else {
+            return Ok(json!({}));
+        };
+        if !dn.bound {
+            match self.delete_network(&dn.network).await {
+                Ok(()) | Err(AgentError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.commit(Txn::new().delete(key)).await?;
+        Ok(json!({}))
+    }
+
+    async fn docker_create_endpoint(&self, req: CreateEndpointReq) -> Result<Value> {
+        let eid = required("EndpointID", &req.endpoint_id)?.to_string();
+        let (dn, _) = self
+            .docker_load::<DockerNetwork>(&keys::docker_network(&req.network_id), "network")
+            .await?;
+        let net = self.network(&dn.network).await?;
+        let iface = req.interface.unwrap_or_default();
+        let mut ips = Vec::new();
+        for a in [&iface.address, &iface.address_v6]
+            .into_iter()
+            .filter(|a| !a.is_empty())
+        {
+            let ip = parse_cidr_addr("address", a)?;
+            if net.subnet_for(ip.addr()).is_none() {
+                return Err(invalid(format!(
+                    "address {ip} is outside berth network {:?}",
+                    net.name
+                )));
+            }
+            // Reserve it in berth's IPAM unless berth's IPAM handed it out (then it is ours).
+            let k = keys::ipam(&net.name, ip.addr());
+            match self.store.get(&k).await? {
+                Some(kv) if kv.value.starts_with(keys::DOCKER_OWNER_PREFIX.as_bytes()) => {}
+                Some(_) => {
+                    return Err(AgentError::Conflict(format!(
+                        "address {} is already in use on {:?}",
+                        ip.addr(),
+                        net.name
+                    )));
+                }
+                None => {
+                    self.allocate(&net, &[ip.addr()])?;
+                    let owner = format!("{}external", keys::DOCKER_OWNER_PREFIX);
+                    if let TxnOutcome::CompareFailed(_) = self
+                        .commit(Txn::new().when(Compare::Absent(k.clone())).put(k, owner))
+                        .await?
+                    {
+                        self.release_ip(&net.name, ip.addr());
+                        return Err(AgentError::Conflict(format!(
+                            "address {} is already in use",
+                            ip.addr()
+                        )));
+                    }
+                }
+            }
+            ips.push(ip);
+        }
+        if ips.is_empty() {
+            return Err(invalid(
+                "the endpoint has no address (is the IPAM driver berth or Docker's default?)",
+            ));
+        }
+        let opts = options(&req.options);
+        let mac = match iface.mac.as_str() {
+            "" => option_str(&opts, "com.docker.network.endpoint.macaddress")
+                .map(|m| m.parse())
+                .transpose()?,
+            m => Some(m.parse()?),
+        };
+        let mac = mac.unwrap_or_else(|| {
+            match ips.iter().find_map(|n| match n {
+                IpNet::V4(v) => Some(v.addr()),
+                _ => None,
+            }) {
+                Some(v4) => MacAddr::from_ipv4(v4),
+                None => MacAddr::random_local(|| fastrand::u8(..)),
+            }
+        });
+        let de = DockerEndpoint {
+            id: eid.clone(),
+            network_id: req.network_id.clone(),
+            network: net.name.clone(),
+            ips,
+            mac,
+            endpoint: None,
+        };
+        if let TxnOutcome::CompareFailed(_) = self
+            .commit(
+                Txn::new()
+                    .when(Compare::Absent(keys::docker_endpoint(&eid)))
+                    .put(keys::docker_endpoint(&eid), encode(&de)),
+            )
+            .await?
+        {
+            return Err(AgentError::Conflict(format!(
+                "endpoint {eid} already exists"
+            )));
+        }
+        // The engine gave the addresses; an answer with an Interface would be an error.
+        Ok(json!({}))
+    }
+
+    async fn docker_endpoint_info(&self, req: EndpointRef) -> Result<Value> {
+        let (de, _) = self
+            .docker_load::<DockerEndpoint>(&keys::docker_endpoint(&req.endpoint_id), "endpoint")
+            .await?;
+        Ok(
+            json!({ "Value": { "network": de.network, "endpoint": de.endpoint, "ips": de.ips, "mac": de.mac } }),
+        )
+    }
+
+    async fn docker_join(&self, req: EndpointRef) -> Result<Value> {
+        let key = keys::docker_endpoint(required("EndpointID", &req.endpoint_id)?);
+        let sandbox = required("SandboxKey", &req.sandbox_key)?.to_string();
+        let (mut de, de_rev) = self.docker_load::<DockerEndpoint>(&key, "endpoint").await?;
+        if de.endpoint.is_some() {
+            return Err(AgentError::Conflict(format!(
+                "endpoint {} has already joined a sandbox",
+                de.id
+            )));
+        }
+        let _topology = self.topology.read().await;
+        let net = self.network(&de.network).await?;
+        // libnetwork joins before the sandbox's namespace exists (it moves the interface in
+        // later), so the namespace is named, not opened; its identity is the Docker endpoint.
+        let netns_id = format!("docker-{}", de.id);
+        let id = random_id();
+        let peer = format!("berthp{}", &id[..9]);
+        let ep = Endpoint {
+            host_ifname: veth_name(&id),
+            id: id.clone(),
+            network: net.name.clone(),
+            netns: NetnsRef {
+                path: sandbox,
+                id: netns_id,
+                sandbox: None,
+            },
+            ifname: peer.clone(),
+            name: None,
+            aliases: vec![],
+            container_id: None,
+            runtime_configured: true,
+            mac: de.mac,
+            ips: de.ips.clone(),
+        };
+        // The endpoint takes its addresses over from the Docker reservations.
+        let mut txn = self.endpoint_records(&ep, Txn::new(), true, false);
+        for ip in &ep.ips {
+            let k = keys::ipam(&net.name, ip.addr());
+            let kv = self
+                .store
+                .get(&k)
+                .await?
+                .filter(|kv| kv.value.starts_with(keys::DOCKER_OWNER_PREFIX.as_bytes()));
+            let kv = kv.ok_or_else(|| {
+                AgentError::Conflict(format!(
+                    "address {} is not reserved for this endpoint",
+                    ip.addr()
+                ))
+            })?;
+            txn = txn
+                .when(Compare::ModRevision(k.clone(), kv.mod_revision))
+                .put(k, id.clone());
+        }
+        de.endpoint = Some(id.clone());
+        txn = txn
+            .when(Compare::ModRevision(key.clone(), de_rev))
+            .put(key.clone(), encode(&de));
+        if let TxnOutcome::CompareFailed(c) = self.commit(txn).await? {
+            return Err(AgentError::Conflict(format!(
+                "join raced with another change ({c:?}); try again"
+            )));
+        }
+        let bridge = bridge_spec(&net);
+        let spec_ep = ep.clone();
+        let spec_net = net.clone();
+        let peer_name = peer.clone();
+        let made = kernel(move || {
+            let mut host = Netlink::open()?;
+            let bridge_index = match host.link_by_name(&bridge.name)? {
+                Some(l) => l.index,
+                None => berth_dataplane::ensure_bridge(&mut host, &bridge)?,
+            };
+            berth_dataplane::create_runtime_endpoint(
+                &mut host,
+                &endpoint_spec(&spec_ep, &spec_net, bridge_index),
+                &peer_name,
+            )
+        })
+        .await;
+        if let Err(e) = made {
+            // Undo: records go, addresses return to the Docker reservation.
+            let mut undo = self.endpoint_records(&ep, Txn::new(), false, false);
+            for ip in &ep.ips {
+                undo = undo.put(
+                    keys::ipam(&net.name, ip.addr()),
+                    format!("{}external", keys::DOCKER_OWNER_PREFIX),
+                );
+            }
+            de.endpoint = None;
+            undo = undo.put(key, encode(&de));
+            self.commit(undo).await?;
+            return Err(e);
+        }
+        let gw = |v4: bool| {
+            net.subnets
+                .iter()
+                .find(|s| {
+                    s.gateway.is_ipv4() == v4 && ep.ips.iter().any(|ip| s.cidr.contains(&ip.addr()))
+                })
+                .map(|s| s.gateway.to_string())
+                .unwrap_or_default()
+        };
+        Ok(json!({
+            "InterfaceName": { "SrcName": peer, "DstPrefix": "eth" },
+            "Gateway": gw(true),
+            "GatewayIPv6": gw(false),
+            "DisableGatewayService": true,
+        }))
+    }
+
+    async fn docker_leave(&self, req: EndpointRef) -> Result<Value> {
+        let key = keys::docker_endpoint(required("EndpointID", &req.endpoint_id)?);
+        let (mut de, rev) = self.docker_load::<DockerEndpoint>(&key, "endpoint").await?;
+        let Some(id) = de.endpoint.take() else {
+            return Err(AgentError::NotFound(format!(
+                "endpoint {} has not joined a sandbox",
+                de.id
+            )));
+        };
+        match self.delete_endpoint(&id).await {
+            Ok(()) | Err(AgentError::NotFound(_)) => {}
+            Err(e) => return Err(e),
+        }
+        self.commit(
+            Txn::new()
+                .when(Compare::ModRevision(key.clone(), rev))
+                .put(key, encode(&de)),
+        )
+        .await?;
+        Ok(json!({}))
+    }
+
+    async fn docker_delete_endpoint(&self, req: EndpointRef) -> Result<Value> {
+        let key = keys::docker_endpoint(required("EndpointID", &req.endpoint_id)?);
+        let Some((de, _)) = self.load::<DockerEndpoint>(&key).await? else {
+            return Ok(json!({}));
+        };
+        if let Some(id) = &de.endpoint {
+            match self.delete_endpoint(id).await {
+                Ok(()) | Err(AgentError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        // Addresses the engine's own IPAM gave (reserved here as "external") go with it.
+        let mut txn = Txn::new().delete(key);
+        for ip in &de.ips {
+            let k = keys::ipam(&de.network, ip.addr());
+            if let Some(kv) = self.store.get(&k).await?
+                && kv.value == format!("{}external", keys::DOCKER_OWNER_PREFIX).as_bytes()
+            {
+                txn = txn
+                    .when(Compare::ModRevision(k.clone(), kv.mod_revision))
+                    .delete(k);
+                self.release_ip(&de.network, ip.addr());
+            }
+        }
+        self.commit(txn).await?;
+        Ok(json!({}))
+    }
+}

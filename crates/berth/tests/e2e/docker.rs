@@ -1,0 +1,479 @@
+//! The real Docker engine (Debian's docker.io 20.10) using berth as its network and IPAM
+//! driver. dockerd runs inside the test's host namespace with its own data and exec roots,
+//! no bridge and no iptables, and finds berth through a plugin spec file with a name of its
+//! own, removed again at the end.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::harness::Host;
+use crate::podman::Podman;
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+struct Docker<'h> {
+    host: &'h Host,
+    dir: PathBuf,
+    /// The plugin (and driver) name, unique per test.
+    plugin: String,
+    spec: PathBuf,
+    dockerd: Option<Child>,
+}
+
+impl<'h> Docker<'h> {
+    fn start(host: &'h Host) -> Self {
+        let plugin = format!(
+            "berthe2e{}x{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let dir = host.dir.join("docker");
+        std::fs::create_dir_all(dir.join("img/bin")).unwrap();
+        std::fs::create_dir_all("/etc/docker/plugins").unwrap();
+        let spec = PathBuf::from(format!("/etc/docker/plugins/{plugin}.spec"));
+        std::fs::write(
+            &spec,
+            format!("unix://{}\n", host.docker_plugin_socket().display()),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.join("dockerd.log")).unwrap();
+        let d = |s: &str| dir.join(s).display().to_string();
+        let dockerd = Command::new("nsenter")
+            .arg(format!("--net={}", host.netns_path()))
+            .args(["dockerd", "--host", &format!("unix://{}", d("docker.sock"))])
+            .args([
+                "--data-root",
+                &d("data"),
+                "--exec-root",
+                &d("exec"),
+                "--pidfile",
+                &d("docker.pid"),
+            ])
+            .args([
+                "--bridge",
+                "none",
+                "--iptables=false",
+                "--ip6tables=false",
+                "--storage-driver",
+                "vfs",
+            ])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let docker = Docker {
+            host,
+            dir,
+            plugin,
+            spec,
+            dockerd: Some(dockerd),
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !docker.cmd(&["info"]).status.success() {
+            assert!(
+                Instant::now() < deadline,
+                "dockerd did not start:\n{}",
+                docker.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let img = docker.dir.join("img/bin");
+        std::fs::copy("/bin/busybox", img.join("busybox")).unwrap();
+        for applet in ["sh", "ip", "ping", "sleep", "cat"] {
+            std::os::unix::fs::symlink("busybox", img.join(applet)).unwrap();
+        }
+        let tarball = docker.dir.join("img.tar");
+        crate::harness::run_ok(
+            "tar",
+            &[
+                "-C",
+                docker.dir.join("img").to_str().unwrap(),
+                "-cf",
+                tarball.to_str().unwrap(),
+                ".",
+            ],
+        );
+        docker.ok(&["import", tarball.to_str().unwrap(), "busybox:local"]);
+        docker
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("dockerd.log")).unwrap_or_default()
+    }
+
+    fn cmd(&self, args: &[&str]) -> std::process::Output {
+        Command::new("docker")
+            .args([
+                "-H",
+                &format!("unix://{}", self.dir.join("docker.sock").display()),
+            ])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.cmd(args);
+        assert!(
+            o.status.success(),
+            "docker {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    }
+
+    fn fails(&self, args: &[&str]) -> String {
+        let o = self.cmd(args);
+        assert!(!o.status.success(), "docker {args:?} should have failed");
+        String::from_utf8_lossy(&o.stderr).trim().to_string()
+    }
+
+    fn ip(&self, container: &str, network: &str) -> String {
+        self.ok(&[
+            "inspect",
+            "-f",
+            &format!("{{{{.NetworkSettings.Networks.{network}.IPAddress}}}}"),
+            container,
+        ])
+    }
+
+    fn pings(&self, container: &str, ip: &str) -> bool {
+        self.cmd(&["exec", container, "ping", "-c1", "-W1", ip])
+            .status
+            .success()
+    }
+}
+
+impl Drop for Docker<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- dockerd log ---\n{}", self.log());
+        }
+        let ids = String::from_utf8_lossy(&self.cmd(&["ps", "-aq"]).stdout).to_string();
+        for id in ids.split_whitespace() {
+            let _ = self.cmd(&["rm", "-f", id]);
+        }
+        if let Some(mut d) = self.dockerd.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(d.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while d.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = d.kill();
+            let _ = d.wait();
+        }
+        // dockerd's own containerd and shims, should any outlive it.
+        let _ = Command::new("pkill")
+            .args(["-f", &self.dir.display().to_string()])
+            .status();
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        let mut ours: Vec<&str> = mounts
+            .lines()
+            .filter_map(|l| l.split(' ').nth(1))
+            .filter(|m| m.starts_with(&*self.dir.to_string_lossy()))
+            .collect();
+        ours.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in ours {
+            let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
+        }
+        let _ = std::fs::remove_file(&self.spec);
+        let _ = self.host;
+    }
+}
+
+#[test]
+fn docker_containers_on_a_berth_network() {
+    let h = Host::new();
+    let d = Docker::start(&h);
+    let p = d.plugin.clone();
+    let id = d.ok(&[
+        "network",
+        "create",
+        "-d",
+        &p,
+        "--ipam-driver",
+        &p,
+        "--subnet",
+        "10.93.0.0/24",
+        "--gateway",
+        "10.93.0.1",
+        "net1",
+    ]);
+    let berth_name = format!("docker-{}", &id[..12]);
+    let net = h.json(&["network", "inspect", &berth_name]);
+    assert_eq!(
+        net["subnets"][0],
+        json!({"cidr": "10.93.0.0/24", "gateway": "10.93.0.1"})
+    );
+
+    for c in ["c1", "c2"] {
+        d.ok(&[
+            "run",
+            "-d",
+            "--name",
+            c,
+            "--network",
+            "net1",
+            "busybox:local",
+            "sleep",
+            "600",
+        ]);
+    }
+    let (ip1, ip2) = (d.ip("c1", "net1"), d.ip("c2", "net1"));
+    assert!(ip1.starts_with("10.93.0.") && ip2.starts_with("10.93.0.") && ip1 != ip2);
+    assert!(d.pings("c1", &ip2) && d.pings("c2", &ip1));
+    let route = d.ok(&["exec", "c1", "ip", "route"]);
+    assert!(route.contains("default via 10.93.0.1"), "{route}");
+
+    // A berth sandbox on the network Docker created reaches the containers.
+    h.ok(&["sandbox", "create", "s1"]);
+    h.ok(&["attach", "s1", "--network", &berth_name]);
+    assert!(h.ping("s1", &ip1));
+    assert_eq!(h.json(&["endpoint", "ls"]).as_array().unwrap().len(), 3);
+
+    // disconnect / connect
+    d.ok(&["network", "disconnect", "net1", "c2"]);
+    assert!(!d.pings("c1", &ip2));
+    assert_eq!(h.json(&["endpoint", "ls"]).as_array().unwrap().len(), 2);
+    d.ok(&["network", "connect", "net1", "c2"]);
+    let ip2 = d.ip("c2", "net1");
+    assert!(d.pings("c1", &ip2), "reconnected");
+
+    // Restarting berth leaves the containers connected and Docker's calls working.
+    h.stop();
+    assert!(d.pings("c1", &ip2));
+    h.start();
+    d.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "c3",
+        "--network",
+        "net1",
+        "busybox:local",
+        "sleep",
+        "600",
+    ]);
+    assert!(d.pings("c3", &ip1));
+
+    // Removing everything leaves no endpoint, address or interface.
+    d.ok(&["rm", "-f", "c1", "c2", "c3"]);
+    h.ok(&["sandbox", "rm", "s1"]);
+    d.ok(&["network", "rm", "net1"]);
+    assert!(h.json(&["network", "ls"]).as_array().unwrap().is_empty());
+    assert!(h.json(&["endpoint", "ls"]).as_array().unwrap().is_empty());
+    h.eventually("no link but lo is left", || h.host_links() == ["lo"]);
+}
+
+#[test]
+fn docker_podman_and_a_sandbox_share_one_berth_network() {
+    let h = Host::new();
+    h.ok(&["network", "create", "blue", "--subnet", "10.91.0.0/24"]);
+    let d = Docker::start(&h);
+    let p = d.plugin.clone();
+    d.ok(&[
+        "network",
+        "create",
+        "-d",
+        &p,
+        "--ipam-driver",
+        &p,
+        "--subnet",
+        "10.91.0.0/24",
+        "-o",
+        "berth.network=blue",
+        "dnet",
+    ]);
+    d.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "dc",
+        "--network",
+        "dnet",
+        "busybox:local",
+        "sleep",
+        "600",
+    ]);
+    let pm = Podman::new(&h, "blue", "10.91.0.0/24");
+    pm.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "pc",
+        "--network",
+        "blue",
+        "localhost/busybox:local",
+        "sleep",
+        "600",
+    ]);
+    let pc_ip = pm.ok(&[
+        "inspect",
+        "-f",
+        "{{.NetworkSettings.Networks.blue.IPAddress}}",
+        "pc",
+    ]);
+    h.ok(&["sandbox", "create", "s1"]);
+    let s1 = h.json(&["attach", "s1", "--network", "blue"]);
+    let s1_ip = s1["ips"][0]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let dc_ip = d.ip("dc", "dnet");
+    assert!(
+        d.pings("dc", &pc_ip),
+        "Docker container reaches the podman container"
+    );
+    assert!(
+        d.pings("dc", &s1_ip),
+        "Docker container reaches the berth sandbox"
+    );
+    assert!(h.ping("s1", &dc_ip));
+    let mut ips: Vec<String> = vec![dc_ip, pc_ip, s1_ip];
+    ips.sort();
+    ips.dedup();
+    assert_eq!(ips.len(), 3, "one IPAM for all three");
+
+    // A bound network outlives the Docker network.
+    d.ok(&["rm", "-f", "dc"]);
+    d.ok(&["network", "rm", "dnet"]);
+    assert_eq!(h.json(&["network", "inspect", "blue"])["name"], "blue");
+    assert!(h.ping("s1", "10.91.0.1"));
+}
+
+#[test]
+fn docker_bad_requests_are_refused_and_change_nothing() {
+    let h = Host::new();
+    h.ok(&["network", "create", "blue", "--subnet", "10.91.0.0/24"]);
+    let d = Docker::start(&h);
+    let p = d.plugin.clone();
+    let before = h.snapshot();
+    let err = d.fails(&[
+        "network",
+        "create",
+        "-d",
+        &p,
+        "--ipam-driver",
+        &p,
+        "--subnet",
+        "10.91.0.0/16",
+        "bad1",
+    ]);
+    assert!(err.contains("overlaps 10.91.0.0/24"), "{err}");
+    let err = d.fails(&[
+        "network",
+        "create",
+        "-d",
+        &p,
+        "--ipam-driver",
+        &p,
+        "--subnet",
+        "10.94.0.0/24",
+        "-o",
+        "berth.network=nosuch",
+        "bad2",
+    ]);
+    assert!(err.contains("no network named"), "{err}");
+    let err = d.fails(&[
+        "network",
+        "create",
+        "-d",
+        &p,
+        "--ipam-driver",
+        &p,
+        "--subnet",
+        "10.94.0.0/24",
+        "--ip-range",
+        "10.94.0.0/25",
+        "bad3",
+    ]);
+    assert!(err.contains("ip-range"), "{err}");
+    d.ok(&[
+        "network",
+        "create",
+        "-d",
+        &p,
+        "--ipam-driver",
+        &p,
+        "--subnet",
+        "10.95.0.0/24",
+        "good",
+    ]);
+    let err = d.fails(&[
+        "run",
+        "--rm",
+        "--network",
+        "good",
+        "--ip",
+        "10.96.0.5",
+        "busybox:local",
+        "true",
+    ]);
+    assert!(!err.is_empty());
+    d.ok(&["network", "rm", "good"]);
+    h.eventually("everything is as before", || h.snapshot() == before);
+
+    // The plugin socket itself: unknown methods are 404, malformed bodies get {"Err"}.
+    let sock = h.docker_plugin_socket();
+    let call = |path: &str, body: &str| {
+        let out = Command::new("curl")
+            .args(["-s", "-o", "-", "-w", "\n%{http_code}", "--unix-socket"])
+            .arg(&sock)
+            .args([
+                "-X",
+                "POST",
+                "--data",
+                body,
+                &format!("http://plugin{path}"),
+            ])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (body, code) = text.rsplit_once('\n').unwrap();
+        (
+            code.to_string(),
+            serde_json::from_str::<Value>(body).unwrap_or(Value::Null),
+        )
+    };
+    let (code, v) = call("/Plugin.Activate", "");
+    assert_eq!(
+        (code.as_str(), v),
+        (
+            "200",
+            json!({"Implements": ["NetworkDriver", "IpamDriver"]})
+        )
+    );
+    let (code, v) = call("/NetworkDriver.Frobnicate", "{}");
+    assert_eq!(code, "404");
+    assert!(v["Err"].is_string());
+    for (path, body) in [
+        ("/IpamDriver.RequestPool", "{not json"),
+        ("/NetworkDriver.CreateNetwork", r#"{"NetworkID": 5}"#),
+        (
+            "/NetworkDriver.Join",
+            r#"{"NetworkID": "x", "EndpointID": "nosuch", "SandboxKey": "/x"}"#,
+        ),
+        (
+            "/IpamDriver.RequestAddress",
+            r#"{"PoolID": "nosuch", "Address": "", "Options": null}"#,
+        ),
+    ] {
+        let (code, v) = call(path, body);
+        assert_ne!(code, "200", "{path} {body}");
+        assert!(
+            v["Err"].as_str().is_some_and(|e| !e.is_empty()),
+            "{path}: {v}"
+        );
+    }
+    assert_eq!(h.snapshot(), before);
+}
