@@ -40,47 +40,14 @@ impl<'h> Docker<'h> {
             format!("unix://{}\n", host.docker_plugin_socket().display()),
         )
         .unwrap();
-        let log = std::fs::File::create(dir.join("dockerd.log")).unwrap();
-        let d = |s: &str| dir.join(s).display().to_string();
-        let dockerd = Command::new("nsenter")
-            .arg(format!("--net={}", host.netns_path()))
-            .args(["dockerd", "--host", &format!("unix://{}", d("docker.sock"))])
-            .args([
-                "--data-root",
-                &d("data"),
-                "--exec-root",
-                &d("exec"),
-                "--pidfile",
-                &d("docker.pid"),
-            ])
-            .args([
-                "--bridge",
-                "none",
-                "--iptables=false",
-                "--ip6tables=false",
-                "--storage-driver",
-                "vfs",
-            ])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let docker = Docker {
+        let mut docker = Docker {
             host,
             dir,
             plugin,
             spec,
-            dockerd: Some(dockerd),
+            dockerd: None,
         };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !docker.cmd(&["info"]).status.success() {
-            assert!(
-                Instant::now() < deadline,
-                "dockerd did not start:\n{}",
-                docker.log()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        docker.spawn_dockerd();
         let img = docker.dir.join("img/bin");
         std::fs::copy("/bin/busybox", img.join("busybox")).unwrap();
         for applet in ["sh", "ip", "ping", "sleep", "cat"] {
@@ -99,6 +66,69 @@ impl<'h> Docker<'h> {
         );
         docker.ok(&["import", tarball.to_str().unwrap(), "busybox:local"]);
         docker
+    }
+
+    /// Starts dockerd on this test's roots and waits until it answers.
+    fn spawn_dockerd(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("dockerd.log"))
+            .unwrap();
+        let d = |s: &str| self.dir.join(s).display().to_string();
+        self.dockerd = Some(
+            Command::new("nsenter")
+                .arg(format!("--net={}", self.host.netns_path()))
+                .args(["dockerd", "--host", &format!("unix://{}", d("docker.sock"))])
+                .args([
+                    "--data-root",
+                    &d("data"),
+                    "--exec-root",
+                    &d("exec"),
+                    "--pidfile",
+                    &d("docker.pid"),
+                ])
+                .args([
+                    "--bridge",
+                    "none",
+                    "--iptables=false",
+                    "--ip6tables=false",
+                    "--storage-driver",
+                    "vfs",
+                ])
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.cmd(&["info"]).status.success() {
+            assert!(
+                Instant::now() < deadline,
+                "dockerd did not start:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// SIGTERM, as a service manager stops it.
+    fn stop_dockerd(&mut self) {
+        if let Some(mut d) = self.dockerd.take() {
+            let pid = nix::unistd::Pid::from_raw(d.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while d.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = d.kill();
+            let _ = d.wait();
+        }
+    }
+
+    fn restart(&mut self) {
+        self.stop_dockerd();
+        self.spawn_dockerd();
     }
 
     fn log(&self) -> String {
@@ -157,34 +187,23 @@ impl Drop for Docker<'_> {
         for id in ids.split_whitespace() {
             let _ = self.cmd(&["rm", "-f", id]);
         }
-        if let Some(mut d) = self.dockerd.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(d.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while d.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let _ = d.kill();
-            let _ = d.wait();
-        }
+        self.stop_dockerd();
         // dockerd's own containerd and shims, should any outlive it.
         let _ = Command::new("pkill")
             .args(["-f", &self.dir.display().to_string()])
             .status();
         let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        let dir = self.dir.display().to_string();
         let mut ours: Vec<&str> = mounts
             .lines()
             .filter_map(|l| l.split(' ').nth(1))
-            .filter(|m| m.starts_with(&*self.dir.to_string_lossy()))
+            .filter(|m| m.starts_with(&dir))
             .collect();
         ours.sort_by_key(|m| std::cmp::Reverse(m.len()));
         for m in ours {
             let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
         }
         let _ = std::fs::remove_file(&self.spec);
-        let _ = self.host;
     }
 }
 
@@ -476,4 +495,187 @@ fn docker_bad_requests_are_refused_and_change_nothing() {
         );
     }
     assert_eq!(h.snapshot(), before);
+}
+
+#[test]
+fn berth_ipam_serves_another_driver_and_ipv6() {
+    let h = Host::new();
+    // A parent interface for macvlan inside the test's host namespace.
+    h.sh(&[
+        "ip", "link", "add", "uplink0", "type", "veth", "peer", "name", "uplink1",
+    ]);
+    h.sh(&["ip", "link", "set", "uplink0", "up"]);
+    h.sh(&["ip", "link", "set", "uplink1", "up"]);
+    let d = Docker::start(&h);
+    let p = d.plugin.clone();
+    // Without a subnet berth carves a pool; with one, requested addresses work too.
+    d.ok(&[
+        "network",
+        "create",
+        "-d",
+        "macvlan",
+        "-o",
+        "parent=uplink0",
+        "--ipam-driver",
+        &p,
+        "carved",
+    ]);
+    let carved = d.ok(&[
+        "network",
+        "inspect",
+        "-f",
+        "{{range .IPAM.Config}}{{.Subnet}}{{end}}",
+        "carved",
+    ]);
+    assert_eq!(carved, "10.210.0.0/24", "from berth's default pool");
+    d.ok(&["network", "rm", "carved"]);
+    d.ok(&[
+        "network",
+        "create",
+        "-d",
+        "macvlan",
+        "-o",
+        "parent=uplink0",
+        "--ipam-driver",
+        &p,
+        "--subnet",
+        "10.99.0.0/24",
+        "mv",
+    ]);
+    d.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "m1",
+        "--network",
+        "mv",
+        "busybox:local",
+        "sleep",
+        "600",
+    ]);
+    d.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "m2",
+        "--network",
+        "mv",
+        "--ip",
+        "10.99.0.77",
+        "busybox:local",
+        "sleep",
+        "600",
+    ]);
+    let (m1, m2) = (d.ip("m1", "mv"), d.ip("m2", "mv"));
+    assert!(m1.starts_with("10.99.0.") && m1 != m2, "{m1}");
+    assert_eq!(m2, "10.99.0.77");
+    assert!(
+        d.pings("m1", &m2),
+        "macvlan containers with berth addresses talk"
+    );
+    // The pools are held: a berth network cannot take their subnets meanwhile.
+    let err = h.fails(&["network", "create", "x", "--subnet", "10.99.0.0/24"]);
+    assert!(err.contains("Docker IPAM pool"), "{err}");
+    d.ok(&["rm", "-f", "m1", "m2"]);
+    d.ok(&["network", "rm", "mv"]);
+    h.ok(&["network", "create", "x", "--subnet", "10.99.0.0/24"]);
+
+    // IPv6 on a berth network made by Docker.
+    d.ok(&[
+        "network",
+        "create",
+        "-d",
+        &p,
+        "--ipam-driver",
+        &p,
+        "--ipv6",
+        "--subnet",
+        "10.97.0.0/24",
+        "--subnet",
+        "fd00:97::/64",
+        "v6net",
+    ]);
+    for c in ["v6a", "v6b"] {
+        d.ok(&[
+            "run",
+            "-d",
+            "--name",
+            c,
+            "--network",
+            "v6net",
+            "busybox:local",
+            "sleep",
+            "600",
+        ]);
+    }
+    let b6 = d.ok(&[
+        "inspect",
+        "-f",
+        "{{.NetworkSettings.Networks.v6net.GlobalIPv6Address}}",
+        "v6b",
+    ]);
+    assert!(b6.starts_with("fd00:97::"), "{b6}");
+    assert!(d.pings("v6a", &b6), "IPv6 between Docker containers");
+}
+
+#[test]
+fn dockerd_restart_keeps_networks_and_leaks_no_address() {
+    let h = Host::new();
+    let mut d = Docker::start(&h);
+    let p = d.plugin.clone();
+    let id = d.ok(&[
+        "network",
+        "create",
+        "-d",
+        &p,
+        "--ipam-driver",
+        &p,
+        "--subnet",
+        "10.98.0.0/24",
+        "net1",
+    ]);
+    let berth_name = format!("docker-{}", &id[..12]);
+    d.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "c1",
+        "--network",
+        "net1",
+        "busybox:local",
+        "sleep",
+        "600",
+    ]);
+    // Restart the engine: containers stop, the network stays.
+    d.restart();
+    assert!(
+        d.ok(&["network", "ls", "--format", "{{.Name}}"])
+            .lines()
+            .any(|n| n == "net1")
+    );
+    assert_eq!(
+        h.json(&["network", "inspect", &berth_name])["subnets"][0]["cidr"],
+        "10.98.0.0/24"
+    );
+    d.ok(&["start", "c1"]);
+    d.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "c2",
+        "--network",
+        "net1",
+        "busybox:local",
+        "sleep",
+        "600",
+    ]);
+    assert!(d.pings("c2", &d.ip("c1", "net1")));
+    d.ok(&["rm", "-f", "c1", "c2"]);
+    h.eventually("only the gateway stays allocated", || {
+        let a: Value = h
+            .client()
+            .get(&format!("/v1/networks/{berth_name}/allocations"))
+            .unwrap();
+        a.as_array().unwrap().len() == 1
+    });
 }
