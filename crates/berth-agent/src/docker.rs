@@ -442,7 +442,12 @@ impl Agent {
                     let gw = net
                         .subnet_for(pool.cidr.addr())
                         .map(|s| s.gateway)
-                        .expect("bound pool is a subnet of its network");
+                        .ok_or_else(|| {
+                            AgentError::Conflict(format!(
+                                "pool {} is not a subnet of berth network {name:?}",
+                                pool.cidr
+                            ))
+                        })?;
                     if let Some(ip) = requested.filter(|ip| *ip != gw) {
                         return Err(AgentError::Conflict(format!(
                             "berth network {name:?} has gateway {gw}, not {ip}"
@@ -472,11 +477,13 @@ impl Agent {
             Some(name) => {
                 let net = self.network(name).await?;
                 let got = self.allocate(&net, &requested.into_iter().collect::<Vec<_>>())?;
-                let ip = got
-                    .iter()
-                    .map(|n| n.addr())
-                    .find(|a| pool.cidr.contains(a))
-                    .expect("allocated in the pool's subnet");
+                let Some(ip) = got.iter().map(|n| n.addr()).find(|a| pool.cidr.contains(a)) else {
+                    got.iter().for_each(|n| self.release_ip(name, n.addr()));
+                    return Err(AgentError::Conflict(format!(
+                        "pool {} is not a subnet of berth network {name:?}",
+                        pool.cidr
+                    )));
+                };
                 // Reserve only this family's address; the other family has its own pool.
                 for other in got.iter().filter(|n| n.addr() != ip) {
                     self.release_ip(name, other.addr());
@@ -691,7 +698,19 @@ impl Agent {
                 Err(e) => return Err(e),
             }
         }
-        self.commit(Txn::new().delete(key)).await?;
+        // Pools it served no longer have a network (a later one may reuse the name).
+        let mut txn = Txn::new().delete(key);
+        for kv in self.store.list(keys::DOCKER_POOLS).await?.items {
+            let mut p: DockerPool = crate::decode(&kv)?;
+            if p.network.as_deref() == Some(dn.network.as_str()) {
+                p.network = None;
+                p.allocated.clear();
+                txn = txn
+                    .when(Compare::ModRevision(kv.key.clone(), kv.mod_revision))
+                    .put(kv.key, encode(&p));
+            }
+        }
+        self.commit(txn).await?;
         Ok(json!({}))
     }
 

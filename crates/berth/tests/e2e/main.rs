@@ -6,4 +6,5 @@ mod cni;
 mod crash;
 mod docker;
 mod harness;
+mod plugin_fuzz;
 mod podman;

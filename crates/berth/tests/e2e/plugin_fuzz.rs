@@ -1,0 +1,328 @@
+//! Random bodies for every Docker plugin method: the daemon answers each with well-formed
+//! JSON (`{"Err": ...}` on failure), never drops a connection, and is still sound afterwards
+//! (it answers, restarts and reconciles). Seeded; the seed is printed to replay a failure.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+
+use serde_json::{Value, json};
+
+use crate::harness::Host;
+
+const METHODS: &[&str] = &[
+    "Plugin.Activate",
+    "NetworkDriver.GetCapabilities",
+    "NetworkDriver.CreateNetwork",
+    "NetworkDriver.DeleteNetwork",
+    "NetworkDriver.CreateEndpoint",
+    "NetworkDriver.DeleteEndpoint",
+    "NetworkDriver.EndpointOperInfo",
+    "NetworkDriver.Join",
+    "NetworkDriver.Leave",
+    "NetworkDriver.ProgramExternalConnectivity",
+    "IpamDriver.GetCapabilities",
+    "IpamDriver.GetDefaultAddressSpaces",
+    "IpamDriver.RequestPool",
+    "IpamDriver.ReleasePool",
+    "IpamDriver.RequestAddress",
+    "IpamDriver.ReleaseAddress",
+    "NetworkDriver.Nonsense",
+];
+const KEYS: &[&str] = &[
+    "NetworkID",
+    "EndpointID",
+    "PoolID",
+    "Pool",
+    "SubPool",
+    "Options",
+    "V6",
+    "Address",
+    "AddressIPv6",
+    "MacAddress",
+    "Interface",
+    "IPv4Data",
+    "IPv6Data",
+    "Gateway",
+    "SandboxKey",
+    "RequestAddressType",
+    "com.docker.network.generic",
+    "berth.network",
+    "AddressSpace",
+];
+
+fn random_string() -> String {
+    match fastrand::u8(0..8) {
+        0 => format!(
+            "10.{}.{}.0/{}",
+            fastrand::u8(..),
+            fastrand::u8(..),
+            fastrand::u8(0..40)
+        ),
+        1 => format!("10.88.0.{}", fastrand::u8(..)),
+        2 => format!("fd00:{:x}::/{}", fastrand::u16(..), fastrand::u8(0..130)),
+        3 => "com.docker.network.gateway".into(),
+        4 => format!("id{}", fastrand::u8(0..4)),
+        5 => "".into(),
+        6 => "/proc/1/ns/net".into(),
+        _ => (0..fastrand::usize(0..12))
+            .map(|_| fastrand::char(..))
+            .collect(),
+    }
+}
+
+fn random_value(depth: u32) -> Value {
+    match fastrand::u8(0..if depth > 2 { 5 } else { 7 }) {
+        0 => Value::Null,
+        1 => json!(fastrand::bool()),
+        2 => json!(fastrand::i64(..)),
+        3 | 4 => json!(random_string()),
+        5 => Value::Array(
+            (0..fastrand::usize(0..3))
+                .map(|_| random_value(depth + 1))
+                .collect(),
+        ),
+        _ => Value::Object(
+            (0..fastrand::usize(0..6))
+                .map(|_| {
+                    (
+                        fastrand::choice(KEYS).unwrap().to_string(),
+                        random_value(depth + 1),
+                    )
+                })
+                .collect(),
+        ),
+    }
+}
+
+fn random_body() -> Vec<u8> {
+    match fastrand::u8(0..10) {
+        0 => Vec::new(),
+        1 => (0..fastrand::usize(0..64))
+            .map(|_| fastrand::u8(..))
+            .collect(),
+        2 => b"null".to_vec(),
+        _ => {
+            let mut obj = serde_json::Map::new();
+            for _ in 0..fastrand::usize(0..7) {
+                obj.insert(fastrand::choice(KEYS).unwrap().to_string(), random_value(0));
+            }
+            Value::Object(obj).to_string().into_bytes()
+        }
+    }
+}
+
+/// What earlier answers handed out, for plausible follow-up requests.
+#[derive(Default)]
+struct Seen {
+    pools: Vec<(String, String)>,
+    addresses: Vec<String>,
+    /// Docker network ids created, with their IPv4 pool.
+    networks: Vec<(String, String)>,
+}
+
+fn pick<T: Clone>(v: &[T]) -> Option<T> {
+    fastrand::choice(v).cloned()
+}
+
+/// A body shaped like the engine's for `method`, with ids from a small set and pools and
+/// addresses from earlier answers, so that success paths and their orderings are exercised.
+fn plausible_body(method: &str, seen: &Seen) -> Vec<u8> {
+    let net = format!("net{}", fastrand::u8(0..3));
+    let ep = format!("ep{}", fastrand::u8(0..4));
+    let pool = pick(&seen.pools);
+    let pool_id = pool.as_ref().map_or_else(random_string, |p| p.0.clone());
+    let cidr = pool.as_ref().map_or_else(
+        || format!("10.{}.0.0/24", fastrand::u8(100..110)),
+        |p| p.1.clone(),
+    );
+    let addr = pick(&seen.addresses).unwrap_or_else(random_string);
+    let gw = format!(
+        "{}/24",
+        cidr.split('/')
+            .next()
+            .unwrap()
+            .trim_end_matches(".0")
+            .to_string()
+            + ".1"
+    );
+    let v = match method {
+        "IpamDriver.RequestPool" => json!({"AddressSpace": "berth-local",
+            "Pool": if fastrand::bool() { String::new() } else { format!("10.{}.0.0/24", fastrand::u8(100..110)) },
+            "SubPool": "", "Options": if fastrand::bool() { Value::Null } else { json!({}) }, "V6": fastrand::u8(0..5) == 0}),
+        "IpamDriver.ReleasePool" => json!({"PoolID": pool_id}),
+        "IpamDriver.RequestAddress" => json!({"PoolID": pool_id,
+            "Address": if fastrand::bool() { String::new() } else { addr.split('/').next().unwrap_or("").to_string() },
+            "Options": if fastrand::bool() { Value::Null } else { json!({"RequestAddressType": "com.docker.network.gateway"}) }}),
+        "IpamDriver.ReleaseAddress" => {
+            json!({"PoolID": pool_id, "Address": addr.split('/').next().unwrap_or("")})
+        }
+        "NetworkDriver.CreateNetwork" => {
+            json!({"NetworkID": net, "Options": {"com.docker.network.generic": {}},
+            "IPv4Data": [{"AddressSpace": "berth-local", "Pool": cidr, "Gateway": gw}], "IPv6Data": []})
+        }
+        "NetworkDriver.DeleteNetwork" => json!({"NetworkID": net}),
+        "NetworkDriver.CreateEndpoint" => {
+            // Mostly into a network that exists, at an address of its pool.
+            let (net, addr) = match pick(&seen.networks) {
+                Some((n, c)) if fastrand::u8(0..4) > 0 => {
+                    let base = c
+                        .split('/')
+                        .next()
+                        .unwrap()
+                        .trim_end_matches(".0")
+                        .to_string();
+                    (n, format!("{base}.{}/24", fastrand::u8(2..250)))
+                }
+                _ => (net, addr),
+            };
+            json!({"NetworkID": net, "EndpointID": ep,
+                "Interface": {"Address": addr, "AddressIPv6": "", "MacAddress": ""}, "Options": {}})
+        }
+        "NetworkDriver.Join" => {
+            json!({"NetworkID": net, "EndpointID": ep, "SandboxKey": "/var/run/docker/netns/x", "Options": {}})
+        }
+        _ => json!({"NetworkID": net, "EndpointID": ep}),
+    };
+    v.to_string().into_bytes()
+}
+
+/// One raw HTTP exchange, as the engine makes it (no Content-Type). Returns (status, body).
+fn post(h: &Host, method: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    let mut s = UnixStream::connect(h.docker_plugin_socket()).expect("plugin socket accepts");
+    let head = format!(
+        "POST /{method} HTTP/1.1\r\nHost: plugin.moby.localhost\r\nAccept: application/vnd.docker.plugins.v1.2+json\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("an answer, not a reset");
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("an HTTP answer");
+    let status = String::from_utf8_lossy(&raw[..end])
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    (status, raw[end + 4..].to_vec())
+}
+
+#[test]
+fn random_plugin_requests_get_well_formed_answers() {
+    // FUZZ_SEED=<seed> replays a run.
+    let seed = std::env::var("FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..));
+    fastrand::seed(seed);
+    eprintln!("plugin fuzz seed {seed}");
+    let h = Host::new();
+    h.ok(&["network", "create", "blue", "--subnet", "10.91.0.0/24"]);
+    let mut answered = std::collections::BTreeMap::<(String, u16), u32>::new();
+    let mut seen = Seen::default();
+    for i in 0..800 {
+        let method = fastrand::choice(METHODS).unwrap();
+        let body = if fastrand::bool() {
+            plausible_body(method, &seen)
+        } else {
+            random_body()
+        };
+        let (status, answer) = post(&h, method, &body);
+        let shown = String::from_utf8_lossy(&body);
+        let v: Value = serde_json::from_slice(&answer).unwrap_or_else(|e| {
+            panic!(
+                "#{i} {method} {shown}: answer is not JSON ({e}): {}",
+                String::from_utf8_lossy(&answer)
+            )
+        });
+        assert!(v.is_object(), "#{i} {method} {shown}: {v}");
+        *answered.entry((method.to_string(), status)).or_default() += 1;
+        if status == 200 {
+            if let (Some(id), Some(pool)) = (v["PoolID"].as_str(), v["Pool"].as_str()) {
+                seen.pools.push((id.to_string(), pool.to_string()));
+            }
+            if let Some(a) = v["Address"].as_str() {
+                seen.addresses.push(a.to_string());
+            }
+            if *method == "NetworkDriver.CreateNetwork"
+                && let Ok(req) = serde_json::from_slice::<Value>(&body)
+                && let (Some(n), Some(c)) = (
+                    req["NetworkID"].as_str(),
+                    req["IPv4Data"][0]["Pool"].as_str(),
+                )
+            {
+                seen.networks.push((n.to_string(), c.to_string()));
+            }
+        }
+        if status != 200 {
+            assert!(
+                (400..600).contains(&status),
+                "#{i} {method}: status {status}"
+            );
+            assert!(
+                v["Err"].as_str().is_some_and(|e| !e.is_empty()),
+                "#{i} {method} {shown}: {v}"
+            );
+        }
+    }
+    eprintln!("answers by method and status: {answered:?}");
+    let deep = answered
+        .iter()
+        .filter(|((m, st), _)| {
+            *st == 200
+                && (m.ends_with("CreateNetwork")
+                    || m.ends_with("Join")
+                    || m.ends_with("CreateEndpoint"))
+        })
+        .count();
+    assert!(
+        deep > 0,
+        "the plausible requests reached the success paths: {answered:?}"
+    );
+    // Still sound: every address is owned by the gateway, a Docker reservation or a live
+    // endpoint, and every endpoint has its veth.
+    let eps = h.json(&["endpoint", "ls"]);
+    let ids: Vec<&str> = eps
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_str().unwrap())
+        .collect();
+    for n in h.json(&["network", "ls"]).as_array().unwrap() {
+        let name = n["name"].as_str().unwrap();
+        let allocs: Value = h
+            .client()
+            .get(&format!("/v1/networks/{name}/allocations"))
+            .unwrap();
+        for a in allocs.as_array().unwrap() {
+            let owner = a["owner"].as_str().unwrap();
+            assert!(
+                owner == "gateway" || owner.starts_with("docker:") || ids.contains(&owner),
+                "{name}: {a}"
+            );
+        }
+    }
+    let links = h.host_links();
+    for e in eps.as_array().unwrap() {
+        assert!(
+            links
+                .iter()
+                .any(|l| l == e["host_ifname"].as_str().unwrap()),
+            "{e}"
+        );
+    }
+    h.stop();
+    h.start();
+    assert!(h.ping_gateway_from_new_sandbox("blue"));
+}
+
+impl Host {
+    fn ping_gateway_from_new_sandbox(&self, network: &str) -> bool {
+        self.ok(&["sandbox", "create", "fuzzcheck"]);
+        self.ok(&["attach", "fuzzcheck", "--network", network]);
+        self.ping("fuzzcheck", "10.91.0.1")
+    }
+}
