@@ -8,6 +8,8 @@
 //! would, each sequentially and with parallel callers. Run as root:
 //! `cargo build --release && target/release/berth-bench`.
 
+mod docker;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -30,6 +32,10 @@ struct Args {
     /// Concurrent callers for the parallel runs.
     #[arg(long, default_value_t = 16)]
     parallel: usize,
+    /// Also time `docker run -d` of this many containers on berth, Docker's bridge and no
+    /// network (needs docker.io and busybox-static); 0 skips it.
+    #[arg(long, default_value_t = 50)]
+    docker_n: usize,
     /// Skip the baselines (e.g. where their packages are not installed).
     #[arg(long)]
     no_baselines: bool,
@@ -117,7 +123,8 @@ fn main() -> Result<()> {
             .arg(dir.join("run"))
             .arg("--netns-dir")
             .arg(dir.join("netns"))
-            .args(["--docker-plugin-socket", ""])
+            .arg("--docker-plugin-socket")
+            .arg(dir.join("run/plugin.sock"))
             .stderr(Stdio::inherit())
             .spawn()?,
     );
@@ -197,6 +204,13 @@ fn main() -> Result<()> {
                 }
             }
         }
+    }
+
+    if args.docker_n > 0 {
+        let plugin = format!("berthbench{}", std::process::id());
+        let dockerd =
+            docker::Dockerd::start(&dir.join("docker"), &plugin, &dir.join("run/plugin.sock"))?;
+        rows.extend(dockerd.run_bench(&plugin, args.docker_n)?);
     }
 
     println!(
