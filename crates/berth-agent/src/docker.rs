@@ -131,6 +131,7 @@ async fn dispatch(
     body: Bytes,
 ) -> Response {
     tracing::debug!(%method, body = %String::from_utf8_lossy(&body), "docker plugin call");
+    let started = std::time::Instant::now();
     let answer: std::result::Result<Value, PluginError> = async {
         Ok(match method.as_str() {
             "Plugin.Activate" => json!({ "Implements": ["NetworkDriver", "IpamDriver"] }),
@@ -163,6 +164,7 @@ async fn dispatch(
         })
     }
     .await;
+    tracing::debug!(%method, micros = started.elapsed().as_micros() as u64, ok = answer.is_ok(), "docker plugin call done");
     match answer {
         Ok(v) => (StatusCode::OK, axum::Json(v)).into_response(),
         Err(e) => e.into_response(),
