@@ -132,6 +132,7 @@ async fn dispatch(
 ) -> Response {
     tracing::debug!(%method, body = %String::from_utf8_lossy(&body), "docker plugin call");
     let started = std::time::Instant::now();
+    let _one_at_a_time = a.docker_calls.lock().await;
     let answer: std::result::Result<Value, PluginError> = async {
         Ok(match method.as_str() {
             "Plugin.Activate" => json!({ "Implements": ["NetworkDriver", "IpamDriver"] }),
@@ -268,6 +269,22 @@ struct EndpointRef {
     sandbox_key: String,
 }
 
+/// A transaction whose compares must hold: a concurrent change is an error the engine retries
+/// or shows, never a silently skipped write.
+async fn commit_or_conflict(a: &Agent, txn: Txn) -> Result<()> {
+    match a.commit(txn).await? {
+        TxnOutcome::Committed { .. } => Ok(()),
+        TxnOutcome::CompareFailed(c) => Err(AgentError::Conflict(format!(
+            "state changed meanwhile ({c:?}); try again"
+        ))),
+    }
+}
+
+/// The berth network made for a Docker network.
+fn docker_network_name(docker_id: &str) -> String {
+    format!("docker-{}", docker_id.chars().take(12).collect::<String>())
+}
+
 fn required<'a>(what: &str, v: &'a str) -> Result<&'a str> {
     if v.is_empty() {
         Err(invalid(format!("{what} is missing")))
@@ -341,8 +358,17 @@ impl Agent {
                     // Identical request: same pool, one more reference.
                     let mut p = p.clone();
                     p.refs += 1;
-                    self.commit(Txn::new().put(keys::docker_pool(&p.id), encode(&p)))
+                    let (_, rev) = self
+                        .docker_load::<DockerPool>(&keys::docker_pool(&p.id), "pool")
                         .await?;
+                    let key = keys::docker_pool(&p.id);
+                    commit_or_conflict(
+                        self,
+                        Txn::new()
+                            .when(Compare::ModRevision(key.clone(), rev))
+                            .put(key, encode(&p)),
+                    )
+                    .await?;
                     return Ok(json!({ "PoolID": p.id, "Pool": p.cidr.to_string(), "Data": {} }));
                 }
                 match networks
@@ -387,7 +413,8 @@ impl Agent {
             network,
             allocated: BTreeSet::new(),
         };
-        self.commit(
+        commit_or_conflict(
+            self,
             Txn::new()
                 .when(Compare::Absent(keys::docker_pool(&pool.id)))
                 .put(keys::docker_pool(&pool.id), encode(&pool)),
@@ -407,7 +434,7 @@ impl Agent {
         } else {
             txn.put(key, encode(&pool))
         };
-        self.commit(txn).await?;
+        commit_or_conflict(self, txn).await?;
         Ok(json!({}))
     }
 
@@ -466,7 +493,8 @@ impl Agent {
                 }
             };
             pool.gateway = Some(gw);
-            self.commit(
+            commit_or_conflict(
+                self,
                 Txn::new()
                     .when(Compare::ModRevision(key.clone(), rev))
                     .put(key, encode(&pool)),
@@ -477,19 +505,8 @@ impl Agent {
 
         let ip = match &pool.network {
             Some(name) => {
-                let net = self.network(name).await?;
-                let got = self.allocate(&net, &requested.into_iter().collect::<Vec<_>>())?;
-                let Some(ip) = got.iter().map(|n| n.addr()).find(|a| pool.cidr.contains(a)) else {
-                    got.iter().for_each(|n| self.release_ip(name, n.addr()));
-                    return Err(AgentError::Conflict(format!(
-                        "pool {} is not a subnet of berth network {name:?}",
-                        pool.cidr
-                    )));
-                };
-                // Reserve only this family's address; the other family has its own pool.
-                for other in got.iter().filter(|n| n.addr() != ip) {
-                    self.release_ip(name, other.addr());
-                }
+                self.network(name).await?;
+                let ip = self.take_in_subnet(name, pool.cidr, requested)?;
                 let k = keys::ipam(name, ip);
                 let owner = format!("{}{}", keys::DOCKER_OWNER_PREFIX, pool.id);
                 if let TxnOutcome::CompareFailed(_) = self
@@ -549,10 +566,12 @@ impl Agent {
                 // Only a reservation still ours: once an endpoint took the address over, its
                 // detach releases it (and the gateway belongs to the network).
                 let k = keys::ipam(name, ip);
+                let owner = format!("{}{}", keys::DOCKER_OWNER_PREFIX, pool.id);
                 if let Some(kv) = self.store.get(&k).await?
-                    && kv.value.starts_with(keys::DOCKER_OWNER_PREFIX.as_bytes())
+                    && kv.value == owner.as_bytes()
                 {
-                    self.commit(
+                    commit_or_conflict(
+                        self,
                         Txn::new()
                             .when(Compare::ModRevision(k.clone(), kv.mod_revision))
                             .delete(k),
@@ -566,7 +585,8 @@ impl Agent {
                     pool.gateway = None;
                 }
                 pool.allocated.remove(&ip);
-                self.commit(
+                commit_or_conflict(
+                    self,
                     Txn::new()
                         .when(Compare::ModRevision(key.clone(), rev))
                         .put(key, encode(&pool)),
@@ -575,12 +595,6 @@ impl Agent {
             }
         }
         Ok(json!({}))
-    }
-
-    fn release_ip(&self, network: &str, ip: IpAddr) {
-        if let Some(pools) = self.pools.lock().expect("pools lock").get_mut(network) {
-            pools.iter_mut().for_each(|p| p.release(ip));
-        }
     }
 
     // ------------------------------------------------------------------ network driver
@@ -641,7 +655,7 @@ impl Agent {
                     .map(pool_of)
                     .collect::<Result<Vec<_>>>()?;
                 let req = CreateNetwork {
-                    name: format!("docker-{}", &id[..id.len().min(12)]),
+                    name: docker_network_name(&id),
                     subnet: Some(pool_of(first)?.to_string()),
                     gateway: gateway_of(first)?,
                     ipv6_subnet: v6.first().map(pool_of).transpose()?.map(|p| p.to_string()),
@@ -658,7 +672,8 @@ impl Agent {
             let cidr = pool_of(d)?;
             for (mut p, rev) in self.docker_pools_with(cidr).await? {
                 p.network = Some(name.clone());
-                self.commit(
+                commit_or_conflict(
+                    self,
                     Txn::new()
                         .when(Compare::ModRevision(keys::docker_pool(&p.id), rev))
                         .put(keys::docker_pool(&p.id), encode(&p)),
@@ -690,9 +705,15 @@ impl Agent {
     }
 
     async fn docker_delete_network(&self, req: NetworkRef) -> Result<Value> {
-        let key = keys::docker_network(required("NetworkID", &req.network_id)?);
+        let id = required("NetworkID", &req.network_id)?;
+        let key = keys::docker_network(id);
         let Some((dn, _)) = self.load::<DockerNetwork>(&key).await? else {
-            return Ok(json!({}));
+            // A CreateNetwork cut short (crash, timeout) may have made the berth network
+            // without recording it: remove it by the name it would have.
+            match self.delete_network(&docker_network_name(id)).await {
+                Ok(()) | Err(AgentError::NotFound(_)) => return Ok(json!({})),
+                Err(e) => return Err(e),
+            }
         };
         if !dn.bound {
             match self.delete_network(&dn.network).await {
@@ -712,7 +733,7 @@ impl Agent {
                     .put(kv.key, encode(&p));
             }
         }
-        self.commit(txn).await?;
+        commit_or_conflict(self, txn).await?;
         Ok(json!({}))
     }
 
@@ -747,7 +768,13 @@ impl Agent {
                     )));
                 }
                 None => {
-                    self.allocate(&net, &[ip.addr()])?;
+                    let cidr = net.subnet_for(ip.addr()).map(|s| s.cidr).ok_or_else(|| {
+                        invalid(format!(
+                            "address {ip} is outside berth network {:?}",
+                            net.name
+                        ))
+                    })?;
+                    self.take_in_subnet(&net.name, cidr, Some(ip.addr()))?;
                     let owner = format!("{}external", keys::DOCKER_OWNER_PREFIX);
                     if let TxnOutcome::CompareFailed(_) = self
                         .commit(Txn::new().when(Compare::Absent(k.clone())).put(k, owner))
@@ -940,7 +967,8 @@ impl Agent {
             Ok(()) | Err(AgentError::NotFound(_)) => {}
             Err(e) => return Err(e),
         }
-        self.commit(
+        commit_or_conflict(
+            self,
             Txn::new()
                 .when(Compare::ModRevision(key.clone(), rev))
                 .put(key, encode(&de)),
@@ -962,18 +990,23 @@ impl Agent {
         }
         // Addresses the engine's own IPAM gave (reserved here as "external") go with it.
         let mut txn = Txn::new().delete(key);
+        let external = format!("{}external", keys::DOCKER_OWNER_PREFIX);
+        let mut freed = Vec::new();
         for ip in &de.ips {
             let k = keys::ipam(&de.network, ip.addr());
             if let Some(kv) = self.store.get(&k).await?
-                && kv.value == format!("{}external", keys::DOCKER_OWNER_PREFIX).as_bytes()
+                && kv.value == external.as_bytes()
             {
                 txn = txn
                     .when(Compare::ModRevision(k.clone(), kv.mod_revision))
                     .delete(k);
-                self.release_ip(&de.network, ip.addr());
+                freed.push(ip.addr());
             }
         }
-        self.commit(txn).await?;
+        commit_or_conflict(self, txn).await?;
+        for ip in freed {
+            self.release_ip(&de.network, ip);
+        }
         Ok(json!({}))
     }
 }

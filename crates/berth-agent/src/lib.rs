@@ -41,6 +41,8 @@ pub struct Agent {
     default_mtu: u32,
     /// The in-memory index of taken addresses per network, rebuilt from the store at start.
     pools: Mutex<HashMap<String, Vec<Pool>>>,
+    /// Docker plugin calls run one at a time: they read-modify-write shared pool records.
+    docker_calls: tokio::sync::Mutex<()>,
     /// Creating or removing a network excludes attach and detach; those run in parallel.
     topology: tokio::sync::RwLock<()>,
     /// Wakes the reaper, which deletes detached endpoints' veths in batches.
@@ -101,6 +103,7 @@ impl Agent {
             default_mtu,
             pools: Mutex::new(HashMap::new()),
             topology: tokio::sync::RwLock::new(()),
+            docker_calls: tokio::sync::Mutex::new(()),
             reaper: tokio::sync::Notify::new(),
             reaping: tokio::sync::Mutex::new(()),
         }
@@ -846,13 +849,27 @@ impl Agent {
     /// all detached endpoints in one kernel operation and only then releases their addresses,
     /// so an address is never reused while an interface still holds it.
     async fn remove_endpoint(&self, ep: &Endpoint) -> Result<()> {
-        let (host_ifname, ifname, tomb) = (
-            ep.host_ifname.clone(),
-            ep.ifname.clone(),
-            tombstone_name(&ep.id),
+        // The store first, against the record as it is now: a second removal of the same
+        // endpoint (a retried DEL, detach racing sandbox rm) finds it gone and does nothing,
+        // rather than retiring whatever now holds the interface name.
+        let Some((current, rev)) = self.load::<Endpoint>(&keys::endpoint(&ep.id)).await? else {
+            return Ok(());
+        };
+        let txn = self
+            .endpoint_records(&current, Txn::new(), false, false)
+            .when(Compare::ModRevision(keys::endpoint(&ep.id), rev))
+            .put(keys::releasing(&ep.id), encode(&current));
+        if let TxnOutcome::CompareFailed(_) = self.commit(txn).await? {
+            return Ok(());
+        }
+        let (host_ifname, ifname, tomb, mac) = (
+            current.host_ifname.clone(),
+            current.ifname.clone(),
+            tombstone_name(&current.id),
+            current.mac.0,
         );
-        let (path, nsid) = (ep.netns.path.clone(), ep.netns.id.clone());
-        kernel(move || {
+        let (path, nsid) = (current.netns.path.clone(), current.netns.id.clone());
+        let retired = kernel(move || {
             // Only the namespace we attached: the path may now name another one.
             let ns = netns::open(Path::new(&path))
                 .ok()
@@ -860,15 +877,17 @@ impl Agent {
             berth_dataplane::retire_endpoint(
                 &mut Netlink::open()?,
                 &host_ifname,
-                ns.as_ref().map(|f| (f, ifname.as_str())),
+                ns.as_ref().map(|f| (f, ifname.as_str(), mac)),
                 &tomb,
             )
         })
-        .await?;
-        let txn = self.endpoint_records(ep, Txn::new(), false, false);
-        let txn = txn.put(keys::releasing(&ep.id), encode(ep));
-        self.commit(txn).await?;
+        .await;
+        // Whatever happened in the kernel, the detach is recorded and the reaper deletes the
+        // veth (on its own if retiring failed) before releasing the addresses.
         self.reaper.notify_one();
+        if let Err(e) = retired {
+            tracing::warn!(endpoint = %ep.id, error = %e, "retiring the veth failed; the reaper deletes it");
+        }
         tracing::debug!(endpoint = %ep.id, network = %ep.network, "detached");
         Ok(())
     }
@@ -895,6 +914,11 @@ impl Agent {
         let gone = kernel(move || {
             let mut host = Netlink::open()?;
             berth_dataplane::reap(&mut host)?;
+            // Any not in the reap group (its retire failed, or the daemon died before it) is
+            // deleted on its own: slower, but nothing stays pending.
+            for n in &names {
+                berth_dataplane::delete_link(&mut host, n)?;
+            }
             names
                 .iter()
                 .map(|n| host.link_by_name(n).map(|l| l.is_none()))
@@ -917,6 +941,7 @@ impl Agent {
             return Ok(());
         }
         let mut txn = Txn::new();
+        let mut freed: Vec<(String, IpAddr)> = Vec::new();
         for ep in eps {
             txn = txn.delete(keys::releasing(&ep.id));
             for ip in &ep.ips {
@@ -927,6 +952,7 @@ impl Agent {
                     txn = txn
                         .when(Compare::ModRevision(key.clone(), kv.mod_revision))
                         .delete(key);
+                    freed.push((ep.network.clone(), ip.addr()));
                 }
             }
         }
@@ -936,10 +962,44 @@ impl Agent {
             self.reaper.notify_one();
             return Ok(());
         }
-        for ep in eps {
-            self.release(ep);
+        // Only what the store released is free in memory too.
+        for (network, ip) in freed {
+            self.release_ip(&network, ip);
         }
         Ok(())
+    }
+
+    /// Frees one address in a network's in-memory pools.
+    fn release_ip(&self, network: &str, ip: IpAddr) {
+        if let Some(pools) = self.pools.lock().expect("pools lock").get_mut(network) {
+            pools.iter_mut().for_each(|p| p.release(ip));
+        }
+    }
+
+    /// Takes one address (`requested`, else the next free) in the subnet `cidr` of a network,
+    /// in memory; the caller commits it to the store or releases it again.
+    fn take_in_subnet(
+        &self,
+        network: &str,
+        cidr: IpNet,
+        requested: Option<IpAddr>,
+    ) -> Result<IpAddr> {
+        let mut pools = self.pools.lock().expect("pools lock");
+        let pool = pools
+            .get_mut(network)
+            .and_then(|ps| ps.iter_mut().find(|p| p.subnet() == cidr))
+            .ok_or_else(|| {
+                AgentError::Conflict(format!("{cidr} is not a subnet of network {network:?}"))
+            })?;
+        match requested {
+            Some(ip) => pool.take(ip).map(|()| ip).map_err(|e| match e {
+                IpamError::InUse(ip) => {
+                    AgentError::Conflict(format!("address {ip} is already in use on {network:?}"))
+                }
+                other => other.into(),
+            }),
+            None => Ok(pool.allocate()?),
+        }
     }
 
     pub async fn status(&self) -> Result<Status> {

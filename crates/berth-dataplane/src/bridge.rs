@@ -201,20 +201,21 @@ pub fn ensure_endpoint(
 pub const REAP_GROUP: u32 = 0x6265_7274; // "bert"
 
 /// The fast half of removing an endpoint: the host end goes down and into [`REAP_GROUP`], and
-/// the sandbox end goes down and is renamed to `tombstone`, so the sandbox loses the network at
+/// the sandbox end (if it still has `mac`) goes down and is renamed to `tombstone`, so the sandbox loses the network at
 /// once and its interface name is free again. [`reap`] deletes the pairs later, in one batch.
 /// Missing links (the namespace died, say) are fine: there is less to retire.
 pub fn retire_endpoint(
     host: &mut Netlink,
     host_ifname: &str,
-    sandbox: Option<(&File, &str)>,
+    sandbox: Option<(&File, &str, [u8; 6])>,
     tombstone: &str,
 ) -> Result<()> {
     // The sandbox end first: once the host end is in the reap group, a reap pass already under
     // way may delete the pair at any moment.
-    if let Some((ns, ifname)) = sandbox {
+    if let Some((ns, ifname, mac)) = sandbox {
         let mut sb = Netlink::open_in(ns)?;
-        if let Some(l) = sb.link_by_name(ifname)? {
+        // Only our interface: by now the name may belong to another endpoint.
+        if let Some(l) = sb.link_by_name(ifname)?.filter(|l| l.mac == Some(mac)) {
             gone_is_fine(sb.retire_link(l.index, Some(tombstone), None))?;
         }
     }
