@@ -285,6 +285,25 @@ fn docker_network_name(docker_id: &str) -> String {
     format!("docker-{}", docker_id.chars().take(12).collect::<String>())
 }
 
+/// Writes `value` at `key` if the record is still at revision `rev`.
+async fn put_if_unchanged<T: Serialize>(a: &Agent, key: String, rev: u64, value: &T) -> Result<()> {
+    commit_or_conflict(
+        a,
+        Txn::new()
+            .when(Compare::ModRevision(key.clone(), rev))
+            .put(key, encode(value)),
+    )
+    .await
+}
+
+/// Removal that finds nothing to remove has done its job.
+fn gone_is_done(r: Result<()>) -> Result<()> {
+    match r {
+        Err(AgentError::NotFound(_)) => Ok(()),
+        other => other,
+    }
+}
+
 fn required<'a>(what: &str, v: &'a str) -> Result<&'a str> {
     if v.is_empty() {
         Err(invalid(format!("{what} is missing")))
@@ -362,13 +381,7 @@ impl Agent {
                         .docker_load::<DockerPool>(&keys::docker_pool(&p.id), "pool")
                         .await?;
                     let key = keys::docker_pool(&p.id);
-                    commit_or_conflict(
-                        self,
-                        Txn::new()
-                            .when(Compare::ModRevision(key.clone(), rev))
-                            .put(key, encode(&p)),
-                    )
-                    .await?;
+                    put_if_unchanged(self, key, rev, &p).await?;
                     return Ok(json!({ "PoolID": p.id, "Pool": p.cidr.to_string(), "Data": {} }));
                 }
                 match networks
@@ -493,13 +506,7 @@ impl Agent {
                 }
             };
             pool.gateway = Some(gw);
-            commit_or_conflict(
-                self,
-                Txn::new()
-                    .when(Compare::ModRevision(key.clone(), rev))
-                    .put(key, encode(&pool)),
-            )
-            .await?;
+            put_if_unchanged(self, key, rev, &pool).await?;
             return Ok(json!({ "Address": with_prefix(gw), "Data": {} }));
         }
 
@@ -585,13 +592,7 @@ impl Agent {
                     pool.gateway = None;
                 }
                 pool.allocated.remove(&ip);
-                commit_or_conflict(
-                    self,
-                    Txn::new()
-                        .when(Compare::ModRevision(key.clone(), rev))
-                        .put(key, encode(&pool)),
-                )
-                .await?;
+                put_if_unchanged(self, key, rev, &pool).await?;
             }
         }
         Ok(json!({}))
@@ -672,13 +673,7 @@ impl Agent {
             let cidr = pool_of(d)?;
             for (mut p, rev) in self.docker_pools_with(cidr).await? {
                 p.network = Some(name.clone());
-                commit_or_conflict(
-                    self,
-                    Txn::new()
-                        .when(Compare::ModRevision(keys::docker_pool(&p.id), rev))
-                        .put(keys::docker_pool(&p.id), encode(&p)),
-                )
-                .await?;
+                put_if_unchanged(self, keys::docker_pool(&p.id), rev, &p).await?;
             }
         }
         let dn = DockerNetwork {
@@ -710,16 +705,11 @@ impl Agent {
         let Some((dn, _)) = self.load::<DockerNetwork>(&key).await? else {
             // A CreateNetwork cut short (crash, timeout) may have made the berth network
             // without recording it: remove it by the name it would have.
-            match self.delete_network(&docker_network_name(id)).await {
-                Ok(()) | Err(AgentError::NotFound(_)) => return Ok(json!({})),
-                Err(e) => return Err(e),
-            }
+            gone_is_done(self.delete_network(&docker_network_name(id)).await)?;
+            return Ok(json!({}));
         };
         if !dn.bound {
-            match self.delete_network(&dn.network).await {
-                Ok(()) | Err(AgentError::NotFound(_)) => {}
-                Err(e) => return Err(e),
-            }
+            gone_is_done(self.delete_network(&dn.network).await)?;
         }
         // Pools it served no longer have a network (a later one may reuse the name).
         let mut txn = Txn::new().delete(key);
@@ -963,17 +953,8 @@ impl Agent {
                 de.id
             )));
         };
-        match self.delete_endpoint(&id).await {
-            Ok(()) | Err(AgentError::NotFound(_)) => {}
-            Err(e) => return Err(e),
-        }
-        commit_or_conflict(
-            self,
-            Txn::new()
-                .when(Compare::ModRevision(key.clone(), rev))
-                .put(key, encode(&de)),
-        )
-        .await?;
+        gone_is_done(self.delete_endpoint(&id).await)?;
+        put_if_unchanged(self, key, rev, &de).await?;
         Ok(json!({}))
     }
 
@@ -983,10 +964,7 @@ impl Agent {
             return Ok(json!({}));
         };
         if let Some(id) = &de.endpoint {
-            match self.delete_endpoint(id).await {
-                Ok(()) | Err(AgentError::NotFound(_)) => {}
-                Err(e) => return Err(e),
-            }
+            gone_is_done(self.delete_endpoint(id).await)?;
         }
         // Addresses the engine's own IPAM gave (reserved here as "external") go with it.
         let mut txn = Txn::new().delete(key);
