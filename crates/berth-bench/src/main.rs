@@ -36,6 +36,9 @@ struct Args {
     /// network (needs docker.io and busybox-static); 0 skips it.
     #[arg(long, default_value_t = 50)]
     docker_n: usize,
+    /// Log level of the benchmarked daemon (its log goes to stderr).
+    #[arg(long, default_value = "warn")]
+    daemon_log_level: String,
     /// Skip the baselines (e.g. where their packages are not installed).
     #[arg(long)]
     no_baselines: bool,
@@ -117,7 +120,7 @@ fn main() -> Result<()> {
 
     b.daemon = Some(
         Command::new(&b.berth)
-            .args(["daemon", "--log-level", "warn", "--state-dir"])
+            .args(["daemon", "--log-level", &args.daemon_log_level, "--state-dir"])
             .arg(dir.join("state"))
             .arg("--run-dir")
             .arg(dir.join("run"))
