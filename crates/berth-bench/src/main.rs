@@ -120,7 +120,12 @@ fn main() -> Result<()> {
 
     b.daemon = Some(
         Command::new(&b.berth)
-            .args(["daemon", "--log-level", &args.daemon_log_level, "--state-dir"])
+            .args([
+                "daemon",
+                "--log-level",
+                &args.daemon_log_level,
+                "--state-dir",
+            ])
             .arg(dir.join("state"))
             .arg("--run-dir")
             .arg(dir.join("run"))
