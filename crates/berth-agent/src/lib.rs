@@ -633,63 +633,37 @@ impl Agent {
                 )));
             }
         }
-        let mut pools = self.pools.lock().expect("pools lock");
-        let pools = pools
-            .get_mut(&net.name)
-            .ok_or_else(|| AgentError::Internal(format!("no pool for network {}", net.name)))?;
         let mut got: Vec<IpNet> = Vec::new();
-        let mut failure = None;
-        for pool in pools.iter_mut() {
-            let mine: Vec<_> = requested
+        for subnet in &net.subnets {
+            let mine: Vec<IpAddr> = requested
                 .iter()
-                .filter(|ip| pool.subnet().contains(*ip))
+                .copied()
+                .filter(|ip| subnet.cidr.contains(ip))
                 .collect();
-            let result = match mine.as_slice() {
-                [] => pool.allocate(),
-                [ip] => pool.take(**ip).map(|()| **ip).map_err(|e| match e {
-                    IpamError::InUse(_) => IpamError::InUse(**ip),
-                    other => other,
-                }),
-                _ => {
-                    failure = Some(AgentError::Invalid(format!(
-                        "more than one address requested in {}",
-                        pool.subnet()
-                    )));
-                    break;
-                }
+            let taken = match mine.as_slice() {
+                [] => self.take_in_subnet(&net.name, subnet.cidr, None),
+                [ip] => self.take_in_subnet(&net.name, subnet.cidr, Some(*ip)),
+                _ => Err(AgentError::Invalid(format!(
+                    "more than one address requested in {}",
+                    subnet.cidr
+                ))),
             };
-            match result {
-                Ok(ip) => {
-                    got.push(IpNet::new(ip, pool.subnet().prefix_len()).expect("valid prefix"))
-                }
+            match taken {
+                Ok(ip) => got.push(IpNet::new(ip, subnet.cidr.prefix_len()).expect("valid prefix")),
                 Err(e) => {
-                    failure = Some(match e {
-                        IpamError::InUse(ip) => AgentError::Conflict(format!(
-                            "address {ip} is already in use on network {:?}",
-                            net.name
-                        )),
-                        other => other.into(),
-                    });
-                    break;
+                    for ip in &got {
+                        self.release_ip(&net.name, ip.addr());
+                    }
+                    return Err(e);
                 }
             }
-        }
-        if let Some(f) = failure {
-            for ip in &got {
-                for pool in pools.iter_mut() {
-                    pool.release(ip.addr());
-                }
-            }
-            return Err(f);
         }
         Ok(got)
     }
 
     fn release(&self, ep: &Endpoint) {
-        if let Some(pools) = self.pools.lock().expect("pools lock").get_mut(&ep.network) {
-            for ip in &ep.ips {
-                pools.iter_mut().for_each(|p| p.release(ip.addr()));
-            }
+        for ip in &ep.ips {
+            self.release_ip(&ep.network, ip.addr());
         }
     }
 
@@ -911,7 +885,7 @@ impl Agent {
             return Ok(0);
         }
         let names: Vec<String> = pending.iter().map(|e| e.host_ifname.clone()).collect();
-        let gone = kernel(move || {
+        kernel(move || {
             let mut host = Netlink::open()?;
             berth_dataplane::reap(&mut host)?;
             // Any not in the reap group (its retire failed, or the daemon died before it) is
@@ -919,18 +893,10 @@ impl Agent {
             for n in &names {
                 berth_dataplane::delete_link(&mut host, n)?;
             }
-            names
-                .iter()
-                .map(|n| host.link_by_name(n).map(|l| l.is_none()))
-                .collect::<Result<Vec<_>, _>>()
+            Ok(())
         })
         .await?;
-        let done: Vec<&Endpoint> = pending
-            .iter()
-            .zip(gone)
-            .filter(|(_, gone)| *gone)
-            .map(|(e, _)| e)
-            .collect();
+        let done: Vec<&Endpoint> = pending.iter().collect();
         self.release_records(&done).await?;
         Ok(done.len())
     }
@@ -993,9 +959,9 @@ impl Agent {
             })?;
         match requested {
             Some(ip) => pool.take(ip).map(|()| ip).map_err(|e| match e {
-                IpamError::InUse(ip) => {
-                    AgentError::Conflict(format!("address {ip} is already in use on {network:?}"))
-                }
+                IpamError::InUse(ip) => AgentError::Conflict(format!(
+                    "address {ip} is already in use on network {network:?}"
+                )),
                 other => other.into(),
             }),
             None => Ok(pool.allocate()?),

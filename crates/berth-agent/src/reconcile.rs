@@ -56,14 +56,7 @@ impl Agent {
         }
 
         // Endpoints detached before the stop: finish deleting their veths, release addresses.
-        let releasing: Vec<Endpoint> = self.load_all(keys::RELEASING).await?;
-        for ep in &releasing {
-            let host_ifname = ep.host_ifname.clone();
-            kernel(move || berth_dataplane::delete_link(&mut Netlink::open()?, &host_ifname))
-                .await?;
-        }
-        self.release_records(&releasing.iter().collect::<Vec<_>>())
-            .await?;
+        self.reap().await?;
 
         // Endpoints: repair the living, remove the dead.
         let host_links = kernel(|| Netlink::open()?.links()).await?;
