@@ -83,6 +83,35 @@ impl Netlink {
         })
     }
 
+    /// Appends `msg` to `out` as the next request with `flags`; returns its sequence number.
+    fn encode(&mut self, msg: RouteNetlinkMessage, flags: u16, out: &mut Vec<u8>) -> u32 {
+        self.seq = self.seq.wrapping_add(1);
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | flags;
+        header.sequence_number = self.seq;
+        let mut nl = NetlinkMessage::new(header, NetlinkPayload::from(msg));
+        nl.finalize();
+        let start = out.len();
+        out.resize(start + nl.buffer_len(), 0);
+        nl.serialize(&mut out[start..]);
+        self.seq
+    }
+
+    fn send(&mut self, out: &[u8]) -> Result<()> {
+        self.socket
+            .send(out, 0)
+            .map(drop)
+            .map_err(|e| DataplaneError::io("netlink send", e))
+    }
+
+    /// Sends one request; returns its sequence number.
+    fn send_one(&mut self, msg: RouteNetlinkMessage, flags: u16) -> Result<u32> {
+        let mut out = Vec::new();
+        let seq = self.encode(msg, flags, &mut out);
+        self.send(&out)?;
+        Ok(seq)
+    }
+
     /// Sends every request in one datagram and waits for all their ACKs. The kernel processes
     /// each message even if an earlier one failed; the first failure is returned.
     pub fn batch(&mut self, requests: Vec<(RouteNetlinkMessage, u16, String)>) -> Result<()> {
@@ -90,20 +119,10 @@ impl Netlink {
         let mut out = Vec::new();
         let mut ops = Vec::with_capacity(requests.len());
         for (msg, flags, op) in requests {
-            self.seq = self.seq.wrapping_add(1);
-            let mut header = NetlinkHeader::default();
-            header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
-            header.sequence_number = self.seq;
-            let mut nl = NetlinkMessage::new(header, NetlinkPayload::from(msg));
-            nl.finalize();
-            let start = out.len();
-            out.resize(start + nl.buffer_len(), 0);
-            nl.serialize(&mut out[start..]);
+            self.encode(msg, NLM_F_ACK | flags, &mut out);
             ops.push(op);
         }
-        self.socket
-            .send(&out, 0)
-            .map_err(|e| DataplaneError::io("netlink send", e))?;
+        self.send(&out)?;
         let mut pending = ops.len();
         let mut first_err = None;
         while pending > 0 {
@@ -133,18 +152,7 @@ impl Netlink {
     }
 
     fn dump(&mut self, msg: RouteNetlinkMessage, op: &str) -> Result<Vec<RouteNetlinkMessage>> {
-        self.seq = self.seq.wrapping_add(1);
-        let seq = self.seq;
-        let mut header = NetlinkHeader::default();
-        header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-        header.sequence_number = seq;
-        let mut nl = NetlinkMessage::new(header, NetlinkPayload::from(msg));
-        nl.finalize();
-        let mut out = vec![0; nl.buffer_len()];
-        nl.serialize(&mut out);
-        self.socket
-            .send(&out, 0)
-            .map_err(|e| DataplaneError::io("netlink send", e))?;
+        let seq = self.send_one(msg, NLM_F_DUMP)?;
         let mut items = Vec::new();
         let mut done = false;
         while !done {
@@ -216,21 +224,7 @@ impl Netlink {
     pub fn link_by_name(&mut self, name: &str) -> Result<Option<Link>> {
         let mut msg = LinkMessage::default();
         msg.attributes.push(LinkAttribute::IfName(name.to_string()));
-        self.seq = self.seq.wrapping_add(1);
-        let seq = self.seq;
-        let mut header = NetlinkHeader::default();
-        header.flags = NLM_F_REQUEST;
-        header.sequence_number = seq;
-        let mut nl = NetlinkMessage::new(
-            header,
-            NetlinkPayload::from(RouteNetlinkMessage::GetLink(msg)),
-        );
-        nl.finalize();
-        let mut out = vec![0; nl.buffer_len()];
-        nl.serialize(&mut out);
-        self.socket
-            .send(&out, 0)
-            .map_err(|e| DataplaneError::io("netlink send", e))?;
+        let seq = self.send_one(RouteNetlinkMessage::GetLink(msg), 0)?;
         let mut answer: Option<Result<Option<Link>>> = None;
         while answer.is_none() {
             self.recv_each(|m| {
