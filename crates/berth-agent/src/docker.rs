@@ -364,13 +364,8 @@ impl Agent {
             ("", None) => None,
             (p, _) => Some(berth_model::parse_cidr(p)?),
         };
-        let taken = |c: &IpNet| {
-            networks
-                .iter()
-                .flat_map(|n| n.subnets.iter().map(move |s| (n.name.as_str(), s.cidr)))
-                .chain(pools.iter().map(|p| ("a Docker pool", p.cidr)))
-                .find(|(_, o)| o.contains(c) || c.contains(o))
-        };
+        let held: Vec<IpNet> = pools.iter().map(|p| p.cidr).collect();
+        let taken = |c: &IpNet| crate::overlapping(&networks, &held, c);
         let (cidr, network) = match wanted {
             Some(c) => {
                 if let Some(p) = pools.iter().find(|p| p.cidr == c) {

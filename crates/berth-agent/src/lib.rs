@@ -197,17 +197,7 @@ impl Agent {
             .filter(|p| p.network.is_none() && !adopting.contains(&p.cidr))
             .map(|p| p.cidr)
             .collect();
-        let overlap = |cidr: &IpNet| {
-            existing
-                .iter()
-                .flat_map(|n| {
-                    n.subnets
-                        .iter()
-                        .map(move |s| (format!("network {:?}", n.name), s.cidr))
-                })
-                .chain(held.iter().map(|c| ("a Docker IPAM pool".to_string(), *c)))
-                .find(|(_, theirs)| theirs.contains(cidr) || cidr.contains(theirs))
-        };
+        let overlap = |cidr: &IpNet| overlapping(&existing, &held, cidr);
         let v4 = match v4 {
             Some(c) => c,
             None => carve_default(&overlap)?,
@@ -990,6 +980,20 @@ fn endpoint_spec(ep: &Endpoint, net: &Network, bridge_index: u32) -> EndpointSpe
         ips: ep.ips.clone(),
         gateways: net.subnets.iter().map(|s| s.gateway).collect(),
     }
+}
+
+/// The first subnet in use that overlaps `cidr`, named for an error message: a berth
+/// network's, or one of `pools` (Docker IPAM pools).
+fn overlapping(networks: &[Network], pools: &[IpNet], cidr: &IpNet) -> Option<(String, IpNet)> {
+    networks
+        .iter()
+        .flat_map(|n| {
+            n.subnets
+                .iter()
+                .map(move |s| (format!("network {:?}", n.name), s.cidr))
+        })
+        .chain(pools.iter().map(|c| ("a Docker IPAM pool".to_string(), *c)))
+        .find(|(_, theirs)| theirs.contains(cidr) || cidr.contains(theirs))
 }
 
 /// The first /24 of the default pool that overlaps no existing network.
