@@ -32,7 +32,7 @@ impl<'h> Docker<'h> {
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
         let dir = host.dir.join("docker");
-        std::fs::create_dir_all(dir.join("img/bin")).unwrap();
+        std::fs::create_dir_all(&dir).unwrap();
         std::fs::create_dir_all("/etc/docker/plugins").unwrap();
         let spec = PathBuf::from(format!("/etc/docker/plugins/{plugin}.spec"));
         std::fs::write(
@@ -48,22 +48,7 @@ impl<'h> Docker<'h> {
             dockerd: None,
         };
         docker.spawn_dockerd();
-        let img = docker.dir.join("img/bin");
-        std::fs::copy("/bin/busybox", img.join("busybox")).unwrap();
-        for applet in ["sh", "ip", "ping", "sleep", "cat"] {
-            std::os::unix::fs::symlink("busybox", img.join(applet)).unwrap();
-        }
-        let tarball = docker.dir.join("img.tar");
-        crate::harness::run_ok(
-            "tar",
-            &[
-                "-C",
-                docker.dir.join("img").to_str().unwrap(),
-                "-cf",
-                tarball.to_str().unwrap(),
-                ".",
-            ],
-        );
+        let tarball = crate::harness::busybox_tarball(&docker.dir);
         docker.ok(&["import", tarball.to_str().unwrap(), "busybox:local"]);
         docker
     }

@@ -33,6 +33,29 @@ pub fn run_ok(cmd: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// A busybox root filesystem with the applets the tests use, packed as `<dir>/img.tar` for a
+/// container engine to import (there is no registry here).
+pub fn busybox_tarball(dir: &Path) -> PathBuf {
+    let bin = dir.join("img/bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::copy("/bin/busybox", bin.join("busybox")).unwrap();
+    for applet in ["sh", "ip", "ping", "sleep", "cat"] {
+        std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
+    }
+    let tarball = dir.join("img.tar");
+    run_ok(
+        "tar",
+        &[
+            "-C",
+            dir.join("img").to_str().unwrap(),
+            "-cf",
+            tarball.to_str().unwrap(),
+            ".",
+        ],
+    );
+    tarball
+}
+
 pub struct Host {
     pub netns: String,
     pub dir: PathBuf,

@@ -7,7 +7,7 @@ use std::process::Command;
 
 use serde_json::{Value, json};
 
-use crate::harness::{BERTH_CNI, Host, run_ok};
+use crate::harness::{BERTH_CNI, Host, busybox_tarball};
 
 pub struct Podman<'h> {
     host: &'h Host,
@@ -17,13 +17,8 @@ pub struct Podman<'h> {
 impl<'h> Podman<'h> {
     pub fn new(host: &'h Host, network: &str, subnet: &str) -> Self {
         let dir = host.dir.join("podman");
-        let (img, net) = (dir.join("img/bin"), dir.join("net"));
-        std::fs::create_dir_all(&img).unwrap();
+        let net = dir.join("net");
         std::fs::create_dir_all(&net).unwrap();
-        std::fs::copy("/bin/busybox", img.join("busybox")).unwrap();
-        for applet in ["sh", "ip", "ping", "sleep", "cat"] {
-            std::os::unix::fs::symlink("busybox", img.join(applet)).unwrap();
-        }
         let plugin_dir = PathBuf::from(BERTH_CNI).parent().unwrap().to_path_buf();
         std::fs::write(
             dir.join("containers.conf"),
@@ -45,20 +40,10 @@ impl<'h> Podman<'h> {
         )
         .unwrap();
         let p = Podman { host, dir };
-        let tar = run_ok(
-            "tar",
-            &[
-                "-C",
-                p.dir.join("img").to_str().unwrap(),
-                "-cf",
-                p.dir.join("img.tar").to_str().unwrap(),
-                ".",
-            ],
-        );
-        drop(tar);
+        let tarball = busybox_tarball(&p.dir);
         p.ok(&[
             "import",
-            p.dir.join("img.tar").to_str().unwrap(),
+            tarball.to_str().unwrap(),
             "localhost/busybox:local",
         ]);
         p
