@@ -54,11 +54,11 @@ fn sandboxes_on_a_network_reach_each_other_over_ipv4_and_ipv6() {
         web["mac"], "02:42:0a:5b:00:02",
         "MAC derived from the IPv4 address"
     );
-    assert!(h.ping("web", "10.91.0.10"));
-    assert!(h.ping("db", &ip_of(&web, false)));
-    assert!(h.ping("web", &ip_of(&db, true)));
-    assert!(h.ping("db", &ip_of(&web, true)));
-    assert!(h.ping("web", "10.91.0.1"), "gateway answers");
+    assert!(h.reaches("web", "10.91.0.10"));
+    assert!(h.reaches("db", &ip_of(&web, false)));
+    assert!(h.reaches("web", &ip_of(&db, true)));
+    assert!(h.reaches("db", &ip_of(&web, true)));
+    assert!(h.reaches("web", "10.91.0.1"), "gateway answers");
 
     // The sandbox side is what was asked for: name, MAC, address, default routes.
     let dbp = h.sandbox_path("db");
@@ -122,15 +122,15 @@ fn networks_are_isolated_and_a_sandbox_can_be_on_two() {
     h.ok(&["attach", "both", "--network", "green", "--ifname", "eth1"]);
     let (a_ip, b_ip) = (ip_of(&a, false), ip_of(&b, false));
     assert!(
-        h.ping("both", &a_ip) && h.ping("both", &b_ip),
+        h.reaches("both", &a_ip) && h.reaches("both", &b_ip),
         "a sandbox on both reaches both"
     );
     assert!(
-        !h.ping("a", &b_ip),
+        h.cannot_reach("a", &b_ip),
         "blue cannot reach green through the host"
     );
     assert!(
-        !h.ping("b", &a_ip),
+        h.cannot_reach("b", &a_ip),
         "green cannot reach blue through the host"
     );
     let host_ping = |ip: &str| {
@@ -199,7 +199,7 @@ fn any_namespace_path_can_be_attached_and_is_released_when_it_dies() {
         "10.91.0.9",
     ]);
     assert_eq!(ep["netns"]["path"], c.netns());
-    assert!(h.ping("web", "10.91.0.9"), "the container is reachable");
+    assert!(h.reaches("web", "10.91.0.9"), "the container is reachable");
     let cping = h.in_netns(Path::new(&c.netns()), &["ping", "-c1", "-W1", "10.91.0.5"]);
     assert!(cping.status.success());
 
@@ -245,7 +245,7 @@ fn restart_keeps_containers_connected_and_repairs_the_kernel() {
     h.ok(&["attach", "b", "--network", "blue"]);
     // SIGTERM stops the daemon and leaves the containers connected.
     h.stop();
-    assert!(h.ping("a", "10.91.0.3"));
+    assert!(h.reaches("a", "10.91.0.3"));
     // While it is down: b loses its address and route, a's veth is deleted, and a stray link
     // with a berth name appears.
     h.in_netns(
@@ -265,9 +265,9 @@ fn restart_keeps_containers_connected_and_repairs_the_kernel() {
         "stray0",
     ]);
     h.start();
-    assert!(h.ping("a", "10.91.0.3"), "a's veth was recreated");
-    assert!(h.ping("b", "10.91.0.2"), "b's address was put back");
-    assert!(h.ping("b", "fd00:91::2"));
+    assert!(h.reaches("a", "10.91.0.3"), "a's veth was recreated");
+    assert!(h.reaches("b", "10.91.0.2"), "b's address was put back");
+    assert!(h.reaches("b", "fd00:91::2"));
     assert!(
         !h.host_links()
             .iter()
@@ -276,7 +276,7 @@ fn restart_keeps_containers_connected_and_repairs_the_kernel() {
     );
     // And the API keeps working after a restart.
     h.ok(&["detach", "a", "--network", "blue"]);
-    assert!(!h.ping("b", "10.91.0.2"));
+    assert!(h.cannot_reach("b", "10.91.0.2"));
 }
 
 #[test]
@@ -381,8 +381,8 @@ fn concurrent_attaches_get_distinct_addresses() {
     ips.sort();
     ips.dedup();
     assert_eq!(ips.len(), 48, "48 distinct addresses");
-    assert!(h.ping("s0", &ip_of(&eps[47], false)));
-    assert!(h.ping("s47", &ip_of(&eps[0], false)));
+    assert!(h.reaches("s0", &ip_of(&eps[47], false)));
+    assert!(h.reaches("s47", &ip_of(&eps[0], false)));
 }
 
 #[test]
@@ -395,10 +395,10 @@ fn detach_then_reattach_with_the_same_address_and_name() {
     for round in 0..5 {
         let ep = h.json(&["attach", "a", "--network", "blue", "--ip", "10.91.0.50"]);
         assert_eq!(ip_of(&ep, false), "10.91.0.50", "round {round}");
-        assert!(h.ping("b", "10.91.0.50"), "round {round}");
+        assert!(h.reaches("b", "10.91.0.50"), "round {round}");
         h.ok(&["detach", "a", "--network", "blue"]);
         assert!(
-            !h.ping("b", "10.91.0.50"),
+            h.cannot_reach("b", "10.91.0.50"),
             "detached at once, round {round}"
         );
     }

@@ -239,7 +239,7 @@ fn docker_containers_on_a_berth_network() {
     // A berth sandbox on the network Docker created reaches the containers.
     h.ok(&["sandbox", "create", "s1"]);
     h.ok(&["attach", "s1", "--network", &berth_name]);
-    assert!(h.ping("s1", &ip1));
+    assert!(h.reaches("s1", &ip1));
     assert_eq!(h.json(&["endpoint", "ls"]).as_array().unwrap().len(), 3);
 
     // disconnect / connect
@@ -342,7 +342,7 @@ fn docker_podman_and_a_sandbox_share_one_berth_network() {
         d.pings("dc", &s1_ip),
         "Docker container reaches the berth sandbox"
     );
-    assert!(h.ping("s1", &dc_ip));
+    assert!(h.reaches("s1", &dc_ip));
     let mut ips: Vec<String> = vec![dc_ip, pc_ip, s1_ip];
     ips.sort();
     ips.dedup();
@@ -352,7 +352,7 @@ fn docker_podman_and_a_sandbox_share_one_berth_network() {
     d.ok(&["rm", "-f", "dc"]);
     d.ok(&["network", "rm", "dnet"]);
     assert_eq!(h.json(&["network", "inspect", "blue"])["name"], "blue");
-    assert!(h.ping("s1", "10.91.0.1"));
+    assert!(h.reaches("s1", "10.91.0.1"));
 }
 
 #[test]

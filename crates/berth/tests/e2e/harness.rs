@@ -248,13 +248,25 @@ impl Host {
             .unwrap()
     }
 
-    pub fn ping(&self, sandbox: &str, ip: &str) -> bool {
-        self.in_netns(
-            &self.sandbox_path(sandbox),
-            &["ping", "-c1", "-W1", "-q", ip],
-        )
-        .status
-        .success()
+    /// Whether `sandbox` reaches `ip`: one echo a second for up to 3 s, because a peer whose
+    /// neighbour entry is being re-probed (an address that just moved) answers only at the next
+    /// probe, up to a second later.
+    pub fn reaches(&self, sandbox: &str, ip: &str) -> bool {
+        self.ping_args(sandbox, ip, &["-c1", "-w3"])
+    }
+
+    /// Whether `sandbox` gets no answer from `ip` within a second.
+    pub fn cannot_reach(&self, sandbox: &str, ip: &str) -> bool {
+        !self.ping_args(sandbox, ip, &["-c1", "-W1"])
+    }
+
+    fn ping_args(&self, sandbox: &str, ip: &str, args: &[&str]) -> bool {
+        let mut cmd = vec!["ping", "-q"];
+        cmd.extend_from_slice(args);
+        cmd.push(ip);
+        self.in_netns(&self.sandbox_path(sandbox), &cmd)
+            .status
+            .success()
     }
 
     /// Runs a CNI plugin (`berth-cni` by default, else one from /usr/lib/cni) inside the host

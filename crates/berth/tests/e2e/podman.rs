@@ -132,7 +132,7 @@ fn podman_containers_and_sandboxes_share_a_berth_network() {
     // A berth sandbox on the same network reaches the podman containers.
     h.ok(&["sandbox", "create", "s1"]);
     h.ok(&["attach", "s1", "--network", "blue"]);
-    assert!(h.ping("s1", &ip1) && h.ping("s1", &ip2));
+    assert!(h.reaches("s1", &ip1) && h.reaches("s1", &ip2));
     let eps = h.json(&["endpoint", "ls"]);
     assert_eq!(eps.as_array().unwrap().len(), 3);
 
