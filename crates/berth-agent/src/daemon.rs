@@ -39,11 +39,13 @@ pub async fn run(cfg: DaemonConfig) -> Result<()> {
     let agent = Arc::new(Agent::new(store, cfg.netns_dir.clone(), default_mtu));
     let report = agent.reconcile().await?;
     tracing::info!(?report, "kernel reconciled with the store");
+    agent.sync_firewall().await?;
 
     let socket = cfg.socket();
     let listener = bind_socket(&socket)?;
     tracing::info!(socket = %socket.display(), mtu = default_mtu, "berth daemon ready");
     tokio::spawn(agent.clone().run_reaper());
+    tokio::spawn(agent.clone().run_firewall_guard());
     let docker = match &cfg.docker_plugin_socket {
         Some(path) => {
             let listener = bind_socket(path)?;

@@ -20,7 +20,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use berth_api::CreateNetwork;
 use berth_dataplane::Netlink;
-use berth_model::{DEFAULT_POOL, DEFAULT_POOL_PREFIX, Endpoint, MacAddr, NetnsRef, veth_name};
+use berth_model::{
+    DEFAULT_POOL, DEFAULT_POOL_PREFIX, Endpoint, MacAddr, NetnsRef, PortMapping, Protocol,
+    veth_name,
+};
 use berth_store::{Compare, Txn, TxnOutcome};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -68,8 +71,67 @@ struct DockerEndpoint {
     network: String,
     ips: Vec<IpNet>,
     mac: MacAddr,
+    /// Host ports the engine asked to publish (`docker run -p`), installed at Join.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    ports: Vec<PortMapping>,
     /// The berth endpoint, between Join and Leave.
     endpoint: Option<String>,
+}
+
+/// One entry of `com.docker.network.portmap` (libnetwork's `types.PortBinding`).
+#[derive(Debug, Deserialize)]
+struct PortBinding {
+    #[serde(rename = "Proto")]
+    proto: u8,
+    #[serde(rename = "Port")]
+    port: u16,
+    #[serde(rename = "HostIP", default)]
+    host_ip: String,
+    #[serde(rename = "HostPort")]
+    host_port: u16,
+    #[serde(rename = "HostPortEnd", default)]
+    host_port_end: u16,
+}
+
+/// The engine's port bindings as berth port mappings. berth publishes exactly the host port
+/// asked for; ranges and engine-chosen ports (`-p 80`) need an explicit host port.
+fn docker_ports(opts: &HashMap<String, Value>) -> Result<Vec<PortMapping>> {
+    let Some(v) = opts
+        .get("com.docker.network.portmap")
+        .filter(|v| !v.is_null())
+    else {
+        return Ok(Vec::new());
+    };
+    let bindings: Vec<PortBinding> = serde_json::from_value(v.clone())
+        .map_err(|e| invalid(format!("invalid com.docker.network.portmap: {e}")))?;
+    bindings
+        .iter()
+        .map(|b| {
+            let protocol = Protocol::from_number(b.proto)
+                .ok_or_else(|| invalid(format!("cannot publish protocol number {}", b.proto)))?;
+            if b.host_port == 0 || (b.host_port_end != 0 && b.host_port_end != b.host_port) {
+                return Err(invalid(format!(
+                    "berth publishes exactly the host port given: use -p HOST_PORT:{}",
+                    b.port
+                )));
+            }
+            let host_ip = match b.host_ip.as_str() {
+                "" => None,
+                ip => Some(ip.parse::<IpAddr>().map_err(|_| {
+                    invalid(format!("invalid host address {ip:?} in a port binding"))
+                })?),
+            };
+            let m = PortMapping {
+                protocol,
+                host_ip,
+                host_port: b.host_port,
+                container_port: b.port,
+            }
+            .normalized();
+            m.validate()?;
+            Ok(m)
+        })
+        .collect()
 }
 
 /// A failure answered as `{"Err": msg}`, which the engine shows to the user.
@@ -728,6 +790,8 @@ impl Agent {
             .docker_load::<DockerNetwork>(&keys::docker_network(&req.network_id), "network")
             .await?;
         let net = self.network(&dn.network).await?;
+        let opts = options(&req.options);
+        let ports = self.check_ports(&net, &docker_ports(&opts)?)?;
         let iface = req.interface.unwrap_or_default();
         let mut ips = Vec::new();
         for a in [&iface.address, &iface.address_v6]
@@ -780,7 +844,6 @@ impl Agent {
                 "the endpoint has no address (is the IPAM driver berth or Docker's default?)",
             ));
         }
-        let opts = options(&req.options);
         let mac = match iface.mac.as_str() {
             "" => option_str(&opts, "com.docker.network.endpoint.macaddress")
                 .map(|m| m.parse())
@@ -802,6 +865,7 @@ impl Agent {
             network: net.name.clone(),
             ips,
             mac,
+            ports,
             endpoint: None,
         };
         if let TxnOutcome::CompareFailed(_) = self
@@ -862,6 +926,15 @@ impl Agent {
             runtime_configured: true,
             mac: de.mac,
             ips: de.ips.clone(),
+            ports: de.ports.clone(),
+        };
+        let publishing_guard = match ep.ports.is_empty() {
+            true => None,
+            false => {
+                let held = self.publishing.lock().await;
+                self.ports_free(&ep.ports).await?;
+                Some(held)
+            }
         };
         // The endpoint takes its addresses over from the Docker reservations.
         let mut txn = self.endpoint_records(&ep, Txn::new(), true, false);
@@ -891,24 +964,32 @@ impl Agent {
                 "join raced with another change ({c:?}); try again"
             )));
         }
+        drop(publishing_guard);
         let bridge = bridge_spec(&net);
         let spec_ep = ep.clone();
         let spec_net = net.clone();
         let peer_name = peer.clone();
-        let made = kernel(move || {
-            let mut host = Netlink::open()?;
-            let bridge_index = match host.link_by_name(&bridge.name)? {
-                Some(l) => l.index,
-                None => berth_dataplane::ensure_bridge(&mut host, &bridge)?,
-            };
-            berth_dataplane::create_runtime_endpoint(
-                &mut host,
-                &endpoint_spec(&spec_ep, &spec_net, bridge_index),
-                &peer_name,
-            )
-        })
-        .await;
+        let published = self.publish(&ep).await;
+        let made = match published {
+            Err(e) => Err(e),
+            Ok(()) => {
+                kernel(move || {
+                    let mut host = Netlink::open()?;
+                    let bridge_index = match host.link_by_name(&bridge.name)? {
+                        Some(l) => l.index,
+                        None => berth_dataplane::ensure_bridge(&mut host, &bridge)?,
+                    };
+                    berth_dataplane::create_runtime_endpoint(
+                        &mut host,
+                        &endpoint_spec(&spec_ep, &spec_net, bridge_index),
+                        &peer_name,
+                    )
+                })
+                .await
+            }
+        };
         if let Err(e) = made {
+            self.unpublish(&ep).await;
             // Undo: records go, addresses return to the Docker reservation.
             let mut undo = self.endpoint_records(&ep, Txn::new(), false, false);
             for ip in &ep.ips {

@@ -11,11 +11,14 @@
 //! docker/pools/<pool id>            DockerPool      (Docker IPAM driver)
 //! docker/networks/<docker id>        DockerNetwork   (Docker network driver)
 //! docker/endpoints/<docker id>       DockerEndpoint
+//! ports/<proto>/<port>/<host ip|*>  endpoint id   (a published host port; * = every address)
 //! releasing/<id>                     Endpoint, detached, whose veth is not deleted yet: its
 //!                                    addresses stay held until it is
 //! ```
 
 use std::net::IpAddr;
+
+use berth_model::{PortMapping, Protocol};
 
 pub const NETWORKS: &str = "networks/";
 pub const IPAM: &str = "ipam/";
@@ -25,6 +28,9 @@ pub const MEMBERS: &str = "members/";
 pub const SANDBOXES: &str = "sandboxes/";
 pub const RELEASING: &str = "releasing/";
 pub const CONTAINERS: &str = "containers/";
+pub const PORTS: &str = "ports/";
+/// The host-address part of a port published on every address.
+pub const ALL_ADDRESSES: &str = "*";
 
 pub const GATEWAY_OWNER: &str = "gateway";
 /// Owner of addresses Docker's IPAM calls reserved before an endpoint exists:
@@ -78,4 +84,14 @@ pub fn docker_network(id: &str) -> String {
 }
 pub fn docker_endpoint(id: &str) -> String {
     format!("{DOCKER_ENDPOINTS}{id}")
+}
+pub fn port_prefix(protocol: Protocol, port: u16) -> String {
+    format!("{PORTS}{protocol}/{port}/")
+}
+pub fn port(m: &PortMapping) -> String {
+    let on = m
+        .host_ip
+        .map(|ip| ip.to_string())
+        .unwrap_or_else(|| ALL_ADDRESSES.to_string());
+    format!("{}{on}", port_prefix(m.protocol, m.host_port))
 }

@@ -9,6 +9,7 @@ pub mod api;
 pub mod daemon;
 pub mod docker;
 mod error;
+mod firewall;
 mod keys;
 mod reconcile;
 
@@ -49,6 +50,11 @@ pub struct Agent {
     reaper: tokio::sync::Notify,
     /// One reap pass at a time.
     reaping: tokio::sync::Mutex<()>,
+    /// Changes to berth's nftables table, one at a time: a rebuild reads the store under it,
+    /// so no endpoint's elements are lost to a rebuild racing its attach.
+    firewall: tokio::sync::Mutex<()>,
+    /// Held by an attach that publishes ports from its conflict check to its commit.
+    publishing: tokio::sync::Mutex<()>,
 }
 
 fn random_id() -> String {
@@ -106,6 +112,8 @@ impl Agent {
             docker_calls: tokio::sync::Mutex::new(()),
             reaper: tokio::sync::Notify::new(),
             reaping: tokio::sync::Mutex::new(()),
+            firewall: tokio::sync::Mutex::new(()),
+            publishing: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -258,7 +266,14 @@ impl Agent {
         let spec = bridge_spec(&net);
         let made =
             kernel(move || berth_dataplane::ensure_bridge(&mut Netlink::open()?, &spec)).await;
+        let made = match made {
+            Ok(_) => self.sync_firewall().await,
+            Err(e) => Err(e),
+        };
         if let Err(e) = made {
+            let bridge = net.bridge.clone();
+            let _ =
+                kernel(move || berth_dataplane::delete_link(&mut Netlink::open()?, &bridge)).await;
             self.forget_network(&net).await?;
             return Err(e);
         }
@@ -307,6 +322,7 @@ impl Agent {
         let bridge = net.bridge.clone();
         kernel(move || berth_dataplane::delete_link(&mut Netlink::open()?, &bridge)).await?;
         self.forget_network(&net).await?;
+        self.sync_firewall().await?;
         tracing::info!(network = %name, "network removed");
         Ok(())
     }
@@ -469,6 +485,16 @@ impl Agent {
             self.reap().await?;
         }
 
+        let ports = self.check_ports(&net, &req.ports)?;
+        let publishing_guard = match ports.is_empty() {
+            true => None,
+            false => {
+                let held = self.publishing.lock().await;
+                self.ports_free(&ports).await?;
+                Some(held)
+            }
+        };
+
         let ips = self.allocate(&net, &requested)?;
         let mac = requested_mac.unwrap_or_else(|| {
             match ips.iter().find_map(|ip| match ip {
@@ -492,6 +518,7 @@ impl Agent {
             ifname,
             mac,
             ips,
+            ports,
         };
         let txn = self.endpoint_records(
             &ep,
@@ -509,6 +536,13 @@ impl Agent {
         if let TxnOutcome::CompareFailed(c) = outcome {
             self.release(&ep);
             return Err(self.explain_attach_conflict(&c, &ep, &req));
+        }
+        drop(publishing_guard);
+        if let Err(e) = self.publish(&ep).await {
+            self.commit(self.endpoint_records(&ep, Txn::new(), false, true))
+                .await?;
+            self.release(&ep);
+            return Err(e);
         }
 
         let bridge = bridge_spec(&net);
@@ -529,6 +563,7 @@ impl Agent {
         if let Err(e) = made {
             self.commit(self.endpoint_records(&ep, Txn::new(), false, true))
                 .await?;
+            self.unpublish(&ep).await;
             self.release(&ep);
             if already_exists(&e) {
                 return Err(AgentError::Conflict(format!(
@@ -561,6 +596,7 @@ impl Agent {
         if let Some(cid) = &ep.container_id {
             keyed.push((keys::container(&ep.network, cid, &ep.ifname), id()));
         }
+        keyed.extend(ep.ports.iter().map(|m| (keys::port(m), id())));
         if with_addresses {
             keyed.extend(
                 ep.ips
@@ -595,6 +631,11 @@ impl Agent {
                 ep.container_id.as_deref().unwrap_or("?"),
                 ep.ifname,
                 ep.network
+            ))
+        } else if key.starts_with(keys::PORTS) {
+            AgentError::Conflict(format!(
+                "a host port of {} was published by another endpoint meanwhile",
+                req.sandbox
             ))
         } else if key.starts_with(keys::MEMBERS) {
             AgentError::Conflict(format!(
@@ -826,6 +867,7 @@ impl Agent {
         if let TxnOutcome::CompareFailed(_) = self.commit(txn).await? {
             return Ok(());
         }
+        self.unpublish(&current).await;
         let (host_ifname, ifname, tomb, mac) = (
             current.host_ifname.clone(),
             current.ifname.clone(),
@@ -979,6 +1021,7 @@ fn endpoint_spec(ep: &Endpoint, net: &Network, bridge_index: u32) -> EndpointSpe
         mac: ep.mac.0,
         ips: ep.ips.clone(),
         gateways: net.subnets.iter().map(|s| s.gateway).collect(),
+        hairpin: !ep.ports.is_empty(),
     }
 }
 

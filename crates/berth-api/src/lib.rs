@@ -8,7 +8,10 @@ mod client;
 
 use serde::{Deserialize, Serialize};
 
-pub use berth_model::{Endpoint, MacAddr, NetnsRef, Network, Sandbox, Subnet};
+pub use berth_model::{
+    Endpoint, MacAddr, ModelError, NetnsRef, Network, PortMapping, Protocol, Sandbox, Subnet,
+    parse_publish,
+};
 pub use client::{Client, ClientError};
 
 /// Default API socket (`<run-dir>/berth.sock`).
@@ -62,6 +65,9 @@ pub struct Attach {
     /// Set by CNI: the runtime's container id; `(network, container_id, ifname)` is unique.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container_id: Option<String>,
+    /// Host ports to forward to the endpoint.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortMapping>,
 }
 
 /// `POST /v1/detach`: detach from a network either a sandbox (name or netns path), or the

@@ -67,6 +67,9 @@ pub struct EndpointSpec {
     pub ips: Vec<IpNet>,
     /// One default gateway per address family.
     pub gateways: Vec<IpAddr>,
+    /// Hairpin mode on the host end: set for endpoints that publish ports, so they reach
+    /// themselves through the host's address.
+    pub hairpin: bool,
 }
 
 /// Creates the endpoint: the veth pair (peer made directly in the sandbox under its final name),
@@ -81,7 +84,13 @@ pub fn attach_endpoint(host: &mut Netlink, ns: &File, spec: &EndpointSpec) -> Re
         peer_mac: spec.mac,
         peer_ns: Some(ns),
     })?;
-    let configured = Netlink::open_in(ns).and_then(|mut sb| configure_sandbox(&mut sb, spec));
+    let configured = (if spec.hairpin {
+        host.set_hairpin(&spec.host_ifname)
+    } else {
+        Ok(())
+    })
+    .and_then(|()| Netlink::open_in(ns))
+    .and_then(|mut sb| configure_sandbox(&mut sb, spec));
     if configured.is_err() {
         let _ = delete_link(host, &spec.host_ifname);
     }
@@ -253,5 +262,13 @@ pub fn create_runtime_endpoint(
         peer_name,
         peer_mac: spec.mac,
         peer_ns: None,
-    })
+    })?;
+    if spec.hairpin {
+        let set = host.set_hairpin(&spec.host_ifname);
+        if set.is_err() {
+            let _ = delete_link(host, &spec.host_ifname);
+        }
+        set?;
+    }
+    Ok(())
 }

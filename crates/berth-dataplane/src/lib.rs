@@ -8,6 +8,8 @@
 mod bridge;
 mod netlink;
 pub mod netns;
+pub mod nftables;
+pub mod sysctl;
 
 pub use bridge::{
     BridgeSpec, EndpointSpec, REAP_GROUP, Repair, SandboxLinkState, attach_endpoint,
@@ -25,6 +27,9 @@ pub enum DataplaneError {
         #[source]
         source: std::io::Error,
     },
+    /// `nft` refused a ruleset; its own message.
+    #[error("nft: {0}")]
+    Nft(String),
     #[error("unexpected netlink reply: {0}")]
     Protocol(String),
     #[error("{what}: {source}")]
@@ -41,7 +46,7 @@ impl DataplaneError {
             DataplaneError::Kernel { source, .. } | DataplaneError::Io { source, .. } => {
                 source.raw_os_error()
             }
-            DataplaneError::Protocol(_) => None,
+            DataplaneError::Protocol(_) | DataplaneError::Nft(_) => None,
         }
     }
 

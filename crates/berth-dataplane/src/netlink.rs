@@ -12,7 +12,8 @@ use netlink_packet_core::{
 };
 use netlink_packet_route::address::{AddressAttribute, AddressHeaderFlags, AddressMessage};
 use netlink_packet_route::link::{
-    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+    InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoPortKind, InfoVeth, LinkAttribute,
+    LinkFlags, LinkInfo, LinkMessage,
 };
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
@@ -271,6 +272,26 @@ impl Netlink {
             RouteNetlinkMessage::NewLink(msg),
             NLM_F_CREATE | NLM_F_EXCL,
             &format!("create bridge {name}"),
+        )
+    }
+
+    /// Puts a bridge port in hairpin mode: frames may leave through the port they came in by,
+    /// which a container reaching its own published port through the host needs.
+    pub fn set_hairpin(&mut self, port: &str) -> Result<()> {
+        let mut msg = LinkMessage::default();
+        msg.attributes = vec![
+            LinkAttribute::IfName(port.to_string()),
+            LinkAttribute::LinkInfo(vec![
+                LinkInfo::PortKind(InfoPortKind::Bridge),
+                LinkInfo::PortData(InfoPortData::BridgePort(vec![InfoBridgePort::HairpinMode(
+                    true,
+                )])),
+            ]),
+        ];
+        self.request(
+            RouteNetlinkMessage::NewLink(msg),
+            0,
+            &format!("set hairpin mode on {port}"),
         )
     }
 

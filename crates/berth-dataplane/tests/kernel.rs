@@ -51,6 +51,7 @@ fn bridge_endpoint_attach_repair_and_cleanup() {
         mac: [0x02, 0x42, 0, 0, 0, 2],
         ips: ips.to_vec(),
         gateways: gws.to_vec(),
+        hairpin: false,
     };
     berth_dataplane::attach_endpoint(&mut host, &ns, &ep).unwrap();
     let hl = host.link_by_name("berth0000000001").unwrap().unwrap();
@@ -118,4 +119,108 @@ fn open_rejects_a_plain_file() {
 
 fn libc_eexist() -> i32 {
     nix::errno::Errno::EEXIST as i32
+}
+
+fn nft_list(what: &str) -> String {
+    let out = std::process::Command::new("nft")
+        .args(["list"])
+        .args(what.split(' '))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn nftables_table_elements_and_damage_detection() {
+    use berth_dataplane::nftables::{self, Forward, NetworkRules};
+    use berth_model::{PortMapping, Protocol};
+    let _host = private_host();
+    let nets = [NetworkRules {
+        bridge: "berth-test1".into(),
+        internal: false,
+        subnets: vec![net("10.9.0.0/24")],
+    }];
+    let fwd = |host_ip: Option<&str>, port: u16, target: &str| Forward {
+        mapping: PortMapping {
+            protocol: Protocol::Tcp,
+            host_ip: host_ip.map(|s| s.parse().unwrap()),
+            host_port: port,
+            container_port: 80,
+        },
+        target: target.parse().unwrap(),
+    };
+    let installed = fwd(None, 8080, "10.9.0.2");
+    nftables::install(&nets, &[installed]).unwrap();
+    assert!(nftables::intact().unwrap());
+    assert!(nft_list("map inet berth ports4_any").contains("tcp . 8080 : 10.9.0.2 . 80"));
+
+    // In-process elements land where nft's own text puts them.
+    let added = [
+        fwd(Some("127.0.0.1"), 8081, "10.9.0.3"),
+        fwd(None, 8082, "fd00:9::3"),
+        fwd(Some("fd00:9::1"), 8083, "fd00:9::3"),
+    ];
+    nftables::add_forwards(&added).unwrap();
+    assert!(
+        nft_list("map inet berth ports4_ip").contains("127.0.0.1 . tcp . 8081 : 10.9.0.3 . 80")
+    );
+    assert!(nft_list("map inet berth ports6_any").contains("tcp . 8082 : fd00:9::3 . 80"));
+    assert!(
+        nft_list("map inet berth ports6_ip").contains("fd00:9::1 . tcp . 8083 : fd00:9::3 . 80")
+    );
+    nftables::add_forwards(&added).unwrap();
+
+    // A clash with an element berth did not expect is refused and changes nothing.
+    let clash = [fwd(None, 9000, "10.9.0.4"), fwd(None, 8080, "10.9.0.9")];
+    assert!(nftables::add_forwards(&clash).is_err());
+    assert!(!nft_list("map inet berth ports4_any").contains("9000"));
+
+    // The operator's chain survives a reinstall.
+    let status = std::process::Command::new("nft")
+        .args([
+            "add",
+            "rule",
+            "inet",
+            "berth",
+            "user",
+            "ip",
+            "saddr",
+            "192.0.2.9",
+            "drop",
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    nftables::install(&nets, &[installed]).unwrap();
+    assert!(nft_list("chain inet berth user").contains("192.0.2.9"));
+    assert!(
+        !nft_list("map inet berth ports4_ip").contains("8081"),
+        "reinstall is exact"
+    );
+
+    nftables::add_forwards(&added).unwrap();
+    nftables::delete_forwards(&added).unwrap();
+    nftables::delete_forwards(&added).unwrap();
+    assert!(!nft_list("table inet berth").contains("10.9.0.3"));
+
+    let flush = |args: &[&str]| {
+        assert!(
+            std::process::Command::new("nft")
+                .args(args)
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    flush(&["flush", "chain", "inet", "berth", "publish"]);
+    assert!(!nftables::intact().unwrap());
+    nftables::install(&nets, &[installed]).unwrap();
+    assert!(nftables::intact().unwrap());
+    flush(&["flush", "ruleset"]);
+    assert!(!nftables::intact().unwrap());
+    assert!(
+        nftables::add_forwards(&added).is_err(),
+        "no table, no elements"
+    );
+    nftables::delete_forwards(&added).unwrap();
 }

@@ -4,6 +4,7 @@
 //! the agent agree on one meaning of every field, and so it can be tested without root.
 
 mod names;
+mod ports;
 mod validate;
 
 use std::net::IpAddr;
@@ -15,6 +16,7 @@ pub use names::{
     BRIDGE_PREFIX, IFNAME_MAX, TOMBSTONE_PREFIX, VETH_PREFIX, bridge_name, is_berth_link_name,
     tombstone_name, veth_name,
 };
+pub use ports::{MAX_RANGE, PortMapping, Protocol, parse_publish};
 pub use validate::{
     MacAddr, ModelError, parse_cidr, validate_ifname, validate_mtu, validate_name,
     validate_sandbox_name,
@@ -99,6 +101,9 @@ pub struct Endpoint {
     pub mac: MacAddr,
     /// Addresses with the subnet's prefix length, IPv4 first.
     pub ips: Vec<IpNet>,
+    /// Host ports forwarded to this endpoint.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortMapping>,
 }
 
 /// A network namespace as berth refers to it: where it is and which namespace it was.

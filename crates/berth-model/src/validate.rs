@@ -32,6 +32,8 @@ pub enum ModelError {
     MulticastMac(String),
     #[error("invalid MTU {0}: must be between 68 and 65535")]
     InvalidMtu(u32),
+    #[error("invalid --publish {given:?}: {why}")]
+    InvalidPublish { given: String, why: &'static str },
 }
 
 /// Parses `ADDRESS/PREFIX` and insists on the canonical network form, as Docker does: a subnet

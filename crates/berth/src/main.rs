@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use berth_api::{
     Attach, Client, CreateNetwork, CreateSandbox, DEFAULT_SOCKET, Detach, Endpoint, Network,
-    Sandbox, Status,
+    PortMapping, Sandbox, Status,
 };
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
@@ -151,6 +151,13 @@ struct AttachArgs {
     name: Option<String>,
     #[arg(long)]
     mac: Option<String>,
+    /// Publish a host port: [HOST_IP:]HOST_PORT[-END]:PORT[-END][/tcp|udp|sctp]; repeatable.
+    #[arg(long = "publish", short = 'p', value_parser = parse_publish_arg)]
+    publish: Vec<Vec<PortMapping>>,
+}
+
+fn parse_publish_arg(s: &str) -> Result<Vec<PortMapping>, String> {
+    berth_api::parse_publish(s).map_err(|e| e.to_string())
 }
 
 #[derive(Subcommand)]
@@ -206,6 +213,7 @@ fn run(cli: Cli) -> Result<()> {
                     ips: a.ips,
                     mac: a.mac,
                     name: a.name,
+                    ports: a.publish.into_iter().flatten().collect(),
                     ..Default::default()
                 },
             )?;
@@ -403,6 +411,9 @@ fn print_endpoint(e: &Endpoint) {
     println!("mac       {}", e.mac);
     for ip in &e.ips {
         println!("ip        {ip}");
+    }
+    for p in &e.ports {
+        println!("publish   {p}");
     }
 }
 

@@ -3,9 +3,11 @@
 //! Dropping a host, also while a test panics, kills its daemon and removes every namespace,
 //! mount and file it made.
 
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use berth_api::Client;
@@ -416,4 +418,167 @@ impl Drop for Container {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A second host on the "underlay": a namespace joined to a test host by a veth, the host at
+/// 192.0.2.1/24 (`under0`) and this one at 192.0.2.2/24. Deleted on drop.
+pub struct Outside {
+    pub netns: String,
+}
+
+pub const HOST_UNDERLAY_IP: &str = "192.0.2.1";
+pub const OUTSIDE_IP: &str = "192.0.2.2";
+
+impl Outside {
+    pub fn new(h: &Host) -> Outside {
+        let netns = format!("{}-out", h.netns);
+        run_ok("ip", &["netns", "add", &netns]);
+        let o = Outside { netns };
+        run_ok(
+            "ip",
+            &[
+                "-n", &h.netns, "link", "add", "under0", "type", "veth", "peer", "name", "eth0",
+                "netns", &o.netns,
+            ],
+        );
+        for (ns, dev, ip) in [
+            (h.netns.as_str(), "under0", "192.0.2.1/24"),
+            (o.netns.as_str(), "eth0", "192.0.2.2/24"),
+        ] {
+            run_ok("ip", &["-n", ns, "addr", "add", ip, "dev", dev]);
+            run_ok("ip", &["-n", ns, "link", "set", dev, "up"]);
+            run_ok("ip", &["-n", ns, "link", "set", "lo", "up"]);
+        }
+        o
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.netns))
+    }
+}
+
+impl Drop for Outside {
+    fn drop(&mut self) {
+        let _ = run("ip", &["netns", "del", &self.netns]);
+    }
+}
+
+/// Runs `f` on a short-lived thread inside the namespace at `path`; sockets made there belong
+/// to that namespace for good.
+pub fn in_ns<T: Send>(path: &Path, f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let ns = std::fs::File::open(path).unwrap();
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            f()
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+/// A TCP and a UDP server on one port in a namespace, answering every client with the
+/// address it sees the client at: that is how tests see NAT. Stopped on drop.
+pub struct PeerEcho {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl PeerEcho {
+    pub fn start(netns: &Path, port: u16) -> PeerEcho {
+        use std::io::Write;
+        let (tcp, udp) = in_ns(netns, || {
+            (
+                std::net::TcpListener::bind(("::", port)).unwrap(),
+                std::net::UdpSocket::bind(("::", port)).unwrap(),
+            )
+        });
+        tcp.set_nonblocking(true).unwrap();
+        udp.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let s1 = stop.clone();
+        let t1 = std::thread::spawn(move || {
+            while !s1.load(Ordering::Relaxed) {
+                match tcp.accept() {
+                    Ok((mut c, peer)) => {
+                        let _ = c.write_all(peer_ip(peer).as_bytes());
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        let s2 = stop.clone();
+        let t2 = std::thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            while !s2.load(Ordering::Relaxed) {
+                if let Ok((_, peer)) = udp.recv_from(&mut buf) {
+                    let _ = udp.send_to(peer_ip(peer).as_bytes(), peer);
+                }
+            }
+        });
+        PeerEcho {
+            stop,
+            threads: vec![t1, t2],
+        }
+    }
+}
+
+impl Drop for PeerEcho {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The client's address as a dual-stack server sees it, IPv4 unmapped.
+fn peer_ip(peer: std::net::SocketAddr) -> String {
+    match peer.ip() {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(|v4| v4.to_string())
+            .unwrap_or_else(|| v6.to_string()),
+        ip => ip.to_string(),
+    }
+}
+
+/// Connects from the namespace at `from` to `to` over TCP; the address the server saw us at.
+pub fn tcp_peer(from: &Path, to: &str) -> Option<String> {
+    use std::io::Read;
+    let addr: std::net::SocketAddr = to.parse().unwrap();
+    let stream = in_ns(from, || {
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+    });
+    let mut stream = stream.ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let mut s = String::new();
+    stream.read_to_string(&mut s).ok()?;
+    Some(s)
+}
+
+/// Sends a UDP datagram from the namespace at `from` to `to`; the address the server saw us
+/// at, if an answer came.
+pub fn udp_peer(from: &Path, to: &str) -> Option<String> {
+    let addr: std::net::SocketAddr = to.parse().unwrap();
+    let any = if addr.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    };
+    let sock = in_ns(from, || std::net::UdpSocket::bind(any).unwrap());
+    sock.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    // A few tries: the first datagram may wait for neighbour resolution.
+    for _ in 0..4 {
+        sock.send_to(b"?", addr).ok()?;
+        if let Ok((n, _)) = sock.recv_from(&mut buf) {
+            return Some(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+    None
 }

@@ -6,5 +6,6 @@ mod cni;
 mod crash;
 mod docker;
 mod harness;
+mod nat;
 mod plugin_fuzz;
 mod podman;

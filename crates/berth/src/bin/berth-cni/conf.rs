@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use berth_api::{Attachment, DEFAULT_SOCKET, Network};
+use berth_api::{Attachment, DEFAULT_SOCKET, Network, PortMapping, Protocol};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -126,6 +126,49 @@ struct RuntimeConfig {
     mac: Option<String>,
     #[serde(default)]
     aliases: HashMap<String, Vec<String>>,
+    #[serde(default, rename = "portMappings")]
+    port_mappings: Vec<CniPortMapping>,
+}
+
+/// One entry of the `portMappings` capability.
+#[derive(Debug, Deserialize)]
+struct CniPortMapping {
+    #[serde(rename = "hostPort")]
+    host_port: u16,
+    #[serde(rename = "containerPort")]
+    container_port: u16,
+    #[serde(default)]
+    protocol: Option<String>,
+    #[serde(rename = "hostIP", default)]
+    host_ip: Option<String>,
+}
+
+impl CniPortMapping {
+    fn to_mapping(&self) -> Result<PortMapping, CniError> {
+        let bad = |why: String| CniError::new(code::INVALID_CONFIG, why);
+        let protocol = match self.protocol.as_deref() {
+            None | Some("") => Protocol::Tcp,
+            Some(p) => p
+                .parse()
+                .map_err(|e: berth_api::ModelError| bad(e.to_string()))?,
+        };
+        let host_ip = match self.host_ip.as_deref() {
+            None | Some("") => None,
+            Some(ip) => Some(
+                ip.parse()
+                    .map_err(|_| bad(format!("invalid portMappings hostIP {ip:?}")))?,
+            ),
+        };
+        let m = PortMapping {
+            protocol,
+            host_ip,
+            host_port: self.host_port,
+            container_port: self.container_port,
+        }
+        .normalized();
+        m.validate().map_err(|e| bad(e.to_string()))?;
+        Ok(m)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -153,6 +196,8 @@ pub struct NetConf {
     pub mac: Option<String>,
     /// `runtimeConfig.aliases` for this network.
     pub aliases: Vec<String>,
+    /// `runtimeConfig.portMappings`.
+    pub ports: Vec<PortMapping>,
     pub valid_attachments: Vec<Attachment>,
 }
 
@@ -205,6 +250,12 @@ impl NetConf {
             .get(&raw.name)
             .cloned()
             .unwrap_or_default();
+        let ports = raw
+            .runtime_config
+            .port_mappings
+            .iter()
+            .map(CniPortMapping::to_mapping)
+            .collect::<Result<_, _>>()?;
         let valid_attachments = raw
             .valid_attachments
             .or(raw.attachments)
@@ -228,6 +279,7 @@ impl NetConf {
             requested_ips,
             mac: raw.runtime_config.mac,
             aliases,
+            ports,
             valid_attachments,
         })
     }

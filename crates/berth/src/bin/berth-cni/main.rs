@@ -163,6 +163,7 @@ fn add(env: &Env, conf: &NetConf, client: &Client) -> Result<Value, CniError> {
         name: conf.aliases.first().cloned(),
         aliases: conf.aliases.iter().skip(1).cloned().collect(),
         container_id: Some(container_id.to_string()),
+        ports: conf.ports.clone(),
     };
     let ep: Endpoint = client.post("/v1/endpoints", &req).map_err(api_error)?;
     Ok(result::add_result(&conf.cni_version, &ep, &net, netns))

@@ -88,6 +88,7 @@ mod tests {
                 "10.91.0.2/24".parse().unwrap(),
                 "fd00:91::2/64".parse().unwrap(),
             ],
+            ports: vec![],
         };
         (ep, net)
     }
