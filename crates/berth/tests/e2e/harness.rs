@@ -560,6 +560,15 @@ pub fn tcp_peer(from: &Path, to: &str) -> Option<String> {
     Some(s)
 }
 
+/// Whether a TCP connection from the namespace at `from` to `to` is accepted.
+pub fn tcp_connects(from: &Path, to: &str) -> bool {
+    let addr: std::net::SocketAddr = to.parse().unwrap();
+    in_ns(from, || {
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1))
+    })
+    .is_ok()
+}
+
 /// Sends a UDP datagram from the namespace at `from` to `to`; the address the server saw us
 /// at, if an answer came.
 pub fn udp_peer(from: &Path, to: &str) -> Option<String> {

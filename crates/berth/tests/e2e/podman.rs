@@ -7,7 +7,7 @@ use std::process::Command;
 
 use serde_json::{Value, json};
 
-use crate::harness::{BERTH_CNI, Host, busybox_tarball};
+use crate::harness::{BERTH_CNI, HOST_UNDERLAY_IP, Host, Outside, busybox_tarball, tcp_connects};
 
 pub struct Podman<'h> {
     host: &'h Host,
@@ -32,7 +32,7 @@ impl<'h> Podman<'h> {
         .unwrap();
         let conflist = json!({
             "cniVersion": "1.0.0", "name": network,
-            "plugins": [{"type": "berth-cni", "socket": host.socket(), "subnet": subnet, "capabilities": {"aliases": true}}]
+            "plugins": [{"type": "berth-cni", "socket": host.socket(), "subnet": subnet, "capabilities": {"aliases": true, "portMappings": true}}]
         });
         std::fs::write(
             net.join(format!("{network}.conflist")),
@@ -135,6 +135,36 @@ fn podman_containers_and_sandboxes_share_a_berth_network() {
     assert!(h.reaches("s1", &ip1) && h.reaches("s1", &ip2));
     let eps = h.json(&["endpoint", "ls"]);
     assert_eq!(eps.as_array().unwrap().len(), 3);
+
+    // podman run -p: the portMappings capability becomes a berth published port.
+    let out = Outside::new(&h);
+    pm.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "web",
+        "--network",
+        "blue",
+        "-p",
+        "8088:7000",
+        "localhost/busybox:local",
+        "/bin/busybox",
+        "httpd",
+        "-f",
+        "-p",
+        "7000",
+        "-h",
+        "/",
+    ]);
+    let published = format!("{HOST_UNDERLAY_IP}:8088");
+    h.eventually("podman's published port answers from another host", || {
+        tcp_connects(&out.path(), &published)
+    });
+    pm.ok(&["rm", "--force", "--time", "0", "web"]);
+    assert!(
+        !tcp_connects(&out.path(), &published),
+        "unpublished with the container"
+    );
 
     // podman rm leaves no endpoint and, once reaped, no address behind.
     pm.ok(&["rm", "--force", "--time", "0", "c1", "c2"]);
