@@ -989,9 +989,12 @@ impl Agent {
             }
         };
         if let Err(e) = made {
-            self.unpublish(&ep).await;
-            // Undo: records go, addresses return to the Docker reservation.
+            self.unpublish(crate::firewall::forwards_of(&ep)).await;
+            // Undo: records and ports go, addresses return to the Docker reservation.
             let mut undo = self.endpoint_records(&ep, Txn::new(), false, false);
+            for m in &ep.ports {
+                undo = undo.delete(keys::port(m));
+            }
             for ip in &ep.ips {
                 undo = undo.put(
                     keys::ipam(&net.name, ip.addr()),

@@ -123,15 +123,14 @@ impl Agent {
         }
     }
 
-    /// Removes an endpoint's published ports (those already gone are fine).
-    pub(crate) async fn unpublish(&self, ep: &Endpoint) {
-        let forwards = forwards_of(ep);
+    /// Removes published ports (those already gone are fine) in one transaction.
+    pub(crate) async fn unpublish(&self, forwards: Vec<Forward>) {
         if forwards.is_empty() {
             return;
         }
         let _fw = self.firewall.lock().await;
         if let Err(e) = kernel(move || nftables::delete_forwards(&forwards)).await {
-            tracing::warn!(endpoint = %ep.id, error = %e, "removing published ports failed");
+            tracing::warn!(error = %e, "removing published ports failed");
         }
     }
 

@@ -9,6 +9,7 @@
 //! `cargo build --release && target/release/berth-bench`.
 
 mod docker;
+mod ports;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -39,6 +40,15 @@ struct Args {
     /// Log level of the benchmarked daemon (its log goes to stderr).
     #[arg(long, default_value = "warn")]
     daemon_log_level: String,
+    /// Attaches alternating without ports and with three published ports (0 skips it).
+    #[arg(long, default_value_t = 200)]
+    ports_n: usize,
+    /// Seconds per iperf3 run through a published port and direct (0 skips it).
+    #[arg(long, default_value_t = 5)]
+    iperf_secs: u32,
+    /// iperf3 runs of each kind; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    iperf_runs: usize,
     /// Skip the baselines (e.g. where their packages are not installed).
     #[arg(long)]
     no_baselines: bool,
@@ -155,7 +165,14 @@ fn main() -> Result<()> {
     )?;
 
     let mut rows = Vec::new();
-    let max = args.n.iter().chain(&args.cni_n).copied().max().unwrap_or(0);
+    let max = args
+        .n
+        .iter()
+        .chain(&args.cni_n)
+        .chain(&[args.ports_n, 1])
+        .copied()
+        .max()
+        .unwrap_or(1);
     let sandboxes: Vec<PathBuf> = (0..max)
         .map(|i| dir.join("sb").join(format!("s{i}")))
         .collect();
@@ -179,6 +196,13 @@ fn main() -> Result<()> {
             samples: detach,
             failed: 0,
         });
+    }
+
+    if args.ports_n > 0 {
+        rows.extend(ports::attach_with_ports(
+            &client,
+            &sandboxes[..args.ports_n],
+        )?);
     }
 
     let installed =
@@ -229,6 +253,9 @@ fn main() -> Result<()> {
     );
     for r in &rows {
         r.print();
+    }
+    if args.iperf_secs > 0 {
+        ports::throughput(&client, &sandboxes[0], args.iperf_secs, args.iperf_runs)?;
     }
     Ok(())
 }

@@ -243,8 +243,9 @@ fn rules_come_back_after_a_flush_and_the_user_chain_is_honoured() {
 
     // Detach takes the endpoint's elements out; nothing of it stays.
     h.ok(&["detach", "web", "--network", "blue"]);
-    let table = nft(&h, "list table inet berth");
-    assert!(!table.contains("8080"), "{table}");
+    h.eventually("the detached endpoint's elements are removed", || {
+        !nft(&h, "list table inet berth").contains("8080")
+    });
     assert_eq!(tcp_peer(&out.path(), &published), None);
     h.ok(&["network", "rm", "blue"]);
     let table = nft(&h, "list table inet berth");
