@@ -93,6 +93,17 @@ impl Drop for Podman<'_> {
     fn drop(&mut self) {
         // Removing the containers runs CNI DEL while the daemon is still up.
         let _ = self.cmd(&["rm", "--all", "--force", "--time", "0"]);
+        // conmon starts `podman container cleanup` when a container exits; wait for those, or
+        // they recreate lock files under our directory after the host has removed it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::time::Instant::now() < deadline
+            && Command::new("pgrep")
+                .args(["-f", &self.dir.display().to_string()])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
     }
 }
 
