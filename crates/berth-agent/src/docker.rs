@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::{
-    Agent, AgentError, Result, bridge_spec, encode, endpoint_spec, kernel, keys, random_id,
+    Agent, AgentError, Held, Result, bridge_spec, encode, endpoint_spec, kernel, keys, random_id,
 };
 
 /// `-o berth.network=NAME` (driver) or `--ipam-opt berth.network=NAME`: use the existing berth
@@ -928,16 +928,9 @@ impl Agent {
             ips: de.ips.clone(),
             ports: de.ports.clone(),
         };
-        let publishing_guard = match ep.ports.is_empty() {
-            true => None,
-            false => {
-                let held = self.publishing.lock().await;
-                self.ports_free(&ep.ports).await?;
-                Some(held)
-            }
-        };
+        let publishing_guard = self.reserve_ports(&ep.ports).await?;
         // The endpoint takes its addresses over from the Docker reservations.
-        let mut txn = self.endpoint_records(&ep, Txn::new(), true, false);
+        let mut txn = self.endpoint_records(&ep, Txn::new(), true, Held::Ports);
         for ip in &ep.ips {
             let k = keys::ipam(&net.name, ip.addr());
             let kv = self
@@ -991,10 +984,7 @@ impl Agent {
         if let Err(e) = made {
             self.unpublish(crate::firewall::forwards_of(&ep)).await;
             // Undo: records and ports go, addresses return to the Docker reservation.
-            let mut undo = self.endpoint_records(&ep, Txn::new(), false, false);
-            for m in &ep.ports {
-                undo = undo.delete(keys::port(m));
-            }
+            let mut undo = self.endpoint_records(&ep, Txn::new(), false, Held::Ports);
             for ip in &ep.ips {
                 undo = undo.put(
                     keys::ipam(&net.name, ip.addr()),

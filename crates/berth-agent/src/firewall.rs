@@ -78,15 +78,22 @@ impl Agent {
         Ok(out)
     }
 
-    /// Refuses host ports another endpoint already publishes on an overlapping host address
-    /// (every address overlaps every one). Run under `publishing`, up to the commit that
-    /// records the new ones.
-    pub(crate) async fn ports_free(&self, ports: &[PortMapping]) -> Result<()> {
+    /// Checks that no other endpoint publishes these host ports on an overlapping host address
+    /// (every address overlaps every one), and returns the guard that keeps it so: the caller
+    /// holds it until the commit that records the new ports. `None` when there are no ports.
+    pub(crate) async fn reserve_ports(
+        &self,
+        ports: &[PortMapping],
+    ) -> Result<Option<tokio::sync::MutexGuard<'_, ()>>> {
+        if ports.is_empty() {
+            return Ok(None);
+        }
+        let held = self.publishing.lock().await;
         for m in ports {
             let prefix = keys::port_prefix(m.protocol, m.host_port);
+            let mine = keys::port(m);
             for kv in self.store.list(&prefix).await?.items {
                 let theirs = &kv.key[prefix.len()..];
-                let mine = keys::port(m);
                 if m.host_ip.is_none() || theirs == keys::ALL_ADDRESSES || kv.key == mine {
                     let on = if theirs == keys::ALL_ADDRESSES {
                         "every address".to_string()
@@ -102,7 +109,7 @@ impl Agent {
                 }
             }
         }
-        Ok(())
+        Ok(Some(held))
     }
 
     /// Installs an endpoint's published ports. If the elements cannot be added (berth's

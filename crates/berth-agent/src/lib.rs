@@ -57,6 +57,16 @@ pub struct Agent {
     publishing: tokio::sync::Mutex<()>,
 }
 
+/// What of an endpoint's holdings [`Agent::endpoint_records`] covers beside its records. A
+/// detached endpoint keeps its addresses and host ports until it is reaped (`Neither`); a
+/// Docker endpoint takes its addresses over from the IPAM reservations separately (`Ports`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Held {
+    Neither,
+    Ports,
+    PortsAndAddresses,
+}
+
 fn random_id() -> String {
     format!("{:016x}", fastrand::u64(..))
 }
@@ -488,14 +498,7 @@ impl Agent {
         }
 
         let ports = self.check_ports(&net, &req.ports)?;
-        let publishing_guard = match ports.is_empty() {
-            true => None,
-            false => {
-                let held = self.publishing.lock().await;
-                self.ports_free(&ports).await?;
-                Some(held)
-            }
-        };
+        let publishing_guard = self.reserve_ports(&ports).await?;
 
         let ips = self.allocate(&net, &requested)?;
         let mac = requested_mac.unwrap_or_else(|| {
@@ -526,7 +529,7 @@ impl Agent {
             &ep,
             Txn::new().when(Compare::ModRevision(keys::network(&net.name), net_rev)),
             true,
-            true,
+            Held::PortsAndAddresses,
         );
         let outcome = match self.commit(txn).await {
             Ok(o) => o,
@@ -541,7 +544,7 @@ impl Agent {
         }
         drop(publishing_guard);
         if let Err(e) = self.publish(&ep).await {
-            self.commit(self.endpoint_records(&ep, Txn::new(), false, true))
+            self.commit(self.endpoint_records(&ep, Txn::new(), false, Held::PortsAndAddresses))
                 .await?;
             self.release(&ep);
             return Err(e);
@@ -563,7 +566,7 @@ impl Agent {
         })
         .await;
         if let Err(e) = made {
-            self.commit(self.endpoint_records(&ep, Txn::new(), false, true))
+            self.commit(self.endpoint_records(&ep, Txn::new(), false, Held::PortsAndAddresses))
                 .await?;
             self.unpublish(firewall::forwards_of(&ep)).await;
             self.release(&ep);
@@ -580,17 +583,9 @@ impl Agent {
     }
 
     /// The store records of one endpoint and its unique indexes (interface name per
-    /// namespace, membership per network, CNI container interface, published host ports), and,
-    /// with `with_addresses`, its address allocations. Created with absence checks so each is
-    /// unique, or deleted; a deletion without `with_addresses` keeps the published ports too,
-    /// since a detached endpoint holds both until it is reaped.
-    fn endpoint_records(
-        &self,
-        ep: &Endpoint,
-        mut txn: Txn,
-        create: bool,
-        with_addresses: bool,
-    ) -> Txn {
+    /// namespace, membership per network, CNI container interface), and what it holds as
+    /// `held` says. Created with absence checks so each is unique, or deleted.
+    fn endpoint_records(&self, ep: &Endpoint, mut txn: Txn, create: bool, held: Held) -> Txn {
         let id = || ep.id.clone().into_bytes();
         let mut keyed = vec![
             (keys::endpoint(&ep.id), encode(ep)),
@@ -600,10 +595,10 @@ impl Agent {
         if let Some(cid) = &ep.container_id {
             keyed.push((keys::container(&ep.network, cid, &ep.ifname), id()));
         }
-        if create || with_addresses {
+        if held != Held::Neither {
             keyed.extend(ep.ports.iter().map(|m| (keys::port(m), id())));
         }
-        if with_addresses {
+        if held == Held::PortsAndAddresses {
             keyed.extend(
                 ep.ips
                     .iter()
@@ -867,7 +862,7 @@ impl Agent {
             return Ok(());
         };
         let txn = self
-            .endpoint_records(&current, Txn::new(), false, false)
+            .endpoint_records(&current, Txn::new(), false, Held::Neither)
             .when(Compare::ModRevision(keys::endpoint(&ep.id), rev))
             .put(keys::releasing(&ep.id), encode(&current));
         if let TxnOutcome::CompareFailed(_) = self.commit(txn).await? {
@@ -951,25 +946,19 @@ impl Agent {
         let mut freed: Vec<(String, IpAddr)> = Vec::new();
         for ep in eps {
             txn = txn.delete(keys::releasing(&ep.id));
-            for m in &ep.ports {
-                let key = keys::port(m);
+            let ports = ep.ports.iter().map(|m| (keys::port(m), None));
+            let ips = ep
+                .ips
+                .iter()
+                .map(|ip| (keys::ipam(&ep.network, ip.addr()), Some(ip.addr())));
+            for (key, ip) in ports.chain(ips) {
                 if let Some(kv) = self.store.get(&key).await?
                     && kv.value == ep.id.as_bytes()
                 {
                     txn = txn
                         .when(Compare::ModRevision(key.clone(), kv.mod_revision))
                         .delete(key);
-                }
-            }
-            for ip in &ep.ips {
-                let key = keys::ipam(&ep.network, ip.addr());
-                if let Some(kv) = self.store.get(&key).await?
-                    && kv.value == ep.id.as_bytes()
-                {
-                    txn = txn
-                        .when(Compare::ModRevision(key.clone(), kv.mod_revision))
-                        .delete(key);
-                    freed.push((ep.network.clone(), ip.addr()));
+                    freed.extend(ip.map(|ip| (ep.network.clone(), ip)));
                 }
             }
         }

@@ -12,7 +12,7 @@ use berth_model::{Endpoint, Network, Sandbox, is_berth_link_name};
 use berth_store::Txn;
 use serde::Serialize;
 
-use crate::{Agent, Result, bridge_spec, endpoint_spec, kernel, keys};
+use crate::{Agent, Held, Result, bridge_spec, endpoint_spec, kernel, keys};
 
 /// What the repair pass found and did.
 #[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
@@ -71,7 +71,7 @@ impl Agent {
                 let host_ifname = ep.host_ifname.clone();
                 kernel(move || berth_dataplane::delete_link(&mut Netlink::open()?, &host_ifname))
                     .await?;
-                self.commit(self.endpoint_records(&ep, Txn::new(), false, true))
+                self.commit(self.endpoint_records(&ep, Txn::new(), false, Held::PortsAndAddresses))
                     .await?;
                 report.endpoints_removed += 1;
                 tracing::warn!(endpoint = %ep.id, netns = %ep.netns.path, "namespace gone; endpoint removed");
