@@ -76,21 +76,8 @@ pub struct EndpointSpec {
 /// then the sandbox side's addresses and default routes in one netlink round trip. On failure
 /// the pair is removed again, so a failed attach leaves nothing behind.
 pub fn attach_endpoint(host: &mut Netlink, ns: &File, spec: &EndpointSpec) -> Result<()> {
-    host.create_veth(&VethSpec {
-        host_name: &spec.host_ifname,
-        controller: spec.bridge_index,
-        mtu: spec.mtu,
-        peer_name: &spec.ifname,
-        peer_mac: spec.mac,
-        peer_ns: Some(ns),
-    })?;
-    let configured = (if spec.hairpin {
-        host.set_hairpin(&spec.host_ifname)
-    } else {
-        Ok(())
-    })
-    .and_then(|()| Netlink::open_in(ns))
-    .and_then(|mut sb| configure_sandbox(&mut sb, spec));
+    create_pair(host, spec, &spec.ifname, Some(ns))?;
+    let configured = Netlink::open_in(ns).and_then(|mut sb| configure_sandbox(&mut sb, spec));
     if configured.is_err() {
         let _ = delete_link(host, &spec.host_ifname);
     }
@@ -255,13 +242,24 @@ pub fn create_runtime_endpoint(
     spec: &EndpointSpec,
     peer_name: &str,
 ) -> Result<()> {
+    create_pair(host, spec, peer_name, None)
+}
+
+/// The endpoint's veth pair, host end on the bridge (in hairpin mode if the spec asks), peer
+/// in `peer_ns` or beside the host end. Nothing is left if any step fails.
+fn create_pair(
+    host: &mut Netlink,
+    spec: &EndpointSpec,
+    peer_name: &str,
+    peer_ns: Option<&File>,
+) -> Result<()> {
     host.create_veth(&VethSpec {
         host_name: &spec.host_ifname,
         controller: spec.bridge_index,
         mtu: spec.mtu,
         peer_name,
         peer_mac: spec.mac,
-        peer_ns: None,
+        peer_ns,
     })?;
     if spec.hairpin {
         let set = host.set_hairpin(&spec.host_ifname);

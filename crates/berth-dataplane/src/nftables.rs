@@ -22,8 +22,6 @@ use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
 use crate::{DataplaneError, Result};
 
 pub const TABLE: &str = "berth";
-/// The operator's chain, evaluated first for every forwarded packet; berth never changes it.
-pub const USER_CHAIN: &str = "user";
 
 /// The sets, chains and rules. Chains are `add`ed (kept if present) and then flushed and
 /// refilled, so a reinstall replaces berth's rules atomically and leaves `user` alone.
@@ -342,6 +340,7 @@ const NLMSG_DONE: u16 = 3;
 struct Nfnetlink {
     socket: Socket,
     seq: u32,
+    buf: Vec<u8>,
 }
 
 fn put_attr(buf: &mut Vec<u8>, kind: u16, payload: &[u8]) {
@@ -362,6 +361,13 @@ fn put_str(buf: &mut Vec<u8>, kind: u16, s: &str) {
     let mut z = s.as_bytes().to_vec();
     z.push(0);
     put_attr(buf, kind, &z);
+}
+
+/// The errno of an `NLMSG_ERROR` message (0 for an acknowledgement); `None` for any other
+/// message or a truncated one.
+fn errno_of(kind: u16, payload: &[u8]) -> Option<i32> {
+    let code = payload.get(..4).filter(|_| kind == NLMSG_ERROR)?;
+    Some(-i32::from_ne_bytes([code[0], code[1], code[2], code[3]]))
 }
 
 /// Iterates over `(type, payload)` of the attributes in `buf`.
@@ -391,7 +397,11 @@ impl Nfnetlink {
         socket
             .connect(&SocketAddr::new(0, 0))
             .map_err(|e| DataplaneError::io("nfnetlink connect", e))?;
-        Ok(Nfnetlink { socket, seq: 0 })
+        Ok(Nfnetlink {
+            socket,
+            seq: 0,
+            buf: vec![0; 64 * 1024],
+        })
     }
 
     /// Appends one message: netlink header, nfgenmsg, attributes.
@@ -487,16 +497,15 @@ impl Nfnetlink {
         while !pending.is_empty() {
             let mut err = None;
             self.recv_each(|kind, seq, payload| {
-                if kind != NLMSG_ERROR || payload.len() < 4 {
+                let Some(errno) = errno_of(kind, payload) else {
                     return;
-                }
-                let code = i32::from_ne_bytes([payload[0], payload[1], payload[2], payload[3]]);
+                };
                 if let Some(i) = pending.iter().position(|(s, _)| *s == seq) {
                     let (_, map) = pending.remove(i);
-                    if code != 0 && err.is_none() {
+                    if errno != 0 && err.is_none() {
                         err = Some(DataplaneError::Kernel {
                             op: format!("{what} elements of nftables map {map}"),
-                            source: std::io::Error::from_raw_os_error(-code),
+                            source: std::io::Error::from_raw_os_error(errno),
                         });
                     }
                 }
@@ -536,14 +545,11 @@ impl Nfnetlink {
                     NLMSG_DONE => done = true,
                     NLMSG_ERROR => {
                         done = true;
-                        let code = payload
-                            .get(..4)
-                            .map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
-                            .unwrap_or(0);
-                        if code != 0 && code != -(libc_enoent()) {
+                        let errno = errno_of(kind, payload).unwrap_or(0);
+                        if errno != 0 && errno != libc_enoent() {
                             err = Some(DataplaneError::Kernel {
                                 op: "list nftables rules".into(),
-                                source: std::io::Error::from_raw_os_error(-code),
+                                source: std::io::Error::from_raw_os_error(errno),
                             });
                         }
                     }
@@ -574,12 +580,11 @@ impl Nfnetlink {
 
     /// Receives one datagram and calls `each(type, seq, payload)` for every message in it.
     fn recv_each(&mut self, mut each: impl FnMut(u16, u32, &[u8])) -> Result<()> {
-        let mut buf = vec![0u8; 64 * 1024];
         let n = self
             .socket
-            .recv(&mut &mut buf[..], 0)
+            .recv(&mut &mut self.buf[..], 0)
             .map_err(|e| DataplaneError::io("nfnetlink recv", e))?;
-        let mut rest = &buf[..n];
+        let mut rest = &self.buf[..n];
         while rest.len() >= 16 {
             let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
             if len < 16 || len > rest.len() {
