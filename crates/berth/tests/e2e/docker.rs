@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::harness::{HOST_UNDERLAY_IP, Host, Outside, tcp_connects};
+use crate::harness::{HTTPD_ON_7000, Host, published_until_removed};
 use crate::podman::Podman;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -243,35 +243,26 @@ fn docker_containers_on_a_berth_network() {
     assert_eq!(h.json(&["endpoint", "ls"]).as_array().unwrap().len(), 3);
 
     // docker run -p: the engine's port map becomes a berth published port.
-    let out = Outside::new(&h);
-    d.ok(&[
-        "run",
-        "-d",
-        "--name",
-        "web",
-        "--network",
-        "net1",
-        "-p",
-        "8089:7000",
-        "busybox:local",
-        "/bin/busybox",
-        "httpd",
-        "-f",
-        "-p",
-        "7000",
-        "-h",
-        "/",
-    ]);
-    let published = format!("{HOST_UNDERLAY_IP}:8089");
-    h.eventually("Docker's published port answers from another host", || {
-        tcp_connects(&out.path(), &published)
-    });
-    d.ok(&["rm", "-f", "web"]);
-    assert!(
-        !tcp_connects(&out.path(), &published),
-        "unpublished with the container"
+    published_until_removed(
+        &h,
+        8089,
+        || {
+            let run = [
+                "run",
+                "-d",
+                "--name",
+                "web",
+                "--network",
+                "net1",
+                "-p",
+                "8089:7000",
+            ];
+            d.ok(&[&run[..], &["busybox:local"], HTTPD_ON_7000].concat());
+        },
+        || {
+            d.ok(&["rm", "-f", "web"]);
+        },
     );
-    drop(out);
 
     // disconnect / connect
     d.ok(&["network", "disconnect", "net1", "c2"]);

@@ -569,6 +569,30 @@ pub fn tcp_connects(from: &Path, to: &str) -> bool {
     .is_ok()
 }
 
+/// A busybox container's command serving TCP port 7000.
+pub const HTTPD_ON_7000: &[&str] = &["/bin/busybox", "httpd", "-f", "-p", "7000", "-h", "/"];
+
+/// Checks that a container `run` starts with a published `host_port` answers on it from
+/// another host, and that after `remove` nothing answers there any more.
+pub fn published_until_removed(
+    h: &Host,
+    host_port: u16,
+    run: impl FnOnce(),
+    remove: impl FnOnce(),
+) {
+    let out = Outside::new(h);
+    run();
+    let published = format!("{HOST_UNDERLAY_IP}:{host_port}");
+    h.eventually("the published port answers from another host", || {
+        tcp_connects(&out.path(), &published)
+    });
+    remove();
+    assert!(
+        !tcp_connects(&out.path(), &published),
+        "unpublished with the container"
+    );
+}
+
 /// Sends a UDP datagram from the namespace at `from` to `to`; the address the server saw us
 /// at, if an answer came.
 pub fn udp_peer(from: &Path, to: &str) -> Option<String> {

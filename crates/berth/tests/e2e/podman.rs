@@ -7,7 +7,7 @@ use std::process::Command;
 
 use serde_json::{Value, json};
 
-use crate::harness::{BERTH_CNI, HOST_UNDERLAY_IP, Host, Outside, busybox_tarball, tcp_connects};
+use crate::harness::{BERTH_CNI, HTTPD_ON_7000, Host, busybox_tarball, published_until_removed};
 
 pub struct Podman<'h> {
     host: &'h Host,
@@ -148,33 +148,25 @@ fn podman_containers_and_sandboxes_share_a_berth_network() {
     assert_eq!(eps.as_array().unwrap().len(), 3);
 
     // podman run -p: the portMappings capability becomes a berth published port.
-    let out = Outside::new(&h);
-    pm.ok(&[
-        "run",
-        "-d",
-        "--name",
-        "web",
-        "--network",
-        "blue",
-        "-p",
-        "8088:7000",
-        "localhost/busybox:local",
-        "/bin/busybox",
-        "httpd",
-        "-f",
-        "-p",
-        "7000",
-        "-h",
-        "/",
-    ]);
-    let published = format!("{HOST_UNDERLAY_IP}:8088");
-    h.eventually("podman's published port answers from another host", || {
-        tcp_connects(&out.path(), &published)
-    });
-    pm.ok(&["rm", "--force", "--time", "0", "web"]);
-    assert!(
-        !tcp_connects(&out.path(), &published),
-        "unpublished with the container"
+    published_until_removed(
+        &h,
+        8088,
+        || {
+            let run = [
+                "run",
+                "-d",
+                "--name",
+                "web",
+                "--network",
+                "blue",
+                "-p",
+                "8088:7000",
+            ];
+            pm.ok(&[&run[..], &["localhost/busybox:local"], HTTPD_ON_7000].concat());
+        },
+        || {
+            pm.ok(&["rm", "--force", "--time", "0", "web"]);
+        },
     );
 
     // podman rm leaves no endpoint and, once reaped, no address behind.
