@@ -83,16 +83,24 @@ async fn status(State(a): Shared) -> Result<Response, AgentError> {
 }
 
 async fn list_networks(State(a): Shared) -> Result<Response, AgentError> {
-    Ok(ok(StatusCode::OK, a.networks().await?))
+    let nets: Vec<_> = a
+        .networks()
+        .await?
+        .into_iter()
+        .map(|n| a.present(n))
+        .collect();
+    Ok(ok(StatusCode::OK, nets))
 }
 
 async fn create_network(State(a): Shared, body: Bytes) -> Result<Response, AgentError> {
     let req: CreateNetwork = parse(&body)?;
-    Ok(ok(StatusCode::CREATED, a.create_network(req).await?))
+    let net = a.create_network(req).await?;
+    Ok(ok(StatusCode::CREATED, a.present(net)))
 }
 
 async fn get_network(State(a): Shared, Path(name): Path<String>) -> Result<Response, AgentError> {
-    Ok(ok(StatusCode::OK, a.network(&name).await?))
+    let net = a.network(&name).await?;
+    Ok(ok(StatusCode::OK, a.present(net)))
 }
 
 async fn delete_network(

@@ -18,6 +18,10 @@ pub struct DaemonConfig {
     pub netns_dir: PathBuf,
     /// Where to serve Docker's NetworkDriver and IpamDriver plugin API; `None`: not at all.
     pub docker_plugin_socket: Option<PathBuf>,
+    /// DNS on every network's gateways; `None`: no DNS.
+    pub dns: Option<berth_dns::DnsConfig>,
+    /// Where berth sandboxes' resolv.conf files go (`DIR/SANDBOX/resolv.conf`).
+    pub sandbox_etc_dir: PathBuf,
 }
 
 impl DaemonConfig {
@@ -36,10 +40,20 @@ pub async fn run(cfg: DaemonConfig) -> Result<()> {
         .await
         .map_err(|e| AgentError::Internal(e.to_string()))??
         .unwrap_or(FALLBACK_MTU);
-    let agent = Arc::new(Agent::new(store, cfg.netns_dir.clone(), default_mtu));
+    let mut agent = Agent::new(store, cfg.netns_dir.clone(), default_mtu);
+    if let Some(dns) = &cfg.dns {
+        let dns =
+            berth_dns::Dns::new(dns.clone()).map_err(|e| AgentError::Invalid(e.to_string()))?;
+        agent = agent.with_discovery(crate::Discovery {
+            dns,
+            sandbox_etc_dir: cfg.sandbox_etc_dir.clone(),
+        });
+    }
+    let agent = Arc::new(agent);
     let report = agent.reconcile().await?;
     tracing::info!(?report, "kernel reconciled with the store");
     agent.sync_firewall().await?;
+    agent.load_dns().await?;
 
     let socket = cfg.socket();
     let listener = bind_socket(&socket)?;

@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod daemon;
+mod dns;
 pub mod docker;
 mod error;
 mod firewall;
@@ -32,6 +33,7 @@ use ipnet::IpNet;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+pub use dns::Discovery;
 pub use error::{AgentError, Result};
 pub use reconcile::ReconcileReport;
 
@@ -55,6 +57,8 @@ pub struct Agent {
     firewall: tokio::sync::Mutex<()>,
     /// Held by an attach that publishes ports from its conflict check to its commit.
     publishing: tokio::sync::Mutex<()>,
+    /// DNS service discovery; `None` when the daemon runs without.
+    discovery: Option<Discovery>,
 }
 
 /// What of an endpoint's holdings [`Agent::endpoint_records`] covers beside its records. A
@@ -124,7 +128,14 @@ impl Agent {
             reaping: tokio::sync::Mutex::new(()),
             firewall: tokio::sync::Mutex::new(()),
             publishing: tokio::sync::Mutex::new(()),
+            discovery: None,
         }
+    }
+
+    /// Serves DNS on every network (see [`Discovery`]).
+    pub fn with_discovery(mut self, discovery: Discovery) -> Self {
+        self.discovery = Some(discovery);
+        self
     }
 
     pub fn netns_dir(&self) -> &Path {
@@ -260,6 +271,7 @@ impl Agent {
             subnets: subnets.iter().map(|(s, _)| s.clone()).collect(),
             mtu,
             internal: req.internal,
+            dns: None,
         };
         let mut txn = Txn::new()
             .when(Compare::Absent(keys::network(&net.name)))
@@ -291,6 +303,7 @@ impl Agent {
             net.name.clone(),
             subnets.into_iter().map(|(_, p)| p).collect(),
         );
+        self.serve_dns(&net);
         tracing::info!(network = %net.name, bridge = %net.bridge, subnets = ?net.subnets, "network created");
         Ok(net)
     }
@@ -332,6 +345,7 @@ impl Agent {
         let bridge = net.bridge.clone();
         kernel(move || berth_dataplane::delete_link(&mut Netlink::open()?, &bridge)).await?;
         self.forget_network(&net).await?;
+        self.stop_dns(name);
         self.sync_firewall().await?;
         tracing::info!(network = %name, "network removed");
         Ok(())
@@ -399,6 +413,7 @@ impl Agent {
                 self.remove_endpoint(&ep).await?;
             }
         }
+        self.remove_sandbox_resolv_conf(name);
         let path = PathBuf::from(&sb.path);
         kernel(move || netns::remove(&path)).await?;
         self.commit(Txn::new().delete(keys::sandbox(name))).await?;
@@ -577,6 +592,10 @@ impl Agent {
                 )));
             }
             return Err(e);
+        }
+        self.name_endpoint(&ep);
+        if let Some(sandbox) = &ep.netns.sandbox {
+            self.write_sandbox_resolv_conf(sandbox, &ep.netns.id).await;
         }
         tracing::debug!(endpoint = %ep.id, network = %ep.network, sandbox = %req.sandbox, ips = ?ep.ips, "attached");
         Ok(ep)
@@ -867,6 +886,11 @@ impl Agent {
             .put(keys::releasing(&ep.id), encode(&current));
         if let TxnOutcome::CompareFailed(_) = self.commit(txn).await? {
             return Ok(());
+        }
+        self.unname_endpoint(&current);
+        if let Some(sandbox) = &current.netns.sandbox {
+            self.write_sandbox_resolv_conf(sandbox, &current.netns.id)
+                .await;
         }
         let (host_ifname, ifname, tomb, mac) = (
             current.host_ifname.clone(),

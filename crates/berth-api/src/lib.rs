@@ -9,8 +9,8 @@ mod client;
 use serde::{Deserialize, Serialize};
 
 pub use berth_model::{
-    Endpoint, MacAddr, ModelError, NetnsRef, Network, PortMapping, Protocol, Sandbox, Subnet,
-    parse_publish,
+    Endpoint, MacAddr, ModelError, NetnsRef, Network, NetworkDns, PortMapping, Protocol, Sandbox,
+    Subnet, parse_publish,
 };
 pub use client::{Client, ClientError};
 

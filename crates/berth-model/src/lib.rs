@@ -42,6 +42,19 @@ pub struct Network {
     pub internal: bool,
     /// The Linux bridge that carries the network on this host.
     pub bridge: String,
+    /// How containers on the network reach berth's DNS; filled in by the daemon when it
+    /// answers, never stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<NetworkDns>,
+}
+
+/// The DNS service of a network as containers use it (resolv.conf, CNI `dns`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkDns {
+    /// The addresses berth answers on (the gateways).
+    pub nameservers: Vec<IpAddr>,
+    /// The search domain: `NETWORK.SUFFIX`.
+    pub domain: String,
 }
 
 impl Network {

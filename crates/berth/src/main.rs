@@ -73,6 +73,18 @@ struct DaemonArgs {
     /// Docker plugin socket (NetworkDriver and IpamDriver); empty: no Docker plugin.
     #[arg(long, default_value = "/run/docker/plugins/berth.sock")]
     docker_plugin_socket: PathBuf,
+    /// DNS port on every network's gateway addresses; 0: no DNS.
+    #[arg(long, default_value_t = 53)]
+    dns_port: u16,
+    /// Qualified names are NAME.NETWORK.<suffix>.
+    #[arg(long, default_value = berth_dns::DEFAULT_SUFFIX)]
+    dns_suffix: String,
+    /// Names berth does not know are forwarded to this file's nameservers (re-read on change).
+    #[arg(long, default_value = "/etc/resolv.conf")]
+    dns_resolv_conf: PathBuf,
+    /// Sandboxes' resolv.conf go to <dir>/<sandbox>/resolv.conf, where `ip netns exec` finds them.
+    #[arg(long, default_value = "/etc/netns")]
+    sandbox_etc_dir: PathBuf,
     /// error, warn, info, debug or trace.
     #[arg(long, default_value = "info")]
     log_level: tracing::Level,
@@ -376,6 +388,12 @@ fn daemon(args: DaemonArgs) -> Result<()> {
             netns_dir: args.netns_dir,
             docker_plugin_socket: Some(args.docker_plugin_socket)
                 .filter(|p| !p.as_os_str().is_empty()),
+            dns: (args.dns_port != 0).then_some(berth_dns::DnsConfig {
+                suffix: args.dns_suffix,
+                port: args.dns_port,
+                resolv_conf: args.dns_resolv_conf,
+            }),
+            sandbox_etc_dir: args.sandbox_etc_dir,
         },
     ))?;
     Ok(())

@@ -154,14 +154,25 @@ fn add(env: &Env, conf: &NetConf, client: &Client) -> Result<Value, CniError> {
             .into_iter()
             .flat_map(|v| v.split(',').map(str::to_string).collect::<Vec<_>>()),
     );
+    // The runtime's name for the container (podman passes the container name, Kubernetes the
+    // pod name), else the first alias; DNS answers to it and to every alias.
+    let name = env
+        .arg("K8S_POD_NAME")
+        .filter(|n| !n.is_empty())
+        .or_else(|| conf.aliases.first().cloned());
     let req = Attach {
         network: net.name.clone(),
         sandbox: netns.to_string(),
         ifname: Some(ifname.to_string()),
         ips,
         mac: conf.mac.clone().or_else(|| env.arg("MAC")),
-        name: conf.aliases.first().cloned(),
-        aliases: conf.aliases.iter().skip(1).cloned().collect(),
+        aliases: conf
+            .aliases
+            .iter()
+            .filter(|a| Some(*a) != name.as_ref())
+            .cloned()
+            .collect(),
+        name,
         container_id: Some(container_id.to_string()),
         ports: conf.ports.clone(),
     };

@@ -42,14 +42,32 @@ pub fn add_result(version: &str, ep: &Endpoint, net: &Network, netns: &str) -> V
         "interfaces": [ { "name": ep.host_ifname }, sandbox_if ],
         "ips": ips,
         "routes": routes,
-        "dns": {},
+        "dns": dns(ep, net),
     })
+}
+
+/// berth's DNS on the gateways of the subnets the endpoint has addresses in, and the
+/// network's domain to search; empty when the daemon serves no DNS.
+fn dns(ep: &Endpoint, net: &Network) -> Value {
+    let Some(d) = &net.dns else {
+        return json!({});
+    };
+    let nameservers: Vec<String> = d
+        .nameservers
+        .iter()
+        .filter(|ns| {
+            net.subnet_for(**ns)
+                .is_some_and(|s| ep.ips.iter().any(|ip| s.cidr.contains(&ip.addr())))
+        })
+        .map(|ns| ns.to_string())
+        .collect();
+    json!({ "nameservers": nameservers, "search": [d.domain] })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use berth_api::{MacAddr, NetnsRef, Subnet};
+    use berth_api::{MacAddr, NetnsRef, NetworkDns, Subnet};
 
     fn fixture() -> (Endpoint, Network) {
         let net = Network {
@@ -68,6 +86,10 @@ mod tests {
             mtu: 1400,
             internal: false,
             bridge: "berth-012345678".into(),
+            dns: Some(NetworkDns {
+                nameservers: vec!["10.91.0.1".parse().unwrap(), "fd00:91::1".parse().unwrap()],
+                domain: "blue.berth.local".into(),
+            }),
         };
         let ep = Endpoint {
             id: "aa".into(),
@@ -109,6 +131,10 @@ mod tests {
             r["routes"],
             json!([{"dst":"0.0.0.0/0","gw":"10.91.0.1"},{"dst":"::/0","gw":"fd00:91::1"}])
         );
+        assert_eq!(
+            r["dns"],
+            json!({"nameservers":["10.91.0.1","fd00:91::1"],"search":["blue.berth.local"]})
+        );
         let old = add_result("0.4.0", &ep, &net, "/run/netns/x");
         assert_eq!(old["ips"][1]["version"], "6");
         assert!(old["interfaces"][1].get("mtu").is_none());
@@ -117,5 +143,15 @@ mod tests {
                 .get("version")
                 .is_none()
         );
+    }
+
+    #[test]
+    fn dns_only_on_the_endpoints_families_and_empty_without_dns() {
+        let (mut ep, mut net) = fixture();
+        ep.ips.truncate(1);
+        let r = add_result("1.1.0", &ep, &net, "/x");
+        assert_eq!(r["dns"]["nameservers"], json!(["10.91.0.1"]));
+        net.dns = None;
+        assert_eq!(add_result("1.1.0", &ep, &net, "/x")["dns"], json!({}));
     }
 }

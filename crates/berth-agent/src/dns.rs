@@ -1,0 +1,194 @@
+//! The agent's side of service discovery: which networks berth's DNS serves, which names it
+//! knows, and the resolv.conf of berth sandboxes. The server itself is `berth-dns`.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use berth_dns::{Dns, NetworkDns as Served};
+use berth_model::{Endpoint, Network, NetworkDns};
+
+use crate::{Agent, Result};
+
+/// Service discovery as configured for the daemon.
+pub struct Discovery {
+    pub dns: Dns,
+    /// Where berth sandboxes' resolv.conf files go: `DIR/SANDBOX/resolv.conf`, which
+    /// `ip netns exec SANDBOX` mounts over `/etc/resolv.conf` when DIR is `/etc/netns`.
+    pub sandbox_etc_dir: PathBuf,
+}
+
+/// The names an endpoint answers to: its name first (the one PTR answers give), then aliases.
+fn names_of(ep: &Endpoint) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for n in ep.name.iter().chain(&ep.aliases) {
+        if !names.iter().any(|m| m.eq_ignore_ascii_case(n)) {
+            names.push(n.clone());
+        }
+    }
+    names
+}
+
+fn addresses_of(ep: &Endpoint) -> Vec<IpAddr> {
+    ep.ips.iter().map(|ip| ip.addr()).collect()
+}
+
+impl Agent {
+    /// How containers reach DNS on a network, for API answers; `None` when DNS is off.
+    pub fn network_dns(&self, net: &Network) -> Option<NetworkDns> {
+        let d = self.discovery.as_ref()?;
+        Some(NetworkDns {
+            nameservers: net.subnets.iter().map(|s| s.gateway).collect(),
+            domain: d.dns.domain(&net.name),
+        })
+    }
+
+    /// A network as the API shows it: with its DNS.
+    pub fn present(&self, mut net: Network) -> Network {
+        net.dns = self.network_dns(&net);
+        net
+    }
+
+    /// Starts answering on a network's gateways. A failure to listen is logged, not fatal:
+    /// the network works without names.
+    pub(crate) fn serve_dns(&self, net: &Network) {
+        let Some(d) = &self.discovery else { return };
+        let served = Served {
+            name: net.name.clone(),
+            subnets: net.subnets.iter().map(|s| s.cidr).collect(),
+            listen: net.subnets.iter().map(|s| s.gateway).collect(),
+            internal: net.internal,
+        };
+        if let Err(e) = d.dns.serve_network(&served) {
+            tracing::warn!(network = %net.name, error = %e, "no DNS on this network");
+        }
+    }
+
+    pub(crate) fn stop_dns(&self, network: &str) {
+        if let Some(d) = &self.discovery {
+            d.dns.stop_network(network);
+        }
+    }
+
+    /// Serves every network and knows every endpoint (at start).
+    pub(crate) async fn load_dns(&self) -> Result<()> {
+        if self.discovery.is_none() {
+            return Ok(());
+        }
+        for net in self.networks().await? {
+            self.serve_dns(&net);
+        }
+        for ep in self.endpoints(None).await? {
+            self.name_endpoint(&ep);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn name_endpoint(&self, ep: &Endpoint) {
+        if let Some(d) = &self.discovery {
+            d.dns
+                .set_endpoint(&ep.network, &ep.id, &names_of(ep), &addresses_of(ep));
+        }
+    }
+
+    pub(crate) fn unname_endpoint(&self, ep: &Endpoint) {
+        if let Some(d) = &self.discovery {
+            d.dns.remove_endpoint(&ep.network, &ep.id);
+        }
+    }
+
+    /// Rewrites a berth sandbox's resolv.conf from the networks it is attached to now:
+    /// their gateways as nameservers (IPv4 first, at most three, as resolvers read no more),
+    /// their domains as the search list. No networks: the file goes.
+    pub(crate) async fn write_sandbox_resolv_conf(&self, sandbox: &str, netns_id: &str) {
+        let Some(d) = &self.discovery else { return };
+        let dir = d.sandbox_etc_dir.join(sandbox);
+        let eps = match self.endpoints_in(netns_id).await {
+            Ok(eps) => eps,
+            Err(e) => {
+                tracing::warn!(sandbox, error = %e, "cannot list the sandbox's endpoints");
+                return;
+            }
+        };
+        let mut nameservers: Vec<IpAddr> = Vec::new();
+        let mut search: Vec<String> = Vec::new();
+        for ep in &eps {
+            let Ok(net) = self.network(&ep.network).await else {
+                continue;
+            };
+            for s in &net.subnets {
+                if ep.ips.iter().any(|ip| s.cidr.contains(&ip.addr())) {
+                    nameservers.push(s.gateway);
+                }
+            }
+            search.push(d.dns.domain(&net.name));
+        }
+        nameservers.sort_by_key(|ip| ip.is_ipv6());
+        let written = if nameservers.is_empty() {
+            remove_resolv_conf(&dir)
+        } else {
+            write_resolv_conf(&dir, sandbox, &nameservers, &search)
+        };
+        if let Err(e) = written {
+            tracing::warn!(sandbox, dir = %dir.display(), error = %e, "cannot write the sandbox's resolv.conf");
+        }
+    }
+
+    /// Removes a sandbox's resolv.conf (the sandbox is going).
+    pub(crate) fn remove_sandbox_resolv_conf(&self, sandbox: &str) {
+        if let Some(d) = &self.discovery {
+            let _ = remove_resolv_conf(&d.sandbox_etc_dir.join(sandbox));
+        }
+    }
+}
+
+fn write_resolv_conf(
+    dir: &Path,
+    sandbox: &str,
+    nameservers: &[IpAddr],
+    search: &[String],
+) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let mut text = format!("# written by berth for sandbox {sandbox}\n");
+    for ns in nameservers.iter().take(3) {
+        text.push_str(&format!("nameserver {ns}\n"));
+    }
+    text.push_str(&format!("search {}\n", search.join(" ")));
+    // Write and rename: a resolver reading the file never sees half of it.
+    let tmp = dir.join(".resolv.conf.berth");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(tmp, dir.join("resolv.conf"))
+}
+
+/// Removes berth's resolv.conf and the directory if nothing else is in it.
+fn remove_resolv_conf(dir: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(dir.join("resolv.conf")) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let _ = std::fs::remove_dir(dir);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolv_conf_is_written_whole_and_removed_with_its_dir() {
+        let tmp = std::env::temp_dir().join(format!("berth-resolv-{}", std::process::id()));
+        let dir = tmp.join("web");
+        let ns: Vec<IpAddr> = vec!["10.1.0.1".parse().unwrap(), "fd00::1".parse().unwrap()];
+        write_resolv_conf(&dir, "web", &ns, &["blue.berth.local".into()]).unwrap();
+        let text = std::fs::read_to_string(dir.join("resolv.conf")).unwrap();
+        assert_eq!(
+            text,
+            "# written by berth for sandbox web\nnameserver 10.1.0.1\nnameserver fd00::1\nsearch blue.berth.local\n"
+        );
+        assert!(!dir.join(".resolv.conf.berth").exists());
+        remove_resolv_conf(&dir).unwrap();
+        assert!(!dir.exists());
+        remove_resolv_conf(&dir).unwrap();
+        std::fs::remove_dir_all(&tmp).unwrap();
+    }
+}

@@ -1,0 +1,226 @@
+//! Service discovery: one DNS server per network, listening on the network's gateway
+//! addresses, answering for the endpoints attached to that network and forwarding everything
+//! else to the host's resolvers.
+//!
+//! The network a query is answered for is the one whose address it arrived at, so a name is
+//! visible exactly on the networks its endpoint is attached to. The agent keeps the zones up to
+//! date as it attaches and detaches; answers carry TTL 0, so the next query sees the change.
+
+mod server;
+mod upstream;
+pub mod wire;
+mod zone;
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use ipnet::IpNet;
+
+pub use upstream::{PER_SERVER, parse_resolv_conf};
+pub use zone::{Resolution, TTL, Zone};
+
+/// The suffix of qualified names when none is configured: `NAME.NETWORK.berth.local`.
+pub const DEFAULT_SUFFIX: &str = "berth.local";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DnsError {
+    #[error("invalid DNS suffix {0:?}: dot-separated labels of letters, digits and '-'")]
+    InvalidSuffix(String),
+    #[error("cannot serve DNS on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct DnsConfig {
+    /// Qualified names are `NAME.NETWORK.SUFFIX`.
+    pub suffix: String,
+    pub port: u16,
+    /// Where the upstream nameservers are read from (the daemon's `/etc/resolv.conf`).
+    pub resolv_conf: PathBuf,
+}
+
+impl DnsConfig {
+    pub fn validate(&self) -> Result<(), DnsError> {
+        let s = self.suffix.trim_end_matches('.');
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        };
+        if s.is_empty() || s.len() > 200 || !s.split('.').all(label_ok) {
+            return Err(DnsError::InvalidSuffix(self.suffix.clone()));
+        }
+        Ok(())
+    }
+}
+
+/// The DNS service of one daemon: a zone and listeners per network.
+#[derive(Clone)]
+pub struct Dns {
+    shared: Arc<server::Shared>,
+}
+
+/// One network as DNS serves it.
+#[derive(Debug, Clone)]
+pub struct NetworkDns {
+    pub name: String,
+    pub subnets: Vec<IpNet>,
+    /// The addresses to listen on (the gateways).
+    pub listen: Vec<IpAddr>,
+    pub internal: bool,
+}
+
+impl Dns {
+    pub fn new(cfg: DnsConfig) -> Result<Dns, DnsError> {
+        cfg.validate()?;
+        let own = Arc::new(Mutex::new(HashSet::new()));
+        Ok(Dns {
+            shared: Arc::new(server::Shared {
+                upstream: upstream::Upstream::new(cfg.resolv_conf.clone(), own.clone()),
+                own,
+                cfg,
+                networks: Mutex::new(HashMap::new()),
+                forwards: Arc::new(tokio::sync::Semaphore::new(server::MAX_FORWARDS)),
+            }),
+        })
+    }
+
+    pub fn suffix(&self) -> &str {
+        self.shared.cfg.suffix.trim_end_matches('.')
+    }
+
+    /// The search domain of a network: `NETWORK.SUFFIX`.
+    pub fn domain(&self, network: &str) -> String {
+        format!("{network}.{}", self.suffix()).to_ascii_lowercase()
+    }
+
+    /// Starts serving a network (idempotent). Listeners are bound with `IP_FREEBIND`, so
+    /// they work before the bridge has its address and across its re-creation.
+    pub fn serve_network(&self, net: &NetworkDns) -> Result<(), DnsError> {
+        server::serve_network(&self.shared, net)
+    }
+
+    /// Stops serving a network and forgets its names.
+    pub fn stop_network(&self, name: &str) {
+        server::stop_network(&self.shared, name);
+    }
+
+    /// Records an endpoint's names (primary first) and addresses on its network; replaces an
+    /// earlier record of the same endpoint.
+    pub fn set_endpoint(&self, network: &str, id: &str, names: &[String], ips: &[IpAddr]) {
+        if let Some(z) = self.zone(network) {
+            z.set_endpoint(id, names, ips);
+        }
+    }
+
+    pub fn remove_endpoint(&self, network: &str, id: &str) {
+        if let Some(z) = self.zone(network) {
+            z.remove_endpoint(id);
+        }
+    }
+
+    fn zone(&self, network: &str) -> Option<Arc<Zone>> {
+        let nets = self.shared.networks.lock().expect("networks lock");
+        nets.get(network).map(|s| s.zone.clone())
+    }
+}
+
+/// What the server does with one message: the whole packet path short of the sockets, so it
+/// can be fuzzed.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    Reply(Vec<u8>),
+    Forward,
+    Ignore,
+}
+
+/// Reads a query and answers it from `zone`, or says to forward it; `limit` is the largest
+/// answer the transport carries.
+pub fn respond(zone: &Zone, msg: &[u8], tcp: bool) -> Step {
+    match wire::parse_query(msg) {
+        Err(wire::Rejected::Drop) => Step::Ignore,
+        Err(wire::Rejected::Code { id, rcode }) => Step::Reply(wire::bare_answer(id, rcode)),
+        Ok(q) => {
+            let limit = if tcp {
+                usize::from(u16::MAX)
+            } else {
+                q.udp_limit()
+            };
+            match zone.resolve(&q, limit) {
+                Resolution::Answer(a) => Step::Reply(a),
+                Resolution::Forward => Step::Forward,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn zone() -> Zone {
+        let z = Zone::new(
+            "blue",
+            DEFAULT_SUFFIX,
+            vec!["10.91.0.0/24".parse().unwrap()],
+            false,
+        );
+        z.set_endpoint("e1", &["web".into()], &["10.91.0.2".parse().unwrap()]);
+        z
+    }
+
+    #[test]
+    fn suffixes() {
+        let cfg = |s: &str| DnsConfig {
+            suffix: s.into(),
+            port: 53,
+            resolv_conf: "/etc/resolv.conf".into(),
+        };
+        assert!(cfg("berth.local").validate().is_ok());
+        assert!(cfg("cluster.local.").validate().is_ok());
+        for bad in ["", ".", "a..b", "-a.b", "a_b", "a b"] {
+            assert!(cfg(bad).validate().is_err(), "{bad:?}");
+        }
+    }
+
+    proptest! {
+        /// Any bytes: no panic, and an answer (if any) is a well-formed response header with
+        /// the query's ID.
+        #[test]
+        fn random_messages_never_panic(msg in proptest::collection::vec(any::<u8>(), 0..600)) {
+            if let Step::Reply(r) = respond(&zone(), &msg, false) {
+                prop_assert!(r.len() >= 12 && r.len() <= 512);
+                prop_assert_eq!(&r[..2], &msg[..2]);
+                prop_assert_ne!(r[2] & 0x80, 0);
+            }
+        }
+
+        /// Valid queries with one byte changed: the same, and the answer fits the limit.
+        #[test]
+        fn mutated_queries_never_panic(
+            name in "[a-z]{1,10}(\\.[a-z]{1,10}){0,3}",
+            qtype in prop_oneof![Just(1u16), Just(12), Just(28), Just(255), any::<u16>()],
+            edns in any::<bool>(),
+            at in any::<prop::sample::Index>(),
+            byte in any::<u8>(),
+        ) {
+            let mut msg = wire::tests::query(1, &name, qtype, edns);
+            let i = at.index(msg.len());
+            msg[i] = byte;
+            for tcp in [false, true] {
+                if let Step::Reply(r) = respond(&zone(), &msg, tcp) {
+                    prop_assert!(r.len() >= 12);
+                    prop_assert!(tcp || r.len() <= 1232);
+                }
+            }
+        }
+    }
+}
