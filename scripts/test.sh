@@ -26,6 +26,8 @@ command -v dockerd >/dev/null || need+=(docker.io)
 command -v curl >/dev/null || need+=(curl)
 command -v nft >/dev/null || need+=(nftables)
 command -v iperf3 >/dev/null || need+=(iperf3)
+command -v dig >/dev/null || need+=(dnsutils)
+command -v dnsperf >/dev/null || need+=(dnsperf)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing test dependencies: ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive

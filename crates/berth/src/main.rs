@@ -161,6 +161,9 @@ struct AttachArgs {
     /// Name for service discovery; default: the sandbox name.
     #[arg(long)]
     name: Option<String>,
+    /// Another name for service discovery (several endpoints may share one); repeatable.
+    #[arg(long = "alias")]
+    aliases: Vec<String>,
     #[arg(long)]
     mac: Option<String>,
     /// Publish a host port: [HOST_IP:]HOST_PORT[-END]:PORT[-END][/tcp|udp|sctp]; repeatable.
@@ -225,6 +228,7 @@ fn run(cli: Cli) -> Result<()> {
                     ips: a.ips,
                     mac: a.mac,
                     name: a.name,
+                    aliases: a.aliases,
                     ports: a.publish.into_iter().flatten().collect(),
                     ..Default::default()
                 },

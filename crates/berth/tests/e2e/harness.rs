@@ -101,6 +101,16 @@ impl Host {
         Client::new(self.socket()).with_timeout(Duration::from_secs(30))
     }
 
+    /// The daemon's upstream resolvers (none unless a test writes some).
+    pub fn resolv_conf(&self) -> PathBuf {
+        self.dir.join("resolv.conf")
+    }
+
+    /// Where the daemon writes sandboxes' resolv.conf (instead of /etc/netns).
+    pub fn sandbox_etc_dir(&self) -> PathBuf {
+        self.dir.join("etc-netns")
+    }
+
     pub fn netns_path(&self) -> String {
         format!("/run/netns/{}", self.netns)
     }
@@ -123,6 +133,10 @@ impl Host {
             .arg(self.dir.join("netns"))
             .arg("--docker-plugin-socket")
             .arg(self.docker_plugin_socket())
+            .arg("--dns-resolv-conf")
+            .arg(self.resolv_conf())
+            .arg("--sandbox-etc-dir")
+            .arg(self.sandbox_etc_dir())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

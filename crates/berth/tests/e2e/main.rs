@@ -4,6 +4,7 @@ mod bad_input;
 mod bridge;
 mod cni;
 mod crash;
+mod dns;
 mod docker;
 mod harness;
 mod nat;

@@ -1,0 +1,504 @@
+//! Service discovery: `dig` from sandboxes against the DNS server berth runs on each network's
+//! gateway, and an upstream resolver on another host (namespace) for forwarded names.
+
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use berth_dns::wire;
+
+use crate::harness::{Host, OUTSIDE_IP, Outside, in_ns};
+
+/// What `dig` saw: the status word and the answers' data, in order.
+#[derive(Debug)]
+struct Dug {
+    status: String,
+    flags: String,
+    answers: Vec<String>,
+}
+
+fn dig(h: &Host, sandbox: &str, server: &str, args: &[&str]) -> Dug {
+    let at = format!("@{server}");
+    let mut cmd = vec![
+        "dig",
+        &at,
+        "+time=3",
+        "+tries=1",
+        "+noall",
+        "+answer",
+        "+comments",
+    ];
+    cmd.extend_from_slice(args);
+    let out = h.in_netns(&h.sandbox_path(sandbox), &cmd);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let field = |key: &str| {
+        text.lines()
+            .find_map(|l| l.split_once(key).map(|(_, rest)| rest.to_string()))
+            .unwrap_or_default()
+    };
+    let status = field("status: ");
+    let status = status.split(',').next().unwrap_or("").to_string();
+    let flags = field(";; flags: ");
+    let flags = flags.split(';').next().unwrap_or("").to_string();
+    let answers = text
+        .lines()
+        .filter(|l| !l.starts_with(';') && !l.trim().is_empty())
+        .filter_map(|l| l.split_whitespace().last().map(str::to_string))
+        .collect();
+    Dug {
+        status: if status.is_empty() {
+            format!("no answer: {text}")
+        } else {
+            status
+        },
+        flags,
+        answers,
+    }
+}
+
+fn ip_of(h: &Host, sandbox: &str, network: &str, v6: bool) -> String {
+    let eps = h.json(&["endpoint", "ls", "--network", network]);
+    let ep = eps
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["netns"]["sandbox"] == sandbox)
+        .unwrap_or_else(|| panic!("{sandbox} is not on {network}"));
+    ep["ips"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i.as_str().unwrap().split('/').next().unwrap().to_string())
+        .find(|i| i.contains(':') == v6)
+        .unwrap()
+}
+
+/// Two networks (blue dual-stack), sandboxes `web` (blue), `cli` (blue and red), `r1` (red).
+fn two_networks(h: &Host) {
+    h.ok(&[
+        "network",
+        "create",
+        "blue",
+        "--subnet",
+        "10.93.0.0/24",
+        "--ipv6-subnet",
+        "fd00:93::/64",
+    ]);
+    h.ok(&["network", "create", "red", "--subnet", "10.94.0.0/24"]);
+    for s in ["web", "cli", "r1"] {
+        h.ok(&["sandbox", "create", s]);
+    }
+    h.ok(&["attach", "web", "--network", "blue", "--alias", "www"]);
+    h.ok(&["attach", "cli", "--network", "blue"]);
+    h.ok(&["attach", "cli", "--network", "red", "--ifname", "eth1"]);
+    h.ok(&["attach", "r1", "--network", "red"]);
+}
+
+const BLUE_GW: &str = "10.93.0.1";
+const RED_GW: &str = "10.94.0.1";
+
+#[test]
+fn names_are_scoped_by_network_with_aliases_ptr_and_aaaa() {
+    let h = Host::new();
+    two_networks(&h);
+    let web = ip_of(&h, "web", "blue", false);
+    let web6 = ip_of(&h, "web", "blue", true);
+
+    for name in [
+        "web",
+        "WEB",
+        "web.blue.berth.local",
+        "www",
+        "www.blue.berth.local.",
+    ] {
+        let d = dig(&h, "cli", BLUE_GW, &[name]);
+        assert_eq!(
+            (d.status.as_str(), d.answers.clone()),
+            ("NOERROR", vec![web.clone()]),
+            "{name}"
+        );
+        assert!(d.flags.contains("aa"), "authoritative: {d:?}");
+    }
+    assert_eq!(
+        dig(&h, "cli", BLUE_GW, &["web", "AAAA"]).answers,
+        [web6.as_str()]
+    );
+    assert_eq!(
+        dig(&h, "cli", "fd00:93::1", &["web", "AAAA"]).answers,
+        [web6.as_str()],
+        "served on IPv6 too"
+    );
+    assert_eq!(
+        dig(&h, "cli", "fd00:93::1", &["+tcp", "web"]).answers,
+        [web.as_str()],
+        "and over TCP"
+    );
+    let nodata = dig(&h, "cli", RED_GW, &["r1.red.berth.local", "AAAA"]);
+    assert_eq!(
+        (nodata.status.as_str(), nodata.answers.len()),
+        ("NOERROR", 0),
+        "a name without IPv6 is NODATA"
+    );
+    assert_eq!(
+        dig(&h, "cli", BLUE_GW, &["nope.blue.berth.local"]).status,
+        "NXDOMAIN"
+    );
+
+    // Scoping: web is on blue only; the query's network is the one it arrived on.
+    assert_eq!(
+        dig(&h, "cli", RED_GW, &["web.blue.berth.local"]).status,
+        "NXDOMAIN"
+    );
+    assert_eq!(
+        dig(&h, "cli", RED_GW, &["web.red.berth.local"]).status,
+        "NXDOMAIN"
+    );
+    let short = dig(&h, "cli", RED_GW, &["web"]);
+    assert!(
+        short.answers.is_empty(),
+        "web is not visible on red: {short:?}"
+    );
+    assert_eq!(
+        dig(&h, "r1", RED_GW, &["cli"]).answers,
+        [ip_of(&h, "cli", "red", false)]
+    );
+    assert!(dig(&h, "r1", RED_GW, &["web"]).answers.is_empty());
+    assert_eq!(
+        dig(&h, "cli", BLUE_GW, &["r1.red.berth.local"]).status,
+        "NXDOMAIN"
+    );
+
+    // Reverse: the address's endpoint on the asking network, fully qualified.
+    assert_eq!(
+        dig(&h, "cli", BLUE_GW, &["-x", &web]).answers,
+        ["web.blue.berth.local."]
+    );
+    assert_eq!(
+        dig(&h, "cli", BLUE_GW, &["-x", &web6]).answers,
+        ["web.blue.berth.local."]
+    );
+    assert_eq!(
+        dig(&h, "cli", BLUE_GW, &["-x", "10.93.0.200"]).status,
+        "NXDOMAIN"
+    );
+
+    // One alias on several endpoints: all addresses, in turn.
+    h.ok(&["sandbox", "create", "api2"]);
+    h.ok(&["attach", "api2", "--network", "blue", "--alias", "www"]);
+    let api2 = ip_of(&h, "api2", "blue", false);
+    let first = dig(&h, "cli", BLUE_GW, &["www"]).answers;
+    let second = dig(&h, "cli", BLUE_GW, &["www"]).answers;
+    let mut sorted = first.clone();
+    sorted.sort();
+    let mut want = vec![web.clone(), api2];
+    want.sort();
+    assert_eq!(sorted, want);
+    assert_ne!(first, second, "round robin");
+}
+
+#[test]
+fn attach_and_detach_are_visible_to_the_next_query() {
+    let h = Host::new();
+    h.ok(&["network", "create", "blue", "--subnet", "10.95.0.0/24"]);
+    h.ok(&["sandbox", "create", "cli"]);
+    h.ok(&["attach", "cli", "--network", "blue"]);
+    h.ok(&["sandbox", "create", "db"]);
+    for round in 0..3 {
+        h.ok(&["attach", "db", "--network", "blue", "--name", "database"]);
+        let ip = ip_of(&h, "db", "blue", false);
+        let d = dig(&h, "cli", "10.95.0.1", &["database.blue.berth.local"]);
+        assert_eq!(
+            d.answers,
+            [ip.as_str()],
+            "round {round}: right after attach"
+        );
+        assert_eq!(
+            dig(&h, "cli", "10.95.0.1", &["-x", &ip]).answers,
+            ["database.blue.berth.local."]
+        );
+        h.ok(&["detach", "db", "--network", "blue"]);
+        let d = dig(&h, "cli", "10.95.0.1", &["database.blue.berth.local"]);
+        assert_eq!(d.status, "NXDOMAIN", "round {round}: right after detach");
+        assert_eq!(dig(&h, "cli", "10.95.0.1", &["-x", &ip]).status, "NXDOMAIN");
+    }
+    // A daemon restart knows the names from the store, and the removed network is silent.
+    h.ok(&["attach", "db", "--network", "blue", "--name", "database"]);
+    h.stop();
+    h.start();
+    assert_eq!(
+        dig(&h, "cli", "10.95.0.1", &["database"]).answers,
+        [ip_of(&h, "db", "blue", false)]
+    );
+    h.ok(&["sandbox", "rm", "db"]);
+    h.ok(&["sandbox", "rm", "cli"]);
+    h.ok(&["network", "rm", "blue"]);
+    let listening = h.sh(&["ss", "-lnu"]);
+    assert!(
+        !listening.contains("10.95.0.1:53"),
+        "still listening:\n{listening}"
+    );
+}
+
+/// An upstream resolver on another host: A 198.51.100.7 for every name, except `big.example`
+/// (40 addresses: truncated over UDP, whole over TCP) and `silent.example` (never answers).
+struct Upstream {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+const UPSTREAM_ANSWER: &str = "198.51.100.7";
+
+fn upstream_answer(msg: &[u8], tcp: bool) -> Option<Vec<u8>> {
+    let q = wire::parse_query(msg).ok()?;
+    let records: Vec<wire::Record> = match q.name.as_str() {
+        "silent.example" => return None,
+        "big.example" => (1..=40u8)
+            .map(|i| wire::Record::Addr([198, 51, 100, i].into()))
+            .collect(),
+        _ => vec![wire::Record::Addr(UPSTREAM_ANSWER.parse().unwrap())],
+    };
+    let limit = if tcp { 65535 } else { q.udp_limit() };
+    Some(wire::answer(
+        &q,
+        wire::RCODE_NOERROR,
+        false,
+        &records,
+        60,
+        limit,
+    ))
+}
+
+impl Upstream {
+    fn start(netns: &Path) -> Upstream {
+        use std::io::{Read, Write};
+        let addr: SocketAddr = format!("{OUTSIDE_IP}:53").parse().unwrap();
+        let (udp, tcp) = in_ns(netns, || {
+            (
+                UdpSocket::bind(addr).unwrap(),
+                TcpListener::bind(addr).unwrap(),
+            )
+        });
+        udp.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        tcp.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let s1 = stop.clone();
+        let t1 = std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while !s1.load(Ordering::Relaxed) {
+                if let Ok((n, peer)) = udp.recv_from(&mut buf)
+                    && let Some(a) = upstream_answer(&buf[..n], false)
+                {
+                    let _ = udp.send_to(&a, peer);
+                }
+            }
+        });
+        let s2 = stop.clone();
+        let t2 = std::thread::spawn(move || {
+            while !s2.load(Ordering::Relaxed) {
+                let Ok((mut c, _)) = tcp.accept() else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                c.set_nonblocking(false).unwrap();
+                c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                let mut len = [0u8; 2];
+                if c.read_exact(&mut len).is_err() {
+                    continue;
+                }
+                let mut msg = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                if c.read_exact(&mut msg).is_ok()
+                    && let Some(a) = upstream_answer(&msg, true)
+                {
+                    let mut framed = (a.len() as u16).to_be_bytes().to_vec();
+                    framed.extend_from_slice(&a);
+                    let _ = c.write_all(&framed);
+                }
+            }
+        });
+        Upstream {
+            stop,
+            threads: vec![t1, t2],
+        }
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn other_names_are_forwarded_upstream_with_tcp_fallback() {
+    let h = Host::new();
+    let out = Outside::new(&h);
+    let _upstream = Upstream::start(&out.path());
+    std::fs::write(
+        h.resolv_conf(),
+        format!("# the host's resolvers\nnameserver {OUTSIDE_IP}\n"),
+    )
+    .unwrap();
+    h.ok(&["network", "create", "blue", "--subnet", "10.96.0.0/24"]);
+    h.ok(&[
+        "network",
+        "create",
+        "sealed",
+        "--subnet",
+        "10.97.0.0/24",
+        "--internal",
+    ]);
+    h.ok(&["sandbox", "create", "cli"]);
+    h.ok(&["attach", "cli", "--network", "blue"]);
+    h.ok(&["attach", "cli", "--network", "sealed", "--ifname", "eth1"]);
+
+    let d = dig(&h, "cli", "10.96.0.1", &["example.org"]);
+    assert_eq!(
+        (d.status.as_str(), d.answers.clone()),
+        ("NOERROR", vec![UPSTREAM_ANSWER.to_string()]),
+        "{d:?}"
+    );
+    assert!(
+        !d.flags.contains("aa"),
+        "forwarded answers are not ours: {d:?}"
+    );
+    let over_tcp = dig(&h, "cli", "10.96.0.1", &["+tcp", "example.org"]);
+    assert_eq!(over_tcp.answers, [UPSTREAM_ANSWER]);
+
+    // Truncated over UDP: the client sees TC and retries over TCP, which berth forwards
+    // over TCP too.
+    let cut = dig(
+        &h,
+        "cli",
+        "10.96.0.1",
+        &["+ignore", "+noedns", "big.example"],
+    );
+    assert!(cut.flags.split_whitespace().any(|f| f == "tc"), "{cut:?}");
+    let whole = dig(&h, "cli", "10.96.0.1", &["+noedns", "big.example"]);
+    assert_eq!(whole.answers.len(), 40, "{whole:?}");
+
+    // An upstream that never answers: SERVFAIL, well before the client gives up.
+    let t = Instant::now();
+    let d = dig(&h, "cli", "10.96.0.1", &["+time=5", "silent.example"]);
+    assert_eq!(d.status, "SERVFAIL");
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "took {:?}",
+        t.elapsed()
+    );
+
+    // The resolvers are re-read when the file changes.
+    std::fs::write(h.resolv_conf(), "nameserver 192.0.2.99\n").unwrap();
+    assert_eq!(
+        dig(&h, "cli", "10.96.0.1", &["example.org"]).status,
+        "SERVFAIL"
+    );
+    std::fs::write(h.resolv_conf(), format!("nameserver {OUTSIDE_IP}\n")).unwrap();
+    assert_eq!(
+        dig(&h, "cli", "10.96.0.1", &["example.org"]).answers,
+        [UPSTREAM_ANSWER]
+    );
+
+    // An internal network answers for itself and forwards nothing.
+    assert_eq!(
+        dig(&h, "cli", "10.97.0.1", &["cli"]).answers,
+        [ip_of(&h, "cli", "sealed", false)]
+    );
+    assert_eq!(
+        dig(&h, "cli", "10.97.0.1", &["example.org"]).status,
+        "REFUSED"
+    );
+}
+
+#[test]
+fn sandboxes_resolve_names_through_their_resolv_conf() {
+    let h = Host::new();
+    two_networks(&h);
+    let conf = h.sandbox_etc_dir().join("cli/resolv.conf");
+    let text = std::fs::read_to_string(&conf).unwrap();
+    assert_eq!(
+        text,
+        "# written by berth for sandbox cli\nnameserver 10.93.0.1\nnameserver 10.94.0.1\nnameserver fd00:93::1\nsearch blue.berth.local red.berth.local\n"
+    );
+    // What `ip netns exec cli` does: the file mounted over /etc/resolv.conf, in a private
+    // mount namespace. glibc's resolver then finds short names through the search list.
+    let script = format!(
+        "mount --bind {} /etc/resolv.conf && getent ahostsv4 web && getent ahostsv4 r1",
+        conf.display()
+    );
+    let out = h.in_netns(
+        &h.sandbox_path("cli"),
+        &["unshare", "-m", "sh", "-c", &script],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains(&ip_of(&h, "web", "blue", false)), "{text}");
+    assert!(text.contains(&ip_of(&h, "r1", "red", false)), "{text}");
+
+    h.ok(&["detach", "cli", "--network", "red"]);
+    let text = std::fs::read_to_string(&conf).unwrap();
+    assert!(
+        !text.contains("10.94.0.1") && !text.contains("red.berth.local"),
+        "{text}"
+    );
+    h.ok(&["sandbox", "rm", "cli"]);
+    assert!(
+        !conf.parent().unwrap().exists(),
+        "resolv.conf removed with the sandbox"
+    );
+}
+
+#[test]
+fn stalled_tcp_clients_and_garbage_do_not_stop_answers() {
+    let h = Host::new();
+    h.ok(&["network", "create", "blue", "--subnet", "10.98.0.0/24"]);
+    h.ok(&["sandbox", "create", "cli"]);
+    h.ok(&["attach", "cli", "--network", "blue"]);
+    let ip = ip_of(&h, "cli", "blue", false);
+    let server: SocketAddr = "10.98.0.1:53".parse().unwrap();
+    let path = h.sandbox_path("cli");
+    let held = in_ns(&path, || {
+        use std::io::Write;
+        // More half-sent TCP queries than the server takes at once, held open.
+        let mut held = Vec::new();
+        for _ in 0..100 {
+            if let Ok(mut c) = std::net::TcpStream::connect_timeout(&server, Duration::from_secs(1))
+            {
+                let _ = c.write_all(&[0]);
+                held.push(c);
+            }
+        }
+        // Garbage and oversized datagrams.
+        let udp = UdpSocket::bind("0.0.0.0:0").unwrap();
+        for i in 0..2000usize {
+            let len = if i % 100 == 0 { 9000 } else { i % 300 };
+            let junk: Vec<u8> = (0..len).map(|_| fastrand::u8(..)).collect();
+            let _ = udp.send_to(&junk, server);
+        }
+        held
+    });
+    let t = Instant::now();
+    for _ in 0..20 {
+        assert_eq!(dig(&h, "cli", "10.98.0.1", &["cli"]).answers, [ip.as_str()]);
+    }
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "20 queries took {:?}",
+        t.elapsed()
+    );
+    drop(held);
+    // Once the stalled clients are gone, TCP answers again.
+    h.eventually("TCP answers again", || {
+        dig(&h, "cli", "10.98.0.1", &["+tcp", "cli"]).answers == [ip.as_str()]
+    });
+    assert!(!h.log().contains("panicked"));
+}
