@@ -41,7 +41,7 @@ pub fn busybox_tarball(dir: &Path) -> PathBuf {
     let bin = dir.join("img/bin");
     std::fs::create_dir_all(&bin).unwrap();
     std::fs::copy("/bin/busybox", bin.join("busybox")).unwrap();
-    for applet in ["sh", "ip", "ping", "sleep", "cat"] {
+    for applet in ["sh", "ip", "ping", "sleep", "cat", "nslookup"] {
         std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
     }
     let tarball = dir.join("img.tar");

@@ -111,7 +111,7 @@ impl Drop for Podman<'_> {
 fn podman_containers_and_sandboxes_share_a_berth_network() {
     let h = Host::new();
     let pm = Podman::new(&h, "blue", "10.91.0.0/24");
-    for c in ["c1", "c2"] {
+    for (c, alias) in [("c1", "c1"), ("c2", "cache")] {
         pm.ok(&[
             "run",
             "-d",
@@ -119,6 +119,8 @@ fn podman_containers_and_sandboxes_share_a_berth_network() {
             c,
             "--network",
             "blue",
+            "--network-alias",
+            alias,
             "localhost/busybox:local",
             "sleep",
             "600",
@@ -140,10 +142,30 @@ fn podman_containers_and_sandboxes_share_a_berth_network() {
     let ping = pm.ok(&["exec", "c1", "ping", "-c1", "-W1", &ip2]);
     assert!(ping.contains("1 packets received"), "{ping}");
 
+    // The containers find each other by name through berth's DNS: podman puts the CNI
+    // result's nameserver and search domain into their resolv.conf.
+    let conf = pm.ok(&["exec", "c1", "cat", "/etc/resolv.conf"]);
+    assert!(
+        conf.starts_with("search blue.berth.local\nnameserver 10.91.0.1\n"),
+        "{conf}"
+    );
+    for name in ["c2", "c2.blue.berth.local", "cache"] {
+        let found = pm.ok(&["exec", "c1", "nslookup", name]);
+        assert!(
+            found.contains(&format!("Address: {ip2}")),
+            "{name}: {found}"
+        );
+    }
+
     // A berth sandbox on the same network reaches the podman containers.
     h.ok(&["sandbox", "create", "s1"]);
     h.ok(&["attach", "s1", "--network", "blue"]);
     assert!(h.reaches("s1", &ip1) && h.reaches("s1", &ip2));
+    let dig = h.in_netns(
+        &h.sandbox_path("s1"),
+        &["dig", "+short", "+time=3", "@10.91.0.1", "c1"],
+    );
+    assert_eq!(String::from_utf8_lossy(&dig.stdout).trim(), ip1);
     let eps = h.json(&["endpoint", "ls"]);
     assert_eq!(eps.as_array().unwrap().len(), 3);
 
