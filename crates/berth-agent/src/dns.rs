@@ -42,6 +42,17 @@ impl Agent {
         })
     }
 
+    /// Where DNS listens on a network (for the firewall's untracked set).
+    pub(crate) fn dns_addresses(&self, net: &Network) -> Vec<std::net::SocketAddr> {
+        let Some(d) = &self.discovery else {
+            return Vec::new();
+        };
+        net.subnets
+            .iter()
+            .map(|s| std::net::SocketAddr::new(s.gateway, d.dns.port()))
+            .collect()
+    }
+
     /// A network as the API shows it: with its DNS.
     pub fn present(&self, mut net: Network) -> Network {
         net.dns = self.network_dns(&net);

@@ -158,6 +158,7 @@ impl Agent {
                 bridge: n.bridge.clone(),
                 internal: n.internal,
                 subnets: n.subnets.iter().map(|s| s.cidr).collect(),
+                dns: self.dns_addresses(n),
             })
             .collect();
         let ipv6 = networks.iter().any(|n| n.subnet_v6().is_some());

@@ -8,6 +8,7 @@
 //! would, each sequentially and with parallel callers. Run as root:
 //! `cargo build --release && target/release/berth-bench`.
 
+mod dns;
 mod docker;
 mod ports;
 
@@ -49,6 +50,12 @@ struct Args {
     /// iperf3 runs of each kind; the median is reported.
     #[arg(long, default_value_t = 3)]
     iperf_runs: usize,
+    /// Seconds of dnsperf per server and kind of name (0 skips the DNS benchmark).
+    #[arg(long, default_value_t = 10)]
+    dns_secs: u32,
+    /// Endpoints with names on the DNS benchmark's network.
+    #[arg(long, default_value_t = 100)]
+    dns_names: usize,
     /// Skip the baselines (e.g. where their packages are not installed).
     #[arg(long)]
     no_baselines: bool,
@@ -127,6 +134,17 @@ fn main() -> Result<()> {
     netns::create(&b.host)?;
     let host = std::fs::File::open(&b.host)?;
     nix::sched::setns(&host, nix::sched::CloneFlags::CLONE_NEWNET).context("enter host netns")?;
+    let up = Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status()?;
+    if !up.success() {
+        bail!("cannot bring lo up in the benchmark's namespace");
+    }
+    std::fs::write(
+        dns::upstream_resolv_conf(&dir),
+        format!("nameserver {}\n", dns::UPSTREAM),
+    )?;
+    let _upstream = dns::Upstream::start()?;
 
     b.daemon = Some(
         Command::new(&b.berth)
@@ -143,6 +161,10 @@ fn main() -> Result<()> {
             .arg(dir.join("netns"))
             .arg("--docker-plugin-socket")
             .arg(dir.join("run/plugin.sock"))
+            .arg("--dns-resolv-conf")
+            .arg(dns::upstream_resolv_conf(&dir))
+            .arg("--sandbox-etc-dir")
+            .arg(dir.join("etc-netns"))
             .stderr(Stdio::inherit())
             .spawn()?,
     );
@@ -253,6 +275,10 @@ fn main() -> Result<()> {
     );
     for r in &rows {
         r.print();
+    }
+    if args.dns_secs > 0 {
+        let pid = b.daemon.as_ref().map_or(0, Child::id);
+        dns::bench(&client, &dir, pid, args.dns_names, args.dns_secs)?;
     }
     if args.iperf_secs > 0 {
         ports::throughput(&client, &sandboxes[0], args.iperf_secs, args.iperf_runs)?;

@@ -31,6 +31,8 @@ add set inet berth intra { type ifname . ifname; }
 add set inet berth internal { type ifname; }
 add set inet berth masq4 { type ipv4_addr; flags interval; }
 add set inet berth masq6 { type ipv6_addr; flags interval; }
+add set inet berth dns4 { type ipv4_addr . inet_service; }
+add set inet berth dns6 { type ipv6_addr . inet_service; }
 add map inet berth ports4_any { type inet_proto . inet_service : ipv4_addr . inet_service; }
 add map inet berth ports4_ip { type ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service; }
 add map inet berth ports6_any { type inet_proto . inet_service : ipv6_addr . inet_service; }
@@ -46,6 +48,10 @@ const CHAINS: &[(&str, &str)] = &[
     (
         "guard",
         "type filter hook prerouting priority raw; policy accept;",
+    ),
+    (
+        "guard_out",
+        "type filter hook output priority raw; policy accept;",
     ),
     (
         "prerouting",
@@ -81,6 +87,13 @@ const RULES: &[(&str, &str)] = &[
     // route_localnet is on for bridges (so 127.0.0.1 can be published); a container must not
     // use it to reach the host's loopback services.
     ("guard", "iifname @bridges ip daddr 127.0.0.0/8 drop"),
+    // berth's DNS servers on the gateways: their UDP traffic is not tracked (as Kubernetes'
+    // NodeLocal DNSCache does), which saves two conntrack lookups and an entry per query
+    // and keeps a published host port 53 from capturing them.
+    ("guard", "ip daddr . udp dport @dns4 notrack"),
+    ("guard", "ip6 daddr . udp dport @dns6 notrack"),
+    ("guard_out", "ip saddr . udp sport @dns4 notrack"),
+    ("guard_out", "ip6 saddr . udp sport @dns6 notrack"),
     ("prerouting", "fib daddr type local goto publish"),
     ("output", "fib daddr type local goto publish"),
     (
@@ -122,6 +135,8 @@ pub struct NetworkRules {
     pub bridge: String,
     pub internal: bool,
     pub subnets: Vec<IpNet>,
+    /// Where berth's DNS answers on this network (empty: no DNS).
+    pub dns: Vec<std::net::SocketAddr>,
 }
 
 /// One published port of one endpoint: `mapping` forwarded to `target`.
@@ -216,6 +231,10 @@ pub fn ruleset(networks: &[NetworkRules], forwards: &[Forward]) -> String {
                 };
                 elements.push((set, subnet.to_string()));
             }
+        }
+        for addr in &n.dns {
+            let set = if addr.is_ipv4() { "dns4" } else { "dns6" };
+            elements.push((set, format!("{} . {}", addr.ip(), addr.port())));
         }
     }
     elements.extend(forwards.iter().map(|f| (f.map(), f.text())));

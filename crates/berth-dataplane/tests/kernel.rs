@@ -139,6 +139,10 @@ fn nftables_table_elements_and_damage_detection() {
         bridge: "berth-test1".into(),
         internal: false,
         subnets: vec![net("10.9.0.0/24")],
+        dns: vec![
+            "10.9.0.1:53".parse().unwrap(),
+            "[fd00:9::1]:53".parse().unwrap(),
+        ],
     }];
     let fwd = |host_ip: Option<&str>, port: u16, target: &str| Forward {
         mapping: PortMapping {
@@ -153,6 +157,8 @@ fn nftables_table_elements_and_damage_detection() {
     nftables::install(&nets, &[installed]).unwrap();
     assert!(nftables::intact().unwrap());
     assert!(nft_list("map inet berth ports4_any").contains("tcp . 8080 : 10.9.0.2 . 80"));
+    assert!(nft_list("set inet berth dns4").contains("10.9.0.1 . 53"));
+    assert!(nft_list("set inet berth dns6").contains("fd00:9::1 . 53"));
 
     // In-process elements land where nft's own text puts them.
     let added = [

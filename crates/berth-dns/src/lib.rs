@@ -96,6 +96,10 @@ impl Dns {
         self.shared.cfg.suffix.trim_end_matches('.')
     }
 
+    pub fn port(&self) -> u16 {
+        self.shared.cfg.port
+    }
+
     /// The search domain of a network: `NETWORK.SUFFIX`.
     pub fn domain(&self, network: &str) -> String {
         format!("{network}.{}", self.suffix()).to_ascii_lowercase()
