@@ -103,7 +103,14 @@ impl Drop for Aardvark {
     }
 }
 
-pub fn bench(client: &Client, dir: &Path, daemon_pid: u32, names: usize, secs: u32) -> Result<()> {
+pub fn bench(
+    client: &Client,
+    dir: &Path,
+    daemon_pid: u32,
+    names: usize,
+    secs: u32,
+    cpu_quota: Option<f64>,
+) -> Result<()> {
     if Command::new("dnsperf").arg("-h").output().is_err() || !Path::new(AARDVARK).exists() {
         eprintln!("DNS benchmark skipped: apt-get install dnsperf aardvark-dns");
         return Ok(());
@@ -183,7 +190,21 @@ pub fn bench(client: &Client, dir: &Path, daemon_pid: u32, names: usize, secs: u
         .parse()
         .context("aardvark-dns pid")?;
     let mut rows = Vec::new();
-    for (what, queries) in [("local names", &local), ("forwarded names", &remote)] {
+    // Last, local names again with each server held to half a core (cgroup CPU quota), so
+    // that the server and not dnsperf is what runs out.
+    let halved = cpu_quota.map(|q| format!("local, {q} CPU"));
+    let mut runs = vec![
+        ("local names", &local, false),
+        ("forwarded names", &remote, false),
+    ];
+    if let Some(h) = &halved {
+        runs.push((h.as_str(), &local, true));
+    }
+    for (what, queries, limited) in runs {
+        let _limit = match (limited, cpu_quota) {
+            (true, Some(q)) => Some(CpuLimit::new(q, &[daemon_pid, aardvark_pid])?),
+            _ => None,
+        };
         for (server, addr, pid) in [
             ("berth", BERTH_SERVER, daemon_pid),
             ("aardvark-dns 1.4", AARDVARK_SERVER, aardvark_pid),
@@ -212,7 +233,13 @@ pub fn bench(client: &Client, dir: &Path, daemon_pid: u32, names: usize, secs: u
             1e6 / p.cpu_us
         );
     }
-    for what in ["local names", "forwarded names"] {
+    let whats: Vec<&str> = rows.iter().map(|r| r.0).collect::<Vec<_>>();
+    let mut seen = Vec::new();
+    for what in whats {
+        if seen.contains(&what) {
+            continue;
+        }
+        seen.push(what);
         let of = |s: &str| {
             rows.iter()
                 .find(|r| r.0 == what && r.1.starts_with(s))
@@ -263,6 +290,45 @@ fn dnsperf(client_ns: &Path, server: &str, queries: &Path, secs: u32) -> Result<
             .to_string(),
         cpu_us: 0.0,
     })
+}
+
+/// A cgroup (v1 `cpu` controller) with a CPU quota, holding the servers while it lives; on
+/// drop they go back to the root group and it is removed.
+struct CpuLimit {
+    dir: PathBuf,
+    pids: Vec<u32>,
+}
+
+const CPU_CGROUP: &str = "/sys/fs/cgroup/cpu";
+
+impl CpuLimit {
+    fn new(cpus: f64, pids: &[u32]) -> Result<CpuLimit> {
+        let dir = Path::new(CPU_CGROUP).join(format!("berth-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("{} (cgroup v1 cpu controller)", dir.display()))?;
+        let limit = CpuLimit {
+            dir,
+            pids: pids.to_vec(),
+        };
+        std::fs::write(limit.dir.join("cpu.cfs_period_us"), "100000")?;
+        std::fs::write(
+            limit.dir.join("cpu.cfs_quota_us"),
+            format!("{}", (cpus * 100_000.0) as u64),
+        )?;
+        for pid in pids {
+            std::fs::write(limit.dir.join("cgroup.procs"), pid.to_string())?;
+        }
+        Ok(limit)
+    }
+}
+
+impl Drop for CpuLimit {
+    fn drop(&mut self) {
+        for pid in &self.pids {
+            let _ = std::fs::write(Path::new(CPU_CGROUP).join("cgroup.procs"), pid.to_string());
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+    }
 }
 
 /// Moves every thread of a process to the CPUs in `list`.

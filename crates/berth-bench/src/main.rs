@@ -53,6 +53,10 @@ struct Args {
     /// Seconds of dnsperf per server and kind of name (0 skips the DNS benchmark).
     #[arg(long, default_value_t = 10)]
     dns_secs: u32,
+    /// Also measure local names with each DNS server held to this many CPUs (cgroup v1 CPU
+    /// quota; 0 skips it), where dnsperf would otherwise be the limit.
+    #[arg(long, default_value_t = 0.5)]
+    dns_cpu_quota: f64,
     /// Endpoints with names on the DNS benchmark's network.
     #[arg(long, default_value_t = 100)]
     dns_names: usize,
@@ -278,7 +282,8 @@ fn main() -> Result<()> {
     }
     if args.dns_secs > 0 {
         let pid = b.daemon.as_ref().map_or(0, Child::id);
-        dns::bench(&client, &dir, pid, args.dns_names, args.dns_secs)?;
+        let quota = Some(args.dns_cpu_quota).filter(|q| *q > 0.0);
+        dns::bench(&client, &dir, pid, args.dns_names, args.dns_secs, quota)?;
     }
     if args.iperf_secs > 0 {
         ports::throughput(&client, &sandboxes[0], args.iperf_secs, args.iperf_runs)?;

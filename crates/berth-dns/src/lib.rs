@@ -6,6 +6,7 @@
 //! visible exactly on the networks its endpoint is attached to. The agent keeps the zones up to
 //! date as it attaches and detaches; answers carry TTL 0, so the next query sees the change.
 
+mod batch;
 mod server;
 mod upstream;
 pub mod wire;

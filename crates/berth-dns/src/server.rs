@@ -1,5 +1,5 @@
 //! The sockets: a UDP socket and a TCP listener per gateway address. Local answers are written
-//! from the receiving task (no task per query); forwarded queries get a task each, bounded, so
+//! from the receiving task, a batch per system call (no task per query); forwarded queries get a task each, bounded, so
 //! a slow upstream holds no local answer back. TCP clients get a slot each from a bounded set
 //! and idle timeouts, so stalled or half-open connections cannot exhaust anything UDP needs.
 
@@ -9,12 +9,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::os::fd::AsRawFd;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
+use crate::batch::{self, Received};
 use crate::upstream::Upstream;
 use crate::{DnsConfig, DnsError, NetworkDns, Step, Zone, respond, wire};
 
@@ -131,37 +134,62 @@ fn bind(addr: SocketAddr, ty: Type) -> std::io::Result<Socket> {
 }
 
 async fn serve_udp(sock: Arc<UdpSocket>, zone: Arc<Zone>, shared: Arc<Shared>) {
-    // Larger datagrams are cut here and then fail to parse: no query needs more.
-    let mut buf = vec![0u8; 4096];
+    let fd = sock.as_raw_fd();
+    let mut rx = Received::new();
+    let mut answers: Vec<(Vec<u8>, usize)> = Vec::with_capacity(batch::BATCH);
     loop {
-        let (n, peer) = match sock.recv_from(&mut buf).await {
-            Ok(got) => got,
+        if sock.readable().await.is_err() {
+            return;
+        }
+        let n = match sock.try_io(Interest::READABLE, || rx.recv(fd)) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) => {
                 tracing::debug!(network = %zone.network, error = %e, "DNS receive failed");
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             }
         };
-        match respond(&zone, &buf[..n], false) {
-            Step::Reply(r) => {
-                let _ = sock.send_to(&r, peer).await;
+        answers.clear();
+        for i in 0..n {
+            match respond(&zone, rx.datagram(i), false) {
+                Step::Reply(r) => answers.push((r, i)),
+                Step::Ignore => {}
+                Step::Forward => {
+                    if let Some(peer) = rx.peer(i) {
+                        spawn_forward(&sock, &shared, rx.datagram(i), peer).await;
+                    }
+                }
             }
-            Step::Ignore => {}
-            Step::Forward => {
-                let msg = buf[..n].to_vec();
-                let (sock, shared) = (sock.clone(), shared.clone());
-                let Ok(permit) = shared.forwards.clone().try_acquire_owned() else {
-                    let _ = sock.send_to(&servfail(&msg, false), peer).await;
-                    continue;
-                };
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    let answer = forward(&shared, &msg, false).await;
-                    let _ = sock.send_to(&answer, peer).await;
-                });
+        }
+        let mut sent = 0;
+        while sent < answers.len() {
+            match sock.try_io(Interest::WRITABLE, || rx.send(fd, &answers[sent..])) {
+                Ok(k) => sent += k,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if sock.writable().await.is_err() {
+                        return;
+                    }
+                }
+                // This answer cannot go (its sender is unreachable): the next may.
+                Err(_) => sent += 1,
             }
         }
     }
+}
+
+/// Forwards one UDP query in a task of its own; SERVFAIL at once when too many are in flight.
+async fn spawn_forward(sock: &Arc<UdpSocket>, shared: &Arc<Shared>, msg: &[u8], peer: SocketAddr) {
+    let Ok(permit) = shared.forwards.clone().try_acquire_owned() else {
+        let _ = sock.send_to(&servfail(msg, false), peer).await;
+        return;
+    };
+    let (sock, shared, msg) = (sock.clone(), shared.clone(), msg.to_vec());
+    tokio::spawn(async move {
+        let _permit = permit;
+        let answer = forward(&shared, &msg, false).await;
+        let _ = sock.send_to(&answer, peer).await;
+    });
 }
 
 async fn serve_tcp(listener: TcpListener, zone: Arc<Zone>, shared: Arc<Shared>) {
