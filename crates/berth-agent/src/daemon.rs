@@ -31,6 +31,13 @@ impl DaemonConfig {
 }
 
 pub async fn run(cfg: DaemonConfig) -> Result<()> {
+    // Configuration first: a bad option changes nothing, not even the state directory.
+    let dns = cfg
+        .dns
+        .clone()
+        .map(berth_dns::Dns::new)
+        .transpose()
+        .map_err(|e| AgentError::Invalid(e.to_string()))?;
     let store: Arc<dyn Store> = Arc::new(RedbStore::open(&cfg.state_dir)?);
     for dir in [&cfg.run_dir, &cfg.netns_dir] {
         std::fs::create_dir_all(dir)
@@ -41,9 +48,7 @@ pub async fn run(cfg: DaemonConfig) -> Result<()> {
         .map_err(|e| AgentError::Internal(e.to_string()))??
         .unwrap_or(FALLBACK_MTU);
     let mut agent = Agent::new(store, cfg.netns_dir.clone(), default_mtu);
-    if let Some(dns) = &cfg.dns {
-        let dns =
-            berth_dns::Dns::new(dns.clone()).map_err(|e| AgentError::Invalid(e.to_string()))?;
+    if let Some(dns) = dns {
         agent = agent.with_discovery(crate::Discovery {
             dns,
             sandbox_etc_dir: cfg.sandbox_etc_dir.clone(),

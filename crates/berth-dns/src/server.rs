@@ -118,7 +118,11 @@ fn bind(addr: SocketAddr, ty: Type) -> std::io::Result<Socket> {
         Protocol::TCP
     };
     let sock = Socket::new(Domain::for_address(addr), ty, Some(proto))?;
-    sock.set_reuse_address(true)?;
+    if ty == Type::STREAM {
+        // A restarted daemon binds again while old connections sit in TIME_WAIT. Not for
+        // UDP, where it would let a second server on the same address share the queries.
+        sock.set_reuse_address(true)?;
+    }
     if addr.is_ipv6() {
         sock.set_only_v6(true)?;
         sock.set_freebind_v6(true)?;

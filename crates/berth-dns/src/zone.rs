@@ -21,6 +21,8 @@ pub struct Zone {
     pub domain: String,
     /// The suffix shared by all networks: names under it are never forwarded.
     pub suffix: String,
+    /// `.SUFFIX`, for matching names under it without an allocation per query.
+    dot_suffix: String,
     pub subnets: Vec<IpNet>,
     /// Internal networks have no way out of the host, DNS included: nothing is forwarded.
     pub internal: bool,
@@ -54,6 +56,7 @@ impl Zone {
         Zone {
             network: network.to_string(),
             domain: format!("{}.{suffix}", network.to_ascii_lowercase()),
+            dot_suffix: format!(".{suffix}"),
             suffix,
             subnets,
             internal,
@@ -115,7 +118,7 @@ impl Zone {
                 None => local(wire::RCODE_NXDOMAIN, &[]),
             };
         }
-        let under_suffix = q.name == self.suffix || q.name.ends_with(&format!(".{}", self.suffix));
+        let under_suffix = q.name == self.suffix || q.name.ends_with(&self.dot_suffix);
         let short = if under_suffix {
             // NAME.NETWORK.SUFFIX, and only for the network the query came from.
             match q

@@ -228,6 +228,21 @@ fn cli_usage_errors_exit_non_zero() {
     assert!(err.contains("cannot reach the berth daemon"), "{err}");
     let o = h.berth(&["attach", "web"]);
     assert_eq!(o.status.code(), Some(2), "clap usage error");
+    // A daemon with a bad DNS suffix says so and leaves nothing behind.
+    let state = h.dir.join("bad-state");
+    let o = h.berth(&[
+        "daemon",
+        "--dns-suffix",
+        "not a domain",
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("invalid DNS suffix"),
+        "{err}"
+    );
+    assert!(!state.exists());
     let o = std::process::Command::new(crate::harness::BERTH)
         .arg("frobnicate")
         .stderr(Stdio::null())
