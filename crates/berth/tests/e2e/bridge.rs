@@ -4,17 +4,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::harness::{Container, Host};
-
-fn ip_of(ep: &Value, v6: bool) -> String {
-    ep["ips"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i.as_str().unwrap().split('/').next().unwrap().to_string())
-        .find(|i| i.contains(':') == v6)
-        .unwrap()
-}
+use crate::harness::{Container, Host, endpoint_ip};
 
 #[test]
 fn sandboxes_on_a_network_reach_each_other_over_ipv4_and_ipv6() {
@@ -44,20 +34,20 @@ fn sandboxes_on_a_network_reach_each_other_over_ipv4_and_ipv6() {
         "02:42:0a:5b:00:0a",
     ]);
     assert_eq!(
-        ip_of(&web, false),
+        endpoint_ip(&web, false),
         "10.91.0.2",
         "first free address after the gateway"
     );
-    assert_eq!(ip_of(&db, false), "10.91.0.10");
+    assert_eq!(endpoint_ip(&db, false), "10.91.0.10");
     assert_eq!(db["mac"], "02:42:0a:5b:00:0a");
     assert_eq!(
         web["mac"], "02:42:0a:5b:00:02",
         "MAC derived from the IPv4 address"
     );
     assert!(h.reaches("web", "10.91.0.10"));
-    assert!(h.reaches("db", &ip_of(&web, false)));
-    assert!(h.reaches("web", &ip_of(&db, true)));
-    assert!(h.reaches("db", &ip_of(&web, true)));
+    assert!(h.reaches("db", &endpoint_ip(&web, false)));
+    assert!(h.reaches("web", &endpoint_ip(&db, true)));
+    assert!(h.reaches("db", &endpoint_ip(&web, true)));
     assert!(h.reaches("web", "10.91.0.1"), "gateway answers");
 
     // The sandbox side is what was asked for: name, MAC, address, default routes.
@@ -120,7 +110,7 @@ fn networks_are_isolated_and_a_sandbox_can_be_on_two() {
     let b = h.json(&["attach", "b", "--network", "green"]);
     h.ok(&["attach", "both", "--network", "blue"]);
     h.ok(&["attach", "both", "--network", "green", "--ifname", "eth1"]);
-    let (a_ip, b_ip) = (ip_of(&a, false), ip_of(&b, false));
+    let (a_ip, b_ip) = (endpoint_ip(&a, false), endpoint_ip(&b, false));
     assert!(
         h.reaches("both", &a_ip) && h.reaches("both", &b_ip),
         "a sandbox on both reaches both"
@@ -377,12 +367,12 @@ fn concurrent_attaches_get_distinct_addresses() {
             .flat_map(|h| h.join().unwrap())
             .collect()
     });
-    let mut ips: Vec<String> = eps.iter().map(|e| ip_of(e, false)).collect();
+    let mut ips: Vec<String> = eps.iter().map(|e| endpoint_ip(e, false)).collect();
     ips.sort();
     ips.dedup();
     assert_eq!(ips.len(), 48, "48 distinct addresses");
-    assert!(h.reaches("s0", &ip_of(&eps[47], false)));
-    assert!(h.reaches("s47", &ip_of(&eps[0], false)));
+    assert!(h.reaches("s0", &endpoint_ip(&eps[47], false)));
+    assert!(h.reaches("s47", &endpoint_ip(&eps[0], false)));
 }
 
 #[test]
@@ -394,7 +384,7 @@ fn detach_then_reattach_with_the_same_address_and_name() {
     h.ok(&["attach", "b", "--network", "blue"]);
     for round in 0..5 {
         let ep = h.json(&["attach", "a", "--network", "blue", "--ip", "10.91.0.50"]);
-        assert_eq!(ip_of(&ep, false), "10.91.0.50", "round {round}");
+        assert_eq!(endpoint_ip(&ep, false), "10.91.0.50", "round {round}");
         assert!(h.reaches("b", "10.91.0.50"), "round {round}");
         h.ok(&["detach", "a", "--network", "blue"]);
         assert!(

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use berth_dns::wire;
 
-use crate::harness::{Host, OUTSIDE_IP, Outside, in_ns};
+use crate::harness::{Host, OUTSIDE_IP, Outside, endpoint_ip, in_ns};
 
 /// What `dig` saw: the status word and the answers' data, in order.
 #[derive(Debug)]
@@ -66,13 +66,7 @@ fn ip_of(h: &Host, sandbox: &str, network: &str, v6: bool) -> String {
         .iter()
         .find(|e| e["netns"]["sandbox"] == sandbox)
         .unwrap_or_else(|| panic!("{sandbox} is not on {network}"));
-    ep["ips"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i.as_str().unwrap().split('/').next().unwrap().to_string())
-        .find(|i| i.contains(':') == v6)
-        .unwrap()
+    endpoint_ip(ep, v6)
 }
 
 /// Two networks (blue dual-stack), sandboxes `web` (blue), `cli` (blue and red), `r1` (red).

@@ -477,6 +477,17 @@ impl Drop for Outside {
     }
 }
 
+/// An endpoint's (API JSON) IPv4 or IPv6 address, without prefix length.
+pub fn endpoint_ip(ep: &Value, v6: bool) -> String {
+    ep["ips"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i.as_str().unwrap().split('/').next().unwrap().to_string())
+        .find(|i| i.contains(':') == v6)
+        .unwrap()
+}
+
 /// Runs `f` on a short-lived thread inside the namespace at `path`; sockets made there belong
 /// to that namespace for good.
 pub fn in_ns<T: Send>(path: &Path, f: impl FnOnce() -> T + Send) -> T {
