@@ -38,6 +38,7 @@ pub async fn run(cfg: DaemonConfig) -> Result<()> {
         .map(berth_dns::Dns::new)
         .transpose()
         .map_err(|e| AgentError::Invalid(e.to_string()))?;
+    raise_open_files_limit();
     let store: Arc<dyn Store> = Arc::new(RedbStore::open(&cfg.state_dir)?);
     for dir in [&cfg.run_dir, &cfg.netns_dir] {
         std::fs::create_dir_all(dir)
@@ -49,10 +50,7 @@ pub async fn run(cfg: DaemonConfig) -> Result<()> {
         .unwrap_or(FALLBACK_MTU);
     let mut agent = Agent::new(store, cfg.netns_dir.clone(), default_mtu);
     if let Some(dns) = dns {
-        agent = agent.with_discovery(crate::Discovery {
-            dns,
-            sandbox_etc_dir: cfg.sandbox_etc_dir.clone(),
-        });
+        agent = agent.with_discovery(crate::Discovery::new(dns, cfg.sandbox_etc_dir.clone()));
     }
     let agent = Arc::new(agent);
     let report = agent.reconcile().await?;
@@ -87,6 +85,18 @@ pub async fn run(cfg: DaemonConfig) -> Result<()> {
     served.map_err(|e| AgentError::Internal(format!("API server: {e}")))?;
     tracing::info!("berth daemon stopped; containers stay connected");
     Ok(())
+}
+
+/// Every forwarded DNS query holds a socket while it waits: the soft limit on open files
+/// (often 1,024) goes up to the hard one, as Go programs do at start.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        tracing::warn!(error = %e, "cannot raise the open-files limit");
+    }
 }
 
 async fn shutdown_signal() {

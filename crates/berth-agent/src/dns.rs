@@ -15,6 +15,18 @@ pub struct Discovery {
     /// Where berth sandboxes' resolv.conf files go: `DIR/SANDBOX/resolv.conf`, which
     /// `ip netns exec SANDBOX` mounts over `/etc/resolv.conf` when DIR is `/etc/netns`.
     pub sandbox_etc_dir: PathBuf,
+    /// Held while a sandbox's resolv.conf is read from the store and written.
+    pub resolv_conf_writes: tokio::sync::Mutex<()>,
+}
+
+impl Discovery {
+    pub fn new(dns: Dns, sandbox_etc_dir: PathBuf) -> Discovery {
+        Discovery {
+            dns,
+            sandbox_etc_dir,
+            resolv_conf_writes: tokio::sync::Mutex::new(()),
+        }
+    }
 }
 
 /// The names an endpoint answers to: its name first (the one PTR answers give), then aliases.
@@ -96,9 +108,37 @@ impl Agent {
 
     pub(crate) fn name_endpoint(&self, ep: &Endpoint) {
         if let Some(d) = &self.discovery {
-            d.dns
-                .set_endpoint(&ep.network, &ep.id, &names_of(ep), &addresses_of(ep));
+            d.dns.set_endpoint(
+                &ep.network,
+                &ep.id,
+                &names_of(ep),
+                &addresses_of(ep),
+                &ep.netns.id,
+            );
         }
+    }
+
+    /// Names a freshly attached endpoint. A detach racing the attach may have removed the
+    /// endpoint before it was named (and unnamed nothing): then the name goes again.
+    pub(crate) async fn name_attached(&self, net: &Network, ep: &Endpoint) -> Result<()> {
+        if self.discovery.is_none() {
+            return Ok(());
+        }
+        // Listening failed at network creation (e.g. the address was still held): retry.
+        self.serve_dns(net);
+        self.name_endpoint(ep);
+        if self
+            .store
+            .get(&crate::keys::endpoint(&ep.id))
+            .await?
+            .is_none()
+        {
+            self.unname_endpoint(ep);
+        }
+        if let Some(sandbox) = &ep.netns.sandbox {
+            self.write_sandbox_resolv_conf(sandbox, &ep.netns.id).await;
+        }
+        Ok(())
     }
 
     pub(crate) fn unname_endpoint(&self, ep: &Endpoint) {
@@ -112,6 +152,8 @@ impl Agent {
     /// their domains as the search list. No networks: the file goes.
     pub(crate) async fn write_sandbox_resolv_conf(&self, sandbox: &str, netns_id: &str) {
         let Some(d) = &self.discovery else { return };
+        // One writer at a time: each writes what the store says after the previous one.
+        let _writing = d.resolv_conf_writes.lock().await;
         let dir = d.sandbox_etc_dir.join(sandbox);
         let eps = match self.endpoints_in(netns_id).await {
             Ok(eps) => eps,
@@ -127,11 +169,16 @@ impl Agent {
                 continue;
             };
             for s in &net.subnets {
-                if ep.ips.iter().any(|ip| s.cidr.contains(&ip.addr())) {
+                if ep.ips.iter().any(|ip| s.cidr.contains(&ip.addr()))
+                    && !nameservers.contains(&s.gateway)
+                {
                     nameservers.push(s.gateway);
                 }
             }
-            search.push(d.dns.domain(&net.name));
+            let domain = d.dns.domain(&net.name);
+            if !search.contains(&domain) {
+                search.push(domain);
+            }
         }
         nameservers.sort_by_key(|ip| ip.is_ipv6());
         let written = if nameservers.is_empty() {

@@ -567,6 +567,7 @@ impl Agent {
 
         let bridge = bridge_spec(&net);
         let spec_ep = ep.clone();
+        let spec_net = net.clone();
         let made = kernel(move || {
             let mut host = Netlink::open()?;
             let bridge_index = match host.link_by_name(&bridge.name)? {
@@ -576,7 +577,7 @@ impl Agent {
             berth_dataplane::attach_endpoint(
                 &mut host,
                 &ns,
-                &endpoint_spec(&spec_ep, &net, bridge_index),
+                &endpoint_spec(&spec_ep, &spec_net, bridge_index),
             )
         })
         .await;
@@ -593,10 +594,7 @@ impl Agent {
             }
             return Err(e);
         }
-        self.name_endpoint(&ep);
-        if let Some(sandbox) = &ep.netns.sandbox {
-            self.write_sandbox_resolv_conf(sandbox, &ep.netns.id).await;
-        }
+        self.name_attached(&net, &ep).await?;
         tracing::debug!(endpoint = %ep.id, network = %ep.network, sandbox = %req.sandbox, ips = ?ep.ips, "attached");
         Ok(ep)
     }

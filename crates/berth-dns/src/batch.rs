@@ -101,7 +101,8 @@ impl Received {
                 Some(SocketAddr::V6(SocketAddrV6::new(
                     Ipv6Addr::from(sin6.sin6_addr.s6_addr),
                     u16::from_be(sin6.sin6_port),
-                    u32::from_be(sin6.sin6_flowinfo),
+                    // std keeps the flow label as the kernel has it (network order).
+                    sin6.sin6_flowinfo,
                     sin6.sin6_scope_id,
                 )))
             }

@@ -15,7 +15,7 @@ mod zone;
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use ipnet::IpNet;
 
@@ -88,7 +88,7 @@ impl Dns {
                 own,
                 cfg,
                 networks: Mutex::new(HashMap::new()),
-                forwards: Arc::new(tokio::sync::Semaphore::new(server::MAX_FORWARDS)),
+                clients: RwLock::new(Clients::default()),
             }),
         })
     }
@@ -117,23 +117,92 @@ impl Dns {
         server::stop_network(&self.shared, name);
     }
 
-    /// Records an endpoint's names (primary first) and addresses on its network; replaces an
-    /// earlier record of the same endpoint.
-    pub fn set_endpoint(&self, network: &str, id: &str, names: &[String], ips: &[IpAddr]) {
+    /// Records an endpoint's names (primary first) and addresses on its network, and which
+    /// namespace it is in (a client's namespace decides which networks' names it sees);
+    /// replaces an earlier record of the same endpoint.
+    pub fn set_endpoint(
+        &self,
+        network: &str,
+        id: &str,
+        names: &[String],
+        ips: &[IpAddr],
+        netns: &str,
+    ) {
         if let Some(z) = self.zone(network) {
             z.set_endpoint(id, names, ips);
         }
+        let mut clients = self.shared.clients.write().expect("clients lock");
+        clients.remove(id);
+        clients.add(id, network, netns, ips);
     }
 
     pub fn remove_endpoint(&self, network: &str, id: &str) {
         if let Some(z) = self.zone(network) {
             z.remove_endpoint(id);
         }
+        self.shared
+            .clients
+            .write()
+            .expect("clients lock")
+            .remove(id);
     }
 
     fn zone(&self, network: &str) -> Option<Arc<Zone>> {
         let nets = self.shared.networks.lock().expect("networks lock");
         nets.get(network).map(|s| s.zone.clone())
+    }
+}
+
+/// Which namespace each endpoint address belongs to, and the networks of each namespace: a
+/// query is answered for the networks its sender is on.
+#[derive(Default)]
+pub(crate) struct Clients {
+    netns_of: HashMap<IpAddr, String>,
+    /// Namespace → (endpoint id, network) of each of its endpoints.
+    endpoints_of: HashMap<String, Vec<(String, String)>>,
+    /// Endpoint id → its namespace and addresses.
+    endpoint: HashMap<String, (String, Vec<IpAddr>)>,
+}
+
+impl Clients {
+    fn add(&mut self, id: &str, network: &str, netns: &str, ips: &[IpAddr]) {
+        for ip in ips {
+            self.netns_of.insert(*ip, netns.to_string());
+        }
+        self.endpoints_of
+            .entry(netns.to_string())
+            .or_default()
+            .push((id.to_string(), network.to_string()));
+        self.endpoint
+            .insert(id.to_string(), (netns.to_string(), ips.to_vec()));
+    }
+
+    fn remove(&mut self, id: &str) {
+        let Some((netns, ips)) = self.endpoint.remove(id) else {
+            return;
+        };
+        for ip in ips {
+            if self.netns_of.get(&ip) == Some(&netns) {
+                self.netns_of.remove(&ip);
+            }
+        }
+        if let Some(eps) = self.endpoints_of.get_mut(&netns) {
+            eps.retain(|(e, _)| e != id);
+            if eps.is_empty() {
+                self.endpoints_of.remove(&netns);
+            }
+        }
+    }
+
+    /// The networks of the namespace that holds `ip`.
+    pub(crate) fn networks_of(&self, ip: IpAddr) -> Vec<String> {
+        let Some(netns) = self.netns_of.get(&ip) else {
+            return Vec::new();
+        };
+        self.endpoints_of
+            .get(netns)
+            .map(|eps| eps.iter().map(|(_, n)| n.clone()).collect())
+            .unwrap_or_default()
     }
 }
 
@@ -146,19 +215,21 @@ pub enum Step {
     Ignore,
 }
 
-/// Reads a query and answers it from `zone`, or says to forward it; `limit` is the largest
-/// answer the transport carries.
-pub fn respond(zone: &Zone, msg: &[u8], tcp: bool) -> Step {
+/// Reads a query and answers it from `zone` (and the zones `others` gives, see
+/// [`Zone::resolve`]), or says to forward it.
+pub fn respond(zone: &Zone, msg: &[u8], tcp: bool, others: &dyn Fn() -> Vec<Arc<Zone>>) -> Step {
     match wire::parse_query(msg) {
         Err(wire::Rejected::Drop) => Step::Ignore,
-        Err(wire::Rejected::Code { id, rcode }) => Step::Reply(wire::bare_answer(id, rcode)),
+        Err(wire::Rejected::Code { header, rcode }) => {
+            Step::Reply(wire::bare_answer(header, rcode))
+        }
         Ok(q) => {
             let limit = if tcp {
                 usize::from(u16::MAX)
             } else {
                 q.udp_limit()
             };
-            match zone.resolve(&q, limit) {
+            match zone.resolve(&q, limit, others) {
                 Resolution::Answer(a) => Step::Reply(a),
                 Resolution::Forward => Step::Forward,
             }
@@ -201,7 +272,7 @@ mod tests {
         /// the query's ID.
         #[test]
         fn random_messages_never_panic(msg in proptest::collection::vec(any::<u8>(), 0..600)) {
-            if let Step::Reply(r) = respond(&zone(), &msg, false) {
+            if let Step::Reply(r) = respond(&zone(), &msg, false, &Vec::new) {
                 prop_assert!(r.len() >= 12 && r.len() <= 512);
                 prop_assert_eq!(&r[..2], &msg[..2]);
                 prop_assert_ne!(r[2] & 0x80, 0);
@@ -221,7 +292,7 @@ mod tests {
             let i = at.index(msg.len());
             msg[i] = byte;
             for tcp in [false, true] {
-                if let Step::Reply(r) = respond(&zone(), &msg, tcp) {
+                if let Step::Reply(r) = respond(&zone(), &msg, tcp, &Vec::new) {
                     prop_assert!(r.len() >= 12);
                     prop_assert!(tcp || r.len() <= 1232);
                 }

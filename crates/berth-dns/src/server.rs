@@ -1,16 +1,18 @@
 //! The sockets: a UDP socket and a TCP listener per gateway address. Local answers are written
-//! from the receiving task, a batch per system call (no task per query); forwarded queries get a task each, bounded, so
-//! a slow upstream holds no local answer back. TCP clients get a slot each from a bounded set
+//! from the receiving task, a batch per system call (no task per query); forwarded queries get
+//! a task each, bounded per network, so a slow upstream holds no local answer back and one
+//! network's clients cannot starve another's. TCP clients get a slot each from a bounded set
 //! and idle timeouts, so stalled or half-open connections cannot exhaust anything UDP needs.
+//! Tasks that outlive a listener (forwards, TCP sessions) hold it weakly: stopping a network
+//! frees its addresses at once.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
-use std::os::fd::AsRawFd;
-
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
@@ -19,10 +21,10 @@ use tokio::time::timeout;
 
 use crate::batch::{self, Received};
 use crate::upstream::Upstream;
-use crate::{DnsConfig, DnsError, NetworkDns, Step, Zone, respond, wire};
+use crate::{Clients, DnsConfig, DnsError, NetworkDns, Step, Zone, respond, wire};
 
-/// Forwarded queries in flight at once, over all networks; beyond it, SERVFAIL at once.
-pub const MAX_FORWARDS: usize = 1024;
+/// Forwarded queries in flight at once per network; beyond it, SERVFAIL at once.
+const MAX_FORWARDS: usize = 256;
 /// TCP connections per listener.
 const MAX_TCP_CLIENTS: usize = 64;
 /// A TCP client that sends nothing for this long is dropped (RFC 7766 §6.2.3: seconds).
@@ -36,7 +38,34 @@ pub struct Shared {
     /// Every address berth listens on (for the upstream filter).
     pub own: Arc<Mutex<HashSet<IpAddr>>>,
     pub networks: Mutex<HashMap<String, Served>>,
-    pub forwards: Arc<Semaphore>,
+    pub clients: RwLock<Clients>,
+}
+
+impl Shared {
+    /// The zones of the other networks of the namespace that sent from `client`.
+    fn other_zones(&self, client: IpAddr, network: &str) -> Vec<Arc<Zone>> {
+        let networks = self
+            .clients
+            .read()
+            .expect("clients lock")
+            .networks_of(client);
+        if networks.len() < 2 {
+            return Vec::new();
+        }
+        let served = self.networks.lock().expect("networks lock");
+        networks
+            .iter()
+            .filter(|n| n.as_str() != network)
+            .filter_map(|n| served.get(n).map(|s| s.zone.clone()))
+            .collect()
+    }
+}
+
+/// What a network's listener tasks work with.
+struct Network {
+    zone: Arc<Zone>,
+    shared: Arc<Shared>,
+    forwards: Arc<Semaphore>,
 }
 
 pub struct Served {
@@ -58,30 +87,33 @@ pub fn serve_network(shared: &Arc<Shared>, net: &NetworkDns) -> Result<(), DnsEr
     if nets.get(&net.name).is_some_and(|s| s.listen == net.listen) {
         return Ok(());
     }
-    let zone = Arc::new(Zone::new(
-        &net.name,
-        &shared.cfg.suffix,
-        net.subnets.clone(),
-        net.internal,
-    ));
-    let mut tasks = Vec::new();
+    // Gateways do not change; if they did, the old listeners go first.
+    nets.remove(&net.name);
+    let network = Arc::new(Network {
+        zone: Arc::new(Zone::new(
+            &net.name,
+            &shared.cfg.suffix,
+            net.subnets.clone(),
+            net.internal,
+        )),
+        shared: shared.clone(),
+        forwards: Arc::new(Semaphore::new(MAX_FORWARDS)),
+    });
+    let mut sockets = Vec::new();
     for ip in &net.listen {
         let addr = SocketAddr::new(*ip, shared.cfg.port);
-        let bound = bind(addr, Type::DGRAM).and_then(|udp| Ok((udp, bind(addr, Type::STREAM)?)));
-        let (udp, tcp) = match bound {
-            Ok(pair) => pair,
-            Err(source) => {
-                tasks.iter().for_each(JoinHandle::abort);
-                return Err(DnsError::Bind { addr, source });
-            }
-        };
-        let udp = Arc::new(
-            UdpSocket::from_std(udp.into()).map_err(|source| DnsError::Bind { addr, source })?,
-        );
-        let tcp =
-            TcpListener::from_std(tcp.into()).map_err(|source| DnsError::Bind { addr, source })?;
-        tasks.push(tokio::spawn(serve_udp(udp, zone.clone(), shared.clone())));
-        tasks.push(tokio::spawn(serve_tcp(tcp, zone.clone(), shared.clone())));
+        let bound = (|| {
+            let udp = UdpSocket::from_std(bind(addr, Type::DGRAM)?.into())?;
+            let tcp = TcpListener::from_std(bind(addr, Type::STREAM)?.into())?;
+            Ok((udp, tcp))
+        })();
+        sockets.push(bound.map_err(|source| DnsError::Bind { addr, source })?);
+    }
+    // Only once every socket is bound: a failure leaves nothing running.
+    let mut tasks = Vec::new();
+    for (udp, tcp) in sockets {
+        tasks.push(tokio::spawn(serve_udp(Arc::new(udp), network.clone())));
+        tasks.push(tokio::spawn(serve_tcp(tcp, network.clone())));
     }
     shared
         .own
@@ -92,7 +124,7 @@ pub fn serve_network(shared: &Arc<Shared>, net: &NetworkDns) -> Result<(), DnsEr
     nets.insert(
         net.name.clone(),
         Served {
-            zone,
+            zone: network.zone.clone(),
             listen: net.listen.clone(),
             tasks,
         },
@@ -137,7 +169,7 @@ fn bind(addr: SocketAddr, ty: Type) -> std::io::Result<Socket> {
     Ok(sock)
 }
 
-async fn serve_udp(sock: Arc<UdpSocket>, zone: Arc<Zone>, shared: Arc<Shared>) {
+async fn serve_udp(sock: Arc<UdpSocket>, net: Arc<Network>) {
     let fd = sock.as_raw_fd();
     let mut rx = Received::new();
     let mut answers: Vec<(Vec<u8>, usize)> = Vec::with_capacity(batch::BATCH);
@@ -149,19 +181,23 @@ async fn serve_udp(sock: Arc<UdpSocket>, zone: Arc<Zone>, shared: Arc<Shared>) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) => {
-                tracing::debug!(network = %zone.network, error = %e, "DNS receive failed");
+                tracing::debug!(network = %net.zone.network, error = %e, "DNS receive failed");
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             }
         };
         answers.clear();
         for i in 0..n {
-            match respond(&zone, rx.datagram(i), false) {
+            let others = || match rx.peer(i) {
+                Some(peer) => net.shared.other_zones(peer.ip(), &net.zone.network),
+                None => Vec::new(),
+            };
+            match respond(&net.zone, rx.datagram(i), false, &others) {
                 Step::Reply(r) => answers.push((r, i)),
                 Step::Ignore => {}
                 Step::Forward => {
                     if let Some(peer) = rx.peer(i) {
-                        spawn_forward(&sock, &shared, rx.datagram(i), peer).await;
+                        spawn_forward(&sock, &net, rx.datagram(i), peer).await;
                     }
                 }
             }
@@ -182,27 +218,31 @@ async fn serve_udp(sock: Arc<UdpSocket>, zone: Arc<Zone>, shared: Arc<Shared>) {
     }
 }
 
-/// Forwards one UDP query in a task of its own; SERVFAIL at once when too many are in flight.
-async fn spawn_forward(sock: &Arc<UdpSocket>, shared: &Arc<Shared>, msg: &[u8], peer: SocketAddr) {
-    let Ok(permit) = shared.forwards.clone().try_acquire_owned() else {
+/// Forwards one UDP query in a task of its own; SERVFAIL at once when the network has too
+/// many in flight.
+async fn spawn_forward(sock: &Arc<UdpSocket>, net: &Network, msg: &[u8], peer: SocketAddr) {
+    let Ok(permit) = net.forwards.clone().try_acquire_owned() else {
         let _ = sock.send_to(&servfail(msg, false), peer).await;
         return;
     };
-    let (sock, shared, msg) = (sock.clone(), shared.clone(), msg.to_vec());
+    let (sock, shared, msg) = (Arc::downgrade(sock), net.shared.clone(), msg.to_vec());
     tokio::spawn(async move {
         let _permit = permit;
         let answer = forward(&shared, &msg, false).await;
-        let _ = sock.send_to(&answer, peer).await;
+        // The network may have gone meanwhile, and its socket with it.
+        if let Some(sock) = Weak::upgrade(&sock) {
+            let _ = sock.send_to(&answer, peer).await;
+        }
     });
 }
 
-async fn serve_tcp(listener: TcpListener, zone: Arc<Zone>, shared: Arc<Shared>) {
+async fn serve_tcp(listener: TcpListener, net: Arc<Network>) {
     let slots = Arc::new(Semaphore::new(MAX_TCP_CLIENTS));
     loop {
-        let stream = match listener.accept().await {
-            Ok((s, _)) => s,
+        let (stream, peer) = match listener.accept().await {
+            Ok(got) => got,
             Err(e) => {
-                tracing::debug!(network = %zone.network, error = %e, "DNS accept failed");
+                tracing::debug!(network = %net.zone.network, error = %e, "DNS accept failed");
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             }
@@ -211,16 +251,21 @@ async fn serve_tcp(listener: TcpListener, zone: Arc<Zone>, shared: Arc<Shared>) 
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             continue;
         };
-        let (zone, shared) = (zone.clone(), shared.clone());
+        let net = Arc::downgrade(&net);
         tokio::spawn(async move {
             let _slot = slot;
-            let _ = timeout(TCP_SESSION, tcp_session(stream, &zone, &shared)).await;
+            let _ = timeout(TCP_SESSION, tcp_session(stream, peer.ip(), net)).await;
         });
     }
 }
 
-/// Queries on one TCP connection, one after the other (RFC 7766 framing).
-async fn tcp_session(mut stream: TcpStream, zone: &Zone, shared: &Shared) -> std::io::Result<()> {
+/// Queries on one TCP connection, one after the other (RFC 7766 framing), while the network
+/// is served.
+async fn tcp_session(
+    mut stream: TcpStream,
+    peer: IpAddr,
+    net: Weak<Network>,
+) -> std::io::Result<()> {
     loop {
         let Ok(len) = timeout(TCP_IDLE, stream.read_u16()).await else {
             return Ok(());
@@ -229,11 +274,16 @@ async fn tcp_session(mut stream: TcpStream, zone: &Zone, shared: &Shared) -> std
         timeout(TCP_IDLE, stream.read_exact(&mut msg))
             .await
             .map_err(|_| std::io::ErrorKind::TimedOut)??;
-        let answer = match respond(zone, &msg, true) {
+        let Some(net) = net.upgrade() else {
+            return Ok(());
+        };
+        let others = || net.shared.other_zones(peer, &net.zone.network);
+        let answer = match respond(&net.zone, &msg, true, &others) {
             Step::Reply(r) => r,
             Step::Ignore => return Ok(()),
-            Step::Forward => forward(shared, &msg, true).await,
+            Step::Forward => forward(&net.shared, &msg, true).await,
         };
+        drop(net);
         let mut framed = (answer.len() as u16).to_be_bytes().to_vec();
         framed.extend_from_slice(&answer);
         timeout(TCP_IDLE, stream.write_all(&framed))
@@ -260,6 +310,10 @@ fn servfail(msg: &[u8], tcp: bool) -> Vec<u8> {
             };
             wire::answer(&q, wire::RCODE_SERVFAIL, false, &[], 0, limit)
         }
-        Err(_) => wire::bare_answer(u16::from_be_bytes([msg[0], msg[1]]), wire::RCODE_SERVFAIL),
+        Err(_) => {
+            let mut header = [0u8; 4];
+            header.iter_mut().zip(msg).for_each(|(h, m)| *h = *m);
+            wire::bare_answer(header, wire::RCODE_SERVFAIL)
+        }
     }
 }

@@ -23,7 +23,7 @@ const MAX_SERVERS: usize = 3;
 pub struct Upstream {
     path: PathBuf,
     /// The file as last read: its stamp and nameservers.
-    cache: Mutex<(Option<Stamp>, Arc<Vec<SocketAddr>>)>,
+    cache: Mutex<(Option<Stamp>, Arc<Vec<IpAddr>>)>,
     /// berth's own listening addresses: a resolv.conf pointing at berth must not make it
     /// forward to itself.
     own: Arc<Mutex<HashSet<IpAddr>>>,
@@ -45,28 +45,32 @@ impl Upstream {
         }
     }
 
-    /// The nameservers to ask now; the file is read again when its stamp changed.
-    pub fn servers(&self) -> Arc<Vec<SocketAddr>> {
+    /// The nameservers to ask now; the file is read again when its stamp changed. berth's own
+    /// addresses are left out at every call (a network created later may listen on one).
+    pub fn servers(&self) -> Vec<SocketAddr> {
         use std::os::unix::fs::MetadataExt;
         let stamp = std::fs::metadata(&self.path).ok().map(|m| Stamp {
             modified: m.modified().ok(),
             len: m.len(),
             inode: m.ino(),
         });
-        let mut cache = self.cache.lock().expect("upstream lock");
-        if cache.0 != stamp || stamp.is_none() {
-            let text = std::fs::read_to_string(&self.path).unwrap_or_default();
-            let own = self.own.lock().expect("own addresses lock").clone();
-            let servers: Vec<SocketAddr> = parse_resolv_conf(&text)
-                .into_iter()
-                .filter(|ip| !own.contains(ip))
-                .take(MAX_SERVERS)
-                .map(|ip| SocketAddr::new(ip, 53))
-                .collect();
-            tracing::debug!(path = %self.path.display(), ?servers, "upstream resolvers read");
-            *cache = (stamp, Arc::new(servers));
-        }
-        cache.1.clone()
+        let listed = {
+            let mut cache = self.cache.lock().expect("upstream lock");
+            if cache.0 != stamp || stamp.is_none() {
+                let text = std::fs::read_to_string(&self.path).unwrap_or_default();
+                let servers = parse_resolv_conf(&text);
+                tracing::debug!(path = %self.path.display(), ?servers, "upstream resolvers read");
+                *cache = (stamp, Arc::new(servers));
+            }
+            cache.1.clone()
+        };
+        let own = self.own.lock().expect("own addresses lock");
+        listed
+            .iter()
+            .filter(|ip| !own.contains(ip))
+            .take(MAX_SERVERS)
+            .map(|ip| SocketAddr::new(*ip, 53))
+            .collect()
     }
 
     /// Asks the upstream servers in turn; `None` when none answered (the caller answers
@@ -180,7 +184,7 @@ mod tests {
         std::fs::write(&path, "nameserver 10.0.0.1\nnameserver 192.0.2.1\n").unwrap();
         let own = Arc::new(Mutex::new(HashSet::from(["10.0.0.1".parse().unwrap()])));
         let up = Upstream::new(path.clone(), own);
-        assert_eq!(*up.servers(), ["192.0.2.1:53".parse().unwrap()]);
+        assert_eq!(up.servers(), ["192.0.2.1:53".parse().unwrap()]);
         std::fs::write(&path, "nameserver 192.0.2.2\nnameserver 192.0.2.3\nnameserver 192.0.2.4\nnameserver 192.0.2.5\n").unwrap();
         assert_eq!(up.servers().len(), 3);
         assert_eq!(up.servers()[0], "192.0.2.2:53".parse().unwrap());

@@ -11,6 +11,7 @@ pub const TYPE_AAAA: u16 = 28;
 pub const TYPE_OPT: u16 = 41;
 pub const TYPE_ANY: u16 = 255;
 pub const CLASS_IN: u16 = 1;
+pub const CLASS_ANY: u16 = 255;
 
 pub const RCODE_NOERROR: u8 = 0;
 pub const RCODE_FORMERR: u8 = 1;
@@ -62,8 +63,9 @@ pub enum Rejected {
     /// Not worth an answer: shorter than a header, or itself a response (answering responses
     /// lets two servers loop).
     Drop,
-    /// Answer with this code and no question (FORMERR, NOTIMP).
-    Code { id: u16, rcode: u8 },
+    /// Answer with this code and no question (FORMERR, NOTIMP); `header` is the query's
+    /// first four bytes (ID, flags), whose opcode and RD the answer echoes.
+    Code { header: [u8; 4], rcode: u8 },
 }
 
 pub fn parse_query(msg: &[u8]) -> Result<Query<'_>, Rejected> {
@@ -75,14 +77,15 @@ pub fn parse_query(msg: &[u8]) -> Result<Query<'_>, Rejected> {
     if flags & FLAG_QR != 0 {
         return Err(Rejected::Drop);
     }
+    let header = [msg[0], msg[1], msg[2], msg[3]];
     let formerr = Rejected::Code {
-        id,
+        header,
         rcode: RCODE_FORMERR,
     };
     let opcode = (flags >> 11) & 0xf;
     if opcode != 0 {
         return Err(Rejected::Code {
-            id,
+            header,
             rcode: RCODE_NOTIMP,
         });
     }
@@ -216,10 +219,12 @@ pub fn answer(
     out
 }
 
-/// An answer without a question (to a message whose question could not be read).
-pub fn bare_answer(id: u16, rcode: u8) -> Vec<u8> {
-    let flags = FLAG_QR | FLAG_RA | u16::from(rcode & 0xf);
-    let mut out = id.to_be_bytes().to_vec();
+/// An answer without a question (to a message whose question could not be read), echoing
+/// the ID, opcode and RD of the query's `header`.
+pub fn bare_answer(header: [u8; 4], rcode: u8) -> Vec<u8> {
+    let asked = u16::from_be_bytes([header[2], header[3]]);
+    let flags = FLAG_QR | FLAG_RA | (asked & (0x7800 | FLAG_RD)) | u16::from(rcode & 0xf);
+    let mut out = header[..2].to_vec();
     out.extend_from_slice(&flags.to_be_bytes());
     out.extend_from_slice(&[0; 8]);
     out
@@ -313,41 +318,30 @@ pub(crate) mod tests {
         let mut resp = query(1, "a", TYPE_A, false);
         resp[2] |= 0x80;
         assert_eq!(parse_query(&resp), Err(Rejected::Drop));
+        let code = |m: &[u8]| match parse_query(m) {
+            Err(Rejected::Code { header, rcode }) => {
+                Some((u16::from_be_bytes([header[0], header[1]]), rcode))
+            }
+            _ => None,
+        };
         let mut update = query(2, "a", TYPE_A, false);
         update[2] |= 5 << 3;
-        assert_eq!(
-            parse_query(&update),
-            Err(Rejected::Code {
-                id: 2,
-                rcode: RCODE_NOTIMP
-            })
-        );
+        assert_eq!(code(&update), Some((2, RCODE_NOTIMP)));
+        let Err(Rejected::Code { header, rcode }) = parse_query(&update) else {
+            unreachable!()
+        };
+        let a = bare_answer(header, rcode);
+        assert_eq!(&a[..2], &[0, 2]);
+        assert_eq!(a[2] & 0x79, 0x29, "opcode 5 and RD echoed");
+        assert_eq!(a[3] & 0xf, RCODE_NOTIMP);
         let mut pointer = query(3, "a", TYPE_A, false);
         pointer[12] = 0xc0;
-        assert_eq!(
-            parse_query(&pointer),
-            Err(Rejected::Code {
-                id: 3,
-                rcode: RCODE_FORMERR
-            })
-        );
+        assert_eq!(code(&pointer), Some((3, RCODE_FORMERR)));
         let cut = query(4, "abc", TYPE_A, false);
-        assert_eq!(
-            parse_query(&cut[..15]),
-            Err(Rejected::Code {
-                id: 4,
-                rcode: RCODE_FORMERR
-            })
-        );
+        assert_eq!(code(&cut[..15]), Some((4, RCODE_FORMERR)));
         let mut two = query(5, "a", TYPE_A, false);
         two[5] = 2;
-        assert_eq!(
-            parse_query(&two),
-            Err(Rejected::Code {
-                id: 5,
-                rcode: RCODE_FORMERR
-            })
-        );
+        assert_eq!(code(&two), Some((5, RCODE_FORMERR)));
     }
 
     #[test]

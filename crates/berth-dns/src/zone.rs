@@ -3,8 +3,8 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::RwLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 
 use ipnet::IpNet;
 
@@ -35,8 +35,8 @@ pub struct Zone {
 struct Names {
     /// Lower-case name → (endpoint id, address) for every endpoint with that name or alias.
     by_name: HashMap<String, Vec<(String, IpAddr)>>,
-    /// Address → the endpoint's primary name.
-    by_addr: HashMap<IpAddr, String>,
+    /// Address → (endpoint id, its primary name).
+    by_addr: HashMap<IpAddr, (String, String)>,
     /// Endpoint id → its names and addresses, for removal.
     of_endpoint: HashMap<String, (Vec<String>, Vec<IpAddr>)>,
 }
@@ -79,7 +79,7 @@ impl Zone {
             entry.extend(ips.iter().map(|ip| (id.to_string(), *ip)));
         }
         for ip in ips {
-            n.by_addr.insert(*ip, names[0].clone());
+            n.by_addr.insert(*ip, (id.to_string(), names[0].clone()));
         }
         n.of_endpoint.insert(id.to_string(), (names, ips.to_vec()));
     }
@@ -98,50 +98,74 @@ impl Zone {
     }
 
     /// Answers a parsed query from the zone, or says it is someone else's. `limit` is the
-    /// largest answer the transport takes.
-    pub fn resolve(&self, q: &Query<'_>, limit: usize) -> Resolution {
+    /// largest answer the transport takes. `others` gives the zones of the client's other
+    /// networks (a sandbox on two networks finds names on both, asking either gateway); it is
+    /// called only when this zone does not have the answer.
+    pub fn resolve(
+        &self,
+        q: &Query<'_>,
+        limit: usize,
+        others: &dyn Fn() -> Vec<Arc<Zone>>,
+    ) -> Resolution {
         let local = |rcode, records: &[Record]| {
             Resolution::Answer(wire::answer(q, rcode, true, records, TTL, limit))
         };
+        if !matches!(q.qclass, wire::CLASS_IN | wire::CLASS_ANY) {
+            return self.not_ours(q, limit);
+        }
         if let Some(ip) = wire::reverse_name_addr(&q.name) {
-            if !self.subnets.iter().any(|s| s.contains(&ip)) {
-                return self.not_ours(q, limit);
-            }
-            let names = self.names.read().expect("zone lock");
-            return match names.by_addr.get(&ip) {
-                Some(name) if matches!(q.qtype, wire::TYPE_PTR | wire::TYPE_ANY) => {
-                    let fqdn = format!("{name}.{}", self.domain);
-                    drop(names);
+            let found = if self.holds(ip) {
+                Some(self.ptr(ip))
+            } else {
+                others().iter().find(|z| z.holds(ip)).map(|z| z.ptr(ip))
+            };
+            return match found {
+                None => self.not_ours(q, limit),
+                Some(None) => local(wire::RCODE_NXDOMAIN, &[]),
+                Some(Some(fqdn)) if matches!(q.qtype, wire::TYPE_PTR | wire::TYPE_ANY) => {
                     local(wire::RCODE_NOERROR, &[Record::Ptr(fqdn)])
                 }
-                Some(_) => local(wire::RCODE_NOERROR, &[]),
-                None => local(wire::RCODE_NXDOMAIN, &[]),
+                Some(Some(_)) => local(wire::RCODE_NOERROR, &[]),
             };
         }
-        let under_suffix = q.name == self.suffix || q.name.ends_with(&self.dot_suffix);
-        let short = if under_suffix {
-            // NAME.NETWORK.SUFFIX, and only for the network the query came from.
-            match q
-                .name
-                .strip_suffix(&self.domain)
-                .and_then(|s| s.strip_suffix('.'))
-            {
-                Some(short) => short,
-                None => return local(wire::RCODE_NXDOMAIN, &[]),
-            }
-        } else {
-            q.name.as_str()
-        };
-        let names = self.names.read().expect("zone lock");
-        let Some(entries) = names.by_name.get(short) else {
-            drop(names);
-            return if under_suffix {
-                local(wire::RCODE_NXDOMAIN, &[])
-            } else {
-                self.not_ours(q, limit)
+        if q.name == self.suffix || q.name.ends_with(&self.dot_suffix) {
+            // NAME.NETWORK.SUFFIX, for the networks the client is on.
+            let answer = match self.qualified(&q.name, q.qtype) {
+                Some(found) => Some(found),
+                None => others().iter().find_map(|z| z.qualified(&q.name, q.qtype)),
             };
+            return match answer {
+                Some(Some(records)) => local(wire::RCODE_NOERROR, &records),
+                // A network's own domain holds names: NODATA, not NXDOMAIN.
+                _ if q.name == self.suffix || q.name == self.domain => {
+                    local(wire::RCODE_NOERROR, &[])
+                }
+                _ => local(wire::RCODE_NXDOMAIN, &[]),
+            };
+        }
+        let records = match self.addresses(&q.name, q.qtype) {
+            Some(r) => Some(r),
+            None => others().iter().find_map(|z| z.addresses(&q.name, q.qtype)),
         };
-        let want = |ip: &IpAddr| match q.qtype {
+        match records {
+            // A known name without records of the asked type is NODATA (NOERROR, no answers).
+            Some(records) => local(wire::RCODE_NOERROR, &records),
+            None => self.not_ours(q, limit),
+        }
+    }
+
+    /// For a name under this zone's domain: `Some` of what [`Zone::addresses`] says of the
+    /// short name; `None` when the name is not under this zone's domain.
+    fn qualified(&self, name: &str, qtype: u16) -> Option<Option<Vec<Record>>> {
+        let short = name.strip_suffix(&self.domain)?.strip_suffix('.')?;
+        Some(self.addresses(short, qtype))
+    }
+
+    /// The addresses of the asked type of a short name, rotated; `None` if unknown here.
+    fn addresses(&self, short: &str, qtype: u16) -> Option<Vec<Record>> {
+        let names = self.names.read().expect("zone lock");
+        let entries = names.by_name.get(short)?;
+        let want = |ip: &IpAddr| match qtype {
             wire::TYPE_A => ip.is_ipv4(),
             wire::TYPE_AAAA => ip.is_ipv6(),
             wire::TYPE_ANY => true,
@@ -157,8 +181,18 @@ impl Zone {
             let turn = self.rotation.fetch_add(1, Ordering::Relaxed) % records.len();
             records.rotate_left(turn);
         }
-        // A known name without records of the asked type is NODATA (NOERROR, no answers).
-        local(wire::RCODE_NOERROR, &records)
+        Some(records)
+    }
+
+    fn holds(&self, ip: IpAddr) -> bool {
+        self.subnets.iter().any(|s| s.contains(&ip))
+    }
+
+    /// The fully qualified name of the endpoint holding `ip`, if any.
+    fn ptr(&self, ip: IpAddr) -> Option<String> {
+        let names = self.names.read().expect("zone lock");
+        let (_, name) = names.by_addr.get(&ip)?;
+        Some(format!("{name}.{}", self.domain))
     }
 
     /// A name berth does not know: forwarded, except from internal networks.
@@ -184,9 +218,11 @@ impl Names {
                 }
             }
         }
-        // IPAM never gives one address to two endpoints of a network.
+        // Only this endpoint's: a later endpoint may hold the address by now.
         for ip in ips {
-            self.by_addr.remove(&ip);
+            if self.by_addr.get(&ip).is_some_and(|(owner, _)| owner == id) {
+                self.by_addr.remove(&ip);
+            }
         }
     }
 }
@@ -222,9 +258,18 @@ mod tests {
 
     /// (rcode, answer addresses or names as text)
     fn ask(z: &Zone, name: &str, qtype: u16) -> Option<(u8, Vec<String>)> {
+        ask_with(z, name, qtype, &[])
+    }
+
+    fn ask_with(
+        z: &Zone,
+        name: &str,
+        qtype: u16,
+        others: &[Arc<Zone>],
+    ) -> Option<(u8, Vec<String>)> {
         let m = query(1, name, qtype, false);
         let q = parse_query(&m).unwrap();
-        let Resolution::Answer(a) = z.resolve(&q, 512) else {
+        let Resolution::Answer(a) = z.resolve(&q, 512, &|| others.to_vec()) else {
             return None;
         };
         let mut at = 12 + q.question.len();
@@ -289,6 +334,55 @@ mod tests {
             None,
             "forwarded"
         );
+    }
+
+    #[test]
+    fn a_client_on_two_networks_finds_names_on_both() {
+        let blue = zone(false);
+        let red = Arc::new(Zone::new(
+            "red",
+            "berth.local",
+            vec!["10.92.0.0/24".parse().unwrap()],
+            false,
+        ));
+        red.set_endpoint("r1", &["cache".into()], &["10.92.0.5".parse().unwrap()]);
+        let others = [red.clone()];
+        assert_eq!(
+            ask_with(&blue, "cache", TYPE_A, &others),
+            Some((0, vec!["10.92.0.5".into()]))
+        );
+        assert_eq!(
+            ask_with(&blue, "cache.red.berth.local", TYPE_A, &others),
+            Some((0, vec!["10.92.0.5".into()]))
+        );
+        assert_eq!(
+            ask_with(&blue, "web.red.berth.local", TYPE_A, &others),
+            Some((3, vec![]))
+        );
+        let (rcode, names) = ask_with(&blue, "5.0.92.10.in-addr.arpa", TYPE_PTR, &others).unwrap();
+        assert_eq!((rcode, names.len()), (0, 1));
+        // This network's names come first; without the client on red, red stays invisible.
+        assert_eq!(
+            ask_with(&blue, "web", TYPE_A, &others),
+            Some((0, vec!["10.91.0.2".into()]))
+        );
+        assert_eq!(
+            ask(&blue, "cache.red.berth.local", TYPE_A),
+            Some((3, vec![]))
+        );
+        assert_eq!(ask(&blue, "cache", TYPE_A), None);
+        // The domains themselves have names under them: NODATA.
+        assert_eq!(ask(&blue, "blue.berth.local", TYPE_A), Some((0, vec![])));
+        assert_eq!(ask(&blue, "berth.local", TYPE_A), Some((0, vec![])));
+    }
+
+    #[test]
+    fn an_address_reused_by_a_later_endpoint_keeps_its_reverse_name() {
+        let z = zone(false);
+        z.set_endpoint("e9", &["new".into()], &["10.91.0.3".parse().unwrap()]);
+        z.remove_endpoint("e2");
+        let (_, names) = ask(&z, "3.0.91.10.in-addr.arpa", TYPE_PTR).unwrap();
+        assert_eq!(names, ["\u{3}new\u{4}blue\u{5}berth\u{5}local\u{0}"]);
     }
 
     #[test]

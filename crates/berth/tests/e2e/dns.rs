@@ -140,16 +140,18 @@ fn names_are_scoped_by_network_with_aliases_ptr_and_aaaa() {
         "NXDOMAIN"
     );
 
-    // Scoping: web is on blue only; the query's network is the one it arrived on.
+    // Scoping: a client sees the names of the networks it is on. web is on blue only, r1 on
+    // red only, cli on both.
+    let r1 = ip_of(&h, "r1", "red", false);
     assert_eq!(
-        dig(&h, "cli", RED_GW, &["web.blue.berth.local"]).status,
+        dig(&h, "r1", RED_GW, &["web.blue.berth.local"]).status,
         "NXDOMAIN"
     );
     assert_eq!(
-        dig(&h, "cli", RED_GW, &["web.red.berth.local"]).status,
+        dig(&h, "r1", RED_GW, &["web.red.berth.local"]).status,
         "NXDOMAIN"
     );
-    let short = dig(&h, "cli", RED_GW, &["web"]);
+    let short = dig(&h, "r1", RED_GW, &["web"]);
     assert!(
         short.answers.is_empty(),
         "web is not visible on red: {short:?}"
@@ -158,10 +160,28 @@ fn names_are_scoped_by_network_with_aliases_ptr_and_aaaa() {
         dig(&h, "r1", RED_GW, &["cli"]).answers,
         [ip_of(&h, "cli", "red", false)]
     );
-    assert!(dig(&h, "r1", RED_GW, &["web"]).answers.is_empty());
     assert_eq!(
-        dig(&h, "cli", BLUE_GW, &["r1.red.berth.local"]).status,
+        dig(&h, "web", BLUE_GW, &["r1.red.berth.local"]).status,
         "NXDOMAIN"
+    );
+    assert!(dig(&h, "web", BLUE_GW, &["-x", &r1]).answers.is_empty());
+    // cli, on both, finds either network's names at either gateway (what its resolv.conf,
+    // which lists blue's gateway first, relies on).
+    for (server, name, want) in [
+        (BLUE_GW, "r1.red.berth.local", &r1),
+        (BLUE_GW, "r1", &r1),
+        (RED_GW, "web.blue.berth.local", &web),
+        (RED_GW, "web", &web),
+    ] {
+        assert_eq!(
+            dig(&h, "cli", server, &[name]).answers,
+            [want.as_str()],
+            "{name} at {server}"
+        );
+    }
+    assert_eq!(
+        dig(&h, "cli", BLUE_GW, &["-x", &r1]).answers,
+        ["r1.red.berth.local."]
     );
 
     // Reverse: the address's endpoint on the asking network, fully qualified.
@@ -232,6 +252,14 @@ fn attach_and_detach_are_visible_to_the_next_query() {
     assert!(
         !listening.contains("10.95.0.1:53"),
         "still listening:\n{listening}"
+    );
+    // The same network again, at once: its gateway is free to listen on and names resolve.
+    h.ok(&["network", "create", "blue", "--subnet", "10.95.0.0/24"]);
+    h.ok(&["sandbox", "create", "cli"]);
+    h.ok(&["attach", "cli", "--network", "blue", "--name", "again"]);
+    assert_eq!(
+        dig(&h, "cli", "10.95.0.1", &["again"]).answers,
+        [ip_of(&h, "cli", "blue", false)]
     );
 }
 
