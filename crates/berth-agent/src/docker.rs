@@ -570,18 +570,12 @@ impl Agent {
         let ip = match &pool.network {
             Some(name) => {
                 self.network(name).await?;
+                // In memory until the endpoint commits it (see `docker_reserved`).
                 let ip = self.take_in_subnet(name, pool.cidr, requested)?;
-                let k = keys::ipam(name, ip);
-                let owner = format!("{}{}", keys::DOCKER_OWNER_PREFIX, pool.id);
-                if let TxnOutcome::CompareFailed(_) = self
-                    .commit(Txn::new().when(Compare::Absent(k.clone())).put(k, owner))
-                    .await?
-                {
-                    self.release_ip(name, ip);
-                    return Err(AgentError::Conflict(format!(
-                        "address {ip} is already in use"
-                    )));
-                }
+                self.docker_reserved
+                    .lock()
+                    .expect("reservations lock")
+                    .insert((name.clone(), ip), pool.id.clone());
                 ip
             }
             None => {
@@ -627,6 +621,15 @@ impl Agent {
             .map_err(|_| invalid(format!("invalid address {:?}", req.address)))?;
         match &pool.network {
             Some(name) => {
+                let held = self
+                    .docker_reserved
+                    .lock()
+                    .expect("reservations lock")
+                    .remove(&(name.clone(), ip));
+                if held.is_some() {
+                    self.release_ip(name, ip);
+                    return Ok(json!({}));
+                }
                 // Only a reservation still ours: once an endpoint took the address over, its
                 // detach releases it (and the gateway belongs to the network).
                 let k = keys::ipam(name, ip);
@@ -793,47 +796,85 @@ impl Agent {
         let opts = options(&req.options);
         let ports = self.check_ports(&net, &docker_ports(&opts)?)?;
         let iface = req.interface.unwrap_or_default();
+        let mac = match iface.mac.as_str() {
+            "" => option_str(&opts, "com.docker.network.endpoint.macaddress")
+                .map(|m| m.parse())
+                .transpose()?,
+            m => Some(m.parse()?),
+        };
         let mut ips = Vec::new();
+        // The addresses' reservations are committed with the endpoint record, in one
+        // transaction; what this call took in memory is given back if that fails.
+        let mut txn = Txn::new();
+        let mut taken: Vec<(IpAddr, Option<String>)> = Vec::new();
+        let give_back = |taken: &[(IpAddr, Option<String>)]| {
+            for (ip, pool) in taken {
+                match pool {
+                    Some(pool) => {
+                        self.docker_reserved
+                            .lock()
+                            .expect("reservations lock")
+                            .insert((net.name.clone(), *ip), pool.clone());
+                    }
+                    None => self.release_ip(&net.name, *ip),
+                }
+            }
+        };
         for a in [&iface.address, &iface.address_v6]
             .into_iter()
             .filter(|a| !a.is_empty())
         {
-            let ip = parse_cidr_addr("address", a)?;
-            if net.subnet_for(ip.addr()).is_none() {
+            let ip = match parse_cidr_addr("address", a) {
+                Ok(ip) => ip,
+                Err(e) => {
+                    give_back(&taken);
+                    return Err(e);
+                }
+            };
+            let Some(cidr) = net.subnet_for(ip.addr()).map(|s| s.cidr) else {
+                give_back(&taken);
                 return Err(invalid(format!(
                     "address {ip} is outside berth network {:?}",
                     net.name
                 )));
-            }
-            // Reserve it in berth's IPAM unless berth's IPAM handed it out (then it is ours).
+            };
             let k = keys::ipam(&net.name, ip.addr());
-            match self.store.get(&k).await? {
-                Some(kv) if kv.value.starts_with(keys::DOCKER_OWNER_PREFIX.as_bytes()) => {}
-                Some(_) => {
-                    return Err(AgentError::Conflict(format!(
-                        "address {} is already in use on {:?}",
-                        ip.addr(),
-                        net.name
-                    )));
-                }
-                None => {
-                    let cidr = net.subnet_for(ip.addr()).map(|s| s.cidr).ok_or_else(|| {
-                        invalid(format!(
-                            "address {ip} is outside berth network {:?}",
-                            net.name
-                        ))
-                    })?;
-                    self.take_in_subnet(&net.name, cidr, Some(ip.addr()))?;
-                    let owner = format!("{}external", keys::DOCKER_OWNER_PREFIX);
-                    if let TxnOutcome::CompareFailed(_) = self
-                        .commit(Txn::new().when(Compare::Absent(k.clone())).put(k, owner))
-                        .await?
-                    {
-                        self.release_ip(&net.name, ip.addr());
+            let reserved = self
+                .docker_reserved
+                .lock()
+                .expect("reservations lock")
+                .remove(&(net.name.clone(), ip.addr()));
+            if let Some(pool) = reserved {
+                // berth's IPAM handed it out to the engine a moment ago.
+                txn = txn
+                    .when(Compare::Absent(k.clone()))
+                    .put(k, format!("{}{pool}", keys::DOCKER_OWNER_PREFIX));
+                taken.push((ip.addr(), Some(pool)));
+            } else {
+                match self.store.get(&k).await {
+                    Ok(Some(kv)) if kv.value.starts_with(keys::DOCKER_OWNER_PREFIX.as_bytes()) => {}
+                    Ok(Some(_)) => {
+                        give_back(&taken);
                         return Err(AgentError::Conflict(format!(
-                            "address {} is already in use",
-                            ip.addr()
+                            "address {} is already in use on {:?}",
+                            ip.addr(),
+                            net.name
                         )));
+                    }
+                    Ok(None) => {
+                        // The engine's own IPAM gave it, or berth restarted since handing it
+                        // out: take it now, if it is still free.
+                        if let Err(e) = self.take_in_subnet(&net.name, cidr, Some(ip.addr())) {
+                            give_back(&taken);
+                            return Err(e);
+                        }
+                        let owner = format!("{}external", keys::DOCKER_OWNER_PREFIX);
+                        txn = txn.when(Compare::Absent(k.clone())).put(k, owner);
+                        taken.push((ip.addr(), None));
+                    }
+                    Err(e) => {
+                        give_back(&taken);
+                        return Err(e.into());
                     }
                 }
             }
@@ -844,12 +885,6 @@ impl Agent {
                 "the endpoint has no address (is the IPAM driver berth or Docker's default?)",
             ));
         }
-        let mac = match iface.mac.as_str() {
-            "" => option_str(&opts, "com.docker.network.endpoint.macaddress")
-                .map(|m| m.parse())
-                .transpose()?,
-            m => Some(m.parse()?),
-        };
         let mac = mac.unwrap_or_else(|| {
             match ips.iter().find_map(|n| match n {
                 IpNet::V4(v) => Some(v.addr()),
@@ -868,17 +903,25 @@ impl Agent {
             ports,
             endpoint: None,
         };
-        if let TxnOutcome::CompareFailed(_) = self
-            .commit(
-                Txn::new()
-                    .when(Compare::Absent(keys::docker_endpoint(&eid)))
-                    .put(keys::docker_endpoint(&eid), encode(&de)),
-            )
-            .await?
-        {
-            return Err(AgentError::Conflict(format!(
-                "endpoint {eid} already exists"
-            )));
+        let txn = txn
+            .when(Compare::Absent(keys::docker_endpoint(&eid)))
+            .put(keys::docker_endpoint(&eid), encode(&de));
+        match self.commit(txn).await {
+            Ok(TxnOutcome::CompareFailed(c)) => {
+                give_back(&taken);
+                return Err(AgentError::Conflict(
+                    if c == Compare::Absent(keys::docker_endpoint(&eid)) {
+                        format!("endpoint {eid} already exists")
+                    } else {
+                        format!("an address of endpoint {eid} is already in use")
+                    },
+                ));
+            }
+            Ok(_) => {}
+            Err(e) => {
+                give_back(&taken);
+                return Err(e);
+            }
         }
         // The engine gave the addresses; an answer with an Interface would be an error.
         Ok(json!({}))
@@ -952,36 +995,52 @@ impl Agent {
         txn = txn
             .when(Compare::ModRevision(key.clone(), de_rev))
             .put(key.clone(), encode(&de));
-        if let TxnOutcome::CompareFailed(c) = self.commit(txn).await? {
-            return Err(AgentError::Conflict(format!(
-                "join raced with another change ({c:?}); try again"
-            )));
-        }
-        drop(publishing_guard);
+        // The commit (an fsync) and the veth (netlink) at once: both take a few tenths of a
+        // millisecond. A crash between them leaves a berth-named veth the store does not
+        // know, which the next start's reconcile deletes; a refused commit deletes it here.
         let bridge = bridge_spec(&net);
         let spec_ep = ep.clone();
         let spec_net = net.clone();
         let peer_name = peer.clone();
-        let published = self.publish(&ep).await;
-        let made = match published {
-            Err(e) => Err(e),
-            Ok(()) => {
-                kernel(move || {
-                    let mut host = Netlink::open()?;
-                    let bridge_index = match host.link_by_name(&bridge.name)? {
-                        Some(l) => l.index,
-                        None => berth_dataplane::ensure_bridge(&mut host, &bridge)?,
-                    };
-                    berth_dataplane::create_runtime_endpoint(
-                        &mut host,
-                        &endpoint_spec(&spec_ep, &spec_net, bridge_index),
-                        &peer_name,
-                    )
-                })
-                .await
-            }
+        let make_veth = kernel(move || {
+            let mut host = Netlink::open()?;
+            let bridge_index = match host.link_by_name(&bridge.name)? {
+                Some(l) => l.index,
+                None => berth_dataplane::ensure_bridge(&mut host, &bridge)?,
+            };
+            berth_dataplane::create_runtime_endpoint(
+                &mut host,
+                &endpoint_spec(&spec_ep, &spec_net, bridge_index),
+                &peer_name,
+            )
+        });
+        let (committed, made) = tokio::join!(self.commit(txn), make_veth);
+        drop(publishing_guard);
+        let delete_veth = || {
+            let host_ifname = ep.host_ifname.clone();
+            kernel(move || berth_dataplane::delete_link(&mut Netlink::open()?, &host_ifname))
         };
-        if let Err(e) = made {
+        let committed = match committed {
+            Ok(TxnOutcome::CompareFailed(c)) => Err(AgentError::Conflict(format!(
+                "join raced with another change ({c:?}); try again"
+            ))),
+            Ok(_) => Ok(()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = committed {
+            if made.is_ok() {
+                let _ = delete_veth().await;
+            }
+            return Err(e);
+        }
+        let made = match made {
+            Ok(_) => self.publish(&ep).await.map_err(|e| (e, true)),
+            Err(e) => Err((e, false)),
+        };
+        if let Err((e, veth_made)) = made {
+            if veth_made {
+                let _ = delete_veth().await;
+            }
             self.unpublish(crate::firewall::forwards_of(&ep)).await;
             // Undo: records and ports go, addresses return to the Docker reservation.
             let mut undo = self.endpoint_records(&ep, Txn::new(), false, Held::Ports);

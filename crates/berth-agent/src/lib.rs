@@ -46,6 +46,11 @@ pub struct Agent {
     pools: Mutex<HashMap<String, Vec<Pool>>>,
     /// Docker plugin calls run one at a time: they read-modify-write shared pool records.
     docker_calls: tokio::sync::Mutex<()>,
+    /// Addresses Docker's IPAM calls handed out on berth networks, (network, address) → pool
+    /// id: taken in memory only, and committed with the endpoint that uses them
+    /// (CreateEndpoint). After a restart they are simply free again; a CreateEndpoint that
+    /// then brings one finds it free (and takes it) or taken (and is refused): never twice.
+    docker_reserved: Mutex<HashMap<(String, IpAddr), String>>,
     /// Creating or removing a network excludes attach and detach; those run in parallel.
     topology: tokio::sync::RwLock<()>,
     /// Wakes the reaper, which deletes detached endpoints' veths in batches.
@@ -124,6 +129,7 @@ impl Agent {
             pools: Mutex::new(HashMap::new()),
             topology: tokio::sync::RwLock::new(()),
             docker_calls: tokio::sync::Mutex::new(()),
+            docker_reserved: Mutex::new(HashMap::new()),
             reaper: tokio::sync::Notify::new(),
             reaping: tokio::sync::Mutex::new(()),
             firewall: tokio::sync::Mutex::new(()),
@@ -359,6 +365,10 @@ impl Agent {
         }
         self.commit(txn).await?;
         self.pools.lock().expect("pools lock").remove(&net.name);
+        self.docker_reserved
+            .lock()
+            .expect("reservations lock")
+            .retain(|(network, _), _| *network != net.name);
         Ok(())
     }
 

@@ -187,7 +187,7 @@ fn plausible_body(method: &str, seen: &Seen) -> Vec<u8> {
 }
 
 /// One raw HTTP exchange, as the engine makes it (no Content-Type). Returns (status, body).
-fn post(h: &Host, method: &str, body: &[u8]) -> (u16, Vec<u8>) {
+pub(crate) fn post(h: &Host, method: &str, body: &[u8]) -> (u16, Vec<u8>) {
     let mut s = UnixStream::connect(h.docker_plugin_socket()).expect("plugin socket accepts");
     let head = format!(
         "POST /{method} HTTP/1.1\r\nHost: plugin.moby.localhost\r\nAccept: application/vnd.docker.plugins.v1.2+json\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
@@ -324,6 +324,136 @@ fn random_plugin_requests_get_well_formed_answers() {
     h.stop();
     h.start();
     assert!(h.ping_gateway_from_new_sandbox("blue"));
+}
+
+/// A plugin call that must succeed; its JSON answer.
+fn ok_call(h: &Host, method: &str, body: Value) -> Value {
+    let (status, answer) = post(h, method, body.to_string().as_bytes());
+    let v: Value = serde_json::from_slice(&answer).unwrap();
+    assert_eq!(status, 200, "{method} {body}: {v}");
+    v
+}
+
+/// Addresses berth's IPAM hands the engine are held in memory until the endpoint that uses
+/// them is committed: released ones are free again, and after a crash one is either still
+/// free (and taken when the engine's CreateEndpoint brings it) or refused to the engine if
+/// someone else took it meanwhile. Never in use twice.
+#[test]
+fn docker_address_reservations_are_never_handed_out_twice() {
+    let h = Host::new();
+    let pool = ok_call(
+        &h,
+        "IpamDriver.RequestPool",
+        json!({"AddressSpace": "berth-local", "Pool": "10.97.0.0/24", "SubPool": "", "Options": {}, "V6": false}),
+    );
+    let pool_id = pool["PoolID"].as_str().unwrap().to_string();
+    let address = |h: &Host, gateway: bool| {
+        let opts = if gateway {
+            json!({"RequestAddressType": "com.docker.network.gateway"})
+        } else {
+            Value::Null
+        };
+        ok_call(
+            h,
+            "IpamDriver.RequestAddress",
+            json!({"PoolID": pool_id, "Address": "", "Options": opts}),
+        )["Address"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let gw = address(&h, true);
+    ok_call(
+        &h,
+        "NetworkDriver.CreateNetwork",
+        json!({"NetworkID": "n1", "Options": {"com.docker.network.generic": {}},
+        "IPv4Data": [{"AddressSpace": "berth-local", "Pool": "10.97.0.0/24", "Gateway": gw}], "IPv6Data": []}),
+    );
+    let first = address(&h, false);
+    let second = address(&h, false);
+    assert_ne!(first, second);
+    ok_call(
+        &h,
+        "IpamDriver.ReleaseAddress",
+        json!({"PoolID": pool_id, "Address": second.split('/').next().unwrap()}),
+    );
+    let ask_for = |h: &Host, a: &str| {
+        let body =
+            json!({"PoolID": pool_id, "Address": a.split('/').next().unwrap(), "Options": null});
+        post(h, "IpamDriver.RequestAddress", body.to_string().as_bytes()).0
+    };
+    assert_eq!(
+        ask_for(&h, &second),
+        200,
+        "a released reservation is free again"
+    );
+    assert_ne!(ask_for(&h, &first), 200, "a held one is not");
+
+    // The daemon dies holding both in memory only; after it, `first` is free and a sandbox
+    // takes it. The engine's CreateEndpoint with it is refused and changes nothing.
+    h.kill();
+    h.start();
+    let ip = first.split('/').next().unwrap();
+    h.ok(&["sandbox", "create", "s1"]);
+    h.ok(&["attach", "s1", "--network", "docker-n1", "--ip", ip]);
+    let before = h.snapshot();
+    let (status, answer) = post(
+        &h,
+        "NetworkDriver.CreateEndpoint",
+        json!({"NetworkID": "n1", "EndpointID": "e1",
+        "Interface": {"Address": first, "AddressIPv6": "", "MacAddress": ""}, "Options": {}})
+        .to_string()
+        .as_bytes(),
+    );
+    let v: Value = serde_json::from_slice(&answer).unwrap();
+    assert_ne!(status, 200, "{v}");
+    assert!(v["Err"].as_str().unwrap().contains("in use"), "{v}");
+    assert_eq!(h.snapshot(), before);
+    // `second` is free after the crash too, and the engine's endpoint takes it for good.
+    ok_call(
+        &h,
+        "NetworkDriver.CreateEndpoint",
+        json!({"NetworkID": "n1", "EndpointID": "e2",
+        "Interface": {"Address": second, "AddressIPv6": "", "MacAddress": ""}, "Options": {}}),
+    );
+    let taken = h.fails(&[
+        "attach",
+        "s1",
+        "--network",
+        "docker-n1",
+        "--ifname",
+        "eth1",
+        "--ip",
+        second.split('/').next().unwrap(),
+    ]);
+    assert!(
+        taken.contains("in use") || taken.contains("already attached"),
+        "{taken}"
+    );
+    let allocs: Value = h
+        .client()
+        .get("/v1/networks/docker-n1/allocations")
+        .unwrap();
+    let owners: Vec<(String, String)> = allocs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["ip"].as_str().unwrap().to_string(),
+                a["owner"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let owner_of = |ip: &str| owners.iter().find(|(i, _)| i == ip).map(|(_, o)| o.clone());
+    assert!(
+        owner_of(second.split('/').next().unwrap()).is_some_and(|o| o.starts_with("docker:")),
+        "{owners:?}"
+    );
+    assert!(
+        owner_of(ip).is_some_and(|o| !o.starts_with("docker:")),
+        "{owners:?}"
+    );
 }
 
 impl Host {
