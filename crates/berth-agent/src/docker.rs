@@ -21,7 +21,7 @@ use axum::routing::post;
 use berth_api::CreateNetwork;
 use berth_dataplane::Netlink;
 use berth_model::{
-    DEFAULT_POOL, DEFAULT_POOL_PREFIX, Endpoint, MacAddr, NetnsRef, PortMapping, Protocol,
+    DEFAULT_POOL, DEFAULT_POOL_PREFIX, Endpoint, MacAddr, NetnsRef, Network, PortMapping, Protocol,
     veth_name,
 };
 use berth_store::{Compare, Txn, TxnOutcome};
@@ -76,6 +76,32 @@ struct DockerEndpoint {
     ports: Vec<PortMapping>,
     /// The berth endpoint, between Join and Leave.
     endpoint: Option<String>,
+}
+
+/// A Docker endpoint between CreateEndpoint and Join, held in memory: Join commits it with
+/// the berth endpoint in one transaction. The engine joins right after creating (a daemon
+/// restart in between makes that Join fail cleanly, and the engine rolls back).
+#[derive(Debug, Clone)]
+pub(crate) struct PendingEndpoint {
+    de: DockerEndpoint,
+    /// Where each address comes from.
+    sources: Vec<(IpAddr, Source)>,
+}
+
+impl PendingEndpoint {
+    pub(crate) fn is_on(&self, network: &str) -> bool {
+        self.de.network == network
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Source {
+    /// Handed to the engine by berth's IPAM (RequestAddress of this pool), held in memory.
+    Reserved(String),
+    /// Given by the engine's own IPAM; taken in memory at CreateEndpoint.
+    Taken,
+    /// Reserved in the store (by an earlier version of berth).
+    Stored,
 }
 
 /// One entry of `com.docker.network.portmap` (libnetwork's `types.PortBinding`).
@@ -789,6 +815,16 @@ impl Agent {
 
     async fn docker_create_endpoint(&self, req: CreateEndpointReq) -> Result<Value> {
         let eid = required("EndpointID", &req.endpoint_id)?.to_string();
+        let exists = || AgentError::Conflict(format!("endpoint {eid} already exists"));
+        if self.pending_endpoints().contains_key(&eid)
+            || self
+                .store
+                .get(&keys::docker_endpoint(&eid))
+                .await?
+                .is_some()
+        {
+            return Err(exists());
+        }
         let (dn, _) = self
             .docker_load::<DockerNetwork>(&keys::docker_network(&req.network_id), "network")
             .await?;
@@ -803,82 +839,21 @@ impl Agent {
             m => Some(m.parse()?),
         };
         let mut ips = Vec::new();
-        // The addresses' reservations are committed with the endpoint record, in one
-        // transaction; what this call took in memory is given back if that fails.
-        let mut txn = Txn::new();
-        let mut taken: Vec<(IpAddr, Option<String>)> = Vec::new();
-        let give_back = |taken: &[(IpAddr, Option<String>)]| {
-            for (ip, pool) in taken {
-                match pool {
-                    Some(pool) => {
-                        self.docker_reserved
-                            .lock()
-                            .expect("reservations lock")
-                            .insert((net.name.clone(), *ip), pool.clone());
-                    }
-                    None => self.release_ip(&net.name, *ip),
-                }
-            }
-        };
+        let mut sources: Vec<(IpAddr, Source)> = Vec::new();
         for a in [&iface.address, &iface.address_v6]
             .into_iter()
             .filter(|a| !a.is_empty())
         {
-            let ip = match parse_cidr_addr("address", a) {
-                Ok(ip) => ip,
+            match self.endpoint_address(&net, a).await {
+                Ok((ip, source)) => {
+                    ips.push(ip);
+                    sources.push((ip.addr(), source));
+                }
                 Err(e) => {
-                    give_back(&taken);
+                    self.give_back(&net.name, &sources);
                     return Err(e);
                 }
-            };
-            let Some(cidr) = net.subnet_for(ip.addr()).map(|s| s.cidr) else {
-                give_back(&taken);
-                return Err(invalid(format!(
-                    "address {ip} is outside berth network {:?}",
-                    net.name
-                )));
-            };
-            let k = keys::ipam(&net.name, ip.addr());
-            let reserved = self
-                .docker_reserved
-                .lock()
-                .expect("reservations lock")
-                .remove(&(net.name.clone(), ip.addr()));
-            if let Some(pool) = reserved {
-                // berth's IPAM handed it out to the engine a moment ago.
-                txn = txn
-                    .when(Compare::Absent(k.clone()))
-                    .put(k, format!("{}{pool}", keys::DOCKER_OWNER_PREFIX));
-                taken.push((ip.addr(), Some(pool)));
-            } else {
-                match self.store.get(&k).await {
-                    Ok(Some(kv)) if kv.value.starts_with(keys::DOCKER_OWNER_PREFIX.as_bytes()) => {}
-                    Ok(Some(_)) => {
-                        give_back(&taken);
-                        return Err(AgentError::Conflict(format!(
-                            "address {} is already in use on {:?}",
-                            ip.addr(),
-                            net.name
-                        )));
-                    }
-                    Ok(None) => {
-                        // The engine's own IPAM gave it, or berth restarted since handing it
-                        // out: take it now, if it is still free.
-                        if let Err(e) = self.take_in_subnet(&net.name, cidr, Some(ip.addr())) {
-                            give_back(&taken);
-                            return Err(e);
-                        }
-                        let owner = format!("{}external", keys::DOCKER_OWNER_PREFIX);
-                        txn = txn.when(Compare::Absent(k.clone())).put(k, owner);
-                        taken.push((ip.addr(), None));
-                    }
-                    Err(e) => {
-                        give_back(&taken);
-                        return Err(e.into());
-                    }
-                }
             }
-            ips.push(ip);
         }
         if ips.is_empty() {
             return Err(invalid(
@@ -903,43 +878,128 @@ impl Agent {
             ports,
             endpoint: None,
         };
-        let txn = txn
-            .when(Compare::Absent(keys::docker_endpoint(&eid)))
-            .put(keys::docker_endpoint(&eid), encode(&de));
-        match self.commit(txn).await {
-            Ok(TxnOutcome::CompareFailed(c)) => {
-                give_back(&taken);
-                return Err(AgentError::Conflict(
-                    if c == Compare::Absent(keys::docker_endpoint(&eid)) {
-                        format!("endpoint {eid} already exists")
-                    } else {
-                        format!("an address of endpoint {eid} is already in use")
-                    },
-                ));
-            }
-            Ok(_) => {}
-            Err(e) => {
-                give_back(&taken);
-                return Err(e);
-            }
-        }
+        // Held in memory until Join commits it (see `PendingEndpoint`).
+        self.pending_endpoints()
+            .insert(eid, PendingEndpoint { de, sources });
         // The engine gave the addresses; an answer with an Interface would be an error.
         Ok(json!({}))
     }
 
+    fn pending_endpoints(&self) -> std::sync::MutexGuard<'_, HashMap<String, PendingEndpoint>> {
+        self.docker_pending.lock().expect("pending endpoints lock")
+    }
+
+    /// One address the engine gives an endpoint, checked and held (in memory) for it.
+    async fn endpoint_address(&self, net: &Network, a: &str) -> Result<(IpNet, Source)> {
+        let ip = parse_cidr_addr("address", a)?;
+        let cidr = net.subnet_for(ip.addr()).map(|s| s.cidr).ok_or_else(|| {
+            invalid(format!(
+                "address {ip} is outside berth network {:?}",
+                net.name
+            ))
+        })?;
+        let reserved = self
+            .docker_reserved
+            .lock()
+            .expect("reservations lock")
+            .remove(&(net.name.clone(), ip.addr()));
+        if let Some(pool) = reserved {
+            return Ok((ip, Source::Reserved(pool)));
+        }
+        match self.store.get(&keys::ipam(&net.name, ip.addr())).await? {
+            Some(kv) if kv.value.starts_with(keys::DOCKER_OWNER_PREFIX.as_bytes()) => {
+                Ok((ip, Source::Stored))
+            }
+            Some(_) => Err(AgentError::Conflict(format!(
+                "address {} is already in use on {:?}",
+                ip.addr(),
+                net.name
+            ))),
+            // The engine's own IPAM gave it, or berth restarted since handing it out: take it
+            // now, if it is still free.
+            None => {
+                self.take_in_subnet(&net.name, cidr, Some(ip.addr()))?;
+                Ok((ip, Source::Taken))
+            }
+        }
+    }
+
+    /// Gives back what a pending endpoint held in memory: reservations to the engine's
+    /// IPAM calls (which release them), addresses taken for it to the pool.
+    fn give_back(&self, network: &str, sources: &[(IpAddr, Source)]) {
+        for (ip, source) in sources {
+            match source {
+                Source::Reserved(pool) => {
+                    self.docker_reserved
+                        .lock()
+                        .expect("reservations lock")
+                        .insert((network.to_string(), *ip), pool.clone());
+                }
+                Source::Taken => self.release_ip(network, *ip),
+                Source::Stored => {}
+            }
+        }
+    }
+
     async fn docker_endpoint_info(&self, req: EndpointRef) -> Result<Value> {
-        let (de, _) = self
-            .docker_load::<DockerEndpoint>(&keys::docker_endpoint(&req.endpoint_id), "endpoint")
-            .await?;
+        let pending = self
+            .pending_endpoints()
+            .get(&req.endpoint_id)
+            .map(|p| p.de.clone());
+        let de = match pending {
+            Some(de) => de,
+            None => {
+                self.docker_load::<DockerEndpoint>(
+                    &keys::docker_endpoint(&req.endpoint_id),
+                    "endpoint",
+                )
+                .await?
+                .0
+            }
+        };
         Ok(
             json!({ "Value": { "network": de.network, "endpoint": de.endpoint, "ips": de.ips, "mac": de.mac } }),
         )
     }
 
     async fn docker_join(&self, req: EndpointRef) -> Result<Value> {
-        let key = keys::docker_endpoint(required("EndpointID", &req.endpoint_id)?);
+        let eid = required("EndpointID", &req.endpoint_id)?.to_string();
+        let pending = self.pending_endpoints().remove(&eid);
+        let joined = self.join_endpoint(&req, pending.clone()).await;
+        if joined.is_err()
+            && let Some(p) = pending
+            && self
+                .store
+                .get(&keys::docker_endpoint(&eid))
+                .await?
+                .is_none()
+        {
+            // Not committed: still pending, for a retried Join or DeleteEndpoint.
+            self.pending_endpoints().insert(eid, p);
+        }
+        joined
+    }
+
+    /// Joins a pending endpoint (committing it with the berth endpoint) or one in the store.
+    async fn join_endpoint(
+        &self,
+        req: &EndpointRef,
+        pending: Option<PendingEndpoint>,
+    ) -> Result<Value> {
+        let key = keys::docker_endpoint(&req.endpoint_id);
         let sandbox = required("SandboxKey", &req.sandbox_key)?.to_string();
-        let (mut de, de_rev) = self.docker_load::<DockerEndpoint>(&key, "endpoint").await?;
+        let (mut de, de_rev, sources) = match pending {
+            Some(p) => (p.de, None, p.sources),
+            None => {
+                let (de, rev) = self.docker_load::<DockerEndpoint>(&key, "endpoint").await?;
+                let sources = de
+                    .ips
+                    .iter()
+                    .map(|ip| (ip.addr(), Source::Stored))
+                    .collect();
+                (de, Some(rev), sources)
+            }
+        };
         if de.endpoint.is_some() {
             return Err(AgentError::Conflict(format!(
                 "endpoint {} has already joined a sandbox",
@@ -972,29 +1032,33 @@ impl Agent {
             ports: de.ports.clone(),
         };
         let publishing_guard = self.reserve_ports(&ep.ports).await?;
-        // The endpoint takes its addresses over from the Docker reservations.
+        // The endpoint takes its addresses over: from memory, or from reservations in the
+        // store.
         let mut txn = self.endpoint_records(&ep, Txn::new(), true, Held::Ports);
-        for ip in &ep.ips {
-            let k = keys::ipam(&net.name, ip.addr());
+        for (ip, source) in &sources {
+            let k = keys::ipam(&net.name, *ip);
+            if *source != Source::Stored {
+                txn = txn.when(Compare::Absent(k.clone())).put(k, id.clone());
+                continue;
+            }
             let kv = self
                 .store
                 .get(&k)
                 .await?
                 .filter(|kv| kv.value.starts_with(keys::DOCKER_OWNER_PREFIX.as_bytes()));
             let kv = kv.ok_or_else(|| {
-                AgentError::Conflict(format!(
-                    "address {} is not reserved for this endpoint",
-                    ip.addr()
-                ))
+                AgentError::Conflict(format!("address {ip} is not reserved for this endpoint"))
             })?;
             txn = txn
                 .when(Compare::ModRevision(k.clone(), kv.mod_revision))
                 .put(k, id.clone());
         }
         de.endpoint = Some(id.clone());
-        txn = txn
-            .when(Compare::ModRevision(key.clone(), de_rev))
-            .put(key.clone(), encode(&de));
+        txn = match de_rev {
+            Some(rev) => txn.when(Compare::ModRevision(key.clone(), rev)),
+            None => txn.when(Compare::Absent(key.clone())),
+        }
+        .put(key.clone(), encode(&de));
         // The commit (an fsync) and the veth (netlink) at once: both take a few tenths of a
         // millisecond. A crash between them leaves a berth-named veth the store does not
         // know, which the next start's reconcile deletes; a refused commit deletes it here.
@@ -1087,7 +1151,13 @@ impl Agent {
     }
 
     async fn docker_delete_endpoint(&self, req: EndpointRef) -> Result<Value> {
-        let key = keys::docker_endpoint(required("EndpointID", &req.endpoint_id)?);
+        let eid = required("EndpointID", &req.endpoint_id)?;
+        let pending = self.pending_endpoints().remove(eid);
+        if let Some(p) = pending {
+            self.give_back(&p.de.network, &p.sources);
+            return Ok(json!({}));
+        }
+        let key = keys::docker_endpoint(eid);
         let Some((de, _)) = self.load::<DockerEndpoint>(&key).await? else {
             return Ok(json!({}));
         };

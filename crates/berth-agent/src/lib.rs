@@ -51,6 +51,8 @@ pub struct Agent {
     /// (CreateEndpoint). After a restart they are simply free again; a CreateEndpoint that
     /// then brings one finds it free (and takes it) or taken (and is refused): never twice.
     docker_reserved: Mutex<HashMap<(String, IpAddr), String>>,
+    /// Docker endpoints created and not joined yet, by Docker endpoint id.
+    docker_pending: Mutex<HashMap<String, docker::PendingEndpoint>>,
     /// Creating or removing a network excludes attach and detach; those run in parallel.
     topology: tokio::sync::RwLock<()>,
     /// Wakes the reaper, which deletes detached endpoints' veths in batches.
@@ -130,6 +132,7 @@ impl Agent {
             topology: tokio::sync::RwLock::new(()),
             docker_calls: tokio::sync::Mutex::new(()),
             docker_reserved: Mutex::new(HashMap::new()),
+            docker_pending: Mutex::new(HashMap::new()),
             reaper: tokio::sync::Notify::new(),
             reaping: tokio::sync::Mutex::new(()),
             firewall: tokio::sync::Mutex::new(()),
@@ -369,6 +372,10 @@ impl Agent {
             .lock()
             .expect("reservations lock")
             .retain(|(network, _), _| *network != net.name);
+        self.docker_pending
+            .lock()
+            .expect("pending endpoints lock")
+            .retain(|_, p| !p.is_on(&net.name));
         Ok(())
     }
 

@@ -416,43 +416,76 @@ fn docker_address_reservations_are_never_handed_out_twice() {
         json!({"NetworkID": "n1", "EndpointID": "e2",
         "Interface": {"Address": second, "AddressIPv6": "", "MacAddress": ""}, "Options": {}}),
     );
-    let taken = h.fails(&[
-        "attach",
-        "s1",
-        "--network",
-        "docker-n1",
-        "--ifname",
-        "eth1",
-        "--ip",
-        second.split('/').next().unwrap(),
-    ]);
+    h.ok(&["sandbox", "create", "s2"]);
+    let second_ip = second.split('/').next().unwrap();
+    let taken = h.fails(&["attach", "s2", "--network", "docker-n1", "--ip", second_ip]);
     assert!(
-        taken.contains("in use") || taken.contains("already attached"),
-        "{taken}"
+        taken.contains("in use"),
+        "held for the engine's endpoint: {taken}"
     );
+    // Join commits the endpoint with its address.
+    ok_call(
+        &h,
+        "NetworkDriver.Join",
+        json!({"NetworkID": "n1", "EndpointID": "e2", "SandboxKey": "/var/run/docker/netns/x", "Options": {}}),
+    );
+    let eps = h.json(&["endpoint", "ls", "--network", "docker-n1"]);
+    let joined = eps
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["ips"][0] == second.as_str())
+        .unwrap_or_else(|| panic!("{eps}"));
     let allocs: Value = h
         .client()
         .get("/v1/networks/docker-n1/allocations")
         .unwrap();
-    let owners: Vec<(String, String)> = allocs
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| {
-            (
-                a["ip"].as_str().unwrap().to_string(),
-                a["owner"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect();
-    let owner_of = |ip: &str| owners.iter().find(|(i, _)| i == ip).map(|(_, o)| o.clone());
-    assert!(
-        owner_of(second.split('/').next().unwrap()).is_some_and(|o| o.starts_with("docker:")),
-        "{owners:?}"
+    let owner_of = |ip: &str| {
+        allocs
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["ip"] == ip)
+            .map(|a| a["owner"].as_str().unwrap().to_string())
+    };
+    assert_eq!(
+        owner_of(second_ip).as_deref(),
+        joined["id"].as_str(),
+        "{allocs}"
     );
+    // An endpoint deleted before it joins gives its address back to the reservation, which
+    // the engine then releases.
+    let third = address(&h, false);
+    ok_call(
+        &h,
+        "NetworkDriver.CreateEndpoint",
+        json!({"NetworkID": "n1", "EndpointID": "e3",
+        "Interface": {"Address": third, "AddressIPv6": "", "MacAddress": ""}, "Options": {}}),
+    );
+    assert_ne!(ask_for(&h, &third), 200, "held by e3");
+    ok_call(
+        &h,
+        "NetworkDriver.DeleteEndpoint",
+        json!({"NetworkID": "n1", "EndpointID": "e3"}),
+    );
+    assert_ne!(
+        ask_for(&h, &third),
+        200,
+        "back with the engine's reservation"
+    );
+    ok_call(
+        &h,
+        "IpamDriver.ReleaseAddress",
+        json!({"PoolID": pool_id, "Address": third.split('/').next().unwrap()}),
+    );
+    assert_eq!(ask_for(&h, &third), 200, "released");
+    let s1 = h.json(&["endpoint", "ls", "--network", "docker-n1"]);
     assert!(
-        owner_of(ip).is_some_and(|o| !o.starts_with("docker:")),
-        "{owners:?}"
+        s1.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["netns"]["sandbox"] == "s1" && owner_of(ip).as_deref() == e["id"].as_str()),
+        "{allocs}"
     );
 }
 
