@@ -236,8 +236,46 @@ async fn spawn_forward(sock: &Arc<UdpSocket>, net: &Network, msg: &[u8], peer: S
     });
 }
 
+/// Connections one client address may hold at once, so that one client cannot take every
+/// slot and leave others whose UDP answers were truncated nowhere to retry.
+const MAX_TCP_PER_CLIENT: usize = 8;
+
+/// A client's hold on one of its connections; given back on drop.
+struct ClientSlot {
+    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    client: IpAddr,
+}
+
+impl ClientSlot {
+    fn take(counts: &Arc<Mutex<HashMap<IpAddr, usize>>>, client: IpAddr) -> Option<ClientSlot> {
+        let mut c = counts.lock().expect("tcp clients lock");
+        let n = c.entry(client).or_default();
+        if *n >= MAX_TCP_PER_CLIENT {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot {
+            counts: counts.clone(),
+            client,
+        })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock().expect("tcp clients lock");
+        if let Some(n) = c.get_mut(&self.client) {
+            *n -= 1;
+            if *n == 0 {
+                c.remove(&self.client);
+            }
+        }
+    }
+}
+
 async fn serve_tcp(listener: TcpListener, net: Arc<Network>) {
     let slots = Arc::new(Semaphore::new(MAX_TCP_CLIENTS));
+    let per_client = Arc::new(Mutex::new(HashMap::new()));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(got) => got,
@@ -247,13 +285,17 @@ async fn serve_tcp(listener: TcpListener, net: Arc<Network>) {
                 continue;
             }
         };
-        // All slots taken: close at once rather than let connections queue unseen.
+        // All slots taken (or all of this client's): close at once rather than let
+        // connections queue unseen.
+        let Some(mine) = ClientSlot::take(&per_client, peer.ip()) else {
+            continue;
+        };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             continue;
         };
         let net = Arc::downgrade(&net);
         tokio::spawn(async move {
-            let _slot = slot;
+            let _slots = (slot, mine);
             let _ = timeout(TCP_SESSION, tcp_session(stream, peer.ip(), net)).await;
         });
     }
