@@ -30,7 +30,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::{
-    Agent, AgentError, Held, Result, bridge_spec, encode, endpoint_spec, kernel, keys, random_id,
+    Agent, AgentError, Held, Result, bridge_index, bridge_spec, encode, endpoint_spec, kernel,
+    keys, random_id,
 };
 
 /// `-o berth.network=NAME` (driver) or `--ipam-opt berth.network=NAME`: use the existing berth
@@ -1068,10 +1069,7 @@ impl Agent {
         let peer_name = peer.clone();
         let make_veth = kernel(move || {
             let mut host = Netlink::open()?;
-            let bridge_index = match host.link_by_name(&bridge.name)? {
-                Some(l) => l.index,
-                None => berth_dataplane::ensure_bridge(&mut host, &bridge)?,
-            };
+            let bridge_index = bridge_index(&mut host, &bridge)?;
             berth_dataplane::create_runtime_endpoint(
                 &mut host,
                 &endpoint_spec(&spec_ep, &spec_net, bridge_index),

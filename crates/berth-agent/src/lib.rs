@@ -587,10 +587,7 @@ impl Agent {
         let spec_net = net.clone();
         let made = kernel(move || {
             let mut host = Netlink::open()?;
-            let bridge_index = match host.link_by_name(&bridge.name)? {
-                Some(l) => l.index,
-                None => berth_dataplane::ensure_bridge(&mut host, &bridge)?,
-            };
+            let bridge_index = bridge_index(&mut host, &bridge)?;
             berth_dataplane::attach_endpoint(
                 &mut host,
                 &ns,
@@ -1056,6 +1053,14 @@ impl Agent {
             endpoints: self.store.list(keys::ENDPOINTS).await?.items.len(),
             sandboxes: self.store.list(keys::SANDBOXES).await?.items.len(),
         })
+    }
+}
+
+/// The bridge's interface index, re-creating the bridge if someone deleted it.
+fn bridge_index(host: &mut Netlink, bridge: &BridgeSpec) -> berth_dataplane::Result<u32> {
+    match host.link_by_name(&bridge.name)? {
+        Some(l) => Ok(l.index),
+        None => berth_dataplane::ensure_bridge(host, bridge),
     }
 }
 
