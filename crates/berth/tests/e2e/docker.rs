@@ -147,6 +147,18 @@ impl<'h> Docker<'h> {
         String::from_utf8_lossy(&o.stderr).trim().to_string()
     }
 
+    /// `docker network create -d PLUGIN --ipam-driver PLUGIN ARGS...`, which must succeed.
+    fn create_net(&self, args: &[&str]) -> String {
+        let p = self.plugin.clone();
+        self.ok(&[&["network", "create", "-d", &p, "--ipam-driver", &p], args].concat())
+    }
+
+    /// The same, which must fail; the error.
+    fn create_net_fails(&self, args: &[&str]) -> String {
+        let p = self.plugin.clone();
+        self.fails(&[&["network", "create", "-d", &p, "--ipam-driver", &p], args].concat())
+    }
+
     fn ip(&self, container: &str, network: &str) -> String {
         self.ok(&[
             "inspect",
@@ -196,20 +208,7 @@ impl Drop for Docker<'_> {
 fn docker_containers_on_a_berth_network() {
     let h = Host::new();
     let d = Docker::start(&h);
-    let p = d.plugin.clone();
-    let id = d.ok(&[
-        "network",
-        "create",
-        "-d",
-        &p,
-        "--ipam-driver",
-        &p,
-        "--subnet",
-        "10.93.0.0/24",
-        "--gateway",
-        "10.93.0.1",
-        "net1",
-    ]);
+    let id = d.create_net(&["--subnet", "10.93.0.0/24", "--gateway", "10.93.0.1", "net1"]);
     let berth_name = format!("docker-{}", &id[..12]);
     let net = h.json(&["network", "inspect", &berth_name]);
     assert_eq!(
@@ -303,14 +302,7 @@ fn docker_podman_and_a_sandbox_share_one_berth_network() {
     let h = Host::new();
     h.ok(&["network", "create", "blue", "--subnet", "10.91.0.0/24"]);
     let d = Docker::start(&h);
-    let p = d.plugin.clone();
-    d.ok(&[
-        "network",
-        "create",
-        "-d",
-        &p,
-        "--ipam-driver",
-        &p,
+    d.create_net(&[
         "--subnet",
         "10.91.0.0/24",
         "-o",
@@ -382,27 +374,10 @@ fn docker_bad_requests_are_refused_and_change_nothing() {
     let h = Host::new();
     h.ok(&["network", "create", "blue", "--subnet", "10.91.0.0/24"]);
     let d = Docker::start(&h);
-    let p = d.plugin.clone();
     let before = h.snapshot();
-    let err = d.fails(&[
-        "network",
-        "create",
-        "-d",
-        &p,
-        "--ipam-driver",
-        &p,
-        "--subnet",
-        "10.91.0.0/16",
-        "bad1",
-    ]);
+    let err = d.create_net_fails(&["--subnet", "10.91.0.0/16", "bad1"]);
     assert!(err.contains("overlaps 10.91.0.0/24"), "{err}");
-    let err = d.fails(&[
-        "network",
-        "create",
-        "-d",
-        &p,
-        "--ipam-driver",
-        &p,
+    let err = d.create_net_fails(&[
         "--subnet",
         "10.94.0.0/24",
         "-o",
@@ -410,13 +385,7 @@ fn docker_bad_requests_are_refused_and_change_nothing() {
         "bad2",
     ]);
     assert!(err.contains("no network named"), "{err}");
-    let err = d.fails(&[
-        "network",
-        "create",
-        "-d",
-        &p,
-        "--ipam-driver",
-        &p,
+    let err = d.create_net_fails(&[
         "--subnet",
         "10.94.0.0/24",
         "--ip-range",
@@ -424,17 +393,7 @@ fn docker_bad_requests_are_refused_and_change_nothing() {
         "bad3",
     ]);
     assert!(err.contains("ip-range"), "{err}");
-    d.ok(&[
-        "network",
-        "create",
-        "-d",
-        &p,
-        "--ipam-driver",
-        &p,
-        "--subnet",
-        "10.95.0.0/24",
-        "good",
-    ]);
+    d.create_net(&["--subnet", "10.95.0.0/24", "good"]);
     let err = d.fails(&[
         "run",
         "--rm",
@@ -588,13 +547,7 @@ fn berth_ipam_serves_another_driver_and_ipv6() {
     h.ok(&["network", "create", "x", "--subnet", "10.99.0.0/24"]);
 
     // IPv6 on a berth network made by Docker.
-    d.ok(&[
-        "network",
-        "create",
-        "-d",
-        &p,
-        "--ipam-driver",
-        &p,
+    d.create_net(&[
         "--ipv6",
         "--subnet",
         "10.97.0.0/24",
@@ -629,18 +582,7 @@ fn berth_ipam_serves_another_driver_and_ipv6() {
 fn dockerd_restart_keeps_networks_and_leaks_no_address() {
     let h = Host::new();
     let mut d = Docker::start(&h);
-    let p = d.plugin.clone();
-    let id = d.ok(&[
-        "network",
-        "create",
-        "-d",
-        &p,
-        "--ipam-driver",
-        &p,
-        "--subnet",
-        "10.98.0.0/24",
-        "net1",
-    ]);
+    let id = d.create_net(&["--subnet", "10.98.0.0/24", "net1"]);
     let berth_name = format!("docker-{}", &id[..12]);
     d.ok(&[
         "run",
