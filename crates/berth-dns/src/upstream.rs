@@ -2,7 +2,7 @@
 //! when the file changes. Over UDP, then over TCP when the answer came back truncated and the
 //! client asked over TCP (a UDP client gets the truncated answer and retries over TCP itself).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -19,6 +19,8 @@ use crate::wire;
 pub const PER_SERVER: Duration = Duration::from_millis(1500);
 /// resolv.conf's own limit (glibc `MAXNS`).
 const MAX_SERVERS: usize = 3;
+/// Idle upstream sockets kept per server for reuse.
+const IDLE_SOCKETS: usize = 64;
 
 pub struct Upstream {
     path: PathBuf,
@@ -27,6 +29,11 @@ pub struct Upstream {
     /// berth's own listening addresses: a resolv.conf pointing at berth must not make it
     /// forward to itself.
     own: Arc<Mutex<HashSet<IpAddr>>>,
+    /// Connected UDP sockets that answered, per server, for the next queries: a socket per
+    /// query (socket, connect, register, deregister, close) was a third of the forwarding
+    /// cost. Each is used by one query at a time, keeps the random source port the kernel
+    /// gave it, and every query has a random ID and must get its own question back.
+    idle: Mutex<HashMap<SocketAddr, Vec<UdpSocket>>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +49,7 @@ impl Upstream {
             path,
             cache: Mutex::new((None, Arc::new(Vec::new()))),
             own,
+            idle: Mutex::new(HashMap::new()),
         }
     }
 
@@ -78,11 +86,11 @@ impl Upstream {
     pub async fn forward(&self, query: &[u8], over_tcp: bool) -> Option<Vec<u8>> {
         let (client_id, _) = wire::id_and_truncated(query)?;
         for server in self.servers().iter() {
-            // A fresh ID (and a fresh socket, so a fresh source port) per upstream query.
+            // A fresh random ID per upstream query.
             let id = fastrand::u16(..);
             let mut msg = query.to_vec();
             msg[..2].copy_from_slice(&id.to_be_bytes());
-            let answer = match timeout(PER_SERVER, ask_udp(*server, &msg, id)).await {
+            let answer = match timeout(PER_SERVER, self.ask_udp(*server, &msg)).await {
                 Ok(Ok(a)) => a,
                 Ok(Err(e)) => {
                     tracing::debug!(%server, error = %e, "upstream failed");
@@ -109,26 +117,63 @@ impl Upstream {
     }
 }
 
-async fn ask_udp(server: SocketAddr, msg: &[u8], id: u16) -> std::io::Result<Vec<u8>> {
-    let local: SocketAddr = match server {
-        SocketAddr::V4(_) => "0.0.0.0:0".parse().expect("literal"),
-        SocketAddr::V6(_) => "[::]:0".parse().expect("literal"),
-    };
-    let sock = UdpSocket::bind(local).await?;
-    // Connected: only the server's datagrams arrive, and an ICMP unreachable fails fast.
-    sock.connect(server).await?;
-    sock.send(msg).await?;
-    // Room for the largest datagram, left uninitialised: zeroing 64 KiB per query would be
-    // a good part of the forwarding cost.
-    let mut buf = Vec::with_capacity(65535);
-    loop {
-        buf.clear();
-        sock.recv_buf(&mut buf).await?;
-        // Anything that is not the answer to this ID is ignored (spoofing, stale answers).
-        if wire::id_and_truncated(&buf).is_some_and(|(got, _)| got == id) && buf[2] & 0x80 != 0 {
-            return Ok(buf);
+impl Upstream {
+    /// One UDP exchange with `server`, on an idle socket of its or a new one. A socket goes
+    /// back to the idle ones only after a good answer; one that failed or timed out (the
+    /// future is dropped) is closed.
+    async fn ask_udp(&self, server: SocketAddr, msg: &[u8]) -> std::io::Result<Vec<u8>> {
+        let reused = self
+            .idle
+            .lock()
+            .expect("idle sockets lock")
+            .get_mut(&server)
+            .and_then(Vec::pop);
+        let sock = match reused {
+            Some(s) => s,
+            None => {
+                let local: SocketAddr = match server {
+                    SocketAddr::V4(_) => "0.0.0.0:0".parse().expect("literal"),
+                    SocketAddr::V6(_) => "[::]:0".parse().expect("literal"),
+                };
+                let sock = UdpSocket::bind(local).await?;
+                // Connected: only the server's datagrams arrive, and an ICMP unreachable fails
+                // fast.
+                sock.connect(server).await?;
+                sock
+            }
+        };
+        sock.send(msg).await?;
+        // Room for the largest datagram, left uninitialised: zeroing 64 KiB per query would be
+        // a good part of the forwarding cost.
+        let mut buf = Vec::with_capacity(65535);
+        loop {
+            buf.clear();
+            sock.recv_buf(&mut buf).await?;
+            // Anything that is not the answer to this query is ignored: a late answer to an
+            // earlier query on this socket, or spoofing.
+            if answers(msg, &buf) {
+                break;
+            }
         }
+        let mut idle = self.idle.lock().expect("idle sockets lock");
+        let pool = idle.entry(server).or_default();
+        if pool.len() < IDLE_SOCKETS {
+            pool.push(sock);
+        }
+        Ok(buf)
     }
+}
+
+/// Whether `answer` is a response to `query`: same ID, QR set, same question bytes.
+fn answers(query: &[u8], answer: &[u8]) -> bool {
+    let Ok(q) = wire::parse_query(query) else {
+        return false;
+    };
+    let end = 12 + q.question.len();
+    answer.len() >= end
+        && answer[..2] == query[..2]
+        && answer[2] & 0x80 != 0
+        && answer[12..end] == *q.question
 }
 
 async fn ask_tcp(server: SocketAddr, msg: &[u8], id: u16) -> std::io::Result<Vec<u8>> {
@@ -163,6 +208,23 @@ pub fn parse_resolv_conf(text: &str) -> Vec<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_answer_to_this_question_counts() {
+        use crate::wire::tests::query;
+        let q = query(7, "example.org", wire::TYPE_A, false);
+        let parsed = wire::parse_query(&q).unwrap();
+        let a = wire::answer(&parsed, 0, false, &[], 0, 512);
+        assert!(answers(&q, &a));
+        let other = query(7, "example.net", wire::TYPE_A, false);
+        let b = wire::answer(&wire::parse_query(&other).unwrap(), 0, false, &[], 0, 512);
+        assert!(!answers(&q, &b), "same ID, other question");
+        let mut c = a.clone();
+        c[1] ^= 1;
+        assert!(!answers(&q, &c), "other ID");
+        assert!(!answers(&q, &q), "a query is not an answer");
+        assert!(!answers(&q, &a[..14]));
+    }
 
     #[test]
     fn reads_nameservers_in_order() {
