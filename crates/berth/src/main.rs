@@ -420,6 +420,10 @@ fn print_network(n: &Network) {
     }
     println!("mtu       {}", n.mtu);
     println!("internal  {}", n.internal);
+    if let Some(dns) = &n.dns {
+        let servers: Vec<String> = dns.nameservers.iter().map(|ip| ip.to_string()).collect();
+        println!("dns       {} (search {})", servers.join(" "), dns.domain);
+    }
 }
 
 fn print_endpoint(e: &Endpoint) {

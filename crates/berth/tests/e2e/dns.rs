@@ -99,6 +99,11 @@ fn names_are_scoped_by_network_with_aliases_ptr_and_aaaa() {
     two_networks(&h);
     let web = ip_of(&h, "web", "blue", false);
     let web6 = ip_of(&h, "web", "blue", true);
+    let shown = h.ok(&["network", "inspect", "blue"]);
+    assert!(
+        shown.contains("dns       10.93.0.1 fd00:93::1 (search blue.berth.local)"),
+        "{shown}"
+    );
 
     for name in [
         "web",
