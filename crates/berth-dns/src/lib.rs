@@ -2,9 +2,10 @@
 //! addresses, answering for the endpoints attached to that network and forwarding everything
 //! else to the host's resolvers.
 //!
-//! The network a query is answered for is the one whose address it arrived at, so a name is
-//! visible exactly on the networks its endpoint is attached to. The agent keeps the zones up to
-//! date as it attaches and detaches; answers carry TTL 0, so the next query sees the change.
+//! A query is answered for the network whose address it arrived at and for the other networks
+//! of the sender's namespace, so a name is visible exactly to the clients that share a network
+//! with its endpoint. The agent keeps the zones up to date as it attaches and detaches; answers
+//! carry TTL 0, so the next query sees the change.
 
 mod batch;
 mod server;
@@ -19,8 +20,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use ipnet::IpNet;
 
-pub use upstream::{PER_SERVER, parse_resolv_conf};
-pub use zone::{Resolution, TTL, Zone};
+pub use zone::{Resolution, Zone};
 
 /// The suffix of qualified names when none is configured: `NAME.NETWORK.berth.local`.
 pub const DEFAULT_SUFFIX: &str = "berth.local";
