@@ -273,14 +273,9 @@ fn run(cli: Cli) -> Result<()> {
                 })
             }
             EndpointCmd::Inspect { id } => {
-                let ep: Endpoint = client.get(&format!("/v1/endpoints/{}", url_component(&id)))?;
-                show(out, &ep, print_endpoint)
+                inspect::<Endpoint>(&client, out, "endpoints", &id, print_endpoint)
             }
-            EndpointCmd::Rm { id } => {
-                let v: serde_json::Value =
-                    client.delete(&format!("/v1/endpoints/{}", url_component(&id)))?;
-                show(out, &v, |_| println!("{id}"))
-            }
+            EndpointCmd::Rm { id } => remove(&client, out, "endpoints", &id),
         },
     }
 }
@@ -327,14 +322,9 @@ fn network(client: &Client, out: Output, cmd: NetworkCmd) -> Result<()> {
             })
         }
         NetworkCmd::Inspect { name } => {
-            let n: Network = client.get(&format!("/v1/networks/{}", url_component(&name)))?;
-            show(out, &n, print_network)
+            inspect::<Network>(client, out, "networks", &name, print_network)
         }
-        NetworkCmd::Rm { name } => {
-            let v: serde_json::Value =
-                client.delete(&format!("/v1/networks/{}", url_component(&name)))?;
-            show(out, &v, |_| println!("{name}"))
-        }
+        NetworkCmd::Rm { name } => remove(client, out, "networks", &name),
     }
 }
 
@@ -353,15 +343,10 @@ fn sandbox(client: &Client, out: Output, cmd: SandboxCmd) -> Result<()> {
                 )
             })
         }
-        SandboxCmd::Inspect { name } => {
-            let s: Sandbox = client.get(&format!("/v1/sandboxes/{}", url_component(&name)))?;
-            show(out, &s, |s| println!("{}\t{}", s.name, s.path))
-        }
-        SandboxCmd::Rm { name } => {
-            let v: serde_json::Value =
-                client.delete(&format!("/v1/sandboxes/{}", url_component(&name)))?;
-            show(out, &v, |_| println!("{name}"))
-        }
+        SandboxCmd::Inspect { name } => inspect::<Sandbox>(client, out, "sandboxes", &name, |s| {
+            println!("{}\t{}", s.name, s.path)
+        }),
+        SandboxCmd::Rm { name } => remove(client, out, "sandboxes", &name),
         SandboxCmd::Exec { name, command } => {
             let s: Sandbox = client.get(&format!("/v1/sandboxes/{}", url_component(&name)))?;
             let ns = std::fs::File::open(&s.path).with_context(|| format!("open {}", s.path))?;
@@ -401,6 +386,25 @@ fn daemon(args: DaemonArgs) -> Result<()> {
         },
     ))?;
     Ok(())
+}
+
+/// `inspect` of any kind: GET /v1/<collection>/<name>.
+fn inspect<T: serde::de::DeserializeOwned + Serialize>(
+    client: &Client,
+    out: Output,
+    collection: &str,
+    name: &str,
+    human: impl FnOnce(&T),
+) -> Result<()> {
+    let v: T = client.get(&format!("/v1/{collection}/{}", url_component(name)))?;
+    show(out, &v, human)
+}
+
+/// `rm` of any kind: DELETE /v1/<collection>/<name>; prints the name.
+fn remove(client: &Client, out: Output, collection: &str, name: &str) -> Result<()> {
+    let v: serde_json::Value =
+        client.delete(&format!("/v1/{collection}/{}", url_component(name)))?;
+    show(out, &v, |_| println!("{name}"))
 }
 
 fn show<T: Serialize>(out: Output, v: &T, human: impl FnOnce(&T)) -> Result<()> {
