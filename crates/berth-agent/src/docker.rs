@@ -29,10 +29,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::{
-    Agent, AgentError, Held, Result, bridge_index, bridge_spec, encode, endpoint_spec, kernel,
-    keys, random_id,
-};
+use crate::{Agent, AgentError, Held, Result, encode, endpoint_on_bridge, kernel, keys, random_id};
 
 /// `-o berth.network=NAME` (driver) or `--ipam-opt berth.network=NAME`: use the existing berth
 /// network NAME instead of creating one.
@@ -1063,18 +1060,11 @@ impl Agent {
         // The commit (an fsync) and the veth (netlink) at once: both take a few tenths of a
         // millisecond. A crash between them leaves a berth-named veth the store does not
         // know, which the next start's reconcile deletes; a refused commit deletes it here.
-        let bridge = bridge_spec(&net);
-        let spec_ep = ep.clone();
-        let spec_net = net.clone();
-        let peer_name = peer.clone();
+        let (spec_ep, spec_net, peer_name) = (ep.clone(), net.clone(), peer.clone());
         let make_veth = kernel(move || {
             let mut host = Netlink::open()?;
-            let bridge_index = bridge_index(&mut host, &bridge)?;
-            berth_dataplane::create_runtime_endpoint(
-                &mut host,
-                &endpoint_spec(&spec_ep, &spec_net, bridge_index),
-                &peer_name,
-            )
+            let spec = endpoint_on_bridge(&mut host, &spec_ep, &spec_net)?;
+            berth_dataplane::create_runtime_endpoint(&mut host, &spec, &peer_name)
         });
         let (committed, made) = tokio::join!(self.commit(txn), make_veth);
         drop(publishing_guard);

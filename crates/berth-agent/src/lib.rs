@@ -582,17 +582,11 @@ impl Agent {
             return Err(e);
         }
 
-        let bridge = bridge_spec(&net);
-        let spec_ep = ep.clone();
-        let spec_net = net.clone();
+        let (spec_ep, spec_net) = (ep.clone(), net.clone());
         let made = kernel(move || {
             let mut host = Netlink::open()?;
-            let bridge_index = bridge_index(&mut host, &bridge)?;
-            berth_dataplane::attach_endpoint(
-                &mut host,
-                &ns,
-                &endpoint_spec(&spec_ep, &spec_net, bridge_index),
-            )
+            let spec = endpoint_on_bridge(&mut host, &spec_ep, &spec_net)?;
+            berth_dataplane::attach_endpoint(&mut host, &ns, &spec)
         })
         .await;
         if let Err(e) = made {
@@ -1056,12 +1050,19 @@ impl Agent {
     }
 }
 
-/// The bridge's interface index, re-creating the bridge if someone deleted it.
-fn bridge_index(host: &mut Netlink, bridge: &BridgeSpec) -> berth_dataplane::Result<u32> {
-    match host.link_by_name(&bridge.name)? {
-        Some(l) => Ok(l.index),
-        None => berth_dataplane::ensure_bridge(host, bridge),
-    }
+/// An endpoint's kernel spec on its network's bridge, re-creating the bridge if someone
+/// deleted it.
+fn endpoint_on_bridge(
+    host: &mut Netlink,
+    ep: &Endpoint,
+    net: &Network,
+) -> berth_dataplane::Result<EndpointSpec> {
+    let bridge = bridge_spec(net);
+    let index = match host.link_by_name(&bridge.name)? {
+        Some(l) => l.index,
+        None => berth_dataplane::ensure_bridge(host, &bridge)?,
+    };
+    Ok(endpoint_spec(ep, net, index))
 }
 
 fn endpoint_spec(ep: &Endpoint, net: &Network, bridge_index: u32) -> EndpointSpec {
