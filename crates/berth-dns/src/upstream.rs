@@ -103,7 +103,7 @@ impl Upstream {
             };
             let truncated = wire::id_and_truncated(&answer).is_some_and(|(_, tc)| tc);
             let mut answer = if truncated && over_tcp {
-                match timeout(PER_SERVER, ask_tcp(*server, &msg, id)).await {
+                match timeout(PER_SERVER, ask_tcp(*server, &msg)).await {
                     Ok(Ok(a)) => a,
                     _ => answer,
                 }
@@ -176,7 +176,7 @@ fn answers(query: &[u8], answer: &[u8]) -> bool {
         && answer[12..end] == *q.question
 }
 
-async fn ask_tcp(server: SocketAddr, msg: &[u8], id: u16) -> std::io::Result<Vec<u8>> {
+async fn ask_tcp(server: SocketAddr, msg: &[u8]) -> std::io::Result<Vec<u8>> {
     let mut stream = TcpStream::connect(server).await?;
     let mut framed = (msg.len() as u16).to_be_bytes().to_vec();
     framed.extend_from_slice(msg);
@@ -184,7 +184,7 @@ async fn ask_tcp(server: SocketAddr, msg: &[u8], id: u16) -> std::io::Result<Vec
     let len = usize::from(stream.read_u16().await?);
     let mut buf = vec![0u8; len];
     stream.read_exact(&mut buf).await?;
-    if wire::id_and_truncated(&buf).is_some_and(|(got, _)| got == id) {
+    if answers(msg, &buf) {
         Ok(buf)
     } else {
         Err(std::io::Error::other("answer for another query"))

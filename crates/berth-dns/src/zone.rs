@@ -12,7 +12,7 @@ use crate::wire::{self, Query, Record};
 
 /// Local answers carry TTL 0: an attach or detach is visible to the very next query, with no
 /// cache anywhere holding the old answer.
-pub const TTL: u32 = 0;
+const TTL: u32 = 0;
 
 /// The network's view, shared by its listeners and updated by the agent.
 pub struct Zone {
@@ -86,15 +86,6 @@ impl Zone {
 
     pub fn remove_endpoint(&self, id: &str) {
         self.names.write().expect("zone lock").remove(id);
-    }
-
-    /// How many names the zone holds (for logs and tests).
-    pub fn len(&self) -> usize {
-        self.names.read().expect("zone lock").by_name.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// Answers a parsed query from the zone, or says it is someone else's. `limit` is the
