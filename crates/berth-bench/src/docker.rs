@@ -3,6 +3,7 @@
 //! private host namespace, with its default bridge and iptables there, so its bridge costs
 //! what it costs on a real host and none of its rules reach the machine.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -68,6 +69,8 @@ impl Dockerd {
                 &d("docker.pid"),
             ])
             .args(["--storage-driver", "vfs"])
+            // Its timestamped debug log splits a start into phases (see `engine_phases`).
+            .arg("--debug")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join("dockerd.log"))?)
             .spawn()
@@ -164,6 +167,8 @@ impl Dockerd {
             self.docker(&["rm", "-f", id])?;
         }
         self.docker(&["network", "rm", "berthnet", "bridgenet"])?;
+        let log = std::fs::read_to_string(self.dir.join("dockerd.log"))?;
+        print_engine_phases(&engine_phases(&log), &variants.map(|(name, _)| name));
         Ok(variants
             .iter()
             .zip(samples)
@@ -175,5 +180,129 @@ impl Dockerd {
                 failed: 0,
             })
             .collect())
+    }
+}
+
+/// One container start as dockerd's debug log times it.
+#[derive(Debug, Default)]
+struct StartPhases {
+    /// From the start call to the runtime's bundle: libnetwork allocates the network, which
+    /// is where a driver's calls are (a remote driver's over HTTP, the bridge's in process).
+    to_runtime: Option<f64>,
+    /// libnetwork's prestart hook: it moves and configures the interface in the new
+    /// namespace and sets up the embedded DNS resolver's rules there.
+    set_key: Option<f64>,
+}
+
+/// Phases of each `b{variant}x{i}` container start, by variant, in milliseconds.
+fn engine_phases(log: &str) -> HashMap<usize, Vec<StartPhases>> {
+    let mut by_variant: HashMap<usize, Vec<StartPhases>> = HashMap::new();
+    let mut current: Option<(usize, Option<f64>)> = None;
+    for line in log.lines() {
+        let Some(at) = log_time(line) else { continue };
+        if let Some(name) = line.split("containers/create?name=b").nth(1) {
+            let variant = name.split('x').next().and_then(|v| v.parse().ok());
+            current = variant.map(|v| {
+                by_variant
+                    .entry(v)
+                    .or_default()
+                    .push(StartPhases::default());
+                (v, None)
+            });
+            continue;
+        }
+        let Some((variant, started)) = current.as_mut() else {
+            continue;
+        };
+        let phases = by_variant
+            .get_mut(variant)
+            .and_then(|v| v.last_mut())
+            .expect("pushed at create");
+        if line.contains("/start\"") && started.is_none() {
+            *started = Some(at);
+        } else if line.contains("bundle dir created") && phases.to_runtime.is_none() {
+            phases.to_runtime = started.map(|s| (at - s) * 1e3);
+        } else if let Some(took) = line.split("set key processing took ").nth(1) {
+            phases.set_key = took.split(' ').next().and_then(go_duration_ms);
+        }
+    }
+    by_variant
+}
+
+/// Seconds since midnight of a logrus line's `time="2026-11-23T16:18:10.973681268Z"`.
+fn log_time(line: &str) -> Option<f64> {
+    let t = line.strip_prefix("time=\"")?.split('"').next()?;
+    let clock = t.split('T').nth(1)?.trim_end_matches('Z');
+    let mut parts = clock.split(':');
+    let (h, m, s): (f64, f64, f64) = (
+        parts.next()?.parse().ok()?,
+        parts.next()?.parse().ok()?,
+        parts.next()?.parse().ok()?,
+    );
+    Some(h * 3600.0 + m * 60.0 + s)
+}
+
+/// A Go `time.Duration` as printed (`70.5ms`, `950µs`, `1.2s`), in milliseconds.
+fn go_duration_ms(d: &str) -> Option<f64> {
+    for (unit, scale) in [("ms", 1.0), ("µs", 1e-3), ("ns", 1e-6), ("s", 1e3)] {
+        if let Some(v) = d.strip_suffix(unit) {
+            return v.parse::<f64>().ok().map(|v| v * scale);
+        }
+    }
+    None
+}
+
+fn print_engine_phases(phases: &HashMap<usize, Vec<StartPhases>>, names: &[&str]) {
+    let median = |v: usize, f: fn(&StartPhases) -> Option<f64>| {
+        let mut xs: Vec<f64> = phases.get(&v)?.iter().filter_map(f).collect();
+        xs.sort_by(f64::total_cmp);
+        xs.get(xs.len() / 2).copied()
+    };
+    let cell = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.2}"));
+    let over = |x: Option<f64>, base: Option<f64>| match (x, base) {
+        (Some(x), Some(b)) => format!("{:+.2}", x - b),
+        _ => "-".into(),
+    };
+    println!(
+        "\nWhere the time of a start goes, from dockerd's debug log (medians, ms; variant 0 is the base):"
+    );
+    println!("| {:<30} | start → runtime | adds  | set key | adds  |", "");
+    println!("|--------------------------------|----------------:|------:|--------:|------:|");
+    let base = (median(0, |p| p.to_runtime), median(0, |p| p.set_key));
+    for (v, name) in names.iter().enumerate() {
+        let (to_runtime, set_key) = (median(v, |p| p.to_runtime), median(v, |p| p.set_key));
+        println!(
+            "| {name:<30} | {:>15} | {:>5} | {:>7} | {:>5} |",
+            cell(to_runtime),
+            over(to_runtime, base.0),
+            cell(set_key),
+            over(set_key, base.1),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phases_come_from_the_debug_log() {
+        let log = r#"time="2026-11-23T16:18:10.973681268Z" level=debug msg="Calling POST /v1.41/containers/create?name=b1x10"
+time="2026-11-23T16:18:10.977524245Z" level=debug msg="Calling POST /v1.41/containers/a71/start"
+time="2026-11-23T16:18:10.980397938Z" level=debug msg="bundle dir created" bundle=/x
+time="2026-11-23T16:18:11.101604578Z" level=debug msg="sandbox set key processing took 70.572451ms for container a71"
+time="2026-11-23T16:18:11.128748083Z" level=debug msg="Calling POST /v1.41/containers/create?name=b0x11"
+time="2026-11-23T16:18:11.133182207Z" level=debug msg="Calling POST /v1.41/containers/2cf/start"
+time="2026-11-23T16:18:11.134182207Z" level=debug msg="bundle dir created" bundle=/y
+time="2026-11-23T16:18:11.157660457Z" level=debug msg="sandbox set key processing took 950µs for container 2cf"
+"#;
+        let p = engine_phases(log);
+        let bridge = &p[&1][0];
+        assert!((bridge.to_runtime.unwrap() - 2.873693).abs() < 1e-3);
+        assert!((bridge.set_key.unwrap() - 70.572451).abs() < 1e-6);
+        assert!((p[&0][0].set_key.unwrap() - 0.95).abs() < 1e-9);
+        assert!((p[&0][0].to_runtime.unwrap() - 1.0).abs() < 1e-3);
+        assert_eq!(go_duration_ms("1.5s"), Some(1500.0));
+        assert_eq!(go_duration_ms("soon"), None);
     }
 }
