@@ -29,7 +29,12 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::{Agent, AgentError, Held, Result, encode, endpoint_on_bridge, kernel, keys, random_id};
+use tokio::sync::watch;
+
+use crate::{
+    Agent, AgentError, Held, Result, encode, endpoint_on_bridge, endpoint_spec, kernel, keys,
+    random_id,
+};
 
 /// `-o berth.network=NAME` (driver) or `--ipam-opt berth.network=NAME`: use the existing berth
 /// network NAME instead of creating one.
@@ -84,11 +89,49 @@ pub(crate) struct PendingEndpoint {
     de: DockerEndpoint,
     /// Where each address comes from.
     sources: Vec<(IpAddr, Source)>,
+    /// The berth endpoint's id, chosen at CreateEndpoint: it names the veth.
+    berth_id: String,
+    veth: Veth,
 }
 
 impl PendingEndpoint {
     pub(crate) fn is_on(&self, network: &str) -> bool {
         self.de.network == network
+    }
+
+    /// Deletes the veth made for this endpoint, once it is made, in the background: for a
+    /// caller that holds the topology lock or must not wait.
+    pub(crate) fn discard_veth(self) {
+        tokio::spawn(async move {
+            if self.veth.made().await {
+                let _ = delete_veth(veth_name(&self.berth_id)).await;
+            }
+        });
+    }
+}
+
+/// A pending endpoint's veth. CreateEndpoint starts making it: the engine sends Join only
+/// after writing its own store (about 1.5 ms later), so Join finds it made and only commits.
+/// A daemon stop in between leaves a berth-named veth the store does not know, which the
+/// next start's reconcile deletes.
+#[derive(Debug, Clone)]
+enum Veth {
+    /// Being made; `Some(made)` once the attempt is over.
+    Making(watch::Receiver<Option<bool>>),
+    /// None made: not started, failed, or deleted. Join makes it.
+    Absent,
+}
+
+impl Veth {
+    /// Waits for the attempt to end: whether the veth exists.
+    async fn made(&self) -> bool {
+        match self {
+            Veth::Making(rx) => matches!(
+                rx.clone().wait_for(Option::is_some).await.as_deref(),
+                Ok(Some(true))
+            ),
+            Veth::Absent => false,
+        }
     }
 }
 
@@ -367,6 +410,35 @@ async fn commit_or_conflict(a: &Agent, txn: Txn) -> Result<()> {
 }
 
 /// The berth network made for a Docker network.
+/// The berth endpoint a Docker endpoint becomes at Join. libnetwork joins before the
+/// sandbox's namespace exists (it moves the interface in later), so the namespace is named,
+/// not opened; its identity is the Docker endpoint.
+fn berth_endpoint(de: &DockerEndpoint, id: &str, sandbox: String) -> Endpoint {
+    Endpoint {
+        host_ifname: veth_name(id),
+        id: id.to_string(),
+        network: de.network.clone(),
+        netns: NetnsRef {
+            path: sandbox,
+            id: format!("docker-{}", de.id),
+            sandbox: None,
+        },
+        ifname: format!("berthp{}", &id[..9]),
+        name: None,
+        aliases: vec![],
+        container_id: None,
+        runtime_configured: true,
+        mac: de.mac,
+        ips: de.ips.clone(),
+        ports: de.ports.clone(),
+    }
+}
+
+/// Deletes a Docker endpoint's veth; its peer goes with it.
+async fn delete_veth(host_ifname: String) -> Result<bool> {
+    kernel(move || berth_dataplane::delete_link(&mut Netlink::open()?, &host_ifname)).await
+}
+
 fn docker_network_name(docker_id: &str) -> String {
     format!("docker-{}", docker_id.chars().take(12).collect::<String>())
 }
@@ -876,11 +948,47 @@ impl Agent {
             ports,
             endpoint: None,
         };
+        let berth_id = random_id();
+        let veth = self.start_veth(berth_endpoint(&de, &berth_id, String::new()), net);
         // Held in memory until Join commits it (see `PendingEndpoint`).
-        self.pending_endpoints()
-            .insert(eid, PendingEndpoint { de, sources });
+        self.pending_endpoints().insert(
+            eid,
+            PendingEndpoint {
+                de,
+                sources,
+                berth_id,
+                veth,
+            },
+        );
         // The engine gave the addresses; an answer with an Interface would be an error.
         Ok(json!({}))
+    }
+
+    /// Starts making a pending endpoint's veth on its network's bridge (see [`Veth`]). The
+    /// attempt gives up rather than wait for the topology lock or re-create a missing bridge:
+    /// Join then makes the veth itself, under the lock.
+    fn start_veth(&self, ep: Endpoint, net: Network) -> Veth {
+        let Ok(topology) = self.topology.clone().try_read_owned() else {
+            return Veth::Absent;
+        };
+        let (done, rx) = watch::channel(None);
+        tokio::task::spawn_blocking(move || {
+            let _topology = topology;
+            let made = (|| -> berth_dataplane::Result<bool> {
+                let mut host = Netlink::open()?;
+                let Some(bridge) = host.link_by_name(&net.bridge)? else {
+                    return Ok(false);
+                };
+                let spec = endpoint_spec(&ep, &net, bridge.index);
+                berth_dataplane::create_runtime_endpoint(&mut host, &spec, &ep.ifname)?;
+                Ok(true)
+            })();
+            if let Err(e) = &made {
+                tracing::debug!(endpoint = %ep.id, error = %e, "veth not made ahead of Join");
+            }
+            let _ = done.send(Some(matches!(made, Ok(true))));
+        });
+        Veth::Making(rx)
     }
 
     fn pending_endpoints(&self) -> std::sync::MutexGuard<'_, HashMap<String, PendingEndpoint>> {
@@ -963,9 +1071,11 @@ impl Agent {
     async fn docker_join(&self, req: EndpointRef) -> Result<Value> {
         let eid = required("EndpointID", &req.endpoint_id)?.to_string();
         let pending = self.pending_endpoints().remove(&eid);
-        let joined = self.join_endpoint(&req, pending.clone()).await;
+        let Some(mut p) = pending else {
+            return self.join_endpoint(&req, None).await;
+        };
+        let joined = self.join_endpoint(&req, Some(&mut p)).await;
         if joined.is_err()
-            && let Some(p) = pending
             && self
                 .store
                 .get(&keys::docker_endpoint(&eid))
@@ -982,12 +1092,25 @@ impl Agent {
     async fn join_endpoint(
         &self,
         req: &EndpointRef,
-        pending: Option<PendingEndpoint>,
+        pending: Option<&mut PendingEndpoint>,
     ) -> Result<Value> {
         let key = keys::docker_endpoint(&req.endpoint_id);
         let sandbox = required("SandboxKey", &req.sandbox_key)?.to_string();
-        let (mut de, de_rev, sources) = match pending {
-            Some(p) => (p.de, None, p.sources),
+        let (mut de, de_rev, sources, id, veth_made) = match pending {
+            Some(p) => {
+                // Waited for before the topology lock: a writer queued for it would hold up
+                // the veth's maker, which only ever tries the lock. From here the veth is
+                // Join's: committed, or deleted when the Join fails.
+                let made = p.veth.made().await;
+                p.veth = Veth::Absent;
+                (
+                    p.de.clone(),
+                    None,
+                    p.sources.clone(),
+                    p.berth_id.clone(),
+                    made,
+                )
+            }
             None => {
                 let (de, rev) = self.docker_load::<DockerEndpoint>(&key, "endpoint").await?;
                 let sources = de
@@ -995,83 +1118,39 @@ impl Agent {
                     .iter()
                     .map(|ip| (ip.addr(), Source::Stored))
                     .collect();
-                (de, Some(rev), sources)
+                (de, Some(rev), sources, random_id(), false)
             }
         };
-        if de.endpoint.is_some() {
-            return Err(AgentError::Conflict(format!(
-                "endpoint {} has already joined a sandbox",
-                de.id
-            )));
-        }
+        let ep = berth_endpoint(&de, &id, sandbox);
         let _topology = self.topology.read().await;
-        let net = self.network(&de.network).await?;
-        // libnetwork joins before the sandbox's namespace exists (it moves the interface in
-        // later), so the namespace is named, not opened; its identity is the Docker endpoint.
-        let netns_id = format!("docker-{}", de.id);
-        let id = random_id();
-        let peer = format!("berthp{}", &id[..9]);
-        let ep = Endpoint {
-            host_ifname: veth_name(&id),
-            id: id.clone(),
-            network: net.name.clone(),
-            netns: NetnsRef {
-                path: sandbox,
-                id: netns_id,
-                sandbox: None,
-            },
-            ifname: peer.clone(),
-            name: None,
-            aliases: vec![],
-            container_id: None,
-            runtime_configured: true,
-            mac: de.mac,
-            ips: de.ips.clone(),
-            ports: de.ports.clone(),
-        };
-        let publishing_guard = self.reserve_ports(&ep.ports).await?;
-        // The endpoint takes its addresses over: from memory, or from reservations in the
-        // store.
-        let mut txn = self.endpoint_records(&ep, Txn::new(), true, Held::Ports);
-        for (ip, source) in &sources {
-            let k = keys::ipam(&net.name, *ip);
-            if *source != Source::Stored {
-                txn = txn.when(Compare::Absent(k.clone())).put(k, id.clone());
-                continue;
+        let prepared = self.join_transaction(&mut de, de_rev, &sources, &ep).await;
+        let (net, txn, publishing_guard) = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                if veth_made {
+                    let _ = delete_veth(ep.host_ifname.clone()).await;
+                }
+                return Err(e);
             }
-            let kv = self
-                .store
-                .get(&k)
-                .await?
-                .filter(|kv| kv.value.starts_with(keys::DOCKER_OWNER_PREFIX.as_bytes()));
-            let kv = kv.ok_or_else(|| {
-                AgentError::Conflict(format!("address {ip} is not reserved for this endpoint"))
-            })?;
-            txn = txn
-                .when(Compare::ModRevision(k.clone(), kv.mod_revision))
-                .put(k, id.clone());
-        }
-        de.endpoint = Some(id.clone());
-        txn = match de_rev {
-            Some(rev) => txn.when(Compare::ModRevision(key.clone(), rev)),
-            None => txn.when(Compare::Absent(key.clone())),
-        }
-        .put(key.clone(), encode(&de));
-        // The commit (an fsync) and the veth (netlink) at once: both take a few tenths of a
-        // millisecond. A crash between them leaves a berth-named veth the store does not
-        // know, which the next start's reconcile deletes; a refused commit deletes it here.
-        let (spec_ep, spec_net, peer_name) = (ep.clone(), net.clone(), peer.clone());
-        let make_veth = kernel(move || {
-            let mut host = Netlink::open()?;
-            let spec = endpoint_on_bridge(&mut host, &spec_ep, &spec_net)?;
-            berth_dataplane::create_runtime_endpoint(&mut host, &spec, &peer_name)
-        });
+        };
+        let make_veth = async {
+            if veth_made {
+                return Ok(());
+            }
+            let (spec_ep, spec_net) = (ep.clone(), net.clone());
+            kernel(move || {
+                let mut host = Netlink::open()?;
+                let spec = endpoint_on_bridge(&mut host, &spec_ep, &spec_net)?;
+                berth_dataplane::create_runtime_endpoint(&mut host, &spec, &spec_ep.ifname)
+            })
+            .await
+        };
+        // Without a veth made ahead, the commit (an fsync) and the veth (netlink) at once:
+        // both take a few tenths of a millisecond. A crash between them leaves a berth-named
+        // veth the store does not know, which the next start's reconcile deletes; a refused
+        // commit deletes it here.
         let (committed, made) = tokio::join!(self.commit(txn), make_veth);
         drop(publishing_guard);
-        let delete_veth = || {
-            let host_ifname = ep.host_ifname.clone();
-            kernel(move || berth_dataplane::delete_link(&mut Netlink::open()?, &host_ifname))
-        };
         let committed = match committed {
             Ok(TxnOutcome::CompareFailed(c)) => Err(AgentError::Conflict(format!(
                 "join raced with another change ({c:?}); try again"
@@ -1081,7 +1160,7 @@ impl Agent {
         };
         if let Err(e) = committed {
             if made.is_ok() {
-                let _ = delete_veth().await;
+                let _ = delete_veth(ep.host_ifname.clone()).await;
             }
             return Err(e);
         }
@@ -1091,7 +1170,7 @@ impl Agent {
         };
         if let Err((e, veth_made)) = made {
             if veth_made {
-                let _ = delete_veth().await;
+                let _ = delete_veth(ep.host_ifname.clone()).await;
             }
             self.unpublish(crate::firewall::forwards_of(&ep)).await;
             // Undo: records and ports go, addresses return to the Docker reservation.
@@ -1117,11 +1196,58 @@ impl Agent {
                 .unwrap_or_default()
         };
         Ok(json!({
-            "InterfaceName": { "SrcName": peer, "DstPrefix": "eth" },
+            "InterfaceName": { "SrcName": ep.ifname, "DstPrefix": "eth" },
             "Gateway": gw(true),
             "GatewayIPv6": gw(false),
             "DisableGatewayService": true,
         }))
+    }
+
+    /// What Join commits: the berth endpoint's records, its addresses taken over (from
+    /// memory, or from reservations in the store) and the Docker endpoint pointing at it;
+    /// with the endpoint's network and its host ports held until the commit.
+    async fn join_transaction(
+        &self,
+        de: &mut DockerEndpoint,
+        de_rev: Option<u64>,
+        sources: &[(IpAddr, Source)],
+        ep: &Endpoint,
+    ) -> Result<(Network, Txn, Option<tokio::sync::MutexGuard<'_, ()>>)> {
+        if de.endpoint.is_some() {
+            return Err(AgentError::Conflict(format!(
+                "endpoint {} has already joined a sandbox",
+                de.id
+            )));
+        }
+        let net = self.network(&de.network).await?;
+        let publishing_guard = self.reserve_ports(&ep.ports).await?;
+        let mut txn = self.endpoint_records(ep, Txn::new(), true, Held::Ports);
+        for (ip, source) in sources {
+            let k = keys::ipam(&net.name, *ip);
+            if *source != Source::Stored {
+                txn = txn.when(Compare::Absent(k.clone())).put(k, ep.id.clone());
+                continue;
+            }
+            let kv = self
+                .store
+                .get(&k)
+                .await?
+                .filter(|kv| kv.value.starts_with(keys::DOCKER_OWNER_PREFIX.as_bytes()));
+            let kv = kv.ok_or_else(|| {
+                AgentError::Conflict(format!("address {ip} is not reserved for this endpoint"))
+            })?;
+            txn = txn
+                .when(Compare::ModRevision(k.clone(), kv.mod_revision))
+                .put(k, ep.id.clone());
+        }
+        de.endpoint = Some(ep.id.clone());
+        let key = keys::docker_endpoint(&de.id);
+        txn = match de_rev {
+            Some(rev) => txn.when(Compare::ModRevision(key.clone(), rev)),
+            None => txn.when(Compare::Absent(key.clone())),
+        }
+        .put(key, encode(de));
+        Ok((net, txn, publishing_guard))
     }
 
     async fn docker_leave(&self, req: EndpointRef) -> Result<Value> {
@@ -1143,6 +1269,9 @@ impl Agent {
         let pending = self.pending_endpoints().remove(eid);
         if let Some(p) = pending {
             self.give_back(&p.de.network, &p.sources);
+            if p.veth.made().await {
+                delete_veth(veth_name(&p.berth_id)).await?;
+            }
             return Ok(json!({}));
         }
         let key = keys::docker_endpoint(eid);

@@ -54,7 +54,7 @@ pub struct Agent {
     /// Docker endpoints created and not joined yet, by Docker endpoint id.
     docker_pending: Mutex<HashMap<String, docker::PendingEndpoint>>,
     /// Creating or removing a network excludes attach and detach; those run in parallel.
-    topology: tokio::sync::RwLock<()>,
+    topology: Arc<tokio::sync::RwLock<()>>,
     /// Wakes the reaper, which deletes detached endpoints' veths in batches.
     reaper: tokio::sync::Notify,
     /// One reap pass at a time.
@@ -129,7 +129,7 @@ impl Agent {
             netns_dir,
             default_mtu,
             pools: Mutex::new(HashMap::new()),
-            topology: tokio::sync::RwLock::new(()),
+            topology: Arc::new(tokio::sync::RwLock::new(())),
             docker_calls: tokio::sync::Mutex::new(()),
             docker_reserved: Mutex::new(HashMap::new()),
             docker_pending: Mutex::new(HashMap::new()),
@@ -372,10 +372,18 @@ impl Agent {
             .lock()
             .expect("reservations lock")
             .retain(|(network, _), _| *network != net.name);
-        self.docker_pending
-            .lock()
-            .expect("pending endpoints lock")
-            .retain(|_, p| !p.is_on(&net.name));
+        let pending: Vec<_> = {
+            let mut all = self.docker_pending.lock().expect("pending endpoints lock");
+            let on_net: Vec<String> = all
+                .iter()
+                .filter(|(_, p)| p.is_on(&net.name))
+                .map(|(id, _)| id.clone())
+                .collect();
+            on_net.iter().filter_map(|id| all.remove(id)).collect()
+        };
+        for p in pending {
+            p.discard_veth();
+        }
         Ok(())
     }
 

@@ -454,7 +454,8 @@ fn docker_address_reservations_are_never_handed_out_twice() {
         "{allocs}"
     );
     // An endpoint deleted before it joins gives its address back to the reservation, which
-    // the engine then releases.
+    // the engine then releases; the veth berth started making for it at CreateEndpoint goes.
+    let links = h.host_links();
     let third = address(&h, false);
     ok_call(
         &h,
@@ -473,6 +474,7 @@ fn docker_address_reservations_are_never_handed_out_twice() {
         200,
         "back with the engine's reservation"
     );
+    assert_eq!(h.host_links(), links, "no veth left by e3");
     ok_call(
         &h,
         "IpamDriver.ReleaseAddress",
@@ -487,6 +489,17 @@ fn docker_address_reservations_are_never_handed_out_twice() {
             .any(|e| e["netns"]["sandbox"] == "s1" && owner_of(ip).as_deref() == e["id"].as_str()),
         "{allocs}"
     );
+    // A daemon that dies between CreateEndpoint and Join leaves no veth after its restart.
+    let fourth = address(&h, false);
+    ok_call(
+        &h,
+        "NetworkDriver.CreateEndpoint",
+        json!({"NetworkID": "n1", "EndpointID": "e4",
+        "Interface": {"Address": fourth, "AddressIPv6": "", "MacAddress": ""}, "Options": {}}),
+    );
+    h.kill();
+    h.start();
+    assert_eq!(h.host_links(), links, "no veth left by e4");
 }
 
 impl Host {
