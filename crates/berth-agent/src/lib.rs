@@ -103,6 +103,10 @@ async fn kernel<T: Send + 'static>(
         .map_err(AgentError::from)
 }
 
+fn removing(sandbox: &str) -> AgentError {
+    AgentError::Conflict(format!("sandbox {sandbox:?} is being removed"))
+}
+
 fn gateway_nets(net: &Network) -> Vec<IpNet> {
     net.subnets
         .iter()
@@ -406,6 +410,7 @@ impl Agent {
         let sb = Sandbox {
             name: name.to_string(),
             path: path.display().to_string(),
+            removing: false,
         };
         let txn = Txn::new()
             .when(Compare::Absent(keys::sandbox(name)))
@@ -432,7 +437,7 @@ impl Agent {
     /// Detaches the sandbox from every network, then removes its namespace.
     pub async fn delete_sandbox(&self, name: &str) -> Result<()> {
         let _topology = self.topology.read().await;
-        let sb = self.sandbox(name).await?;
+        let sb = self.mark_removing(name).await?;
         if let Some(id) = netns::id_at(Path::new(&sb.path)) {
             for ep in self.endpoints_in(&id).await? {
                 self.remove_endpoint(&ep).await?;
@@ -444,6 +449,28 @@ impl Agent {
         self.commit(Txn::new().delete(keys::sandbox(name))).await?;
         tracing::info!(sandbox = %name, "sandbox removed");
         Ok(())
+    }
+
+    /// Marks a sandbox as being removed. An attach checks the sandbox's record in its commit,
+    /// so once this commits, every attach either committed before (and its endpoint is found
+    /// and removed) or fails.
+    async fn mark_removing(&self, name: &str) -> Result<Sandbox> {
+        loop {
+            let (mut sb, rev) = self
+                .load::<Sandbox>(&keys::sandbox(name))
+                .await?
+                .ok_or_else(|| AgentError::NotFound(format!("no sandbox named {name:?}")))?;
+            if sb.removing {
+                return Ok(sb);
+            }
+            sb.removing = true;
+            let txn = Txn::new()
+                .when(Compare::ModRevision(keys::sandbox(name), rev))
+                .put(keys::sandbox(name), encode(&sb));
+            if let TxnOutcome::Committed { .. } = self.commit(txn).await? {
+                return Ok(sb);
+            }
+        }
     }
 
     // ---------------------------------------------------------------- endpoints
@@ -480,15 +507,42 @@ impl Agent {
     }
 
     /// A sandbox name or a namespace path, opened.
-    async fn resolve_netns(&self, sandbox: &str) -> Result<(File, NetnsRef)> {
-        let (path, name) = if sandbox.contains('/') {
-            (sandbox.to_string(), None)
+    /// The namespace a path or a sandbox name refers to; for a sandbox, also its record and
+    /// the record's revision (an attach commits against it).
+    async fn resolve_netns(
+        &self,
+        sandbox: &str,
+    ) -> Result<(File, NetnsRef, Option<(Sandbox, u64)>)> {
+        let (path, name, record) = if sandbox.contains('/') {
+            (sandbox.to_string(), None, None)
         } else {
-            (self.sandbox(sandbox).await?.path, Some(sandbox.to_string()))
+            let (sb, rev) = self
+                .load::<Sandbox>(&keys::sandbox(sandbox))
+                .await?
+                .ok_or_else(|| AgentError::NotFound(format!("no sandbox named {sandbox:?}")))?;
+            (sb.path.clone(), Some(sandbox.to_string()), Some((sb, rev)))
         };
-        let file = netns::open(Path::new(&path)).map_err(|e| {
-            AgentError::Invalid(format!("{path} is not a usable network namespace: {e}"))
-        })?;
+        let file = match netns::open(Path::new(&path)) {
+            Ok(f) => f,
+            Err(e) => {
+                if record.is_some() {
+                    // Its removal may have got as far as the namespace since the record was
+                    // read.
+                    match self.load::<Sandbox>(&keys::sandbox(sandbox)).await? {
+                        None => {
+                            return Err(AgentError::NotFound(format!(
+                                "no sandbox named {sandbox:?}"
+                            )));
+                        }
+                        Some((sb, _)) if sb.removing => return Err(removing(sandbox)),
+                        Some(_) => {}
+                    }
+                }
+                return Err(AgentError::Invalid(format!(
+                    "{path} is not a usable network namespace: {e}"
+                )));
+            }
+        };
         let id = netns::id_of(&file)?;
         Ok((
             file,
@@ -497,6 +551,7 @@ impl Agent {
                 id,
                 sandbox: name,
             },
+            record,
         ))
     }
 
@@ -528,7 +583,12 @@ impl Agent {
             .load::<Network>(&keys::network(&req.network))
             .await?
             .ok_or_else(|| AgentError::NotFound(format!("no network named {:?}", req.network)))?;
-        let (ns, netns_ref) = self.resolve_netns(&req.sandbox).await?;
+        let (ns, netns_ref, sandbox) = self.resolve_netns(&req.sandbox).await?;
+        if let Some((sb, _)) = &sandbox
+            && sb.removing
+        {
+            return Err(removing(&sb.name));
+        }
         if (!requested.is_empty() || !req.ports.is_empty())
             && !self.store.list(keys::RELEASING).await?.items.is_empty()
         {
@@ -565,12 +625,11 @@ impl Agent {
             ips,
             ports,
         };
-        let txn = self.endpoint_records(
-            &ep,
-            Txn::new().when(Compare::ModRevision(keys::network(&net.name), net_rev)),
-            true,
-            Held::PortsAndAddresses,
-        );
+        let mut txn = Txn::new().when(Compare::ModRevision(keys::network(&net.name), net_rev));
+        if let Some((sb, rev)) = &sandbox {
+            txn = txn.when(Compare::ModRevision(keys::sandbox(&sb.name), *rev));
+        }
+        let txn = self.endpoint_records(&ep, txn, true, Held::PortsAndAddresses);
         let outcome = match self.commit(txn).await {
             Ok(o) => o,
             Err(e) => {
@@ -654,6 +713,8 @@ impl Agent {
         };
         if key.starts_with(keys::NETWORKS) {
             AgentError::NotFound(format!("network {:?} was removed meanwhile", ep.network))
+        } else if key.starts_with(keys::SANDBOXES) {
+            removing(&req.sandbox)
         } else if key.starts_with(keys::ATTACHMENTS) {
             AgentError::Conflict(format!(
                 "{} already has an interface named {}",
@@ -738,7 +799,7 @@ impl Agent {
         self.network(network).await?;
         let (key, who) = match (&req.sandbox, &req.container_id, &req.ifname) {
             (Some(sandbox), None, None) => {
-                let (_, netns_ref) = self.resolve_netns(sandbox).await?;
+                let (_, netns_ref, _) = self.resolve_netns(sandbox).await?;
                 (keys::member(network, &netns_ref.id), sandbox.clone())
             }
             (None, Some(cid), Some(ifname)) => (

@@ -84,6 +84,9 @@ pub struct Sandbox {
     pub name: String,
     /// Where the namespace is bind-mounted (`<netns-dir>/<name>`).
     pub path: String,
+    /// Being removed: attaching to it is refused, so none can slip in behind the removal.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub removing: bool,
 }
 
 /// One interface of one sandbox on one network.

@@ -404,3 +404,78 @@ fn detach_then_reattach_with_the_same_address_and_name() {
         .count();
     assert_eq!(veths, 1, "only b's veth is left");
 }
+
+/// `sandbox rm` racing attaches to the same sandbox: each attach lands before the removal
+/// (and goes with the sandbox) or is refused. Nothing is left: no endpoint, no address but the
+/// gateway's, no veth, no resolv.conf.
+#[test]
+fn sandbox_removal_racing_attaches_leaves_nothing() {
+    let h = Host::new();
+    let networks = ["blue", "green", "red"];
+    for (i, n) in networks.iter().enumerate() {
+        h.ok(&[
+            "network",
+            "create",
+            n,
+            "--subnet",
+            &format!("10.9{}.0.0/24", i + 1),
+        ]);
+    }
+    let c = h.client();
+    let mut refused = Vec::new();
+    for round in 0..25 {
+        let name = format!("r{round}");
+        let _: Value = c
+            .post("/v1/sandboxes", &serde_json::json!({ "name": name }))
+            .unwrap();
+        std::thread::scope(|s| {
+            let attaches: Vec<_> = networks
+                .iter()
+                .enumerate()
+                .map(|(i, network)| {
+                    let (c, name) = (c.clone(), name.clone());
+                    s.spawn(move || {
+                        let req = berth_api::Attach {
+                            network: network.to_string(),
+                            sandbox: name,
+                            ifname: Some(format!("eth{i}")),
+                            ..Default::default()
+                        };
+                        c.post::<_, Value>("/v1/endpoints", &req).err()
+                    })
+                })
+                .collect();
+            let removed: Value = c.delete(&format!("/v1/sandboxes/{name}")).unwrap();
+            assert_eq!(removed["removed"], name.as_str());
+            for a in attaches {
+                refused.extend(a.join().unwrap().map(|e| e.to_string()));
+            }
+        });
+    }
+    for e in &refused {
+        assert!(
+            e.contains("being removed") || e.contains("no sandbox named"),
+            "an attach refused for another reason: {e}"
+        );
+    }
+    let sandboxes: Value = c.get("/v1/sandboxes").unwrap();
+    assert_eq!(sandboxes, serde_json::json!([]));
+    let endpoints: Value = c.get("/v1/endpoints").unwrap();
+    assert_eq!(endpoints, serde_json::json!([]));
+    h.eventually("every address but the gateways' is released", || {
+        networks.iter().all(|n| {
+            let allocs: Value = c.get(&format!("/v1/networks/{n}/allocations")).unwrap();
+            allocs.as_array().unwrap().len() == 1
+        })
+    });
+    let veths: Vec<String> = h
+        .host_links()
+        .into_iter()
+        .filter(|l| l.starts_with("berth") && !l.starts_with("berth-"))
+        .collect();
+    assert_eq!(veths, Vec::<String>::new());
+    let etc = std::fs::read_dir(h.sandbox_etc_dir())
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(etc, 0, "no sandbox resolv.conf left");
+}
