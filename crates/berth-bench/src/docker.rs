@@ -35,17 +35,7 @@ impl Drop for Dockerd {
         let _ = Command::new("pkill")
             .args(["-f", &self.dir.display().to_string()])
             .status();
-        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-        let dir = self.dir.display().to_string();
-        let mut ours: Vec<&str> = mounts
-            .lines()
-            .filter_map(|l| l.split(' ').nth(1))
-            .filter(|m| m.starts_with(&dir))
-            .collect();
-        ours.sort_by_key(|m| std::cmp::Reverse(m.len()));
-        for m in ours {
-            let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
-        }
+        berth_dataplane::netns::unmount_below(&self.dir);
         let _ = std::fs::remove_file(&self.spec);
     }
 }

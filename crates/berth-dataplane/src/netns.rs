@@ -90,6 +90,22 @@ pub fn id_at(path: &Path) -> Option<String> {
     open(path).ok().and_then(|f| id_of(&f).ok())
 }
 
+/// Lazily unmounts every mount at or below `dir`, deepest first: what a container runtime
+/// run under `dir` (its namespaces, rootfs, shm) may leave behind. Best effort, for cleanup.
+pub fn unmount_below(dir: &Path) {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mut ours: Vec<&Path> = mounts
+        .lines()
+        .filter_map(|l| l.split(' ').nth(1))
+        .map(Path::new)
+        .filter(|m| m.starts_with(dir))
+        .collect();
+    ours.sort_by_key(|m| std::cmp::Reverse(m.as_os_str().len()));
+    for m in ours {
+        let _ = umount2(m, MntFlags::MNT_DETACH);
+    }
+}
+
 fn kernel(op: &str, e: nix::errno::Errno) -> DataplaneError {
     DataplaneError::Kernel {
         op: op.to_string(),
