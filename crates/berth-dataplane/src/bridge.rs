@@ -4,10 +4,11 @@
 
 use std::fs::File;
 use std::net::IpAddr;
+use std::path::Path;
 
 use ipnet::IpNet;
 
-use crate::netlink::VethSpec;
+use crate::netlink::{LinkRef, VethSpec};
 use crate::{DataplaneError, Link, Netlink, Result};
 
 pub struct BridgeSpec {
@@ -91,7 +92,11 @@ fn configure_sandbox(sb: &mut Netlink, spec: &EndpointSpec) -> Result<()> {
             spec.ifname
         ))
     })?;
-    let mut msgs = vec![Netlink::set_link_msg(link.index, spec.mtu, None)];
+    let mut msgs = Vec::new();
+    if !spec.ips.iter().any(|ip| ip.addr().is_ipv6()) && ipv6_link_local_possible(spec.mtu) {
+        msgs.push(Netlink::no_link_local_msg(LinkRef::Index(link.index)));
+    }
+    msgs.push(Netlink::set_link_msg(link.index, spec.mtu, None));
     msgs.extend(
         spec.ips
             .iter()
@@ -103,6 +108,14 @@ fn configure_sandbox(sb: &mut Netlink, spec: &EndpointSpec) -> Result<()> {
             .map(|gw| Netlink::default_route_msg(link.index, *gw)),
     );
     sb.batch(msgs)
+}
+
+/// Whether a link of this MTU would get an IPv6 link-local address: the kernel has IPv6
+/// (`/proc/net/if_inet6` exists) and the MTU is at least IPv6's minimum, 1280. (Asking for
+/// none where IPv6 cannot be is refused with EAFNOSUPPORT.)
+fn ipv6_link_local_possible(mtu: u32) -> bool {
+    static KERNEL_HAS_IPV6: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    mtu >= 1280 && *KERNEL_HAS_IPV6.get_or_init(|| Path::new("/proc/net/if_inet6").exists())
 }
 
 /// The sandbox side of an endpoint as the kernel has it.
@@ -255,6 +268,7 @@ fn create_pair(
 ) -> Result<()> {
     host.create_veth(&VethSpec {
         host_name: &spec.host_ifname,
+        no_link_local: ipv6_link_local_possible(spec.mtu),
         controller: spec.bridge_index,
         mtu: spec.mtu,
         peer_name,

@@ -12,8 +12,8 @@ use netlink_packet_core::{
 };
 use netlink_packet_route::address::{AddressAttribute, AddressHeaderFlags, AddressMessage};
 use netlink_packet_route::link::{
-    InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoPortKind, InfoVeth, LinkAttribute,
-    LinkFlags, LinkInfo, LinkMessage,
+    AfSpecInet6, AfSpecUnspec, In6AddrGenMode, InfoBridgePort, InfoData, InfoKind, InfoPortData,
+    InfoPortKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
@@ -311,8 +311,6 @@ impl Netlink {
                 .push(LinkAttribute::NetNsFd(std::os::fd::AsRawFd::as_raw_fd(ns)));
         }
         let mut msg = LinkMessage::default();
-        msg.header.flags = LinkFlags::Up;
-        msg.header.change_mask = LinkFlags::Up;
         msg.attributes = vec![
             LinkAttribute::IfName(v.host_name.to_string()),
             LinkAttribute::Mtu(v.mtu),
@@ -322,11 +320,25 @@ impl Netlink {
                 LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer))),
             ]),
         ];
-        self.request(
+        let mut requests = vec![(
             RouteNetlinkMessage::NewLink(msg),
             NLM_F_CREATE | NLM_F_EXCL,
-            &format!("create veth {} with peer {}", v.host_name, v.peer_name),
-        )
+            format!("create veth {} with peer {}", v.host_name, v.peer_name),
+        )];
+        // A bridge port needs no IPv6 address of its own. By name: the index is not known yet.
+        if v.no_link_local {
+            requests.push(Self::no_link_local_msg(LinkRef::Name(v.host_name)));
+        }
+        let mut up = LinkMessage::default();
+        up.header.flags = LinkFlags::Up;
+        up.header.change_mask = LinkFlags::Up;
+        up.attributes = vec![LinkAttribute::IfName(v.host_name.to_string())];
+        requests.push((
+            RouteNetlinkMessage::SetLink(up),
+            0,
+            format!("set {} up", v.host_name),
+        ));
+        self.batch(requests)
     }
 
     /// Sets a link up, its MTU and (when given) its controller.
@@ -351,6 +363,26 @@ impl Netlink {
             RouteNetlinkMessage::SetLink(msg),
             0,
             format!("set link {index} up"),
+        )
+    }
+
+    /// Gives a link no IPv6 link-local address when it comes up (addrgenmode none); sent
+    /// before the link is set up. Without it every interface coming up on a bridge sends
+    /// duplicate-address probes and MLD reports, which the bridge floods to every port.
+    pub fn no_link_local_msg(link: LinkRef<'_>) -> (RouteNetlinkMessage, u16, String) {
+        let mut msg = LinkMessage::default();
+        match link {
+            LinkRef::Index(i) => msg.header.index = i,
+            LinkRef::Name(n) => msg.attributes.push(LinkAttribute::IfName(n.to_string())),
+        }
+        msg.attributes
+            .push(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet6(
+                vec![AfSpecInet6::AddrGenMode(In6AddrGenMode::None)],
+            )]));
+        (
+            RouteNetlinkMessage::SetLink(msg),
+            0,
+            format!("turn off IPv6 link-local addressing on link {link:?}"),
         )
     }
 
@@ -524,8 +556,18 @@ impl Netlink {
 }
 
 /// What [`Netlink::create_veth`] creates.
+/// A link by index, or by name where the index is not known yet.
+#[derive(Debug, Clone, Copy)]
+pub enum LinkRef<'a> {
+    Index(u32),
+    Name(&'a str),
+}
+
 pub struct VethSpec<'a> {
     pub host_name: &'a str,
+    /// Bring the host end up without an IPv6 link-local address (see
+    /// [`Netlink::no_link_local_msg`]).
+    pub no_link_local: bool,
     pub controller: u32,
     pub mtu: u32,
     pub peer_name: &'a str,

@@ -479,3 +479,60 @@ fn sandbox_removal_racing_attaches_leaves_nothing() {
         .unwrap_or(0);
     assert_eq!(etc, 0, "no sandbox resolv.conf left");
 }
+
+/// Only interfaces that use IPv6 get a link-local address: a sandbox's interface on an IPv6
+/// network does; one on an IPv4-only network and the bridge ports (the host ends) do not, so
+/// no duplicate-address probes or MLD reports are flooded to every port of a bridge each time
+/// an endpoint comes up.
+#[test]
+fn ipv6_link_local_addresses_only_where_ipv6_is_used() {
+    let h = Host::new();
+    h.ok(&["network", "create", "blue", "--subnet", "10.91.0.0/24"]);
+    h.ok(&[
+        "network",
+        "create",
+        "dual",
+        "--subnet",
+        "10.92.0.0/24",
+        "--ipv6-subnet",
+        "fd00:92::/64",
+    ]);
+    h.ok(&["sandbox", "create", "a"]);
+    h.ok(&["attach", "a", "--network", "blue"]);
+    h.ok(&["attach", "a", "--network", "dual", "--ifname", "eth1"]);
+    h.ok(&["sandbox", "create", "b"]);
+    h.ok(&["attach", "b", "--network", "dual"]);
+    let addresses = |dev: &str| {
+        let out = h.in_netns(
+            &h.sandbox_path("a"),
+            &["ip", "-6", "addr", "show", "dev", dev],
+        );
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    assert!(
+        !addresses("eth0").contains("fe80::"),
+        "{}",
+        addresses("eth0")
+    );
+    assert!(
+        addresses("eth1").contains("fe80::"),
+        "{}",
+        addresses("eth1")
+    );
+    for e in h.json(&["endpoint", "ls"]).as_array().unwrap() {
+        let host_end = e["host_ifname"].as_str().unwrap();
+        let out = h.sh(&["ip", "-6", "addr", "show", "dev", host_end]);
+        assert!(!out.contains("fe80::"), "{host_end}: {out}");
+    }
+    let dual = h.json(&["endpoint", "ls", "--network", "dual"]);
+    let b = dual
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["netns"]["sandbox"] == "b")
+        .unwrap();
+    let b6 = endpoint_ip(b, true);
+    assert!(h.reaches("a", &b6), "IPv6 between sandboxes still works");
+    assert!(h.reaches("a", "10.91.0.1"));
+}
