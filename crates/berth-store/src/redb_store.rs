@@ -96,16 +96,12 @@ fn prefix_end(prefix: &str) -> String {
 
 #[async_trait]
 impl Store for RedbStore {
+    /// Read in place: a point read is served from redb's cache in microseconds, less than
+    /// handing it to the blocking pool and back costs. (Lists and commits still go there.)
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
-        let key = key.to_string();
-        self.blocking(move |db| {
-            let r = db.begin_read().map_err(backend)?;
-            let t = r.open_table(KV).map_err(backend)?;
-            Ok(t.get(key.as_str())
-                .map_err(backend)?
-                .map(|v| decode(&key, v.value())))
-        })
-        .await
+        let r = self.db.begin_read().map_err(backend)?;
+        let t = r.open_table(KV).map_err(backend)?;
+        Ok(t.get(key).map_err(backend)?.map(|v| decode(key, v.value())))
     }
 
     async fn list(&self, prefix: &str) -> Result<Listing, StoreError> {
