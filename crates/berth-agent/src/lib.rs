@@ -438,16 +438,23 @@ impl Agent {
     pub async fn delete_sandbox(&self, name: &str) -> Result<()> {
         let _topology = self.topology.read().await;
         let sb = self.mark_removing(name).await?;
+        self.finish_sandbox_removal(&sb).await
+    }
+
+    /// The removal of a sandbox marked `removing`: its endpoints, its resolv.conf, its
+    /// namespace, then its record. Also what reconcile does for a removal a stop cut short.
+    async fn finish_sandbox_removal(&self, sb: &Sandbox) -> Result<()> {
         if let Some(id) = netns::id_at(Path::new(&sb.path)) {
             for ep in self.endpoints_in(&id).await? {
                 self.remove_endpoint(&ep).await?;
             }
         }
-        self.remove_sandbox_resolv_conf(name);
+        self.remove_sandbox_resolv_conf(&sb.name);
         let path = PathBuf::from(&sb.path);
         kernel(move || netns::remove(&path)).await?;
-        self.commit(Txn::new().delete(keys::sandbox(name))).await?;
-        tracing::info!(sandbox = %name, "sandbox removed");
+        self.commit(Txn::new().delete(keys::sandbox(&sb.name)))
+            .await?;
+        tracing::info!(sandbox = %sb.name, "sandbox removed");
         Ok(())
     }
 

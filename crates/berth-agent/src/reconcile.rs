@@ -45,6 +45,12 @@ impl Agent {
 
         // Sandboxes whose namespace is gone (e.g. after a reboot) are gone.
         for sb in self.load_all::<Sandbox>(keys::SANDBOXES).await? {
+            if sb.removing {
+                // A removal the stop cut short.
+                self.finish_sandbox_removal(&sb).await?;
+                report.sandboxes_removed += 1;
+                continue;
+            }
             if netns::id_at(Path::new(&sb.path)).is_none() {
                 let path = sb.path.clone();
                 kernel(move || netns::remove(Path::new(&path))).await?;

@@ -536,3 +536,50 @@ fn ipv6_link_local_addresses_only_where_ipv6_is_used() {
     assert!(h.reaches("a", &b6), "IPv6 between sandboxes still works");
     assert!(h.reaches("a", "10.91.0.1"));
 }
+
+/// A sandbox removal the daemon's stop cut short (the sandbox is marked `removing`, its
+/// endpoints and namespace still there) is finished when the daemon starts again.
+#[test]
+fn a_sandbox_removal_cut_short_is_finished_at_start() {
+    let h = Host::new();
+    h.ok(&["network", "create", "blue", "--subnet", "10.91.0.0/24"]);
+    h.ok(&["sandbox", "create", "a"]);
+    h.ok(&["attach", "a", "--network", "blue"]);
+    h.ok(&["sandbox", "create", "b"]);
+    h.ok(&["attach", "b", "--network", "blue"]);
+    h.stop();
+    // The store as a stop right after `sandbox rm a` marked the sandbox leaves it.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        use berth_store::{RedbStore, Store, Txn};
+        let store = RedbStore::open(&h.state_dir()).unwrap();
+        let kv = store.get("sandboxes/a").await.unwrap().unwrap();
+        let mut sb: Value = serde_json::from_slice(&kv.value).unwrap();
+        sb["removing"] = Value::Bool(true);
+        store
+            .txn(Txn::new().put("sandboxes/a".to_string(), serde_json::to_vec(&sb).unwrap()))
+            .await
+            .unwrap();
+    });
+    assert!(h.sandbox_path("a").exists());
+    h.start();
+    let sandboxes = h.json(&["sandbox", "ls"]);
+    let names: Vec<&str> = sandboxes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["b"]);
+    let eps = h.json(&["endpoint", "ls"]);
+    assert_eq!(eps.as_array().unwrap().len(), 1, "{eps}");
+    assert_eq!(eps[0]["netns"]["sandbox"], "b");
+    assert!(!h.sandbox_path("a").exists(), "the namespace is gone");
+    h.eventually("a's address is released", || {
+        let allocs: Value = h.client().get("/v1/networks/blue/allocations").unwrap();
+        allocs.as_array().unwrap().len() == 2
+    });
+    assert!(h.reaches("b", "10.91.0.1"));
+}

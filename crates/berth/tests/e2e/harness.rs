@@ -115,6 +115,11 @@ impl Host {
         format!("/run/netns/{}", self.netns)
     }
 
+    /// The daemon's state directory (`start` uses it).
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
     /// Starts a daemon in the background without waiting for it.
     pub fn spawn_daemon(&self, state: &str) -> Child {
         let log = std::fs::OpenOptions::new()
