@@ -103,9 +103,8 @@ impl PendingEndpoint {
     /// caller that holds the topology lock or must not wait.
     pub(crate) fn discard_veth(self) {
         tokio::spawn(async move {
-            if self.veth.made().await {
-                let _ = delete_veth(veth_name(&self.berth_id)).await;
-            }
+            self.veth.made().await;
+            let _ = delete_veth(veth_name(&self.berth_id)).await;
         });
     }
 }
@@ -1075,15 +1074,13 @@ impl Agent {
             return self.join_endpoint(&req, None).await;
         };
         let joined = self.join_endpoint(&req, Some(&mut p)).await;
-        if joined.is_err()
-            && self
-                .store
-                .get(&keys::docker_endpoint(&eid))
-                .await?
-                .is_none()
-        {
-            // Not committed: still pending, for a retried Join or DeleteEndpoint.
-            self.pending_endpoints().insert(eid, p);
+        if joined.is_err() {
+            let committed = self.store.get(&keys::docker_endpoint(&eid)).await;
+            if !matches!(committed, Ok(Some(_))) {
+                // Not committed: still pending, for a retried Join or DeleteEndpoint.
+                self.pending_endpoints().insert(eid, p);
+            }
+            committed?;
         }
         joined
     }
@@ -1140,6 +1137,8 @@ impl Agent {
             let (spec_ep, spec_net) = (ep.clone(), net.clone());
             kernel(move || {
                 let mut host = Netlink::open()?;
+                // One left by an earlier attempt whose deletion failed goes first.
+                berth_dataplane::delete_link(&mut host, &spec_ep.host_ifname)?;
                 let spec = endpoint_on_bridge(&mut host, &spec_ep, &spec_net)?;
                 berth_dataplane::create_runtime_endpoint(&mut host, &spec, &spec_ep.ifname)
             })
@@ -1266,12 +1265,14 @@ impl Agent {
 
     async fn docker_delete_endpoint(&self, req: EndpointRef) -> Result<Value> {
         let eid = required("EndpointID", &req.endpoint_id)?;
-        let pending = self.pending_endpoints().remove(eid);
+        let pending = self.pending_endpoints().get(eid).cloned();
         if let Some(p) = pending {
+            // Once the attempt to make it is over, by name: whatever the attempt reported.
+            // Should that fail, the endpoint stays pending for the engine's retry.
+            p.veth.made().await;
+            delete_veth(veth_name(&p.berth_id)).await?;
+            self.pending_endpoints().remove(eid);
             self.give_back(&p.de.network, &p.sources);
-            if p.veth.made().await {
-                delete_veth(veth_name(&p.berth_id)).await?;
-            }
             return Ok(json!({}));
         }
         let key = keys::docker_endpoint(eid);

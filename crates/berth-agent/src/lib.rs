@@ -676,6 +676,22 @@ impl Agent {
             }
             return Err(e);
         }
+        // A detach or sandbox removal that ran between the commit and now found no interface
+        // to remove (and may have released the addresses): what this attach made goes too.
+        if self.store.get(&keys::endpoint(&ep.id)).await?.is_none() {
+            let host_ifname = ep.host_ifname.clone();
+            kernel(move || berth_dataplane::delete_link(&mut Netlink::open()?, &host_ifname))
+                .await?;
+            if !ep.ports.is_empty() {
+                // From the store, not by deleting this endpoint's forwards: its host ports may
+                // be another endpoint's by now.
+                self.sync_firewall().await?;
+            }
+            return Err(AgentError::Conflict(format!(
+                "{} was detached from {:?} while being attached",
+                req.sandbox, ep.network
+            )));
+        }
         self.name_attached(&net, &ep).await?;
         tracing::debug!(endpoint = %ep.id, network = %ep.network, sandbox = %req.sandbox, ips = ?ep.ips, "attached");
         Ok(ep)

@@ -46,9 +46,14 @@ impl Agent {
         // Sandboxes whose namespace is gone (e.g. after a reboot) are gone.
         for sb in self.load_all::<Sandbox>(keys::SANDBOXES).await? {
             if sb.removing {
-                // A removal the stop cut short.
-                self.finish_sandbox_removal(&sb).await?;
-                report.sandboxes_removed += 1;
+                // A removal the stop cut short. Should it fail again, the sandbox stays marked
+                // (attaches refused) for `sandbox rm` or the next start; the daemon starts.
+                match self.finish_sandbox_removal(&sb).await {
+                    Ok(()) => report.sandboxes_removed += 1,
+                    Err(e) => {
+                        tracing::error!(sandbox = %sb.name, error = %e, "cannot finish removing the sandbox")
+                    }
+                }
                 continue;
             }
             if netns::id_at(Path::new(&sb.path)).is_none() {

@@ -295,8 +295,9 @@ impl Netlink {
         )
     }
 
-    /// Creates a veth pair in one message: the host end up and enslaved to `controller`, the
-    /// peer created directly inside the namespace `peer_ns` (if given) under its final name.
+    /// Creates a veth pair: the host end enslaved to `controller` and up (without an IPv6
+    /// link-local address if the spec says so), the peer created directly inside the
+    /// namespace `peer_ns` (if given) under its final name. Nothing is left if it fails.
     pub fn create_veth(&mut self, v: &VethSpec<'_>) -> Result<()> {
         // The peer cannot be set up here: the kernel refuses to open a veth before its pair is
         // joined (ENOTCONN). It is brought up with the sandbox-side batch instead.
@@ -320,12 +321,14 @@ impl Netlink {
                 LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer))),
             ]),
         ];
-        let mut requests = vec![(
+        self.request(
             RouteNetlinkMessage::NewLink(msg),
             NLM_F_CREATE | NLM_F_EXCL,
-            format!("create veth {} with peer {}", v.host_name, v.peer_name),
-        )];
-        // A bridge port needs no IPv6 address of its own. By name: the index is not known yet.
+            &format!("create veth {} with peer {}", v.host_name, v.peer_name),
+        )?;
+        // Then, in one batch, by name (the index is not known): no IPv6 address for a bridge
+        // port, which needs none, set before it goes up.
+        let mut requests = Vec::new();
         if v.no_link_local {
             requests.push(Self::no_link_local_msg(LinkRef::Name(v.host_name)));
         }
@@ -338,7 +341,13 @@ impl Netlink {
             0,
             format!("set {} up", v.host_name),
         ));
-        self.batch(requests)
+        let configured = self.batch(requests);
+        if configured.is_err()
+            && let Ok(Some(host)) = self.link_by_name(v.host_name)
+        {
+            let _ = self.delete_link(host.index);
+        }
+        configured
     }
 
     /// Sets a link up, its MTU and (when given) its controller.

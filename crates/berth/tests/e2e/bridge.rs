@@ -423,11 +423,30 @@ fn sandbox_removal_racing_attaches_leaves_nothing() {
     }
     let c = h.client();
     let mut refused = Vec::new();
+    // A process in each sandbox keeps its namespace alive past the removal, as a container's
+    // would: an interface made there after the removal would stay on the bridge.
+    struct Holders(Vec<std::process::Child>);
+    impl Drop for Holders {
+        fn drop(&mut self) {
+            for h in &mut self.0 {
+                let _ = h.kill();
+                let _ = h.wait();
+            }
+        }
+    }
+    let mut holders = Holders(Vec::new());
     for round in 0..25 {
         let name = format!("r{round}");
         let _: Value = c
             .post("/v1/sandboxes", &serde_json::json!({ "name": name }))
             .unwrap();
+        holders.0.push(
+            std::process::Command::new("nsenter")
+                .arg(format!("--net={}", h.sandbox_path(&name).display()))
+                .args(["sleep", "60"])
+                .spawn()
+                .unwrap(),
+        );
         std::thread::scope(|s| {
             let attaches: Vec<_> = networks
                 .iter()
@@ -454,7 +473,9 @@ fn sandbox_removal_racing_attaches_leaves_nothing() {
     }
     for e in &refused {
         assert!(
-            e.contains("being removed") || e.contains("no sandbox named"),
+            e.contains("being removed")
+                || e.contains("no sandbox named")
+                || e.contains("while being attached"),
             "an attach refused for another reason: {e}"
         );
     }
@@ -473,6 +494,7 @@ fn sandbox_removal_racing_attaches_leaves_nothing() {
         .into_iter()
         .filter(|l| l.starts_with("berth") && !l.starts_with("berth-"))
         .collect();
+    drop(holders);
     assert_eq!(veths, Vec::<String>::new());
     let etc = std::fs::read_dir(h.sandbox_etc_dir())
         .map(|d| d.count())
