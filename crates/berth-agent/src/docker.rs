@@ -57,6 +57,11 @@ pub(crate) struct DockerPool {
     /// macvlan, uses berth's IPAM).
     #[serde(default)]
     allocated: BTreeSet<IpAddr>,
+    /// A Docker network of berth's own driver uses the pool: the addresses handed out are
+    /// its endpoints', which Join commits, so they are held in memory until then. Otherwise
+    /// (another driver on a berth network's subnet) they are reserved in the store at once.
+    #[serde(default)]
+    berth_driver: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -438,6 +443,11 @@ async fn delete_veth(host_ifname: String) -> Result<bool> {
     kernel(move || berth_dataplane::delete_link(&mut Netlink::open()?, &host_ifname)).await
 }
 
+/// The IPAM owner of an address reserved in a berth network for a Docker pool.
+fn pool_owner(pool_id: &str) -> String {
+    format!("{}{pool_id}", keys::DOCKER_OWNER_PREFIX)
+}
+
 fn docker_network_name(docker_id: &str) -> String {
     format!("docker-{}", docker_id.chars().take(12).collect::<String>())
 }
@@ -577,6 +587,7 @@ impl Agent {
             gateway: None,
             network,
             allocated: BTreeSet::new(),
+            berth_driver: false,
         };
         commit_or_conflict(
             self,
@@ -593,13 +604,24 @@ impl Agent {
         let key = keys::docker_pool(required("PoolID", &req.pool_id)?);
         let (mut pool, rev) = self.docker_load::<DockerPool>(&key, "pool").await?;
         pool.refs = pool.refs.saturating_sub(1);
-        let txn = Txn::new().when(Compare::ModRevision(key.clone(), rev));
-        let txn = if pool.refs == 0 {
-            txn.delete(key)
+        let mut txn = Txn::new().when(Compare::ModRevision(key.clone(), rev));
+        let mut freed = Vec::new();
+        if pool.refs > 0 {
+            txn = txn.put(key, encode(&pool));
         } else {
-            txn.put(key, encode(&pool))
-        };
+            txn = txn.delete(key);
+            // Reservations the engine did not release go with the pool.
+            if let Some(name) = &pool.network {
+                for (ip, k, rev) in self.pool_reservations(name, &pool.id).await? {
+                    freed.push(ip);
+                    txn = txn.when(Compare::ModRevision(k.clone(), rev)).delete(k);
+                }
+            }
+        }
         commit_or_conflict(self, txn).await?;
+        if let Some(name) = &pool.network {
+            freed.into_iter().for_each(|ip| self.release_ip(name, ip));
+        }
         Ok(json!({}))
     }
 
@@ -665,12 +687,29 @@ impl Agent {
         let ip = match &pool.network {
             Some(name) => {
                 self.network(name).await?;
-                // In memory until the endpoint commits it (see `docker_reserved`).
                 let ip = self.take_in_subnet(name, pool.cidr, requested)?;
-                self.docker_reserved
-                    .lock()
-                    .expect("reservations lock")
-                    .insert((name.clone(), ip), pool.id.clone());
+                if pool.berth_driver {
+                    // In memory until the endpoint commits it (see `docker_reserved`).
+                    self.docker_reserved
+                        .lock()
+                        .expect("reservations lock")
+                        .insert((name.clone(), ip), pool.id.clone());
+                } else {
+                    // No berth endpoint will ever take it over: reserved in the store, under
+                    // the pool, until the engine releases it.
+                    let k = keys::ipam(name, ip);
+                    let txn = Txn::new()
+                        .when(Compare::Absent(k.clone()))
+                        .put(k, pool_owner(&pool.id));
+                    let committed = self.commit(txn).await;
+                    if !matches!(committed, Ok(TxnOutcome::Committed { .. })) {
+                        self.release_ip(name, ip);
+                        committed?;
+                        return Err(AgentError::Conflict(format!(
+                            "address {ip} is already in use on {name:?}"
+                        )));
+                    }
+                }
                 ip
             }
             None => {
@@ -728,9 +767,8 @@ impl Agent {
                 // Only a reservation still ours: once an endpoint took the address over, its
                 // detach releases it (and the gateway belongs to the network).
                 let k = keys::ipam(name, ip);
-                let owner = format!("{}{}", keys::DOCKER_OWNER_PREFIX, pool.id);
                 if let Some(kv) = self.store.get(&k).await?
-                    && kv.value == owner.as_bytes()
+                    && kv.value == pool_owner(&pool.id).as_bytes()
                 {
                     commit_or_conflict(
                         self,
@@ -823,12 +861,12 @@ impl Agent {
                 (net.name, false)
             }
         };
-        // The pools of this network are now served by the berth network's IPAM.
+        // The pools of this network are now served by the berth network's IPAM, which takes
+        // over what another driver's network was handed from them meanwhile.
         for d in v4.iter().chain(&v6) {
             let cidr = pool_of(d)?;
-            for (mut p, rev) in self.docker_pools_with(cidr).await? {
-                p.network = Some(name.clone());
-                put_if_unchanged(self, keys::docker_pool(&p.id), rev, &p).await?;
+            for (p, rev) in self.docker_pools_with(cidr).await? {
+                self.bind_pool(p, rev, &name).await?;
             }
         }
         let dn = DockerNetwork {
@@ -840,6 +878,60 @@ impl Agent {
             .await?;
         tracing::info!(docker_network = %id, network = %name, bound, "docker network created");
         Ok(json!({}))
+    }
+
+    /// Serves a pool from berth network `name` from now on. Addresses the pool handed out
+    /// while no berth network served it become reservations in the network, under the pool.
+    async fn bind_pool(&self, mut p: DockerPool, rev: u64, name: &str) -> Result<()> {
+        let key = keys::docker_pool(&p.id);
+        let mut txn = Txn::new().when(Compare::ModRevision(key.clone(), rev));
+        let mut taken = Vec::new();
+        for ip in std::mem::take(&mut p.allocated) {
+            if let Err(e) = self.take_in_subnet(name, p.cidr, Some(ip)) {
+                taken.iter().for_each(|ip| self.release_ip(name, *ip));
+                return Err(AgentError::Conflict(format!(
+                    "address {ip}, which berth's IPAM gave another Docker network, is in use on berth network {name:?}: {e}"
+                )));
+            }
+            taken.push(ip);
+            let k = keys::ipam(name, ip);
+            txn = txn
+                .when(Compare::Absent(k.clone()))
+                .put(k, pool_owner(&p.id));
+        }
+        p.network = Some(name.to_string());
+        p.berth_driver = true;
+        let committed = self.commit(txn.put(key, encode(&p))).await;
+        if !matches!(committed, Ok(TxnOutcome::Committed { .. })) {
+            taken.iter().for_each(|ip| self.release_ip(name, *ip));
+            committed?;
+            return Err(AgentError::Conflict(
+                "pool changed meanwhile; try again".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The addresses berth network `network` holds for pool `pool_id` (reserved under it):
+    /// address, record key and its revision.
+    async fn pool_reservations(
+        &self,
+        network: &str,
+        pool_id: &str,
+    ) -> Result<Vec<(IpAddr, String, u64)>> {
+        let owner = pool_owner(pool_id);
+        Ok(self
+            .store
+            .list(&keys::ipam_prefix(network))
+            .await?
+            .items
+            .into_iter()
+            .filter(|kv| kv.value == owner.as_bytes())
+            .filter_map(|kv| {
+                let ip = kv.key.rsplit('/').next()?.parse().ok()?;
+                Some((ip, kv.key, kv.mod_revision))
+            })
+            .collect())
     }
 
     async fn docker_pools_with(&self, cidr: IpNet) -> Result<Vec<(DockerPool, u64)>> {
@@ -863,22 +955,41 @@ impl Agent {
             gone_is_done(self.delete_network(&docker_network_name(id)).await)?;
             return Ok(json!({}));
         };
+        // Pools it served no longer have a network (a later one may reuse the name). What
+        // the network holds for them (another driver's addresses) goes back to the pool.
+        let mut served = Vec::new();
+        for kv in self.store.list(keys::DOCKER_POOLS).await?.items {
+            let p: DockerPool = crate::decode(&kv)?;
+            if p.network.as_deref() == Some(dn.network.as_str()) {
+                let reserved = self.pool_reservations(&dn.network, &p.id).await?;
+                served.push((kv, p, reserved));
+            }
+        }
         if !dn.bound {
             gone_is_done(self.delete_network(&dn.network).await)?;
         }
-        // Pools it served no longer have a network (a later one may reuse the name).
         let mut txn = Txn::new().delete(key);
-        for kv in self.store.list(keys::DOCKER_POOLS).await?.items {
-            let mut p: DockerPool = crate::decode(&kv)?;
-            if p.network.as_deref() == Some(dn.network.as_str()) {
-                p.network = None;
-                p.allocated.clear();
-                txn = txn
-                    .when(Compare::ModRevision(kv.key.clone(), kv.mod_revision))
-                    .put(kv.key, encode(&p));
+        let mut freed = Vec::new();
+        for (kv, mut p, reserved) in served {
+            p.network = None;
+            p.berth_driver = false;
+            p.allocated.clear();
+            for (ip, k, rev) in reserved {
+                p.allocated.insert(ip);
+                if dn.bound {
+                    // The berth network stays: the reservation leaves it.
+                    txn = txn.when(Compare::ModRevision(k.clone(), rev)).delete(k);
+                    freed.push(ip);
+                }
             }
+            txn = txn
+                .when(Compare::ModRevision(kv.key.clone(), kv.mod_revision))
+                .put(kv.key, encode(&p));
         }
         commit_or_conflict(self, txn).await?;
+        for ip in freed {
+            self.release_ip(&dn.network, ip);
+        }
         Ok(json!({}))
     }
 

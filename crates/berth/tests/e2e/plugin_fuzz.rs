@@ -326,6 +326,38 @@ fn random_plugin_requests_get_well_formed_answers() {
     assert!(h.ping_gateway_from_new_sandbox("blue"));
 }
 
+/// The address berth's IPAM hands out from `pool` (with its prefix length); the pool's
+/// gateway if `gateway`.
+fn request_address(h: &Host, pool: &str, gateway: bool) -> String {
+    let opts = if gateway {
+        json!({"RequestAddressType": "com.docker.network.gateway"})
+    } else {
+        Value::Null
+    };
+    ok_call(
+        h,
+        "IpamDriver.RequestAddress",
+        json!({"PoolID": pool, "Address": "", "Options": opts}),
+    )["Address"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Who holds `ip` in a berth network's IPAM.
+fn allocation_owner(h: &Host, network: &str, ip: &str) -> Option<String> {
+    let allocs: Value = h
+        .client()
+        .get(&format!("/v1/networks/{network}/allocations"))
+        .unwrap();
+    allocs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["ip"] == ip)
+        .map(|a| a["owner"].as_str().unwrap().to_string())
+}
+
 /// A plugin call that must succeed; its JSON answer.
 fn ok_call(h: &Host, method: &str, body: Value) -> Value {
     let (status, answer) = post(h, method, body.to_string().as_bytes());
@@ -347,21 +379,7 @@ fn docker_address_reservations_are_never_handed_out_twice() {
         json!({"AddressSpace": "berth-local", "Pool": "10.97.0.0/24", "SubPool": "", "Options": {}, "V6": false}),
     );
     let pool_id = pool["PoolID"].as_str().unwrap().to_string();
-    let address = |h: &Host, gateway: bool| {
-        let opts = if gateway {
-            json!({"RequestAddressType": "com.docker.network.gateway"})
-        } else {
-            Value::Null
-        };
-        ok_call(
-            h,
-            "IpamDriver.RequestAddress",
-            json!({"PoolID": pool_id, "Address": "", "Options": opts}),
-        )["Address"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
+    let address = |h: &Host, gateway: bool| request_address(h, &pool_id, gateway);
     let gw = address(&h, true);
     ok_call(
         &h,
@@ -436,22 +454,11 @@ fn docker_address_reservations_are_never_handed_out_twice() {
         .iter()
         .find(|e| e["ips"][0] == second.as_str())
         .unwrap_or_else(|| panic!("{eps}"));
-    let allocs: Value = h
-        .client()
-        .get("/v1/networks/docker-n1/allocations")
-        .unwrap();
-    let owner_of = |ip: &str| {
-        allocs
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|a| a["ip"] == ip)
-            .map(|a| a["owner"].as_str().unwrap().to_string())
-    };
+    let owner_of = |ip: &str| allocation_owner(&h, "docker-n1", ip);
     assert_eq!(
         owner_of(second_ip).as_deref(),
         joined["id"].as_str(),
-        "{allocs}"
+        "{eps}"
     );
     // An endpoint deleted before it joins gives its address back to the reservation, which
     // the engine then releases; the veth berth started making for it at CreateEndpoint goes.
@@ -487,7 +494,7 @@ fn docker_address_reservations_are_never_handed_out_twice() {
             .unwrap()
             .iter()
             .any(|e| e["netns"]["sandbox"] == "s1" && owner_of(ip).as_deref() == e["id"].as_str()),
-        "{allocs}"
+        "{s1}"
     );
     // A daemon that dies between CreateEndpoint and Join leaves no veth after its restart.
     let fourth = address(&h, false);
@@ -508,4 +515,100 @@ impl Host {
         self.ok(&["attach", "fuzzcheck", "--network", network]);
         self.reaches("fuzzcheck", "10.91.0.1")
     }
+}
+
+/// Addresses berth's IPAM hands another driver's network (macvlan, ipvlan: they never create
+/// berth endpoints) are never handed out twice: on a berth network's subnet they are reserved
+/// in the store at once (and survive a restart); handed out before a berth network served the
+/// pool, they move into it when one does, and back to the pool when it goes.
+#[test]
+fn addresses_for_another_drivers_network_are_never_handed_out_twice() {
+    let h = Host::new();
+    let request_pool = |h: &Host, cidr: &str| -> String {
+        ok_call(
+            h,
+            "IpamDriver.RequestPool",
+            json!({"AddressSpace": "berth-local", "Pool": cidr, "SubPool": "", "Options": {}, "V6": false}),
+        )["PoolID"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let address = |h: &Host, pool: &str, gateway: bool| {
+        let a = request_address(h, pool, gateway);
+        a.split('/').next().unwrap().to_string()
+    };
+    let release = |h: &Host, pool: &str, ip: &str| {
+        ok_call(
+            h,
+            "IpamDriver.ReleaseAddress",
+            json!({"PoolID": pool, "Address": ip}),
+        );
+    };
+
+    // A macvlan network with --ipam-driver berth on a berth network's subnet.
+    h.ok(&["network", "create", "shared", "--subnet", "10.98.0.0/24"]);
+    let p1 = request_pool(&h, "10.98.0.0/24");
+    assert_eq!(
+        address(&h, &p1, true),
+        "10.98.0.1",
+        "the berth network's gateway"
+    );
+    let a1 = address(&h, &p1, false);
+    assert_eq!(
+        allocation_owner(&h, "shared", &a1),
+        Some(format!("docker:{p1}"))
+    );
+    h.kill();
+    h.start();
+    assert_eq!(
+        allocation_owner(&h, "shared", &a1),
+        Some(format!("docker:{p1}")),
+        "kept across a crash"
+    );
+    h.ok(&["sandbox", "create", "s1"]);
+    let taken = h.fails(&["attach", "s1", "--network", "shared", "--ip", &a1]);
+    assert!(taken.contains("in use"), "{taken}");
+    release(&h, &p1, &a1);
+    assert_eq!(allocation_owner(&h, "shared", &a1), None, "released");
+
+    // A pool first used by another driver, then by a berth network (identical requests
+    // share it): its address moves into the berth network, and back when that goes.
+    let p2 = request_pool(&h, "10.99.0.0/24");
+    let gw = address(&h, &p2, true);
+    let b1 = address(&h, &p2, false);
+    assert_eq!(request_pool(&h, "10.99.0.0/24"), p2, "shared");
+    ok_call(
+        &h,
+        "NetworkDriver.CreateNetwork",
+        json!({"NetworkID": "n2", "Options": {"com.docker.network.generic": {}},
+        "IPv4Data": [{"AddressSpace": "berth-local", "Pool": "10.99.0.0/24", "Gateway": format!("{gw}/24")}],
+        "IPv6Data": []}),
+    );
+    assert_eq!(
+        allocation_owner(&h, "docker-n2", &b1),
+        Some(format!("docker:{p2}"))
+    );
+    for _ in 0..20 {
+        assert_ne!(address(&h, &p2, false), b1, "never handed out twice");
+    }
+    ok_call(
+        &h,
+        "NetworkDriver.DeleteNetwork",
+        json!({"NetworkID": "n2"}),
+    );
+    for _ in 0..20 {
+        assert_ne!(
+            address(&h, &p2, false),
+            b1,
+            "still held after the network went"
+        );
+    }
+    let ask_for = |h: &Host, ip: &str| {
+        let body = json!({"PoolID": p2, "Address": ip, "Options": null});
+        post(h, "IpamDriver.RequestAddress", body.to_string().as_bytes()).0
+    };
+    assert_ne!(ask_for(&h, &b1), 200, "held");
+    release(&h, &p2, &b1);
+    assert_eq!(ask_for(&h, &b1), 200, "free once the engine releases it");
 }
