@@ -520,7 +520,19 @@ impl Agent {
         &self,
         sandbox: &str,
     ) -> Result<(File, NetnsRef, Option<(Sandbox, u64)>)> {
-        let (path, name, record) = if sandbox.contains('/') {
+        // A path to a berth sandbox's namespace is that sandbox.
+        let by_path = match Path::new(sandbox) {
+            p if p.parent() == Some(self.netns_dir.as_path()) => {
+                let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+                self.load::<Sandbox>(&keys::sandbox(name))
+                    .await?
+                    .filter(|(sb, _)| sb.path == sandbox)
+            }
+            _ => None,
+        };
+        let (path, name, record) = if let Some((sb, rev)) = by_path {
+            (sb.path.clone(), Some(sb.name.clone()), Some((sb, rev)))
+        } else if sandbox.contains('/') {
             (sandbox.to_string(), None, None)
         } else {
             let (sb, rev) = self
@@ -532,16 +544,14 @@ impl Agent {
         let file = match netns::open(Path::new(&path)) {
             Ok(f) => f,
             Err(e) => {
-                if record.is_some() {
+                if let Some(name) = &name {
                     // Its removal may have got as far as the namespace since the record was
                     // read.
-                    match self.load::<Sandbox>(&keys::sandbox(sandbox)).await? {
+                    match self.load::<Sandbox>(&keys::sandbox(name)).await? {
                         None => {
-                            return Err(AgentError::NotFound(format!(
-                                "no sandbox named {sandbox:?}"
-                            )));
+                            return Err(AgentError::NotFound(format!("no sandbox named {name:?}")));
                         }
-                        Some((sb, _)) if sb.removing => return Err(removing(sandbox)),
+                        Some((sb, _)) if sb.removing => return Err(removing(name)),
                         Some(_) => {}
                     }
                 }

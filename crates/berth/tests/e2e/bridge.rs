@@ -605,3 +605,19 @@ fn a_sandbox_removal_cut_short_is_finished_at_start() {
     });
     assert!(h.reaches("b", "10.91.0.1"));
 }
+
+/// Attaching by the path of a berth sandbox's namespace is attaching that sandbox: the
+/// endpoint is the sandbox's (named after it, checked against its removal, removed with it).
+#[test]
+fn a_sandbox_path_is_the_sandbox() {
+    let h = Host::new();
+    h.ok(&["network", "create", "blue", "--subnet", "10.91.0.0/24"]);
+    h.ok(&["sandbox", "create", "a"]);
+    let path = h.sandbox_path("a").display().to_string();
+    let ep = h.json(&["attach", &path, "--network", "blue"]);
+    assert_eq!(ep["netns"]["sandbox"], "a", "{ep}");
+    assert_eq!(ep["name"], "a", "{ep}");
+    assert!(h.reaches("a", "10.91.0.1"));
+    h.ok(&["sandbox", "rm", "a"]);
+    assert_eq!(h.json(&["endpoint", "ls"]), serde_json::json!([]));
+}
