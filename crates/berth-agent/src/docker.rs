@@ -40,6 +40,9 @@ use crate::{
 /// network NAME instead of creating one.
 pub const BIND_OPTION: &str = "berth.network";
 const GATEWAY_REQUEST: &str = "com.docker.network.gateway";
+/// The address spaces berth's IPAM answers for.
+const LOCAL_SPACE: &str = "berth-local";
+const GLOBAL_SPACE: &str = "berth-global";
 /// IPv6 pools carved for `docker network create --ipv6` without a subnet: /64s of this.
 const DEFAULT_POOL_V6: &str = "fd62:6572:7468::/48";
 
@@ -57,11 +60,20 @@ pub(crate) struct DockerPool {
     /// macvlan, uses berth's IPAM).
     #[serde(default)]
     allocated: BTreeSet<IpAddr>,
-    /// A Docker network of berth's own driver uses the pool: the addresses handed out are
-    /// its endpoints', which Join commits, so they are held in memory until then. Otherwise
-    /// (another driver on a berth network's subnet) they are reserved in the store at once.
+    /// Docker networks of berth's own driver the pool serves (counted when CreateNetwork
+    /// binds it, recounted at start).
     #[serde(default)]
-    berth_driver: bool,
+    berth_networks: u32,
+}
+
+impl DockerPool {
+    /// Whether every user of the pool is a Docker network of berth's own driver: then each
+    /// address it hands out is an endpoint's, which Join commits, and is held in memory until
+    /// then. Otherwise (another driver, e.g. macvlan, shares it or uses it alone) addresses
+    /// are reserved in the store at once, as nothing of berth's will commit them.
+    fn joins_commit(&self) -> bool {
+        self.berth_networks > 0 && self.refs <= self.berth_networks
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -70,6 +82,19 @@ struct DockerNetwork {
     network: String,
     /// Bound with `berth.network`: the berth network outlives the Docker one.
     bound: bool,
+    /// The pools of berth's IPAM it uses (none with the engine's own IPAM); `None` in records
+    /// of earlier versions, which used every pool of the network's subnets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pools: Option<Vec<String>>,
+}
+
+impl DockerNetwork {
+    fn uses(&self, pool: &DockerPool) -> bool {
+        match &self.pools {
+            Some(ids) => ids.contains(&pool.id),
+            None => pool.network.as_deref() == Some(self.network.as_str()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -269,7 +294,9 @@ async fn dispatch(
     let answer: std::result::Result<Value, PluginError> = async {
         Ok(match method.as_str() {
             "Plugin.Activate" => json!({ "Implements": ["NetworkDriver", "IpamDriver"] }),
-            "NetworkDriver.GetCapabilities" => json!({ "Scope": "local", "ConnectivityScope": "local" }),
+            "NetworkDriver.GetCapabilities" => {
+                json!({ "Scope": "local", "ConnectivityScope": "local" })
+            }
             "NetworkDriver.CreateNetwork" => a.docker_create_network(parse(&body)?).await?,
             "NetworkDriver.DeleteNetwork" => a.docker_delete_network(parse(&body)?).await?,
             "NetworkDriver.CreateEndpoint" => a.docker_create_endpoint(parse(&body)?).await?,
@@ -286,14 +313,17 @@ async fn dispatch(
                 json!({ "RequiresMACAddress": false, "RequiresRequestReplay": false })
             }
             "IpamDriver.GetDefaultAddressSpaces" => json!({
-                "LocalDefaultAddressSpace": "berth-local", "GlobalDefaultAddressSpace": "berth-global"
+                "LocalDefaultAddressSpace": LOCAL_SPACE, "GlobalDefaultAddressSpace": GLOBAL_SPACE
             }),
             "IpamDriver.RequestPool" => a.docker_request_pool(parse(&body)?).await?,
             "IpamDriver.ReleasePool" => a.docker_release_pool(parse(&body)?).await?,
             "IpamDriver.RequestAddress" => a.docker_request_address(parse(&body)?).await?,
             "IpamDriver.ReleaseAddress" => a.docker_release_address(parse(&body)?).await?,
             other => {
-                return Err(PluginError(StatusCode::NOT_FOUND, format!("unknown plugin method {other}")));
+                return Err(PluginError(
+                    StatusCode::NOT_FOUND,
+                    format!("unknown plugin method {other}"),
+                ));
             }
         })
     }
@@ -341,6 +371,9 @@ struct RequestAddress {
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
 struct IpamData {
+    /// Which IPAM gave the pool: berth's address spaces, or e.g. Docker's `LocalDefault`.
+    #[serde(rename = "AddressSpace")]
+    address_space: String,
     #[serde(rename = "Pool")]
     pool: String,
     #[serde(rename = "Gateway")]
@@ -587,7 +620,7 @@ impl Agent {
             gateway: None,
             network,
             allocated: BTreeSet::new(),
-            berth_driver: false,
+            berth_networks: 0,
         };
         commit_or_conflict(
             self,
@@ -619,6 +652,19 @@ impl Agent {
             }
         }
         commit_or_conflict(self, txn).await?;
+        if pool.refs == 0 {
+            // And what the engine never released of it in memory.
+            self.docker_reserved
+                .lock()
+                .expect("reservations lock")
+                .retain(|(_, ip), id| {
+                    let mine = *id == pool.id;
+                    if mine {
+                        freed.push(*ip);
+                    }
+                    !mine
+                });
+        }
         if let Some(name) = &pool.network {
             freed.into_iter().for_each(|ip| self.release_ip(name, ip));
         }
@@ -673,6 +719,9 @@ impl Agent {
                 }
                 None => {
                     let mut p = berth_ipam::Pool::new(pool.cidr);
+                    for a in &pool.allocated {
+                        let _ = p.take(*a);
+                    }
                     match requested {
                         Some(ip) => p.take(ip).map(|()| ip)?,
                         None => p.allocate()?,
@@ -688,7 +737,7 @@ impl Agent {
             Some(name) => {
                 self.network(name).await?;
                 let ip = self.take_in_subnet(name, pool.cidr, requested)?;
-                if pool.berth_driver {
+                if pool.joins_commit() {
                     // In memory until the endpoint commits it (see `docker_reserved`).
                     self.docker_reserved
                         .lock()
@@ -701,13 +750,18 @@ impl Agent {
                     let txn = Txn::new()
                         .when(Compare::Absent(k.clone()))
                         .put(k, pool_owner(&pool.id));
-                    let committed = self.commit(txn).await;
-                    if !matches!(committed, Ok(TxnOutcome::Committed { .. })) {
-                        self.release_ip(name, ip);
-                        committed?;
-                        return Err(AgentError::Conflict(format!(
-                            "address {ip} is already in use on {name:?}"
-                        )));
+                    match self.commit(txn).await {
+                        Ok(TxnOutcome::Committed { .. }) => {}
+                        // The store holds it: it stays taken in memory too.
+                        Ok(TxnOutcome::CompareFailed(_)) => {
+                            return Err(AgentError::Conflict(format!(
+                                "address {ip} is already in use on {name:?}"
+                            )));
+                        }
+                        Err(e) => {
+                            self.release_ip(name, ip);
+                            return Err(e);
+                        }
                     }
                 }
                 ip
@@ -863,16 +917,32 @@ impl Agent {
         };
         // The pools of this network are now served by the berth network's IPAM, which takes
         // over what another driver's network was handed from them meanwhile.
-        for d in v4.iter().chain(&v6) {
+        let mut bound_pools = Vec::new();
+        // Only pools berth's IPAM gave this network; with the engine's own IPAM there are
+        // none of ours (another driver's pool on the same subnet stays that driver's).
+        for d in v4
+            .iter()
+            .chain(&v6)
+            .filter(|d| [LOCAL_SPACE, GLOBAL_SPACE].contains(&d.address_space.as_str()))
+        {
             let cidr = pool_of(d)?;
             for (p, rev) in self.docker_pools_with(cidr).await? {
-                self.bind_pool(p, rev, &name).await?;
+                let id = p.id.clone();
+                if let Err(e) = self.bind_pool(p, rev, &name).await {
+                    // Undone: the pools bound so far, and the network if made for this one.
+                    if let Err(undo) = self.unbind_pools(&bound_pools, &name, bound).await {
+                        tracing::warn!(network = %name, error = %undo, "could not undo a failed Docker network creation");
+                    }
+                    return Err(e);
+                }
+                bound_pools.push(id);
             }
         }
         let dn = DockerNetwork {
             id: id.clone(),
             network: name.clone(),
             bound,
+            pools: Some(bound_pools),
         };
         self.commit(Txn::new().put(keys::docker_network(&id), encode(&dn)))
             .await?;
@@ -900,7 +970,7 @@ impl Agent {
                 .put(k, pool_owner(&p.id));
         }
         p.network = Some(name.to_string());
-        p.berth_driver = true;
+        p.berth_networks += 1;
         let committed = self.commit(txn.put(key, encode(&p))).await;
         if !matches!(committed, Ok(TxnOutcome::Committed { .. })) {
             taken.iter().for_each(|ip| self.release_ip(name, *ip));
@@ -955,42 +1025,71 @@ impl Agent {
             gone_is_done(self.delete_network(&docker_network_name(id)).await)?;
             return Ok(json!({}));
         };
-        // Pools it served no longer have a network (a later one may reuse the name). What
-        // the network holds for them (another driver's addresses) goes back to the pool.
-        let mut served = Vec::new();
-        for kv in self.store.list(keys::DOCKER_POOLS).await?.items {
-            let p: DockerPool = crate::decode(&kv)?;
-            if p.network.as_deref() == Some(dn.network.as_str()) {
-                let reserved = self.pool_reservations(&dn.network, &p.id).await?;
-                served.push((kv, p, reserved));
-            }
-        }
-        if !dn.bound {
-            gone_is_done(self.delete_network(&dn.network).await)?;
-        }
-        let mut txn = Txn::new().delete(key);
-        let mut freed = Vec::new();
-        for (kv, mut p, reserved) in served {
-            p.network = None;
-            p.berth_driver = false;
-            p.allocated.clear();
-            for (ip, k, rev) in reserved {
-                p.allocated.insert(ip);
-                if dn.bound {
-                    // The berth network stays: the reservation leaves it.
-                    txn = txn.when(Compare::ModRevision(k.clone(), rev)).delete(k);
-                    freed.push(ip);
+        let served: Vec<String> = self
+            .load_all::<DockerPool>(keys::DOCKER_POOLS)
+            .await?
+            .into_iter()
+            // Bound, the berth network stays and serves what else uses it; otherwise every
+            // pool on it loses it.
+            .filter(|p| match dn.bound {
+                true => dn.uses(p),
+                false => p.network.as_deref() == Some(dn.network.as_str()),
+            })
+            .map(|p| p.id)
+            .collect();
+        self.unbind_pools(&served, &dn.network, dn.bound).await?;
+        commit_or_conflict(self, Txn::new().delete(key)).await?;
+        Ok(json!({}))
+    }
+
+    /// A Docker network of berth's driver no longer uses the pools `ids` of berth network
+    /// `network`. If that network stays (`bound`), they stay served by it, with one berth
+    /// network fewer. If it goes, it is deleted here, and what it holds for the pools
+    /// (another driver's addresses) goes back to them, recorded there before the network goes
+    /// so that a stop in between loses nothing.
+    async fn unbind_pools(&self, ids: &[String], network: &str, bound: bool) -> Result<()> {
+        for id in ids {
+            let key = keys::docker_pool(id);
+            let Some((mut p, rev)) = self.load::<DockerPool>(&key).await? else {
+                continue;
+            };
+            if bound {
+                p.berth_networks = p.berth_networks.saturating_sub(1);
+            } else {
+                for (ip, _, _) in self.pool_reservations(network, id).await? {
+                    p.allocated.insert(ip);
                 }
             }
-            txn = txn
-                .when(Compare::ModRevision(kv.key.clone(), kv.mod_revision))
-                .put(kv.key, encode(&p));
+            put_if_unchanged(self, key, rev, &p).await?;
         }
-        commit_or_conflict(self, txn).await?;
-        for ip in freed {
-            self.release_ip(&dn.network, ip);
+        if bound {
+            return Ok(());
         }
-        Ok(json!({}))
+        gone_is_done(self.delete_network(network).await)?;
+        for id in ids {
+            let key = keys::docker_pool(id);
+            if let Some((mut p, rev)) = self.load::<DockerPool>(&key).await? {
+                p.network = None;
+                p.berth_networks = 0;
+                put_if_unchanged(self, key, rev, &p).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts again, for every pool, the Docker networks of berth's driver it serves: at
+    /// start, so pools recorded by an earlier version (or counts a stop cut short) are right.
+    pub(crate) async fn recount_docker_pools(&self) -> Result<()> {
+        let networks: Vec<DockerNetwork> = self.load_all(keys::DOCKER_NETWORKS).await?;
+        for kv in self.store.list(keys::DOCKER_POOLS).await?.items {
+            let mut p: DockerPool = crate::decode(&kv)?;
+            let count = networks.iter().filter(|n| n.uses(&p)).count() as u32;
+            if count != p.berth_networks {
+                p.berth_networks = count;
+                put_if_unchanged(self, kv.key, kv.mod_revision, &p).await?;
+            }
+        }
+        Ok(())
     }
 
     async fn docker_create_endpoint(&self, req: CreateEndpointReq) -> Result<Value> {
@@ -1123,9 +1222,7 @@ impl Agent {
             return Ok((ip, Source::Reserved(pool)));
         }
         match self.store.get(&keys::ipam(&net.name, ip.addr())).await? {
-            Some(kv) if kv.value.starts_with(keys::DOCKER_OWNER_PREFIX.as_bytes()) => {
-                Ok((ip, Source::Stored))
-            }
+            Some(kv) if self.reserved_for_endpoints(&kv.value).await? => Ok((ip, Source::Stored)),
             Some(_) => Err(AgentError::Conflict(format!(
                 "address {} is already in use on {:?}",
                 ip.addr(),
@@ -1138,6 +1235,23 @@ impl Agent {
                 Ok((ip, Source::Taken))
             }
         }
+    }
+
+    /// Whether an address reserved in the store under `owner` is one the engine may hand a
+    /// Docker endpoint of berth's driver: returned by one (`docker:external`), or reserved
+    /// under a pool such a network uses — never under a pool only another driver uses.
+    async fn reserved_for_endpoints(&self, owner: &[u8]) -> Result<bool> {
+        let Some(id) = owner.strip_prefix(keys::DOCKER_OWNER_PREFIX.as_bytes()) else {
+            return Ok(false);
+        };
+        if id == b"external" {
+            return Ok(true);
+        }
+        let key = keys::docker_pool(&String::from_utf8_lossy(id));
+        Ok(self
+            .load::<DockerPool>(&key)
+            .await?
+            .is_some_and(|(p, _)| p.berth_networks > 0))
     }
 
     /// Gives back what a pending endpoint held in memory: reservations to the engine's

@@ -194,6 +194,7 @@ impl Agent {
             pools.insert(net.name.clone(), ps);
         }
         *self.pools.lock().expect("pools lock") = pools;
+        self.recount_docker_pools().await?;
         Ok(report)
     }
 }

@@ -569,6 +569,34 @@ fn addresses_for_another_drivers_network_are_never_handed_out_twice() {
     h.ok(&["sandbox", "create", "s1"]);
     let taken = h.fails(&["attach", "s1", "--network", "shared", "--ip", &a1]);
     assert!(taken.contains("in use"), "{taken}");
+    // A berth-driver Docker network bound to the same berth network, on the engine's own
+    // IPAM, cannot take it over either.
+    ok_call(
+        &h,
+        "NetworkDriver.CreateNetwork",
+        json!({"NetworkID": "n1", "Options": {"com.docker.network.generic": {"berth.network": "shared"}},
+        "IPv4Data": [{"AddressSpace": "LocalDefault", "Pool": "10.98.0.0/24", "Gateway": "10.98.0.1/24"}],
+        "IPv6Data": []}),
+    );
+    let (status, answer) = post(
+        &h,
+        "NetworkDriver.CreateEndpoint",
+        json!({"NetworkID": "n1", "EndpointID": "e1",
+        "Interface": {"Address": format!("{a1}/24"), "AddressIPv6": "", "MacAddress": ""}, "Options": {}})
+        .to_string()
+        .as_bytes(),
+    );
+    assert_ne!(status, 200, "{}", String::from_utf8_lossy(&answer));
+    assert!(String::from_utf8_lossy(&answer).contains("in use"));
+    // Nor does that network make the pool count as its own after a restart.
+    h.kill();
+    h.start();
+    let a2 = address(&h, &p1, false);
+    assert_eq!(
+        allocation_owner(&h, "shared", &a2),
+        Some(format!("docker:{p1}"))
+    );
+    release(&h, &p1, &a2);
     release(&h, &p1, &a1);
     assert_eq!(allocation_owner(&h, "shared", &a1), None, "released");
 
@@ -592,6 +620,13 @@ fn addresses_for_another_drivers_network_are_never_handed_out_twice() {
     for _ in 0..20 {
         assert_ne!(address(&h, &p2, false), b1, "never handed out twice");
     }
+    // The pool has another user besides the berth network: what it hands out now may be
+    // that driver's, so it is recorded, not held in memory, and outlives the network.
+    let c1 = address(&h, &p2, false);
+    assert_eq!(
+        allocation_owner(&h, "docker-n2", &c1),
+        Some(format!("docker:{p2}"))
+    );
     ok_call(
         &h,
         "NetworkDriver.DeleteNetwork",
@@ -609,6 +644,7 @@ fn addresses_for_another_drivers_network_are_never_handed_out_twice() {
         post(h, "IpamDriver.RequestAddress", body.to_string().as_bytes()).0
     };
     assert_ne!(ask_for(&h, &b1), 200, "held");
+    assert_ne!(ask_for(&h, &c1), 200, "held");
     release(&h, &p2, &b1);
     assert_eq!(ask_for(&h, &b1), 200, "free once the engine releases it");
 }
