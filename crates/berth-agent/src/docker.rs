@@ -43,6 +43,11 @@ const GATEWAY_REQUEST: &str = "com.docker.network.gateway";
 /// The address spaces berth's IPAM answers for.
 const LOCAL_SPACE: &str = "berth-local";
 const GLOBAL_SPACE: &str = "berth-global";
+
+/// Whether a network's IPAM data came from berth's IPAM (not e.g. the engine's own).
+fn from_berth_ipam(d: &IpamData) -> bool {
+    [LOCAL_SPACE, GLOBAL_SPACE].contains(&d.address_space.as_str())
+}
 /// IPv6 pools carved for `docker network create --ipv6` without a subnet: /64s of this.
 const DEFAULT_POOL_V6: &str = "fd62:6572:7468::/48";
 
@@ -809,6 +814,10 @@ impl Agent {
             .map_err(|_| invalid(format!("invalid address {:?}", req.address)))?;
         match &pool.network {
             Some(name) => {
+                if pool.allocated.remove(&ip) {
+                    // Copied there by a network deletion that did not get through.
+                    put_if_unchanged(self, key.clone(), rev, &pool).await?;
+                }
                 let held = self
                     .docker_reserved
                     .lock()
@@ -849,6 +858,9 @@ impl Agent {
 
     async fn docker_create_network(&self, req: CreateNetworkReq) -> Result<Value> {
         let id = required("NetworkID", &req.network_id)?.to_string();
+        if self.store.get(&keys::docker_network(&id)).await?.is_some() {
+            return Err(AgentError::Conflict(format!("network {id} already exists")));
+        }
         let opts = options(&req.options);
         let generic: HashMap<String, Value> = opts
             .get("com.docker.network.generic")
@@ -900,6 +912,7 @@ impl Agent {
                 let adopting = v4
                     .iter()
                     .chain(&v6)
+                    .filter(|d| from_berth_ipam(d))
                     .map(pool_of)
                     .collect::<Result<Vec<_>>>()?;
                 let req = CreateNetwork {
@@ -920,17 +933,13 @@ impl Agent {
         let mut bound_pools = Vec::new();
         // Only pools berth's IPAM gave this network; with the engine's own IPAM there are
         // none of ours (another driver's pool on the same subnet stays that driver's).
-        for d in v4
-            .iter()
-            .chain(&v6)
-            .filter(|d| [LOCAL_SPACE, GLOBAL_SPACE].contains(&d.address_space.as_str()))
-        {
+        for d in v4.iter().chain(&v6).filter(|d| from_berth_ipam(d)) {
             let cidr = pool_of(d)?;
             for (p, rev) in self.docker_pools_with(cidr).await? {
                 let id = p.id.clone();
                 if let Err(e) = self.bind_pool(p, rev, &name).await {
                     // Undone: the pools bound so far, and the network if made for this one.
-                    if let Err(undo) = self.unbind_pools(&bound_pools, &name, bound).await {
+                    if let Err(undo) = self.unbind_pools(&bound_pools, &name, bound, None).await {
                         tracing::warn!(network = %name, error = %undo, "could not undo a failed Docker network creation");
                     }
                     return Err(e);
@@ -944,8 +953,21 @@ impl Agent {
             bound,
             pools: Some(bound_pools),
         };
-        self.commit(Txn::new().put(keys::docker_network(&id), encode(&dn)))
-            .await?;
+        let recorded = self
+            .commit(
+                Txn::new()
+                    .when(Compare::Absent(keys::docker_network(&id)))
+                    .put(keys::docker_network(&id), encode(&dn)),
+            )
+            .await;
+        if !matches!(recorded, Ok(TxnOutcome::Committed { .. })) {
+            let pools = dn.pools.unwrap_or_default();
+            if let Err(undo) = self.unbind_pools(&pools, &name, bound, None).await {
+                tracing::warn!(network = %name, error = %undo, "could not undo a failed Docker network creation");
+            }
+            recorded?;
+            return Err(AgentError::Conflict(format!("network {id} already exists")));
+        }
         tracing::info!(docker_network = %id, network = %name, bound, "docker network created");
         Ok(json!({}))
     }
@@ -1019,10 +1041,19 @@ impl Agent {
     async fn docker_delete_network(&self, req: NetworkRef) -> Result<Value> {
         let id = required("NetworkID", &req.network_id)?;
         let key = keys::docker_network(id);
-        let Some((dn, _)) = self.load::<DockerNetwork>(&key).await? else {
+        let Some((dn, dn_rev)) = self.load::<DockerNetwork>(&key).await? else {
             // A CreateNetwork cut short (crash, timeout) may have made the berth network
-            // without recording it: remove it by the name it would have.
-            gone_is_done(self.delete_network(&docker_network_name(id)).await)?;
+            // without recording it: remove it, and unbind its pools, by the name it would
+            // have.
+            let name = docker_network_name(id);
+            let served: Vec<String> = self
+                .load_all::<DockerPool>(keys::DOCKER_POOLS)
+                .await?
+                .into_iter()
+                .filter(|p| p.network.as_deref() == Some(name.as_str()))
+                .map(|p| p.id)
+                .collect();
+            self.unbind_pools(&served, &name, false, None).await?;
             return Ok(json!({}));
         };
         let served: Vec<String> = self
@@ -1037,33 +1068,54 @@ impl Agent {
             })
             .map(|p| p.id)
             .collect();
-        self.unbind_pools(&served, &dn.network, dn.bound).await?;
-        commit_or_conflict(self, Txn::new().delete(key)).await?;
+        self.unbind_pools(&served, &dn.network, dn.bound, Some((key, dn_rev)))
+            .await?;
         Ok(json!({}))
     }
 
     /// A Docker network of berth's driver no longer uses the pools `ids` of berth network
-    /// `network`. If that network stays (`bound`), they stay served by it, with one berth
-    /// network fewer. If it goes, it is deleted here, and what it holds for the pools
-    /// (another driver's addresses) goes back to them, recorded there before the network goes
-    /// so that a stop in between loses nothing.
-    async fn unbind_pools(&self, ids: &[String], network: &str, bound: bool) -> Result<()> {
+    /// `network`; `record`, its record, goes in the same last step. If the network stays
+    /// (`bound`), the pools stay served by it, with one berth network fewer, in one
+    /// transaction with the record (a retried call finds the record gone). If it goes, what
+    /// it holds for the pools (another driver's addresses) is first copied back into them,
+    /// so that a stop in between loses nothing; then the network is deleted; then the pools
+    /// lose it.
+    async fn unbind_pools(
+        &self,
+        ids: &[String],
+        network: &str,
+        bound: bool,
+        record: Option<(String, u64)>,
+    ) -> Result<()> {
+        let mut last = Txn::new();
+        if let Some((key, rev)) = record {
+            last = last
+                .when(Compare::ModRevision(key.clone(), rev))
+                .delete(key);
+        }
+        if bound {
+            for id in ids {
+                let key = keys::docker_pool(id);
+                if let Some((mut p, rev)) = self.load::<DockerPool>(&key).await? {
+                    p.berth_networks = p.berth_networks.saturating_sub(1);
+                    last = last
+                        .when(Compare::ModRevision(key.clone(), rev))
+                        .put(key, encode(&p));
+                }
+            }
+            return commit_or_conflict(self, last).await;
+        }
         for id in ids {
             let key = keys::docker_pool(id);
             let Some((mut p, rev)) = self.load::<DockerPool>(&key).await? else {
                 continue;
             };
-            if bound {
-                p.berth_networks = p.berth_networks.saturating_sub(1);
-            } else {
-                for (ip, _, _) in self.pool_reservations(network, id).await? {
-                    p.allocated.insert(ip);
-                }
+            let reserved = self.pool_reservations(network, id).await?;
+            if !reserved.is_empty() {
+                p.allocated
+                    .extend(reserved.into_iter().map(|(ip, _, _)| ip));
+                put_if_unchanged(self, key, rev, &p).await?;
             }
-            put_if_unchanged(self, key, rev, &p).await?;
-        }
-        if bound {
-            return Ok(());
         }
         gone_is_done(self.delete_network(network).await)?;
         for id in ids {
@@ -1071,21 +1123,36 @@ impl Agent {
             if let Some((mut p, rev)) = self.load::<DockerPool>(&key).await? {
                 p.network = None;
                 p.berth_networks = 0;
-                put_if_unchanged(self, key, rev, &p).await?;
+                last = last
+                    .when(Compare::ModRevision(key.clone(), rev))
+                    .put(key, encode(&p));
             }
         }
-        Ok(())
+        commit_or_conflict(self, last).await
     }
 
     /// Counts again, for every pool, the Docker networks of berth's driver it serves: at
     /// start, so pools recorded by an earlier version (or counts a stop cut short) are right.
+    /// Records of earlier versions (which do not list their pools) are not counted: their
+    /// pools keep every address in the store, the safe side. A pool whose network is gone
+    /// loses it (a CreateNetwork cut short).
     pub(crate) async fn recount_docker_pools(&self) -> Result<()> {
         let networks: Vec<DockerNetwork> = self.load_all(keys::DOCKER_NETWORKS).await?;
         for kv in self.store.list(keys::DOCKER_POOLS).await?.items {
             let mut p: DockerPool = crate::decode(&kv)?;
-            let count = networks.iter().filter(|n| n.uses(&p)).count() as u32;
-            if count != p.berth_networks {
-                p.berth_networks = count;
+            let mut changed = p.clone();
+            changed.berth_networks = networks
+                .iter()
+                .filter(|n| n.pools.as_ref().is_some_and(|ids| ids.contains(&p.id)))
+                .count() as u32;
+            if let Some(name) = &p.network
+                && self.store.get(&keys::network(name)).await?.is_none()
+            {
+                changed.network = None;
+                changed.berth_networks = 0;
+            }
+            if (changed.berth_networks, &changed.network) != (p.berth_networks, &p.network) {
+                p = changed;
                 put_if_unchanged(self, kv.key, kv.mod_revision, &p).await?;
             }
         }
@@ -1123,7 +1190,7 @@ impl Agent {
             .into_iter()
             .filter(|a| !a.is_empty())
         {
-            match self.endpoint_address(&net, a).await {
+            match self.endpoint_address(&dn, &net, a).await {
                 Ok((ip, source)) => {
                     ips.push(ip);
                     sources.push((ip.addr(), source));
@@ -1205,7 +1272,12 @@ impl Agent {
     }
 
     /// One address the engine gives an endpoint, checked and held (in memory) for it.
-    async fn endpoint_address(&self, net: &Network, a: &str) -> Result<(IpNet, Source)> {
+    async fn endpoint_address(
+        &self,
+        dn: &DockerNetwork,
+        net: &Network,
+        a: &str,
+    ) -> Result<(IpNet, Source)> {
         let ip = parse_cidr_addr("address", a)?;
         let cidr = net.subnet_for(ip.addr()).map(|s| s.cidr).ok_or_else(|| {
             invalid(format!(
@@ -1222,7 +1294,9 @@ impl Agent {
             return Ok((ip, Source::Reserved(pool)));
         }
         match self.store.get(&keys::ipam(&net.name, ip.addr())).await? {
-            Some(kv) if self.reserved_for_endpoints(&kv.value).await? => Ok((ip, Source::Stored)),
+            Some(kv) if self.reserved_for_endpoints(dn, &kv.value).await? => {
+                Ok((ip, Source::Stored))
+            }
             Some(_) => Err(AgentError::Conflict(format!(
                 "address {} is already in use on {:?}",
                 ip.addr(),
@@ -1237,10 +1311,11 @@ impl Agent {
         }
     }
 
-    /// Whether an address reserved in the store under `owner` is one the engine may hand a
-    /// Docker endpoint of berth's driver: returned by one (`docker:external`), or reserved
-    /// under a pool such a network uses — never under a pool only another driver uses.
-    async fn reserved_for_endpoints(&self, owner: &[u8]) -> Result<bool> {
+    /// Whether an address reserved in the store under `owner` is one the engine may hand an
+    /// endpoint of Docker network `dn`: returned by one of berth's driver
+    /// (`docker:external`), or reserved under a pool `dn` uses — never under another
+    /// network's pool, e.g. another driver's.
+    async fn reserved_for_endpoints(&self, dn: &DockerNetwork, owner: &[u8]) -> Result<bool> {
         let Some(id) = owner.strip_prefix(keys::DOCKER_OWNER_PREFIX.as_bytes()) else {
             return Ok(false);
         };
@@ -1251,7 +1326,7 @@ impl Agent {
         Ok(self
             .load::<DockerPool>(&key)
             .await?
-            .is_some_and(|(p, _)| p.berth_networks > 0))
+            .is_some_and(|(p, _)| dn.uses(&p)))
     }
 
     /// Gives back what a pending endpoint held in memory: reservations to the engine's

@@ -627,6 +627,29 @@ fn addresses_for_another_drivers_network_are_never_handed_out_twice() {
         allocation_owner(&h, "docker-n2", &c1),
         Some(format!("docker:{p2}"))
     );
+    // Another Docker network bound to the same berth network, on the engine's own IPAM,
+    // cannot take over an address reserved under a pool it does not use.
+    ok_call(
+        &h,
+        "NetworkDriver.CreateNetwork",
+        json!({"NetworkID": "n3", "Options": {"com.docker.network.generic": {"berth.network": "docker-n2"}},
+        "IPv4Data": [{"AddressSpace": "LocalDefault", "Pool": "10.99.0.0/24", "Gateway": format!("{gw}/24")}],
+        "IPv6Data": []}),
+    );
+    let (status, answer) = post(
+        &h,
+        "NetworkDriver.CreateEndpoint",
+        json!({"NetworkID": "n3", "EndpointID": "e3",
+        "Interface": {"Address": format!("{c1}/24"), "AddressIPv6": "", "MacAddress": ""}, "Options": {}})
+        .to_string()
+        .as_bytes(),
+    );
+    assert_ne!(status, 200, "{}", String::from_utf8_lossy(&answer));
+    ok_call(
+        &h,
+        "NetworkDriver.DeleteNetwork",
+        json!({"NetworkID": "n3"}),
+    );
     ok_call(
         &h,
         "NetworkDriver.DeleteNetwork",
