@@ -8,7 +8,7 @@
 //! the berth endpoint is made and takes the addresses over. libnetwork moves the veth peer into
 //! the sandbox and configures it, so those endpoints are `runtime_configured`.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -114,6 +114,11 @@ struct DockerEndpoint {
     ports: Vec<PortMapping>,
     /// The berth endpoint, between Join and Leave.
     endpoint: Option<String>,
+    /// Addresses berth's IPAM handed the engine for it, by pool: at Leave they go back to
+    /// the pool's reservation, and are free only once the engine releases them
+    /// (ReleaseAddress), as the engine's IPAM contract has it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pools: BTreeMap<IpAddr, String>,
 }
 
 /// A Docker endpoint between CreateEndpoint and Join, held in memory: Join commits it with
@@ -175,8 +180,24 @@ enum Source {
     Reserved(String),
     /// Given by the engine's own IPAM; taken in memory at CreateEndpoint.
     Taken,
-    /// Reserved in the store (by an earlier version of berth).
-    Stored,
+    /// Reserved in the store: under this pool, or (`None`) returned by an endpoint.
+    Stored(Option<String>),
+}
+
+impl Source {
+    /// The pool of berth's IPAM the address came from, if it did.
+    fn pool(&self) -> Option<&String> {
+        match self {
+            Source::Reserved(pool) | Source::Stored(Some(pool)) => Some(pool),
+            Source::Taken | Source::Stored(None) => None,
+        }
+    }
+}
+
+/// The pool an address reserved under `owner` (`docker:<pool>`) belongs to.
+fn pool_of_owner(owner: &[u8]) -> Option<String> {
+    let id = owner.strip_prefix(keys::DOCKER_OWNER_PREFIX.as_bytes())?;
+    (id != b"external").then(|| String::from_utf8_lossy(id).to_string())
 }
 
 /// One entry of `com.docker.network.portmap` (libnetwork's `types.PortBinding`).
@@ -1223,6 +1244,10 @@ impl Agent {
             mac,
             ports,
             endpoint: None,
+            pools: sources
+                .iter()
+                .filter_map(|(ip, source)| Some((*ip, source.pool()?.clone())))
+                .collect(),
         };
         let berth_id = random_id();
         let veth = self.start_veth(berth_endpoint(&de, &berth_id, String::new()), net);
@@ -1295,7 +1320,7 @@ impl Agent {
         }
         match self.store.get(&keys::ipam(&net.name, ip.addr())).await? {
             Some(kv) if self.reserved_for_endpoints(dn, &kv.value).await? => {
-                Ok((ip, Source::Stored))
+                Ok((ip, Source::Stored(pool_of_owner(&kv.value))))
             }
             Some(_) => Err(AgentError::Conflict(format!(
                 "address {} is already in use on {:?}",
@@ -1316,15 +1341,14 @@ impl Agent {
     /// (`docker:external`), or reserved under a pool `dn` uses — never under another
     /// network's pool, e.g. another driver's.
     async fn reserved_for_endpoints(&self, dn: &DockerNetwork, owner: &[u8]) -> Result<bool> {
-        let Some(id) = owner.strip_prefix(keys::DOCKER_OWNER_PREFIX.as_bytes()) else {
+        if !owner.starts_with(keys::DOCKER_OWNER_PREFIX.as_bytes()) {
             return Ok(false);
-        };
-        if id == b"external" {
-            return Ok(true);
         }
-        let key = keys::docker_pool(&String::from_utf8_lossy(id));
+        let Some(pool) = pool_of_owner(owner) else {
+            return Ok(true);
+        };
         Ok(self
-            .load::<DockerPool>(&key)
+            .load::<DockerPool>(&keys::docker_pool(&pool))
             .await?
             .is_some_and(|(p, _)| dn.uses(&p)))
     }
@@ -1341,7 +1365,7 @@ impl Agent {
                         .insert((network.to_string(), *ip), pool.clone());
                 }
                 Source::Taken => self.release_ip(network, *ip),
-                Source::Stored => {}
+                Source::Stored(_) => {}
             }
         }
     }
@@ -1413,7 +1437,7 @@ impl Agent {
                 let sources = de
                     .ips
                     .iter()
-                    .map(|ip| (ip.addr(), Source::Stored))
+                    .map(|ip| (ip.addr(), Source::Stored(de.pools.get(&ip.addr()).cloned())))
                     .collect();
                 (de, Some(rev), sources, random_id(), false)
             }
@@ -1523,7 +1547,7 @@ impl Agent {
         let mut txn = self.endpoint_records(ep, Txn::new(), true, Held::Ports);
         for (ip, source) in sources {
             let k = keys::ipam(&net.name, *ip);
-            if *source != Source::Stored {
+            if !matches!(source, Source::Stored(_)) {
                 txn = txn.when(Compare::Absent(k.clone())).put(k, ep.id.clone());
                 continue;
             }
@@ -1558,9 +1582,31 @@ impl Agent {
                 de.id
             )));
         };
+        self.hand_back(&de, &id).await?;
         gone_is_done(self.delete_endpoint(&id).await)?;
         put_if_unchanged(self, key, rev, &de).await?;
         Ok(json!({}))
+    }
+
+    /// Puts the addresses berth's IPAM gave a Docker endpoint, now held by its berth endpoint
+    /// `id`, back under their pools' reservation before that endpoint goes: its removal then
+    /// leaves them to the engine's ReleaseAddress instead of freeing them first.
+    async fn hand_back(&self, de: &DockerEndpoint, id: &str) -> Result<()> {
+        let mut txn = Txn::new();
+        for (ip, pool) in &de.pools {
+            let k = keys::ipam(&de.network, *ip);
+            if let Some(kv) = self.store.get(&k).await?
+                && kv.value == id.as_bytes()
+            {
+                txn = txn
+                    .when(Compare::ModRevision(k.clone(), kv.mod_revision))
+                    .put(k, pool_owner(pool));
+            }
+        }
+        if txn.ops.is_empty() {
+            return Ok(());
+        }
+        commit_or_conflict(self, txn).await
     }
 
     async fn docker_delete_endpoint(&self, req: EndpointRef) -> Result<Value> {
@@ -1580,6 +1626,7 @@ impl Agent {
             return Ok(json!({}));
         };
         if let Some(id) = &de.endpoint {
+            self.hand_back(&de, id).await?;
             gone_is_done(self.delete_endpoint(id).await)?;
         }
         // Addresses the engine's own IPAM gave (reserved here as "external") go with it.

@@ -496,6 +496,41 @@ fn docker_address_reservations_are_never_handed_out_twice() {
             .any(|e| e["netns"]["sandbox"] == "s1" && owner_of(ip).as_deref() == e["id"].as_str()),
         "{s1}"
     );
+    // A joined endpoint's address, which berth's IPAM handed out, goes back to the pool's
+    // reservation at Leave; only the engine's ReleaseAddress frees it.
+    let fifth = address(&h, false);
+    let fifth_ip = fifth.split('/').next().unwrap();
+    ok_call(
+        &h,
+        "NetworkDriver.CreateEndpoint",
+        json!({"NetworkID": "n1", "EndpointID": "e5",
+        "Interface": {"Address": fifth, "AddressIPv6": "", "MacAddress": ""}, "Options": {}}),
+    );
+    ok_call(
+        &h,
+        "NetworkDriver.Join",
+        json!({"NetworkID": "n1", "EndpointID": "e5", "SandboxKey": "/var/run/docker/netns/y", "Options": {}}),
+    );
+    let joined = owner_of(fifth_ip).unwrap();
+    assert!(
+        !joined.starts_with("docker:"),
+        "the endpoint holds it: {joined}"
+    );
+    for method in ["NetworkDriver.Leave", "NetworkDriver.DeleteEndpoint"] {
+        ok_call(&h, method, json!({"NetworkID": "n1", "EndpointID": "e5"}));
+    }
+    h.eventually("the endpoint no longer holds it", || {
+        owner_of(fifth_ip).as_deref() != Some(joined.as_str())
+    });
+    let reserved = Some(format!("docker:{pool_id}"));
+    assert_eq!(owner_of(fifth_ip), reserved, "held until released");
+    assert_ne!(ask_for(&h, &fifth), 200, "not handed out meanwhile");
+    ok_call(
+        &h,
+        "IpamDriver.ReleaseAddress",
+        json!({"PoolID": pool_id, "Address": fifth_ip}),
+    );
+    assert_eq!(owner_of(fifth_ip), None, "released");
     // A daemon that dies between CreateEndpoint and Join leaves no veth after its restart.
     let fourth = address(&h, false);
     ok_call(
