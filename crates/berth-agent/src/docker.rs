@@ -33,7 +33,7 @@ use tokio::sync::watch;
 
 use crate::{
     Agent, AgentError, Held, Result, encode, endpoint_on_bridge, endpoint_spec, kernel, keys,
-    random_id,
+    random_id, remove_link,
 };
 
 /// `-o berth.network=NAME` (driver) or `--ipam-opt berth.network=NAME`: use the existing berth
@@ -144,7 +144,7 @@ impl PendingEndpoint {
     pub(crate) fn discard_veth(self) {
         tokio::spawn(async move {
             self.veth.made().await;
-            let _ = delete_veth(veth_name(&self.berth_id)).await;
+            let _ = remove_link(veth_name(&self.berth_id)).await;
         });
     }
 }
@@ -495,11 +495,6 @@ fn berth_endpoint(de: &DockerEndpoint, id: &str, sandbox: String) -> Endpoint {
         ips: de.ips.clone(),
         ports: de.ports.clone(),
     }
-}
-
-/// Deletes a Docker endpoint's veth; its peer goes with it.
-async fn delete_veth(host_ifname: String) -> Result<bool> {
-    kernel(move || berth_dataplane::delete_link(&mut Netlink::open()?, &host_ifname)).await
 }
 
 /// The IPAM owner of an address reserved in a berth network for a Docker pool.
@@ -960,9 +955,7 @@ impl Agent {
                 let id = p.id.clone();
                 if let Err(e) = self.bind_pool(p, rev, &name).await {
                     // Undone: the pools bound so far, and the network if made for this one.
-                    if let Err(undo) = self.unbind_pools(&bound_pools, &name, bound, None).await {
-                        tracing::warn!(network = %name, error = %undo, "could not undo a failed Docker network creation");
-                    }
+                    self.undo_network_creation(&bound_pools, &name, bound).await;
                     return Err(e);
                 }
                 bound_pools.push(id);
@@ -982,15 +975,21 @@ impl Agent {
             )
             .await;
         if !matches!(recorded, Ok(TxnOutcome::Committed { .. })) {
-            let pools = dn.pools.unwrap_or_default();
-            if let Err(undo) = self.unbind_pools(&pools, &name, bound, None).await {
-                tracing::warn!(network = %name, error = %undo, "could not undo a failed Docker network creation");
-            }
+            self.undo_network_creation(&dn.pools.unwrap_or_default(), &name, bound)
+                .await;
             recorded?;
             return Err(AgentError::Conflict(format!("network {id} already exists")));
         }
         tracing::info!(docker_network = %id, network = %name, bound, "docker network created");
         Ok(json!({}))
+    }
+
+    /// Undoes a CreateNetwork that failed after binding `pools` to berth network `name`:
+    /// unbinds them, and deletes the network unless it was bound by option. Best effort.
+    async fn undo_network_creation(&self, pools: &[String], name: &str, bound: bool) {
+        if let Err(e) = self.unbind_pools(pools, name, bound, None).await {
+            tracing::warn!(network = %name, error = %e, "could not undo a failed Docker network creation");
+        }
     }
 
     /// Serves a pool from berth network `name` from now on. Addresses the pool handed out
@@ -1040,10 +1039,18 @@ impl Agent {
             .items
             .into_iter()
             .filter(|kv| kv.value == owner.as_bytes())
-            .filter_map(|kv| {
-                let ip = kv.key.rsplit('/').next()?.parse().ok()?;
-                Some((ip, kv.key, kv.mod_revision))
-            })
+            .filter_map(|kv| Some((keys::ipam_address(&kv.key)?, kv.key, kv.mod_revision)))
+            .collect())
+    }
+
+    /// The ids of the Docker pools `keep` keeps.
+    async fn docker_pool_ids(&self, keep: impl Fn(&DockerPool) -> bool) -> Result<Vec<String>> {
+        Ok(self
+            .load_all::<DockerPool>(keys::DOCKER_POOLS)
+            .await?
+            .into_iter()
+            .filter(|p| keep(p))
+            .map(|p| p.id)
             .collect())
     }
 
@@ -1067,28 +1074,20 @@ impl Agent {
             // without recording it: remove it, and unbind its pools, by the name it would
             // have.
             let name = docker_network_name(id);
-            let served: Vec<String> = self
-                .load_all::<DockerPool>(keys::DOCKER_POOLS)
-                .await?
-                .into_iter()
-                .filter(|p| p.network.as_deref() == Some(name.as_str()))
-                .map(|p| p.id)
-                .collect();
+            let served = self
+                .docker_pool_ids(|p| p.network.as_deref() == Some(name.as_str()))
+                .await?;
             self.unbind_pools(&served, &name, false, None).await?;
             return Ok(json!({}));
         };
-        let served: Vec<String> = self
-            .load_all::<DockerPool>(keys::DOCKER_POOLS)
-            .await?
-            .into_iter()
-            // Bound, the berth network stays and serves what else uses it; otherwise every
-            // pool on it loses it.
-            .filter(|p| match dn.bound {
+        // Bound, the berth network stays and serves what else uses it; otherwise every pool
+        // on it loses it.
+        let served = self
+            .docker_pool_ids(|p| match dn.bound {
                 true => dn.uses(p),
                 false => p.network.as_deref() == Some(dn.network.as_str()),
             })
-            .map(|p| p.id)
-            .collect();
+            .await?;
         self.unbind_pools(&served, &dn.network, dn.bound, Some((key, dn_rev)))
             .await?;
         Ok(json!({}))
@@ -1449,7 +1448,7 @@ impl Agent {
             Ok(p) => p,
             Err(e) => {
                 if veth_made {
-                    let _ = delete_veth(ep.host_ifname.clone()).await;
+                    let _ = remove_link(ep.host_ifname.clone()).await;
                 }
                 return Err(e);
             }
@@ -1483,7 +1482,7 @@ impl Agent {
         };
         if let Err(e) = committed {
             if made.is_ok() {
-                let _ = delete_veth(ep.host_ifname.clone()).await;
+                let _ = remove_link(ep.host_ifname.clone()).await;
             }
             return Err(e);
         }
@@ -1493,7 +1492,7 @@ impl Agent {
         };
         if let Err((e, veth_made)) = made {
             if veth_made {
-                let _ = delete_veth(ep.host_ifname.clone()).await;
+                let _ = remove_link(ep.host_ifname.clone()).await;
             }
             self.unpublish(crate::firewall::forwards_of(&ep)).await;
             // Undo: records and ports go, addresses return to the Docker reservation.
@@ -1616,7 +1615,7 @@ impl Agent {
             // Once the attempt to make it is over, by name: whatever the attempt reported.
             // Should that fail, the endpoint stays pending for the engine's retry.
             p.veth.made().await;
-            delete_veth(veth_name(&p.berth_id)).await?;
+            remove_link(veth_name(&p.berth_id)).await?;
             self.pending_endpoints().remove(eid);
             self.give_back(&p.de.network, &p.sources);
             return Ok(json!({}));

@@ -49,6 +49,10 @@ pub fn ipam_prefix(network: &str) -> String {
 pub fn ipam(network: &str, ip: IpAddr) -> String {
     format!("{IPAM}{network}/{ip}")
 }
+/// The address of an [`ipam`] key.
+pub fn ipam_address(key: &str) -> Option<IpAddr> {
+    key.rsplit('/').next()?.parse().ok()
+}
 pub fn endpoint(id: &str) -> String {
     format!("{ENDPOINTS}{id}")
 }

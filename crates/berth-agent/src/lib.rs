@@ -93,6 +93,12 @@ fn decode<T: DeserializeOwned>(kv: &KeyValue) -> Result<T> {
     })
 }
 
+/// Deletes a link of the host namespace by name (a veth's peer goes with it); gone already
+/// is fine. Whether it was there.
+async fn remove_link(name: String) -> Result<bool> {
+    kernel(move || berth_dataplane::delete_link(&mut Netlink::open()?, &name)).await
+}
+
 /// Runs blocking kernel work off the async workers.
 async fn kernel<T: Send + 'static>(
     f: impl FnOnce() -> berth_dataplane::Result<T> + Send + 'static,
@@ -306,9 +312,7 @@ impl Agent {
             Err(e) => Err(e),
         };
         if let Err(e) = made {
-            let bridge = net.bridge.clone();
-            let _ =
-                kernel(move || berth_dataplane::delete_link(&mut Netlink::open()?, &bridge)).await;
+            let _ = remove_link(net.bridge.clone()).await;
             self.forget_network(&net).await?;
             return Err(e);
         }
@@ -355,8 +359,7 @@ impl Agent {
                 "network {name:?} is in use by {members} endpoint(s); detach them first"
             )));
         }
-        let bridge = net.bridge.clone();
-        kernel(move || berth_dataplane::delete_link(&mut Netlink::open()?, &bridge)).await?;
+        remove_link(net.bridge.clone()).await?;
         self.forget_network(&net).await?;
         self.stop_dns(name);
         self.sync_firewall().await?;
@@ -376,15 +379,13 @@ impl Agent {
             .lock()
             .expect("reservations lock")
             .retain(|(network, _), _| *network != net.name);
-        let pending: Vec<_> = {
-            let mut all = self.docker_pending.lock().expect("pending endpoints lock");
-            let on_net: Vec<String> = all
-                .iter()
-                .filter(|(_, p)| p.is_on(&net.name))
-                .map(|(id, _)| id.clone())
-                .collect();
-            on_net.iter().filter_map(|id| all.remove(id)).collect()
-        };
+        let pending: Vec<_> = self
+            .docker_pending
+            .lock()
+            .expect("pending endpoints lock")
+            .extract_if(|_, p| p.is_on(&net.name))
+            .map(|(_, p)| p)
+            .collect();
         for p in pending {
             p.discard_veth();
         }
@@ -520,26 +521,30 @@ impl Agent {
         &self,
         sandbox: &str,
     ) -> Result<(File, NetnsRef, Option<(Sandbox, u64)>)> {
-        // A path to a berth sandbox's namespace is that sandbox.
-        let by_path = match Path::new(sandbox) {
+        // A name, or a path to a berth sandbox's namespace, is that sandbox.
+        let named = !sandbox.contains('/');
+        let candidate = match Path::new(sandbox) {
+            _ if named => Some(sandbox),
             p if p.parent() == Some(self.netns_dir.as_path()) => {
-                let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-                self.load::<Sandbox>(&keys::sandbox(name))
-                    .await?
-                    .filter(|(sb, _)| sb.path == sandbox)
+                p.file_name().and_then(|n| n.to_str())
             }
             _ => None,
         };
-        let (path, name, record) = if let Some((sb, rev)) = by_path {
-            (sb.path.clone(), Some(sb.name.clone()), Some((sb, rev)))
-        } else if sandbox.contains('/') {
-            (sandbox.to_string(), None, None)
-        } else {
-            let (sb, rev) = self
-                .load::<Sandbox>(&keys::sandbox(sandbox))
+        let record = match candidate {
+            Some(n) => self
+                .load::<Sandbox>(&keys::sandbox(n))
                 .await?
-                .ok_or_else(|| AgentError::NotFound(format!("no sandbox named {sandbox:?}")))?;
-            (sb.path.clone(), Some(sandbox.to_string()), Some((sb, rev)))
+                .filter(|(sb, _)| named || sb.path == sandbox),
+            None => None,
+        };
+        if named && record.is_none() {
+            return Err(AgentError::NotFound(format!(
+                "no sandbox named {sandbox:?}"
+            )));
+        }
+        let (path, name) = match &record {
+            Some((sb, _)) => (sb.path.clone(), Some(sb.name.clone())),
+            None => (sandbox.to_string(), None),
         };
         let file = match netns::open(Path::new(&path)) {
             Ok(f) => f,
@@ -689,9 +694,7 @@ impl Agent {
         // A detach or sandbox removal that ran between the commit and now found no interface
         // to remove (and may have released the addresses): what this attach made goes too.
         if self.store.get(&keys::endpoint(&ep.id)).await?.is_none() {
-            let host_ifname = ep.host_ifname.clone();
-            kernel(move || berth_dataplane::delete_link(&mut Netlink::open()?, &host_ifname))
-                .await?;
+            remove_link(ep.host_ifname.clone()).await?;
             if !ep.ports.is_empty() {
                 // From the store, not by deleting this endpoint's forwards: its host ports may
                 // be another endpoint's by now.

@@ -12,7 +12,7 @@ use berth_model::{Endpoint, Network, Sandbox, is_berth_link_name};
 use berth_store::Txn;
 use serde::Serialize;
 
-use crate::{Agent, Held, Result, bridge_spec, endpoint_spec, kernel, keys};
+use crate::{Agent, Held, Result, bridge_spec, endpoint_spec, kernel, keys, remove_link};
 
 /// What the repair pass found and did.
 #[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
@@ -79,9 +79,7 @@ impl Agent {
             let alive = ep.runtime_configured
                 || netns::id_at(Path::new(&ep.netns.path)).as_deref() == Some(&ep.netns.id);
             let Some(net) = net.filter(|_| alive) else {
-                let host_ifname = ep.host_ifname.clone();
-                kernel(move || berth_dataplane::delete_link(&mut Netlink::open()?, &host_ifname))
-                    .await?;
+                remove_link(ep.host_ifname.clone()).await?;
                 self.commit(self.endpoint_records(&ep, Txn::new(), false, Held::PortsAndAddresses))
                     .await?;
                 report.endpoints_removed += 1;
@@ -144,8 +142,7 @@ impl Agent {
         for link in host_links {
             let ours = matches!(link.kind.as_deref(), Some("bridge" | "veth"));
             if ours && is_berth_link_name(&link.name) && !known.contains(link.name.as_str()) {
-                let name = link.name.clone();
-                kernel(move || berth_dataplane::delete_link(&mut Netlink::open()?, &name)).await?;
+                remove_link(link.name.clone()).await?;
                 report.links_removed += 1;
                 tracing::warn!(link = %link.name, "unknown berth link removed");
             }
@@ -184,7 +181,7 @@ impl Agent {
         for net in &networks {
             let mut ps: Vec<Pool> = net.subnets.iter().map(|s| Pool::new(s.cidr)).collect();
             for kv in self.store.list(&keys::ipam_prefix(&net.name)).await?.items {
-                let ip = kv.key.rsplit('/').next().and_then(|s| s.parse().ok());
+                let ip = keys::ipam_address(&kv.key);
                 if let Some(ip) = ip {
                     for p in ps.iter_mut().filter(|p| p.subnet().contains(&ip)) {
                         let _ = p.take(ip);
