@@ -358,6 +358,12 @@ fn allocation_owner(h: &Host, network: &str, ip: &str) -> Option<String> {
         .map(|a| a["owner"].as_str().unwrap().to_string())
 }
 
+/// The engine's CreateEndpoint request for an endpoint with one IPv4 address (with prefix).
+fn create_endpoint_body(network: &str, endpoint: &str, address: &str) -> Value {
+    json!({"NetworkID": network, "EndpointID": endpoint,
+        "Interface": {"Address": address, "AddressIPv6": "", "MacAddress": ""}, "Options": {}})
+}
+
 /// A plugin call that must succeed; its JSON answer.
 fn ok_call(h: &Host, method: &str, body: Value) -> Value {
     let (status, answer) = post(h, method, body.to_string().as_bytes());
@@ -418,10 +424,9 @@ fn docker_address_reservations_are_never_handed_out_twice() {
     let (status, answer) = post(
         &h,
         "NetworkDriver.CreateEndpoint",
-        json!({"NetworkID": "n1", "EndpointID": "e1",
-        "Interface": {"Address": first, "AddressIPv6": "", "MacAddress": ""}, "Options": {}})
-        .to_string()
-        .as_bytes(),
+        create_endpoint_body("n1", "e1", &first)
+            .to_string()
+            .as_bytes(),
     );
     let v: Value = serde_json::from_slice(&answer).unwrap();
     assert_ne!(status, 200, "{v}");
@@ -431,8 +436,7 @@ fn docker_address_reservations_are_never_handed_out_twice() {
     ok_call(
         &h,
         "NetworkDriver.CreateEndpoint",
-        json!({"NetworkID": "n1", "EndpointID": "e2",
-        "Interface": {"Address": second, "AddressIPv6": "", "MacAddress": ""}, "Options": {}}),
+        create_endpoint_body("n1", "e2", &second),
     );
     h.ok(&["sandbox", "create", "s2"]);
     let second_ip = second.split('/').next().unwrap();
@@ -467,8 +471,7 @@ fn docker_address_reservations_are_never_handed_out_twice() {
     ok_call(
         &h,
         "NetworkDriver.CreateEndpoint",
-        json!({"NetworkID": "n1", "EndpointID": "e3",
-        "Interface": {"Address": third, "AddressIPv6": "", "MacAddress": ""}, "Options": {}}),
+        create_endpoint_body("n1", "e3", &third),
     );
     assert_ne!(ask_for(&h, &third), 200, "held by e3");
     ok_call(
@@ -503,8 +506,7 @@ fn docker_address_reservations_are_never_handed_out_twice() {
     ok_call(
         &h,
         "NetworkDriver.CreateEndpoint",
-        json!({"NetworkID": "n1", "EndpointID": "e5",
-        "Interface": {"Address": fifth, "AddressIPv6": "", "MacAddress": ""}, "Options": {}}),
+        create_endpoint_body("n1", "e5", &fifth),
     );
     ok_call(
         &h,
@@ -536,8 +538,7 @@ fn docker_address_reservations_are_never_handed_out_twice() {
     ok_call(
         &h,
         "NetworkDriver.CreateEndpoint",
-        json!({"NetworkID": "n1", "EndpointID": "e4",
-        "Interface": {"Address": fourth, "AddressIPv6": "", "MacAddress": ""}, "Options": {}}),
+        create_endpoint_body("n1", "e4", &fourth),
     );
     h.kill();
     h.start();
@@ -616,10 +617,9 @@ fn addresses_for_another_drivers_network_are_never_handed_out_twice() {
     let (status, answer) = post(
         &h,
         "NetworkDriver.CreateEndpoint",
-        json!({"NetworkID": "n1", "EndpointID": "e1",
-        "Interface": {"Address": format!("{a1}/24"), "AddressIPv6": "", "MacAddress": ""}, "Options": {}})
-        .to_string()
-        .as_bytes(),
+        create_endpoint_body("n1", "e1", &format!("{a1}/24"))
+            .to_string()
+            .as_bytes(),
     );
     assert_ne!(status, 200, "{}", String::from_utf8_lossy(&answer));
     assert!(String::from_utf8_lossy(&answer).contains("in use"));
@@ -674,10 +674,9 @@ fn addresses_for_another_drivers_network_are_never_handed_out_twice() {
     let (status, answer) = post(
         &h,
         "NetworkDriver.CreateEndpoint",
-        json!({"NetworkID": "n3", "EndpointID": "e3",
-        "Interface": {"Address": format!("{c1}/24"), "AddressIPv6": "", "MacAddress": ""}, "Options": {}})
-        .to_string()
-        .as_bytes(),
+        create_endpoint_body("n3", "e3", &format!("{c1}/24"))
+            .to_string()
+            .as_bytes(),
     );
     assert_ne!(status, 200, "{}", String::from_utf8_lossy(&answer));
     ok_call(
