@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use berth_dns::wire;
 
-use crate::harness::{Host, OUTSIDE_IP, Outside, endpoint_ip, in_ns};
+use crate::harness::{Host, OUTSIDE_IP, Outside, ServerThreads, endpoint_ip, in_ns};
 
 /// What `dig` saw: the status word and the answers' data, in order.
 #[derive(Debug)]
@@ -271,8 +271,8 @@ fn attach_and_detach_are_visible_to_the_next_query() {
 /// An upstream resolver on another host: A 198.51.100.7 for every name, except `big.example`
 /// (40 addresses: truncated over UDP, whole over TCP) and `silent.example` (never answers).
 struct Upstream {
-    stop: Arc<AtomicBool>,
-    threads: Vec<std::thread::JoinHandle<()>>,
+    /// Held for its drop, which stops the threads.
+    _serving: ServerThreads,
 }
 
 const UPSTREAM_ANSWER: &str = "198.51.100.7";
@@ -346,17 +346,10 @@ impl Upstream {
             }
         });
         Upstream {
-            stop,
-            threads: vec![t1, t2],
-        }
-    }
-}
-
-impl Drop for Upstream {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
+            _serving: ServerThreads {
+                stop,
+                threads: vec![t1, t2],
+            },
         }
     }
 }

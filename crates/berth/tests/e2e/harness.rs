@@ -509,9 +509,24 @@ pub fn in_ns<T: Send>(path: &Path, f: impl FnOnce() -> T + Send) -> T {
 
 /// A TCP and a UDP server on one port in a namespace, answering every client with the
 /// address it sees the client at: that is how tests see NAT. Stopped on drop.
+/// Threads serving a test until dropped: then `stop` is raised and they are joined.
+pub struct ServerThreads {
+    pub stop: Arc<AtomicBool>,
+    pub threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for ServerThreads {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
 pub struct PeerEcho {
-    stop: Arc<AtomicBool>,
-    threads: Vec<std::thread::JoinHandle<()>>,
+    /// Held for its drop, which stops the threads.
+    _serving: ServerThreads,
 }
 
 impl PeerEcho {
@@ -548,17 +563,10 @@ impl PeerEcho {
             }
         });
         PeerEcho {
-            stop,
-            threads: vec![t1, t2],
-        }
-    }
-}
-
-impl Drop for PeerEcho {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
+            _serving: ServerThreads {
+                stop,
+                threads: vec![t1, t2],
+            },
         }
     }
 }
