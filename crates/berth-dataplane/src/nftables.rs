@@ -1,133 +1,584 @@
 //! berth's nftables table `inet berth`: a fixed ruleset whose every decision is a lookup in a
 //! set or map, so that networks and endpoints change only elements.
 //!
-//! - The whole table (rules and every element) is written by [`install`] through one `nft -f`
-//!   run, which the kernel applies as one transaction: at daemon start, when a network comes or
-//!   goes, and when someone removed berth's rules ([`intact`] notices).
-//! - An endpoint's published ports are map elements added and removed in-process over
-//!   nfnetlink ([`add_forwards`], [`delete_forwards`]), one atomic batch each: no process on
-//!   the attach path.
+//! Everything is spoken over nfnetlink in-process; no `nft` process, so the daemon needs no
+//! nftables package (`nft` is only a test tool).
+//! - The whole table (rules and every element) is written by [`install`] as one batch, which
+//!   the kernel applies as one transaction: at daemon start, when a network comes or goes, and
+//!   when something else changed berth's rules or elements ([`check`] says what).
+//! - An endpoint's published ports are map elements added and removed on their own
+//!   ([`add_forwards`], [`delete_forwards`]), one atomic batch each.
 //! - The chain `user` is the operator's: jumped to before any forwarding decision of berth's,
 //!   created if missing and never flushed.
+//! - [`generation`] is nftables' change counter: while it stays put, nothing needs checking.
+
+mod expr;
+mod nfnl;
 
 use std::fmt::Write as _;
-use std::io::Write as _;
-use std::net::IpAddr;
-use std::process::{Command, Stdio};
+use std::net::{IpAddr, SocketAddr};
 
 use berth_model::PortMapping;
 use ipnet::IpNet;
-use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
 
+use self::expr::{Expr, Refs};
+use self::nfnl::{
+    Batch, MAX_ATTR, NFT_MSG_DELRULE, NFT_MSG_DELSETELEM, NFT_MSG_GETCHAIN, NFT_MSG_GETRULE,
+    NFT_MSG_GETSETELEM, NFT_MSG_GETTABLE, NFT_MSG_NEWCHAIN, NFT_MSG_NEWRULE, NFT_MSG_NEWSET,
+    NFT_MSG_NEWSETELEM, NFT_MSG_NEWTABLE, NFT_SET_ELEM_INTERVAL_END, NFTA_DATA_VALUE,
+    NFTA_LIST_ELEM, NFTA_SET_ELEM_DATA, NFTA_SET_ELEM_FLAGS, NFTA_SET_ELEM_KEY,
+    NFTA_SET_ELEM_LIST_ELEMENTS, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_SET_ID,
+    NFTA_SET_ELEM_LIST_TABLE, NLM_F_APPEND, NLM_F_CREATE, Nfnetlink, attr, attr_str, attr_u32,
+    attrs, covers, enoent, put_attr, put_nested, put_str, put_u32,
+};
 use crate::{DataplaneError, Result};
 
 pub const TABLE: &str = "berth";
 
-/// The sets, chains and rules. Chains are `add`ed (kept if present) and then flushed and
-/// refilled, so a reinstall replaces berth's rules atomically and leaves `user` alone.
-const SETS: &str = "\
-add set inet berth bridges { type ifname; }
-add set inet berth intra { type ifname . ifname; }
-add set inet berth internal { type ifname; }
-add set inet berth masq4 { type ipv4_addr; flags interval; }
-add set inet berth masq6 { type ipv6_addr; flags interval; }
-add set inet berth dns4 { type ipv4_addr . inet_service; }
-add set inet berth dns6 { type ipv6_addr . inet_service; }
-add map inet berth ports4_any { type inet_proto . inet_service : ipv4_addr . inet_service; }
-add map inet berth ports4_ip { type ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service; }
-add map inet berth ports6_any { type inet_proto . inet_service : ipv6_addr . inet_service; }
-add map inet berth ports6_ip { type ipv6_addr . inet_proto . inet_service : ipv6_addr . inet_service; }
-";
+// Attribute types (linux/netfilter/nf_tables.h).
+const NFTA_TABLE_NAME: u16 = 1;
+const NFTA_TABLE_FLAGS: u16 = 2;
+const NFT_TABLE_F_DORMANT: u32 = 1;
+const NFTA_CHAIN_TABLE: u16 = 1;
+const NFTA_CHAIN_NAME: u16 = 3;
+const NFTA_CHAIN_HOOK: u16 = 4;
+const NFTA_CHAIN_POLICY: u16 = 5;
+const NFTA_CHAIN_TYPE: u16 = 7;
+const NFTA_HOOK_HOOKNUM: u16 = 1;
+const NFTA_HOOK_PRIORITY: u16 = 2;
+const NFTA_RULE_TABLE: u16 = 1;
+const NFTA_RULE_CHAIN: u16 = 2;
+const NFTA_RULE_EXPRESSIONS: u16 = 4;
+const NFTA_SET_TABLE: u16 = 1;
+const NFTA_SET_NAME: u16 = 2;
+const NFTA_SET_FLAGS: u16 = 3;
+const NFTA_SET_KEY_TYPE: u16 = 4;
+const NFTA_SET_KEY_LEN: u16 = 5;
+const NFTA_SET_DATA_TYPE: u16 = 6;
+const NFTA_SET_DATA_LEN: u16 = 7;
+const NFTA_SET_DESC: u16 = 9;
+const NFTA_SET_DESC_SIZE: u16 = 1;
+const NFTA_SET_ID: u16 = 10;
+const NFTA_SET_USERDATA: u16 = 13;
+const NFT_SET_ANONYMOUS: u32 = 1;
+const NFT_SET_CONSTANT: u32 = 2;
+const NFT_SET_INTERVAL: u32 = 4;
+const NFT_SET_MAP: u32 = 8;
+const NF_ACCEPT: u32 = 1;
 
-const CHAINS: &[(&str, &str)] = &[
+// nft's data types, and how it numbers a concatenation of them.
+const IFNAME: u32 = 41;
+const IPV4_ADDR: u32 = 7;
+const IPV6_ADDR: u32 = 8;
+const INET_PROTO: u32 = 12;
+const INET_SERVICE: u32 = 13;
+
+const fn concat(types: &[u32]) -> u32 {
+    let mut t = 0;
+    let mut i = 0;
+    while i < types.len() {
+        t = (t << 6) | types[i];
+        i += 1;
+    }
+    t
+}
+
+// What nft keeps in a set's user data for its own listing (byte order, `typeof` of a
+// concatenation), copied from what it sends, so that `nft list` shows berth's sets as it
+// shows its own.
+const UD_HOST_ORDER: &[u8] = &[0, 4, 1, 0, 0, 0];
+const UD_NET_ORDER: &[u8] = &[0, 4, 2, 0, 0, 0];
+const UD_CONCAT: &[u8] = &[0, 4, 0, 0, 0, 0, 3, 8, 0, 4, 13, 0, 0, 0, 1, 0];
+const UD_CONCAT_MAP: &[u8] = &[
+    0, 4, 0, 0, 0, 0, 1, 4, 0, 0, 0, 0, 3, 8, 0, 4, 13, 0, 0, 0, 1, 0, 4, 8, 0, 4, 13, 0, 0, 0, 1,
+    0, 6, 4, 0, 0, 0, 0,
+];
+
+/// One named set or map of the table.
+struct SetSpec {
+    name: &'static str,
+    /// Its declaration in nft's language.
+    nft: &'static str,
+    flags: u32,
+    key_type: u32,
+    key_len: u32,
+    /// A map's value type and length.
+    data: Option<(u32, u32)>,
+    userdata: &'static [u8],
+}
+
+impl SetSpec {
+    fn kind(&self) -> &'static str {
+        if self.data.is_some() { "map" } else { "set" }
+    }
+}
+
+const fn set(name: &'static str, nft: &'static str, key: (u32, u32), ud: &'static [u8]) -> SetSpec {
+    SetSpec {
+        name,
+        nft,
+        flags: 0,
+        key_type: key.0,
+        key_len: key.1,
+        data: None,
+        userdata: ud,
+    }
+}
+
+const fn map(name: &'static str, nft: &'static str, key: (u32, u32), data: (u32, u32)) -> SetSpec {
+    SetSpec {
+        name,
+        nft,
+        flags: NFT_SET_MAP,
+        key_type: key.0,
+        key_len: key.1,
+        data: Some(data),
+        userdata: UD_CONCAT_MAP,
+    }
+}
+
+/// Each part of a concatenation takes a multiple of 4 bytes.
+const V4_PORT: (u32, u32) = (concat(&[IPV4_ADDR, INET_SERVICE]), 8);
+const V6_PORT: (u32, u32) = (concat(&[IPV6_ADDR, INET_SERVICE]), 20);
+
+const SETS: &[SetSpec] = &[
+    set("bridges", "type ifname;", (IFNAME, 16), UD_HOST_ORDER),
+    set(
+        "intra",
+        "type ifname . ifname;",
+        (concat(&[IFNAME, IFNAME]), 32),
+        UD_CONCAT,
+    ),
+    set("internal", "type ifname;", (IFNAME, 16), UD_HOST_ORDER),
+    SetSpec {
+        flags: NFT_SET_INTERVAL,
+        ..set(
+            "masq4",
+            "type ipv4_addr; flags interval;",
+            (IPV4_ADDR, 4),
+            UD_NET_ORDER,
+        )
+    },
+    SetSpec {
+        flags: NFT_SET_INTERVAL,
+        ..set(
+            "masq6",
+            "type ipv6_addr; flags interval;",
+            (IPV6_ADDR, 16),
+            UD_NET_ORDER,
+        )
+    },
+    set("dns4", "type ipv4_addr . inet_service;", V4_PORT, UD_CONCAT),
+    set("dns6", "type ipv6_addr . inet_service;", V6_PORT, UD_CONCAT),
+    map(
+        "ports4_any",
+        "type inet_proto . inet_service : ipv4_addr . inet_service;",
+        (concat(&[INET_PROTO, INET_SERVICE]), 8),
+        V4_PORT,
+    ),
+    map(
+        "ports4_ip",
+        "type ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service;",
+        (concat(&[IPV4_ADDR, INET_PROTO, INET_SERVICE]), 12),
+        V4_PORT,
+    ),
+    map(
+        "ports6_any",
+        "type inet_proto . inet_service : ipv6_addr . inet_service;",
+        (concat(&[INET_PROTO, INET_SERVICE]), 8),
+        V6_PORT,
+    ),
+    map(
+        "ports6_ip",
+        "type ipv6_addr . inet_proto . inet_service : ipv6_addr . inet_service;",
+        (concat(&[IPV6_ADDR, INET_PROTO, INET_SERVICE]), 24),
+        V6_PORT,
+    ),
+];
+
+/// The set's id within an install batch, by which rules of the same batch find it.
+fn set_id(name: &str) -> u32 {
+    SETS.iter()
+        .position(|s| s.name == name)
+        .map_or(0, |i| i as u32 + 1)
+}
+
+/// A base chain's hook.
+struct Hook {
+    kind: &'static str,
+    /// `NF_INET_*`
+    hook: u32,
+    priority: i32,
+    /// The same in nft's language.
+    nft: &'static str,
+}
+
+/// The operator's chain: created if missing, never flushed.
+const USER_CHAIN: &str = "user";
+
+const CHAINS: &[(&str, Option<Hook>)] = &[
     (
         "forward",
-        "type filter hook forward priority filter; policy accept;",
+        Some(Hook {
+            kind: "filter",
+            hook: 2,
+            priority: 0,
+            nft: "type filter hook forward priority filter; policy accept;",
+        }),
     ),
-    ("into_network", ""),
+    ("into_network", None),
     (
         "guard",
-        "type filter hook prerouting priority raw; policy accept;",
+        Some(Hook {
+            kind: "filter",
+            hook: 0,
+            priority: -300,
+            nft: "type filter hook prerouting priority raw; policy accept;",
+        }),
     ),
     (
         "guard_out",
-        "type filter hook output priority raw; policy accept;",
+        Some(Hook {
+            kind: "filter",
+            hook: 3,
+            priority: -300,
+            nft: "type filter hook output priority raw; policy accept;",
+        }),
     ),
     (
         "prerouting",
-        "type nat hook prerouting priority dstnat; policy accept;",
+        Some(Hook {
+            kind: "nat",
+            hook: 0,
+            priority: -100,
+            nft: "type nat hook prerouting priority dstnat; policy accept;",
+        }),
     ),
     (
         "output",
-        "type nat hook output priority -100; policy accept;",
+        Some(Hook {
+            kind: "nat",
+            hook: 3,
+            priority: -100,
+            nft: "type nat hook output priority -100; policy accept;",
+        }),
     ),
-    ("publish", ""),
+    ("publish", None),
     (
         "postrouting",
-        "type nat hook postrouting priority srcnat; policy accept;",
+        Some(Hook {
+            kind: "nat",
+            hook: 4,
+            priority: 100,
+            nft: "type nat hook postrouting priority srcnat; policy accept;",
+        }),
     ),
-    ("into_network_nat", ""),
+    ("into_network_nat", None),
 ];
 
-const RULES: &[(&str, &str)] = &[
-    // The operator's restrictions come before anything berth allows.
-    ("forward", "jump user"),
-    ("forward", "oifname @bridges goto into_network"),
-    // An internal network has no way out.
-    ("forward", "iifname @internal drop"),
-    // Within one network (bridged traffic passes here when br_netfilter is loaded).
-    ("into_network", "iifname . oifname @intra accept"),
-    ("into_network", "oifname @internal drop"),
-    ("into_network", "ct state established,related accept"),
-    // Published ports, from anywhere, including other berth networks.
-    ("into_network", "ct status dnat accept"),
-    // Everything else into a network: other networks (isolation) and other hosts reaching
-    // container addresses directly.
-    ("into_network", "drop"),
-    // route_localnet is on for bridges (so 127.0.0.1 can be published); a container must not
-    // use it to reach the host's loopback services.
-    ("guard", "iifname @bridges ip daddr 127.0.0.0/8 drop"),
-    // berth's DNS servers on the gateways: their UDP traffic is not tracked (as Kubernetes'
-    // NodeLocal DNSCache does), which saves two conntrack lookups and an entry per query
-    // and keeps a published host port 53 from capturing them.
-    ("guard", "ip daddr . udp dport @dns4 notrack"),
-    ("guard", "ip6 daddr . udp dport @dns6 notrack"),
-    ("guard_out", "ip saddr . udp sport @dns4 notrack"),
-    ("guard_out", "ip6 saddr . udp sport @dns6 notrack"),
-    ("prerouting", "fib daddr type local goto publish"),
-    ("output", "fib daddr type local goto publish"),
-    (
-        "publish",
-        "meta nfproto ipv4 meta l4proto { tcp, udp, sctp } dnat ip to ip daddr . meta l4proto . th dport map @ports4_ip",
-    ),
-    (
-        "publish",
-        "meta nfproto ipv4 meta l4proto { tcp, udp, sctp } dnat ip to meta l4proto . th dport map @ports4_any",
-    ),
-    (
-        "publish",
-        "meta nfproto ipv6 meta l4proto { tcp, udp, sctp } dnat ip6 to ip6 daddr . meta l4proto . th dport map @ports6_ip",
-    ),
-    (
-        "publish",
-        "meta nfproto ipv6 meta l4proto { tcp, udp, sctp } dnat ip6 to meta l4proto . th dport map @ports6_any",
-    ),
-    ("postrouting", "oifname @bridges goto into_network_nat"),
-    ("postrouting", "ip saddr @masq4 masquerade"),
-    ("postrouting", "ip6 saddr @masq6 masquerade"),
-    // Hairpin: a container reaching a published port through a host address gets the answer
-    // back through the host only if the server sees the host as the client.
-    (
-        "into_network_nat",
-        "ct status dnat ip saddr @masq4 masquerade",
-    ),
-    (
-        "into_network_nat",
-        "ct status dnat ip6 saddr @masq6 masquerade",
-    ),
-    // A port published on 127.0.0.1 and reached from this host.
-    ("into_network_nat", "ip saddr 127.0.0.0/8 masquerade"),
-];
+/// A base chain's type, hook, priority and policy, as `NEWCHAIN` carries them.
+fn hook_attrs(h: &Hook) -> Vec<u8> {
+    let mut a = Vec::new();
+    put_str(&mut a, NFTA_CHAIN_TYPE, h.kind);
+    put_u32(&mut a, NFTA_CHAIN_POLICY, NF_ACCEPT);
+    put_nested(&mut a, NFTA_CHAIN_HOOK, |n| {
+        put_u32(n, NFTA_HOOK_HOOKNUM, h.hook);
+        put_u32(n, NFTA_HOOK_PRIORITY, h.priority as u32);
+    });
+    a
+}
+
+/// One rule: its chain, its text in nft's language and the expressions nft makes of it
+/// (checked against nft itself by the kernel tests).
+struct Rule {
+    chain: &'static str,
+    nft: &'static str,
+    exprs: Vec<Expr>,
+}
+
+fn rules() -> Vec<Rule> {
+    use self::expr::{
+        Base::{Network, Transport},
+        CT_ESTABLISHED_RELATED, CtKey, IPPROTO_UDP, IPS_DST_NAT, L4_PROTOCOLS,
+        MetaKey::{IifName, L4Proto, NfProto, OifName},
+        NFPROTO_IPV4, NFPROTO_IPV6, REG1, REG2, REG32_01, REG32_02, REG32_05, RTN_LOCAL, accept,
+        and, cmp_eq, ct, dnat, drop, fib_daddr_type, goto, jump, lookup, lookup_anonymous, map,
+        masq, meta, nonzero, notrack, payload,
+    };
+    let rule = |chain, nft, parts: &[Vec<Expr>]| Rule {
+        chain,
+        nft,
+        exprs: parts.concat(),
+    };
+    // `ip ...` and `ip6 ...` in the inet family: first the packet's family.
+    let ip = || vec![meta(NfProto, REG1), cmp_eq(REG1, &[NFPROTO_IPV4])];
+    let ip6 = || vec![meta(NfProto, REG1), cmp_eq(REG1, &[NFPROTO_IPV6])];
+    let udp = || vec![meta(L4Proto, REG1), cmp_eq(REG1, &[IPPROTO_UDP])];
+    let ct_status_dnat = || {
+        vec![
+            ct(CtKey::Status, REG1),
+            and(REG1, IPS_DST_NAT),
+            nonzero(REG1),
+        ]
+    };
+    let tcp_udp_sctp = || vec![meta(L4Proto, REG1), lookup_anonymous(REG1, &L4_PROTOCOLS)];
+    let local_goto_publish = || {
+        vec![
+            fib_daddr_type(REG1),
+            cmp_eq(REG1, &RTN_LOCAL.to_ne_bytes()),
+            goto("publish"),
+        ]
+    };
+    vec![
+        // The operator's restrictions come before anything berth allows.
+        rule("forward", "jump user", &[vec![jump(USER_CHAIN)]]),
+        rule(
+            "forward",
+            "oifname @bridges goto into_network",
+            &[vec![
+                meta(OifName, REG1),
+                lookup(REG1, "bridges"),
+                goto("into_network"),
+            ]],
+        ),
+        // An internal network has no way out.
+        rule(
+            "forward",
+            "iifname @internal drop",
+            &[vec![meta(IifName, REG1), lookup(REG1, "internal"), drop()]],
+        ),
+        // Within one network (bridged traffic passes here when br_netfilter is loaded).
+        rule(
+            "into_network",
+            "iifname . oifname @intra accept",
+            &[vec![
+                meta(IifName, REG1),
+                meta(OifName, REG2),
+                lookup(REG1, "intra"),
+                accept(),
+            ]],
+        ),
+        rule(
+            "into_network",
+            "oifname @internal drop",
+            &[vec![meta(OifName, REG1), lookup(REG1, "internal"), drop()]],
+        ),
+        rule(
+            "into_network",
+            "ct state established,related accept",
+            &[vec![
+                ct(CtKey::State, REG1),
+                and(REG1, CT_ESTABLISHED_RELATED),
+                nonzero(REG1),
+                accept(),
+            ]],
+        ),
+        // Published ports, from anywhere, including other berth networks.
+        rule(
+            "into_network",
+            "ct status dnat accept",
+            &[ct_status_dnat(), vec![accept()]],
+        ),
+        // Everything else into a network: other networks (isolation) and other hosts
+        // reaching container addresses directly.
+        rule("into_network", "drop", &[vec![drop()]]),
+        // route_localnet is on for bridges (so 127.0.0.1 can be published); a container must
+        // not use it to reach the host's loopback services.
+        rule(
+            "guard",
+            "iifname @bridges ip daddr 127.0.0.0/8 drop",
+            &[
+                vec![meta(IifName, REG1), lookup(REG1, "bridges")],
+                ip(),
+                vec![payload(Network, 16, 1, REG1), cmp_eq(REG1, &[127]), drop()],
+            ],
+        ),
+        // berth's DNS servers on the gateways: their UDP traffic is not tracked (as
+        // Kubernetes' NodeLocal DNSCache does), which saves two conntrack lookups and an
+        // entry per query and keeps a published host port 53 from capturing them.
+        // Address and port are one concatenated key, from register 1 on.
+        rule(
+            "guard",
+            "ip daddr . udp dport @dns4 notrack",
+            &[
+                ip(),
+                udp(),
+                vec![
+                    payload(Network, 16, 4, REG1),
+                    payload(Transport, 2, 2, REG32_01),
+                    lookup(REG1, "dns4"),
+                    notrack(),
+                ],
+            ],
+        ),
+        rule(
+            "guard",
+            "ip6 daddr . udp dport @dns6 notrack",
+            &[
+                ip6(),
+                udp(),
+                vec![
+                    payload(Network, 24, 16, REG1),
+                    payload(Transport, 2, 2, REG2),
+                    lookup(REG1, "dns6"),
+                    notrack(),
+                ],
+            ],
+        ),
+        rule(
+            "guard_out",
+            "ip saddr . udp sport @dns4 notrack",
+            &[
+                ip(),
+                udp(),
+                vec![
+                    payload(Network, 12, 4, REG1),
+                    payload(Transport, 0, 2, REG32_01),
+                    lookup(REG1, "dns4"),
+                    notrack(),
+                ],
+            ],
+        ),
+        rule(
+            "guard_out",
+            "ip6 saddr . udp sport @dns6 notrack",
+            &[
+                ip6(),
+                udp(),
+                vec![
+                    payload(Network, 8, 16, REG1),
+                    payload(Transport, 0, 2, REG2),
+                    lookup(REG1, "dns6"),
+                    notrack(),
+                ],
+            ],
+        ),
+        rule(
+            "prerouting",
+            "fib daddr type local goto publish",
+            &[local_goto_publish()],
+        ),
+        rule(
+            "output",
+            "fib daddr type local goto publish",
+            &[local_goto_publish()],
+        ),
+        // The maps' keys and values are concatenations too: the value (address . port)
+        // lands in register 1 and the 4-byte register after the address.
+        rule(
+            "publish",
+            "meta nfproto ipv4 meta l4proto { tcp, udp, sctp } dnat ip to ip daddr . meta l4proto . th dport map @ports4_ip",
+            &[
+                ip(),
+                tcp_udp_sctp(),
+                vec![
+                    payload(Network, 16, 4, REG1),
+                    meta(L4Proto, REG32_01),
+                    payload(Transport, 2, 2, REG32_02),
+                    map(REG1, "ports4_ip", REG1),
+                    dnat(NFPROTO_IPV4, REG1, REG32_01),
+                ],
+            ],
+        ),
+        rule(
+            "publish",
+            "meta nfproto ipv4 meta l4proto { tcp, udp, sctp } dnat ip to meta l4proto . th dport map @ports4_any",
+            &[
+                ip(),
+                tcp_udp_sctp(),
+                vec![
+                    meta(L4Proto, REG1),
+                    payload(Transport, 2, 2, REG32_01),
+                    map(REG1, "ports4_any", REG1),
+                    dnat(NFPROTO_IPV4, REG1, REG32_01),
+                ],
+            ],
+        ),
+        rule(
+            "publish",
+            "meta nfproto ipv6 meta l4proto { tcp, udp, sctp } dnat ip6 to ip6 daddr . meta l4proto . th dport map @ports6_ip",
+            &[
+                ip6(),
+                tcp_udp_sctp(),
+                vec![
+                    payload(Network, 24, 16, REG1),
+                    meta(L4Proto, REG2),
+                    payload(Transport, 2, 2, REG32_05),
+                    map(REG1, "ports6_ip", REG1),
+                    dnat(NFPROTO_IPV6, REG1, REG2),
+                ],
+            ],
+        ),
+        rule(
+            "publish",
+            "meta nfproto ipv6 meta l4proto { tcp, udp, sctp } dnat ip6 to meta l4proto . th dport map @ports6_any",
+            &[
+                ip6(),
+                tcp_udp_sctp(),
+                vec![
+                    meta(L4Proto, REG1),
+                    payload(Transport, 2, 2, REG32_01),
+                    map(REG1, "ports6_any", REG1),
+                    dnat(NFPROTO_IPV6, REG1, REG2),
+                ],
+            ],
+        ),
+        rule(
+            "postrouting",
+            "oifname @bridges goto into_network_nat",
+            &[vec![
+                meta(OifName, REG1),
+                lookup(REG1, "bridges"),
+                goto("into_network_nat"),
+            ]],
+        ),
+        rule(
+            "postrouting",
+            "ip saddr @masq4 masquerade",
+            &[
+                ip(),
+                vec![payload(Network, 12, 4, REG1), lookup(REG1, "masq4"), masq()],
+            ],
+        ),
+        rule(
+            "postrouting",
+            "ip6 saddr @masq6 masquerade",
+            &[
+                ip6(),
+                vec![payload(Network, 8, 16, REG1), lookup(REG1, "masq6"), masq()],
+            ],
+        ),
+        // Hairpin: a container reaching a published port through a host address gets the
+        // answer back through the host only if the server sees the host as the client.
+        rule(
+            "into_network_nat",
+            "ct status dnat ip saddr @masq4 masquerade",
+            &[
+                ct_status_dnat(),
+                ip(),
+                vec![payload(Network, 12, 4, REG1), lookup(REG1, "masq4"), masq()],
+            ],
+        ),
+        rule(
+            "into_network_nat",
+            "ct status dnat ip6 saddr @masq6 masquerade",
+            &[
+                ct_status_dnat(),
+                ip6(),
+                vec![payload(Network, 8, 16, REG1), lookup(REG1, "masq6"), masq()],
+            ],
+        ),
+        // A port published on 127.0.0.1 and reached from this host.
+        rule(
+            "into_network_nat",
+            "ip saddr 127.0.0.0/8 masquerade",
+            &[
+                ip(),
+                vec![payload(Network, 12, 1, REG1), cmp_eq(REG1, &[127]), masq()],
+            ],
+        ),
+    ]
+}
 
 /// One network as the firewall sees it.
 #[derive(Debug, Clone)]
@@ -136,7 +587,7 @@ pub struct NetworkRules {
     pub internal: bool,
     pub subnets: Vec<IpNet>,
     /// Where berth's DNS answers on this network (empty: no DNS).
-    pub dns: Vec<std::net::SocketAddr>,
+    pub dns: Vec<SocketAddr>,
 }
 
 /// One published port of one endpoint: `mapping` forwarded to `target`.
@@ -193,35 +644,127 @@ fn port_bytes(port: u16) -> [u8; 4] {
     [a, b, 0, 0]
 }
 
-/// The complete table for these networks and forwards, as `nft -f` input.
-pub fn ruleset(networks: &[NetworkRules], forwards: &[Forward]) -> String {
-    let mut s = String::from("add table inet berth\nadd chain inet berth user\n");
-    s.push_str(SETS);
-    for (chain, spec) in CHAINS {
-        if spec.is_empty() {
-            let _ = writeln!(s, "add chain inet berth {chain}");
-        } else {
-            let _ = writeln!(s, "add chain inet berth {chain} {{ {spec} }}");
+/// An interface name as a key: `IFNAMSIZ` bytes, zero-padded.
+fn ifname_bytes(name: &str) -> Vec<u8> {
+    let mut b = name.as_bytes().to_vec();
+    b.resize(16, 0);
+    b
+}
+
+/// One element as the kernel holds it. An interval set holds a range as two: its first
+/// address and, flagged as the end, the first address after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Element {
+    key: Vec<u8>,
+    data: Option<Vec<u8>>,
+    interval_end: bool,
+}
+
+/// By key, and at the same key an end before a start: adjacent ranges go to the kernel as
+/// start, end, start, end, as nft sends them.
+impl Ord for Element {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (&self.key, !self.interval_end, &self.data).cmp(&(
+            &other.key,
+            !other.interval_end,
+            &other.data,
+        ))
+    }
+}
+
+impl PartialOrd for Element {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Element {
+    /// A plain element: a key, no value, not an interval's end.
+    fn of(key: Vec<u8>) -> Element {
+        Element {
+            key,
+            data: None,
+            interval_end: false,
         }
-        let _ = writeln!(s, "flush chain inet berth {chain}");
     }
-    for words in SETS
-        .lines()
-        .map(|l| l.split_whitespace().collect::<Vec<_>>())
-    {
-        // "add set|map inet berth NAME ..."
-        let _ = writeln!(s, "flush {} inet berth {}", words[1], words[4]);
+}
+
+/// One member of one of berth's sets, in the terms berth thinks in.
+enum Member {
+    Bridge(String),
+    BridgePair(String),
+    Subnet(IpNet),
+    Dns(SocketAddr),
+    Forward(Forward),
+}
+
+impl Member {
+    /// As an element of `nft`'s language.
+    fn text(&self) -> String {
+        match self {
+            Member::Bridge(b) => format!("\"{b}\""),
+            Member::BridgePair(b) => format!("\"{b}\" . \"{b}\""),
+            Member::Subnet(net) => net.trunc().to_string(),
+            Member::Dns(a) => format!("{} . {}", a.ip(), a.port()),
+            Member::Forward(f) => f.text(),
+        }
     }
-    for (chain, rule) in RULES {
-        let _ = writeln!(s, "add rule inet berth {chain} {rule}");
+
+    /// As the kernel's elements.
+    fn elements(&self) -> Vec<Element> {
+        match self {
+            Member::Bridge(b) => vec![Element::of(ifname_bytes(b))],
+            Member::BridgePair(b) => {
+                let mut k = ifname_bytes(b);
+                k.extend_from_slice(&ifname_bytes(b));
+                vec![Element::of(k)]
+            }
+            Member::Subnet(net) => {
+                let mut out = vec![Element::of(ip_bytes(net.network()))];
+                // The end is the first address after the subnet; a subnet that reaches the
+                // last address has none (as nft does it).
+                let end = match net.broadcast() {
+                    IpAddr::V4(b) => u32::from(b)
+                        .checked_add(1)
+                        .map(|n| n.to_be_bytes().to_vec()),
+                    IpAddr::V6(b) => u128::from(b)
+                        .checked_add(1)
+                        .map(|n| n.to_be_bytes().to_vec()),
+                };
+                if let Some(end) = end {
+                    out.push(Element {
+                        key: end,
+                        data: None,
+                        interval_end: true,
+                    });
+                }
+                out
+            }
+            Member::Dns(a) => {
+                let mut k = ip_bytes(a.ip());
+                k.extend_from_slice(&port_bytes(a.port()));
+                vec![Element::of(k)]
+            }
+            Member::Forward(f) => {
+                let (key, data) = f.key_and_data();
+                vec![Element {
+                    key,
+                    data: Some(data),
+                    interval_end: false,
+                }]
+            }
+        }
     }
-    let mut elements: Vec<(&str, String)> = Vec::new();
+}
+
+/// Every set's members for these networks and forwards, by set name.
+fn members(networks: &[NetworkRules], forwards: &[Forward]) -> Vec<(&'static str, Member)> {
+    let mut out = Vec::new();
     for n in networks {
-        let br = format!("\"{}\"", n.bridge);
-        elements.push(("bridges", br.clone()));
-        elements.push(("intra", format!("{br} . {br}")));
+        out.push(("bridges", Member::Bridge(n.bridge.clone())));
+        out.push(("intra", Member::BridgePair(n.bridge.clone())));
         if n.internal {
-            elements.push(("internal", br));
+            out.push(("internal", Member::Bridge(n.bridge.clone())));
         } else {
             for subnet in &n.subnets {
                 let set = if subnet.addr().is_ipv4() {
@@ -229,93 +772,408 @@ pub fn ruleset(networks: &[NetworkRules], forwards: &[Forward]) -> String {
                 } else {
                     "masq6"
                 };
-                elements.push((set, subnet.to_string()));
+                out.push((set, Member::Subnet(*subnet)));
             }
         }
         for addr in &n.dns {
             let set = if addr.is_ipv4() { "dns4" } else { "dns6" };
-            elements.push((set, format!("{} . {}", addr.ip(), addr.port())));
+            out.push((set, Member::Dns(*addr)));
         }
     }
-    elements.extend(forwards.iter().map(|f| (f.map(), f.text())));
-    for (set, element) in elements {
-        let _ = writeln!(s, "add element inet berth {set} {{ {element} }}");
+    out.extend(forwards.iter().map(|f| (f.map(), Member::Forward(*f))));
+    out
+}
+
+/// The elements each of [`SETS`] should hold, in its order, sorted and without duplicates.
+fn elements(networks: &[NetworkRules], forwards: &[Forward]) -> Vec<Vec<Element>> {
+    let mut per_set = vec![Vec::new(); SETS.len()];
+    for (set, member) in members(networks, forwards) {
+        per_set[set_id(set) as usize - 1].extend(member.elements());
+    }
+    for e in &mut per_set {
+        e.sort();
+        e.dedup();
+    }
+    per_set
+}
+
+/// The complete table for these networks and forwards in `nft`'s language: what [`install`]
+/// writes, for people and for the tests that hold the two side by side.
+pub fn ruleset(networks: &[NetworkRules], forwards: &[Forward]) -> String {
+    let mut s = format!("add table inet {TABLE}\nadd chain inet {TABLE} {USER_CHAIN}\n");
+    for set in SETS {
+        let _ = writeln!(
+            s,
+            "add {} inet {TABLE} {} {{ {} }}",
+            set.kind(),
+            set.name,
+            set.nft
+        );
+    }
+    for (chain, hook) in CHAINS {
+        match hook {
+            None => {
+                let _ = writeln!(s, "add chain inet {TABLE} {chain}");
+            }
+            Some(h) => {
+                let _ = writeln!(s, "add chain inet {TABLE} {chain} {{ {} }}", h.nft);
+            }
+        }
+        let _ = writeln!(s, "flush chain inet {TABLE} {chain}");
+    }
+    for set in SETS {
+        let _ = writeln!(s, "flush {} inet {TABLE} {}", set.kind(), set.name);
+    }
+    for r in rules() {
+        let _ = writeln!(s, "add rule inet {TABLE} {} {}", r.chain, r.nft);
+    }
+    for (set, member) in members(networks, forwards) {
+        let _ = writeln!(s, "add element inet {TABLE} {set} {{ {} }}", member.text());
     }
     s
 }
 
-/// Writes the table (see [`ruleset`]) in one `nft` transaction: all of it or, on error, none.
+/// Writes the whole table in one transaction: all of it or, on error, none. Berth's chains
+/// and sets are created if missing and flushed, so the result is exactly these rules and
+/// elements; the `user` chain keeps its rules.
 pub fn install(networks: &[NetworkRules], forwards: &[Forward]) -> Result<()> {
-    nft(&ruleset(networks, forwards))
+    let mut b = Batch::default();
+    let mut a = Vec::new();
+    put_str(&mut a, NFTA_TABLE_NAME, TABLE);
+    // Flags 0 also wakes a table someone made dormant.
+    put_u32(&mut a, NFTA_TABLE_FLAGS, 0);
+    b.push(NFT_MSG_NEWTABLE, 0, a, format!("create table inet {TABLE}"));
+    b.push(
+        NFT_MSG_NEWCHAIN,
+        NLM_F_CREATE,
+        chain_attrs(NFTA_CHAIN_NAME, USER_CHAIN),
+        format!("create chain {USER_CHAIN}"),
+    );
+    for (i, set) in SETS.iter().enumerate() {
+        let mut a = Vec::new();
+        put_str(&mut a, NFTA_SET_TABLE, TABLE);
+        put_str(&mut a, NFTA_SET_NAME, set.name);
+        put_u32(&mut a, NFTA_SET_FLAGS, set.flags);
+        put_u32(&mut a, NFTA_SET_KEY_TYPE, set.key_type);
+        put_u32(&mut a, NFTA_SET_KEY_LEN, set.key_len);
+        if let Some((data_type, data_len)) = set.data {
+            put_u32(&mut a, NFTA_SET_DATA_TYPE, data_type);
+            put_u32(&mut a, NFTA_SET_DATA_LEN, data_len);
+        }
+        put_u32(&mut a, NFTA_SET_ID, i as u32 + 1);
+        put_attr(&mut a, NFTA_SET_USERDATA, set.userdata);
+        b.push(
+            NFT_MSG_NEWSET,
+            NLM_F_CREATE,
+            a,
+            format!("create {} {}", set.kind(), set.name),
+        );
+    }
+    for (chain, hook) in CHAINS {
+        let mut a = chain_attrs(NFTA_CHAIN_NAME, chain);
+        if let Some(h) = hook {
+            a.extend_from_slice(&hook_attrs(h));
+        }
+        b.push(
+            NFT_MSG_NEWCHAIN,
+            NLM_F_CREATE,
+            a,
+            format!("create chain {chain}"),
+        );
+        b.push(
+            NFT_MSG_DELRULE,
+            0,
+            chain_attrs(NFTA_RULE_CHAIN, chain),
+            format!("flush chain {chain}"),
+        );
+    }
+    for set in SETS {
+        b.push(
+            NFT_MSG_DELSETELEM,
+            0,
+            set_attrs(set.name),
+            format!("flush {} {}", set.kind(), set.name),
+        );
+    }
+    let mut next_id = SETS.len() as u32 + 1;
+    for r in rules() {
+        let anonymous_id = next_id;
+        if let Some(anon) = r.exprs.iter().find_map(Expr::anonymous_set) {
+            next_id += 1;
+            let mut a = Vec::new();
+            put_str(&mut a, NFTA_SET_TABLE, TABLE);
+            put_str(&mut a, NFTA_SET_NAME, expr::ANONYMOUS_SET_NAME);
+            put_u32(&mut a, NFTA_SET_FLAGS, NFT_SET_ANONYMOUS | NFT_SET_CONSTANT);
+            put_u32(&mut a, NFTA_SET_KEY_TYPE, anon.key_type);
+            put_u32(&mut a, NFTA_SET_KEY_LEN, anon.key_len);
+            put_u32(&mut a, NFTA_SET_ID, anonymous_id);
+            put_nested(&mut a, NFTA_SET_DESC, |d| {
+                put_u32(d, NFTA_SET_DESC_SIZE, anon.elements.len() as u32)
+            });
+            put_attr(&mut a, NFTA_SET_USERDATA, anon.userdata);
+            let what = format!("create the anonymous set of `{}`", r.nft);
+            b.push(NFT_MSG_NEWSET, NLM_F_CREATE, a, what.clone());
+            let mut a = set_attrs(expr::ANONYMOUS_SET_NAME);
+            put_u32(&mut a, NFTA_SET_ELEM_LIST_SET_ID, anonymous_id);
+            put_nested(&mut a, NFTA_SET_ELEM_LIST_ELEMENTS, |list| {
+                for key in anon.elements {
+                    put_element(list, &Element::of(key.to_vec()));
+                }
+            });
+            b.push(NFT_MSG_NEWSETELEM, NLM_F_CREATE, a, what);
+        }
+        let mut a = chain_attrs(NFTA_RULE_CHAIN, r.chain);
+        let refs = Refs::Batch {
+            set_id,
+            anonymous_id,
+        };
+        put_nested(&mut a, NFTA_RULE_EXPRESSIONS, |e| {
+            e.extend_from_slice(&expr::encode(&r.exprs, refs))
+        });
+        b.push(
+            NFT_MSG_NEWRULE,
+            NLM_F_CREATE | NLM_F_APPEND,
+            a,
+            format!("add rule `{}` to chain {}", r.nft, r.chain),
+        );
+    }
+    for (set, elements) in SETS.iter().zip(elements(networks, forwards)) {
+        push_elements(&mut b, NFT_MSG_NEWSETELEM, set, &elements);
+    }
+    Nfnetlink::open()?.commit(&b)
 }
 
-/// Runs `nft -f -` with `script` in the calling thread's network namespace.
-fn nft(script: &str) -> Result<()> {
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| DataplaneError::io("running nft (is the nftables package installed?)", e))?;
-    child
-        .stdin
-        .take()
-        .expect("stdin is piped")
-        .write_all(script.as_bytes())
-        .map_err(|e| DataplaneError::io("writing to nft", e))?;
-    let out = child
-        .wait_with_output()
-        .map_err(|e| DataplaneError::io("waiting for nft", e))?;
-    if out.status.success() {
-        Ok(())
+/// The table's name and an object's name (`NFTA_*_TABLE` is 1 for chains, rules and sets).
+fn chain_attrs(name_kind: u16, name: &str) -> Vec<u8> {
+    let mut a = Vec::new();
+    put_str(&mut a, NFTA_CHAIN_TABLE, TABLE);
+    put_str(&mut a, name_kind, name);
+    a
+}
+
+fn set_attrs(set: &str) -> Vec<u8> {
+    let mut a = Vec::new();
+    put_str(&mut a, NFTA_SET_ELEM_LIST_TABLE, TABLE);
+    put_str(&mut a, NFTA_SET_ELEM_LIST_SET, set);
+    a
+}
+
+fn put_element(list: &mut Vec<u8>, e: &Element) {
+    put_nested(list, NFTA_LIST_ELEM, |el| {
+        if e.interval_end {
+            put_u32(el, NFTA_SET_ELEM_FLAGS, NFT_SET_ELEM_INTERVAL_END);
+        }
+        put_nested(el, NFTA_SET_ELEM_KEY, |k| {
+            put_attr(k, NFTA_DATA_VALUE, &e.key)
+        });
+        if let Some(data) = &e.data {
+            put_nested(el, NFTA_SET_ELEM_DATA, |d| {
+                put_attr(d, NFTA_DATA_VALUE, data)
+            });
+        }
+    });
+}
+
+/// Adds (`NEWSETELEM`) or deletes (`DELSETELEM`) elements of one set, in as many messages
+/// as a netlink attribute's 64 KiB limit needs.
+fn push_elements(b: &mut Batch, op: u16, set: &SetSpec, elements: &[Element]) {
+    let (flags, verb) = if op == NFT_MSG_NEWSETELEM {
+        (NLM_F_CREATE, "add")
     } else {
-        Err(DataplaneError::Nft(
-            String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        ))
+        (0, "delete")
+    };
+    let mut rest = elements;
+    while !rest.is_empty() {
+        let mut list = Vec::new();
+        let mut n = 0;
+        for e in rest {
+            let before = list.len();
+            put_element(&mut list, e);
+            if list.len() > MAX_ATTR / 2 && n > 0 {
+                list.truncate(before);
+                break;
+            }
+            n += 1;
+        }
+        let mut a = set_attrs(set.name);
+        put_nested(&mut a, NFTA_SET_ELEM_LIST_ELEMENTS, |l| {
+            l.extend_from_slice(&list)
+        });
+        b.push(
+            op,
+            flags,
+            a,
+            format!("{verb} {n} elements of {} {}", set.kind(), set.name),
+        );
+        rest = &rest[n..];
     }
 }
 
-/// Whether berth's table is there with all of berth's rules: false after `nft flush ruleset`,
-/// a deleted table or a flushed chain.
-pub fn intact() -> Result<bool> {
+/// nftables' generation id: every change to any table bumps it, so an unchanged id means
+/// berth's table is as it was at the last [`check`].
+pub fn generation() -> Result<u32> {
+    Nfnetlink::open()?.generation()
+}
+
+/// What differs between berth's table in the kernel and what [`install`] would write for
+/// these networks and forwards, one line each; empty when nothing does. Compares the table,
+/// the chains' hooks, every rule's expressions and every set's elements, but not the `user`
+/// chain's rules. A change made while this reads shows as a difference too.
+pub fn check(networks: &[NetworkRules], forwards: &[Forward]) -> Result<Vec<String>> {
     let mut nl = Nfnetlink::open()?;
-    let counts = nl.rule_counts()?;
-    let mut expected: Vec<(&str, usize)> = Vec::new();
-    for (chain, _) in RULES {
-        match expected.iter_mut().find(|(c, _)| c == chain) {
-            Some((_, n)) => *n += 1,
-            None => expected.push((chain, 1)),
+    let mut damage = Vec::new();
+    let refused = |what: &str, errno| DataplaneError::Kernel {
+        op: format!("read nftables {what}"),
+        source: std::io::Error::from_raw_os_error(errno),
+    };
+    let mut a = Vec::new();
+    put_str(&mut a, NFTA_TABLE_NAME, TABLE);
+    match nl.get(NFT_MSG_GETTABLE, &a)? {
+        Err(errno) if errno == enoent() => {
+            return Ok(vec![format!("table inet {TABLE} is missing")]);
+        }
+        Err(errno) => return Err(refused("table", errno)),
+        Ok(t) => {
+            if attr_u32(&t, NFTA_TABLE_FLAGS).unwrap_or(0) & NFT_TABLE_F_DORMANT != 0 {
+                damage.push(format!("table inet {TABLE} is dormant"));
+            }
         }
     }
-    Ok(expected.iter().all(|(chain, n)| {
-        counts
+    let mut consistent = true;
+    // Rules and chains of berth's table only (`NFTA_*_TABLE` is 1 for both).
+    let mut table_only = Vec::new();
+    put_str(&mut table_only, NFTA_CHAIN_TABLE, TABLE);
+
+    let mut chains: Vec<(String, Vec<u8>)> = Vec::new();
+    consistent &= nl
+        .dump(NFT_MSG_GETCHAIN, &table_only, |c| {
+            if attr_str(c, NFTA_CHAIN_TABLE) == Some(TABLE)
+                && let Some(name) = attr_str(c, NFTA_CHAIN_NAME)
+            {
+                chains.push((name.to_string(), c.to_vec()));
+            }
+        })?
+        .map_err(|errno| refused("chains", errno))?;
+    let all_chains =
+        std::iter::once((USER_CHAIN, None)).chain(CHAINS.iter().map(|(c, h)| (*c, h.as_ref())));
+    for (name, hook) in all_chains {
+        match chains.iter().find(|(c, _)| c == name) {
+            None => damage.push(format!("chain {name} is missing")),
+            Some((_, got)) => {
+                if let Some(h) = hook
+                    && !covers(got, &hook_attrs(h))
+                {
+                    damage.push(format!("chain {name} is not `{}`", h.nft));
+                }
+            }
+        }
+    }
+
+    let mut got_rules: Vec<(String, Vec<u8>)> = Vec::new();
+    consistent &= nl
+        .dump(NFT_MSG_GETRULE, &table_only, |r| {
+            if attr_str(r, NFTA_RULE_TABLE) == Some(TABLE)
+                && let Some(chain) = attr_str(r, NFTA_RULE_CHAIN)
+            {
+                let exprs = attr(r, NFTA_RULE_EXPRESSIONS).unwrap_or_default();
+                got_rules.push((chain.to_string(), exprs.to_vec()));
+            }
+        })?
+        .map_err(|errno| refused("rules", errno))?;
+    let wanted = rules();
+    for (chain, _) in CHAINS {
+        let want: Vec<&Rule> = wanted.iter().filter(|r| r.chain == *chain).collect();
+        let got: Vec<&[u8]> = got_rules
             .iter()
-            .find(|(c, _)| c == chain)
-            .is_some_and(|(_, got)| got == n)
-    }))
+            .filter(|(c, _)| c == chain)
+            .map(|(_, e)| e.as_slice())
+            .collect();
+        if got.len() != want.len() {
+            damage.push(format!(
+                "chain {chain} has {} rules instead of {}",
+                got.len(),
+                want.len()
+            ));
+            continue;
+        }
+        for (w, g) in want.iter().zip(got) {
+            if !covers(g, &expr::encode(&w.exprs, Refs::Dump)) {
+                damage.push(format!("chain {chain}: `{}` is changed", w.nft));
+            }
+        }
+    }
+
+    for (set, want) in SETS.iter().zip(elements(networks, forwards)) {
+        let mut got = Vec::new();
+        let dumped = nl.dump(NFT_MSG_GETSETELEM, &set_attrs(set.name), |m| {
+            let Some(list) = attr(m, NFTA_SET_ELEM_LIST_ELEMENTS) else {
+                return;
+            };
+            for (_, e) in attrs(list) {
+                let value = |kind| attr(e, kind).and_then(|v| attr(v, NFTA_DATA_VALUE));
+                got.push(Element {
+                    key: value(NFTA_SET_ELEM_KEY).unwrap_or_default().to_vec(),
+                    data: value(NFTA_SET_ELEM_DATA).map(<[u8]>::to_vec),
+                    interval_end: attr_u32(e, NFTA_SET_ELEM_FLAGS).unwrap_or(0)
+                        & NFT_SET_ELEM_INTERVAL_END
+                        != 0,
+                });
+            }
+        })?;
+        match dumped {
+            Err(errno) if errno == enoent() => {
+                damage.push(format!("{} {} is missing", set.kind(), set.name));
+                continue;
+            }
+            Err(errno) => return Err(refused("set elements", errno)),
+            Ok(c) => consistent &= c,
+        }
+        got.sort();
+        let (missing, extra) = difference(&want, &got);
+        if missing + extra > 0 {
+            damage.push(format!(
+                "{} {}: {missing} of {} elements missing, {extra} unexpected",
+                set.kind(),
+                set.name,
+                want.len()
+            ));
+        }
+    }
+    if !consistent {
+        damage.push("the table changed while it was read".into());
+    }
+    Ok(damage)
+}
+
+/// How many of the sorted `want` are not in the sorted `got`, and how many of `got` are not
+/// in `want`.
+fn difference<T: Ord>(want: &[T], got: &[T]) -> (usize, usize) {
+    let (mut i, mut j, mut missing, mut extra) = (0, 0, 0, 0);
+    while i < want.len() || j < got.len() {
+        match (want.get(i), got.get(j)) {
+            (Some(w), Some(g)) if w == g => (i, j) = (i + 1, j + 1),
+            (Some(w), Some(g)) if w < g => (i, missing) = (i + 1, missing + 1),
+            (Some(_), None) => (i, missing) = (i + 1, missing + 1),
+            _ => (j, extra) = (j + 1, extra + 1),
+        }
+    }
+    (missing, extra)
 }
 
 /// Adds published ports' map elements, all or none.
 pub fn add_forwards(forwards: &[Forward]) -> Result<()> {
-    if forwards.is_empty() {
-        return Ok(());
-    }
-    Nfnetlink::open()?.set_elements(NFT_MSG_NEWSETELEM, forwards)
+    Nfnetlink::open()?.commit(&forward_batch(NFT_MSG_NEWSETELEM, forwards))
 }
 
 /// Removes published ports' map elements; elements already gone are fine.
 pub fn delete_forwards(forwards: &[Forward]) -> Result<()> {
-    if forwards.is_empty() {
-        return Ok(());
-    }
     let mut nl = Nfnetlink::open()?;
-    match nl.set_elements(NFT_MSG_DELSETELEM, forwards) {
-        Err(e) if e.errno() == Some(libc_enoent()) => {
+    match nl.commit(&forward_batch(NFT_MSG_DELSETELEM, forwards)) {
+        Err(e) if e.errno() == Some(enoent()) => {
             // One was missing and the batch was refused as a whole: one at a time.
             for f in forwards {
-                match nl.set_elements(NFT_MSG_DELSETELEM, std::slice::from_ref(f)) {
-                    Err(e) if e.errno() == Some(libc_enoent()) => {}
+                match nl.commit(&forward_batch(NFT_MSG_DELSETELEM, std::slice::from_ref(f))) {
+                    Err(e) if e.errno() == Some(enoent()) => {}
                     other => other?,
                 }
             }
@@ -325,299 +1183,26 @@ pub fn delete_forwards(forwards: &[Forward]) -> Result<()> {
     }
 }
 
-fn libc_enoent() -> i32 {
-    nix::errno::Errno::ENOENT as i32
-}
-
-// nfnetlink constants (linux/netfilter/nfnetlink.h, nf_tables.h).
-const NFNL_SUBSYS_NFTABLES: u16 = 10;
-const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
-const NFNL_MSG_BATCH_END: u16 = 0x11;
-const NFT_MSG_NEWRULE: u16 = 6;
-const NFT_MSG_GETRULE: u16 = 7;
-const NFT_MSG_NEWSETELEM: u16 = 12;
-const NFT_MSG_DELSETELEM: u16 = 14;
-const NFPROTO_INET: u8 = 1;
-const NFTA_RULE_TABLE: u16 = 1;
-const NFTA_RULE_CHAIN: u16 = 2;
-const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
-const NFTA_SET_ELEM_LIST_SET: u16 = 2;
-const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
-const NFTA_LIST_ELEM: u16 = 1;
-const NFTA_SET_ELEM_KEY: u16 = 1;
-const NFTA_SET_ELEM_DATA: u16 = 2;
-const NFTA_DATA_VALUE: u16 = 1;
-const NLA_F_NESTED: u16 = 0x8000;
-const NLM_F_REQUEST: u16 = 1;
-const NLM_F_ACK: u16 = 4;
-const NLM_F_CREATE: u16 = 0x400;
-const NLM_F_DUMP: u16 = 0x300;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-
-/// A small nf_tables netlink client: element batches and a rule dump, nothing more.
-struct Nfnetlink {
-    socket: Socket,
-    seq: u32,
-    buf: Vec<u8>,
-}
-
-fn put_attr(buf: &mut Vec<u8>, kind: u16, payload: &[u8]) {
-    let len = 4 + payload.len();
-    buf.extend_from_slice(&(len as u16).to_ne_bytes());
-    buf.extend_from_slice(&kind.to_ne_bytes());
-    buf.extend_from_slice(payload);
-    buf.resize(buf.len().next_multiple_of(4), 0);
-}
-
-fn put_nested(buf: &mut Vec<u8>, kind: u16, fill: impl FnOnce(&mut Vec<u8>)) {
-    let mut inner = Vec::new();
-    fill(&mut inner);
-    put_attr(buf, kind | NLA_F_NESTED, &inner);
-}
-
-fn put_str(buf: &mut Vec<u8>, kind: u16, s: &str) {
-    let mut z = s.as_bytes().to_vec();
-    z.push(0);
-    put_attr(buf, kind, &z);
-}
-
-/// The errno of an `NLMSG_ERROR` message (0 for an acknowledgement); `None` for any other
-/// message or a truncated one.
-fn errno_of(kind: u16, payload: &[u8]) -> Option<i32> {
-    let code = payload.get(..4).filter(|_| kind == NLMSG_ERROR)?;
-    Some(-i32::from_ne_bytes([code[0], code[1], code[2], code[3]]))
-}
-
-/// Iterates over `(type, payload)` of the attributes in `buf`.
-fn attrs(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    std::iter::from_fn(move || {
-        if buf.len() < 4 {
-            return None;
-        }
-        let len = u16::from_ne_bytes([buf[0], buf[1]]) as usize;
-        let kind = u16::from_ne_bytes([buf[2], buf[3]]) & !NLA_F_NESTED;
-        if len < 4 || len > buf.len() {
-            return None;
-        }
-        let payload = &buf[4..len];
-        buf = &buf[len.next_multiple_of(4).min(buf.len())..];
-        Some((kind, payload))
-    })
-}
-
-impl Nfnetlink {
-    fn open() -> Result<Self> {
-        let mut socket = Socket::new(NETLINK_NETFILTER)
-            .map_err(|e| DataplaneError::io("nfnetlink socket", e))?;
-        socket
-            .bind_auto()
-            .map_err(|e| DataplaneError::io("nfnetlink bind", e))?;
-        socket
-            .connect(&SocketAddr::new(0, 0))
-            .map_err(|e| DataplaneError::io("nfnetlink connect", e))?;
-        Ok(Nfnetlink {
-            socket,
-            seq: 0,
-            buf: vec![0; 64 * 1024],
-        })
-    }
-
-    /// Appends one message: netlink header, nfgenmsg, attributes.
-    fn message(
-        &mut self,
-        out: &mut Vec<u8>,
-        kind: u16,
-        flags: u16,
-        family: u8,
-        res_id: u16,
-        attrs: &[u8],
-    ) -> u32 {
-        self.seq += 1;
-        let len = 16 + 4 + attrs.len();
-        out.extend_from_slice(&(len as u32).to_ne_bytes());
-        out.extend_from_slice(&kind.to_ne_bytes());
-        out.extend_from_slice(&flags.to_ne_bytes());
-        out.extend_from_slice(&self.seq.to_ne_bytes());
-        out.extend_from_slice(&0u32.to_ne_bytes());
-        out.push(family);
-        out.push(0);
-        out.extend_from_slice(&res_id.to_be_bytes());
-        out.extend_from_slice(attrs);
-        self.seq
-    }
-
-    /// One transaction adding or deleting the forwards' elements, one message per map.
-    fn set_elements(&mut self, op: u16, forwards: &[Forward]) -> Result<()> {
-        let mut out = Vec::new();
-        self.message(
-            &mut out,
-            NFNL_MSG_BATCH_BEGIN,
-            NLM_F_REQUEST,
-            0,
-            NFNL_SUBSYS_NFTABLES,
-            &[],
-        );
-        let mut maps: Vec<&str> = forwards.iter().map(Forward::map).collect();
-        maps.sort_unstable();
-        maps.dedup();
-        let flags = NLM_F_REQUEST
-            | NLM_F_ACK
-            | if op == NFT_MSG_NEWSETELEM {
-                NLM_F_CREATE
-            } else {
-                0
-            };
-        let mut pending = Vec::new();
-        for map in maps {
-            let mut a = Vec::new();
-            put_str(&mut a, NFTA_SET_ELEM_LIST_TABLE, TABLE);
-            put_str(&mut a, NFTA_SET_ELEM_LIST_SET, map);
-            put_nested(&mut a, NFTA_SET_ELEM_LIST_ELEMENTS, |list| {
-                for f in forwards.iter().filter(|f| f.map() == map) {
-                    let (key, data) = f.key_and_data();
-                    put_nested(list, NFTA_LIST_ELEM, |e| {
-                        put_nested(e, NFTA_SET_ELEM_KEY, |k| put_attr(k, NFTA_DATA_VALUE, &key));
-                        if op == NFT_MSG_NEWSETELEM {
-                            put_nested(e, NFTA_SET_ELEM_DATA, |d| {
-                                put_attr(d, NFTA_DATA_VALUE, &data)
-                            });
-                        }
-                    });
+/// One batch adding or deleting the forwards' elements.
+fn forward_batch(op: u16, forwards: &[Forward]) -> Batch {
+    let mut b = Batch::default();
+    for set in SETS.iter().filter(|s| s.data.is_some()) {
+        let elements: Vec<Element> = forwards
+            .iter()
+            .filter(|f| f.map() == set.name)
+            .map(|f| {
+                let (key, data) = f.key_and_data();
+                Element {
+                    key,
+                    // A deletion names the key only.
+                    data: (op == NFT_MSG_NEWSETELEM).then_some(data),
+                    interval_end: false,
                 }
-            });
-            let seq = self.message(
-                &mut out,
-                (NFNL_SUBSYS_NFTABLES << 8) | op,
-                flags,
-                NFPROTO_INET,
-                0,
-                &a,
-            );
-            pending.push((seq, map));
-        }
-        self.message(
-            &mut out,
-            NFNL_MSG_BATCH_END,
-            NLM_F_REQUEST,
-            0,
-            NFNL_SUBSYS_NFTABLES,
-            &[],
-        );
-        self.socket
-            .send(&out, 0)
-            .map_err(|e| DataplaneError::io("nfnetlink send", e))?;
-        // Every message is acknowledged when the batch commits; the first error aborts it.
-        let what = if op == NFT_MSG_NEWSETELEM {
-            "add"
-        } else {
-            "delete"
-        };
-        while !pending.is_empty() {
-            let mut err = None;
-            self.recv_each(|kind, seq, payload| {
-                let Some(errno) = errno_of(kind, payload) else {
-                    return;
-                };
-                if let Some(i) = pending.iter().position(|(s, _)| *s == seq) {
-                    let (_, map) = pending.remove(i);
-                    if errno != 0 && err.is_none() {
-                        err = Some(DataplaneError::Kernel {
-                            op: format!("{what} elements of nftables map {map}"),
-                            source: std::io::Error::from_raw_os_error(errno),
-                        });
-                    }
-                }
-            })?;
-            if let Some(e) = err {
-                return Err(e);
-            }
-        }
-        Ok(())
+            })
+            .collect();
+        push_elements(&mut b, op, set, &elements);
     }
-
-    /// How many rules each chain of berth's table has.
-    fn rule_counts(&mut self) -> Result<Vec<(String, usize)>> {
-        let mut a = Vec::new();
-        put_str(&mut a, NFTA_RULE_TABLE, TABLE);
-        let mut out = Vec::new();
-        let seq = self.message(
-            &mut out,
-            (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETRULE,
-            NLM_F_REQUEST | NLM_F_DUMP,
-            NFPROTO_INET,
-            0,
-            &a,
-        );
-        self.socket
-            .send(&out, 0)
-            .map_err(|e| DataplaneError::io("nfnetlink send", e))?;
-        let mut counts: Vec<(String, usize)> = Vec::new();
-        let mut done = false;
-        let mut err = None;
-        while !done {
-            self.recv_each(|kind, s, payload| {
-                if s != seq {
-                    return;
-                }
-                match kind {
-                    NLMSG_DONE => done = true,
-                    NLMSG_ERROR => {
-                        done = true;
-                        let errno = errno_of(kind, payload).unwrap_or(0);
-                        if errno != 0 && errno != libc_enoent() {
-                            err = Some(DataplaneError::Kernel {
-                                op: "list nftables rules".into(),
-                                source: std::io::Error::from_raw_os_error(errno),
-                            });
-                        }
-                    }
-                    k if k == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE => {
-                        let chain = attrs(payload.get(4..).unwrap_or_default())
-                            .find(|(t, _)| *t == NFTA_RULE_CHAIN)
-                            .map(|(_, v)| {
-                                String::from_utf8_lossy(v)
-                                    .trim_end_matches('\0')
-                                    .to_string()
-                            });
-                        if let Some(chain) = chain {
-                            match counts.iter_mut().find(|(c, _)| *c == chain) {
-                                Some((_, n)) => *n += 1,
-                                None => counts.push((chain, 1)),
-                            }
-                        }
-                    }
-                    _ => {}
-                }
-            })?;
-        }
-        match err {
-            Some(e) => Err(e),
-            None => Ok(counts),
-        }
-    }
-
-    /// Receives one datagram and calls `each(type, seq, payload)` for every message in it.
-    fn recv_each(&mut self, mut each: impl FnMut(u16, u32, &[u8])) -> Result<()> {
-        let n = self
-            .socket
-            .recv(&mut &mut self.buf[..], 0)
-            .map_err(|e| DataplaneError::io("nfnetlink recv", e))?;
-        let mut rest = &self.buf[..n];
-        while rest.len() >= 16 {
-            let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-            if len < 16 || len > rest.len() {
-                return Err(DataplaneError::Protocol(
-                    "truncated nfnetlink message".into(),
-                ));
-            }
-            let kind = u16::from_ne_bytes([rest[4], rest[5]]);
-            let seq = u32::from_ne_bytes([rest[8], rest[9], rest[10], rest[11]]);
-            each(kind, seq, &rest[16..len]);
-            rest = &rest[len.next_multiple_of(4).min(rest.len())..];
-        }
-        Ok(())
-    }
+    b
 }
 
 #[cfg(test)]
@@ -651,6 +1236,17 @@ mod tests {
             fwd(Some("127.0.0.1"), "10.91.0.5").text(),
             "127.0.0.1 . udp . 5353 : 10.91.0.5 . 53"
         );
+        // A subnet is its first address and, marked as the end, the one after it.
+        let net = Member::Subnet("10.9.0.0/24".parse().unwrap()).elements();
+        assert_eq!(net[0], Element::of(vec![10, 9, 0, 0]));
+        assert_eq!(net[1].key, [10, 9, 1, 0]);
+        assert!(net[1].interval_end);
+        assert_eq!(
+            Member::Subnet("255.255.255.0/24".parse().unwrap())
+                .elements()
+                .len(),
+            1
+        );
     }
 
     #[test]
@@ -663,5 +1259,28 @@ mod tests {
         }
         assert!(text.contains("flush map inet berth ports6_ip\n"));
         assert!(text.contains("flush set inet berth masq4\n"));
+    }
+
+    #[test]
+    fn every_rule_is_in_a_berth_chain_and_every_lookup_names_a_set() {
+        for r in rules() {
+            assert!(CHAINS.iter().any(|(c, _)| *c == r.chain), "{}", r.chain);
+            for e in &r.exprs {
+                if let Expr::Lookup {
+                    set: expr::SetRef::Named(name),
+                    ..
+                } = e
+                {
+                    assert_ne!(set_id(name), 0, "{name}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn difference_counts_both_ways() {
+        assert_eq!(difference(&[1, 2, 3], &[1, 2, 3]), (0, 0));
+        assert_eq!(difference(&[1, 2, 3], &[]), (3, 0));
+        assert_eq!(difference(&[1, 3], &[0, 1, 2, 4]), (1, 3));
     }
 }

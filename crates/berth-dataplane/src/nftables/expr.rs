@@ -1,0 +1,388 @@
+//! nf_tables expressions, typed, encoded as libnftnl sends them for nft's text (what
+//! `nft --debug=netlink` prints as `[ meta load oifname => reg 1 ]` and so on).
+
+use super::nfnl::{NFTA_DATA_VALUE, NFTA_LIST_ELEM, put_attr, put_nested, put_str, put_u32};
+
+/// Register 0 holds the verdict; 1 to 4 are the 16-byte registers. The 4-byte registers
+/// (`NFT_REG32_00` = 8 onwards) alias them: 9 is bytes 4..8 of register 1, so a concatenated
+/// key or map value runs on from one register into the next.
+pub(super) const REG1: u32 = 1;
+pub(super) const REG2: u32 = 2;
+pub(super) const REG32_01: u32 = 9;
+pub(super) const REG32_02: u32 = 10;
+pub(super) const REG32_05: u32 = 13;
+
+/// `meta` keys (`enum nft_meta_keys`).
+#[derive(Debug, Clone, Copy)]
+pub(super) enum MetaKey {
+    IifName = 6,
+    OifName = 7,
+    NfProto = 15,
+    L4Proto = 16,
+}
+
+/// `ct` keys (`enum nft_ct_keys`).
+#[derive(Debug, Clone, Copy)]
+pub(super) enum CtKey {
+    State = 0,
+    Status = 2,
+}
+
+/// Where a `payload` offset counts from (`enum nft_payload_bases`).
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Base {
+    Network = 1,
+    Transport = 2,
+}
+
+pub(super) const NFPROTO_IPV4: u8 = 2;
+pub(super) const NFPROTO_IPV6: u8 = 10;
+pub(super) const IPPROTO_UDP: u8 = 17;
+/// `ct state` bits (`NF_CT_STATE_BIT`): established and related.
+pub(super) const CT_ESTABLISHED_RELATED: u32 = 0x2 | 0x4;
+/// `ct status dnat` (`IPS_DST_NAT`).
+pub(super) const IPS_DST_NAT: u32 = 0x20;
+/// `fib ... type local` (`RTN_LOCAL`).
+pub(super) const RTN_LOCAL: u32 = 2;
+
+const NF_DROP: i32 = 0;
+const NF_ACCEPT: i32 = 1;
+const NFT_JUMP: i32 = -3;
+const NFT_GOTO: i32 = -4;
+
+/// The `{ tcp, udp, sctp }` of `meta l4proto { tcp, udp, sctp }`: an anonymous constant set,
+/// created in the same batch just before the rule that uses it and deleted with that rule.
+pub(super) struct AnonSet {
+    pub key_type: u32,
+    pub key_len: u32,
+    pub elements: &'static [&'static [u8]],
+    /// What nft stores for itself: key byte order and `typeof meta l4proto`, so that it
+    /// lists the set as `{ tcp, udp, sctp }`.
+    pub userdata: &'static [u8],
+}
+
+pub(super) static L4_PROTOCOLS: AnonSet = AnonSet {
+    key_type: 12, // inet_proto
+    key_len: 1,
+    elements: &[&[6], &[17], &[132]],
+    userdata: &[
+        0, 4, 1, 0, 0, 0, 3, 14, 0, 4, 9, 0, 0, 0, 1, 6, 0, 4, 16, 0, 0, 0,
+    ],
+};
+
+#[derive(Debug, Clone, Copy)]
+pub(super) enum SetRef {
+    Named(&'static str),
+    Anonymous(&'static AnonSet),
+}
+
+impl std::fmt::Debug for AnonSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AnonSet({:?})", self.elements)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(super) enum Expr {
+    /// `[ meta load KEY => reg DREG ]`
+    Meta { key: MetaKey, dreg: u32 },
+    /// `[ cmp eq|neq reg SREG VALUE ]`
+    Cmp {
+        sreg: u32,
+        neq: bool,
+        value: Vec<u8>,
+    },
+    /// `[ lookup reg SREG set SET (dreg DREG) ]`: a set membership test or, with `dreg`, a
+    /// map lookup that loads the value.
+    Lookup {
+        sreg: u32,
+        set: SetRef,
+        dreg: Option<u32>,
+    },
+    /// `[ immediate reg 0 VERDICT ]`
+    Verdict {
+        code: i32,
+        chain: Option<&'static str>,
+    },
+    /// `[ ct load KEY => reg DREG ]`
+    Ct { key: CtKey, dreg: u32 },
+    /// `[ bitwise reg R = ( reg R & MASK ) ^ 0 ]` on a host-order 32-bit value.
+    And { reg: u32, mask: u32 },
+    /// `[ payload load LEN b @ BASE header + OFFSET => reg DREG ]`
+    Payload {
+        base: Base,
+        offset: u32,
+        len: u32,
+        dreg: u32,
+    },
+    /// `[ fib daddr type => reg DREG ]`
+    FibDaddrType { dreg: u32 },
+    /// `[ nat dnat FAMILY addr_min reg ADDR proto_min reg PROTO ]`
+    Dnat { family: u8, addr: u32, proto: u32 },
+    /// `[ masq ]`
+    Masq,
+    /// `[ notrack ]`
+    Notrack,
+}
+
+pub(super) fn meta(key: MetaKey, dreg: u32) -> Expr {
+    Expr::Meta { key, dreg }
+}
+
+pub(super) fn cmp_eq(sreg: u32, value: &[u8]) -> Expr {
+    Expr::Cmp {
+        sreg,
+        neq: false,
+        value: value.to_vec(),
+    }
+}
+
+/// `cmp neq reg SREG 0`: some bit of a masked host-order value is set.
+pub(super) fn nonzero(sreg: u32) -> Expr {
+    Expr::Cmp {
+        sreg,
+        neq: true,
+        value: 0u32.to_ne_bytes().to_vec(),
+    }
+}
+
+pub(super) fn lookup(sreg: u32, set: &'static str) -> Expr {
+    Expr::Lookup {
+        sreg,
+        set: SetRef::Named(set),
+        dreg: None,
+    }
+}
+
+pub(super) fn lookup_anonymous(sreg: u32, set: &'static AnonSet) -> Expr {
+    Expr::Lookup {
+        sreg,
+        set: SetRef::Anonymous(set),
+        dreg: None,
+    }
+}
+
+/// A map lookup: the value for the key in `sreg` lands in `dreg` (no match: the rule ends).
+pub(super) fn map(sreg: u32, map: &'static str, dreg: u32) -> Expr {
+    Expr::Lookup {
+        sreg,
+        set: SetRef::Named(map),
+        dreg: Some(dreg),
+    }
+}
+
+pub(super) fn accept() -> Expr {
+    Expr::Verdict {
+        code: NF_ACCEPT,
+        chain: None,
+    }
+}
+
+pub(super) fn drop() -> Expr {
+    Expr::Verdict {
+        code: NF_DROP,
+        chain: None,
+    }
+}
+
+pub(super) fn jump(chain: &'static str) -> Expr {
+    Expr::Verdict {
+        code: NFT_JUMP,
+        chain: Some(chain),
+    }
+}
+
+pub(super) fn goto(chain: &'static str) -> Expr {
+    Expr::Verdict {
+        code: NFT_GOTO,
+        chain: Some(chain),
+    }
+}
+
+pub(super) fn ct(key: CtKey, dreg: u32) -> Expr {
+    Expr::Ct { key, dreg }
+}
+
+pub(super) fn and(reg: u32, mask: u32) -> Expr {
+    Expr::And { reg, mask }
+}
+
+pub(super) fn payload(base: Base, offset: u32, len: u32, dreg: u32) -> Expr {
+    Expr::Payload {
+        base,
+        offset,
+        len,
+        dreg,
+    }
+}
+
+pub(super) fn fib_daddr_type(dreg: u32) -> Expr {
+    Expr::FibDaddrType { dreg }
+}
+
+pub(super) fn dnat(family: u8, addr: u32, proto: u32) -> Expr {
+    Expr::Dnat {
+        family,
+        addr,
+        proto,
+    }
+}
+
+pub(super) fn masq() -> Expr {
+    Expr::Masq
+}
+
+pub(super) fn notrack() -> Expr {
+    Expr::Notrack
+}
+
+/// What a lookup names its set by.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Refs {
+    /// In a batch: the named sets' and this rule's anonymous set's ids in the batch
+    /// (`NFTA_LOOKUP_SET_ID`), so that sets created by the same batch are found.
+    Batch {
+        set_id: fn(&str) -> u32,
+        anonymous_id: u32,
+    },
+    /// To compare with a dump: names only, and none for an anonymous set (the kernel
+    /// names it `__setN`).
+    Dump,
+}
+
+// Attribute types per expression (linux/netfilter/nf_tables.h).
+const NFTA_EXPR_NAME: u16 = 1;
+const NFTA_EXPR_DATA: u16 = 2;
+
+impl Expr {
+    fn name(&self) -> &'static str {
+        match self {
+            Expr::Meta { .. } => "meta",
+            Expr::Cmp { .. } => "cmp",
+            Expr::Lookup { .. } => "lookup",
+            Expr::Verdict { .. } => "immediate",
+            Expr::Ct { .. } => "ct",
+            Expr::And { .. } => "bitwise",
+            Expr::Payload { .. } => "payload",
+            Expr::FibDaddrType { .. } => "fib",
+            Expr::Dnat { .. } => "nat",
+            Expr::Masq => "masq",
+            Expr::Notrack => "notrack",
+        }
+    }
+
+    /// The expression's `NFTA_EXPR_DATA`, `None` for those without parameters.
+    fn data(&self, refs: Refs) -> Option<Vec<u8>> {
+        let mut d = Vec::new();
+        match self {
+            Expr::Meta { key, dreg } => {
+                put_u32(&mut d, 2, *key as u32); // NFTA_META_KEY
+                put_u32(&mut d, 1, *dreg); // NFTA_META_DREG
+            }
+            Expr::Cmp { sreg, neq, value } => {
+                put_u32(&mut d, 1, *sreg); // NFTA_CMP_SREG
+                put_u32(&mut d, 2, u32::from(*neq)); // NFTA_CMP_OP: NFT_CMP_EQ, NFT_CMP_NEQ
+                put_nested(&mut d, 3, |v| put_attr(v, NFTA_DATA_VALUE, value)); // NFTA_CMP_DATA
+            }
+            Expr::Lookup { sreg, set, dreg } => {
+                put_u32(&mut d, 2, *sreg); // NFTA_LOOKUP_SREG
+                if let Some(dreg) = dreg {
+                    put_u32(&mut d, 3, *dreg); // NFTA_LOOKUP_DREG
+                }
+                // NFTA_LOOKUP_SET, NFTA_LOOKUP_SET_ID
+                match (set, refs) {
+                    (SetRef::Named(name), Refs::Batch { set_id, .. }) => {
+                        put_str(&mut d, 1, name);
+                        put_u32(&mut d, 4, set_id(name));
+                    }
+                    (SetRef::Named(name), Refs::Dump) => put_str(&mut d, 1, name),
+                    (SetRef::Anonymous(_), Refs::Batch { anonymous_id, .. }) => {
+                        put_str(&mut d, 1, ANONYMOUS_SET_NAME);
+                        put_u32(&mut d, 4, anonymous_id);
+                    }
+                    (SetRef::Anonymous(_), Refs::Dump) => {}
+                }
+            }
+            Expr::Verdict { code, chain } => {
+                put_u32(&mut d, 1, 0); // NFTA_IMMEDIATE_DREG: NFT_REG_VERDICT
+                put_nested(&mut d, 2, |data| {
+                    // NFTA_IMMEDIATE_DATA { NFTA_DATA_VERDICT { CODE, CHAIN } }
+                    put_nested(data, 2, |v| {
+                        put_attr(v, 1, &code.to_be_bytes());
+                        if let Some(chain) = chain {
+                            put_str(v, 2, chain);
+                        }
+                    })
+                });
+            }
+            Expr::Ct { key, dreg } => {
+                put_u32(&mut d, 2, *key as u32); // NFTA_CT_KEY
+                put_u32(&mut d, 1, *dreg); // NFTA_CT_DREG
+            }
+            Expr::And { reg, mask } => {
+                put_u32(&mut d, 1, *reg); // NFTA_BITWISE_SREG
+                put_u32(&mut d, 2, *reg); // NFTA_BITWISE_DREG
+                put_u32(&mut d, 3, 4); // NFTA_BITWISE_LEN
+                put_nested(&mut d, 4, |v| {
+                    put_attr(v, NFTA_DATA_VALUE, &mask.to_ne_bytes())
+                });
+                put_nested(&mut d, 5, |v| put_attr(v, NFTA_DATA_VALUE, &[0; 4]));
+            }
+            Expr::Payload {
+                base,
+                offset,
+                len,
+                dreg,
+            } => {
+                put_u32(&mut d, 1, *dreg); // NFTA_PAYLOAD_DREG
+                put_u32(&mut d, 2, *base as u32); // NFTA_PAYLOAD_BASE
+                put_u32(&mut d, 3, *offset); // NFTA_PAYLOAD_OFFSET
+                put_u32(&mut d, 4, *len); // NFTA_PAYLOAD_LEN
+            }
+            Expr::FibDaddrType { dreg } => {
+                put_u32(&mut d, 3, 2); // NFTA_FIB_FLAGS: NFTA_FIB_F_DADDR
+                put_u32(&mut d, 2, 3); // NFTA_FIB_RESULT: NFT_FIB_RESULT_ADDRTYPE
+                put_u32(&mut d, 1, *dreg); // NFTA_FIB_DREG
+            }
+            Expr::Dnat {
+                family,
+                addr,
+                proto,
+            } => {
+                put_u32(&mut d, 1, 1); // NFTA_NAT_TYPE: NFT_NAT_DNAT
+                put_u32(&mut d, 2, u32::from(*family)); // NFTA_NAT_FAMILY
+                put_u32(&mut d, 3, *addr); // NFTA_NAT_REG_ADDR_MIN
+                put_u32(&mut d, 5, *proto); // NFTA_NAT_REG_PROTO_MIN
+            }
+            Expr::Masq | Expr::Notrack => return None,
+        }
+        Some(d)
+    }
+
+    pub(super) fn anonymous_set(&self) -> Option<&'static AnonSet> {
+        match self {
+            Expr::Lookup {
+                set: SetRef::Anonymous(s),
+                ..
+            } => Some(s),
+            _ => None,
+        }
+    }
+}
+
+/// What nft names an anonymous set it creates; the kernel fills in the number.
+pub(super) const ANONYMOUS_SET_NAME: &str = "__set%d";
+
+/// A rule's `NFTA_RULE_EXPRESSIONS` payload.
+pub(super) fn encode(exprs: &[Expr], refs: Refs) -> Vec<u8> {
+    let mut list = Vec::new();
+    for e in exprs {
+        put_nested(&mut list, NFTA_LIST_ELEM, |el| {
+            put_str(el, NFTA_EXPR_NAME, e.name());
+            if let Some(data) = e.data(refs) {
+                put_nested(el, NFTA_EXPR_DATA, |d| d.extend_from_slice(&data));
+            }
+        });
+    }
+    list
+}
