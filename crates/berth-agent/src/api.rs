@@ -8,8 +8,9 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use berth_api::{Attach, CreateNetwork, CreateSandbox, Detach, ErrorBody, Gc};
@@ -25,7 +26,9 @@ impl IntoResponse for AgentError {
         let status =
             StatusCode::from_u16(self.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         if status.is_server_error() {
-            tracing::error!(error = %self, "request failed");
+            tracing::error!("request failed: {self}");
+        } else {
+            tracing::info!("refused ({}): {self}", status.as_u16());
         }
         (
             status,
@@ -39,6 +42,48 @@ impl IntoResponse for AgentError {
 
 fn ok<T: Serialize>(status: StatusCode, v: T) -> Response {
     (status, axum::Json(v)).into_response()
+}
+
+/// The largest request body accepted (axum's default, made explicit so the 413 can say it).
+const BODY_LIMIT: usize = 2 << 20;
+
+/// axum answers some failures itself, before any handler runs, with a plain-text or empty body:
+/// a method a path does not have (405), a body over [`BODY_LIMIT`] (413). Every failure has the
+/// one shape docs/api.md documents, so those are rewritten as `{"error": ...}`.
+async fn json_errors(req: Request, next: Next) -> Response {
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if is_json || !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let error = match status {
+        StatusCode::METHOD_NOT_ALLOWED => {
+            format!("method {method} is not allowed on {path} (see docs/api.md)")
+        }
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            format!("request body too large: at most {BODY_LIMIT} bytes")
+        }
+        _ => {
+            let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+            let text = String::from_utf8_lossy(&text).trim().to_string();
+            if text.is_empty() {
+                status.canonical_reason().unwrap_or("error").to_string()
+            } else {
+                text
+            }
+        }
+    };
+    let mut out = (status, axum::Json(ErrorBody { error })).into_response();
+    if let Some(allow) = parts.headers.get(header::ALLOW) {
+        out.headers_mut().insert(header::ALLOW, allow.clone());
+    }
+    out
 }
 
 fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, AgentError> {
@@ -75,6 +120,8 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .fallback(|| async {
             AgentError::NotFound("no such API path (see docs/api.md)".into()).into_response()
         })
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(axum::middleware::from_fn(json_errors))
         .with_state(agent)
 }
 
@@ -83,11 +130,15 @@ async fn status(State(a): Shared) -> Result<Response, AgentError> {
 }
 
 async fn list_networks(State(a): Shared) -> Result<Response, AgentError> {
+    let mut docker = a.docker_networks_by_network().await?;
     let nets: Vec<_> = a
         .networks()
         .await?
         .into_iter()
-        .map(|n| a.present(n))
+        .map(|mut n| {
+            n.docker_networks = docker.remove(&n.name).unwrap_or_default();
+            a.present(n)
+        })
         .collect();
     Ok(ok(StatusCode::OK, nets))
 }
@@ -99,7 +150,12 @@ async fn create_network(State(a): Shared, body: Bytes) -> Result<Response, Agent
 }
 
 async fn get_network(State(a): Shared, Path(name): Path<String>) -> Result<Response, AgentError> {
-    let net = a.network(&name).await?;
+    let mut net = a.network(&name).await?;
+    net.docker_networks = a
+        .docker_networks_by_network()
+        .await?
+        .remove(&name)
+        .unwrap_or_default();
     Ok(ok(StatusCode::OK, a.present(net)))
 }
 

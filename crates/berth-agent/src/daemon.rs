@@ -22,6 +22,8 @@ pub struct DaemonConfig {
     pub dns: Option<berth_dns::DnsConfig>,
     /// Where berth sandboxes' resolv.conf files go (`DIR/SANDBOX/resolv.conf`).
     pub sandbox_etc_dir: PathBuf,
+    /// How long a Docker endpoint must look dead before berth releases it.
+    pub docker_endpoint_grace: std::time::Duration,
 }
 
 impl DaemonConfig {
@@ -38,12 +40,29 @@ pub async fn run(cfg: DaemonConfig) -> Result<()> {
         .map(berth_dns::Dns::new)
         .transpose()
         .map_err(|e| AgentError::Invalid(e.to_string()))?;
+    // Before anything else: a second daemon in this namespace must not touch the first one's
+    // kernel state (its repair pass would take the first's links for strays).
+    let _only_daemon = claim_network_namespace()?;
     raise_open_files_limit();
     let store: Arc<dyn Store> = Arc::new(RedbStore::open(&cfg.state_dir)?);
     for dir in [&cfg.run_dir, &cfg.netns_dir] {
         std::fs::create_dir_all(dir)
             .map_err(|e| AgentError::Invalid(format!("cannot create {}: {e}", dir.display())))?;
     }
+    // The sockets too before the repair pass: a daemon that cannot serve changes nothing.
+    // Clients that connect meanwhile wait in the backlog until the repair is done.
+    let socket = cfg.socket();
+    let listener = bind_socket(&socket)?;
+    let docker_listener = match &cfg.docker_plugin_socket {
+        Some(path) => match bind_socket(path) {
+            Ok(l) => Some((l, path.clone())),
+            Err(e) => {
+                let _ = std::fs::remove_file(&socket);
+                return Err(e);
+            }
+        },
+        None => None,
+    };
     let default_mtu = tokio::task::spawn_blocking(|| Netlink::open()?.default_route_mtu())
         .await
         .map_err(|e| AgentError::Internal(e.to_string()))??
@@ -53,19 +72,31 @@ pub async fn run(cfg: DaemonConfig) -> Result<()> {
         agent = agent.with_discovery(crate::Discovery::new(dns, cfg.sandbox_etc_dir.clone()));
     }
     let agent = Arc::new(agent);
-    let report = agent.reconcile().await?;
-    tracing::info!(?report, "kernel reconciled with the store");
-    agent.sync_firewall().await?;
-    agent.load_dns().await?;
+    let prepared = async {
+        let report = agent.reconcile().await?;
+        tracing::info!("{report}");
+        agent.sync_firewall().await?;
+        agent.load_dns().await
+    };
+    if let Err(e) = prepared.await {
+        let _ = std::fs::remove_file(&socket);
+        if let Some((_, path)) = &docker_listener {
+            let _ = std::fs::remove_file(path);
+        }
+        return Err(e);
+    }
 
-    let socket = cfg.socket();
-    let listener = bind_socket(&socket)?;
     tracing::info!(socket = %socket.display(), mtu = default_mtu, "berth daemon ready");
     tokio::spawn(agent.clone().run_reaper());
+    tokio::spawn(
+        agent
+            .clone()
+            .run_docker_endpoint_sweep(cfg.docker_endpoint_grace),
+    );
     tokio::spawn(agent.clone().run_firewall_guard());
-    let docker = match &cfg.docker_plugin_socket {
-        Some(path) => {
-            let listener = bind_socket(path)?;
+    tokio::spawn(agent.clone().run_link_watch());
+    let docker = match docker_listener {
+        Some((listener, path)) => {
             tracing::info!(socket = %path.display(), "Docker plugin API ready");
             let router = crate::docker::router(agent.clone());
             Some(tokio::spawn(
@@ -107,6 +138,54 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
+}
+
+/// The name of the abstract unix socket a daemon holds while it runs. Abstract socket names
+/// belong to a network namespace, and the kernel frees the name when the process dies: at most
+/// one berth daemon per network namespace, whatever its directories, and no stale lock.
+const DAEMON_LOCK_NAME: &[u8] = b"berth-daemon";
+
+/// Makes sure this is the only berth daemon in the calling process's network namespace, for as
+/// long as the returned socket lives. The error names the daemon that runs (by pid).
+fn claim_network_namespace() -> Result<std::os::unix::net::UnixListener> {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+    let name = SocketAddr::from_abstract_name(DAEMON_LOCK_NAME)
+        .map_err(|e| AgentError::Internal(format!("abstract socket name: {e}")))?;
+    match UnixListener::bind_addr(&name) {
+        Ok(l) => Ok(l),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            let pid = UnixStream::connect_addr(&name).ok().and_then(|s| {
+                nix::sys::socket::getsockopt(&s, nix::sys::socket::sockopt::PeerCredentials)
+                    .ok()
+                    .map(|c| c.pid())
+            });
+            let who = pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
+            Err(AgentError::Conflict(format!(
+                "another berth daemon{who} is running in this network namespace; not starting"
+            )))
+        }
+        Err(e) => Err(AgentError::Internal(format!(
+            "cannot hold the daemon lock socket: {e}"
+        ))),
+    }
+}
+
+/// Where Docker looks for plugins: `/run/docker/plugins/NAME.sock`.
+pub const DOCKER_PLUGIN_SOCKET: &str = "/run/docker/plugins/berth.sock";
+
+/// The Docker plugin socket when none is given: Docker's plugin directory for a daemon in the
+/// machine's own network namespace (that of PID 1), none for one in a private namespace (a
+/// test host, a second daemon), so side-by-side daemons never fight over it.
+pub fn default_docker_plugin_socket() -> Option<PathBuf> {
+    let ns = |p: &str| {
+        std::fs::metadata(p).ok().map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            (m.dev(), m.ino())
+        })
+    };
+    let own = ns("/proc/self/ns/net");
+    (own.is_some() && own == ns("/proc/1/ns/net")).then(|| PathBuf::from(DOCKER_PLUGIN_SOCKET))
 }
 
 /// Listens on a unix socket, replacing a stale socket file but refusing one a live daemon

@@ -11,6 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -19,7 +20,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use berth_api::CreateNetwork;
-use berth_dataplane::Netlink;
+use berth_dataplane::{Netlink, netns};
 use berth_model::{
     DEFAULT_POOL, DEFAULT_POOL_PREFIX, Endpoint, MacAddr, NetnsRef, Network, PortMapping, Protocol,
     veth_name,
@@ -264,7 +265,9 @@ impl From<AgentError> for PluginError {
         let status =
             StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         if status.is_server_error() {
-            tracing::error!(error = %e, "docker plugin request failed");
+            tracing::error!("docker plugin request failed: {e}");
+        } else {
+            tracing::info!("docker plugin request refused ({}): {e}", status.as_u16());
         }
         PluginError(status, e.to_string())
     }
@@ -494,6 +497,7 @@ fn berth_endpoint(de: &DockerEndpoint, id: &str, sandbox: String) -> Endpoint {
         mac: de.mac,
         ips: de.ips.clone(),
         ports: de.ports.clone(),
+        default_gateways: vec![],
     }
 }
 
@@ -583,7 +587,7 @@ impl Agent {
                 )
             }
             ("", None) => None,
-            (p, _) => Some(berth_model::parse_cidr(p)?),
+            (p, _) => Some(berth_model::parse_subnet(p)?),
         };
         let held: Vec<IpNet> = pools.iter().map(|p| p.cidr).collect();
         let taken = |c: &IpNet| crate::overlapping(&networks, &held, c);
@@ -650,7 +654,7 @@ impl Agent {
                 .put(keys::docker_pool(&pool.id), encode(&pool)),
         )
         .await?;
-        tracing::info!(pool = %pool.id, cidr = %pool.cidr, network = ?pool.network, "docker pool requested");
+        tracing::info!(pool = %pool.id, cidr = %pool.cidr, network = pool.network.as_deref().unwrap_or("-"), "docker pool requested");
         Ok(json!({ "PoolID": pool.id, "Pool": cidr.to_string(), "Data": {} }))
     }
 
@@ -1080,6 +1084,10 @@ impl Agent {
             self.unbind_pools(&served, &name, false, None).await?;
             return Ok(json!({}));
         };
+        // The engine deletes only a network without endpoints on its side, and forgets it
+        // whatever the driver answers: Docker endpoints berth still has on it are ones the
+        // engine gave up on (e.g. removed while berth was down).
+        self.release_docker_endpoints_of(&dn).await?;
         // Bound, the berth network stays and serves what else uses it; otherwise every pool
         // on it loses it.
         let served = self
@@ -1088,8 +1096,30 @@ impl Agent {
                 false => p.network.as_deref() == Some(dn.network.as_str()),
             })
             .await?;
-        self.unbind_pools(&served, &dn.network, dn.bound, Some((key, dn_rev)))
-            .await?;
+        // Sandboxes or CNI containers attached to it by hand keep a network made for Docker:
+        // it stays as a plain berth network rather than take them down.
+        let members = match dn.bound {
+            true => 0,
+            false => {
+                let prefix = keys::members_prefix(&dn.network);
+                self.store.list(&prefix).await?.items.len()
+            }
+        };
+        if members > 0 {
+            tracing::warn!(
+                docker_network = %dn.id,
+                network = %dn.network,
+                "Docker network deleted; berth network {} stays, used by {members} endpoint(s) not Docker's: `berth network rm` it once they are gone",
+                dn.network
+            );
+        }
+        self.unbind_pools(
+            &served,
+            &dn.network,
+            dn.bound || members > 0,
+            Some((key, dn_rev)),
+        )
+        .await?;
         Ok(json!({}))
     }
 
@@ -1648,5 +1678,307 @@ impl Agent {
             self.release_ip(&de.network, ip);
         }
         Ok(json!({}))
+    }
+}
+
+// ------------------------------------------------------------------ endpoints the engine forgot
+
+/// How long a Docker endpoint must look dead before berth releases it, unless configured:
+/// well past the engine's own retries of a failed call (about 15 s per call), and past the
+/// moment between Join and the container's namespace being made, when a live endpoint looks
+/// the same.
+pub const DOCKER_ENDPOINT_GRACE: Duration = Duration::from_secs(60);
+
+/// Why the container of a joined Docker endpoint is gone, judged from the kernel, or `None`
+/// while it may live. When libnetwork removes a sandbox it moves the veth peer back to
+/// berth's namespace and unmounts the SandboxKey; its Leave then tells berth, unless berth
+/// is down, and the engine gives up and forgets the endpoint. Right after Join the endpoint
+/// looks the same (the namespace is made later), so only a look that lasts means death (see
+/// [`DeadDockerEndpoints`]). A peer in no namespace berth can see, the host end still there,
+/// counts as alive: berth may not see the engine's mounts.
+fn docker_sandbox_gone(
+    ep: &Endpoint,
+    mut has_link: impl FnMut(&str) -> berth_dataplane::Result<bool>,
+) -> berth_dataplane::Result<Option<String>> {
+    let sandbox = &ep.netns.path;
+    if netns::id_at(std::path::Path::new(sandbox)).is_some() {
+        return Ok(None);
+    }
+    Ok(if has_link(&ep.ifname)? {
+        Some(format!(
+            "its sandbox {sandbox} is gone and {} is back in berth's namespace",
+            ep.ifname
+        ))
+    } else if !has_link(&ep.host_ifname)? {
+        Some(format!("its sandbox {sandbox} and its veth are gone"))
+    } else {
+        None
+    })
+}
+
+/// For `check` on a `runtime_configured` endpoint: the problem of a Docker endpoint whose
+/// container is gone (see [`docker_sandbox_gone`]), which berth releases after
+/// [`DOCKER_ENDPOINT_GRACE`].
+pub(crate) fn docker_endpoint_problem(
+    host: &mut Netlink,
+    ep: &Endpoint,
+) -> berth_dataplane::Result<Option<String>> {
+    if !ep.netns.id.starts_with("docker-") {
+        return Ok(None);
+    }
+    let reason = docker_sandbox_gone(ep, |name| Ok(host.link_by_name(name)?.is_some()))?;
+    Ok(reason.map(|why| format!("the container is gone: {why}; the engine did not remove the endpoint, so berth releases it")))
+}
+
+/// The Docker endpoints that looked dead at every sweep since they first did, and since when:
+/// one look could be a container between Join and its namespace, or an engine call under way.
+#[derive(Debug, Default)]
+pub(crate) struct DeadDockerEndpoints {
+    since: HashMap<String, Instant>,
+}
+
+impl DeadDockerEndpoints {
+    /// Records which endpoints look dead `now`; returns those that have looked so for `grace`.
+    fn overdue(&mut self, dead: &[String], now: Instant, grace: Duration) -> Vec<String> {
+        self.since.retain(|id, _| dead.contains(id));
+        dead.iter()
+            .filter(|id| {
+                let since = *self.since.entry(id.to_string()).or_insert(now);
+                now.duration_since(since) >= grace
+            })
+            .cloned()
+            .collect()
+    }
+}
+
+impl Agent {
+    /// Releases Docker endpoints the engine forgot, until the daemon stops: a container
+    /// removed while berth was down, whose Leave, DeleteEndpoint and ReleaseAddress the engine
+    /// gave up on. One that looks dead (see [`docker_sandbox_gone`]) for `grace` is released as
+    /// those calls would have: its berth endpoint and veth, its addresses, its record.
+    pub async fn run_docker_endpoint_sweep(self: Arc<Self>, grace: Duration) {
+        let every = (grace / 4).clamp(Duration::from_millis(250), Duration::from_secs(15));
+        let mut dead = DeadDockerEndpoints::default();
+        loop {
+            if let Err(e) = self.sweep_docker_endpoints(&mut dead, grace).await {
+                tracing::warn!(error = %e, "looking for Docker endpoints the engine forgot failed");
+            }
+            tokio::time::sleep(every).await;
+        }
+    }
+
+    /// One pass of [`Agent::run_docker_endpoint_sweep`]: how many endpoints it released.
+    pub(crate) async fn sweep_docker_endpoints(
+        &self,
+        dead: &mut DeadDockerEndpoints,
+        grace: Duration,
+    ) -> Result<usize> {
+        let looks_dead = self.dead_docker_endpoints().await?;
+        let ids: Vec<String> = looks_dead.iter().map(|(id, _)| id.clone()).collect();
+        let overdue = dead.overdue(&ids, Instant::now(), grace);
+        if overdue.is_empty() {
+            return Ok(0);
+        }
+        // Judged again between the engine's calls, which may have changed them meanwhile.
+        let _one_at_a_time = self.docker_calls.lock().await;
+        let mut released = 0;
+        for (id, why) in self.dead_docker_endpoints().await? {
+            if !overdue.contains(&id) {
+                continue;
+            }
+            match self.release_docker_endpoint(&id, &why).await {
+                Ok(()) => released += 1,
+                Err(e) => {
+                    tracing::warn!(docker_endpoint = %id, error = %e, "cannot release a Docker endpoint the engine forgot; trying again later")
+                }
+            }
+        }
+        Ok(released)
+    }
+
+    /// The Docker endpoints in the store whose container looks gone, with the reason.
+    async fn dead_docker_endpoints(&self) -> Result<Vec<(String, String)>> {
+        let mut dead = Vec::new();
+        let mut joined = Vec::new();
+        for de in self
+            .load_all::<DockerEndpoint>(keys::DOCKER_ENDPOINTS)
+            .await?
+        {
+            match &de.endpoint {
+                // The engine sends DeleteEndpoint right after Leave.
+                None => dead.push((de.id, "it left its sandbox but was never deleted".into())),
+                Some(id) => match self.load::<Endpoint>(&keys::endpoint(id)).await? {
+                    Some((ep, _)) => joined.push((de.id, ep)),
+                    None => dead.push((de.id, format!("its berth endpoint {id} is gone"))),
+                },
+            }
+        }
+        if joined.is_empty() {
+            return Ok(dead);
+        }
+        let judged = kernel(move || {
+            let mut host = Netlink::open()?;
+            let mut dead = Vec::new();
+            for (id, ep) in joined {
+                let has_link = |name: &str| Ok(host.link_by_name(name)?.is_some());
+                if let Some(why) = docker_sandbox_gone(&ep, has_link)? {
+                    dead.push((id, why));
+                }
+            }
+            Ok(dead)
+        })
+        .await?;
+        dead.extend(judged);
+        Ok(dead)
+    }
+
+    /// Does what the engine's Leave, DeleteEndpoint and ReleaseAddress calls for Docker
+    /// endpoint `id` would have done, for one the engine no longer knows. The caller holds
+    /// `docker_calls`.
+    async fn release_docker_endpoint(&self, id: &str, why: &str) -> Result<()> {
+        let Some((de, _)) = self
+            .load::<DockerEndpoint>(&keys::docker_endpoint(id))
+            .await?
+        else {
+            return Ok(());
+        };
+        let req = || EndpointRef {
+            network_id: de.network_id.clone(),
+            endpoint_id: id.to_string(),
+            sandbox_key: String::new(),
+        };
+        if de.endpoint.is_some() {
+            self.docker_leave(req()).await?;
+        }
+        self.docker_delete_endpoint(req()).await?;
+        // Its veth (with the peer, back in berth's namespace) goes before its addresses.
+        self.reap().await?;
+        for (ip, pool) in &de.pools {
+            self.docker_release_address(RequestAddress {
+                pool_id: pool.clone(),
+                address: ip.to_string(),
+                options: None,
+            })
+            .await?;
+            // The pool itself may be gone (the engine released it): then nobody else will.
+            let k = keys::ipam(&de.network, *ip);
+            if let Some(kv) = self.store.get(&k).await?
+                && kv.value == pool_owner(pool).as_bytes()
+            {
+                let txn = Txn::new()
+                    .when(Compare::ModRevision(k.clone(), kv.mod_revision))
+                    .delete(k);
+                commit_or_conflict(self, txn).await?;
+                self.release_ip(&de.network, *ip);
+            }
+        }
+        let ips: Vec<String> = de.ips.iter().map(|ip| ip.addr().to_string()).collect();
+        tracing::warn!(
+            docker_endpoint = %id,
+            network = %de.network,
+            addresses = %ips.join(","),
+            "Docker endpoint released: {why}, and the engine no longer asks for it"
+        );
+        Ok(())
+    }
+
+    /// Releases the Docker endpoints berth still has on Docker network `dn`, which the engine
+    /// is deleting (it deletes only networks without endpoints on its side). The caller holds
+    /// `docker_calls`.
+    async fn release_docker_endpoints_of(&self, dn: &DockerNetwork) -> Result<()> {
+        let pending: Vec<PendingEndpoint> = self
+            .pending_endpoints()
+            .extract_if(|_, p| p.de.network_id == dn.id)
+            .map(|(_, p)| p)
+            .collect();
+        for p in pending {
+            self.give_back(&p.de.network, &p.sources);
+            p.discard_veth();
+        }
+        let why = "its Docker network is being deleted";
+        for de in self
+            .load_all::<DockerEndpoint>(keys::DOCKER_ENDPOINTS)
+            .await?
+        {
+            if de.network_id == dn.id {
+                self.release_docker_endpoint(&de.id, why).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The Docker networks of berth's driver on each berth network (full Docker ids), by
+    /// berth network name: the engine never tells a driver a network's name (CreateNetwork
+    /// carries its id, options and pools only), so the id is what leads to it (`docker
+    /// network ls` lists the same ids).
+    pub async fn docker_networks_by_network(&self) -> Result<HashMap<String, Vec<String>>> {
+        let mut out: HashMap<String, Vec<String>> = HashMap::new();
+        for dn in self
+            .load_all::<DockerNetwork>(keys::DOCKER_NETWORKS)
+            .await?
+        {
+            out.entry(dn.network).or_default().push(dn.id);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_endpoint_is_overdue_only_after_looking_dead_for_the_whole_grace() {
+        let grace = Duration::from_secs(10);
+        let t0 = Instant::now();
+        let mut dead = DeadDockerEndpoints::default();
+        let mut pass = |ids: &[&str], at: Duration| {
+            let ids: Vec<String> = ids.iter().map(|id| id.to_string()).collect();
+            dead.overdue(&ids, t0 + at, grace)
+        };
+        assert!(pass(&["a"], Duration::ZERO).is_empty());
+        assert!(pass(&["a", "b"], grace / 2).is_empty());
+        // Seen alive once: its time starts again.
+        assert!(pass(&["b"], grace).is_empty());
+        assert_eq!(pass(&["a", "b"], grace * 3 / 2), ["b"]);
+        assert_eq!(pass(&["a"], grace * 5 / 2), ["a"]);
+    }
+
+    fn docker_ep(sandbox: &str) -> Endpoint {
+        let de = DockerEndpoint {
+            id: "d0cce4".into(),
+            network_id: "n".into(),
+            network: "docker-n".into(),
+            ips: vec!["10.1.0.2/24".parse().unwrap()],
+            mac: MacAddr([2, 0, 0, 0, 0, 1]),
+            ports: vec![],
+            endpoint: None,
+            pools: BTreeMap::new(),
+        };
+        berth_endpoint(&de, "0123456789abcdef", sandbox.to_string())
+    }
+
+    #[test]
+    fn a_docker_endpoint_is_dead_only_with_its_sandbox_gone_and_its_peer_not_elsewhere() {
+        let ep = docker_ep("/nonexistent/docker/netns/abc");
+        let links = |names: Vec<String>| move |n: &str| Ok(names.iter().any(|l| l == n));
+        let (host, peer) = (ep.host_ifname.clone(), ep.ifname.clone());
+        // Peer back in berth's namespace (or not moved yet: the grace tells them apart).
+        assert!(
+            docker_sandbox_gone(&ep, links(vec![host.clone(), peer]))
+                .unwrap()
+                .is_some()
+        );
+        // Both ends gone.
+        assert!(docker_sandbox_gone(&ep, links(vec![])).unwrap().is_some());
+        // The peer is in a namespace berth cannot see: alive.
+        assert!(
+            docker_sandbox_gone(&ep, links(vec![host]))
+                .unwrap()
+                .is_none()
+        );
+        // The sandbox is a namespace: alive, whatever the links.
+        let ep = docker_ep("/proc/self/ns/net");
+        assert!(docker_sandbox_gone(&ep, links(vec![])).unwrap().is_none());
     }
 }

@@ -31,7 +31,9 @@ pub enum AgentError {
 impl AgentError {
     pub fn http_status(&self) -> u16 {
         match self {
-            AgentError::Invalid(_) | AgentError::Model(_) => 400,
+            AgentError::Invalid(_)
+            | AgentError::Model(_)
+            | AgentError::Dataplane(DataplaneError::NotNetns { .. }) => 400,
             AgentError::Ipam(IpamError::OutsideSubnet { .. } | IpamError::Reserved { .. }) => 400,
             AgentError::NotFound(_) => 404,
             AgentError::Conflict(_) | AgentError::Ipam(_) => 409,

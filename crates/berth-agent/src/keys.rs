@@ -14,6 +14,8 @@
 //! ports/<proto>/<port>/<host ip|*>  endpoint id   (a published host port; * = every address)
 //! releasing/<id>                     Endpoint, detached, whose veth is not deleted yet: its
 //!                                    addresses stay held until it is
+//! default-routes/<netns-id>/<ipv4|ipv6>  endpoint id  (whose gateway the namespace's default
+//!                                    route of that family goes through: one per namespace)
 //! ```
 
 use std::net::IpAddr;
@@ -29,6 +31,7 @@ pub const SANDBOXES: &str = "sandboxes/";
 pub const RELEASING: &str = "releasing/";
 pub const CONTAINERS: &str = "containers/";
 pub const PORTS: &str = "ports/";
+pub const DEFAULT_ROUTES: &str = "default-routes/";
 /// The host-address part of a port published on every address.
 pub const ALL_ADDRESSES: &str = "*";
 
@@ -79,6 +82,17 @@ pub fn containers_prefix(network: &str) -> String {
 }
 pub fn container(network: &str, container_id: &str, ifname: &str) -> String {
     format!("{CONTAINERS}{network}/{container_id}/{ifname}")
+}
+pub fn default_route(netns_id: &str, ipv4: bool) -> String {
+    let family = if ipv4 { "ipv4" } else { "ipv6" };
+    format!("{DEFAULT_ROUTES}{netns_id}/{family}")
+}
+pub fn default_routes_prefix(netns_id: &str) -> String {
+    format!("{DEFAULT_ROUTES}{netns_id}/")
+}
+/// Whether a [`default_route`] key is for IPv4.
+pub fn default_route_is_ipv4(key: &str) -> bool {
+    key.ends_with("/ipv4")
 }
 pub fn docker_pool(id: &str) -> String {
     format!("{DOCKER_POOLS}{id}")

@@ -13,6 +13,7 @@ mod error;
 mod firewall;
 mod keys;
 mod reconcile;
+mod watch;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -25,8 +26,8 @@ use berth_dataplane::{BridgeSpec, EndpointSpec, Netlink, netns};
 use berth_ipam::{IpamError, Pool};
 use berth_model::{
     DEFAULT_POOL, DEFAULT_POOL_PREFIX, Endpoint, MacAddr, NetnsRef, Network, Sandbox, Subnet,
-    bridge_name, parse_cidr, tombstone_name, validate_ifname, validate_mtu, validate_name,
-    validate_sandbox_name, veth_name,
+    bridge_name, parse_subnet, tombstone_name, validate_ifname, validate_name,
+    validate_network_mtu, validate_sandbox_name, veth_name,
 };
 use berth_store::{Compare, KeyValue, Store, Txn, TxnOutcome};
 use ipnet::IpNet;
@@ -120,6 +121,28 @@ fn gateway_nets(net: &Network) -> Vec<IpNet> {
         .collect()
 }
 
+/// The gateways of `net` the sandbox's default routes go through because `ep` holds them,
+/// after the default-route records `holders` (key → endpoint id).
+fn default_gateways(
+    ep: &Endpoint,
+    net: &Network,
+    holders: &HashMap<String, String>,
+) -> Vec<IpAddr> {
+    [true, false]
+        .into_iter()
+        .filter(|ipv4| holders.get(&keys::default_route(&ep.netns.id, *ipv4)) == Some(&ep.id))
+        .filter_map(|ipv4| gateway_of(net, ipv4))
+        .collect()
+}
+
+/// The network's gateway of one address family.
+fn gateway_of(net: &Network, ipv4: bool) -> Option<IpAddr> {
+    net.subnets
+        .iter()
+        .map(|s| s.gateway)
+        .find(|g| g.is_ipv4() == ipv4)
+}
+
 fn bridge_spec(net: &Network) -> BridgeSpec {
     // The bridge MAC is derived from the network id: stable across re-creation by reconcile.
     let id = u64::from_str_radix(&net.id, 16).unwrap_or(0).to_be_bytes();
@@ -206,9 +229,9 @@ impl Agent {
         adopting: &[IpNet],
     ) -> Result<Network> {
         validate_name("network", &req.name)?;
-        let mtu = validate_mtu(req.mtu.unwrap_or(self.default_mtu))?;
-        let v4 = req.subnet.as_deref().map(parse_cidr).transpose()?;
-        let v6 = req.ipv6_subnet.as_deref().map(parse_cidr).transpose()?;
+        let v4 = req.subnet.as_deref().map(parse_subnet).transpose()?;
+        let v6 = req.ipv6_subnet.as_deref().map(parse_subnet).transpose()?;
+        let mtu = validate_network_mtu(req.mtu.unwrap_or(self.default_mtu), v6.is_some())?;
         if let Some(n) = v4.filter(|n| !n.addr().is_ipv4()) {
             return Err(AgentError::Invalid(format!(
                 "--subnet {n} is not IPv4; use --ipv6-subnet"
@@ -291,6 +314,7 @@ impl Agent {
             mtu,
             internal: req.internal,
             dns: None,
+            docker_networks: vec![],
         };
         let mut txn = Txn::new()
             .when(Compare::Absent(keys::network(&net.name)))
@@ -321,7 +345,16 @@ impl Agent {
             subnets.into_iter().map(|(_, p)| p).collect(),
         );
         self.serve_dns(&net);
-        tracing::info!(network = %net.name, bridge = %net.bridge, subnets = ?net.subnets, "network created");
+        tracing::info!(
+            "network {} created: bridge {}, {}",
+            net.name,
+            net.bridge,
+            net.subnets
+                .iter()
+                .map(|s| format!("{} via {}", s.cidr, s.gateway))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
         Ok(net)
     }
 
@@ -488,14 +521,52 @@ impl Agent {
         if let Some(n) = network {
             all.retain(|e| e.network == n);
         }
+        let holders = self.default_route_holders().await?;
+        let networks: HashMap<String, Network> = self
+            .networks()
+            .await?
+            .into_iter()
+            .map(|n| (n.name.clone(), n))
+            .collect();
+        for ep in &mut all {
+            if let Some(net) = networks.get(&ep.network) {
+                ep.default_gateways = default_gateways(ep, net, &holders);
+            }
+        }
         Ok(all)
     }
 
     pub async fn endpoint(&self, id: &str) -> Result<Endpoint> {
-        self.load::<Endpoint>(&keys::endpoint(id))
+        let mut ep = self
+            .load::<Endpoint>(&keys::endpoint(id))
             .await?
             .map(|(e, _)| e)
-            .ok_or_else(|| AgentError::NotFound(format!("no endpoint {id:?}")))
+            .ok_or_else(|| AgentError::NotFound(format!("no endpoint {id:?}")))?;
+        if let Ok(net) = self.network(&ep.network).await {
+            let mut holders = HashMap::new();
+            for kv in self
+                .store
+                .list(&keys::default_routes_prefix(&ep.netns.id))
+                .await?
+                .items
+            {
+                holders.insert(kv.key, String::from_utf8_lossy(&kv.value).into_owned());
+            }
+            ep.default_gateways = default_gateways(&ep, &net, &holders);
+        }
+        Ok(ep)
+    }
+
+    /// Every default-route record: key → the endpoint holding it.
+    async fn default_route_holders(&self) -> Result<HashMap<String, String>> {
+        Ok(self
+            .store
+            .list(keys::DEFAULT_ROUTES)
+            .await?
+            .items
+            .into_iter()
+            .map(|kv| (kv.key, String::from_utf8_lossy(&kv.value).into_owned()))
+            .collect())
     }
 
     async fn endpoints_in(&self, netns_id: &str) -> Result<Vec<Endpoint>> {
@@ -560,9 +631,12 @@ impl Agent {
                         Some(_) => {}
                     }
                 }
-                return Err(AgentError::Invalid(format!(
-                    "{path} is not a usable network namespace: {e}"
-                )));
+                return Err(match e {
+                    berth_dataplane::DataplaneError::NotNetns { .. } => e.into(),
+                    e => AgentError::Invalid(format!(
+                        "{path} is not a usable network namespace: {e}"
+                    )),
+                });
             }
         };
         let id = netns::id_of(&file)?;
@@ -578,6 +652,32 @@ impl Agent {
     }
 
     pub async fn attach(&self, req: Attach) -> Result<Endpoint> {
+        match self.attach_once(&req).await? {
+            Ok(ep) => Ok(ep),
+            Err(dead) => {
+                // The namespace's interface name, membership or container interface is held
+                // by an endpoint whose veth is gone: its namespace died without a detach (a
+                // runtime that never calls DEL) and the kernel gave the new namespace the dead
+                // one's identity. It is released, and the attach goes ahead.
+                tracing::warn!(
+                    endpoint = %dead.id, network = %dead.network, netns = %dead.netns.path,
+                    "endpoint's veth is gone (its namespace died without a detach); released"
+                );
+                self.remove_endpoint(&dead).await?;
+                match self.attach_once(&req).await? {
+                    Ok(ep) => Ok(ep),
+                    Err(again) => Err(AgentError::Conflict(format!(
+                        "{} is held by endpoint {} being released; try again",
+                        req.sandbox, again.id
+                    ))),
+                }
+            }
+        }
+    }
+
+    /// One attempt at an attach; `Ok(Err(endpoint))` when a dead endpoint holds what the
+    /// attach needs.
+    async fn attach_once(&self, req: &Attach) -> Result<Result<Endpoint, Endpoint>> {
         let ifname = req.ifname.clone().unwrap_or_else(|| "eth0".into());
         validate_ifname(&ifname)?;
         for n in req.name.iter().chain(&req.aliases) {
@@ -610,6 +710,22 @@ impl Agent {
             && sb.removing
         {
             return Err(removing(&sb.name));
+        }
+        if let Some(kv) = self
+            .store
+            .get(&keys::member(&net.name, &netns_ref.id))
+            .await?
+            && let Some((holder, _)) = self
+                .load::<Endpoint>(&keys::endpoint(&String::from_utf8_lossy(&kv.value)))
+                .await?
+        {
+            if !holder.runtime_configured && !self.endpoint_alive(&holder).await? {
+                return Ok(Err(holder));
+            }
+            return Err(AgentError::Conflict(format!(
+                "{} is already attached to network {:?} (endpoint {})",
+                req.sandbox, net.name, holder.id
+            )));
         }
         if (!requested.is_empty() || !req.ports.is_empty())
             && !self.store.list(keys::RELEASING).await?.items.is_empty()
@@ -646,22 +762,57 @@ impl Agent {
             mac,
             ips,
             ports,
+            default_gateways: vec![],
         };
-        let mut txn = Txn::new().when(Compare::ModRevision(keys::network(&net.name), net_rev));
-        if let Some((sb, rev)) = &sandbox {
-            txn = txn.when(Compare::ModRevision(keys::sandbox(&sb.name), *rev));
-        }
-        let txn = self.endpoint_records(&ep, txn, true, Held::PortsAndAddresses);
-        let outcome = match self.commit(txn).await {
-            Ok(o) => o,
-            Err(e) => {
-                self.release(&ep);
-                return Err(e);
+        let mut ep = ep;
+        let mut attempts = 0;
+        let outcome = loop {
+            let claims = match self.default_route_claims(&ep, req.default_route).await {
+                Ok(c) => c,
+                Err(e) => {
+                    self.release(&ep);
+                    return Err(e);
+                }
+            };
+            let mut txn = Txn::new().when(Compare::ModRevision(keys::network(&net.name), net_rev));
+            if let Some((sb, rev)) = &sandbox {
+                txn = txn.when(Compare::ModRevision(keys::sandbox(&sb.name), *rev));
+            }
+            let mut txn = self.endpoint_records(&ep, txn, true, Held::PortsAndAddresses);
+            for (key, rev) in &claims {
+                txn = match rev {
+                    None => txn.when(Compare::Absent(key.clone())),
+                    Some(rev) => txn.when(Compare::ModRevision(key.clone(), *rev)),
+                }
+                .put(key.clone(), ep.id.clone());
+            }
+            ep.default_gateways = claims
+                .iter()
+                .filter_map(|(key, _)| gateway_of(&net, keys::default_route_is_ipv4(key)))
+                .collect();
+            let outcome = match self.commit(txn).await {
+                Ok(o) => o,
+                Err(e) => {
+                    self.release(&ep);
+                    return Err(e);
+                }
+            };
+            match outcome {
+                // Another attach to this namespace took a default route meanwhile: decide again.
+                TxnOutcome::CompareFailed(Compare::Absent(k) | Compare::ModRevision(k, _))
+                    if k.starts_with(keys::DEFAULT_ROUTES) && attempts < 3 =>
+                {
+                    attempts += 1;
+                }
+                other => break other,
             }
         };
         if let TxnOutcome::CompareFailed(c) = outcome {
             self.release(&ep);
-            return Err(self.explain_attach_conflict(&c, &ep, &req));
+            if let Some(dead) = self.dead_holder(&c).await? {
+                return Ok(Err(dead));
+            }
+            return Err(self.explain_attach_conflict(&c, &ep, req));
         }
         drop(publishing_guard);
         if let Err(e) = self.publish(&ep).await {
@@ -674,11 +825,22 @@ impl Agent {
         let (spec_ep, spec_net) = (ep.clone(), net.clone());
         let made = kernel(move || {
             let mut host = Netlink::open()?;
-            let spec = endpoint_on_bridge(&mut host, &spec_ep, &spec_net)?;
+            let mut spec = endpoint_on_bridge(&mut host, &spec_ep, &spec_net)?;
+            spec.gateways = spec_ep.default_gateways.clone();
             berth_dataplane::attach_endpoint(&mut host, &ns, &spec)
         })
         .await;
         if let Err(e) = made {
+            if self.store.get(&keys::endpoint(&ep.id)).await?.is_none() {
+                // A detach or sandbox removal took the interface away mid-way (and the record
+                // with its addresses, which the reaper releases): that, not the kernel, is
+                // what failed.
+                remove_link(ep.host_ifname.clone()).await?;
+                return Err(AgentError::Conflict(format!(
+                    "{} was detached from {:?} while being attached",
+                    req.sandbox, ep.network
+                )));
+            }
             self.commit(self.endpoint_records(&ep, Txn::new(), false, Held::PortsAndAddresses))
                 .await?;
             self.unpublish(firewall::forwards_of(&ep)).await;
@@ -706,8 +868,74 @@ impl Agent {
             )));
         }
         self.name_attached(&net, &ep).await?;
-        tracing::debug!(endpoint = %ep.id, network = %ep.network, sandbox = %req.sandbox, ips = ?ep.ips, "attached");
-        Ok(ep)
+        tracing::info!(
+            "attached {} to {}: endpoint {}, {}{}",
+            req.sandbox,
+            ep.network,
+            ep.id,
+            ep.ips
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
+            if ep.default_gateways.is_empty() {
+                ""
+            } else {
+                ", default route"
+            }
+        );
+        Ok(Ok(ep))
+    }
+
+    /// The default-route records this endpoint takes in its commit, with the revision each
+    /// must still have (`None`: must be absent): for each family it has an address in, the
+    /// namespace's record if there is none yet, if its holder is gone, or if `take` says so.
+    async fn default_route_claims(
+        &self,
+        ep: &Endpoint,
+        take: bool,
+    ) -> Result<Vec<(String, Option<u64>)>> {
+        let mut claims = Vec::new();
+        for ipv4 in [true, false] {
+            if !ep.ips.iter().any(|ip| ip.addr().is_ipv4() == ipv4) {
+                continue;
+            }
+            let key = keys::default_route(&ep.netns.id, ipv4);
+            match self.store.get(&key).await? {
+                None => claims.push((key, None)),
+                Some(kv) => {
+                    let holder = String::from_utf8_lossy(&kv.value).to_string();
+                    if take || self.store.get(&keys::endpoint(&holder)).await?.is_none() {
+                        claims.push((key, Some(kv.mod_revision)));
+                    }
+                }
+            }
+        }
+        Ok(claims)
+    }
+
+    /// The endpoint a failed compare of an attach ran into, if that endpoint is dead: the key
+    /// is one of a namespace's unique records (interface name, membership, container
+    /// interface) and the endpoint holding it has lost its veth.
+    async fn dead_holder(&self, c: &Compare) -> Result<Option<Endpoint>> {
+        let Compare::Absent(key) = c else {
+            return Ok(None);
+        };
+        let unique_per_netns = [keys::ATTACHMENTS, keys::MEMBERS, keys::CONTAINERS];
+        if !unique_per_netns.iter().any(|p| key.starts_with(p)) {
+            return Ok(None);
+        }
+        let Some(kv) = self.store.get(key).await? else {
+            return Ok(None);
+        };
+        let id = String::from_utf8_lossy(&kv.value).to_string();
+        let Some((ep, _)) = self.load::<Endpoint>(&keys::endpoint(&id)).await? else {
+            return Ok(None);
+        };
+        if ep.runtime_configured || self.endpoint_alive(&ep).await? {
+            return Ok(None);
+        }
+        Ok(Some(ep))
     }
 
     /// The store records of one endpoint and its unique indexes (interface name per
@@ -786,6 +1014,7 @@ impl Agent {
     /// subnet without a request. On failure nothing stays taken.
     fn allocate(&self, net: &Network, requested: &[IpAddr]) -> Result<Vec<IpNet>> {
         for ip in requested {
+            net.check_endpoint_ip(*ip)?;
             if net.subnet_for(*ip).is_none() {
                 let subnets: Vec<_> = net.subnets.iter().map(|s| s.cidr.to_string()).collect();
                 return Err(AgentError::Invalid(format!(
@@ -885,7 +1114,7 @@ impl Agent {
         let net = self.network(&ep.network).await?;
         let bridge = net.bridge.clone();
         let expect = ep.clone();
-        let gateways: Vec<IpAddr> = net.subnets.iter().map(|s| s.gateway).collect();
+        let gateways = ep.default_gateways.clone();
         let problems = kernel(move || {
             let mut problems = Vec::new();
             let mut host = Netlink::open()?;
@@ -903,6 +1132,7 @@ impl Agent {
             }
             if expect.runtime_configured {
                 // The runtime owns the sandbox side (name, addresses, routes).
+                problems.extend(docker::docker_endpoint_problem(&mut host, &expect)?);
                 return Ok(problems);
             }
             let ns = match netns::open(Path::new(&expect.netns.path)) {
@@ -988,16 +1218,36 @@ impl Agent {
         // The store first, against the record as it is now: a second removal of the same
         // endpoint (a retried DEL, detach racing sandbox rm) finds it gone and does nothing,
         // rather than retiring whatever now holds the interface name.
-        let Some((current, rev)) = self.load::<Endpoint>(&keys::endpoint(&ep.id)).await? else {
-            return Ok(());
+        let mut attempts = 0;
+        let (current, handover) = loop {
+            let Some((current, rev)) = self.load::<Endpoint>(&keys::endpoint(&ep.id)).await? else {
+                return Ok(());
+            };
+            let (handover, records) = self.default_route_handover(&current).await?;
+            let mut txn = self
+                .endpoint_records(&current, Txn::new(), false, Held::Neither)
+                .when(Compare::ModRevision(keys::endpoint(&ep.id), rev))
+                .put(keys::releasing(&ep.id), encode(&current));
+            for (key, krev, next) in records {
+                txn = txn.when(Compare::ModRevision(key.clone(), krev));
+                txn = match next {
+                    Some(id) => txn.put(key, id),
+                    None => txn.delete(key),
+                };
+            }
+            match self.commit(txn).await? {
+                TxnOutcome::Committed { .. } => break (current, handover),
+                // The endpoint changed or went, or its namespace's default routes moved
+                // meanwhile: look again (gone is done).
+                TxnOutcome::CompareFailed(_) if attempts < 5 => attempts += 1,
+                TxnOutcome::CompareFailed(c) => {
+                    return Err(AgentError::Conflict(format!(
+                        "endpoint {} kept changing while being detached ({c:?}); try again",
+                        ep.id
+                    )));
+                }
+            }
         };
-        let txn = self
-            .endpoint_records(&current, Txn::new(), false, Held::Neither)
-            .when(Compare::ModRevision(keys::endpoint(&ep.id), rev))
-            .put(keys::releasing(&ep.id), encode(&current));
-        if let TxnOutcome::CompareFailed(_) = self.commit(txn).await? {
-            return Ok(());
-        }
         self.unname_endpoint(&current);
         if let Some(sandbox) = &current.netns.sandbox {
             self.write_sandbox_resolv_conf(sandbox, &current.netns.id)
@@ -1029,8 +1279,89 @@ impl Agent {
         if let Err(e) = retired {
             tracing::warn!(endpoint = %ep.id, error = %e, "retiring the veth failed; the reaper deletes it");
         }
-        tracing::debug!(endpoint = %ep.id, network = %ep.network, "detached");
+        for (next, gateway) in handover {
+            match install_default_route(&next, gateway).await {
+                Ok(()) => tracing::info!(
+                    "default route of {} now via {gateway} ({}, endpoint {})",
+                    next.netns.path,
+                    next.network,
+                    next.id
+                ),
+                Err(e) => tracing::warn!(
+                    endpoint = %next.id, error = %e,
+                    "cannot move the default route to the next network"
+                ),
+            }
+        }
+        tracing::info!(
+            "detached {} from {}: endpoint {}",
+            current
+                .netns
+                .sandbox
+                .as_deref()
+                .unwrap_or(&current.netns.path),
+            current.network,
+            current.id
+        );
         Ok(())
+    }
+
+    /// What happens to the default routes `ep` holds when it goes: each passes to the
+    /// endpoint attached earliest among the namespace's others with an address of that family
+    /// (attach order is the revision of their membership records, written once). Returns the
+    /// routes to install and the records to change: (key, its revision, new holder or none).
+    #[allow(clippy::type_complexity)]
+    async fn default_route_handover(
+        &self,
+        ep: &Endpoint,
+    ) -> Result<(Vec<(Endpoint, IpAddr)>, Vec<(String, u64, Option<String>)>)> {
+        let mut routes = Vec::new();
+        let mut records = Vec::new();
+        let mut others: Option<Vec<(u64, Endpoint)>> = None;
+        for ipv4 in [true, false] {
+            let key = keys::default_route(&ep.netns.id, ipv4);
+            let Some(kv) = self.store.get(&key).await? else {
+                continue;
+            };
+            if kv.value != ep.id.as_bytes() {
+                continue;
+            }
+            if others.is_none() {
+                let mut found = Vec::new();
+                for other in self.endpoints_in(&ep.netns.id).await? {
+                    if other.id == ep.id || other.runtime_configured {
+                        continue;
+                    }
+                    let member = keys::member(&other.network, &other.netns.id);
+                    if let Some(m) = self.store.get(&member).await? {
+                        found.push((m.mod_revision, other));
+                    }
+                }
+                found.sort_by_key(|(rev, _)| *rev);
+                others = Some(found);
+            }
+            let next = others.as_ref().and_then(|o| {
+                o.iter()
+                    .map(|(_, e)| e)
+                    .find(|e| e.ips.iter().any(|ip| ip.addr().is_ipv4() == ipv4))
+            });
+            let gateway = match next {
+                Some(n) => self
+                    .network(&n.network)
+                    .await
+                    .ok()
+                    .and_then(|net| gateway_of(&net, ipv4)),
+                None => None,
+            };
+            match (next, gateway) {
+                (Some(n), Some(gw)) => {
+                    records.push((key, kv.mod_revision, Some(n.id.clone())));
+                    routes.push((n.clone(), gw));
+                }
+                _ => records.push((key, kv.mod_revision, None)),
+            }
+        }
+        Ok((routes, records))
     }
 
     /// Waits for detached endpoints and reaps them, until the daemon stops.
@@ -1153,6 +1484,30 @@ impl Agent {
             sandboxes: self.store.list(keys::SANDBOXES).await?.items.len(),
         })
     }
+}
+
+/// Points the default route of `ep`'s family of `gateway` in `ep`'s namespace at `gateway`
+/// through `ep`'s interface (replacing the route there was).
+async fn install_default_route(ep: &Endpoint, gateway: IpAddr) -> Result<()> {
+    let (path, nsid, ifname, mac) = (
+        ep.netns.path.clone(),
+        ep.netns.id.clone(),
+        ep.ifname.clone(),
+        ep.mac.0,
+    );
+    kernel(move || {
+        let ns = netns::open(Path::new(&path))?;
+        if netns::id_of(&ns)? != nsid {
+            return Ok(());
+        }
+        let mut sb = Netlink::open_in(&ns)?;
+        if let Some(link) = sb.link_by_name(&ifname)?.filter(|l| l.mac == Some(mac)) {
+            let (msg, flags, op) = Netlink::default_route_msg(link.index, gateway);
+            sb.request(msg, flags, &op)?;
+        }
+        Ok(())
+    })
+    .await
 }
 
 /// An endpoint's kernel spec on its network's bridge, re-creating the bridge if someone

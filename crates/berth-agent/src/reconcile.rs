@@ -12,7 +12,10 @@ use berth_model::{Endpoint, Network, Sandbox, is_berth_link_name};
 use berth_store::Txn;
 use serde::Serialize;
 
-use crate::{Agent, Held, Result, bridge_spec, endpoint_spec, kernel, keys, remove_link};
+use crate::{
+    Agent, Held, Result, bridge_spec, default_gateways, endpoint_spec, gateway_of,
+    install_default_route, kernel, keys, remove_link,
+};
 
 /// What the repair pass found and did.
 #[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
@@ -24,6 +27,27 @@ pub struct ReconcileReport {
     pub sandboxes_removed: usize,
     pub links_removed: usize,
     pub stale_records_removed: usize,
+    /// Namespaces whose default route (of a family) had no holder and got one.
+    pub default_routes_assigned: usize,
+}
+
+impl std::fmt::Display for ReconcileReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "kernel reconciled with the store: {} networks, {} endpoints ({} repaired, {} removed), \
+             {} sandboxes removed, {} stray links removed, {} stale records removed, \
+             {} default routes assigned",
+            self.networks,
+            self.endpoints,
+            self.endpoints_repaired,
+            self.endpoints_removed,
+            self.sandboxes_removed,
+            self.links_removed,
+            self.stale_records_removed,
+            self.default_routes_assigned
+        )
+    }
 }
 
 impl Agent {
@@ -72,21 +96,33 @@ impl Agent {
         // Endpoints: repair the living, remove the dead.
         let host_links = kernel(|| Netlink::open()?.links()).await?;
         let endpoints: Vec<Endpoint> = self.load_all(keys::ENDPOINTS).await?;
+        let route_holders = self.default_route_holders().await?;
         let mut live = Vec::new();
         for ep in endpoints {
             let net = by_name.get(&ep.network);
             // Docker tells us when its endpoints go (DeleteEndpoint); it owns their namespace.
             let alive = ep.runtime_configured
                 || netns::id_at(Path::new(&ep.netns.path)).as_deref() == Some(&ep.netns.id);
-            let Some(net) = net.filter(|_| alive) else {
+            // A CNI container's veth goes only with its namespace: without its veth the
+            // container is gone, even if a new namespace now has its identity (the kernel
+            // reuses inode numbers) and its path (a runtime's /run/netns/NAME or a pid's).
+            let container_gone =
+                ep.container_id.is_some() && !host_links.iter().any(|l| l.name == ep.host_ifname);
+            let Some(net) = net.filter(|_| alive && !container_gone) else {
                 remove_link(ep.host_ifname.clone()).await?;
                 self.commit(self.endpoint_records(&ep, Txn::new(), false, Held::PortsAndAddresses))
                     .await?;
                 report.endpoints_removed += 1;
-                tracing::warn!(endpoint = %ep.id, netns = %ep.netns.path, "namespace gone; endpoint removed");
+                let why = if container_gone {
+                    "veth gone with its container"
+                } else {
+                    "namespace gone"
+                };
+                tracing::warn!(endpoint = %ep.id, netns = %ep.netns.path, "{why}; endpoint removed");
                 continue;
             };
-            let spec = endpoint_spec(&ep, net, bridge_index[&ep.network]);
+            let mut spec = endpoint_spec(&ep, net, bridge_index[&ep.network]);
+            spec.gateways = default_gateways(&ep, net, &route_holders);
             let host_link = host_links
                 .iter()
                 .find(|l| l.name == ep.host_ifname)
@@ -123,7 +159,12 @@ impl Agent {
                 Ok(Repair::Nothing) => {}
                 Ok(r) => {
                     report.endpoints_repaired += 1;
-                    tracing::info!(endpoint = %ep.id, repair = ?r, "endpoint repaired");
+                    let what = if r == Repair::Recreated {
+                        "veth re-created"
+                    } else {
+                        "reconfigured"
+                    };
+                    tracing::info!(endpoint = %ep.id, netns = %ep.netns.path, "endpoint repaired: {what}");
                 }
                 Err(e) => {
                     tracing::error!(endpoint = %ep.id, error = %e, "endpoint could not be repaired")
@@ -157,6 +198,7 @@ impl Agent {
             keys::ATTACHMENTS,
             keys::MEMBERS,
             keys::CONTAINERS,
+            keys::DEFAULT_ROUTES,
         ] {
             for kv in self.store.list(prefix).await?.items {
                 let owner = String::from_utf8_lossy(&kv.value);
@@ -176,6 +218,8 @@ impl Agent {
             self.commit(txn).await?;
         }
 
+        report.default_routes_assigned = self.assign_default_routes(&live, &by_name).await?;
+
         // Rebuild the address pools from what the store now holds.
         let mut pools = HashMap::new();
         for net in &networks {
@@ -193,5 +237,57 @@ impl Agent {
         *self.pools.lock().expect("pools lock") = pools;
         self.recount_docker_pools().await?;
         Ok(report)
+    }
+}
+
+impl Agent {
+    /// Gives every namespace's default route of a family a holder where it has none: the
+    /// endpoint attached first (its membership record's revision) among those with an address
+    /// of that family. Covers a holder that died while the daemon was down, and records of
+    /// versions that let every attach take the default route. Returns how many it assigned.
+    async fn assign_default_routes(
+        &self,
+        live: &[Endpoint],
+        networks: &HashMap<String, &Network>,
+    ) -> Result<usize> {
+        let holders = self.default_route_holders().await?;
+        let mut by_netns: HashMap<&str, Vec<(u64, &Endpoint)>> = HashMap::new();
+        for ep in live.iter().filter(|e| !e.runtime_configured) {
+            let member = keys::member(&ep.network, &ep.netns.id);
+            if let Some(m) = self.store.get(&member).await? {
+                by_netns
+                    .entry(ep.netns.id.as_str())
+                    .or_default()
+                    .push((m.mod_revision, ep));
+            }
+        }
+        let mut assigned = 0;
+        for (netns_id, mut eps) in by_netns {
+            eps.sort_by_key(|(rev, _)| *rev);
+            for ipv4 in [true, false] {
+                let key = keys::default_route(netns_id, ipv4);
+                if holders.contains_key(&key) {
+                    continue;
+                }
+                let first = eps.iter().map(|(_, e)| *e).find_map(|e| {
+                    let net = networks.get(&e.network)?;
+                    let has = e.ips.iter().any(|ip| ip.addr().is_ipv4() == ipv4);
+                    has.then(|| gateway_of(net, ipv4).map(|gw| (e, gw)))
+                        .flatten()
+                });
+                let Some((ep, gateway)) = first else {
+                    continue;
+                };
+                let txn = Txn::new()
+                    .when(berth_store::Compare::Absent(key.clone()))
+                    .put(key, ep.id.clone());
+                self.commit(txn).await?;
+                if let Err(e) = install_default_route(ep, gateway).await {
+                    tracing::warn!(endpoint = %ep.id, error = %e, "cannot set the default route");
+                }
+                assigned += 1;
+            }
+        }
+        Ok(assigned)
     }
 }

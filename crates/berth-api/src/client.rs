@@ -8,15 +8,22 @@ use serde::de::DeserializeOwned;
 
 use crate::ErrorBody;
 
+/// Why a call failed. Each message says its cause once: the I/O error is part of the message,
+/// not also a `source()`, so a printer that walks the chain does not repeat it.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ClientError {
-    #[error("cannot reach the berth daemon at {socket}: {source} (is `berth daemon` running?)")]
+    #[error("cannot reach the berth daemon at {socket}: {cause} (is `berth daemon` running?)")]
     Unreachable {
         socket: String,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
+    /// The daemon took the request and closed the connection without a whole answer: it
+    /// stopped or died meanwhile. The request may or may not have taken effect.
+    #[error("the daemon closed the connection before answering (at {socket})")]
+    Closed { socket: String },
+    #[error("the berth daemon at {socket} did not answer within {} s", timeout.as_secs())]
+    TimedOut { socket: String, timeout: Duration },
     /// The daemon answered with an error.
     #[error("{message}")]
     Api { status: u16, message: String },
@@ -71,9 +78,9 @@ impl Client {
             Some(b) => serde_json::to_vec(b).map_err(|e| ClientError::Protocol(e.to_string()))?,
             None => Vec::new(),
         };
-        let unreachable = |source| ClientError::Unreachable {
+        let unreachable = |cause| ClientError::Unreachable {
             socket: self.socket.display().to_string(),
-            source,
+            cause,
         };
         let mut stream = UnixStream::connect(&self.socket).map_err(unreachable)?;
         stream
@@ -82,6 +89,20 @@ impl Client {
         stream
             .set_write_timeout(Some(self.timeout))
             .map_err(unreachable)?;
+        // Once connected, a failure is the daemon going away or not answering.
+        let lost = |e: std::io::Error| match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                ClientError::TimedOut {
+                    socket: self.socket.display().to_string(),
+                    timeout: self.timeout,
+                }
+            }
+            std::io::ErrorKind::BrokenPipe
+            | std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::UnexpectedEof => self.closed(),
+            _ => unreachable(e),
+        };
         let mut req = format!(
             "{method} {path} HTTP/1.1\r\nHost: berth\r\nConnection: close\r\nAccept: application/json\r\n"
         )
@@ -97,10 +118,13 @@ impl Client {
         }
         req.extend_from_slice(b"\r\n");
         req.extend_from_slice(&body);
-        stream.write_all(&req).map_err(unreachable)?;
+        stream.write_all(&req).map_err(lost)?;
         let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).map_err(unreachable)?;
-        let (status, payload) = parse_response(&raw)?;
+        stream.read_to_end(&mut raw).map_err(lost)?;
+        let (status, payload) = parse_response(&raw).map_err(|e| match e {
+            Parse::Truncated => self.closed(),
+            Parse::Bad(what) => ClientError::Protocol(what.into()),
+        })?;
         if (200..300).contains(&status) {
             serde_json::from_slice(&payload).map_err(|e| {
                 ClientError::Protocol(format!("{e} in {}", String::from_utf8_lossy(&payload)))
@@ -114,15 +138,29 @@ impl Client {
             Err(ClientError::Api { status, message })
         }
     }
+
+    fn closed(&self) -> ClientError {
+        ClientError::Closed {
+            socket: self.socket.display().to_string(),
+        }
+    }
+}
+
+/// Why a response could not be read: it ended early (the connection closed), or it is not
+/// HTTP as berth's daemon speaks it.
+#[derive(Debug, PartialEq, Eq)]
+enum Parse {
+    Truncated,
+    Bad(&'static str),
 }
 
 /// Splits an HTTP/1.1 response into status and body (`Content-Length`, chunked, or to EOF).
-fn parse_response(raw: &[u8]) -> Result<(u16, Vec<u8>), ClientError> {
-    let bad = |what: &str| ClientError::Protocol(what.to_string());
+fn parse_response(raw: &[u8]) -> Result<(u16, Vec<u8>), Parse> {
+    let bad = Parse::Bad;
     let end = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| bad("no header end"))?;
+        .ok_or(Parse::Truncated)?;
     let head = std::str::from_utf8(&raw[..end]).map_err(|_| bad("header not UTF-8"))?;
     let mut lines = head.split("\r\n");
     let status: u16 = lines
@@ -152,7 +190,7 @@ fn parse_response(raw: &[u8]) -> Result<(u16, Vec<u8>), ClientError> {
             let nl = r
                 .windows(2)
                 .position(|w| w == b"\r\n")
-                .ok_or_else(|| bad("bad chunk"))?;
+                .ok_or(Parse::Truncated)?;
             let size = std::str::from_utf8(&r[..nl])
                 .ok()
                 .and_then(|s| {
@@ -164,14 +202,14 @@ fn parse_response(raw: &[u8]) -> Result<(u16, Vec<u8>), ClientError> {
                 break;
             }
             if r.len() < size {
-                return Err(bad("truncated chunk"));
+                return Err(Parse::Truncated);
             }
             out.extend_from_slice(&r[..size]);
             r = r.get(size + 2..).unwrap_or(&[]);
         }
         out
     } else if let Some(n) = length {
-        rest.get(..n).ok_or_else(|| bad("truncated body"))?.to_vec()
+        rest.get(..n).ok_or(Parse::Truncated)?.to_vec()
     } else {
         rest.to_vec()
     };
@@ -188,7 +226,69 @@ mod tests {
         assert_eq!(parse_response(r).unwrap(), (201, b"{}".to_vec()));
         let r = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
         assert_eq!(parse_response(r).unwrap(), (200, b"abcde".to_vec()));
-        assert!(parse_response(b"garbage").is_err());
-        assert!(parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n{}").is_err());
+        assert_eq!(parse_response(b""), Err(Parse::Truncated));
+        assert_eq!(parse_response(b"HTTP/1.1 200 O"), Err(Parse::Truncated));
+        assert_eq!(
+            parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n{}"),
+            Err(Parse::Truncated)
+        );
+        assert_eq!(
+            parse_response(b"garbage\r\n\r\n"),
+            Err(Parse::Bad("no status line"))
+        );
+    }
+
+    /// A one-shot server on a fresh socket that reads the request and then does `answer`.
+    fn serve(answer: impl FnOnce(UnixStream) + Send + 'static) -> (Client, PathBuf) {
+        let dir = std::env::temp_dir().join(format!(
+            "berth-client-test-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("s.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            answer(s);
+        });
+        (Client::new(&sock).with_timeout(Duration::from_secs(5)), dir)
+    }
+
+    #[test]
+    fn a_daemon_that_closes_the_connection_says_so() {
+        for answer in [
+            (|s: UnixStream| drop(s)) as fn(UnixStream),
+            |mut s| {
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-le");
+            },
+            |mut s| {
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n{}");
+            },
+        ] {
+            let (c, dir) = serve(answer);
+            let err = c.get::<serde_json::Value>("/v1/status").unwrap_err();
+            assert!(matches!(err, ClientError::Closed { .. }), "{err}");
+            assert!(
+                err.to_string()
+                    .starts_with("the daemon closed the connection"),
+                "{err}"
+            );
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+
+    #[test]
+    fn an_unreachable_daemon_names_the_cause_once() {
+        let err = Client::new("/nonexistent/berth.sock")
+            .get::<serde_json::Value>("/v1/status")
+            .unwrap_err();
+        let text = err.to_string();
+        assert_eq!(text.matches("No such file").count(), 1, "{text}");
+        assert!(std::error::Error::source(&err).is_none(), "{text}");
+        assert!(text.contains("is `berth daemon` running?"), "{text}");
     }
 }

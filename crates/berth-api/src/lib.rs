@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 pub use berth_model::{
     Endpoint, MacAddr, ModelError, NetnsRef, Network, NetworkDns, PortMapping, Protocol, Sandbox,
-    Subnet, parse_publish,
+    Subnet, parse_publish, parse_subnet, validate_network_mtu,
 };
 pub use client::{Client, ClientError};
 
@@ -68,6 +68,11 @@ pub struct Attach {
     /// Host ports to forward to the endpoint.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<PortMapping>,
+    /// Take the sandbox's default routes (of the families this network has) from the network
+    /// that holds them. Without it, a sandbox's default route stays with the network attached
+    /// first, and passes to the next-oldest one when that network is detached.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub default_route: bool,
 }
 
 /// `POST /v1/detach`: detach from a network either a sandbox (name or netns path), or the

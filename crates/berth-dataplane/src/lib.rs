@@ -16,7 +16,7 @@ pub use bridge::{
     create_runtime_endpoint, delete_link, ensure_bridge, ensure_endpoint, reap, retire_endpoint,
     sandbox_state,
 };
-pub use netlink::{Link, Netlink, ROUTE_PROTOCOL};
+pub use netlink::{Link, LinkEvent, LinkWatch, Netlink, ROUTE_PROTOCOL};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -27,9 +27,6 @@ pub enum DataplaneError {
         #[source]
         source: std::io::Error,
     },
-    /// `nft` refused a ruleset; its own message.
-    #[error("nft: {0}")]
-    Nft(String),
     #[error("unexpected netlink reply: {0}")]
     Protocol(String),
     #[error("{what}: {source}")]
@@ -38,6 +35,10 @@ pub enum DataplaneError {
         #[source]
         source: std::io::Error,
     },
+    /// A path given as a network namespace is something else: a caller's mistake, not a
+    /// kernel failure (the agent answers it with a 400).
+    #[error("{path} is not a network namespace: {why}")]
+    NotNetns { path: String, why: String },
 }
 
 impl DataplaneError {
@@ -46,7 +47,7 @@ impl DataplaneError {
             DataplaneError::Kernel { source, .. } | DataplaneError::Io { source, .. } => {
                 source.raw_os_error()
             }
-            DataplaneError::Protocol(_) | DataplaneError::Nft(_) => None,
+            DataplaneError::Protocol(_) | DataplaneError::NotNetns { .. } => None,
         }
     }
 

@@ -613,3 +613,67 @@ fn link_from(l: &LinkMessage) -> Link {
     }
     link
 }
+
+/// What [`LinkWatch::wait`] reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkEvent {
+    /// A link of the namespace was deleted (or moved to another namespace).
+    Gone(String),
+    /// The kernel dropped events (the socket's buffer overflowed): anything may have changed.
+    Overrun,
+}
+
+/// The link deletions of one network namespace as they happen (rtnetlink's link group), so a
+/// running daemon notices at once when its links vanish: deleted by hand, or with the
+/// namespace that held a veth's other end.
+pub struct LinkWatch {
+    socket: Socket,
+    buf: Vec<u8>,
+}
+
+/// rtnetlink multicast group of link changes (RTNLGRP_LINK).
+const RTNLGRP_LINK: u32 = 1;
+
+impl LinkWatch {
+    /// Watches the calling thread's network namespace.
+    pub fn open() -> Result<Self> {
+        let mut socket =
+            Socket::new(NETLINK_ROUTE).map_err(|e| DataplaneError::io("netlink socket", e))?;
+        socket
+            .bind_auto()
+            .map_err(|e| DataplaneError::io("netlink bind", e))?;
+        socket
+            .add_membership(RTNLGRP_LINK)
+            .map_err(|e| DataplaneError::io("join rtnetlink link group", e))?;
+        Ok(LinkWatch {
+            socket,
+            buf: vec![0; 64 * 1024],
+        })
+    }
+
+    /// Blocks until the kernel reports link changes; returns the deletions among them.
+    pub fn wait(&mut self) -> Result<Vec<LinkEvent>> {
+        let n = match self.socket.recv(&mut &mut self.buf[..], 0) {
+            Ok(n) => n,
+            Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ENOBUFS as i32) => {
+                return Ok(vec![LinkEvent::Overrun]);
+            }
+            Err(e) => return Err(DataplaneError::io("netlink recv", e)),
+        };
+        let mut events = Vec::new();
+        let mut off = 0;
+        while off < n {
+            let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&self.buf[off..n])
+                .map_err(|e| DataplaneError::Protocol(e.to_string()))?;
+            let len = msg.header.length as usize;
+            if len == 0 {
+                break;
+            }
+            if let NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(l)) = msg.payload {
+                events.push(LinkEvent::Gone(link_from(&l).name));
+            }
+            off += len.next_multiple_of(4);
+        }
+        Ok(events)
+    }
+}

@@ -18,8 +18,8 @@ pub use names::{
 };
 pub use ports::{MAX_RANGE, PortMapping, Protocol, parse_publish};
 pub use validate::{
-    MacAddr, ModelError, parse_cidr, validate_ifname, validate_mtu, validate_name,
-    validate_sandbox_name,
+    IPV6_MIN_MTU, MacAddr, ModelError, parse_cidr, parse_subnet, validate_ifname, validate_mtu,
+    validate_name, validate_network_mtu, validate_sandbox_name, validate_subnet,
 };
 
 /// The pool that networks created without `--subnet` are carved from, one /24 each.
@@ -46,6 +46,11 @@ pub struct Network {
     /// answers, never stored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns: Option<NetworkDns>,
+    /// The Docker networks of berth's driver on this network, by id (the engine never tells
+    /// a driver a network's name; `docker network ls` lists these ids); filled in by the
+    /// daemon when it answers, never stored.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub docker_networks: Vec<String>,
 }
 
 /// The DNS service of a network as containers use it (resolv.conf, CNI `dns`).
@@ -67,6 +72,30 @@ impl Network {
     /// The subnet an address belongs to, if any.
     pub fn subnet_for(&self, ip: IpAddr) -> Option<&Subnet> {
         self.subnets.iter().find(|s| s.cidr.contains(&ip))
+    }
+
+    /// Refuses an address asked for an endpoint that can never be one: a gateway (the bridge
+    /// holds it), the network address, or the IPv4 broadcast address. Addresses outside the
+    /// network are left to the caller, which names the subnets.
+    pub fn check_endpoint_ip(&self, ip: IpAddr) -> Result<(), ModelError> {
+        let Some(s) = self.subnet_for(ip) else {
+            return Ok(());
+        };
+        let what = if s.gateway == ip {
+            "gateway"
+        } else if ip == s.cidr.network() {
+            "network address"
+        } else if s.cidr.addr().is_ipv4() && ip == s.cidr.broadcast() {
+            "broadcast address"
+        } else {
+            return Ok(());
+        };
+        Err(ModelError::ReservedAddress {
+            ip,
+            network: self.name.clone(),
+            subnet: s.cidr,
+            what,
+        })
     }
 }
 
@@ -120,6 +149,12 @@ pub struct Endpoint {
     /// Host ports forwarded to this endpoint.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<PortMapping>,
+    /// The gateways of this endpoint that the sandbox's default routes go through: one
+    /// endpoint per namespace and address family holds the default route (the first attached,
+    /// or one attached with `default_route`). Filled in by the daemon when it answers, never
+    /// stored.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub default_gateways: Vec<IpAddr>,
 }
 
 /// A network namespace as berth refers to it: where it is and which namespace it was.
@@ -132,4 +167,48 @@ pub struct NetnsRef {
     pub id: String,
     /// Set when the namespace is a berth sandbox.
     pub sandbox: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_addresses_that_belong_to_the_network_are_refused() {
+        let net = Network {
+            id: "1".into(),
+            name: "blue".into(),
+            subnets: vec![
+                Subnet {
+                    cidr: "10.91.0.0/24".parse().unwrap(),
+                    gateway: "10.91.0.1".parse().unwrap(),
+                },
+                Subnet {
+                    cidr: "fd00:91::/64".parse().unwrap(),
+                    gateway: "fd00:91::1".parse().unwrap(),
+                },
+            ],
+            mtu: 1500,
+            internal: false,
+            bridge: "berth-1".into(),
+            dns: None,
+            docker_networks: vec![],
+        };
+        for (ip, what) in [
+            ("10.91.0.1", "gateway"),
+            ("fd00:91::1", "gateway"),
+            ("10.91.0.0", "network address"),
+            ("fd00:91::", "network address"),
+            ("10.91.0.255", "broadcast address"),
+        ] {
+            let err = net.check_endpoint_ip(ip.parse().unwrap()).unwrap_err();
+            assert!(
+                err.to_string().contains(&format!("it is the {what} of")),
+                "{ip}: {err}"
+            );
+        }
+        for ok in ["10.91.0.2", "10.91.0.254", "fd00:91::2", "10.92.0.1"] {
+            assert!(net.check_endpoint_ip(ok.parse().unwrap()).is_ok(), "{ok}");
+        }
+    }
 }

@@ -2,6 +2,7 @@
 //! up as the one-line message a user sees.
 
 use std::fmt;
+use std::net::IpAddr;
 use std::str::FromStr;
 
 use ipnet::IpNet;
@@ -30,8 +31,39 @@ pub enum ModelError {
     InvalidMac(String),
     #[error("invalid MAC address {0}: it must be unicast (lowest bit of the first byte clear)")]
     MulticastMac(String),
+    #[error("invalid MAC address {0}: the all-zero address cannot be an interface's")]
+    ZeroMac(String),
     #[error("invalid MTU {0}: must be between 68 and 65535")]
     InvalidMtu(u32),
+    #[error(
+        "invalid MTU {0}: a network with an IPv6 subnet needs at least {IPV6_MIN_MTU}, the IPv6 minimum"
+    )]
+    MtuBelowIpv6Minimum(u32),
+    #[error(
+        "invalid subnet {subnet}: it overlaps {range}, the {what} range, which containers cannot use"
+    )]
+    UnusableSubnet {
+        subnet: IpNet,
+        range: &'static str,
+        what: &'static str,
+    },
+    #[error(
+        "invalid subnet {subnet}: no room for a gateway and an endpoint; the longest usable {family} prefix is /{longest}"
+    )]
+    SubnetTooSmall {
+        subnet: IpNet,
+        family: &'static str,
+        longest: u8,
+    },
+    #[error(
+        "address {ip} cannot be an endpoint's on network {network:?}: it is the {what} of {subnet}"
+    )]
+    ReservedAddress {
+        ip: IpAddr,
+        network: String,
+        subnet: IpNet,
+        what: &'static str,
+    },
     #[error("invalid --publish {given:?}: {why}")]
     InvalidPublish { given: String, why: &'static str },
 }
@@ -46,6 +78,66 @@ pub fn parse_cidr(s: &str) -> Result<IpNet, ModelError> {
             canonical: net.trunc().to_string(),
         });
     }
+    Ok(net)
+}
+
+/// The smallest MTU an IPv6 link may have (RFC 8200 §5).
+pub const IPV6_MIN_MTU: u32 = 1280;
+
+/// Address ranges a container network can never use, with what they are: the kernel treats
+/// them specially (loopback, multicast, link-local) or not at all (reserved), so a bridge
+/// holding one either breaks the host or every attach.
+const UNUSABLE: &[(&str, &str)] = &[
+    ("0.0.0.0/8", "\"this network\""),
+    ("127.0.0.0/8", "loopback"),
+    ("169.254.0.0/16", "IPv4 link-local"),
+    ("224.0.0.0/4", "IPv4 multicast"),
+    ("240.0.0.0/4", "reserved (and broadcast)"),
+    ("::/128", "unspecified address"),
+    ("::1/128", "IPv6 loopback"),
+    ("::ffff:0:0/96", "IPv4-mapped"),
+    ("fe80::/10", "IPv6 link-local"),
+    ("ff00::/8", "IPv6 multicast"),
+];
+
+/// The longest prefix that leaves room for the gateway and one endpoint: IPv4 keeps the
+/// network and broadcast addresses out (a /31 is a point-to-point link, not a LAN); an IPv6
+/// pool keeps the subnet-router anycast address (offset 0) out, see `berth_ipam::Pool`.
+const LONGEST_V4: u8 = 30;
+const LONGEST_V6: u8 = 126;
+
+/// Checks that containers can live in `subnet`: not in a range with a special meaning, and
+/// large enough for the gateway plus at least one endpoint. Done before anything is stored or
+/// made, so an unusable subnet is a clear refusal instead of a bridge that breaks every attach.
+pub fn validate_subnet(subnet: &IpNet) -> Result<(), ModelError> {
+    for (range, what) in UNUSABLE {
+        let range_net: IpNet = range.parse().expect("valid built-in range");
+        if range_net.contains(subnet) || subnet.contains(&range_net) {
+            return Err(ModelError::UnusableSubnet {
+                subnet: *subnet,
+                range,
+                what,
+            });
+        }
+    }
+    let (family, longest) = match subnet {
+        IpNet::V4(_) => ("IPv4", LONGEST_V4),
+        IpNet::V6(_) => ("IPv6", LONGEST_V6),
+    };
+    if subnet.prefix_len() > longest {
+        return Err(ModelError::SubnetTooSmall {
+            subnet: *subnet,
+            family,
+            longest,
+        });
+    }
+    Ok(())
+}
+
+/// [`parse_cidr`] and [`validate_subnet`]: a subnet as a user or a front-end gives it.
+pub fn parse_subnet(s: &str) -> Result<IpNet, ModelError> {
+    let net = parse_cidr(s)?;
+    validate_subnet(&net)?;
     Ok(net)
 }
 
@@ -97,6 +189,16 @@ pub fn validate_mtu(mtu: u32) -> Result<u32, ModelError> {
     } else {
         Err(ModelError::InvalidMtu(mtu))
     }
+}
+
+/// A network's MTU: [`validate_mtu`], and at least [`IPV6_MIN_MTU`] when the network carries
+/// IPv6, since the kernel turns IPv6 off on a link with a smaller MTU.
+pub fn validate_network_mtu(mtu: u32, ipv6: bool) -> Result<u32, ModelError> {
+    let mtu = validate_mtu(mtu)?;
+    if ipv6 && mtu < IPV6_MIN_MTU {
+        return Err(ModelError::MtuBelowIpv6Minimum(mtu));
+    }
+    Ok(mtu)
 }
 
 /// An Ethernet address, serialised as `aa:bb:cc:dd:ee:ff`.
@@ -156,6 +258,9 @@ impl FromStr for MacAddr {
         }
         if out[0] & 1 == 1 {
             return Err(ModelError::MulticastMac(s.to_string()));
+        }
+        if out == [0; 6] {
+            return Err(ModelError::ZeroMac(s.to_string()));
         }
         Ok(MacAddr(out))
     }
@@ -252,5 +357,123 @@ mod tests {
         assert!(validate_mtu(1400).is_ok());
         assert!(validate_mtu(67).is_err());
         assert!(validate_mtu(65536).is_err());
+        assert_eq!(validate_network_mtu(1000, false), Ok(1000));
+        assert_eq!(validate_network_mtu(1280, true), Ok(1280));
+        assert_eq!(
+            validate_network_mtu(1279, true),
+            Err(ModelError::MtuBelowIpv6Minimum(1279))
+        );
+        assert_eq!(
+            validate_network_mtu(20, true),
+            Err(ModelError::InvalidMtu(20))
+        );
+    }
+
+    #[test]
+    fn usable_subnets_are_accepted() {
+        for ok in [
+            "10.91.0.0/24",
+            "10.0.0.0/30",
+            "192.168.0.0/16",
+            "1.0.0.0/8",
+            "126.0.0.0/8",
+            "128.0.0.0/8",
+            "169.253.0.0/16",
+            "223.255.255.0/24",
+            "fd00:91::/64",
+            "fd00::/126",
+            "2001:db8::/32",
+            "fe00::/9",
+            "fec0::/10",
+        ] {
+            assert_eq!(
+                parse_subnet(ok).map(|n| n.to_string()),
+                Ok(ok.into()),
+                "{ok}"
+            );
+        }
+    }
+
+    #[test]
+    fn unusable_subnets_are_refused_with_the_reason() {
+        let cases: &[(&str, &str)] = &[
+            ("0.0.0.0/24", "\"this network\""),
+            ("0.0.0.0/0", "\"this network\""),
+            ("127.0.0.0/24", "loopback"),
+            ("127.0.0.0/8", "loopback"),
+            ("96.0.0.0/3", "loopback"),
+            ("169.254.0.0/24", "IPv4 link-local"),
+            ("169.254.0.0/16", "IPv4 link-local"),
+            ("224.0.0.0/24", "IPv4 multicast"),
+            ("239.255.0.0/16", "IPv4 multicast"),
+            ("240.0.0.0/24", "reserved"),
+            ("255.255.255.0/24", "reserved"),
+            ("::/128", "unspecified"),
+            ("::/64", "unspecified"),
+            ("::1/128", "IPv6 loopback"),
+            ("::ffff:0:0/96", "IPv4-mapped"),
+            ("::ffff:10.0.0.0/120", "IPv4-mapped"),
+            ("fe80::/64", "IPv6 link-local"),
+            ("fe80::/10", "IPv6 link-local"),
+            ("ff02::/64", "IPv6 multicast"),
+            ("ff00::/8", "IPv6 multicast"),
+        ];
+        for (subnet, what) in cases {
+            let err = parse_subnet(subnet).unwrap_err();
+            assert!(
+                matches!(err, ModelError::UnusableSubnet { .. }),
+                "{subnet}: {err}"
+            );
+            assert!(err.to_string().contains(what), "{subnet}: {err}");
+        }
+    }
+
+    #[test]
+    fn subnets_without_room_for_an_endpoint_are_refused() {
+        for (subnet, longest) in [
+            ("10.0.0.0/31", "/30"),
+            ("10.0.0.7/32", "/30"),
+            ("fd00::/127", "/126"),
+            ("fd00::1/128", "/126"),
+        ] {
+            let err = parse_subnet(subnet).unwrap_err();
+            assert!(
+                matches!(err, ModelError::SubnetTooSmall { .. }),
+                "{subnet}: {err}"
+            );
+            assert!(
+                err.to_string().contains(&format!(
+                    "longest usable IPv{} prefix is {longest}",
+                    if subnet.contains(':') { 6 } else { 4 }
+                )),
+                "{subnet}: {err}"
+            );
+        }
+        // Host bits set stay a typo to point out, before anything else.
+        assert!(matches!(
+            parse_subnet("10.0.0.5/24"),
+            Err(ModelError::NotCanonical { .. })
+        ));
+    }
+
+    #[test]
+    fn zero_and_group_macs_are_refused() {
+        for zero in ["00:00:00:00:00:00", "00-00-00-00-00-00"] {
+            assert!(
+                matches!(zero.parse::<MacAddr>(), Err(ModelError::ZeroMac(_))),
+                "{zero}"
+            );
+        }
+        for group in [
+            "ff:ff:ff:ff:ff:ff",
+            "01:00:5e:00:00:01",
+            "33:33:00:00:00:01",
+        ] {
+            assert!(
+                matches!(group.parse::<MacAddr>(), Err(ModelError::MulticastMac(_))),
+                "{group}"
+            );
+        }
+        assert!("02:00:00:00:00:00".parse::<MacAddr>().is_ok());
     }
 }

@@ -1,15 +1,37 @@
 //! `berth`: the CLI (a client of the daemon's API and nothing more) and `berth daemon`.
 
+use std::io::Write;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use berth_api::{
-    Attach, Client, CreateNetwork, CreateSandbox, DEFAULT_SOCKET, Detach, Endpoint, Network,
-    PortMapping, Sandbox, Status,
+    Allocation, Attach, CheckReport, Client, CreateNetwork, CreateSandbox, DEFAULT_SOCKET, Detach,
+    Endpoint, Network, PortMapping, Sandbox, Status,
 };
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
+
+/// `println!` for the CLI's output: when stdout is a pipe whose reader has gone (`berth ... |
+/// head -1`), the process ends quietly with status 0, as Unix tools do, instead of panicking.
+/// SIGPIPE itself stays ignored (Rust's default): the CLI also writes to the daemon's socket,
+/// where a closed connection must be an error message, not a silent death.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        emit(format_args!($($arg)*))
+    };
+}
+
+fn emit(line: std::fmt::Arguments<'_>) {
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = writeln!(out, "{line}") {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("berth: error: writing to stdout: {e}");
+        std::process::exit(1);
+    }
+}
 
 #[derive(Parser)]
 #[command(
@@ -18,19 +40,33 @@ use serde::Serialize;
     about = "Container networking: networks, sandboxes, endpoints."
 )]
 struct Cli {
-    /// The daemon's API socket.
-    #[arg(long, global = true, env = "BERTH_SOCKET", default_value = DEFAULT_SOCKET)]
+    /// The daemon's API socket (client commands).
+    #[arg(long, env = "BERTH_SOCKET", default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
-    /// Output format.
-    #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Output::Table)]
+    /// Output format of client commands.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
     output: Output,
     #[command(subcommand)]
     command: Command,
 }
 
+/// `--socket` and `-o` after a client command (`berth network ls -o json`): the same flags as
+/// before the command, which they override. Kept off `daemon`, which has no use for them.
+#[derive(Args, Clone, Default)]
+struct ClientOpts {
+    /// The daemon's API socket [env: BERTH_SOCKET; default: /run/berth/berth.sock].
+    #[arg(long, global = true)]
+    socket: Option<PathBuf>,
+    /// Output format [default: table].
+    #[arg(short = 'o', long = "output", global = true, value_enum)]
+    output: Option<Output>,
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Output {
+    /// Aligned columns for people.
     Table,
+    /// The API's JSON, for scripts.
     Json,
 }
 
@@ -39,24 +75,58 @@ enum Command {
     /// Run the per-host agent in the foreground.
     Daemon(DaemonArgs),
     /// Manage networks.
-    #[command(subcommand)]
-    Network(NetworkCmd),
+    Network {
+        #[command(subcommand)]
+        cmd: NetworkCmd,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
     /// Manage sandboxes (named network namespaces made by berth).
-    #[command(subcommand)]
-    Sandbox(SandboxCmd),
+    Sandbox {
+        #[command(subcommand)]
+        cmd: SandboxCmd,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
     /// Attach a sandbox (name or network-namespace path) to a network.
     Attach(AttachArgs),
     /// Detach a sandbox from a network.
     Detach {
+        /// The sandbox name or network-namespace path.
         sandbox: String,
+        /// The network to leave.
         #[arg(long)]
         network: String,
+        #[command(flatten)]
+        opts: ClientOpts,
     },
-    /// Inspect endpoints.
-    #[command(subcommand)]
-    Endpoint(EndpointCmd),
+    /// Inspect, check and remove endpoints.
+    Endpoint {
+        #[command(subcommand)]
+        cmd: EndpointCmd,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
     /// Daemon health and counts.
-    Status,
+    Status {
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+}
+
+impl Command {
+    /// The client flags given after the command; `None` for `daemon`.
+    fn client_opts(&self) -> Option<&ClientOpts> {
+        match self {
+            Command::Daemon(_) => None,
+            Command::Network { opts, .. }
+            | Command::Sandbox { opts, .. }
+            | Command::Detach { opts, .. }
+            | Command::Endpoint { opts, .. }
+            | Command::Status { opts } => Some(opts),
+            Command::Attach(a) => Some(&a.opts),
+        }
+    }
 }
 
 #[derive(Args)]
@@ -71,8 +141,10 @@ struct DaemonArgs {
     #[arg(long, default_value = "/run/netns")]
     netns_dir: PathBuf,
     /// Docker plugin socket (NetworkDriver and IpamDriver); empty: no Docker plugin.
-    #[arg(long, default_value = "/run/docker/plugins/berth.sock")]
-    docker_plugin_socket: PathBuf,
+    /// Default: /run/docker/plugins/berth.sock in the machine's own network namespace,
+    /// none in a private one.
+    #[arg(long)]
+    docker_plugin_socket: Option<std::ffi::OsString>,
     /// DNS port on every network's gateway addresses; 0: no DNS.
     #[arg(long, default_value_t = 53)]
     dns_port: u16,
@@ -88,12 +160,17 @@ struct DaemonArgs {
     /// error, warn, info, debug or trace.
     #[arg(long, default_value = "info")]
     log_level: tracing::Level,
+    /// Seconds a Docker endpoint must look dead (container gone, engine not asking) before
+    /// berth releases it; for tests.
+    #[arg(long, hide = true, default_value_t = berth_agent::docker::DOCKER_ENDPOINT_GRACE.as_secs())]
+    docker_endpoint_grace: u64,
 }
 
 #[derive(Subcommand)]
 enum NetworkCmd {
     /// Create a network (a bridge on this host).
     Create {
+        /// The network's name.
         name: String,
         /// IPv4 subnet; default: a free /24 from 10.210.0.0/16.
         #[arg(long)]
@@ -101,46 +178,66 @@ enum NetworkCmd {
         /// IPv4 gateway; default: the subnet's first address.
         #[arg(long)]
         gateway: Option<String>,
+        /// IPv6 subnet (at most /126); default: no IPv6.
         #[arg(long)]
         ipv6_subnet: Option<String>,
+        /// IPv6 gateway; default: the subnet's first address.
         #[arg(long)]
         ipv6_gateway: Option<String>,
-        /// Default: the MTU of the host's default-route interface, else 1500.
+        /// Default: the MTU of the host's default-route interface, else 1500; 1280 or more with IPv6.
         #[arg(long)]
         mtu: Option<u32>,
         /// No way out of the host.
         #[arg(long)]
         internal: bool,
     },
+    /// List networks.
     #[command(alias = "list")]
     Ls,
+    /// Show one network.
     Inspect {
+        /// The network's name.
         name: String,
     },
+    /// Show the addresses a network has handed out, and to whom.
+    Allocations {
+        /// The network's name.
+        name: String,
+    },
+    /// Remove a network that has no endpoints.
     #[command(alias = "remove")]
     Rm {
+        /// The network's name.
         name: String,
     },
 }
 
 #[derive(Subcommand)]
 enum SandboxCmd {
+    /// Create a sandbox: a network namespace with `lo` up, at <netns-dir>/NAME.
     Create {
+        /// The sandbox's name.
         name: String,
     },
+    /// List sandboxes.
     #[command(alias = "list")]
     Ls,
+    /// Show one sandbox.
     Inspect {
+        /// The sandbox's name.
         name: String,
     },
     /// Detach from every network, then remove the namespace.
     #[command(alias = "remove")]
     Rm {
+        /// The sandbox's name.
         name: String,
     },
     /// Run a command inside the sandbox's network namespace.
     Exec {
+        /// The sandbox's name.
         name: String,
+        /// The command and its arguments, after `--`.
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
@@ -150,6 +247,7 @@ enum SandboxCmd {
 struct AttachArgs {
     /// A sandbox name or a network-namespace path (e.g. /proc/1234/ns/net).
     sandbox: String,
+    /// The network to join.
     #[arg(long)]
     network: String,
     /// Requested address; give twice for IPv4 and IPv6.
@@ -164,11 +262,18 @@ struct AttachArgs {
     /// Another name for service discovery (several endpoints may share one); repeatable.
     #[arg(long = "alias")]
     aliases: Vec<String>,
+    /// MAC address (unicast, not all-zero); default: derived from the IPv4 address.
     #[arg(long)]
     mac: Option<String>,
     /// Publish a host port: [HOST_IP:]HOST_PORT[-END]:PORT[-END][/tcp|udp|sctp]; repeatable.
     #[arg(long = "publish", short = 'p', value_parser = parse_publish_arg)]
     publish: Vec<Vec<PortMapping>>,
+    #[command(flatten)]
+    opts: ClientOpts,
+    /// Route the sandbox's default traffic through this network (default: the network
+    /// attached first keeps it).
+    #[arg(long)]
+    default_route: bool,
 }
 
 fn parse_publish_arg(s: &str) -> Result<Vec<PortMapping>, String> {
@@ -177,16 +282,27 @@ fn parse_publish_arg(s: &str) -> Result<Vec<PortMapping>, String> {
 
 #[derive(Subcommand)]
 enum EndpointCmd {
+    /// List endpoints.
     #[command(alias = "list")]
     Ls {
+        /// Only the endpoints on this network.
         #[arg(long)]
         network: Option<String>,
     },
+    /// Show one endpoint.
     Inspect {
+        /// The endpoint's id.
         id: String,
     },
+    /// Compare an endpoint's interfaces in the kernel with its record; exit 1 on a difference.
+    Check {
+        /// The endpoint's id.
+        id: String,
+    },
+    /// Detach an endpoint and release its addresses.
     #[command(alias = "remove")]
     Rm {
+        /// The endpoint's id.
         id: String,
     },
 }
@@ -200,24 +316,26 @@ fn main() {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    let out = cli.output;
-    let client = Client::new(&cli.socket);
+    let opts = cli.command.client_opts().cloned().unwrap_or_default();
+    let out = opts.output.unwrap_or(cli.output);
+    let socket = opts.socket.unwrap_or(cli.socket);
+    let client = Client::new(&socket);
     match cli.command {
         Command::Daemon(args) => daemon(args),
-        Command::Status => {
+        Command::Status { .. } => {
             let s: Status = client.get("/v1/status")?;
             show(out, &s, |s| {
-                println!("daemon     up (berth {})", s.version);
-                println!("socket     {}", cli.socket.display());
-                println!("store      {}", s.store);
-                println!("netns dir  {}", s.netns_dir);
-                println!("networks   {}", s.networks);
-                println!("endpoints  {}", s.endpoints);
-                println!("sandboxes  {}", s.sandboxes);
+                say!("daemon     up (berth {})", s.version);
+                say!("socket     {}", socket.display());
+                say!("store      {}", s.store);
+                say!("netns dir  {}", s.netns_dir);
+                say!("networks   {}", s.networks);
+                say!("endpoints  {}", s.endpoints);
+                say!("sandboxes  {}", s.sandboxes);
             })
         }
-        Command::Network(cmd) => network(&client, out, cmd),
-        Command::Sandbox(cmd) => sandbox(&client, out, cmd),
+        Command::Network { cmd, .. } => network(&client, out, cmd),
+        Command::Sandbox { cmd, .. } => sandbox(&client, out, cmd),
         Command::Attach(a) => {
             let ep: Endpoint = client.post(
                 "/v1/endpoints",
@@ -230,12 +348,15 @@ fn run(cli: Cli) -> Result<()> {
                     name: a.name,
                     aliases: a.aliases,
                     ports: a.publish.into_iter().flatten().collect(),
+                    default_route: a.default_route,
                     ..Default::default()
                 },
             )?;
             show(out, &ep, print_endpoint)
         }
-        Command::Detach { sandbox, network } => {
+        Command::Detach {
+            sandbox, network, ..
+        } => {
             let v: serde_json::Value = client.post(
                 "/v1/detach",
                 &Detach {
@@ -244,9 +365,9 @@ fn run(cli: Cli) -> Result<()> {
                     ..Default::default()
                 },
             )?;
-            show(out, &v, |_| println!("{sandbox} detached from {network}"))
+            show(out, &v, |_| say!("{sandbox} detached from {network}"))
         }
-        Command::Endpoint(cmd) => match cmd {
+        Command::Endpoint { cmd, .. } => match cmd {
             EndpointCmd::Ls { network } => {
                 let path = match network {
                     Some(n) => format!("/v1/endpoints?network={}", url_component(&n)),
@@ -274,6 +395,25 @@ fn run(cli: Cli) -> Result<()> {
             }
             EndpointCmd::Inspect { id } => {
                 inspect::<Endpoint>(&client, out, "endpoints", &id, print_endpoint)
+            }
+            EndpointCmd::Check { id } => {
+                let r: CheckReport =
+                    client.get(&format!("/v1/endpoints/{}/check", url_component(&id)))?;
+                show(out, &r, |r| {
+                    if r.problems.is_empty() {
+                        say!("{id}: ok");
+                    }
+                    for p in &r.problems {
+                        say!("{p}");
+                    }
+                })?;
+                if !r.problems.is_empty() {
+                    bail!(
+                        "endpoint {id} differs from its record in {} way(s)",
+                        r.problems.len()
+                    );
+                }
+                Ok(())
             }
             EndpointCmd::Rm { id } => remove(&client, out, "endpoints", &id),
         },
@@ -307,8 +447,15 @@ fn network(client: &Client, out: Output, cmd: NetworkCmd) -> Result<()> {
             let nets: Vec<Network> = client.get("/v1/networks")?;
             show(out, &nets, |nets| {
                 table(
-                    &["NAME", "ID", "BRIDGE", "SUBNETS", "MTU", "INTERNAL"],
+                    &[
+                        "NAME", "ID", "BRIDGE", "SUBNETS", "MTU", "INTERNAL", "DOCKER",
+                    ],
                     nets.iter().map(|n| {
+                        let docker: Vec<&str> = n
+                            .docker_networks
+                            .iter()
+                            .map(|id| &id[..id.len().min(12)])
+                            .collect();
                         vec![
                             n.name.clone(),
                             n.id.clone(),
@@ -316,6 +463,7 @@ fn network(client: &Client, out: Output, cmd: NetworkCmd) -> Result<()> {
                             join(&n.subnets.iter().map(|s| s.cidr).collect::<Vec<_>>()),
                             n.mtu.to_string(),
                             n.internal.to_string(),
+                            docker.join(","),
                         ]
                     }),
                 )
@@ -323,6 +471,18 @@ fn network(client: &Client, out: Output, cmd: NetworkCmd) -> Result<()> {
         }
         NetworkCmd::Inspect { name } => {
             inspect::<Network>(client, out, "networks", &name, print_network)
+        }
+        NetworkCmd::Allocations { name } => {
+            let allocs: Vec<Allocation> = client.get(&format!(
+                "/v1/networks/{}/allocations",
+                url_component(&name)
+            ))?;
+            show(out, &allocs, |allocs| {
+                table(
+                    &["ADDRESS", "OWNER"],
+                    allocs.iter().map(|a| vec![a.ip.clone(), a.owner.clone()]),
+                )
+            })
         }
         NetworkCmd::Rm { name } => remove(client, out, "networks", &name),
     }
@@ -332,7 +492,7 @@ fn sandbox(client: &Client, out: Output, cmd: SandboxCmd) -> Result<()> {
     match cmd {
         SandboxCmd::Create { name } => {
             let s: Sandbox = client.post("/v1/sandboxes", &CreateSandbox { name })?;
-            show(out, &s, |s| println!("{}", s.path))
+            show(out, &s, |s| say!("{}", s.path))
         }
         SandboxCmd::Ls => {
             let sbs: Vec<Sandbox> = client.get("/v1/sandboxes")?;
@@ -344,7 +504,7 @@ fn sandbox(client: &Client, out: Output, cmd: SandboxCmd) -> Result<()> {
             })
         }
         SandboxCmd::Inspect { name } => inspect::<Sandbox>(client, out, "sandboxes", &name, |s| {
-            println!("{}\t{}", s.name, s.path)
+            say!("{}\t{}", s.name, s.path)
         }),
         SandboxCmd::Rm { name } => remove(client, out, "sandboxes", &name),
         SandboxCmd::Exec { name, command } => {
@@ -354,6 +514,16 @@ fn sandbox(client: &Client, out: Output, cmd: SandboxCmd) -> Result<()> {
             // on this thread is exactly what we want.
             nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
                 .with_context(|| format!("enter sandbox {name}"))?;
+            // SAFETY: nothing else runs in this single-threaded process, and it is about to
+            // exec: the command gets the default SIGPIPE (death on a closed pipe, as from a
+            // shell) instead of the "ignore" Rust's runtime set for this process.
+            unsafe {
+                nix::sys::signal::signal(
+                    nix::sys::signal::Signal::SIGPIPE,
+                    nix::sys::signal::SigHandler::SigDfl,
+                )
+            }
+            .context("reset SIGPIPE")?;
             let err = std::process::Command::new(&command[0])
                 .args(&command[1..])
                 .exec();
@@ -363,9 +533,12 @@ fn sandbox(client: &Client, out: Output, cmd: SandboxCmd) -> Result<()> {
 }
 
 fn daemon(args: DaemonArgs) -> Result<()> {
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_max_level(args.log_level)
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, never into a log file or journal.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -375,14 +548,18 @@ fn daemon(args: DaemonArgs) -> Result<()> {
             state_dir: args.state_dir,
             run_dir: args.run_dir,
             netns_dir: args.netns_dir,
-            docker_plugin_socket: Some(args.docker_plugin_socket)
-                .filter(|p| !p.as_os_str().is_empty()),
+            docker_plugin_socket: match args.docker_plugin_socket {
+                None => berth_agent::daemon::default_docker_plugin_socket(),
+                Some(p) if p.is_empty() => None,
+                Some(p) => Some(PathBuf::from(p)),
+            },
             dns: (args.dns_port != 0).then_some(berth_dns::DnsConfig {
                 suffix: args.dns_suffix,
                 port: args.dns_port,
                 resolv_conf: args.dns_resolv_conf,
             }),
             sandbox_etc_dir: args.sandbox_etc_dir,
+            docker_endpoint_grace: std::time::Duration::from_secs(args.docker_endpoint_grace),
         },
     ))?;
     Ok(())
@@ -404,46 +581,52 @@ fn inspect<T: serde::de::DeserializeOwned + Serialize>(
 fn remove(client: &Client, out: Output, collection: &str, name: &str) -> Result<()> {
     let v: serde_json::Value =
         client.delete(&format!("/v1/{collection}/{}", url_component(name)))?;
-    show(out, &v, |_| println!("{name}"))
+    show(out, &v, |_| say!("{name}"))
 }
 
 fn show<T: Serialize>(out: Output, v: &T, human: impl FnOnce(&T)) -> Result<()> {
     match out {
-        Output::Json => println!("{}", serde_json::to_string_pretty(v)?),
+        Output::Json => say!("{}", serde_json::to_string_pretty(v)?),
         Output::Table => human(v),
     }
     Ok(())
 }
 
 fn print_network(n: &Network) {
-    println!("name      {}", n.name);
-    println!("id        {}", n.id);
-    println!("bridge    {}", n.bridge);
+    say!("name      {}", n.name);
+    say!("id        {}", n.id);
+    say!("bridge    {}", n.bridge);
     for s in &n.subnets {
-        println!("subnet    {} gateway {}", s.cidr, s.gateway);
+        say!("subnet    {} gateway {}", s.cidr, s.gateway);
     }
-    println!("mtu       {}", n.mtu);
-    println!("internal  {}", n.internal);
+    say!("mtu       {}", n.mtu);
+    say!("internal  {}", n.internal);
+    for id in &n.docker_networks {
+        say!("docker    network {id}");
+    }
     if let Some(dns) = &n.dns {
         let servers: Vec<String> = dns.nameservers.iter().map(|ip| ip.to_string()).collect();
-        println!("dns       {} (search {})", servers.join(" "), dns.domain);
+        say!("dns       {} (search {})", servers.join(" "), dns.domain);
     }
 }
 
 fn print_endpoint(e: &Endpoint) {
-    println!("endpoint  {}", e.id);
-    println!("network   {}", e.network);
-    println!(
+    say!("endpoint  {}", e.id);
+    say!("network   {}", e.network);
+    say!(
         "sandbox   {}",
         e.netns.sandbox.as_deref().unwrap_or(&e.netns.path)
     );
-    println!("ifname    {}", e.ifname);
-    println!("mac       {}", e.mac);
+    say!("ifname    {}", e.ifname);
+    say!("mac       {}", e.mac);
     for ip in &e.ips {
-        println!("ip        {ip}");
+        say!("ip        {ip}");
     }
     for p in &e.ports {
-        println!("publish   {p}");
+        say!("publish   {p}");
+    }
+    for gw in &e.default_gateways {
+        say!("default   via {gw}");
     }
 }
 
@@ -469,7 +652,7 @@ fn table(headers: &[&str], rows: impl Iterator<Item = Vec<String>>) {
             .zip(&widths)
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
-        println!("{}", s.join("  ").trim_end());
+        say!("{}", s.join("  ").trim_end());
     };
     line(headers.to_vec());
     for r in &rows {
@@ -487,4 +670,63 @@ fn url_component(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every subcommand and every flag says in one line what it is for.
+    #[test]
+    fn every_command_and_flag_is_described() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            if cmd.get_about().is_none() {
+                missing.push(path.to_string());
+            }
+            for a in cmd.get_arguments() {
+                let builtin = matches!(a.get_id().as_str(), "help" | "version");
+                if !builtin && a.get_help().is_none() {
+                    missing.push(format!("{path} {}", a.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let cli = Cli::command();
+        cli.clone().debug_assert();
+        let mut missing = Vec::new();
+        walk(&cli, "berth", &mut missing);
+        assert!(missing.is_empty(), "undescribed: {missing:?}");
+    }
+
+    #[test]
+    fn client_flags_go_before_or_after_client_commands_only() {
+        let mut cli = Cli::command();
+        let help = cli
+            .find_subcommand_mut("daemon")
+            .unwrap()
+            .render_help()
+            .to_string();
+        assert!(
+            !help.contains("--socket") && !help.contains("--output"),
+            "{help}"
+        );
+        for args in [
+            &["berth", "-o", "json", "--socket", "/s", "network", "ls"][..],
+            &["berth", "network", "ls", "-o", "json", "--socket", "/s"],
+            &["berth", "network", "-o", "json", "ls", "--socket", "/s"],
+        ] {
+            let cli = Cli::try_parse_from(args).unwrap();
+            let opts = cli.command.client_opts().cloned().unwrap_or_default();
+            assert!(
+                opts.output.unwrap_or(cli.output) == Output::Json
+                    && opts.socket.unwrap_or(cli.socket) == std::path::Path::new("/s"),
+                "{args:?}"
+            );
+        }
+        assert!(Cli::try_parse_from(["berth", "daemon", "-o", "json"]).is_err());
+        assert!(Cli::try_parse_from(["berth", "--socket", "/s", "daemon"]).is_ok());
+    }
 }

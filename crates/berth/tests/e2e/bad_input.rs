@@ -1,11 +1,12 @@
 //! Bad input gets a one-line error naming the problem, a non-zero exit, and changes nothing in
 //! the store or the kernel.
 
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 
-use serde_json::Value;
+use berth_api::{Attach, ClientError, CreateNetwork};
+use serde_json::{Value, json};
 
-use crate::harness::Host;
+use crate::harness::{BERTH, Host};
 
 #[test]
 fn every_bad_request_is_refused_and_changes_nothing() {
@@ -111,7 +112,7 @@ fn every_bad_request_is_refused_and_changes_nothing() {
         ),
         (
             &["attach", "db", "--network", "blue", "--ip", "10.91.0.1"],
-            "already in use",
+            "is the gateway of 10.91.0.0/24",
         ),
         (
             &["attach", "db", "--network", "blue", "--ip", "10.91.0.255"],
@@ -128,7 +129,7 @@ fn every_bad_request_is_refused_and_changes_nothing() {
         ),
         (
             &["attach", "/tmp", "--network", "blue"],
-            "not a usable network namespace",
+            "/tmp is not a network namespace: it is a directory",
         ),
         (
             &["attach", "web", "--network", "green"],
@@ -212,11 +213,32 @@ fn every_bad_request_is_refused_and_changes_nothing() {
     }
     assert_eq!(h.snapshot(), before);
 
-    // A second daemon on the same state directory refuses to start, and the first keeps going.
+    // A second daemon in the same namespace refuses to start, and the first keeps going.
     let out = h.spawn_daemon("state").wait_with_output().unwrap();
     assert!(!out.status.success());
     let log = h.log();
-    assert!(log.contains("is in use by another berth daemon"), "{log}");
+    assert!(
+        log.contains("another berth daemon (pid ") && log.contains("in this network namespace"),
+        "{log}"
+    );
+    assert_eq!(h.snapshot(), before);
+
+    // So does one in another namespace on the same state directory.
+    let other = Host::bare();
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", other.netns_path()))
+        .arg(crate::harness::BERTH)
+        .args(["daemon", "--dns-port", "0", "--state-dir"])
+        .arg(h.state_dir())
+        .arg("--run-dir")
+        .arg(other.dir.join("run"))
+        .arg("--netns-dir")
+        .arg(other.dir.join("netns"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is in use by another berth daemon"), "{err}");
     assert_eq!(h.snapshot(), before);
 }
 
@@ -226,6 +248,7 @@ fn cli_usage_errors_exit_non_zero() {
     // No daemon: a clear message, not a hang.
     let err = h.fails(&["network", "ls"]);
     assert!(err.contains("cannot reach the berth daemon"), "{err}");
+    assert_eq!(err.matches("os error").count(), 1, "cause said once: {err}");
     let o = h.berth(&["attach", "web"]);
     assert_eq!(o.status.code(), Some(2), "clap usage error");
     // A daemon with a bad DNS suffix says so and leaves nothing behind.
@@ -249,4 +272,426 @@ fn cli_usage_errors_exit_non_zero() {
         .status()
         .unwrap();
     assert!(!o.success());
+}
+
+/// A `network create` through the CLI and the API with one bad value: a one-line error naming
+/// the problem, a 400, and no network record or bridge left behind.
+fn refused_create(h: &Host, req: &CreateNetwork, expected: &str) {
+    let mut args = vec!["network".to_string(), "create".into(), req.name.clone()];
+    for (flag, v) in [
+        ("--subnet", &req.subnet),
+        ("--gateway", &req.gateway),
+        ("--ipv6-subnet", &req.ipv6_subnet),
+        ("--ipv6-gateway", &req.ipv6_gateway),
+    ] {
+        if let Some(v) = v {
+            args.extend([flag.to_string(), v.clone()]);
+        }
+    }
+    if let Some(m) = req.mtu {
+        args.extend(["--mtu".to_string(), m.to_string()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let err = h.fails(&args);
+    assert!(
+        err.contains(expected),
+        "{args:?}: expected {expected:?} in {err:?}"
+    );
+    match h
+        .client()
+        .post::<_, Value>("/v1/networks", req)
+        .unwrap_err()
+    {
+        ClientError::Api { status, message } => {
+            assert_eq!(status, 400, "{args:?}: {message}");
+            assert!(message.contains(expected), "{message}");
+        }
+        other => panic!("{args:?}: {other}"),
+    }
+}
+
+/// An attach through the CLI and the API with one bad value: refused with a 400.
+fn refused_attach(h: &Host, req: &Attach, expected: &str) {
+    let mut args = vec![
+        "attach".to_string(),
+        req.sandbox.clone(),
+        "--network".into(),
+        req.network.clone(),
+    ];
+    for ip in &req.ips {
+        args.extend(["--ip".to_string(), ip.clone()]);
+    }
+    if let Some(m) = &req.mac {
+        args.extend(["--mac".to_string(), m.clone()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let err = h.fails(&args);
+    assert!(
+        err.contains(expected),
+        "{args:?}: expected {expected:?} in {err:?}"
+    );
+    match h
+        .client()
+        .post::<_, Value>("/v1/endpoints", req)
+        .unwrap_err()
+    {
+        ClientError::Api { status, message } => {
+            assert_eq!(status, 400, "{args:?}: {message}");
+            assert!(message.contains(expected), "{message}");
+        }
+        other => panic!("{args:?}: {other}"),
+    }
+}
+
+#[test]
+fn subnets_and_values_that_cannot_work_are_refused_before_anything_is_made() {
+    let h = Host::new();
+    h.ok(&[
+        "network",
+        "create",
+        "blue",
+        "--subnet",
+        "10.91.0.0/24",
+        "--ipv6-subnet",
+        "fd00:91::/64",
+    ]);
+    h.ok(&["sandbox", "create", "db"]);
+    let plain = h.dir.join("plain-file");
+    std::fs::write(&plain, b"").unwrap();
+    let before = h.snapshot();
+    let links = h.host_links();
+
+    let v4 = |subnet: &str| CreateNetwork {
+        name: "red".into(),
+        subnet: Some(subnet.into()),
+        ..Default::default()
+    };
+    let v6 = |subnet: &str| CreateNetwork {
+        name: "red".into(),
+        subnet: Some("10.93.0.0/24".into()),
+        ipv6_subnet: Some(subnet.into()),
+        ..Default::default()
+    };
+    let cases: Vec<(CreateNetwork, &str)> = vec![
+        (v4("127.0.0.0/24"), "loopback"),
+        (v4("224.0.0.0/24"), "IPv4 multicast"),
+        (v4("240.0.0.0/24"), "reserved"),
+        (v4("0.0.0.0/24"), "\"this network\""),
+        (v4("169.254.0.0/24"), "IPv4 link-local"),
+        (v4("10.93.0.0/31"), "longest usable IPv4 prefix is /30"),
+        (v4("10.93.0.7/32"), "longest usable IPv4 prefix is /30"),
+        (v4("10.93.0.5/24"), "host bits are set"),
+        (v6("fe80::/64"), "IPv6 link-local"),
+        (v6("ff02::/64"), "IPv6 multicast"),
+        (v6("::1/128"), "IPv6 loopback"),
+        (v6("::ffff:0:0/96"), "IPv4-mapped"),
+        (v6("fd00:93::/127"), "longest usable IPv6 prefix is /126"),
+        (
+            CreateNetwork {
+                mtu: Some(1000),
+                ..v6("fd00:93::/64")
+            },
+            "needs at least 1280",
+        ),
+        (
+            CreateNetwork {
+                gateway: Some("10.93.0.0".into()),
+                ..v4("10.93.0.0/24")
+            },
+            "network or broadcast",
+        ),
+    ];
+    for (req, expected) in &cases {
+        refused_create(&h, req, expected);
+        assert_eq!(h.snapshot(), before, "{req:?} changed something");
+    }
+    // Nothing was made: no record, no bridge.
+    assert!(h.berth(&["network", "inspect", "red"]).status.code() == Some(1));
+    assert_eq!(h.host_links(), links);
+
+    let attach = |sandbox: &str, ip: Option<&str>, mac: Option<&str>| Attach {
+        network: "blue".into(),
+        sandbox: sandbox.into(),
+        ips: ip.into_iter().map(str::to_string).collect(),
+        mac: mac.map(str::to_string),
+        ..Default::default()
+    };
+    let plain = plain.to_str().unwrap();
+    let attaches = [
+        (attach("db", None, Some("00:00:00:00:00:00")), "all-zero"),
+        (attach("db", None, Some("ff:ff:ff:ff:ff:ff")), "unicast"),
+        (attach("db", Some("10.91.0.1"), None), "is the gateway"),
+        (attach("db", Some("fd00:91::1"), None), "is the gateway"),
+        (
+            attach("db", Some("10.91.0.0"), None),
+            "is the network address",
+        ),
+        (
+            attach("db", Some("10.91.0.255"), None),
+            "is the broadcast address",
+        ),
+        // The daemon opens the path: its own mount namespace.
+        (
+            attach("/proc/self/ns/mnt", None, None),
+            "/proc/self/ns/mnt is not a network namespace: it is a mount namespace",
+        ),
+        (
+            attach(plain, None, None),
+            "is not a network namespace: it is a regular file",
+        ),
+        (
+            attach("/nonexistent/netns", None, None),
+            "/nonexistent/netns is not a network namespace: no such file",
+        ),
+    ];
+    for (req, expected) in &attaches {
+        refused_attach(&h, req, expected);
+        assert_eq!(h.snapshot(), before, "{req:?} changed something");
+    }
+}
+
+#[test]
+fn berth_cni_refuses_bad_env_and_config_with_the_spec_codes() {
+    let h = Host::new();
+    h.ok(&["sandbox", "create", "ctr"]);
+    let netns = h.sandbox_path("ctr");
+    let netns = netns.to_str().unwrap();
+    let plain = h.dir.join("plain-file");
+    std::fs::write(&plain, b"").unwrap();
+    let plain = plain.to_str().unwrap();
+    let dir = h.dir.to_str().unwrap();
+    let before = h.snapshot();
+    let conf = |extra: Value| {
+        let mut c = json!({
+            "cniVersion": "1.1.0", "name": "cnired", "type": "berth-cni",
+            "socket": h.socket(), "subnet": "10.97.0.0/24",
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        c
+    };
+    let env = cni_add_env;
+    // (environment, configuration, expected code, text the message names)
+    type Case<'a> = (Vec<(&'a str, &'a str)>, Value, u64, &'a str);
+    let cases: Vec<Case<'_>> = vec![
+        // 4: an environment variable that cannot work, named in the message.
+        (
+            env("/proc/self/ns/mnt", ""),
+            conf(json!({})),
+            4,
+            "CNI_NETNS",
+        ),
+        (env(plain, ""), conf(json!({})), 4, "CNI_NETNS"),
+        (env(dir, ""), conf(json!({})), 4, "CNI_NETNS"),
+        (
+            env("/nonexistent/netns", ""),
+            conf(json!({})),
+            4,
+            "CNI_NETNS",
+        ),
+        (
+            env(netns, "MAC=00:00:00:00:00:00"),
+            conf(json!({})),
+            4,
+            "CNI_ARGS MAC",
+        ),
+        (
+            env(netns, "IP=10.97.0.300"),
+            conf(json!({})),
+            4,
+            "CNI_ARGS IP",
+        ),
+        // 7: a configuration value that cannot work.
+        (
+            env(netns, ""),
+            conf(json!({"subnet": "127.0.0.0/24"})),
+            7,
+            "loopback",
+        ),
+        (
+            env(netns, ""),
+            conf(json!({"subnet": "10.97.0.0/32"})),
+            7,
+            "/30",
+        ),
+        (
+            env(netns, ""),
+            conf(json!({"ipv6Subnet": "ff02::/64"})),
+            7,
+            "multicast",
+        ),
+        (
+            env(netns, ""),
+            conf(json!({"ipv6Subnet": "::1/128"})),
+            7,
+            "loopback",
+        ),
+        (
+            env(netns, ""),
+            conf(json!({"ipv6Subnet": "fd00:97::/64", "mtu": 1000})),
+            7,
+            "1280",
+        ),
+        (
+            env(netns, ""),
+            conf(json!({"gateway": "nope"})),
+            7,
+            "gateway",
+        ),
+        (
+            env(netns, ""),
+            conf(json!({"runtimeConfig": {"mac": "00:00:00:00:00:00"}})),
+            7,
+            "all-zero",
+        ),
+        // 2: a field berth does not support, named with its value.
+        (
+            env(netns, ""),
+            conf(json!({"ipam": {"type": "host-local"}})),
+            2,
+            "ipam",
+        ),
+    ];
+    for (env, conf, code, text) in &cases {
+        let (ok, out) = h.cni("berth-cni", env, conf);
+        assert!(!ok, "{env:?} {conf} should fail");
+        assert_eq!(out["code"].as_u64(), Some(*code), "{env:?} {conf}: {out}");
+        let msg = out["msg"].as_str().unwrap();
+        assert!(msg.contains(text), "{env:?} {conf}: {msg}");
+        // Refused before the daemon was asked: not even the network exists.
+        assert_eq!(h.snapshot(), before, "{env:?} {conf} changed something");
+    }
+    // What only the daemon can tell (the gateway's address) is the daemon's 400: code 7.
+    let (ok, out) = h.cni(
+        "berth-cni",
+        &env(netns, ""),
+        &conf(json!({"runtimeConfig": {"ips": ["10.97.0.1"]}})),
+    );
+    assert!(!ok && out["code"] == 7, "{out}");
+    assert!(
+        out["msg"].as_str().unwrap().contains("is the gateway"),
+        "{out}"
+    );
+    assert!(h.json(&["endpoint", "ls"]).as_array().unwrap().is_empty());
+}
+
+/// A CNI ADD's environment.
+fn cni_add_env<'a>(netns: &'a str, args: &'a str) -> Vec<(&'static str, &'a str)> {
+    vec![
+        ("CNI_COMMAND", "ADD"),
+        ("CNI_CONTAINERID", "c1"),
+        ("CNI_NETNS", netns),
+        ("CNI_IFNAME", "eth0"),
+        ("CNI_ARGS", args),
+    ]
+}
+
+/// `berth ... | head -1`: the reader goes away, and the CLI ends quietly instead of
+/// panicking about a broken pipe.
+#[test]
+fn a_closed_stdout_ends_the_cli_quietly() {
+    let h = Host::new();
+    for i in 0..3 {
+        h.ok(&["sandbox", "create", &format!("sb{i}")]);
+        h.ok(&["network", "create", &format!("n{i}")]);
+    }
+    for args in [
+        &["sandbox", "ls"][..],
+        &["network", "ls"],
+        &["-o", "json", "network", "ls"],
+        &["status"],
+    ] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = Command::new(BERTH)
+            .arg("--socket")
+            .arg(h.socket())
+            .args(args)
+            .stdout(Stdio::from(writer))
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert!(err.is_empty(), "{args:?}: quiet, got {err}");
+        use std::os::unix::process::ExitStatusExt;
+        assert!(
+            out.status.success() || out.status.signal() == Some(nix::libc::SIGPIPE),
+            "{args:?}: {:?}",
+            out.status
+        );
+    }
+    // Through a shell pipeline as people type it.
+    let cmd = format!(
+        "{BERTH} --socket {} sandbox ls | head -c1",
+        h.socket().display()
+    );
+    let out = Command::new("sh").args(["-c", &cmd]).output().unwrap();
+    assert!(out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
+}
+
+/// axum's own refusals (a method a path does not have, a body too large) carry the documented
+/// `{"error": ...}` body like every other failure.
+#[test]
+fn every_api_failure_has_a_json_error_body() {
+    let h = Host::new();
+    let sock = h.socket();
+    let big = h.dir.join("big.json");
+    std::fs::write(&big, vec![b' '; 3 << 20]).unwrap();
+    let big_arg = format!("@{}", big.display());
+    for (expected, args) in [
+        (405, vec!["-X", "PUT", "http://berth/v1/networks"]),
+        (405, vec!["-X", "DELETE", "http://berth/v1/status"]),
+        (
+            413,
+            vec![
+                "-X",
+                "POST",
+                "-H",
+                "Content-Type: application/json",
+                "--data-binary",
+                big_arg.as_str(),
+                "http://berth/v1/networks",
+            ],
+        ),
+        (404, vec!["http://berth/v1/nope"]),
+    ] {
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "-",
+                "-w",
+                "\n%{http_code}\n%{content_type}",
+                "--unix-socket",
+            ])
+            .arg(&sock)
+            .args(&args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut lines = text.lines().collect::<Vec<_>>();
+        let content_type = lines.pop().unwrap_or_default().to_string();
+        let status = lines.pop().unwrap_or_default().to_string();
+        let body = lines.join("\n");
+        assert_eq!(status, expected.to_string(), "{args:?}: {text}");
+        assert!(
+            content_type.starts_with("application/json"),
+            "{args:?}: {content_type}"
+        );
+        let v: Value =
+            serde_json::from_str(&body).unwrap_or_else(|e| panic!("{args:?}: {e}: {body}"));
+        let error = v["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{args:?}: {v}"));
+        assert!(!error.is_empty(), "{args:?}");
+        if expected == 405 {
+            assert!(error.contains("not allowed"), "{error}");
+        }
+        if expected == 413 {
+            assert!(error.contains("too large"), "{error}");
+        }
+    }
 }

@@ -621,3 +621,47 @@ fn a_sandbox_path_is_the_sandbox() {
     h.ok(&["sandbox", "rm", "a"]);
     assert_eq!(h.json(&["endpoint", "ls"]), serde_json::json!([]));
 }
+
+/// The CLI shows a network's allocations and runs `check` on an endpoint: ok while the kernel
+/// matches the record, a non-zero exit naming the difference when it does not.
+#[test]
+fn the_cli_shows_allocations_and_checks_endpoints() {
+    let h = Host::new();
+    h.ok(&["network", "create", "blue", "--subnet", "10.91.0.0/24"]);
+    h.ok(&["sandbox", "create", "a"]);
+    let ep = h.json(&["attach", "a", "--network", "blue", "--ip", "10.91.0.7"]);
+    let id = ep["id"].as_str().unwrap();
+
+    let table = h.ok(&["network", "allocations", "blue"]);
+    let rows: Vec<Vec<&str>> = table
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(rows[0], ["ADDRESS", "OWNER"], "{table}");
+    assert!(rows.contains(&vec!["10.91.0.1", "gateway"]), "{table}");
+    assert!(rows.contains(&vec!["10.91.0.7", id]), "{table}");
+    let json = h.json(&["network", "allocations", "blue"]);
+    assert_eq!(json.as_array().unwrap().len(), 2, "{json}");
+    assert!(
+        h.fails(&["network", "allocations", "nosuch"])
+            .contains("no network named")
+    );
+
+    assert_eq!(h.ok(&["endpoint", "check", id]).trim(), format!("{id}: ok"));
+    assert_eq!(
+        h.json(&["endpoint", "check", id]),
+        serde_json::json!({"problems": []})
+    );
+    let out = h.in_netns(&h.sandbox_path("a"), &["ip", "link", "set", "eth0", "down"]);
+    assert!(out.status.success());
+    let o = h.berth(&["endpoint", "check", id]);
+    assert_eq!(o.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("eth0 is down in the namespace"), "{stdout}");
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains("differs from its record"), "{stderr}");
+    assert!(
+        h.fails(&["endpoint", "check", "nosuch"])
+            .contains("no endpoint")
+    );
+}

@@ -3,14 +3,17 @@
 //! no bridge and no iptables, and finds berth through a plugin spec file with a name of its
 //! own, removed again at the end.
 
-use std::path::PathBuf;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::harness::{HTTPD_ON_7000, Host, published_until_removed};
+use crate::harness::{BERTH, HTTPD_ON_7000, Host, ServerThreads, published_until_removed};
 use crate::podman::Podman;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -292,13 +295,18 @@ fn docker_podman_and_a_sandbox_share_one_berth_network() {
     let h = Host::new();
     h.ok(&["network", "create", "blue", "--subnet", "10.91.0.0/24"]);
     let d = Docker::start(&h);
-    d.create_net(&[
+    let dnet = d.create_net(&[
         "--subnet",
         "10.91.0.0/24",
         "-o",
         "berth.network=blue",
         "dnet",
     ]);
+    // The Docker network on it, by id (the engine does not tell drivers its name).
+    assert_eq!(
+        h.json(&["network", "inspect", "blue"])["docker_networks"],
+        json!([dnet])
+    );
     d.ok(&[
         "run",
         "-d",
@@ -616,5 +624,250 @@ fn dockerd_restart_keeps_networks_and_leaks_no_address() {
             .get(&format!("/v1/networks/{berth_name}/allocations"))
             .unwrap();
         a.as_array().unwrap().len() == 1
+    });
+}
+
+/// berth's plugin socket while berth is down, answering every call with an error at once:
+/// the engine gives up on the same calls as when nothing listens, without its retries
+/// (about 15 s per call, a minute per container).
+struct PluginDown {
+    /// Held for its drop, which stops the thread.
+    _serving: ServerThreads,
+}
+
+impl PluginDown {
+    fn serve(path: &Path) -> PluginDown {
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !stopped.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((c, _)) => answer_berth_is_down(c),
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        PluginDown {
+            _serving: ServerThreads {
+                stop,
+                threads: vec![thread],
+            },
+        }
+    }
+}
+
+/// Reads one HTTP request and answers it as a failed plugin call.
+fn answer_berth_is_down(mut c: std::os::unix::net::UnixStream) {
+    c.set_nonblocking(false).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut req = Vec::new();
+    let mut buf = [0u8; 4096];
+    let complete = |req: &[u8]| {
+        let text = String::from_utf8_lossy(req);
+        let Some((head, body)) = text.split_once("\r\n\r\n") else {
+            return false;
+        };
+        let length = head
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+            .and_then(|(_, v)| v.trim().parse::<usize>().ok())
+            .unwrap_or(0);
+        body.len() >= length
+    };
+    while !complete(&req) {
+        match c.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => req.extend_from_slice(&buf[..n]),
+        }
+    }
+    let body = r#"{"Err":"berth is down"}"#;
+    let _ = write!(
+        c,
+        "HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+}
+
+/// A berth daemon of the test's own on `h`'s directories (after `h.kill()`), releasing Docker
+/// endpoints that look dead for `grace_secs`; killed on drop.
+struct GraceDaemon(Child);
+
+impl GraceDaemon {
+    fn start(h: &Host, grace_secs: u32) -> GraceDaemon {
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(h.dir.join("daemon.log"))
+            .unwrap();
+        let dir = |p: &str| h.dir.join(p);
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", h.netns_path()))
+            .arg(BERTH)
+            .args(["daemon", "--log-level", "debug", "--state-dir"])
+            .arg(h.state_dir())
+            .arg("--run-dir")
+            .arg(dir("run"))
+            .arg("--netns-dir")
+            .arg(dir("netns"))
+            .arg("--docker-plugin-socket")
+            .arg(h.docker_plugin_socket())
+            .arg("--dns-resolv-conf")
+            .arg(h.resolv_conf())
+            .arg("--sandbox-etc-dir")
+            .arg(h.sandbox_etc_dir())
+            .args(["--docker-endpoint-grace", &grace_secs.to_string()])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut daemon = GraceDaemon(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while h.client().get::<Value>("/v1/status").is_err() {
+            if let Some(status) = daemon.0.try_wait().unwrap() {
+                panic!("daemon exited with {status}:\n{}", h.log());
+            }
+            assert!(Instant::now() < deadline, "daemon did not come up");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        daemon
+    }
+}
+
+impl Drop for GraceDaemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The veth peers berth handed the engine that are in the host namespace.
+fn peers_in_host(h: &Host) -> Vec<String> {
+    let mut peers: Vec<String> = h
+        .host_links()
+        .into_iter()
+        .filter(|l| l.starts_with("berthp"))
+        .collect();
+    peers.sort();
+    peers
+}
+
+#[test]
+fn docker_endpoints_of_containers_removed_while_berth_is_down_are_released() {
+    let h = Host::new();
+    // Declared before the engine: it outlives it, which removes its containers through berth.
+    let mut own_daemon: Option<GraceDaemon> = None;
+    let d = Docker::start(&h);
+    let net = |name: &str, subnet: &str| {
+        let id = d.create_net(&["--subnet", subnet, name]);
+        (format!("docker-{}", &id[..12]), id)
+    };
+    let (b1, id1) = net("n1", "10.86.0.0/24");
+    let (b2, _) = net("n2", "10.87.0.0/24");
+    let (b3, _) = net("n3", "10.88.0.0/24");
+    // The engine never tells its drivers a network's name: berth shows its Docker id.
+    assert_eq!(
+        h.json(&["network", "inspect", &b1])["docker_networks"],
+        json!([id1])
+    );
+    for (c, n) in [("live", "n1"), ("c1", "n1"), ("c2", "n2")] {
+        d.ok(&[
+            "run",
+            "-d",
+            "--name",
+            c,
+            "--network",
+            n,
+            "busybox:local",
+            "sleep",
+            "600",
+        ]);
+    }
+    let endpoint_of = |ip: &str| {
+        let eps = h.json(&["endpoint", "ls"]);
+        let ep = eps.as_array().unwrap().iter().find(|e| {
+            e["ips"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|a| a.as_str().unwrap().starts_with(&format!("{ip}/")))
+        });
+        ep.unwrap()["id"].as_str().unwrap().to_string()
+    };
+    let (live_ip, c1_ip) = (d.ip("live", "n1"), d.ip("c1", "n1"));
+    let (live_ep, c1_ep) = (endpoint_of(&live_ip), endpoint_of(&c1_ip));
+    // A sandbox on a network made for Docker keeps it when Docker deletes its network.
+    h.ok(&["sandbox", "create", "s1"]);
+    h.ok(&["attach", "s1", "--network", &b3]);
+
+    h.kill();
+    {
+        let _down = PluginDown::serve(&h.docker_plugin_socket());
+        d.ok(&["rm", "-f", "c1", "c2"]);
+    }
+    let dead_peers = peers_in_host(&h);
+    assert_eq!(dead_peers.len(), 2, "the engine moved the peers back");
+
+    // Back with the default grace: the dead endpoints stay for now (a container between Join
+    // and its namespace looks the same), and `check` tells them from the living.
+    h.start();
+    assert_eq!(h.json(&["endpoint", "ls"]).as_array().unwrap().len(), 4);
+    let check = |ep: &str| -> Value {
+        h.client()
+            .get(&format!("/v1/endpoints/{ep}/check"))
+            .unwrap()
+    };
+    let problems = check(&c1_ep)["problems"].to_string();
+    assert!(problems.contains("the container is gone"), "{problems}");
+    assert_eq!(check(&live_ep)["problems"], json!([]));
+
+    // Deleting a Docker network releases what berth still has of it, and the berth network.
+    d.ok(&["network", "rm", "n2"]);
+    let names = |h: &Host| -> Vec<String> {
+        let nets = h.json(&["network", "ls"]);
+        let names = nets.as_array().unwrap().iter();
+        names
+            .map(|n| n["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert!(!names(&h).contains(&b2), "{b2} is left");
+    assert_eq!(peers_in_host(&h).len(), 1);
+    // One whose berth network has a sandbox on it leaves that network to berth.
+    d.ok(&["network", "rm", "n3"]);
+    let n3 = h.json(&["network", "inspect", &b3]);
+    assert!(n3.get("docker_networks").is_none(), "{n3}");
+    h.ok(&["sandbox", "rm", "s1"]);
+    h.ok(&["network", "rm", &b3]);
+
+    // With a short grace, the sweep releases the other: endpoint, veth (the peer with it) and
+    // address. The living container keeps its own.
+    h.kill();
+    own_daemon.replace(GraceDaemon::start(&h, 1));
+    let held = || -> Vec<String> {
+        let allocations: Value = h
+            .client()
+            .get(&format!("/v1/networks/{b1}/allocations"))
+            .unwrap();
+        let ips = allocations.as_array().unwrap().iter();
+        let mut ips: Vec<String> = ips.map(|a| a["ip"].as_str().unwrap().into()).collect();
+        ips.sort();
+        ips
+    };
+    h.eventually("the dead endpoint is released", || {
+        held() == ["10.86.0.1", live_ip.as_str()]
+    });
+    assert_eq!(h.json(&["endpoint", "ls"]).as_array().unwrap().len(), 1);
+    assert!(peers_in_host(&h).is_empty());
+    assert_eq!(check(&live_ep)["problems"], json!([]));
+    assert!(d.pings("live", "10.86.0.1"));
+    assert!(h.log().contains("Docker endpoint released"));
+
+    d.ok(&["rm", "-f", "live"]);
+    d.ok(&["network", "rm", "n1"]);
+    h.eventually("nothing of berth's is left", || {
+        names(&h).is_empty() && h.host_links() == ["lo"]
     });
 }

@@ -3,10 +3,13 @@
 mod bad_input;
 mod bridge;
 mod cni;
+mod containerd;
 mod crash;
 mod dns;
 mod docker;
+mod firewall;
 mod harness;
+mod lifecycle;
 mod nat;
 mod plugin_fuzz;
 mod podman;

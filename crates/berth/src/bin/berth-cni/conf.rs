@@ -1,8 +1,14 @@
 //! The request: `CNI_*` environment and the network configuration on stdin.
 
 use std::collections::HashMap;
+use std::fs::File;
+use std::net::IpAddr;
+use std::os::fd::AsRawFd;
 
-use berth_api::{Attachment, DEFAULT_SOCKET, Network, PortMapping, Protocol};
+use berth_api::{
+    Attachment, DEFAULT_SOCKET, MacAddr, Network, PortMapping, Protocol, parse_subnet,
+    validate_network_mtu,
+};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -64,7 +70,14 @@ impl Env {
             ));
         }
         let netns = if need_netns {
-            self.require("CNI_NETNS")?
+            let netns = self.require("CNI_NETNS")?;
+            check_netns(netns).map_err(|why| {
+                CniError::new(
+                    code::INVALID_ENV,
+                    format!("invalid CNI_NETNS {netns:?}: {why}"),
+                )
+            })?;
+            netns
         } else {
             self.get("CNI_NETNS").unwrap_or("")
         };
@@ -92,6 +105,54 @@ impl Env {
             .find(|(k, _)| *k == key)
             .map(|(_, v)| v.to_string())
     }
+
+    /// `CNI_ARGS` `IP=` (comma-separated) and `MAC=`, checked: they come from the environment,
+    /// so a bad one is code 4, like any other invalid `CNI_*` variable.
+    pub fn ips_and_mac(&self) -> Result<(Vec<String>, Option<String>), CniError> {
+        let bad = |what: &str, e: String| {
+            CniError::new(code::INVALID_ENV, format!("invalid CNI_ARGS {what}: {e}"))
+        };
+        let ips: Vec<String> = self
+            .arg("IP")
+            .into_iter()
+            .flat_map(|v| v.split(',').map(str::to_string).collect::<Vec<_>>())
+            .collect();
+        for ip in &ips {
+            ip.parse::<IpAddr>()
+                .map_err(|_| bad("IP", format!("{ip:?} is not an IP address")))?;
+        }
+        let mac = self.arg("MAC");
+        if let Some(m) = &mac {
+            m.parse::<MacAddr>()
+                .map_err(|e| bad("MAC", e.to_string()))?;
+        }
+        Ok((ips, mac))
+    }
+}
+
+/// Why `path` is not a network namespace, if it is not one. Checked here, before the daemon is
+/// asked anything (it checks again), so that a wrong `CNI_NETNS` is the spec's code 4 and no
+/// network is created for an ADD that cannot succeed.
+fn check_netns(path: &str) -> Result<(), String> {
+    let f = File::open(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => "no such file".to_string(),
+        _ => e.to_string(),
+    })?;
+    let fs = nix::sys::statfs::fstatfs(&f).map_err(|e| e.to_string())?;
+    if fs.filesystem_type() != nix::sys::statfs::NSFS_MAGIC {
+        return Err(match f.metadata() {
+            Ok(m) if m.is_dir() => "it is a directory, not a network namespace".into(),
+            _ => "it is not a namespace file".into(),
+        });
+    }
+    // SAFETY: NS_GET_NSTYPE takes no argument and only reads the namespace the descriptor
+    // refers to; `f` stays open for the duration of the call.
+    let t = unsafe { nix::libc::ioctl(f.as_raw_fd(), nix::libc::NS_GET_NSTYPE) };
+    match nix::errno::Errno::result(t) {
+        Ok(t) if t == nix::libc::CLONE_NEWNET => Ok(()),
+        Ok(_) => Err("it is a namespace of another kind, not a network namespace".into()),
+        Err(e) => Err(format!("cannot tell its namespace type: {e}")),
+    }
 }
 
 /// The plugin configuration, as the runtime hands it over (unknown keys are allowed: plugin
@@ -109,6 +170,8 @@ struct Raw {
     ipv6_gateway: Option<String>,
     mtu: Option<u32>,
     internal: Option<bool>,
+    /// Not supported (berth is its own IPAM); kept to refuse it by name.
+    ipam: Option<Value>,
     #[serde(default)]
     runtime_config: RuntimeConfig,
     #[serde(default)]
@@ -199,6 +262,8 @@ pub struct NetConf {
     /// `runtimeConfig.portMappings`.
     pub ports: Vec<PortMapping>,
     pub valid_attachments: Vec<Attachment>,
+    /// An `ipam` section: berth assigns addresses itself, so ADD refuses it (code 2).
+    pub ipam: Option<Value>,
 }
 
 impl NetConf {
@@ -281,7 +346,62 @@ impl NetConf {
             aliases,
             ports,
             valid_attachments,
+            ipam: raw.ipam.filter(|v| !v.is_null()),
         })
+    }
+
+    /// Checks what ADD uses of the configuration (network keys, `runtimeConfig.ips` and `mac`)
+    /// before anything is asked of the daemon, so that a value that cannot work is the spec's
+    /// code 7 (2 for `ipam`) and creates nothing. DEL and GC do not check: cleanup must work
+    /// with any configuration a runtime still holds.
+    pub fn validate_for_add(&self) -> Result<(), CniError> {
+        if let Some(ipam) = &self.ipam {
+            return Err(CniError::new(
+                code::UNSUPPORTED_FIELD,
+                format!(
+                    "unsupported field ipam = {ipam}: berth-cni assigns addresses itself; give subnet and gateway instead"
+                ),
+            ));
+        }
+        let bad = |key: &str, e: String| {
+            CniError::new(code::INVALID_CONFIG, format!("invalid {key}: {e}"))
+        };
+        for (key, value, v6) in [
+            ("subnet", &self.subnet, false),
+            ("ipv6Subnet", &self.ipv6_subnet, true),
+        ] {
+            if let Some(v) = value {
+                let net = parse_subnet(v).map_err(|e| bad(key, e.to_string()))?;
+                if net.addr().is_ipv6() != v6 {
+                    return Err(bad(
+                        key,
+                        format!("{v} is not IPv{}", if v6 { 6 } else { 4 }),
+                    ));
+                }
+            }
+        }
+        for (key, value) in [
+            ("gateway", &self.gateway),
+            ("ipv6Gateway", &self.ipv6_gateway),
+        ] {
+            if let Some(v) = value {
+                v.parse::<IpAddr>()
+                    .map_err(|_| bad(key, format!("{v:?} is not an IP address")))?;
+            }
+        }
+        if let Some(mtu) = self.mtu {
+            validate_network_mtu(mtu, self.ipv6_subnet.is_some())
+                .map_err(|e| bad("mtu", e.to_string()))?;
+        }
+        for ip in &self.requested_ips {
+            ip.parse::<IpAddr>()
+                .map_err(|_| bad("runtimeConfig.ips", format!("{ip:?} is not an IP address")))?;
+        }
+        if let Some(m) = &self.mac {
+            m.parse::<MacAddr>()
+                .map_err(|e| bad("runtimeConfig.mac", e.to_string()))?;
+        }
+        Ok(())
     }
 
     /// STATUS and GC came with spec 1.1.0.
@@ -394,6 +514,72 @@ mod tests {
             c.require_version("1.1.0", "GC").unwrap_err().code,
             code::INCOMPATIBLE_VERSION
         );
+    }
+
+    #[test]
+    fn values_that_cannot_work_are_refused_before_add() {
+        assert!(
+            conf(r#","subnet":"10.91.0.0/24","ipv6Subnet":"fd00:91::/64","mtu":1400"#)
+                .unwrap()
+                .validate_for_add()
+                .is_ok()
+        );
+        let cases: &[(&str, u32, &str)] = &[
+            (r#","subnet":"127.0.0.0/24""#, 7, "loopback"),
+            (r#","subnet":"10.0.0.0/32""#, 7, "/30"),
+            (r#","subnet":"10.0.0.5/24""#, 7, "host bits"),
+            (r#","subnet":"fd00::/64""#, 7, "not IPv4"),
+            (r#","ipv6Subnet":"ff02::/64""#, 7, "multicast"),
+            (r#","ipv6Subnet":"fd00::/127""#, 7, "/126"),
+            (r#","gateway":"nope""#, 7, "invalid gateway"),
+            (r#","ipv6Subnet":"fd00::/64","mtu":1000"#, 7, "1280"),
+            (r#","mtu":20"#, 7, "invalid MTU"),
+            (
+                r#","runtimeConfig":{"mac":"00:00:00:00:00:00"}"#,
+                7,
+                "all-zero",
+            ),
+            (
+                r#","runtimeConfig":{"mac":"ff:ff:ff:ff:ff:ff"}"#,
+                7,
+                "unicast",
+            ),
+            (r#","runtimeConfig":{"ips":["x"]}"#, 7, "runtimeConfig.ips"),
+            (r#","ipam":{"type":"host-local"}"#, 2, "ipam"),
+        ];
+        for (extra, want, text) in cases {
+            let e = conf(extra).unwrap().validate_for_add().unwrap_err();
+            assert_eq!(e.code, *want, "{extra}: {}", e.msg);
+            assert!(e.msg.contains(text), "{extra}: {}", e.msg);
+        }
+    }
+
+    #[test]
+    fn netns_must_be_a_network_namespace() {
+        let env = |netns: &str| {
+            Env::from_pairs(&[
+                ("CNI_CONTAINERID", "c1"),
+                ("CNI_IFNAME", "eth0"),
+                ("CNI_NETNS", netns),
+            ])
+        };
+        assert!(env("/proc/self/ns/net").attachment(true).is_ok());
+        for bad in [
+            "/proc/self/ns/mnt",
+            "/",
+            "/proc/self/status",
+            "/no/such/netns",
+        ] {
+            let e = env(bad).attachment(true).unwrap_err();
+            assert_eq!(e.code, code::INVALID_ENV, "{bad}: {}", e.msg);
+            assert!(e.msg.contains("CNI_NETNS"), "{}", e.msg);
+        }
+        // DEL does not need the namespace, so it is not checked.
+        assert!(env("/no/such/netns").attachment(false).is_ok());
+        let e = Env::from_pairs(&[("CNI_ARGS", "MAC=00:00:00:00:00:00")]);
+        assert_eq!(e.ips_and_mac().unwrap_err().code, code::INVALID_ENV);
+        let e = Env::from_pairs(&[("CNI_ARGS", "IP=10.0.0.5,bad")]);
+        assert_eq!(e.ips_and_mac().unwrap_err().code, code::INVALID_ENV);
     }
 
     #[test]

@@ -39,6 +39,7 @@ impl CniError {
 /// Error codes: the spec's, and berth's own from 100 on.
 pub mod code {
     pub const INCOMPATIBLE_VERSION: u32 = 1;
+    pub const UNSUPPORTED_FIELD: u32 = 2;
     pub const UNKNOWN_CONTAINER: u32 = 3;
     pub const INVALID_ENV: u32 = 4;
     pub const DECODE: u32 = 6;
@@ -49,6 +50,7 @@ pub mod code {
     pub const CONFLICT: u32 = 100;
     /// CHECK found the attachment different from what was set up.
     pub const CHECK_FAILED: u32 = 101;
+    /// A daemon-side failure; never a caller's mistake, which has one of the codes above.
     pub const INTERNAL: u32 = 999;
 }
 
@@ -135,7 +137,15 @@ fn run(env: &Env, stdin: &str) -> Result<Option<Value>, CniError> {
 /// Maps a daemon answer to a CNI error code.
 fn api_error(e: ClientError) -> CniError {
     let code = match &e {
-        ClientError::Unreachable { .. } => code::TRY_AGAIN_LATER,
+        ClientError::Unreachable { .. }
+        | ClientError::Closed { .. }
+        | ClientError::TimedOut { .. } => code::TRY_AGAIN_LATER,
+        // The daemon found CNI_NETNS no network namespace although it was one here (a
+        // namespace that went away meanwhile).
+        ClientError::Api {
+            status: 400,
+            message,
+        } if message.contains("is not a network namespace") => code::INVALID_ENV,
         ClientError::Api {
             status: 400 | 404, ..
         } => code::INVALID_CONFIG,
@@ -147,13 +157,12 @@ fn api_error(e: ClientError) -> CniError {
 
 fn add(env: &Env, conf: &NetConf, client: &Client) -> Result<Value, CniError> {
     let (container_id, netns, ifname) = env.attachment(true)?;
+    // Everything checkable is checked before the daemon creates anything.
+    conf.validate_for_add()?;
+    let (env_ips, env_mac) = env.ips_and_mac()?;
     let net = ensure_network(conf, client)?;
     let mut ips = conf.requested_ips.clone();
-    ips.extend(
-        env.arg("IP")
-            .into_iter()
-            .flat_map(|v| v.split(',').map(str::to_string).collect::<Vec<_>>()),
-    );
+    ips.extend(env_ips);
     // The runtime's name for the container (podman passes the container name, Kubernetes the
     // pod name), else the first alias; DNS answers to it and to every alias.
     let name = env
@@ -165,7 +174,7 @@ fn add(env: &Env, conf: &NetConf, client: &Client) -> Result<Value, CniError> {
         sandbox: netns.to_string(),
         ifname: Some(ifname.to_string()),
         ips,
-        mac: conf.mac.clone().or_else(|| env.arg("MAC")),
+        mac: conf.mac.clone().or(env_mac),
         aliases: conf
             .aliases
             .iter()
@@ -175,6 +184,7 @@ fn add(env: &Env, conf: &NetConf, client: &Client) -> Result<Value, CniError> {
         name,
         container_id: Some(container_id.to_string()),
         ports: conf.ports.clone(),
+        default_route: false,
     };
     let ep: Endpoint = client.post("/v1/endpoints", &req).map_err(api_error)?;
     Ok(result::add_result(&conf.cni_version, &ep, &net, netns))

@@ -23,7 +23,9 @@ pub fn add_result(version: &str, ep: &Endpoint, net: &Network, netns: &str) -> V
     let routes: Vec<Value> = net
         .subnets
         .iter()
-        .filter(|s| ep.ips.iter().any(|ip| s.cidr.contains(&ip.addr())))
+        // Only the default routes berth installed: a container on several networks has its
+        // default route through one of them.
+        .filter(|s| ep.default_gateways.contains(&s.gateway))
         .map(|s| {
             let dst = if s.gateway.is_ipv4() {
                 "0.0.0.0/0"
@@ -90,6 +92,7 @@ mod tests {
                 nameservers: vec!["10.91.0.1".parse().unwrap(), "fd00:91::1".parse().unwrap()],
                 domain: "blue.berth.local".into(),
             }),
+            docker_networks: vec![],
         };
         let ep = Endpoint {
             id: "aa".into(),
@@ -111,6 +114,7 @@ mod tests {
                 "fd00:91::2/64".parse().unwrap(),
             ],
             ports: vec![],
+            default_gateways: vec!["10.91.0.1".parse().unwrap(), "fd00:91::1".parse().unwrap()],
         };
         (ep, net)
     }
@@ -153,5 +157,15 @@ mod tests {
         assert_eq!(r["dns"]["nameservers"], json!(["10.91.0.1"]));
         net.dns = None;
         assert_eq!(add_result("1.1.0", &ep, &net, "/x")["dns"], json!({}));
+    }
+
+    #[test]
+    fn routes_only_where_the_endpoint_holds_the_default_route() {
+        let (mut ep, net) = fixture();
+        ep.default_gateways = vec!["fd00:91::1".parse().unwrap()];
+        let r = add_result("1.1.0", &ep, &net, "/x");
+        assert_eq!(r["routes"], json!([{"dst":"::/0","gw":"fd00:91::1"}]));
+        ep.default_gateways.clear();
+        assert_eq!(add_result("1.1.0", &ep, &net, "/x")["routes"], json!([]));
     }
 }
