@@ -153,7 +153,22 @@ fn claim_network_namespace() -> Result<std::os::unix::net::UnixListener> {
     let name = SocketAddr::from_abstract_name(DAEMON_LOCK_NAME)
         .map_err(|e| AgentError::Internal(format!("abstract socket name: {e}")))?;
     match UnixListener::bind_addr(&name) {
-        Ok(l) => Ok(l),
+        Ok(l) => {
+            // Refused daemons connect to learn the holder's pid: take those connections off
+            // the backlog, so a full backlog never blocks a connect.
+            let acceptor = l
+                .try_clone()
+                .map_err(|e| AgentError::Internal(format!("daemon lock socket: {e}")))?;
+            std::thread::Builder::new()
+                .name("berth-lock".into())
+                .spawn(move || {
+                    for conn in acceptor.incoming() {
+                        drop(conn);
+                    }
+                })
+                .map_err(|e| AgentError::Internal(format!("daemon lock thread: {e}")))?;
+            Ok(l)
+        }
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
             let pid = UnixStream::connect_addr(&name).ok().and_then(|s| {
                 nix::sys::socket::getsockopt(&s, nix::sys::socket::sockopt::PeerCredentials)
@@ -184,8 +199,20 @@ pub fn default_docker_plugin_socket() -> Option<PathBuf> {
             (m.dev(), m.ino())
         })
     };
-    let own = ns("/proc/self/ns/net");
-    (own.is_some() && own == ns("/proc/1/ns/net")).then(|| PathBuf::from(DOCKER_PLUGIN_SOCKET))
+    match (ns("/proc/self/ns/net"), ns("/proc/1/ns/net")) {
+        (Some(own), Some(init)) if own == init => Some(PathBuf::from(DOCKER_PLUGIN_SOCKET)),
+        (Some(_), Some(_)) => None,
+        _ => {
+            // PID 1's namespace cannot be read (hidepid, a sandbox): serving Docker's plugin
+            // directory from what may be a private namespace would take it from the
+            // machine's daemon, so not without being asked.
+            tracing::warn!(
+                "cannot tell whether this is the machine's own network namespace (/proc/1/ns/net \
+                 unreadable): no Docker plugin unless --docker-plugin-socket is given"
+            );
+            None
+        }
+    }
 }
 
 /// Listens on a unix socket, replacing a stale socket file but refusing one a live daemon

@@ -1900,8 +1900,12 @@ impl Agent {
             .load_all::<DockerEndpoint>(keys::DOCKER_ENDPOINTS)
             .await?
         {
-            if de.network_id == dn.id {
-                self.release_docker_endpoint(&de.id, why).await?;
+            // The engine forgets the network whatever berth answers: one endpoint that cannot
+            // be released must not keep the others and the network behind.
+            if de.network_id == dn.id
+                && let Err(e) = self.release_docker_endpoint(&de.id, why).await
+            {
+                tracing::error!(docker_endpoint = %de.id, error = %e, "cannot release the endpoint of a deleted Docker network");
             }
         }
         Ok(())

@@ -659,11 +659,21 @@ impl Agent {
                 // by an endpoint whose veth is gone: its namespace died without a detach (a
                 // runtime that never calls DEL) and the kernel gave the new namespace the dead
                 // one's identity. It is released, and the attach goes ahead.
-                tracing::warn!(
-                    endpoint = %dead.id, network = %dead.network, netns = %dead.netns.path,
-                    "endpoint's veth is gone (its namespace died without a detach); released"
-                );
-                self.remove_endpoint(&dead).await?;
+                {
+                    // Under the write lock no attach is half done: an endpoint whose veth is
+                    // missing now is dead, not one still being made.
+                    let _topology = self.topology.write().await;
+                    if let Some((dead, _)) =
+                        self.load::<Endpoint>(&keys::endpoint(&dead.id)).await?
+                        && !self.endpoint_alive(&dead).await?
+                    {
+                        tracing::warn!(
+                            endpoint = %dead.id, network = %dead.network, netns = %dead.netns.path,
+                            "endpoint's veth is gone (its namespace died without a detach); released"
+                        );
+                        self.remove_endpoint(&dead).await?;
+                    }
+                }
                 match self.attach_once(&req).await? {
                     Ok(ep) => Ok(ep),
                     Err(again) => Err(AgentError::Conflict(format!(
@@ -816,8 +826,7 @@ impl Agent {
         }
         drop(publishing_guard);
         if let Err(e) = self.publish(&ep).await {
-            self.commit(self.endpoint_records(&ep, Txn::new(), false, Held::PortsAndAddresses))
-                .await?;
+            self.undo_attach_records(&ep).await?;
             self.release(&ep);
             return Err(e);
         }
@@ -841,8 +850,7 @@ impl Agent {
                     req.sandbox, ep.network
                 )));
             }
-            self.commit(self.endpoint_records(&ep, Txn::new(), false, Held::PortsAndAddresses))
-                .await?;
+            self.undo_attach_records(&ep).await?;
             self.unpublish(firewall::forwards_of(&ep)).await;
             self.release(&ep);
             if already_exists(&e) {
@@ -885,6 +893,33 @@ impl Agent {
             }
         );
         Ok(Ok(ep))
+    }
+
+    /// Undoes the records of an attach that failed after its commit, with the default routes
+    /// it took: they pass on as at a detach, so the namespace is never left without a holder.
+    async fn undo_attach_records(&self, ep: &Endpoint) -> Result<()> {
+        let (routes, records) = self.default_route_handover(ep).await?;
+        let mut txn = self.endpoint_records(ep, Txn::new(), false, Held::PortsAndAddresses);
+        for (key, rev, next) in records {
+            txn = txn.when(Compare::ModRevision(key.clone(), rev));
+            txn = match next {
+                Some(id) => txn.put(key, id),
+                None => txn.delete(key),
+            };
+        }
+        if let TxnOutcome::CompareFailed(_) = self.commit(txn).await? {
+            // The namespace's default routes moved meanwhile; they are no longer this
+            // endpoint's to hand on.
+            self.commit(self.endpoint_records(ep, Txn::new(), false, Held::PortsAndAddresses))
+                .await?;
+            return Ok(());
+        }
+        for (next, gateway) in routes {
+            if let Err(e) = install_default_route(&next, gateway).await {
+                tracing::warn!(endpoint = %next.id, error = %e, "cannot move the default route");
+            }
+        }
+        Ok(())
     }
 
     /// The default-route records this endpoint takes in its commit, with the revision each
@@ -994,6 +1029,11 @@ impl Agent {
         } else if key.starts_with(keys::PORTS) {
             AgentError::Conflict(format!(
                 "a host port of {} was published by another endpoint meanwhile",
+                req.sandbox
+            ))
+        } else if key.starts_with(keys::DEFAULT_ROUTES) {
+            AgentError::Conflict(format!(
+                "the default route of {} kept changing meanwhile; try again",
                 req.sandbox
             ))
         } else if key.starts_with(keys::MEMBERS) {

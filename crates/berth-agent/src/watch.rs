@@ -168,13 +168,14 @@ impl Agent {
         host_link: Option<berth_dataplane::Link>,
     ) -> Result<Vanished> {
         let spec = endpoint_spec(ep, net, bridge_index);
+        if let Some(l) = host_link {
+            // The veth is there (so is its namespace): the bridge was re-created, or the port
+            // taken off it or down. Put it back.
+            let (idx, mtu) = (l.index, spec.mtu);
+            kernel(move || Netlink::open()?.set_link(idx, mtu, Some(bridge_index))).await?;
+            return Ok(Vanished::Repaired);
+        }
         if ep.runtime_configured {
-            if let Some(l) = host_link {
-                // The bridge was re-created: put the port back on it.
-                let (idx, mtu) = (l.index, spec.mtu);
-                kernel(move || Netlink::open()?.set_link(idx, mtu, Some(bridge_index))).await?;
-                return Ok(Vanished::Repaired);
-            }
             return Ok(Vanished::LeftToRuntime);
         }
         if netns::id_at(Path::new(&ep.netns.path)).as_deref() != Some(ep.netns.id.as_str()) {
@@ -186,7 +187,7 @@ impl Agent {
         spec.gateways = self.endpoint(&ep.id).await?.default_gateways;
         kernel(move || {
             let ns = netns::open(Path::new(&path))?;
-            berth_dataplane::ensure_endpoint(&mut Netlink::open()?, host_link.as_ref(), &ns, &spec)
+            berth_dataplane::ensure_endpoint(&mut Netlink::open()?, None, &ns, &spec)
         })
         .await?;
         Ok(Vanished::Repaired)

@@ -48,10 +48,10 @@ fn a_second_daemon_in_the_namespace_touches_nothing_and_says_who_runs() {
 
     // Same run directory, another state directory: the case that used to wipe the first
     // daemon's links before noticing the socket was taken.
-    let mut second = h.spawn_daemon("state-second");
+    let mut second = Killed(h.spawn_daemon("state-second"));
     let deadline = Instant::now() + Duration::from_secs(20);
     let status = loop {
-        if let Some(s) = second.try_wait().unwrap() {
+        if let Some(s) = second.0.try_wait().unwrap() {
             break s;
         }
         assert!(Instant::now() < deadline, "second daemon did not stop");
@@ -110,23 +110,29 @@ fn the_docker_plugin_socket_is_off_with_an_empty_value_and_by_default_in_a_priva
         }
     };
     for extra in [&["--docker-plugin-socket", ""][..], &[][..]] {
-        let mut d = spawn(extra);
-        wait_ready(&mut d);
+        let mut d = Killed(spawn(extra));
+        wait_ready(&mut d.0);
         let log = h.log();
         assert!(
             !log.contains("Docker plugin API ready"),
             "{extra:?}:\n{log}"
         );
-        let _ = d.kill();
-        let _ = d.wait();
     }
     // An explicit one is served.
     let plugin = h.dir.join("plugin.sock");
-    let mut d = spawn(&["--docker-plugin-socket", plugin.to_str().unwrap()]);
-    wait_ready(&mut d);
+    let mut d = Killed(spawn(&["--docker-plugin-socket", plugin.to_str().unwrap()]));
+    wait_ready(&mut d.0);
     assert!(plugin.exists());
-    let _ = d.kill();
-    let _ = d.wait();
+}
+
+/// A daemon killed when dropped, also while a test panics.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 #[test]
