@@ -49,11 +49,7 @@ pub struct Netlink {
 impl Netlink {
     /// A socket in the calling thread's network namespace.
     pub fn open() -> Result<Self> {
-        let mut socket =
-            Socket::new(NETLINK_ROUTE).map_err(|e| DataplaneError::io("netlink socket", e))?;
-        socket
-            .bind_auto()
-            .map_err(|e| DataplaneError::io("netlink bind", e))?;
+        let socket = route_socket()?;
         socket
             .connect(&SocketAddr::new(0, 0))
             .map_err(|e| DataplaneError::io("netlink connect", e))?;
@@ -614,6 +610,16 @@ fn link_from(l: &LinkMessage) -> Link {
     link
 }
 
+/// An rtnetlink socket of the calling thread's namespace, bound to a kernel-chosen port.
+fn route_socket() -> Result<Socket> {
+    let mut socket =
+        Socket::new(NETLINK_ROUTE).map_err(|e| DataplaneError::io("netlink socket", e))?;
+    socket
+        .bind_auto()
+        .map_err(|e| DataplaneError::io("netlink bind", e))?;
+    Ok(socket)
+}
+
 /// What [`LinkWatch::wait`] reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LinkEvent {
@@ -637,11 +643,7 @@ const RTNLGRP_LINK: u32 = 1;
 impl LinkWatch {
     /// Watches the calling thread's network namespace.
     pub fn open() -> Result<Self> {
-        let mut socket =
-            Socket::new(NETLINK_ROUTE).map_err(|e| DataplaneError::io("netlink socket", e))?;
-        socket
-            .bind_auto()
-            .map_err(|e| DataplaneError::io("netlink bind", e))?;
+        let socket = route_socket()?;
         socket
             .add_membership(RTNLGRP_LINK)
             .map_err(|e| DataplaneError::io("join rtnetlink link group", e))?;
