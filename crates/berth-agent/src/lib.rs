@@ -521,7 +521,7 @@ impl Agent {
         if let Some(n) = network {
             all.retain(|e| e.network == n);
         }
-        let holders = self.default_route_holders().await?;
+        let holders = self.default_route_holders(keys::DEFAULT_ROUTES).await?;
         let networks: HashMap<String, Network> = self
             .networks()
             .await?
@@ -543,25 +543,19 @@ impl Agent {
             .map(|(e, _)| e)
             .ok_or_else(|| AgentError::NotFound(format!("no endpoint {id:?}")))?;
         if let Ok(net) = self.network(&ep.network).await {
-            let mut holders = HashMap::new();
-            for kv in self
-                .store
-                .list(&keys::default_routes_prefix(&ep.netns.id))
-                .await?
-                .items
-            {
-                holders.insert(kv.key, String::from_utf8_lossy(&kv.value).into_owned());
-            }
+            let holders = self
+                .default_route_holders(&keys::default_routes_prefix(&ep.netns.id))
+                .await?;
             ep.default_gateways = default_gateways(&ep, &net, &holders);
         }
         Ok(ep)
     }
 
-    /// Every default-route record: key → the endpoint holding it.
-    async fn default_route_holders(&self) -> Result<HashMap<String, String>> {
+    /// The default-route records under `prefix`: key → the endpoint holding it.
+    async fn default_route_holders(&self, prefix: &str) -> Result<HashMap<String, String>> {
         Ok(self
             .store
-            .list(keys::DEFAULT_ROUTES)
+            .list(prefix)
             .await?
             .items
             .into_iter()
@@ -721,13 +715,9 @@ impl Agent {
         {
             return Err(removing(&sb.name));
         }
-        if let Some(kv) = self
-            .store
-            .get(&keys::member(&net.name, &netns_ref.id))
+        if let Some(holder) = self
+            .endpoint_holding(&keys::member(&net.name, &netns_ref.id))
             .await?
-            && let Some((holder, _)) = self
-                .load::<Endpoint>(&keys::endpoint(&String::from_utf8_lossy(&kv.value)))
-                .await?
         {
             if !holder.runtime_configured && !self.endpoint_alive(&holder).await? {
                 return Ok(Err(holder));
@@ -759,7 +749,7 @@ impl Agent {
             }
         });
         let id = random_id();
-        let ep = Endpoint {
+        let mut ep = Endpoint {
             host_ifname: veth_name(&id),
             id,
             network: net.name.clone(),
@@ -774,7 +764,6 @@ impl Agent {
             ports,
             default_gateways: vec![],
         };
-        let mut ep = ep;
         let mut attempts = 0;
         let outcome = loop {
             let claims = match self.default_route_claims(&ep, req.default_route).await {
@@ -898,15 +887,9 @@ impl Agent {
     /// Undoes the records of an attach that failed after its commit, with the default routes
     /// it took: they pass on as at a detach, so the namespace is never left without a holder.
     async fn undo_attach_records(&self, ep: &Endpoint) -> Result<()> {
-        let (routes, records) = self.default_route_handover(ep).await?;
-        let mut txn = self.endpoint_records(ep, Txn::new(), false, Held::PortsAndAddresses);
-        for (key, rev, next) in records {
-            txn = txn.when(Compare::ModRevision(key.clone(), rev));
-            txn = match next {
-                Some(id) => txn.put(key, id),
-                None => txn.delete(key),
-            };
-        }
+        let handover = self.default_route_handover(ep).await?;
+        let txn =
+            handover.apply(self.endpoint_records(ep, Txn::new(), false, Held::PortsAndAddresses));
         if let TxnOutcome::CompareFailed(_) = self.commit(txn).await? {
             // The namespace's default routes moved meanwhile; they are no longer this
             // endpoint's to hand on.
@@ -914,11 +897,7 @@ impl Agent {
                 .await?;
             return Ok(());
         }
-        for (next, gateway) in routes {
-            if let Err(e) = install_default_route(&next, gateway).await {
-                tracing::warn!(endpoint = %next.id, error = %e, "cannot move the default route");
-            }
-        }
+        handover.install().await;
         Ok(())
     }
 
@@ -960,17 +939,25 @@ impl Agent {
         if !unique_per_netns.iter().any(|p| key.starts_with(p)) {
             return Ok(None);
         }
-        let Some(kv) = self.store.get(key).await? else {
-            return Ok(None);
-        };
-        let id = String::from_utf8_lossy(&kv.value).to_string();
-        let Some((ep, _)) = self.load::<Endpoint>(&keys::endpoint(&id)).await? else {
+        let Some(ep) = self.endpoint_holding(key).await? else {
             return Ok(None);
         };
         if ep.runtime_configured || self.endpoint_alive(&ep).await? {
             return Ok(None);
         }
         Ok(Some(ep))
+    }
+
+    /// The endpoint an index record (its value an endpoint id) points at, if both exist.
+    async fn endpoint_holding(&self, key: &str) -> Result<Option<Endpoint>> {
+        let Some(kv) = self.store.get(key).await? else {
+            return Ok(None);
+        };
+        let id = String::from_utf8_lossy(&kv.value);
+        Ok(self
+            .load::<Endpoint>(&keys::endpoint(&id))
+            .await?
+            .map(|(ep, _)| ep))
     }
 
     /// The store records of one endpoint and its unique indexes (interface name per
@@ -1263,18 +1250,12 @@ impl Agent {
             let Some((current, rev)) = self.load::<Endpoint>(&keys::endpoint(&ep.id)).await? else {
                 return Ok(());
             };
-            let (handover, records) = self.default_route_handover(&current).await?;
-            let mut txn = self
-                .endpoint_records(&current, Txn::new(), false, Held::Neither)
-                .when(Compare::ModRevision(keys::endpoint(&ep.id), rev))
-                .put(keys::releasing(&ep.id), encode(&current));
-            for (key, krev, next) in records {
-                txn = txn.when(Compare::ModRevision(key.clone(), krev));
-                txn = match next {
-                    Some(id) => txn.put(key, id),
-                    None => txn.delete(key),
-                };
-            }
+            let handover = self.default_route_handover(&current).await?;
+            let txn = handover.apply(
+                self.endpoint_records(&current, Txn::new(), false, Held::Neither)
+                    .when(Compare::ModRevision(keys::endpoint(&ep.id), rev))
+                    .put(keys::releasing(&ep.id), encode(&current)),
+            );
             match self.commit(txn).await? {
                 TxnOutcome::Committed { .. } => break (current, handover),
                 // The endpoint changed or went, or its namespace's default routes moved
@@ -1319,20 +1300,7 @@ impl Agent {
         if let Err(e) = retired {
             tracing::warn!(endpoint = %ep.id, error = %e, "retiring the veth failed; the reaper deletes it");
         }
-        for (next, gateway) in handover {
-            match install_default_route(&next, gateway).await {
-                Ok(()) => tracing::info!(
-                    "default route of {} now via {gateway} ({}, endpoint {})",
-                    next.netns.path,
-                    next.network,
-                    next.id
-                ),
-                Err(e) => tracing::warn!(
-                    endpoint = %next.id, error = %e,
-                    "cannot move the default route to the next network"
-                ),
-            }
-        }
+        handover.install().await;
         tracing::info!(
             "detached {} from {}: endpoint {}",
             current
@@ -1347,17 +1315,11 @@ impl Agent {
     }
 
     /// What happens to the default routes `ep` holds when it goes: each passes to the
-    /// endpoint attached earliest among the namespace's others with an address of that family
-    /// (attach order is the revision of their membership records, written once). Returns the
-    /// routes to install and the records to change: (key, its revision, new holder or none).
-    #[allow(clippy::type_complexity)]
-    async fn default_route_handover(
-        &self,
-        ep: &Endpoint,
-    ) -> Result<(Vec<(Endpoint, IpAddr)>, Vec<(String, u64, Option<String>)>)> {
-        let mut routes = Vec::new();
-        let mut records = Vec::new();
-        let mut others: Option<Vec<(u64, Endpoint)>> = None;
+    /// endpoint attached earliest among the namespace's others with an address of that
+    /// family.
+    async fn default_route_handover(&self, ep: &Endpoint) -> Result<Handover> {
+        let mut handover = Handover::default();
+        let mut others: Option<(Vec<Endpoint>, HashMap<String, Network>)> = None;
         for ipv4 in [true, false] {
             let key = keys::default_route(&ep.netns.id, ipv4);
             let Some(kv) = self.store.get(&key).await? else {
@@ -1367,41 +1329,46 @@ impl Agent {
                 continue;
             }
             if others.is_none() {
-                let mut found = Vec::new();
-                for other in self.endpoints_in(&ep.netns.id).await? {
-                    if other.id == ep.id || other.runtime_configured {
-                        continue;
-                    }
-                    let member = keys::member(&other.network, &other.netns.id);
-                    if let Some(m) = self.store.get(&member).await? {
-                        found.push((m.mod_revision, other));
+                let mut eps = self.endpoints_in(&ep.netns.id).await?;
+                eps.retain(|e| e.id != ep.id);
+                let eps = self.in_attach_order(eps).await?;
+                let mut networks = HashMap::new();
+                for e in &eps {
+                    if !networks.contains_key(&e.network)
+                        && let Ok(net) = self.network(&e.network).await
+                    {
+                        networks.insert(e.network.clone(), net);
                     }
                 }
-                found.sort_by_key(|(rev, _)| *rev);
-                others = Some(found);
+                others = Some((eps, networks));
             }
-            let next = others.as_ref().and_then(|o| {
-                o.iter()
-                    .map(|(_, e)| e)
-                    .find(|e| e.ips.iter().any(|ip| ip.addr().is_ipv4() == ipv4))
-            });
-            let gateway = match next {
-                Some(n) => self
-                    .network(&n.network)
-                    .await
-                    .ok()
-                    .and_then(|net| gateway_of(&net, ipv4)),
-                None => None,
-            };
-            match (next, gateway) {
-                (Some(n), Some(gw)) => {
-                    records.push((key, kv.mod_revision, Some(n.id.clone())));
-                    routes.push((n.clone(), gw));
+            let (eps, networks) = others.as_ref().expect("filled above");
+            match next_holder(eps, ipv4, |name| networks.get(name)) {
+                Some((next, gateway)) => {
+                    handover
+                        .records
+                        .push((key, kv.mod_revision, Some(next.id.clone())));
+                    handover.routes.push((next.clone(), gateway));
                 }
-                _ => records.push((key, kv.mod_revision, None)),
+                None => handover.records.push((key, kv.mod_revision, None)),
             }
         }
-        Ok((routes, records))
+        Ok(handover)
+    }
+
+    /// `eps`, endpoints of one namespace, in attach order: the revision of their membership
+    /// records, which are written once, at attach. Endpoints a runtime configures (Docker)
+    /// take no part in default routes and are left out.
+    async fn in_attach_order(&self, eps: Vec<Endpoint>) -> Result<Vec<Endpoint>> {
+        let mut ordered = Vec::with_capacity(eps.len());
+        for ep in eps.into_iter().filter(|e| !e.runtime_configured) {
+            let member = keys::member(&ep.network, &ep.netns.id);
+            if let Some(m) = self.store.get(&member).await? {
+                ordered.push((m.mod_revision, ep));
+            }
+        }
+        ordered.sort_by_key(|(rev, _)| *rev);
+        Ok(ordered.into_iter().map(|(_, ep)| ep).collect())
     }
 
     /// Waits for detached endpoints and reaps them, until the daemon stops.
@@ -1524,6 +1491,62 @@ impl Agent {
             sandboxes: self.store.list(keys::SANDBOXES).await?.items.len(),
         })
     }
+}
+
+/// What becomes of the default routes an endpoint holds when it goes (see
+/// [`Agent::default_route_handover`]).
+#[derive(Default)]
+struct Handover {
+    /// Default-route records to change: key, the revision it was read at, the next holder
+    /// (none: the namespace has no other endpoint of that family).
+    records: Vec<(String, u64, Option<String>)>,
+    /// Default routes to install: the next holder and its gateway.
+    routes: Vec<(Endpoint, IpAddr)>,
+}
+
+impl Handover {
+    /// `txn` with the record changes, each against the revision it was read at.
+    fn apply(&self, mut txn: Txn) -> Txn {
+        for (key, rev, next) in &self.records {
+            txn = txn.when(Compare::ModRevision(key.clone(), *rev));
+            txn = match next {
+                Some(id) => txn.put(key.clone(), id.clone()),
+                None => txn.delete(key.clone()),
+            };
+        }
+        txn
+    }
+
+    /// Points each namespace's default route at its next holder (after the commit).
+    async fn install(self) {
+        for (next, gateway) in self.routes {
+            match install_default_route(&next, gateway).await {
+                Ok(()) => tracing::info!(
+                    "default route of {} now via {gateway} ({}, endpoint {})",
+                    next.netns.path,
+                    next.network,
+                    next.id
+                ),
+                Err(e) => tracing::warn!(
+                    endpoint = %next.id, error = %e,
+                    "cannot move the default route to the next network"
+                ),
+            }
+        }
+    }
+}
+
+/// The first of `ordered` (endpoints in attach order) with an address of the family, and its
+/// network's gateway of that family: who holds a namespace's default route next.
+fn next_holder<'a, 'n>(
+    ordered: &'a [Endpoint],
+    ipv4: bool,
+    network: impl Fn(&str) -> Option<&'n Network>,
+) -> Option<(&'a Endpoint, IpAddr)> {
+    ordered
+        .iter()
+        .filter(|e| e.ips.iter().any(|ip| ip.addr().is_ipv4() == ipv4))
+        .find_map(|e| Some((e, gateway_of(network(&e.network)?, ipv4)?)))
 }
 
 /// Points the default route of `ep`'s family of `gateway` in `ep`'s namespace at `gateway`

@@ -13,8 +13,8 @@ use berth_store::Txn;
 use serde::Serialize;
 
 use crate::{
-    Agent, Held, Result, bridge_spec, default_gateways, endpoint_spec, gateway_of,
-    install_default_route, kernel, keys, remove_link,
+    Agent, Held, Result, bridge_spec, default_gateways, endpoint_spec, install_default_route,
+    kernel, keys, next_holder, remove_link,
 };
 
 /// What the repair pass found and did.
@@ -96,7 +96,7 @@ impl Agent {
         // Endpoints: repair the living, remove the dead.
         let host_links = kernel(|| Netlink::open()?.links()).await?;
         let endpoints: Vec<Endpoint> = self.load_all(keys::ENDPOINTS).await?;
-        let route_holders = self.default_route_holders().await?;
+        let route_holders = self.default_route_holders(keys::DEFAULT_ROUTES).await?;
         let mut live = Vec::new();
         for ep in endpoints {
             let net = by_name.get(&ep.network);
@@ -250,32 +250,25 @@ impl Agent {
         live: &[Endpoint],
         networks: &HashMap<String, &Network>,
     ) -> Result<usize> {
-        let holders = self.default_route_holders().await?;
-        let mut by_netns: HashMap<&str, Vec<(u64, &Endpoint)>> = HashMap::new();
-        for ep in live.iter().filter(|e| !e.runtime_configured) {
-            let member = keys::member(&ep.network, &ep.netns.id);
-            if let Some(m) = self.store.get(&member).await? {
-                by_netns
-                    .entry(ep.netns.id.as_str())
-                    .or_default()
-                    .push((m.mod_revision, ep));
-            }
+        let holders = self.default_route_holders(keys::DEFAULT_ROUTES).await?;
+        let mut by_netns: HashMap<&str, Vec<Endpoint>> = HashMap::new();
+        for ep in live {
+            by_netns
+                .entry(ep.netns.id.as_str())
+                .or_default()
+                .push(ep.clone());
         }
         let mut assigned = 0;
-        for (netns_id, mut eps) in by_netns {
-            eps.sort_by_key(|(rev, _)| *rev);
+        for (netns_id, eps) in by_netns {
+            let eps = self.in_attach_order(eps).await?;
             for ipv4 in [true, false] {
                 let key = keys::default_route(netns_id, ipv4);
                 if holders.contains_key(&key) {
                     continue;
                 }
-                let first = eps.iter().map(|(_, e)| *e).find_map(|e| {
-                    let net = networks.get(&e.network)?;
-                    let has = e.ips.iter().any(|ip| ip.addr().is_ipv4() == ipv4);
-                    has.then(|| gateway_of(net, ipv4).map(|gw| (e, gw)))
-                        .flatten()
-                });
-                let Some((ep, gateway)) = first else {
+                let Some((ep, gateway)) =
+                    next_holder(&eps, ipv4, |name| networks.get(name).copied())
+                else {
                     continue;
                 };
                 let txn = Txn::new()

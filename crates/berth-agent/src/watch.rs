@@ -11,7 +11,7 @@ use std::time::Duration;
 use berth_dataplane::{LinkEvent, LinkWatch, Netlink, netns};
 use berth_model::{Endpoint, Network, is_berth_link_name};
 
-use crate::{Agent, Result, bridge_spec, endpoint_spec, kernel, keys};
+use crate::{Agent, Result, bridge_spec, default_gateways, endpoint_spec, kernel, keys};
 
 /// Deletions come in bursts (a namespace with several interfaces, a reap batch): one pass for
 /// each burst.
@@ -167,7 +167,7 @@ impl Agent {
         bridge_index: u32,
         host_link: Option<berth_dataplane::Link>,
     ) -> Result<Vanished> {
-        let spec = endpoint_spec(ep, net, bridge_index);
+        let mut spec = endpoint_spec(ep, net, bridge_index);
         if let Some(l) = host_link {
             // The veth is there (so is its namespace): the bridge was re-created, or the port
             // taken off it or down. Put it back.
@@ -182,12 +182,14 @@ impl Agent {
             self.remove_endpoint(ep).await?;
             return Ok(Vanished::Released);
         }
+        let holders = self
+            .default_route_holders(&keys::default_routes_prefix(&ep.netns.id))
+            .await?;
+        spec.gateways = default_gateways(ep, net, &holders);
         let path = ep.netns.path.clone();
-        let mut spec = spec;
-        spec.gateways = self.endpoint(&ep.id).await?.default_gateways;
         kernel(move || {
             let ns = netns::open(Path::new(&path))?;
-            berth_dataplane::ensure_endpoint(&mut Netlink::open()?, None, &ns, &spec)
+            berth_dataplane::attach_endpoint(&mut Netlink::open()?, &ns, &spec)
         })
         .await?;
         Ok(Vanished::Repaired)

@@ -180,24 +180,13 @@ impl Netlink {
     /// Receives one datagram and hands each netlink message in it to `f`.
     fn recv_each(
         &mut self,
-        mut f: impl FnMut(NetlinkMessage<RouteNetlinkMessage>) -> Result<()>,
+        f: impl FnMut(NetlinkMessage<RouteNetlinkMessage>) -> Result<()>,
     ) -> Result<()> {
         let n = self
             .socket
             .recv(&mut &mut self.buf[..], 0)
             .map_err(|e| DataplaneError::io("netlink recv", e))?;
-        let mut off = 0;
-        while off < n {
-            let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&self.buf[off..n])
-                .map_err(|e| DataplaneError::Protocol(e.to_string()))?;
-            let len = msg.header.length as usize;
-            if len == 0 {
-                break;
-            }
-            f(msg)?;
-            off += len.next_multiple_of(4);
-        }
-        Ok(())
+        each_message(&self.buf[..n], f)
     }
 
     // ---- links ----
@@ -610,6 +599,25 @@ fn link_from(l: &LinkMessage) -> Link {
     link
 }
 
+/// Hands each netlink message of one received datagram to `f`.
+fn each_message(
+    datagram: &[u8],
+    mut f: impl FnMut(NetlinkMessage<RouteNetlinkMessage>) -> Result<()>,
+) -> Result<()> {
+    let mut off = 0;
+    while off < datagram.len() {
+        let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&datagram[off..])
+            .map_err(|e| DataplaneError::Protocol(e.to_string()))?;
+        let len = msg.header.length as usize;
+        if len == 0 {
+            break;
+        }
+        f(msg)?;
+        off += len.next_multiple_of(4);
+    }
+    Ok(())
+}
+
 /// An rtnetlink socket of the calling thread's namespace, bound to a kernel-chosen port.
 fn route_socket() -> Result<Socket> {
     let mut socket =
@@ -663,19 +671,12 @@ impl LinkWatch {
             Err(e) => return Err(DataplaneError::io("netlink recv", e)),
         };
         let mut events = Vec::new();
-        let mut off = 0;
-        while off < n {
-            let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&self.buf[off..n])
-                .map_err(|e| DataplaneError::Protocol(e.to_string()))?;
-            let len = msg.header.length as usize;
-            if len == 0 {
-                break;
-            }
+        each_message(&self.buf[..n], |msg| {
             if let NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(l)) = msg.payload {
                 events.push(LinkEvent::Gone(link_from(&l).name));
             }
-            off += len.next_multiple_of(4);
-        }
+            Ok(())
+        })?;
         Ok(events)
     }
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::harness::{BERTH, HTTPD_ON_7000, Host, ServerThreads, published_until_removed};
+use crate::harness::{HTTPD_ON_7000, Host, ServerThreads, published_until_removed};
 use crate::podman::Podman;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -693,57 +693,6 @@ fn answer_berth_is_down(mut c: std::os::unix::net::UnixStream) {
     );
 }
 
-/// A berth daemon of the test's own on `h`'s directories (after `h.kill()`), releasing Docker
-/// endpoints that look dead for `grace_secs`; killed on drop.
-struct GraceDaemon(Child);
-
-impl GraceDaemon {
-    fn start(h: &Host, grace_secs: u32) -> GraceDaemon {
-        let log = std::fs::OpenOptions::new()
-            .append(true)
-            .open(h.dir.join("daemon.log"))
-            .unwrap();
-        let dir = |p: &str| h.dir.join(p);
-        let child = Command::new("nsenter")
-            .arg(format!("--net={}", h.netns_path()))
-            .arg(BERTH)
-            .args(["daemon", "--log-level", "debug", "--state-dir"])
-            .arg(h.state_dir())
-            .arg("--run-dir")
-            .arg(dir("run"))
-            .arg("--netns-dir")
-            .arg(dir("netns"))
-            .arg("--docker-plugin-socket")
-            .arg(h.docker_plugin_socket())
-            .arg("--dns-resolv-conf")
-            .arg(h.resolv_conf())
-            .arg("--sandbox-etc-dir")
-            .arg(h.sandbox_etc_dir())
-            .args(["--docker-endpoint-grace", &grace_secs.to_string()])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let mut daemon = GraceDaemon(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while h.client().get::<Value>("/v1/status").is_err() {
-            if let Some(status) = daemon.0.try_wait().unwrap() {
-                panic!("daemon exited with {status}:\n{}", h.log());
-            }
-            assert!(Instant::now() < deadline, "daemon did not come up");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        daemon
-    }
-}
-
-impl Drop for GraceDaemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// The veth peers berth handed the engine that are in the host namespace.
 fn peers_in_host(h: &Host) -> Vec<String> {
     let mut peers: Vec<String> = h
@@ -758,8 +707,6 @@ fn peers_in_host(h: &Host) -> Vec<String> {
 #[test]
 fn docker_endpoints_of_containers_removed_while_berth_is_down_are_released() {
     let h = Host::new();
-    // Declared before the engine: it outlives it, which removes its containers through berth.
-    let mut own_daemon: Option<GraceDaemon> = None;
     let d = Docker::start(&h);
     let net = |name: &str, subnet: &str| {
         let id = d.create_net(&["--subnet", subnet, name]);
@@ -845,7 +792,9 @@ fn docker_endpoints_of_containers_removed_while_berth_is_down_are_released() {
     // With a short grace, the sweep releases the other: endpoint, veth (the peer with it) and
     // address. The living container keeps its own.
     h.kill();
-    own_daemon.replace(GraceDaemon::start(&h, 1));
+    h.start_with(|daemon| {
+        daemon.args(["--docker-endpoint-grace", "1"]);
+    });
     let held = || -> Vec<String> {
         let allocations: Value = h
             .client()

@@ -2,13 +2,10 @@
 //! (the guard compares elements, not only rules), and the daemon writes its table without the
 //! `nft` program (it speaks nfnetlink itself; `nft` is only these tests' tool).
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
-use crate::harness::{BERTH, HOST_UNDERLAY_IP, Host, Outside, PeerEcho, tcp_peer};
+use crate::harness::{HOST_UNDERLAY_IP, Host, Outside, PeerEcho, tcp_peer};
 
 fn nft(h: &Host, args: &str) -> String {
     let mut cmd = vec!["nft"];
@@ -115,74 +112,16 @@ fn flushed_sets_and_maps_are_restored() {
     });
 }
 
-/// A daemon started like `Host::start` does, with `PATH` holding no `nft`. Killed on drop.
-struct DaemonWithout {
-    child: Child,
-}
-
-impl DaemonWithout {
-    fn start(h: &Host, path: &Path) -> DaemonWithout {
-        // nsenter itself from the test's PATH; the daemon gets only `path`.
-        let nsenter = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
-            .map(|d| d.join("nsenter"))
-            .find(|p| p.exists())
-            .expect("nsenter on PATH");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(h.dir.join("daemon.log"))
-            .unwrap();
-        let child = Command::new(nsenter)
-            .arg(format!("--net={}", h.netns_path()))
-            .arg(BERTH)
-            .args(["daemon", "--log-level", "debug", "--state-dir"])
-            .arg(h.state_dir())
-            .arg("--run-dir")
-            .arg(h.dir.join("run"))
-            .arg("--netns-dir")
-            .arg(h.dir.join("netns"))
-            .arg("--docker-plugin-socket")
-            .arg(h.docker_plugin_socket())
-            .arg("--dns-resolv-conf")
-            .arg(h.resolv_conf())
-            .arg("--sandbox-etc-dir")
-            .arg(h.sandbox_etc_dir())
-            .env("PATH", path)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let mut d = DaemonWithout { child };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while h.client().get::<Value>("/v1/status").is_err() {
-            if let Some(status) = d.child.try_wait().unwrap() {
-                panic!("daemon exited with {status}:\n{}", h.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "daemon did not come up:\n{}",
-                h.log()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        d
-    }
-}
-
-impl Drop for DaemonWithout {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn the_daemon_needs_no_nft_program() {
     let h = Host::bare();
     let out = Outside::new(&h);
     let bin: PathBuf = h.dir.join("bin-without-nft");
     std::fs::create_dir_all(&bin).unwrap();
-    let _daemon = DaemonWithout::start(&h, &bin);
+    // The daemon gets a PATH holding no nft.
+    h.start_with(|daemon| {
+        daemon.env("PATH", &bin);
+    });
     published_web(&h);
     let _server = PeerEcho::start(&h.sandbox_path("web"), 80);
     assert!(h.reaches("client", "10.91.0.80"));

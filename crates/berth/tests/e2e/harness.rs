@@ -120,15 +120,21 @@ impl Host {
         self.dir.join("state")
     }
 
-    /// Starts a daemon in the background without waiting for it.
-    pub fn spawn_daemon(&self, state: &str) -> Child {
+    /// The command that runs this host's daemon on the state directory `state`, logging to
+    /// the host's daemon log, for a test to add flags or environment to. `nsenter` is named
+    /// by its full path, so a test may give the daemon a `PATH` of its own.
+    pub fn daemon_command(&self, state: &str) -> Command {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.join("daemon.log"))
             .unwrap();
-        Command::new("nsenter")
-            .arg(format!("--net={}", self.netns_path()))
+        let nsenter = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+            .map(|d| d.join("nsenter"))
+            .find(|p| p.exists())
+            .expect("nsenter on PATH");
+        let mut cmd = Command::new(nsenter);
+        cmd.arg(format!("--net={}", self.netns_path()))
             .arg(BERTH)
             .args(["daemon", "--log-level", "debug", "--state-dir"])
             .arg(self.dir.join(state))
@@ -143,16 +149,33 @@ impl Host {
             .arg("--sandbox-etc-dir")
             .arg(self.sandbox_etc_dir())
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap()
+            .stderr(log);
+        cmd
+    }
+
+    /// Starts a daemon in the background without waiting for it.
+    pub fn spawn_daemon(&self, state: &str) -> Child {
+        self.daemon_command(state).spawn().unwrap()
     }
 
     /// Starts the daemon and waits until it answers.
     pub fn start(&self) {
+        self.start_with(|_| {});
+    }
+
+    /// Starts the daemon with `customize` applied to its command (flags, environment), and
+    /// waits until it answers. It is the host's daemon: `kill`, `stop` and drop end it.
+    pub fn start_with(&self, customize: impl FnOnce(&mut Command)) {
         let mut daemon = self.daemon.lock().unwrap();
         assert!(daemon.is_none(), "daemon already running");
-        let child = daemon.insert(self.spawn_daemon("state"));
+        let mut cmd = self.daemon_command("state");
+        customize(&mut cmd);
+        self.wait_ready(daemon.insert(cmd.spawn().unwrap()));
+    }
+
+    /// Waits until a daemon answers on this host's socket; panics with the log if `child`
+    /// exits first or it takes over 30 s.
+    pub fn wait_ready(&self, child: &mut Child) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while self.client().get::<Value>("/v1/status").is_err() {
             if let Some(status) = child.try_wait().unwrap() {

@@ -99,19 +99,9 @@ fn the_docker_plugin_socket_is_off_with_an_empty_value_and_by_default_in_a_priva
             .spawn()
             .unwrap()
     };
-    let wait_ready = |child: &mut std::process::Child| {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while h.client().get::<Value>("/v1/status").is_err() {
-            if let Some(s) = child.try_wait().unwrap() {
-                panic!("daemon exited with {s}:\n{}", h.log());
-            }
-            assert!(Instant::now() < deadline, "daemon not ready:\n{}", h.log());
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    };
     for extra in [&["--docker-plugin-socket", ""][..], &[][..]] {
         let mut d = Killed(spawn(extra));
-        wait_ready(&mut d.0);
+        h.wait_ready(&mut d.0);
         let log = h.log();
         assert!(
             !log.contains("Docker plugin API ready"),
@@ -121,7 +111,7 @@ fn the_docker_plugin_socket_is_off_with_an_empty_value_and_by_default_in_a_priva
     // An explicit one is served.
     let plugin = h.dir.join("plugin.sock");
     let mut d = Killed(spawn(&["--docker-plugin-socket", plugin.to_str().unwrap()]));
-    wait_ready(&mut d.0);
+    h.wait_ready(&mut d.0);
     assert!(plugin.exists());
 }
 
