@@ -995,7 +995,7 @@ impl Agent {
 
     fn explain_attach_conflict(&self, c: &Compare, ep: &Endpoint, req: &Attach) -> AgentError {
         let key = match c {
-            Compare::Absent(k) | Compare::ModRevision(k, _) => k.as_str(),
+            Compare::Absent(k) | Compare::ModRevision(k, _) | Compare::Value(k, _) => k.as_str(),
         };
         if key.starts_with(keys::NETWORKS) {
             AgentError::NotFound(format!("network {:?} was removed meanwhile", ep.network))

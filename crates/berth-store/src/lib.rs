@@ -1,16 +1,25 @@
 //! The desired-state store.
 //!
 //! The [`Store`] trait is the contract every backend meets: keys and values are bytes under
-//! string keys, every committed transaction gets the next store-wide revision, transactions are
-//! all-or-nothing with compare conditions on several keys, and watchers see every change under a
-//! prefix in commit order. This is etcd's model on purpose: the embedded [`RedbStore`] serves one
-//! host, and an etcd backend serves many without any change to the callers.
+//! string keys, every transaction that changes something gets the next store-wide revision,
+//! transactions are all-or-nothing with compare conditions on several keys (and an `otherwise`
+//! branch applied when a compare fails), keys can be bound to leases that expire, and watchers
+//! see every change under a prefix in commit order, starting from any revision the backend still
+//! remembers. This is etcd's model on purpose: the embedded [`RedbStore`] serves one host, and
+//! [`EtcdStore`] serves many without any change to the callers.
 
+mod etcd_store;
 mod redb_store;
+
+use std::collections::VecDeque;
 
 use async_trait::async_trait;
 
+pub use etcd_store::{EtcdStore, TlsFiles};
 pub use redb_store::RedbStore;
+
+/// A lease handle, as etcd numbers them.
+pub type LeaseId = i64;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -21,14 +30,28 @@ pub enum StoreError {
     Backend(String),
     #[error("store I/O failed: {0}")]
     Io(#[from] std::io::Error),
+    /// The store cannot be reached or did not answer in time: retry later (HTTP 503, CNI 11).
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The lease expired, was revoked or never existed.
+    #[error("lease {0} not found (expired or revoked)")]
+    LeaseNotFound(LeaseId),
+    /// A stored value that cannot be decoded.
+    #[error("stored value of {key} is corrupt: {why}")]
+    Corrupt { key: String, why: String },
 }
 
-/// A key with its value and the revision of the transaction that last changed it.
+/// A key with its value, the revisions that created and last changed it, and its lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyValue {
     pub key: String,
     pub value: Vec<u8>,
+    /// The revision of the transaction that created the key (kept across updates).
+    pub create_revision: u64,
+    /// The revision of the transaction that last changed the key.
     pub mod_revision: u64,
+    /// The lease the key is bound to: it is deleted when the lease ends.
+    pub lease: Option<LeaseId>,
 }
 
 /// A condition a transaction checks atomically before applying its operations.
@@ -38,19 +61,48 @@ pub enum Compare {
     Absent(String),
     /// The key exists and was last changed at exactly this revision.
     ModRevision(String, u64),
+    /// The key exists and its value equals this.
+    Value(String, Vec<u8>),
+}
+
+impl Compare {
+    pub fn key(&self) -> &str {
+        match self {
+            Compare::Absent(k) | Compare::ModRevision(k, _) | Compare::Value(k, _) => k,
+        }
+    }
+
+    /// Whether the compare holds for the key's current state.
+    pub(crate) fn holds(&self, current: Option<&KeyValue>) -> bool {
+        match self {
+            Compare::Absent(_) => current.is_none(),
+            Compare::ModRevision(_, rev) => current.is_some_and(|kv| kv.mod_revision == *rev),
+            Compare::Value(_, v) => current.is_some_and(|kv| kv.value == *v),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
+    /// Sets the value; a key bound to a lease is detached from it (as etcd does).
     Put(String, Vec<u8>),
+    /// Sets the value and binds the key to the lease; fails the whole txn with
+    /// [`StoreError::LeaseNotFound`] if the lease is gone.
+    PutLeased(String, Vec<u8>, LeaseId),
     Delete(String),
+    /// Deletes every key starting with the prefix.
+    DeletePrefix(String),
 }
 
-/// All compares hold, then all ops apply, in one atomic and durable step; or nothing changes.
+/// All compares hold, then all `ops` apply, in one atomic and durable step; otherwise the
+/// `otherwise` ops apply instead, equally atomically.
+///
+/// Backends may reject a txn that changes the same key twice (etcd does).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Txn {
     pub compares: Vec<Compare>,
     pub ops: Vec<Op>,
+    pub otherwise: Vec<Op>,
 }
 
 impl Txn {
@@ -65,17 +117,37 @@ impl Txn {
         self.ops.push(Op::Put(key.into(), value.into()));
         self
     }
+    pub fn put_leased(
+        mut self,
+        key: impl Into<String>,
+        value: impl Into<Vec<u8>>,
+        lease: LeaseId,
+    ) -> Self {
+        self.ops
+            .push(Op::PutLeased(key.into(), value.into(), lease));
+        self
+    }
     pub fn delete(mut self, key: impl Into<String>) -> Self {
         self.ops.push(Op::Delete(key.into()));
+        self
+    }
+    pub fn delete_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.ops.push(Op::DeletePrefix(prefix.into()));
+        self
+    }
+    /// An op applied instead of `ops` when a compare fails.
+    pub fn or_else(mut self, op: Op) -> Self {
+        self.otherwise.push(op);
         self
     }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TxnOutcome {
-    /// Applied; the store is now at this revision.
+    /// The compares held and the ops applied; the store is now at this revision (unchanged
+    /// if the ops changed nothing).
     Committed { revision: u64 },
-    /// A compare failed (the first failing one is named); nothing changed.
+    /// A compare failed (the first failing one is named); the `otherwise` ops were applied.
     CompareFailed(Compare),
 }
 
@@ -89,7 +161,12 @@ pub struct Listing {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     Put(KeyValue),
-    Delete { key: String, revision: u64 },
+    /// `prev` is the key as it was before the delete, when the backend still knows it.
+    Delete {
+        key: String,
+        revision: u64,
+        prev: Option<KeyValue>,
+    },
 }
 
 impl Event {
@@ -99,41 +176,69 @@ impl Event {
             Event::Delete { key, .. } => key,
         }
     }
+
+    /// The revision of the transaction that made this change.
+    pub fn revision(&self) -> u64 {
+        match self {
+            Event::Put(kv) => kv.mod_revision,
+            Event::Delete { revision, .. } => *revision,
+        }
+    }
 }
 
-/// The changes under one prefix, from the moment the watch was made.
-pub struct Watch {
-    prefix: String,
-    rx: tokio::sync::broadcast::Receiver<std::sync::Arc<Vec<Event>>>,
-    pending: std::collections::VecDeque<Event>,
-}
-
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+/// Why a watch ended. Every variant is final: re-list and watch again from the new listing.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum WatchError {
-    /// The watcher fell behind and events were dropped: re-list and watch again.
+    /// The requested revisions are no longer kept (or the watcher fell that far behind).
+    #[error("watch revision compacted (store history starts at revision {compact_revision})")]
+    Compacted { compact_revision: u64 },
+    /// The watcher fell behind and events were dropped.
     #[error("watcher lagged behind and missed {0} transactions")]
     Lagged(u64),
     #[error("store closed")]
     Closed,
+    #[error("watch failed: {0}")]
+    Backend(String),
+}
+
+/// The changes under one prefix after a revision, in commit order; all events of one
+/// transaction come consecutively.
+pub struct Watch {
+    source: WatchSource,
+    pending: VecDeque<Event>,
+    ended: Option<WatchError>,
+}
+
+enum WatchSource {
+    Redb(redb_store::RedbWatch),
+    Etcd(Box<etcd_store::EtcdWatch>),
 }
 
 impl Watch {
-    /// The next change under the prefix.
+    fn new(source: WatchSource) -> Self {
+        Watch {
+            source,
+            pending: VecDeque::new(),
+            ended: None,
+        }
+    }
+
+    /// The next change under the prefix. Once it returns an error, it returns that error
+    /// for good. Cancel-safe: a `tokio::select!` that drops it loses no event.
     pub async fn next(&mut self) -> Result<Event, WatchError> {
-        use tokio::sync::broadcast::error::RecvError;
         loop {
             if let Some(e) = self.pending.pop_front() {
                 return Ok(e);
             }
-            match self.rx.recv().await {
-                Ok(batch) => self.pending.extend(
-                    batch
-                        .iter()
-                        .filter(|e| e.key().starts_with(&self.prefix))
-                        .cloned(),
-                ),
-                Err(RecvError::Lagged(n)) => return Err(WatchError::Lagged(n)),
-                Err(RecvError::Closed) => return Err(WatchError::Closed),
+            if let Some(err) = &self.ended {
+                return Err(err.clone());
+            }
+            let got = match &mut self.source {
+                WatchSource::Redb(w) => w.next_batch(&mut self.pending).await,
+                WatchSource::Etcd(w) => w.next_batch(&mut self.pending).await,
+            };
+            if let Err(e) = got {
+                self.ended = Some(e);
             }
         }
     }
@@ -144,8 +249,17 @@ pub trait Store: Send + Sync + 'static {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError>;
     async fn list(&self, prefix: &str) -> Result<Listing, StoreError>;
     async fn txn(&self, txn: Txn) -> Result<TxnOutcome, StoreError>;
-    /// Changes under `prefix` committed after this call.
-    fn watch(&self, prefix: &str) -> Watch;
+    /// Changes under `prefix` with revision > `after` (`after` = a Listing's revision: list
+    /// then watch, no gap, no duplicate). A revision older than what the backend still has
+    /// gives a watch whose first next() is Err(Compacted).
+    async fn watch(&self, prefix: &str, after: u64) -> Result<Watch, StoreError>;
+    /// A new lease; keys put with it are deleted once it is not kept alive for `ttl`
+    /// (backends may round `ttl` up: etcd to whole seconds and its minimum TTL).
+    async fn grant_lease(&self, ttl: std::time::Duration) -> Result<LeaseId, StoreError>;
+    /// Restarts the lease's TTL. Err(StoreError::LeaseNotFound) once it expired or was revoked.
+    async fn keep_alive(&self, lease: LeaseId) -> Result<(), StoreError>;
+    /// Ends the lease now, deleting its keys.
+    async fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError>;
     /// A line for `berth status`: the backend and where its data lives.
     fn describe(&self) -> String;
 }
