@@ -10,6 +10,7 @@ mod netlink;
 pub mod netns;
 pub mod nftables;
 pub mod sysctl;
+mod vxlan;
 
 pub use bridge::{
     BridgeSpec, EndpointSpec, REAP_GROUP, Repair, SandboxLinkState, attach_endpoint,
@@ -17,6 +18,10 @@ pub use bridge::{
     sandbox_state,
 };
 pub use netlink::{Link, LinkEvent, LinkWatch, Netlink, ROUTE_PROTOCOL};
+pub use vxlan::{
+    RemoteEntry, Remotes, VXLAN_OVERHEAD, VXLAN_PORT, VxlanSpec, add_remote, delete_vxlan,
+    ensure_vxlan, remotes, remove_remote, sync_remotes,
+};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

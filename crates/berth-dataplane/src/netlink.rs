@@ -13,7 +13,10 @@ use netlink_packet_core::{
 use netlink_packet_route::address::{AddressAttribute, AddressHeaderFlags, AddressMessage};
 use netlink_packet_route::link::{
     AfSpecInet6, AfSpecUnspec, In6AddrGenMode, InfoBridgePort, InfoData, InfoKind, InfoPortData,
-    InfoPortKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+    InfoPortKind, InfoVeth, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
+use netlink_packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
@@ -679,4 +682,281 @@ impl LinkWatch {
         })?;
         Ok(events)
     }
+}
+
+// ---- neighbours, forwarding entries and VXLAN devices ----
+
+/// An ARP/NDP neighbour entry, or a forwarding-database entry (family `AF_BRIDGE`), as the
+/// kernel reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Neighbour {
+    pub index: u32,
+    /// A forwarding-database entry rather than an ARP/NDP one.
+    pub fdb: bool,
+    /// ARP/NDP: the neighbour's address. FDB: where the frames are tunnelled to, if anywhere.
+    pub ip: Option<IpAddr>,
+    pub mac: Option<[u8; 6]>,
+    pub state: NeighbourState,
+    /// `Own` (NTF_SELF) marks an entry of the device's own table (the VXLAN driver's); FDB
+    /// entries without it are the bridge's.
+    pub flags: NeighbourFlags,
+}
+
+/// Which table of a device an FDB entry goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FdbTable {
+    /// The device's own (`self`): for a VXLAN device, which VTEP a MAC is tunnelled to.
+    Device,
+    /// The bridge the device is a port of (`master`): which port a MAC leaves by.
+    Bridge,
+}
+
+impl Netlink {
+    /// Sends one non-dump request and returns its answer; `None` if the kernel says there is no
+    /// such object (ENODEV, ENOENT).
+    fn get(&mut self, msg: RouteNetlinkMessage, op: &str) -> Result<Option<RouteNetlinkMessage>> {
+        let seq = self.send_one(msg, 0)?;
+        let mut answer: Option<Result<Option<RouteNetlinkMessage>>> = None;
+        while answer.is_none() {
+            self.recv_each(|m| {
+                if m.header.sequence_number != seq {
+                    return Ok(());
+                }
+                answer = Some(match m.payload {
+                    NetlinkPayload::InnerMessage(inner) => Ok(Some(inner)),
+                    NetlinkPayload::Error(e) => match e.code.map(|c| -c.get()) {
+                        None => Ok(None),
+                        Some(code)
+                            if code == nix::errno::Errno::ENODEV as i32
+                                || code == nix::errno::Errno::ENOENT as i32 =>
+                        {
+                            Ok(None)
+                        }
+                        Some(code) => Err(DataplaneError::Kernel {
+                            op: op.to_string(),
+                            source: std::io::Error::from_raw_os_error(code),
+                        }),
+                    },
+                    other => Err(DataplaneError::Protocol(format!("{op}: {other:?}"))),
+                });
+                Ok(())
+            })?;
+        }
+        answer.expect("loop ends with an answer")
+    }
+
+    /// One link's full description, for what [`Link`] leaves out (a VXLAN device's settings, a
+    /// bridge port's flags).
+    pub(crate) fn link_message(&mut self, name: &str) -> Result<Option<LinkMessage>> {
+        let mut msg = LinkMessage::default();
+        msg.attributes.push(LinkAttribute::IfName(name.to_string()));
+        match self.get(
+            RouteNetlinkMessage::GetLink(msg),
+            &format!("get link {name}"),
+        )? {
+            Some(RouteNetlinkMessage::NewLink(l)) => Ok(Some(l)),
+            None => Ok(None),
+            Some(other) => Err(DataplaneError::Protocol(format!(
+                "get link {name}: {other:?}"
+            ))),
+        }
+    }
+
+    /// Creates a VXLAN device, down, as a port of `spec.bridge_index`: no multicast group and
+    /// no default remote, so the driver sends only to MACs it has an FDB entry for and floods
+    /// nothing; no learning; `proxy`, so it answers ARP and NDP from its own neighbour table.
+    pub(crate) fn create_vxlan(&mut self, spec: &crate::VxlanSpec) -> Result<()> {
+        let mut data = vec![
+            InfoVxlan::Id(spec.vni),
+            match spec.local {
+                IpAddr::V4(a) => InfoVxlan::Local(a),
+                IpAddr::V6(a) => InfoVxlan::Local6(a),
+            },
+            InfoVxlan::Port(spec.port),
+            InfoVxlan::Learning(false),
+            InfoVxlan::Proxy(true),
+        ];
+        if let Some(underlay) = spec.underlay_index {
+            data.push(InfoVxlan::Link(underlay));
+        }
+        let mut msg = LinkMessage::default();
+        msg.attributes = vec![
+            LinkAttribute::IfName(spec.name.clone()),
+            LinkAttribute::Mtu(spec.mtu),
+            LinkAttribute::Address(spec.mac.to_vec()),
+            LinkAttribute::Controller(spec.bridge_index),
+            LinkAttribute::LinkInfo(vec![
+                LinkInfo::Kind(InfoKind::Vxlan),
+                LinkInfo::Data(InfoData::Vxlan(data)),
+            ]),
+        ];
+        self.request(
+            RouteNetlinkMessage::NewLink(msg),
+            NLM_F_CREATE | NLM_F_EXCL,
+            &format!("create vxlan {} (vni {})", spec.name, spec.vni),
+        )
+    }
+
+    /// The message that turns MAC learning off or on for bridge port `index`.
+    pub(crate) fn port_learning_msg(index: u32, on: bool) -> (RouteNetlinkMessage, u16, String) {
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        msg.attributes = vec![LinkAttribute::LinkInfo(vec![
+            LinkInfo::PortKind(InfoPortKind::Bridge),
+            LinkInfo::PortData(InfoPortData::BridgePort(vec![InfoBridgePort::Learning(on)])),
+        ])];
+        (
+            RouteNetlinkMessage::NewLink(msg),
+            0,
+            format!("set learning {on} on bridge port {index}"),
+        )
+    }
+
+    /// Neighbour entries of `family` (`Bridge` for the forwarding database), of link `index`
+    /// only if given. ARP/NDP dumps are filtered by the kernel; FDB dumps are filtered here,
+    /// because without strict checking the kernel ignores the filter of a neighbour-shaped
+    /// FDB dump request.
+    pub(crate) fn neighbours(
+        &mut self,
+        family: AddressFamily,
+        index: Option<u32>,
+    ) -> Result<Vec<Neighbour>> {
+        let mut req = NeighbourMessage::default();
+        req.header.family = family;
+        if let (Some(i), false) = (index, family == AddressFamily::Bridge) {
+            req.attributes.push(NeighbourAttribute::IfIndex(i));
+        }
+        let items = self.dump(
+            RouteNetlinkMessage::GetNeighbour(req),
+            &format!("list {family:?} neighbours"),
+        )?;
+        Ok(items
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewNeighbour(n)
+                    if index.is_none_or(|i| n.header.ifindex == i) =>
+                {
+                    Some(neighbour_from(&n))
+                }
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// The message that sets (create or replace) or deletes the FDB entry for `mac` on link
+    /// `index`: `bridge fdb replace|del MAC dev DEV [dst DST] self|master`. A device entry is
+    /// made `permanent` (never aged out), a bridge entry `static` (the bridge's `permanent`
+    /// would mean "this host's own address"). Deleting a device entry with `dst` removes only
+    /// that destination; deleting a bridge entry removes it only if it points at `index`.
+    pub(crate) fn fdb_msg(
+        add: bool,
+        index: u32,
+        mac: [u8; 6],
+        dst: Option<IpAddr>,
+        table: FdbTable,
+    ) -> (RouteNetlinkMessage, u16, String) {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = AddressFamily::Bridge;
+        msg.header.ifindex = index;
+        (msg.header.flags, msg.header.state) = match table {
+            FdbTable::Device => (NeighbourFlags::Own, NeighbourState::Permanent),
+            FdbTable::Bridge => (NeighbourFlags::Controller, NeighbourState::Noarp),
+        };
+        msg.attributes
+            .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+        if let Some(ip) = dst {
+            msg.attributes
+                .push(NeighbourAttribute::Destination(NeighbourAddress::from(ip)));
+        }
+        let what = format!(
+            "fdb entry {} on link {index} ({table:?}{})",
+            fmt_mac(mac),
+            dst.map(|d| format!(", dst {d}")).unwrap_or_default()
+        );
+        if add {
+            (
+                RouteNetlinkMessage::NewNeighbour(msg),
+                NLM_F_CREATE | NLM_F_REPLACE,
+                format!("set {what}"),
+            )
+        } else {
+            (
+                RouteNetlinkMessage::DelNeighbour(msg),
+                0,
+                format!("delete {what}"),
+            )
+        }
+    }
+
+    /// The message that sets (create or replace, `nud permanent`) the ARP/NDP entry `ip` ->
+    /// `mac` on link `index`, or (`mac` `None`) deletes the entry for `ip`.
+    pub(crate) fn neighbour_msg(
+        index: u32,
+        ip: IpAddr,
+        mac: Option<[u8; 6]>,
+    ) -> (RouteNetlinkMessage, u16, String) {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = if ip.is_ipv4() {
+            AddressFamily::Inet
+        } else {
+            AddressFamily::Inet6
+        };
+        msg.header.ifindex = index;
+        msg.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::from(ip)));
+        match mac {
+            Some(mac) => {
+                msg.header.state = NeighbourState::Permanent;
+                msg.attributes
+                    .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+                (
+                    RouteNetlinkMessage::NewNeighbour(msg),
+                    NLM_F_CREATE | NLM_F_REPLACE,
+                    format!("set neighbour {ip} -> {} on link {index}", fmt_mac(mac)),
+                )
+            }
+            None => (
+                RouteNetlinkMessage::DelNeighbour(msg),
+                0,
+                format!("delete neighbour {ip} on link {index}"),
+            ),
+        }
+    }
+}
+
+fn neighbour_from(n: &NeighbourMessage) -> Neighbour {
+    let fdb = n.header.family == AddressFamily::Bridge;
+    let mut out = Neighbour {
+        index: n.header.ifindex,
+        fdb,
+        ip: None,
+        mac: None,
+        state: n.header.state,
+        flags: n.header.flags,
+    };
+    for a in &n.attributes {
+        match a {
+            NeighbourAttribute::LinkLayerAddress(l) => out.mac = l.as_slice().try_into().ok(),
+            NeighbourAttribute::Destination(d) => {
+                out.ip = match d {
+                    NeighbourAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
+                    NeighbourAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
+                    // FDB entries carry their destination as raw bytes of either family.
+                    NeighbourAddress::Other(raw) => match raw.len() {
+                        4 => <[u8; 4]>::try_from(raw.as_slice()).ok().map(IpAddr::from),
+                        16 => <[u8; 16]>::try_from(raw.as_slice()).ok().map(IpAddr::from),
+                        _ => None,
+                    },
+                    _ => None,
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+fn fmt_mac(mac: [u8; 6]) -> String {
+    let [a, b, c, d, e, f] = mac;
+    format!("{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x}")
 }

@@ -13,8 +13,8 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 pub use names::{
-    BRIDGE_PREFIX, IFNAME_MAX, TOMBSTONE_PREFIX, VETH_PREFIX, bridge_name, is_berth_link_name,
-    tombstone_name, veth_name,
+    BRIDGE_PREFIX, IFNAME_MAX, TOMBSTONE_PREFIX, VETH_PREFIX, VXLAN_PREFIX, bridge_name,
+    is_berth_link_name, tombstone_name, veth_name, vxlan_name,
 };
 pub use ports::{MAX_RANGE, PortMapping, Protocol, parse_publish};
 pub use validate::{

@@ -9,6 +9,9 @@ pub const BRIDGE_PREFIX: &str = "berth-";
 /// Host ends of veth pairs: `berth` and 10 hex digits of the endpoint id (no dash, unlike bridges).
 pub const VETH_PREFIX: &str = "berth";
 
+/// VXLAN devices of overlay networks: `bvx` and 12 hex digits of the network id.
+pub const VXLAN_PREFIX: &str = "bvx";
+
 /// What a detached endpoint's sandbox-side interface is renamed to until it is deleted:
 /// `berthx` and 9 hex digits of the endpoint id.
 pub const TOMBSTONE_PREFIX: &str = "berthx";
@@ -29,6 +32,14 @@ pub fn bridge_name(network_id: &str) -> String {
     )
 }
 
+pub fn vxlan_name(network_id: &str) -> String {
+    let take = IFNAME_MAX - VXLAN_PREFIX.len();
+    format!(
+        "{VXLAN_PREFIX}{}",
+        &network_id[..take.min(network_id.len())]
+    )
+}
+
 pub fn veth_name(endpoint_id: &str) -> String {
     let take = IFNAME_MAX - VETH_PREFIX.len();
     format!(
@@ -37,15 +48,17 @@ pub fn veth_name(endpoint_id: &str) -> String {
     )
 }
 
-/// Whether a link name is one berth would have made (a bridge or a host-side veth).
+/// Whether a link name is one berth would have made (a bridge, a host-side veth or an overlay
+/// network's VXLAN device).
 pub fn is_berth_link_name(name: &str) -> bool {
-    match name.strip_prefix(VETH_PREFIX) {
-        Some(rest) => {
-            let hex = rest.strip_prefix('-').unwrap_or(rest);
-            !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit())
-        }
-        None => false,
-    }
+    let hex = match name.strip_prefix(VETH_PREFIX) {
+        Some(rest) => rest.strip_prefix('-').unwrap_or(rest),
+        None => match name.strip_prefix(VXLAN_PREFIX) {
+            Some(rest) => rest,
+            None => return false,
+        },
+    };
+    !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 #[cfg(test)]
@@ -57,11 +70,15 @@ mod tests {
         let id = "0123456789abcdef";
         let b = bridge_name(id);
         let v = veth_name(id);
+        let x = vxlan_name(id);
         assert_eq!(b, "berth-012345678");
         assert_eq!(v, "berth0123456789");
-        assert!(b.len() <= IFNAME_MAX && v.len() <= IFNAME_MAX);
-        assert!(is_berth_link_name(&b) && is_berth_link_name(&v));
-        for other in ["eth0", "berth", "berth-", "berthx1", "docker0", "br-berth"] {
+        assert_eq!(x, "bvx0123456789ab");
+        assert!(b.len() <= IFNAME_MAX && v.len() <= IFNAME_MAX && x.len() <= IFNAME_MAX);
+        assert!(is_berth_link_name(&b) && is_berth_link_name(&v) && is_berth_link_name(&x));
+        for other in [
+            "eth0", "berth", "berth-", "berthx1", "docker0", "br-berth", "bvx", "bvx-1", "bvxz",
+        ] {
             assert!(!is_berth_link_name(other), "{other}");
         }
     }
