@@ -115,6 +115,8 @@ pub fn router(agent: Arc<Agent>) -> Router {
             "/v1/networks/{name}/containers/{cid}/{ifname}",
             get(container_endpoint),
         )
+        .route("/v1/hosts", get(list_hosts))
+        .route("/v1/hosts/{id}", axum::routing::delete(remove_host))
         .route("/v1/detach", post(detach))
         .route("/v1/gc", post(gc))
         .fallback(|| async {
@@ -156,7 +158,20 @@ async fn get_network(State(a): Shared, Path(name): Path<String>) -> Result<Respo
         .await?
         .remove(&name)
         .unwrap_or_default();
+    net.blocks = a.blocks(&name).await?;
     Ok(ok(StatusCode::OK, a.present(net)))
+}
+
+async fn list_hosts(State(a): Shared) -> Result<Response, AgentError> {
+    Ok(ok(StatusCode::OK, a.hosts().await?))
+}
+
+async fn remove_host(State(a): Shared, Path(id): Path<String>) -> Result<Response, AgentError> {
+    let endpoints = a.remove_host(&id).await?;
+    Ok(ok(
+        StatusCode::OK,
+        serde_json::json!({ "removed": id, "endpoints": endpoints }),
+    ))
 }
 
 async fn delete_network(

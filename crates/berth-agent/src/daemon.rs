@@ -3,12 +3,17 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use berth_dataplane::Netlink;
 use berth_model::FALLBACK_MTU;
-use berth_store::{RedbStore, Store};
+pub use berth_store::TlsFiles;
+use berth_store::{EtcdStore, RedbStore, Store};
 use tokio::net::UnixListener;
 
+use crate::hosts::{HostIdentity, default_host_id};
+use crate::overlay::{ClusterReconciler, Kernel};
+use crate::scope::HostScoped;
 use crate::{Agent, AgentError, Result};
 
 #[derive(Debug, Clone)]
@@ -24,6 +29,30 @@ pub struct DaemonConfig {
     pub sandbox_etc_dir: PathBuf,
     /// How long a Docker endpoint must look dead before berth releases it.
     pub docker_endpoint_grace: std::time::Duration,
+    pub store: StoreConfig,
+    /// This host's id in the cluster; `None`: from /etc/machine-id.
+    pub host_id: Option<String>,
+    /// Where other hosts send this host's overlay traffic; `None`: the address of the
+    /// default-route interface.
+    pub advertise_address: Option<std::net::IpAddr>,
+    /// The lease this host registers under: other hosts take it for gone this long after
+    /// it stopped renewing.
+    pub host_lease_ttl: Duration,
+    /// How long a gone host's addresses and blocks stay reserved for it.
+    pub host_gone_grace: Duration,
+}
+
+/// Where the desired state lives.
+#[derive(Debug, Clone)]
+pub enum StoreConfig {
+    /// The embedded store in the state directory: one host, nothing else to run.
+    Embedded,
+    /// etcd, shared by every host of the cluster.
+    Etcd {
+        endpoints: Vec<String>,
+        prefix: String,
+        tls: Option<TlsFiles>,
+    },
 }
 
 impl DaemonConfig {
@@ -44,7 +73,23 @@ pub async fn run(cfg: DaemonConfig) -> Result<()> {
     // kernel state (its repair pass would take the first's links for strays).
     let _only_daemon = claim_network_namespace()?;
     raise_open_files_limit();
-    let store: Arc<dyn Store> = Arc::new(RedbStore::open(&cfg.state_dir)?);
+    let host_id = match &cfg.host_id {
+        Some(id) => id.clone(),
+        None => default_host_id()
+            .map_err(|e| AgentError::Invalid(format!("cannot derive a host id: {e}")))?,
+    };
+    berth_model::validate_name("host", &host_id)?;
+    let (store, shared): (Arc<dyn Store>, bool) = match &cfg.store {
+        StoreConfig::Embedded => (Arc::new(RedbStore::open(&cfg.state_dir)?), false),
+        StoreConfig::Etcd {
+            endpoints,
+            prefix,
+            tls,
+        } => {
+            let etcd = EtcdStore::connect(endpoints, prefix, tls.clone()).await?;
+            (Arc::new(HostScoped::new(Arc::new(etcd), &host_id)), true)
+        }
+    };
     for dir in [&cfg.run_dir, &cfg.netns_dir] {
         std::fs::create_dir_all(dir)
             .map_err(|e| AgentError::Invalid(format!("cannot create {}: {e}", dir.display())))?;
@@ -67,26 +112,57 @@ pub async fn run(cfg: DaemonConfig) -> Result<()> {
         .await
         .map_err(|e| AgentError::Internal(e.to_string()))??
         .unwrap_or(FALLBACK_MTU);
-    let mut agent = Agent::new(store, cfg.netns_dir.clone(), default_mtu);
+    let address = match cfg.advertise_address {
+        Some(a) => Some(a),
+        None => tokio::task::spawn_blocking(default_route_address)
+            .await
+            .map_err(|e| AgentError::Internal(e.to_string()))??,
+    };
+    let host = HostIdentity {
+        id: host_id,
+        address,
+        mtu: default_mtu,
+    };
+    let mut agent =
+        Agent::new(store, cfg.netns_dir.clone(), default_mtu).with_host(host.clone(), shared);
     if let Some(dns) = dns {
         agent = agent.with_discovery(crate::Discovery::new(dns, cfg.sandbox_etc_dir.clone()));
     }
     let agent = Arc::new(agent);
+    let overlay_events = agent
+        .take_overlay_events()
+        .ok_or_else(|| AgentError::Internal("overlay events taken twice".into()))?;
     let prepared = async {
+        // Registered before the repair pass: other hosts point at this one again at once.
+        let lease = agent.register_host(cfg.host_lease_ttl).await?;
         let report = agent.reconcile().await?;
         tracing::info!("{report}");
         agent.sync_firewall().await?;
-        agent.load_dns().await
+        agent.load_dns().await?;
+        Ok::<_, AgentError>(lease)
     };
-    if let Err(e) = prepared.await {
-        let _ = std::fs::remove_file(&socket);
-        if let Some((_, path)) = &docker_listener {
-            let _ = std::fs::remove_file(path);
+    let lease = match prepared.await {
+        Ok(lease) => lease,
+        Err(e) => {
+            let _ = std::fs::remove_file(&socket);
+            if let Some((_, path)) = &docker_listener {
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(e);
         }
-        return Err(e);
-    }
+    };
 
-    tracing::info!(socket = %socket.display(), mtu = default_mtu, "berth daemon ready");
+    tracing::info!(
+        socket = %socket.display(), mtu = default_mtu, host = %host.id,
+        address = ?host.address, store = %agent.status_store(), "berth daemon ready"
+    );
+    tokio::spawn(agent.clone().run_host_lease(cfg.host_lease_ttl, lease));
+    tokio::spawn(
+        agent
+            .clone()
+            .run_host_collector(cfg.host_lease_ttl, cfg.host_gone_grace),
+    );
+    tokio::spawn(ClusterReconciler::new(agent.clone(), Arc::new(Kernel)).run(overlay_events));
     tokio::spawn(agent.clone().run_reaper());
     tokio::spawn(
         agent
@@ -116,6 +192,29 @@ pub async fn run(cfg: DaemonConfig) -> Result<()> {
     served.map_err(|e| AgentError::Internal(format!("API server: {e}")))?;
     tracing::info!("berth daemon stopped; containers stay connected");
     Ok(())
+}
+
+/// The first address of the interface the default route goes out of (IPv4 first).
+fn default_route_address() -> Result<Option<std::net::IpAddr>> {
+    let mut nl = Netlink::open()?;
+    let Some(oif) = nl.default_routes()?.into_iter().find_map(|(_, oif)| oif) else {
+        return Ok(None);
+    };
+    let mut addrs: Vec<std::net::IpAddr> = nl
+        .addresses(oif)?
+        .into_iter()
+        .map(|a| a.addr())
+        .filter(|a| !a.is_loopback() && !is_link_local(a))
+        .collect();
+    addrs.sort_by_key(|a| !a.is_ipv4());
+    Ok(addrs.into_iter().next())
+}
+
+fn is_link_local(a: &std::net::IpAddr) -> bool {
+    match a {
+        std::net::IpAddr::V4(v4) => v4.is_link_local(),
+        std::net::IpAddr::V6(v6) => v6.segments()[0] & 0xffc0 == 0xfe80,
+    }
 }
 
 /// Every forwarded DNS query holds a socket while it waits: the soft limit on open files

@@ -97,11 +97,13 @@ impl Agent {
         if self.discovery.is_none() {
             return Ok(());
         }
-        for net in self.networks().await? {
+        // Remote endpoints are named by the cluster reconciler, as their hosts come and go.
+        let local = self.local_endpoints().await?;
+        for net in self.networks_here(self.networks().await?, &local) {
             self.serve_dns(&net);
         }
-        for ep in self.endpoints(None).await? {
-            self.name_endpoint(&ep);
+        for ep in &local {
+            self.name_endpoint(ep);
         }
         Ok(())
     }

@@ -40,6 +40,8 @@ use crate::{
 /// `-o berth.network=NAME` (driver) or `--ipam-opt berth.network=NAME`: use the existing berth
 /// network NAME instead of creating one.
 pub const BIND_OPTION: &str = "berth.network";
+/// `-o berth.driver=overlay`: the berth network made for the Docker one spans hosts.
+pub const DRIVER_OPTION: &str = "berth.driver";
 const GATEWAY_REQUEST: &str = "com.docker.network.gateway";
 /// The address spaces berth's IPAM answers for.
 const LOCAL_SPACE: &str = "berth-local";
@@ -479,7 +481,12 @@ async fn commit_or_conflict(a: &Agent, txn: Txn) -> Result<()> {
 /// The berth endpoint a Docker endpoint becomes at Join. libnetwork joins before the
 /// sandbox's namespace exists (it moves the interface in later), so the namespace is named,
 /// not opened; its identity is the Docker endpoint.
-fn berth_endpoint(de: &DockerEndpoint, id: &str, sandbox: String) -> Endpoint {
+fn berth_endpoint(
+    de: &DockerEndpoint,
+    id: &str,
+    sandbox: String,
+    host: Option<String>,
+) -> Endpoint {
     Endpoint {
         host_ifname: veth_name(id),
         id: id.to_string(),
@@ -498,6 +505,7 @@ fn berth_endpoint(de: &DockerEndpoint, id: &str, sandbox: String) -> Endpoint {
         ips: de.ips.clone(),
         ports: de.ports.clone(),
         default_gateways: vec![],
+        host,
     }
 }
 
@@ -761,7 +769,7 @@ impl Agent {
         let ip = match &pool.network {
             Some(name) => {
                 self.network(name).await?;
-                let ip = self.take_in_subnet(name, pool.cidr, requested)?;
+                let ip = self.take_in_subnet(name, pool.cidr, requested).await?;
                 if pool.joins_commit() {
                     // In memory until the endpoint commits it (see `docker_reserved`).
                     self.docker_reserved
@@ -943,6 +951,9 @@ impl Agent {
                     ipv6_gateway: v6.first().map(gateway_of).transpose()?.flatten(),
                     mtu,
                     internal,
+                    // `-o berth.driver=overlay`: a network on every host of the cluster.
+                    driver: option_str(&generic, DRIVER_OPTION),
+                    vni: None,
                 };
                 let net = self.create_network_adopting(req, &adopting).await?;
                 (net.name, false)
@@ -1003,7 +1014,7 @@ impl Agent {
         let mut txn = Txn::new().when(Compare::ModRevision(key.clone(), rev));
         let mut taken = Vec::new();
         for ip in std::mem::take(&mut p.allocated) {
-            if let Err(e) = self.take_in_subnet(name, p.cidr, Some(ip)) {
+            if let Err(e) = self.take_in_subnet(name, p.cidr, Some(ip)).await {
                 taken.iter().for_each(|ip| self.release_ip(name, *ip));
                 return Err(AgentError::Conflict(format!(
                     "address {ip}, which berth's IPAM gave another Docker network, is in use on berth network {name:?}: {e}"
@@ -1279,7 +1290,10 @@ impl Agent {
                 .collect(),
         };
         let berth_id = random_id();
-        let veth = self.start_veth(berth_endpoint(&de, &berth_id, String::new()), net);
+        let veth = self.start_veth(
+            berth_endpoint(&de, &berth_id, String::new(), self.host_tag()),
+            net,
+        );
         // Held in memory until Join commits it (see `PendingEndpoint`).
         self.pending_endpoints().insert(
             eid,
@@ -1359,7 +1373,8 @@ impl Agent {
             // The engine's own IPAM gave it, or berth restarted since handing it out: take it
             // now, if it is still free.
             None => {
-                self.take_in_subnet(&net.name, cidr, Some(ip.addr()))?;
+                self.take_in_subnet(&net.name, cidr, Some(ip.addr()))
+                    .await?;
                 Ok((ip, Source::Taken))
             }
         }
@@ -1471,7 +1486,7 @@ impl Agent {
                 (de, Some(rev), sources, random_id(), false)
             }
         };
-        let ep = berth_endpoint(&de, &id, sandbox);
+        let ep = berth_endpoint(&de, &id, sandbox, self.host_tag());
         let _topology = self.topology.read().await;
         let prepared = self.join_transaction(&mut de, de_rev, &sources, &ep).await;
         let (net, txn, publishing_guard) = match prepared {
@@ -1959,7 +1974,7 @@ mod tests {
             endpoint: None,
             pools: BTreeMap::new(),
         };
-        berth_endpoint(&de, "0123456789abcdef", sandbox.to_string())
+        berth_endpoint(&de, "0123456789abcdef", sandbox.to_string(), None)
     }
 
     #[test]

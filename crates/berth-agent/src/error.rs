@@ -37,6 +37,9 @@ impl AgentError {
             AgentError::Ipam(IpamError::OutsideSubnet { .. } | IpamError::Reserved { .. }) => 400,
             AgentError::NotFound(_) => 404,
             AgentError::Conflict(_) | AgentError::Ipam(_) => 409,
+            // The store (etcd) cannot be reached: try again later. Clients map this to their
+            // protocol's "try again" (CNI code 11).
+            AgentError::Store(StoreError::Unavailable(_)) => 503,
             _ => 500,
         }
     }

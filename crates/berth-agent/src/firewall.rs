@@ -169,8 +169,8 @@ impl Agent {
 
     /// What berth's table should hold: every network's and every published port's elements.
     async fn desired_firewall(&self) -> Result<(Vec<NetworkRules>, Vec<Forward>)> {
-        let networks = self.networks().await?;
-        let endpoints: Vec<Endpoint> = self.load_all(keys::ENDPOINTS).await?;
+        let endpoints = self.local_endpoints().await?;
+        let networks = self.networks_here(self.networks().await?, &endpoints);
         let forwards = endpoints.iter().flat_map(forwards_of).collect();
         let rules = networks
             .iter()

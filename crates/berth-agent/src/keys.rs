@@ -16,9 +16,20 @@
 //!                                    addresses stay held until it is
 //! default-routes/<netns-id>/<ipv4|ipv6>  endpoint id  (whose gateway the namespace's default
 //!                                    route of that family goes through: one per namespace)
+//! hosts/<host>                       HostRecord, under the host's lease (gone with it)
+//! hosts-gone/<host>                  when a host's lease was first seen lapsed (seconds since
+//!                                    the epoch); its records are freed a grace period later
+//! blocks/<network>/<addr>-<prefix>   host id (an overlay network's address block it owns)
+//! vnis/<vni>                         network name (one overlay network per VNI)
 //! ```
+//!
+//! On a shared store (etcd) the host-scoped keys ([`HOST_SCOPED`]: namespaces, sandboxes,
+//! Docker's state, published ports, ...) live under `local/<host>/`, added and stripped by
+//! [`crate::scope::HostScoped`], so the code above reads as if it were the only host.
 
 use std::net::IpAddr;
+
+use ipnet::IpNet;
 
 use berth_model::{PortMapping, Protocol};
 
@@ -32,6 +43,24 @@ pub const RELEASING: &str = "releasing/";
 pub const CONTAINERS: &str = "containers/";
 pub const PORTS: &str = "ports/";
 pub const DEFAULT_ROUTES: &str = "default-routes/";
+pub const HOSTS: &str = "hosts/";
+pub const HOSTS_GONE: &str = "hosts-gone/";
+pub const BLOCKS: &str = "blocks/";
+pub const VNIS: &str = "vnis/";
+/// Where a shared store keeps each host's own records: `local/<host>/`.
+pub const LOCAL: &str = "local/";
+/// The keys only one host acts on: they name its namespaces, its sandboxes, its Docker
+/// engine's objects, its host ports.
+pub const HOST_SCOPED: &[&str] = &[
+    ATTACHMENTS,
+    MEMBERS,
+    CONTAINERS,
+    SANDBOXES,
+    RELEASING,
+    PORTS,
+    DEFAULT_ROUTES,
+    "docker/",
+];
 /// The host-address part of a port published on every address.
 pub const ALL_ADDRESSES: &str = "*";
 
@@ -112,4 +141,27 @@ pub fn port(m: &PortMapping) -> String {
         .map(|ip| ip.to_string())
         .unwrap_or_else(|| ALL_ADDRESSES.to_string());
     format!("{}{on}", port_prefix(m.protocol, m.host_port))
+}
+pub fn host(id: &str) -> String {
+    format!("{HOSTS}{id}")
+}
+pub fn host_gone(id: &str) -> String {
+    format!("{HOSTS_GONE}{id}")
+}
+pub fn local_prefix(host: &str) -> String {
+    format!("{LOCAL}{host}/")
+}
+pub fn blocks_prefix(network: &str) -> String {
+    format!("{BLOCKS}{network}/")
+}
+pub fn block(network: &str, cidr: IpNet) -> String {
+    format!("{BLOCKS}{network}/{}-{}", cidr.addr(), cidr.prefix_len())
+}
+/// The block of a [`block`] key.
+pub fn block_cidr(key: &str) -> Option<IpNet> {
+    let (addr, len) = key.rsplit('/').next()?.rsplit_once('-')?;
+    IpNet::new(addr.parse().ok()?, len.parse().ok()?).ok()
+}
+pub fn vni(vni: u32) -> String {
+    format!("{VNIS}{vni}")
 }

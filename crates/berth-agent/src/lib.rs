@@ -11,8 +11,12 @@ mod dns;
 pub mod docker;
 mod error;
 mod firewall;
+pub mod hosts;
+mod ipam;
 mod keys;
+pub mod overlay;
 mod reconcile;
+pub mod scope;
 mod watch;
 
 use std::collections::HashMap;
@@ -25,9 +29,9 @@ use berth_api::{Allocation, Attach, CreateNetwork, Status};
 use berth_dataplane::{BridgeSpec, EndpointSpec, Netlink, netns};
 use berth_ipam::{IpamError, Pool};
 use berth_model::{
-    DEFAULT_POOL, DEFAULT_POOL_PREFIX, Endpoint, MacAddr, NetnsRef, Network, Sandbox, Subnet,
-    bridge_name, parse_subnet, tombstone_name, validate_ifname, validate_name,
-    validate_network_mtu, validate_sandbox_name, veth_name,
+    DEFAULT_POOL, DEFAULT_POOL_PREFIX, Driver, Endpoint, MacAddr, NetnsRef, Network, Sandbox,
+    Subnet, bridge_name, parse_subnet, tombstone_name, validate_ifname, validate_name,
+    validate_network_mtu, validate_sandbox_name, veth_name, vxlan_name,
 };
 use berth_store::{Compare, KeyValue, Store, Txn, TxnOutcome};
 use ipnet::IpNet;
@@ -36,6 +40,7 @@ use serde::de::DeserializeOwned;
 
 pub use dns::Discovery;
 pub use error::{AgentError, Result};
+pub use hosts::HostIdentity;
 pub use reconcile::ReconcileReport;
 
 pub struct Agent {
@@ -67,6 +72,19 @@ pub struct Agent {
     publishing: tokio::sync::Mutex<()>,
     /// DNS service discovery; `None` when the daemon runs without.
     discovery: Option<Discovery>,
+    /// This daemon's host in the cluster.
+    host: HostIdentity,
+    /// The store is shared with other hosts (etcd): records carry their host.
+    shared: bool,
+    /// One overlay network realization at a time (two attaches would both create the device).
+    overlay_realizing: tokio::sync::Mutex<()>,
+    /// Tells the cluster reconciler that an overlay network was just realized here.
+    overlay_realized: tokio::sync::mpsc::UnboundedSender<String>,
+    overlay_events: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<String>>>,
+    /// Address blocks claimed by this host (all hosts' claims race on one key each).
+    block_claims: tokio::sync::Mutex<()>,
+    /// Block claims that lost a race to another host: the cost of sharing a subnet.
+    pub(crate) block_claim_retries: std::sync::atomic::AtomicU64,
 }
 
 /// What of an endpoint's holdings [`Agent::endpoint_records`] covers beside its records. A
@@ -157,6 +175,7 @@ fn bridge_spec(net: &Network) -> BridgeSpec {
 
 impl Agent {
     pub fn new(store: Arc<dyn Store>, netns_dir: PathBuf, default_mtu: u32) -> Self {
+        let (overlay_realized, overlay_events) = tokio::sync::mpsc::unbounded_channel();
         Agent {
             store,
             netns_dir,
@@ -171,7 +190,61 @@ impl Agent {
             firewall: tokio::sync::Mutex::new(()),
             publishing: tokio::sync::Mutex::new(()),
             discovery: None,
+            host: HostIdentity {
+                id: "local".into(),
+                address: None,
+                mtu: default_mtu,
+            },
+            shared: false,
+            overlay_realizing: tokio::sync::Mutex::new(()),
+            overlay_realized,
+            overlay_events: Mutex::new(Some(overlay_events)),
+            block_claims: tokio::sync::Mutex::new(()),
+            block_claim_retries: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// Who this daemon is in the cluster, and whether the store is shared with other hosts
+    /// (then every record says which host it belongs to).
+    pub fn with_host(mut self, host: HostIdentity, shared: bool) -> Self {
+        self.host = host;
+        self.shared = shared;
+        self
+    }
+
+    /// The realization notices for the cluster reconciler (taken once, by the daemon).
+    pub fn take_overlay_events(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<String>> {
+        self.overlay_events
+            .lock()
+            .expect("overlay events lock")
+            .take()
+    }
+
+    /// The host tag of records this host writes: its id on a shared store, none on its own.
+    fn host_tag(&self) -> Option<String> {
+        self.shared.then(|| self.host.id.clone())
+    }
+
+    /// This host's endpoints.
+    async fn local_endpoints(&self) -> Result<Vec<Endpoint>> {
+        Ok(self
+            .load_all::<Endpoint>(keys::ENDPOINTS)
+            .await?
+            .into_iter()
+            .filter(|e| e.is_on(&self.host.id))
+            .collect())
+    }
+
+    /// The networks this host carries: its bridge networks, and overlay networks it has
+    /// endpoints on (`with_endpoints`, from [`Agent::local_endpoints`]).
+    fn networks_here(&self, networks: Vec<Network>, with_endpoints: &[Endpoint]) -> Vec<Network> {
+        networks
+            .into_iter()
+            .filter(|n| match n.driver {
+                Driver::Bridge => n.is_usable_on(&self.host.id),
+                Driver::Overlay => with_endpoints.iter().any(|e| e.network == n.name),
+            })
+            .collect()
     }
 
     /// Serves DNS on every network (see [`Discovery`]).
@@ -229,9 +302,33 @@ impl Agent {
         adopting: &[IpNet],
     ) -> Result<Network> {
         validate_name("network", &req.name)?;
+        let driver: Driver = req.driver.as_deref().unwrap_or("bridge").parse()?;
+        if let Some(vni) = req.vni {
+            if driver != Driver::Overlay {
+                return Err(AgentError::Invalid("--vni needs --driver overlay".into()));
+            }
+            if !(1..=0xff_ffff).contains(&vni) {
+                return Err(berth_model::ModelError::InvalidVni(vni).into());
+            }
+        }
         let v4 = req.subnet.as_deref().map(parse_subnet).transpose()?;
         let v6 = req.ipv6_subnet.as_deref().map(parse_subnet).transpose()?;
-        let mtu = validate_network_mtu(req.mtu.unwrap_or(self.default_mtu), v6.is_some())?;
+        // An overlay network's packets carry VXLAN's 50 bytes on the underlay: without room
+        // for them, full-size packets would vanish (no fragmentation with DF set).
+        let default_mtu = match driver {
+            Driver::Bridge => self.default_mtu,
+            Driver::Overlay => self
+                .host
+                .mtu
+                .saturating_sub(berth_dataplane::VXLAN_OVERHEAD),
+        };
+        let mtu = validate_network_mtu(req.mtu.unwrap_or(default_mtu), v6.is_some())?;
+        if driver == Driver::Overlay && self.host.address.is_none() {
+            return Err(AgentError::Invalid(format!(
+                "host {} has no underlay address (--advertise-address), so it cannot carry overlay networks",
+                self.host.id
+            )));
+        }
         if let Some(n) = v4.filter(|n| !n.addr().is_ipv4()) {
             return Err(AgentError::Invalid(format!(
                 "--subnet {n} is not IPv4; use --ipv6-subnet"
@@ -315,6 +412,19 @@ impl Agent {
             internal: req.internal,
             dns: None,
             docker_networks: vec![],
+            driver,
+            vni: None,
+            // Bridge networks stay on the host that made them.
+            host: match driver {
+                Driver::Bridge => self.host_tag(),
+                Driver::Overlay => None,
+            },
+            blocks: vec![],
+            removing: false,
+        };
+        let net = match driver {
+            Driver::Bridge => net,
+            Driver::Overlay => return self.create_overlay(net, req.vni).await,
         };
         let mut txn = Txn::new()
             .when(Compare::Absent(keys::network(&net.name)))
@@ -378,6 +488,10 @@ impl Agent {
     pub async fn delete_network(&self, name: &str) -> Result<()> {
         let _topology = self.topology.write().await;
         let net = self.network(name).await?;
+        if net.driver == Driver::Overlay {
+            return self.delete_overlay(net).await;
+        }
+        self.check_usable(&net)?;
         // Detached endpoints still hold addresses of this network until their veths are gone;
         // finish that first so nothing of the old network is released into a new one.
         self.reap().await?;
@@ -397,6 +511,79 @@ impl Agent {
         self.stop_dns(name);
         self.sync_firewall().await?;
         tracing::info!(network = %name, "network removed");
+        Ok(())
+    }
+
+    /// Removes an overlay network once no host has endpoints on it. It is first marked
+    /// `removing`, which fails every attach that has not committed yet (they compare the
+    /// network's revision); endpoints committed before the mark are then all in the listing.
+    async fn delete_overlay(&self, net: Network) -> Result<()> {
+        let key = keys::network(&net.name);
+        let (_, rev) = self
+            .load::<Network>(&key)
+            .await?
+            .ok_or_else(|| AgentError::NotFound(format!("no network named {:?}", net.name)))?;
+        let marked = Network {
+            removing: true,
+            ..net.clone()
+        };
+        let rev = match self
+            .commit(
+                Txn::new()
+                    .when(Compare::ModRevision(key.clone(), rev))
+                    .put(key.clone(), encode(&marked)),
+            )
+            .await?
+        {
+            TxnOutcome::Committed { revision } => revision,
+            TxnOutcome::CompareFailed(_) => {
+                return Err(AgentError::Conflict(format!(
+                    "network {:?} changed meanwhile; try again",
+                    net.name
+                )));
+            }
+        };
+        self.reap().await?;
+        let users: Vec<Endpoint> = self
+            .load_all::<Endpoint>(keys::ENDPOINTS)
+            .await?
+            .into_iter()
+            .filter(|e| e.network == net.name)
+            .collect();
+        if !users.is_empty() {
+            let mut hosts: Vec<&str> = users.iter().filter_map(|e| e.host.as_deref()).collect();
+            hosts.sort();
+            hosts.dedup();
+            self.commit(
+                Txn::new()
+                    .when(Compare::ModRevision(key.clone(), rev))
+                    .put(key, encode(&net)),
+            )
+            .await?;
+            return Err(AgentError::Conflict(format!(
+                "network {:?} is in use by {} endpoint(s) on host(s) {}; detach them first",
+                net.name,
+                users.len(),
+                hosts.join(", ")
+            )));
+        }
+        let mut txn = Txn::new()
+            .when(Compare::ModRevision(key.clone(), rev))
+            .delete(key)
+            .delete_prefix(keys::ipam_prefix(&net.name))
+            .delete_prefix(keys::blocks_prefix(&net.name));
+        if let Some(vni) = net.vni {
+            txn = txn.delete(keys::vni(vni));
+        }
+        self.commit(txn).await?;
+        self.pools.lock().expect("pools lock").remove(&net.name);
+        // This host's part goes now; other hosts' reconcilers remove theirs from the watch.
+        for link in [vxlan_name(&net.id), net.bridge.clone()] {
+            remove_link(link).await?;
+        }
+        self.stop_dns(&net.name);
+        self.sync_firewall().await?;
+        tracing::info!(network = %net.name, "overlay network removed");
         Ok(())
     }
 
@@ -709,6 +896,7 @@ impl Agent {
             .load::<Network>(&keys::network(&req.network))
             .await?
             .ok_or_else(|| AgentError::NotFound(format!("no network named {:?}", req.network)))?;
+        self.check_usable(&net)?;
         let (ns, netns_ref, sandbox) = self.resolve_netns(&req.sandbox).await?;
         if let Some((sb, _)) = &sandbox
             && sb.removing
@@ -738,7 +926,7 @@ impl Agent {
         let ports = self.check_ports(&net, &req.ports)?;
         let publishing_guard = self.reserve_ports(&ports).await?;
 
-        let ips = self.allocate(&net, &requested)?;
+        let ips = self.allocate(&net, &requested).await?;
         let mac = requested_mac.unwrap_or_else(|| {
             match ips.iter().find_map(|ip| match ip {
                 IpNet::V4(v4) => Some(v4.addr()),
@@ -763,6 +951,7 @@ impl Agent {
             ips,
             ports,
             default_gateways: vec![],
+            host: self.host_tag(),
         };
         let mut attempts = 0;
         let outcome = loop {
@@ -774,6 +963,9 @@ impl Agent {
                 }
             };
             let mut txn = Txn::new().when(Compare::ModRevision(keys::network(&net.name), net_rev));
+            for c in self.block_compares(&net, &ep.ips) {
+                txn = txn.when(c);
+            }
             if let Some((sb, rev)) = &sandbox {
                 txn = txn.when(Compare::ModRevision(keys::sandbox(&sb.name), *rev));
             }
@@ -821,13 +1013,22 @@ impl Agent {
         }
 
         let (spec_ep, spec_net) = (ep.clone(), net.clone());
-        let made = kernel(move || {
-            let mut host = Netlink::open()?;
-            let mut spec = endpoint_on_bridge(&mut host, &spec_ep, &spec_net)?;
-            spec.gateways = spec_ep.default_gateways.clone();
-            berth_dataplane::attach_endpoint(&mut host, &ns, &spec)
-        })
-        .await;
+        let realized = match net.driver {
+            Driver::Bridge => Ok(()),
+            Driver::Overlay => self.ensure_overlay(&net).await.map(|_| ()),
+        };
+        let made = match realized {
+            Err(e) => Err(e),
+            Ok(()) => {
+                kernel(move || {
+                    let mut host = Netlink::open()?;
+                    let mut spec = endpoint_on_bridge(&mut host, &spec_ep, &spec_net)?;
+                    spec.gateways = spec_ep.default_gateways.clone();
+                    berth_dataplane::attach_endpoint(&mut host, &ns, &spec)
+                })
+                .await
+            }
+        };
         if let Err(e) = made {
             if self.store.get(&keys::endpoint(&ep.id)).await?.is_none() {
                 // A detach or sandbox removal took the interface away mid-way (and the record
@@ -993,11 +1194,37 @@ impl Agent {
         txn
     }
 
+    /// Refuses a network this host cannot attach to: another host's bridge network, or a
+    /// network being removed.
+    fn check_usable(&self, net: &Network) -> Result<()> {
+        if net.removing {
+            return Err(AgentError::NotFound(format!(
+                "network {:?} is being removed",
+                net.name
+            )));
+        }
+        if !net.is_usable_on(&self.host.id) {
+            return Err(AgentError::Conflict(format!(
+                "network {:?} is a bridge network of host {}; only an overlay network spans hosts",
+                net.name,
+                net.host.as_deref().unwrap_or("?")
+            )));
+        }
+        Ok(())
+    }
+
     fn explain_attach_conflict(&self, c: &Compare, ep: &Endpoint, req: &Attach) -> AgentError {
         let key = match c {
             Compare::Absent(k) | Compare::ModRevision(k, _) | Compare::Value(k, _) => k.as_str(),
         };
-        if key.starts_with(keys::NETWORKS) {
+        if key.starts_with(keys::BLOCKS) {
+            // Freed while this host was thought gone: it is not ours to allocate from.
+            self.forget_block(key);
+            AgentError::Conflict(format!(
+                "the address block of network {:?} was given up meanwhile; try again",
+                ep.network
+            ))
+        } else if key.starts_with(keys::NETWORKS) {
             AgentError::NotFound(format!("network {:?} was removed meanwhile", ep.network))
         } else if key.starts_with(keys::SANDBOXES) {
             removing(&req.sandbox)
@@ -1039,7 +1266,7 @@ impl Agent {
 
     /// Picks the endpoint's addresses: the requested ones, and the next free one for every
     /// subnet without a request. On failure nothing stays taken.
-    fn allocate(&self, net: &Network, requested: &[IpAddr]) -> Result<Vec<IpNet>> {
+    async fn allocate(&self, net: &Network, requested: &[IpAddr]) -> Result<Vec<IpNet>> {
         for ip in requested {
             net.check_endpoint_ip(*ip)?;
             if net.subnet_for(*ip).is_none() {
@@ -1059,8 +1286,8 @@ impl Agent {
                 .filter(|ip| subnet.cidr.contains(ip))
                 .collect();
             let taken = match mine.as_slice() {
-                [] => self.take_in_subnet(&net.name, subnet.cidr, None),
-                [ip] => self.take_in_subnet(&net.name, subnet.cidr, Some(*ip)),
+                [] => self.take_in_subnet(&net.name, subnet.cidr, None).await,
+                [ip] => self.take_in_subnet(&net.name, subnet.cidr, Some(*ip)).await,
                 _ => Err(AgentError::Invalid(format!(
                     "more than one address requested in {}",
                     subnet.cidr
@@ -1138,6 +1365,12 @@ impl Agent {
     /// and inside the namespace the interface with its MAC, addresses and default routes.
     pub async fn check(&self, id: &str) -> Result<berth_api::CheckReport> {
         let ep = self.endpoint(id).await?;
+        if !ep.is_on(&self.host.id) {
+            return Err(AgentError::Conflict(format!(
+                "endpoint {id} is on host {}; check it there",
+                ep.host.as_deref().unwrap_or("?")
+            )));
+        }
         let net = self.network(&ep.network).await?;
         let bridge = net.bridge.clone();
         let expect = ep.clone();
@@ -1233,6 +1466,12 @@ impl Agent {
     pub async fn delete_endpoint(&self, id: &str) -> Result<()> {
         let _topology = self.topology.read().await;
         let ep = self.endpoint(id).await?;
+        if !ep.is_on(&self.host.id) {
+            return Err(AgentError::Conflict(format!(
+                "endpoint {id} is on host {}; remove it there",
+                ep.host.as_deref().unwrap_or("?")
+            )));
+        }
         self.remove_endpoint(&ep).await
     }
 
@@ -1455,41 +1694,25 @@ impl Agent {
         }
     }
 
-    /// Takes one address (`requested`, else the next free) in the subnet `cidr` of a network,
-    /// in memory; the caller commits it to the store or releases it again.
-    fn take_in_subnet(
-        &self,
-        network: &str,
-        cidr: IpNet,
-        requested: Option<IpAddr>,
-    ) -> Result<IpAddr> {
-        let mut pools = self.pools.lock().expect("pools lock");
-        let pool = pools
-            .get_mut(network)
-            .and_then(|ps| ps.iter_mut().find(|p| p.subnet() == cidr))
-            .ok_or_else(|| {
-                AgentError::Conflict(format!("{cidr} is not a subnet of network {network:?}"))
-            })?;
-        match requested {
-            Some(ip) => pool.take(ip).map(|()| ip).map_err(|e| match e {
-                IpamError::InUse(ip) => AgentError::Conflict(format!(
-                    "address {ip} is already in use on network {network:?}"
-                )),
-                other => other.into(),
-            }),
-            None => Ok(pool.allocate()?),
-        }
-    }
-
     pub async fn status(&self) -> Result<Status> {
         Ok(Status {
             version: env!("CARGO_PKG_VERSION").to_string(),
             store: self.store.describe(),
             netns_dir: self.netns_dir.display().to_string(),
             networks: self.store.list(keys::NETWORKS).await?.items.len(),
-            endpoints: self.store.list(keys::ENDPOINTS).await?.items.len(),
+            endpoints: self.local_endpoints().await?.len(),
             sandboxes: self.store.list(keys::SANDBOXES).await?.items.len(),
+            host: self.host.id.clone(),
+            address: self.host.address,
+            block_claim_retries: self
+                .block_claim_retries
+                .load(std::sync::atomic::Ordering::Relaxed),
         })
+    }
+
+    /// The store line of the start-up log.
+    pub fn status_store(&self) -> String {
+        self.store.describe()
     }
 }
 

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use berth_dataplane::{Netlink, Repair, netns};
 use berth_ipam::Pool;
-use berth_model::{Endpoint, Network, Sandbox, is_berth_link_name};
+use berth_model::{Driver, Endpoint, Network, Sandbox, is_berth_link_name, vxlan_name};
 use berth_store::Txn;
 use serde::Serialize;
 
@@ -55,13 +55,30 @@ impl Agent {
         let _topology = self.topology.write().await;
         let mut report = ReconcileReport::default();
 
-        // Networks and their bridges.
-        let networks: Vec<Network> = self.load_all(keys::NETWORKS).await?;
+        // Networks and their bridges: this host's bridge networks, and the overlay networks
+        // it has endpoints on (with their VXLAN devices).
+        let all_networks: Vec<Network> = self.load_all(keys::NETWORKS).await?;
+        let all_endpoints: Vec<Endpoint> = self.load_all(keys::ENDPOINTS).await?;
+        let (endpoints, remote): (Vec<Endpoint>, Vec<Endpoint>) = all_endpoints
+            .into_iter()
+            .partition(|e| e.is_on(&self.host.id));
+        let networks = self.networks_here(all_networks.clone(), &endpoints);
         let mut bridge_index = HashMap::new();
         for net in &networks {
-            let spec = bridge_spec(net);
-            let idx = kernel(move || berth_dataplane::ensure_bridge(&mut Netlink::open()?, &spec))
-                .await?;
+            let idx = match net.driver {
+                Driver::Bridge => {
+                    let spec = bridge_spec(net);
+                    kernel(move || berth_dataplane::ensure_bridge(&mut Netlink::open()?, &spec))
+                        .await?
+                }
+                Driver::Overlay => match self.ensure_overlay(net).await {
+                    Ok(idx) => idx,
+                    Err(e) => {
+                        tracing::error!(network = %net.name, error = %e, "cannot realize the overlay network");
+                        continue;
+                    }
+                },
+            };
             bridge_index.insert(net.name.clone(), idx);
         }
         report.networks = networks.len();
@@ -95,7 +112,6 @@ impl Agent {
 
         // Endpoints: repair the living, remove the dead.
         let host_links = kernel(|| Netlink::open()?.links()).await?;
-        let endpoints: Vec<Endpoint> = self.load_all(keys::ENDPOINTS).await?;
         let route_holders = self.default_route_holders(keys::DEFAULT_ROUTES).await?;
         let mut live = Vec::new();
         for ep in endpoints {
@@ -108,7 +124,9 @@ impl Agent {
             // reuses inode numbers) and its path (a runtime's /run/netns/NAME or a pid's).
             let container_gone =
                 ep.container_id.is_some() && !host_links.iter().any(|l| l.name == ep.host_ifname);
-            let Some(net) = net.filter(|_| alive && !container_gone) else {
+            let Some(net) =
+                net.filter(|n| alive && !container_gone && bridge_index.contains_key(&n.name))
+            else {
                 remove_link(ep.host_ifname.clone()).await?;
                 self.commit(self.endpoint_records(&ep, Txn::new(), false, Held::PortsAndAddresses))
                     .await?;
@@ -175,13 +193,19 @@ impl Agent {
         report.endpoints = live.len();
 
         // Links that look like berth's but that the store does not know.
+        let vxlans: Vec<String> = networks
+            .iter()
+            .filter(|n| n.driver == Driver::Overlay)
+            .map(|n| vxlan_name(&n.id))
+            .collect();
         let known: HashSet<&str> = networks
             .iter()
             .map(|n| n.bridge.as_str())
+            .chain(vxlans.iter().map(String::as_str))
             .chain(live.iter().map(|e| e.host_ifname.as_str()))
             .collect();
         for link in host_links {
-            let ours = matches!(link.kind.as_deref(), Some("bridge" | "veth"));
+            let ours = matches!(link.kind.as_deref(), Some("bridge" | "veth" | "vxlan"));
             if ours && is_berth_link_name(&link.name) && !known.contains(link.name.as_str()) {
                 remove_link(link.name.clone()).await?;
                 report.links_removed += 1;
@@ -191,7 +215,8 @@ impl Agent {
 
         // Index records that point at nothing (defensive: they are written in the same
         // transactions as their endpoint, so this finds only damage from outside).
-        let live_ids: HashSet<&str> = live.iter().map(|e| e.id.as_str()).collect();
+        // Other hosts' endpoints hold addresses too: theirs are never this host's to drop.
+        let live_ids: HashSet<&str> = live.iter().chain(&remote).map(|e| e.id.as_str()).collect();
         let mut txn = Txn::new();
         for prefix in [
             keys::IPAM,
@@ -203,9 +228,9 @@ impl Agent {
             for kv in self.store.list(prefix).await?.items {
                 let owner = String::from_utf8_lossy(&kv.value);
                 let network_known = !prefix.starts_with("ipam")
-                    || by_name
-                        .keys()
-                        .any(|n| kv.key.starts_with(&keys::ipam_prefix(n)));
+                    || all_networks
+                        .iter()
+                        .any(|n| kv.key.starts_with(&keys::ipam_prefix(&n.name)));
                 let reserved =
                     owner == keys::GATEWAY_OWNER || owner.starts_with(keys::DOCKER_OWNER_PREFIX);
                 if (!reserved && !live_ids.contains(owner.as_ref())) || !network_known {
@@ -222,8 +247,23 @@ impl Agent {
 
         // Rebuild the address pools from what the store now holds.
         let mut pools = HashMap::new();
-        for net in &networks {
-            let mut ps: Vec<Pool> = net.subnets.iter().map(|s| Pool::new(s.cidr)).collect();
+        for net in &all_networks {
+            let mut ps: Vec<Pool> = match net.driver {
+                Driver::Bridge if net.is_usable_on(&self.host.id) => {
+                    net.subnets.iter().map(|s| Pool::new(s.cidr)).collect()
+                }
+                Driver::Bridge => continue,
+                Driver::Overlay => self
+                    .blocks(&net.name)
+                    .await?
+                    .into_iter()
+                    .filter(|b| b.host == self.host.id)
+                    .filter_map(|b| {
+                        let subnet = net.subnet_for(b.cidr.addr())?;
+                        Some(Pool::block(b.cidr, subnet.cidr))
+                    })
+                    .collect(),
+            };
             for kv in self.store.list(&keys::ipam_prefix(&net.name)).await?.items {
                 let ip = keys::ipam_address(&kv.key);
                 if let Some(ip) = ip {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use berth_dataplane::{LinkEvent, LinkWatch, Netlink, netns};
-use berth_model::{Endpoint, Network, is_berth_link_name};
+use berth_model::{Driver, Endpoint, Network, is_berth_link_name, vxlan_name};
 
 use crate::{Agent, Result, bridge_spec, default_gateways, endpoint_spec, kernel, keys};
 
@@ -105,23 +105,34 @@ impl Agent {
                 || networks.iter().any(|n| gone.contains(&n.bridge))
                 || endpoints.iter().any(|e| gone.contains(&e.host_ifname))
         };
+        let endpoints = self.local_endpoints().await?;
         if !concerned(
-            &self.networks().await?,
-            &self.load_all::<Endpoint>(keys::ENDPOINTS).await?,
+            &self.networks_here(self.networks().await?, &endpoints),
+            &endpoints,
         ) {
             return Ok(());
         }
         // Under the write lock, so no attach or detach is half done, and from a fresh look.
         let _topology = self.topology.write().await;
-        let networks = self.networks().await?;
-        let endpoints: Vec<Endpoint> = self.load_all(keys::ENDPOINTS).await?;
+        let endpoints = self.local_endpoints().await?;
+        let networks = self.networks_here(self.networks().await?, &endpoints);
         let mut links = kernel(|| Netlink::open()?.links()).await?;
         for net in &networks {
-            if links.iter().any(|l| l.name == net.bridge) {
+            let vxlan_missing = net.driver == Driver::Overlay
+                && !links.iter().any(|l| l.name == vxlan_name(&net.id));
+            if links.iter().any(|l| l.name == net.bridge) && !vxlan_missing {
                 continue;
             }
-            let spec = bridge_spec(net);
-            kernel(move || berth_dataplane::ensure_bridge(&mut Netlink::open()?, &spec)).await?;
+            match net.driver {
+                Driver::Bridge => {
+                    let spec = bridge_spec(net);
+                    kernel(move || berth_dataplane::ensure_bridge(&mut Netlink::open()?, &spec))
+                        .await?;
+                }
+                Driver::Overlay => {
+                    self.ensure_overlay(net).await?;
+                }
+            }
             tracing::warn!(network = %net.name, bridge = %net.bridge, "bridge was deleted; re-created");
         }
         if networks.iter().any(|n| gone.contains(&n.bridge)) {

@@ -35,6 +35,25 @@ pub struct CreateNetwork {
     pub mtu: Option<u32>,
     #[serde(default)]
     pub internal: bool,
+    /// `bridge` (the default: on this host only) or `overlay` (on every host, over VXLAN).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver: Option<String>,
+    /// The VXLAN network identifier of an overlay network; a free one when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vni: Option<u32>,
+}
+
+/// `GET /v1/hosts`: one host of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostView {
+    pub id: String,
+    pub address: Option<std::net::IpAddr>,
+    pub vtep_mac: Option<MacAddr>,
+    /// `up` (its lease is alive) or `gone` (lapsed; its records wait for the grace period).
+    pub state: String,
+    pub endpoints: usize,
+    /// Seconds since the epoch when it was last known alive (now, for a host that is up).
+    pub last_seen: u64,
 }
 
 /// `POST /v1/sandboxes`
@@ -131,8 +150,18 @@ pub struct Status {
     pub store: String,
     pub netns_dir: String,
     pub networks: usize,
+    /// This host's endpoints.
     pub endpoints: usize,
     pub sandboxes: usize,
+    /// This host's id in the cluster.
+    #[serde(default)]
+    pub host: String,
+    /// Its underlay address, if it has one.
+    #[serde(default)]
+    pub address: Option<std::net::IpAddr>,
+    /// Address-block claims lost to another host since the daemon started.
+    #[serde(default)]
+    pub block_claim_retries: u64,
 }
 
 /// Every error response: `{"error": "one line a person can act on"}`.

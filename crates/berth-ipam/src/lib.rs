@@ -88,8 +88,42 @@ impl Pool {
         }
     }
 
+    /// A pool over one block of a larger subnet (an overlay network's per-host block): every
+    /// address of the block is assignable except the subnet's own network and (IPv4)
+    /// broadcast addresses, which a block at either end of the subnet contains.
+    pub fn block(block: IpNet, subnet: IpNet) -> Self {
+        let block = block.trunc();
+        let mut pool = Pool::new(block);
+        let host_bits = u32::from(block.max_prefix_len() - block.prefix_len());
+        if host_bits > 1 && block != subnet.trunc() {
+            // Widen to the whole block, then hold back what the subnet reserves.
+            pool.first = 0;
+            pool.last = (1u128 << host_bits) - 1;
+            pool.cursor = 0;
+            pool.taken = Taken::Dense(Bitmap::new((pool.last + 1) as usize));
+            let reserved = [
+                Some(subnet.network()),
+                subnet.addr().is_ipv4().then(|| subnet.broadcast()),
+            ];
+            for ip in reserved.into_iter().flatten() {
+                if block.contains(&ip) {
+                    let _ = pool.take(ip);
+                }
+            }
+        }
+        pool
+    }
+
     pub fn subnet(&self) -> IpNet {
         self.subnet
+    }
+
+    /// How many addresses are taken.
+    pub fn taken_count(&self) -> usize {
+        match &self.taken {
+            Taken::Dense(b) => b.count(),
+            Taken::Sparse(s) => s.len(),
+        }
     }
 
     /// Marks `ip` taken. Fails if it is outside the assignable range or already taken.
@@ -182,6 +216,42 @@ impl Pool {
     }
 }
 
+/// The prefix length of the blocks an overlay network's subnet is split into: 64 addresses
+/// (/26 for IPv4, /122 for IPv6, as Calico does), or the whole subnet when it is smaller.
+pub fn block_prefix(subnet: IpNet) -> u8 {
+    let want = match subnet {
+        IpNet::V4(_) => 26,
+        IpNet::V6(_) => 122,
+    };
+    want.max(subnet.prefix_len())
+}
+
+/// The `index`th block of `subnet` (blocks of [`block_prefix`]), if there is one.
+pub fn nth_block(subnet: IpNet, index: u128) -> Option<IpNet> {
+    let prefix = block_prefix(subnet);
+    let bits = u32::from(prefix - subnet.prefix_len());
+    if bits < 128 && index >= (1u128 << bits) {
+        return None;
+    }
+    let shift = u32::from(subnet.max_prefix_len() - prefix);
+    let base = to_u128(subnet.network()) + (index << shift);
+    let addr = match subnet {
+        IpNet::V4(_) => IpAddr::V4(Ipv4Addr::from(u32::try_from(base).ok()?)),
+        IpNet::V6(_) => IpAddr::V6(Ipv6Addr::from(base)),
+    };
+    IpNet::new(addr, prefix).ok()
+}
+
+/// How many blocks `subnet` has (saturating).
+pub fn block_count(subnet: IpNet) -> u128 {
+    let bits = u32::from(block_prefix(subnet) - subnet.prefix_len());
+    if bits >= 128 {
+        u128::MAX
+    } else {
+        1u128 << bits
+    }
+}
+
 fn to_u128(ip: IpAddr) -> u128 {
     match ip {
         IpAddr::V4(a) => u128::from(u32::from(a)),
@@ -215,6 +285,12 @@ impl Bitmap {
             b.update_summary(w);
         }
         b
+    }
+
+    fn count(&self) -> usize {
+        let all: usize = self.words.iter().map(|w| w.count_ones() as usize).sum();
+        // Less the padding bits past the end, which are always set.
+        all - (self.words.len() * 64 - self.len)
     }
 
     fn get(&self, i: usize) -> bool {
@@ -278,6 +354,40 @@ impl Bitmap {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn blocks_split_a_subnet_and_keep_its_reserved_addresses() {
+        let subnet: IpNet = "10.8.0.0/24".parse().unwrap();
+        assert_eq!(block_prefix(subnet), 26);
+        assert_eq!(block_count(subnet), 4);
+        assert_eq!(nth_block(subnet, 1).unwrap().to_string(), "10.8.0.64/26");
+        assert_eq!(nth_block(subnet, 4), None);
+        // A subnet smaller than a block is one block.
+        let small: IpNet = "10.9.0.0/28".parse().unwrap();
+        assert_eq!(nth_block(small, 0), Some(small));
+        assert_eq!(block_count(small), 1);
+        let v6: IpNet = "fd00:1::/64".parse().unwrap();
+        assert_eq!(nth_block(v6, 2).unwrap().to_string(), "fd00:1::80/122");
+
+        // The first block holds the subnet's network address back, the last its broadcast;
+        // a middle block hands out all 64.
+        let mut first = Pool::block(nth_block(subnet, 0).unwrap(), subnet);
+        assert!(first.take("10.8.0.0".parse().unwrap()).is_err());
+        let mut middle = Pool::block(nth_block(subnet, 1).unwrap(), subnet);
+        let got: Vec<IpAddr> = (0..64).map(|_| middle.allocate().unwrap()).collect();
+        assert_eq!(got[0].to_string(), "10.8.0.64");
+        assert_eq!(got[63].to_string(), "10.8.0.127");
+        assert!(middle.allocate().is_err());
+        assert_eq!(middle.taken_count(), 64);
+        let mut last = Pool::block(nth_block(subnet, 3).unwrap(), subnet);
+        let n = std::iter::from_fn(|| last.allocate().ok()).count();
+        assert_eq!(n, 63, "10.8.0.255 is the broadcast address");
+        assert_eq!(first.taken_count(), 1);
+        let mut p = Pool::new(subnet);
+        assert_eq!(p.taken_count(), 0);
+        p.allocate().unwrap();
+        assert_eq!(p.taken_count(), 1);
+    }
     use super::*;
     use proptest::prelude::*;
     use std::collections::BTreeSet;

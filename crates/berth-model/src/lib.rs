@@ -51,6 +51,78 @@ pub struct Network {
     /// daemon when it answers, never stored.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub docker_networks: Vec<String>,
+    /// How the network reaches across hosts.
+    #[serde(default)]
+    pub driver: Driver,
+    /// The VXLAN network identifier of an overlay network, unique in the cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vni: Option<u32>,
+    /// The host a bridge network belongs to (bridge networks stay on the host that made
+    /// them); `None` for overlay networks, and for records made before berth knew hosts,
+    /// which belong to the one host that has the store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// The address blocks hosts have claimed on an overlay network; filled in by the daemon
+    /// when it answers, never stored.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blocks: Vec<Block>,
+    /// Being removed: attaches are refused while the removal checks every host for
+    /// endpoints.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub removing: bool,
+}
+
+/// How a network carries traffic.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Driver {
+    /// One bridge on the host that made the network.
+    #[default]
+    Bridge,
+    /// A bridge on every host with endpoints, joined by VXLAN over the hosts' underlay.
+    Overlay,
+}
+
+impl std::fmt::Display for Driver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Driver::Bridge => "bridge",
+            Driver::Overlay => "overlay",
+        })
+    }
+}
+
+impl std::str::FromStr for Driver {
+    type Err = ModelError;
+    fn from_str(s: &str) -> Result<Self, ModelError> {
+        match s {
+            "bridge" => Ok(Driver::Bridge),
+            "overlay" => Ok(Driver::Overlay),
+            other => Err(ModelError::UnknownDriver(other.to_string())),
+        }
+    }
+}
+
+/// A part of an overlay network's subnet from which one host allocates without asking others.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Block {
+    pub cidr: IpNet,
+    pub host: String,
+}
+
+/// A daemon in the cluster, as it registers itself (under a lease: the record goes when the
+/// daemon stops renewing it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRecord {
+    pub id: String,
+    /// Where other hosts send this host's overlay traffic; `None` for a host without an
+    /// underlay address, which cannot carry overlay networks.
+    pub address: Option<IpAddr>,
+    /// The MAC of this host's VXLAN devices: derived from the id, so stable across restarts.
+    pub vtep_mac: MacAddr,
+    /// The underlay interface's MTU.
+    pub mtu: u32,
+    pub version: String,
 }
 
 /// The DNS service of a network as containers use it (resolv.conf, CNI `dns`).
@@ -155,6 +227,25 @@ pub struct Endpoint {
     /// stored.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub default_gateways: Vec<IpAddr>,
+    /// The host the endpoint lives on; `None` on records made before berth knew hosts, which
+    /// belong to the one host that has the store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+}
+
+impl Endpoint {
+    /// Whether the endpoint lives on `host` (records without a host are the local store's).
+    pub fn is_on(&self, host: &str) -> bool {
+        self.host.as_deref().is_none_or(|h| h == host)
+    }
+}
+
+impl Network {
+    /// Whether this host carries the network: overlay networks are everywhere, bridge
+    /// networks on their own host (records without a host are the local store's).
+    pub fn is_usable_on(&self, host: &str) -> bool {
+        self.driver == Driver::Overlay || self.host.as_deref().is_none_or(|h| h == host)
+    }
 }
 
 /// A network namespace as berth refers to it: where it is and which namespace it was.
@@ -193,6 +284,11 @@ mod tests {
             bridge: "berth-1".into(),
             dns: None,
             docker_networks: vec![],
+            driver: Driver::Bridge,
+            vni: None,
+            host: None,
+            blocks: vec![],
+            removing: false,
         };
         for (ip, what) in [
             ("10.91.0.1", "gateway"),

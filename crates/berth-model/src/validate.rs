@@ -13,6 +13,10 @@ use crate::names::IFNAME_MAX;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ModelError {
+    #[error("unknown network driver {0:?}: bridge or overlay")]
+    UnknownDriver(String),
+    #[error("invalid VNI {0}: must be between 1 and 16777215")]
+    InvalidVni(u32),
     #[error("invalid CIDR {0:?}: expected ADDRESS/PREFIX, e.g. 10.91.0.0/24")]
     InvalidCidr(String),
     #[error("invalid subnet {given}: host bits are set, did you mean {canonical}?")]
@@ -202,7 +206,7 @@ pub fn validate_network_mtu(mtu: u32, ipv6: bool) -> Result<u32, ModelError> {
 }
 
 /// An Ethernet address, serialised as `aa:bb:cc:dd:ee:ff`.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct MacAddr(pub [u8; 6]);
 
 impl MacAddr {

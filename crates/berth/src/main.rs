@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use berth_api::{
     Allocation, Attach, CheckReport, Client, CreateNetwork, CreateSandbox, DEFAULT_SOCKET, Detach,
-    Endpoint, Network, PortMapping, Sandbox, Status,
+    Endpoint, HostView, Network, PortMapping, Sandbox, Status,
 };
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
@@ -112,6 +112,24 @@ enum Command {
         #[command(flatten)]
         opts: ClientOpts,
     },
+    /// The hosts of the cluster.
+    Host {
+        #[command(subcommand)]
+        cmd: HostCmd,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+}
+
+#[derive(Subcommand)]
+enum HostCmd {
+    /// List the hosts: up (lease alive) and gone (records kept for the grace period).
+    Ls,
+    /// Free a gone host's endpoints, addresses and blocks now.
+    Rm {
+        /// The host's id.
+        id: String,
+    },
 }
 
 impl Command {
@@ -123,6 +141,7 @@ impl Command {
             | Command::Sandbox { opts, .. }
             | Command::Detach { opts, .. }
             | Command::Endpoint { opts, .. }
+            | Command::Host { opts, .. }
             | Command::Status { opts } => Some(opts),
             Command::Attach(a) => Some(&a.opts),
         }
@@ -164,6 +183,81 @@ struct DaemonArgs {
     /// berth releases it; for tests.
     #[arg(long, hide = true, default_value_t = berth_agent::docker::DOCKER_ENDPOINT_GRACE.as_secs())]
     docker_endpoint_grace: u64,
+    /// The desired-state store: `embedded` (one host, in --state-dir) or
+    /// `etcd://HOST:PORT[,HOST:PORT...]` (shared by every host of a cluster).
+    #[arg(long, default_value = "embedded")]
+    store: String,
+    /// The key prefix of berth's records in etcd (several clusters can share one etcd).
+    #[arg(long, default_value = "/berth/")]
+    etcd_prefix: String,
+    /// etcd over TLS: the CA that signed etcd's certificate (with --etcd-cert and --etcd-key,
+    /// this host's client certificate and key).
+    #[arg(long, requires_all = ["etcd_cert", "etcd_key"])]
+    etcd_ca: Option<PathBuf>,
+    /// This host's client certificate for etcd (PEM).
+    #[arg(long, requires_all = ["etcd_ca", "etcd_key"])]
+    etcd_cert: Option<PathBuf>,
+    /// The key of --etcd-cert (PEM).
+    #[arg(long, requires_all = ["etcd_ca", "etcd_cert"])]
+    etcd_key: Option<PathBuf>,
+    /// This host's id in the cluster (letters, digits, '-', '_', '.'); default: from /etc/machine-id.
+    #[arg(long)]
+    host_id: Option<String>,
+    /// The underlay address other hosts send overlay traffic to; default: the address of the
+    /// default-route interface.
+    #[arg(long)]
+    advertise_address: Option<std::net::IpAddr>,
+    /// Seconds of the lease this host registers under: other hosts take it for gone this long
+    /// after its daemon stopped renewing it.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    host_lease_ttl: u64,
+    /// Seconds a gone host's addresses and blocks stay reserved for it before any host frees
+    /// them (`berth host rm` frees them at once).
+    #[arg(long, default_value_t = 600)]
+    host_gone_grace: u64,
+}
+
+/// `--store`: embedded or etcd://endpoints.
+fn store_config(args: &DaemonArgs) -> anyhow::Result<berth_agent::daemon::StoreConfig> {
+    use berth_agent::daemon::StoreConfig;
+    if args.store == "embedded" {
+        return Ok(StoreConfig::Embedded);
+    }
+    let Some(list) = args.store.strip_prefix("etcd://") else {
+        anyhow::bail!(
+            "invalid --store {:?}: `embedded` or etcd://HOST:PORT[,HOST:PORT...]",
+            args.store
+        );
+    };
+    let tls = match (&args.etcd_ca, &args.etcd_cert, &args.etcd_key) {
+        (Some(ca), Some(cert), Some(key)) => Some(berth_agent::daemon::TlsFiles {
+            ca: ca.clone(),
+            cert: cert.clone(),
+            key: key.clone(),
+        }),
+        _ => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let endpoints: Vec<String> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(|e| format!("{scheme}://{e}"))
+        .collect();
+    if endpoints.is_empty() {
+        anyhow::bail!("invalid --store {:?}: no etcd endpoint", args.store);
+    }
+    if !args.etcd_prefix.starts_with('/') || !args.etcd_prefix.ends_with('/') {
+        anyhow::bail!(
+            "invalid --etcd-prefix {:?}: it starts and ends with '/'",
+            args.etcd_prefix
+        );
+    }
+    Ok(StoreConfig::Etcd {
+        endpoints,
+        prefix: args.etcd_prefix.clone(),
+        tls,
+    })
 }
 
 #[derive(Subcommand)]
@@ -190,6 +284,13 @@ enum NetworkCmd {
         /// No way out of the host.
         #[arg(long)]
         internal: bool,
+        /// `bridge`: on this host only; `overlay`: on every host of the cluster, over VXLAN
+        /// (MTU: the underlay's less 50).
+        #[arg(long, default_value = "bridge")]
+        driver: String,
+        /// The overlay network's VXLAN id (1 to 16777215); default: a free one from 4096.
+        #[arg(long)]
+        vni: Option<u32>,
     },
     /// List networks.
     #[command(alias = "list")]
@@ -328,6 +429,11 @@ fn run(cli: Cli) -> Result<()> {
                 say!("daemon     up (berth {})", s.version);
                 say!("socket     {}", socket.display());
                 say!("store      {}", s.store);
+                say!(
+                    "host       {}{}",
+                    s.host,
+                    s.address.map(|a| format!(" ({a})")).unwrap_or_default()
+                );
                 say!("netns dir  {}", s.netns_dir);
                 say!("networks   {}", s.networks);
                 say!("endpoints  {}", s.endpoints);
@@ -335,6 +441,26 @@ fn run(cli: Cli) -> Result<()> {
             })
         }
         Command::Network { cmd, .. } => network(&client, out, cmd),
+        Command::Host { cmd, .. } => match cmd {
+            HostCmd::Ls => {
+                let hosts: Vec<HostView> = client.get("/v1/hosts")?;
+                show(out, &hosts, |hosts| {
+                    table(
+                        &["ID", "ADDRESS", "STATE", "ENDPOINTS", "LAST SEEN"],
+                        hosts.iter().map(|h| {
+                            vec![
+                                h.id.clone(),
+                                h.address.map(|a| a.to_string()).unwrap_or_default(),
+                                h.state.clone(),
+                                h.endpoints.to_string(),
+                                ago(h.last_seen),
+                            ]
+                        }),
+                    )
+                })
+            }
+            HostCmd::Rm { id } => remove(&client, out, "hosts", &id),
+        },
         Command::Sandbox { cmd, .. } => sandbox(&client, out, cmd),
         Command::Attach(a) => {
             let ep: Endpoint = client.post(
@@ -376,11 +502,20 @@ fn run(cli: Cli) -> Result<()> {
                 let eps: Vec<Endpoint> = client.get(&path)?;
                 show(out, &eps, |eps| {
                     table(
-                        &["ID", "NETWORK", "SANDBOX", "IFNAME", "MAC", "ADDRESSES"],
+                        &[
+                            "ID",
+                            "NETWORK",
+                            "HOST",
+                            "SANDBOX",
+                            "IFNAME",
+                            "MAC",
+                            "ADDRESSES",
+                        ],
                         eps.iter().map(|e| {
                             vec![
                                 e.id.clone(),
                                 e.network.clone(),
+                                e.host.clone().unwrap_or_default(),
                                 e.netns
                                     .sandbox
                                     .clone()
@@ -430,6 +565,8 @@ fn network(client: &Client, out: Output, cmd: NetworkCmd) -> Result<()> {
             ipv6_gateway,
             mtu,
             internal,
+            driver,
+            vni,
         } => {
             let req = CreateNetwork {
                 name,
@@ -439,6 +576,8 @@ fn network(client: &Client, out: Output, cmd: NetworkCmd) -> Result<()> {
                 ipv6_gateway,
                 mtu,
                 internal,
+                driver: Some(driver),
+                vni,
             };
             let n: Network = client.post("/v1/networks", &req)?;
             show(out, &n, print_network)
@@ -448,7 +587,7 @@ fn network(client: &Client, out: Output, cmd: NetworkCmd) -> Result<()> {
             show(out, &nets, |nets| {
                 table(
                     &[
-                        "NAME", "ID", "BRIDGE", "SUBNETS", "MTU", "INTERNAL", "DOCKER",
+                        "NAME", "ID", "DRIVER", "BRIDGE", "SUBNETS", "MTU", "INTERNAL", "DOCKER",
                     ],
                     nets.iter().map(|n| {
                         let docker: Vec<&str> = n
@@ -459,6 +598,7 @@ fn network(client: &Client, out: Output, cmd: NetworkCmd) -> Result<()> {
                         vec![
                             n.name.clone(),
                             n.id.clone(),
+                            n.driver.to_string(),
                             n.bridge.clone(),
                             join(&n.subnets.iter().map(|s| s.cidr).collect::<Vec<_>>()),
                             n.mtu.to_string(),
@@ -543,8 +683,14 @@ fn daemon(args: DaemonArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    let store = store_config(&args)?;
     rt.block_on(berth_agent::daemon::run(
         berth_agent::daemon::DaemonConfig {
+            store,
+            host_id: args.host_id,
+            advertise_address: args.advertise_address,
+            host_lease_ttl: std::time::Duration::from_secs(args.host_lease_ttl),
+            host_gone_grace: std::time::Duration::from_secs(args.host_gone_grace),
             state_dir: args.state_dir,
             run_dir: args.run_dir,
             netns_dir: args.netns_dir,
@@ -595,6 +741,13 @@ fn show<T: Serialize>(out: Output, v: &T, human: impl FnOnce(&T)) -> Result<()> 
 fn print_network(n: &Network) {
     say!("name      {}", n.name);
     say!("id        {}", n.id);
+    say!("driver    {}", n.driver);
+    if let Some(vni) = n.vni {
+        say!("vni       {vni}");
+    }
+    if let Some(host) = &n.host {
+        say!("host      {host}");
+    }
     say!("bridge    {}", n.bridge);
     for s in &n.subnets {
         say!("subnet    {} gateway {}", s.cidr, s.gateway);
@@ -608,11 +761,30 @@ fn print_network(n: &Network) {
         let servers: Vec<String> = dns.nameservers.iter().map(|ip| ip.to_string()).collect();
         say!("dns       {} (search {})", servers.join(" "), dns.domain);
     }
+    for b in &n.blocks {
+        say!("block     {} host {}", b.cidr, b.host);
+    }
+}
+
+/// "12s ago" for a time in seconds since the epoch.
+fn ago(secs: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    match now.saturating_sub(secs) {
+        _ if secs == 0 => "?".into(),
+        0 => "now".into(),
+        d => format!("{d}s ago"),
+    }
 }
 
 fn print_endpoint(e: &Endpoint) {
     say!("endpoint  {}", e.id);
     say!("network   {}", e.network);
+    if let Some(host) = &e.host {
+        say!("host      {host}");
+    }
     say!(
         "sandbox   {}",
         e.netns.sandbox.as_deref().unwrap_or(&e.netns.path)

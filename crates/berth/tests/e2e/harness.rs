@@ -190,6 +190,12 @@ impl Host {
         }
     }
 
+    /// Whether this host has a daemon started by `start`/`start_with` and not yet ended by
+    /// `kill`/`stop`.
+    pub fn running(&self) -> bool {
+        self.daemon.lock().unwrap().is_some()
+    }
+
     /// SIGKILL, as a crash.
     pub fn kill(&self) {
         if let Some(mut d) = self.daemon.lock().unwrap().take() {

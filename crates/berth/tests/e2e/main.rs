@@ -2,6 +2,7 @@
 
 mod bad_input;
 mod bridge;
+mod cluster;
 mod cni;
 mod containerd;
 mod crash;
@@ -10,6 +11,7 @@ mod docker;
 mod firewall;
 mod harness;
 mod lifecycle;
+mod multihost;
 mod nat;
 mod plugin_fuzz;
 mod podman;

@@ -170,6 +170,7 @@ struct Raw {
     ipv6_gateway: Option<String>,
     mtu: Option<u32>,
     internal: Option<bool>,
+    driver: Option<String>,
     /// Not supported (berth is its own IPAM); kept to refuse it by name.
     ipam: Option<Value>,
     #[serde(default)]
@@ -254,6 +255,8 @@ pub struct NetConf {
     pub ipv6_gateway: Option<String>,
     pub mtu: Option<u32>,
     pub internal: Option<bool>,
+    /// `bridge` or `overlay` (a network on every host of the cluster).
+    pub driver: Option<String>,
     /// `runtimeConfig.ips`, else `args.cni.ips`; without prefix lengths.
     pub requested_ips: Vec<String>,
     pub mac: Option<String>,
@@ -341,6 +344,7 @@ impl NetConf {
             ipv6_gateway: raw.ipv6_gateway,
             mtu: raw.mtu,
             internal: raw.internal,
+            driver: raw.driver,
             requested_ips,
             mac: raw.runtime_config.mac,
             aliases,
@@ -464,6 +468,7 @@ impl NetConf {
             self.internal.map(|i| i.to_string()),
             Some(net.internal.to_string()),
         );
+        compare("driver", self.driver.clone(), Some(net.driver.to_string()));
         diffs
     }
 }

@@ -139,7 +139,9 @@ fn api_error(e: ClientError) -> CniError {
     let code = match &e {
         ClientError::Unreachable { .. }
         | ClientError::Closed { .. }
-        | ClientError::TimedOut { .. } => code::TRY_AGAIN_LATER,
+        | ClientError::TimedOut { .. }
+        // The daemon cannot reach its store (etcd).
+        | ClientError::Api { status: 503, .. } => code::TRY_AGAIN_LATER,
         // The daemon found CNI_NETNS no network namespace although it was one here (a
         // namespace that went away meanwhile).
         ClientError::Api {
@@ -205,6 +207,8 @@ fn ensure_network(conf: &NetConf, client: &Client) -> Result<Network, CniError> 
                 ipv6_gateway: conf.ipv6_gateway.clone(),
                 mtu: conf.mtu,
                 internal: conf.internal.unwrap_or(false),
+                driver: conf.driver.clone(),
+                vni: None,
             };
             match client.post::<_, Network>("/v1/networks", &req) {
                 Ok(n) => return Ok(n),

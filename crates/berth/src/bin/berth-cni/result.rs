@@ -93,6 +93,11 @@ mod tests {
                 domain: "blue.berth.local".into(),
             }),
             docker_networks: vec![],
+            driver: Default::default(),
+            vni: None,
+            host: None,
+            blocks: vec![],
+            removing: false,
         };
         let ep = Endpoint {
             id: "aa".into(),
@@ -115,6 +120,7 @@ mod tests {
             ],
             ports: vec![],
             default_gateways: vec!["10.91.0.1".parse().unwrap(), "fd00:91::1".parse().unwrap()],
+            host: None,
         };
         (ep, net)
     }
