@@ -133,30 +133,27 @@ pub async fn run(cfg: DaemonConfig) -> Result<()> {
         .take_overlay_events()
         .ok_or_else(|| AgentError::Internal("overlay events taken twice".into()))?;
     let prepared = async {
-        // Registered before the repair pass: other hosts point at this one again at once.
-        let lease = agent.register_host(cfg.host_lease_ttl).await?;
+        // Registered before the repair pass, and kept alive during it (it may take longer
+        // than the lease): other hosts point at this one again at once.
+        let lease = agent.register_host_at_start(cfg.host_lease_ttl).await?;
+        tokio::spawn(agent.clone().run_host_lease(cfg.host_lease_ttl, lease));
         let report = agent.reconcile().await?;
         tracing::info!("{report}");
         agent.sync_firewall().await?;
-        agent.load_dns().await?;
-        Ok::<_, AgentError>(lease)
+        agent.load_dns().await
     };
-    let lease = match prepared.await {
-        Ok(lease) => lease,
-        Err(e) => {
-            let _ = std::fs::remove_file(&socket);
-            if let Some((_, path)) = &docker_listener {
-                let _ = std::fs::remove_file(path);
-            }
-            return Err(e);
+    if let Err(e) = prepared.await {
+        let _ = std::fs::remove_file(&socket);
+        if let Some((_, path)) = &docker_listener {
+            let _ = std::fs::remove_file(path);
         }
-    };
+        return Err(e);
+    }
 
     tracing::info!(
         socket = %socket.display(), mtu = default_mtu, host = %host.id,
         address = ?host.address, store = %agent.status_store(), "berth daemon ready"
     );
-    tokio::spawn(agent.clone().run_host_lease(cfg.host_lease_ttl, lease));
     tokio::spawn(
         agent
             .clone()

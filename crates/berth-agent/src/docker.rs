@@ -22,8 +22,8 @@ use axum::routing::post;
 use berth_api::CreateNetwork;
 use berth_dataplane::{Netlink, netns};
 use berth_model::{
-    DEFAULT_POOL, DEFAULT_POOL_PREFIX, Endpoint, MacAddr, NetnsRef, Network, PortMapping, Protocol,
-    veth_name,
+    DEFAULT_POOL, DEFAULT_POOL_PREFIX, Driver, Endpoint, MacAddr, NetnsRef, Network, PortMapping,
+    Protocol, veth_name,
 };
 use berth_store::{Compare, Txn, TxnOutcome};
 use ipnet::IpNet;
@@ -1586,9 +1586,22 @@ impl Agent {
                 de.id
             )));
         }
-        let net = self.network(&de.network).await?;
+        let (net, net_rev) = self
+            .load::<Network>(&keys::network(&de.network))
+            .await?
+            .ok_or_else(|| AgentError::NotFound(format!("no network named {:?}", de.network)))?;
+        self.check_usable(&net)?;
+        if net.driver == Driver::Overlay {
+            // The bridge and VXLAN device before the veth that goes on the bridge.
+            self.ensure_overlay(&net).await?;
+        }
         let publishing_guard = self.reserve_ports(&ep.ports).await?;
-        let mut txn = self.endpoint_records(ep, Txn::new(), true, Held::Ports);
+        // Against the network as read: a removal (on any host) marks it first.
+        let mut txn = Txn::new().when(Compare::ModRevision(keys::network(&net.name), net_rev));
+        for c in self.block_compares(&net, &ep.ips) {
+            txn = txn.when(c);
+        }
+        let mut txn = self.endpoint_records(ep, txn, true, Held::Ports);
         for (ip, source) in sources {
             let k = keys::ipam(&net.name, *ip);
             if !matches!(source, Source::Stored(_)) {

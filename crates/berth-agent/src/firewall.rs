@@ -20,6 +20,9 @@ const SETTLE: Duration = Duration::from_millis(200);
 
 /// The forwards that publish an endpoint's ports: a port on one host address goes to the
 /// endpoint's address of that family, a port on every address to each of its addresses.
+/// Published ports per endpoint on a shared store (see [`Agent::check_ports`]).
+const MAX_SHARED_PORTS: usize = 64;
+
 pub(crate) fn forwards_of(ep: &Endpoint) -> Vec<Forward> {
     let mut out = Vec::new();
     for m in &ep.ports {
@@ -51,6 +54,14 @@ impl Agent {
             return Err(AgentError::Invalid(format!(
                 "network {:?} is internal: it has no way in or out, so ports cannot be published",
                 net.name
+            )));
+        }
+        // Each host port is a record in the endpoint's one transaction, and etcd takes at
+        // most 128 operations in one.
+        if self.shared && ports.len() > MAX_SHARED_PORTS {
+            return Err(AgentError::Invalid(format!(
+                "{} published ports: at most {MAX_SHARED_PORTS} per endpoint on a shared store (etcd)",
+                ports.len()
             )));
         }
         let mut seen = HashSet::new();

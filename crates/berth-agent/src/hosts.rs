@@ -101,20 +101,62 @@ impl Agent {
         Ok(lease)
     }
 
+    /// Registers at start. A record of this id with another address may be this host's own
+    /// earlier life (restarted with a new address): its lease lapses within a TTL. One still
+    /// renewed after that is another daemon with the same id (a cloned machine-id): refused,
+    /// as the two would take each other's sandboxes for dead.
+    pub async fn register_host_at_start(&self, ttl: Duration) -> Result<berth_store::LeaseId> {
+        let key = keys::host(&self.host.id);
+        let deadline = tokio::time::Instant::now() + ttl + Duration::from_secs(2);
+        let mut said = false;
+        loop {
+            let other = match self.store.get(&key).await? {
+                Some(kv) => decode::<HostRecord>(&kv)
+                    .ok()
+                    .filter(|r| r.address != self.host.address),
+                None => None,
+            };
+            let Some(other) = other else { break };
+            let at = other
+                .address
+                .map_or_else(|| "no address".to_string(), |a| a.to_string());
+            if tokio::time::Instant::now() > deadline {
+                return Err(AgentError::Conflict(format!(
+                    "host id {:?} is registered by a running daemon at {at}; give this host another --host-id",
+                    self.host.id
+                )));
+            }
+            if !said {
+                tracing::warn!(host = %self.host.id, "host id registered at {at}; waiting for that registration to lapse");
+                said = true;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        self.register_host(ttl).await
+    }
+
     /// Keeps this host's registration alive for the life of the daemon: renews the lease
     /// three times per TTL, and registers again under a new lease when the old one lapsed
     /// (the store was unreachable for longer than the TTL).
     pub async fn run_host_lease(self: std::sync::Arc<Self>, ttl: Duration, mut lease: i64) {
         let every = (ttl / 3).max(Duration::from_millis(200));
+        // After a failure, soon again rather than a third of a TTL later: two slow failures
+        // in a row would otherwise let the lease lapse.
+        let retry = Duration::from_millis(500).min(every);
+        let mut wait = every;
         loop {
-            tokio::time::sleep(every).await;
+            tokio::time::sleep(wait).await;
             match self.store.keep_alive(lease).await {
-                Ok(()) => continue,
+                Ok(()) => {
+                    wait = every;
+                    continue;
+                }
                 Err(StoreError::LeaseNotFound(_)) => {
                     tracing::warn!(host = %self.host.id, "host lease lapsed; registering again");
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot renew the host lease");
+                    wait = retry;
                     continue;
                 }
             }
@@ -127,10 +169,11 @@ impl Agent {
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot register the host");
-                        tokio::time::sleep(every).await;
+                        tokio::time::sleep(retry).await;
                     }
                 }
             }
+            wait = every;
         }
     }
 
@@ -277,6 +320,36 @@ impl Agent {
                     return Err(AgentError::Conflict(format!("host {id:?} came back")));
                 }
                 TxnOutcome::CompareFailed(_) => {}
+            }
+        }
+        // Addresses its detached endpoints still held (its `releasing/`, which only it reads).
+        let releasing = format!("{}{}", keys::local_prefix(id), keys::RELEASING);
+        for kv in self.store.list(&releasing).await?.items {
+            let Ok(ep) = decode::<Endpoint>(&kv) else {
+                continue;
+            };
+            for ip in &ep.ips {
+                let key = keys::ipam(&ep.network, ip.addr());
+                self.commit(
+                    Txn::new()
+                        .when(gone())
+                        .when(Compare::Value(key.clone(), ep.id.clone().into_bytes()))
+                        .delete(key),
+                )
+                .await?;
+            }
+        }
+        // Its bridge networks: no other host can use or remove them.
+        for net in self.networks().await? {
+            if net.host.as_deref() == Some(id) {
+                let mut txn = Txn::new()
+                    .when(gone())
+                    .delete(keys::network(&net.name))
+                    .delete_prefix(keys::ipam_prefix(&net.name));
+                for s in &net.subnets {
+                    txn = txn.delete(keys::subnet(s.cidr));
+                }
+                self.commit(txn).await?;
             }
         }
         for kv in self.store.list(keys::BLOCKS).await?.items {

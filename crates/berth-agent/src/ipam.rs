@@ -17,7 +17,7 @@ use ipnet::IpNet;
 
 use crate::{Agent, AgentError, Result, encode, keys};
 
-/// VNIs handed out when none is asked for: above the 12-bit VLAN range, as Docker does.
+/// VNIs handed out when none is asked for start above the 12-bit VLAN range, as Docker's.
 const FIRST_AUTO_VNI: u32 = 4096;
 
 /// What an in-memory take needs before it can succeed.
@@ -147,7 +147,14 @@ impl Agent {
                     continue;
                 }
             }
-            let mut pool = Pool::block(block, subnet);
+            let gateways: Vec<IpAddr> = self
+                .network(network)
+                .await?
+                .subnets
+                .iter()
+                .map(|s| s.gateway)
+                .collect();
+            let mut pool = block_pool(block, subnet, &gateways);
             for kv in self.store.list(&keys::ipam_prefix(network)).await?.items {
                 if let Some(ip) = keys::ipam_address(&kv.key).filter(|ip| block.contains(ip)) {
                     let _ = pool.take(ip);
@@ -165,6 +172,15 @@ impl Agent {
         Err(AgentError::Conflict(format!(
             "network {network:?} has no free address block left in {subnet}"
         )))
+    }
+
+    /// Whether this host holds address blocks of the network.
+    pub(crate) fn holds_blocks(&self, network: &str) -> bool {
+        self.pools
+            .lock()
+            .expect("pools lock")
+            .get(network)
+            .is_some_and(|ps| !ps.is_empty())
     }
 
     /// The compares an attach makes so that its addresses come from blocks this host still
@@ -199,6 +215,71 @@ impl Agent {
             .unwrap_or_default();
         if let Some(ps) = self.pools.lock().expect("pools lock").get_mut(network) {
             ps.retain(|p| p.subnet() != block);
+        }
+    }
+
+    /// Gives back this host's blocks of an overlay network that hold no address of its own
+    /// any more, keeping one per subnet while it has others (so attach and detach do not
+    /// claim and release a block each time). Under the topology lock, so no attach is
+    /// allocating meanwhile. Best effort: a block kept is claimed, not lost.
+    pub(crate) async fn release_empty_blocks(&self, network: &str) {
+        let candidates: Vec<IpNet> = {
+            let pools = self.pools.lock().expect("pools lock");
+            let Some(ps) = pools.get(network) else {
+                return;
+            };
+            ps.iter()
+                .filter(|p| {
+                    let siblings = ps
+                        .iter()
+                        .filter(|q| q.subnet().addr().is_ipv4() == p.subnet().addr().is_ipv4())
+                        .count();
+                    // Only the subnet's own reserved addresses (network, broadcast, gateway,
+                    // taken at claim time) may remain.
+                    siblings > 1 && p.taken_count() <= 3
+                })
+                .map(|p| p.subnet())
+                .collect()
+        };
+        if candidates.is_empty() {
+            return;
+        }
+        let _topology = self.topology.write().await;
+        let Ok(net) = self.network(network).await else {
+            return;
+        };
+        if net.driver != Driver::Overlay {
+            return;
+        }
+        let holders = match self.store.list(&keys::ipam_prefix(network)).await {
+            Ok(l) => l.items,
+            Err(e) => {
+                tracing::debug!(network, error = %e, "cannot check blocks for release");
+                return;
+            }
+        };
+        for block in candidates {
+            let used = holders.iter().any(|kv| {
+                kv.value != keys::GATEWAY_OWNER.as_bytes()
+                    && keys::ipam_address(&kv.key).is_some_and(|ip| block.contains(&ip))
+            });
+            if used {
+                continue;
+            }
+            let key = keys::block(network, block);
+            let txn = Txn::new()
+                .when(Compare::Value(
+                    key.clone(),
+                    self.host.id.clone().into_bytes(),
+                ))
+                .delete(key.clone());
+            match self.commit(txn).await {
+                Ok(_) => {
+                    self.forget_block(&key);
+                    tracing::info!(network, %block, "empty address block released");
+                }
+                Err(e) => tracing::debug!(network, error = %e, "cannot release an empty block"),
+            }
         }
     }
 
@@ -260,7 +341,11 @@ impl Agent {
                 )));
             }
             Some(v) => v,
-            None => (FIRST_AUTO_VNI..=0xff_ffff)
+            // A random free one: a VNI just given up may still be on a device somewhere
+            // (a host that was down), and two hosts creating at once rarely pick the same.
+            None => std::iter::repeat_with(|| fastrand::u32(FIRST_AUTO_VNI..=0xff_ffff))
+                .take(64)
+                .chain(FIRST_AUTO_VNI..=0xff_ffff)
                 .find(|v| !taken.contains(v))
                 .ok_or_else(|| AgentError::Conflict("no free VNI left".into()))?,
         };
@@ -273,19 +358,14 @@ impl Agent {
         for s in &net.subnets {
             txn = txn.put(keys::ipam(&net.name, s.gateway), keys::GATEWAY_OWNER);
         }
-        match self.commit(txn).await? {
+        match self.commit(crate::claim_subnets(&net, txn)).await? {
             TxnOutcome::Committed { .. } => {}
             TxnOutcome::CompareFailed(Compare::Absent(k)) if k.starts_with(keys::VNIS) => {
                 return Err(AgentError::Conflict(format!(
                     "VNI {vni} was taken by another overlay network meanwhile; try again"
                 )));
             }
-            TxnOutcome::CompareFailed(_) => {
-                return Err(AgentError::Conflict(format!(
-                    "network {:?} already exists",
-                    net.name
-                )));
-            }
+            TxnOutcome::CompareFailed(c) => return Err(crate::create_conflict(&net, &c)),
         }
         self.pools
             .lock()
@@ -302,6 +382,16 @@ impl Agent {
         );
         Ok(net)
     }
+}
+
+/// The pool of one block: the subnet's reserved addresses and its gateway (anycast, on the
+/// bridge of every host) are never handed out, whatever the store says.
+pub(crate) fn block_pool(block: IpNet, subnet: IpNet, gateways: &[IpAddr]) -> Pool {
+    let mut pool = Pool::block(block, subnet);
+    for gw in gateways.iter().filter(|g| block.contains(*g)) {
+        let _ = pool.take(*gw);
+    }
+    pool
 }
 
 /// FNV-1a: a stable spread of host ids over a subnet's blocks.

@@ -21,6 +21,8 @@
 //!                                    the epoch); its records are freed a grace period later
 //! blocks/<network>/<addr>-<prefix>   host id (an overlay network's address block it owns)
 //! vnis/<vni>                         network name (one overlay network per VNI)
+//! subnets/<addr>-<prefix>            network name (two hosts creating networks at once
+//!                                    cannot both take one subnet)
 //! ```
 //!
 //! On a shared store (etcd) the host-scoped keys ([`HOST_SCOPED`]: namespaces, sandboxes,
@@ -47,6 +49,7 @@ pub const HOSTS: &str = "hosts/";
 pub const HOSTS_GONE: &str = "hosts-gone/";
 pub const BLOCKS: &str = "blocks/";
 pub const VNIS: &str = "vnis/";
+pub const SUBNETS: &str = "subnets/";
 /// Where a shared store keeps each host's own records: `local/<host>/`.
 pub const LOCAL: &str = "local/";
 /// The keys only one host acts on: they name its namespaces, its sandboxes, its Docker
@@ -164,4 +167,7 @@ pub fn block_cidr(key: &str) -> Option<IpNet> {
 }
 pub fn vni(vni: u32) -> String {
     format!("{VNIS}{vni}")
+}
+pub fn subnet(cidr: IpNet) -> String {
+    format!("{SUBNETS}{}-{}", cidr.addr(), cidr.prefix_len())
 }

@@ -83,6 +83,8 @@ pub struct Agent {
     overlay_events: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<String>>>,
     /// Address blocks claimed by this host (all hosts' claims race on one key each).
     block_claims: tokio::sync::Mutex<()>,
+    /// Networks whose addresses the reaper freed: their empty blocks may go back.
+    freed_in: Mutex<std::collections::HashSet<String>>,
     /// Block claims that lost a race to another host: the cost of sharing a subnet.
     pub(crate) block_claim_retries: std::sync::atomic::AtomicU64,
 }
@@ -96,6 +98,34 @@ enum Held {
     Ports,
     PortsAndAddresses,
 }
+
+/// Claims the network's subnets in its creating transaction: the overlap check reads the
+/// networks there are, and a network another host creates at the same moment with the same
+/// subnet (both carving the first free /24) would pass it too.
+fn claim_subnets(net: &Network, mut txn: Txn) -> Txn {
+    for s in &net.subnets {
+        let key = keys::subnet(s.cidr);
+        txn = txn
+            .when(Compare::Absent(key.clone()))
+            .put(key, net.name.clone());
+    }
+    txn
+}
+
+/// Why a network's creating transaction failed.
+fn create_conflict(net: &Network, c: &Compare) -> AgentError {
+    match c.key().strip_prefix(keys::SUBNETS) {
+        Some(_) => AgentError::Conflict(format!(
+            "a subnet of network {:?} was taken by another network meanwhile; try again",
+            net.name
+        )),
+        None => AgentError::Conflict(format!("network {:?} already exists", net.name)),
+    }
+}
+
+/// The most operations berth puts in one transaction: etcd refuses more than 128 (its
+/// `--max-txn-ops` default) in any branch.
+const MAX_TXN_OPS: usize = 100;
 
 fn random_id() -> String {
     format!("{:016x}", fastrand::u64(..))
@@ -200,6 +230,7 @@ impl Agent {
             overlay_realized,
             overlay_events: Mutex::new(Some(overlay_events)),
             block_claims: tokio::sync::Mutex::new(()),
+            freed_in: Mutex::new(Default::default()),
             block_claim_retries: std::sync::atomic::AtomicU64::new(0),
         }
     }
@@ -225,14 +256,21 @@ impl Agent {
         self.shared.then(|| self.host.id.clone())
     }
 
-    /// This host's endpoints.
+    /// This host's endpoints. Another host's record that cannot be read is skipped (it may
+    /// be a newer version's): this host's work must not stop for it.
     async fn local_endpoints(&self) -> Result<Vec<Endpoint>> {
-        Ok(self
-            .load_all::<Endpoint>(keys::ENDPOINTS)
-            .await?
-            .into_iter()
-            .filter(|e| e.is_on(&self.host.id))
-            .collect())
+        let mut eps = Vec::new();
+        for kv in self.store.list(keys::ENDPOINTS).await?.items {
+            match decode::<Endpoint>(&kv) {
+                Ok(ep) if ep.is_on(&self.host.id) => eps.push(ep),
+                Ok(_) => {}
+                Err(e) if self.shared => {
+                    tracing::warn!(key = %kv.key, error = %e, "bad endpoint record; skipped")
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(eps)
     }
 
     /// The networks this host carries: its bridge networks, and overlay networks it has
@@ -315,12 +353,16 @@ impl Agent {
         let v6 = req.ipv6_subnet.as_deref().map(parse_subnet).transpose()?;
         // An overlay network's packets carry VXLAN's 50 bytes on the underlay: without room
         // for them, full-size packets would vanish (no fragmentation with DF set).
+        let ipv6_underlay = self.host.address.is_some_and(|a| a.is_ipv6());
         let default_mtu = match driver {
             Driver::Bridge => self.default_mtu,
             Driver::Overlay => self
                 .host
                 .mtu
-                .saturating_sub(berth_dataplane::VXLAN_OVERHEAD),
+                // An IPv6 outer header is 20 bytes longer.
+                .saturating_sub(
+                    berth_dataplane::VXLAN_OVERHEAD + if ipv6_underlay { 20 } else { 0 },
+                ),
         };
         let mtu = validate_network_mtu(req.mtu.unwrap_or(default_mtu), v6.is_some())?;
         if driver == Driver::Overlay && self.host.address.is_none() {
@@ -432,11 +474,9 @@ impl Agent {
         for s in &net.subnets {
             txn = txn.put(keys::ipam(&net.name, s.gateway), keys::GATEWAY_OWNER);
         }
-        if let TxnOutcome::CompareFailed(_) = self.commit(txn).await? {
-            return Err(AgentError::Conflict(format!(
-                "network {:?} already exists",
-                net.name
-            )));
+        let txn = claim_subnets(&net, txn);
+        if let TxnOutcome::CompareFailed(c) = self.commit(txn).await? {
+            return Err(create_conflict(&net, &c));
         }
         let spec = bridge_spec(&net);
         let made =
@@ -543,35 +583,50 @@ impl Agent {
                 )));
             }
         };
-        self.reap().await?;
-        let users: Vec<Endpoint> = self
-            .load_all::<Endpoint>(keys::ENDPOINTS)
-            .await?
-            .into_iter()
-            .filter(|e| e.network == net.name)
-            .collect();
-        if !users.is_empty() {
-            let mut hosts: Vec<&str> = users.iter().filter_map(|e| e.host.as_deref()).collect();
-            hosts.sort();
-            hosts.dedup();
+        let users = async {
+            self.reap().await?;
+            Ok::<_, AgentError>(
+                self.load_all::<Endpoint>(keys::ENDPOINTS)
+                    .await?
+                    .into_iter()
+                    .filter(|e| e.network == net.name)
+                    .collect::<Vec<_>>(),
+            )
+        }
+        .await;
+        let refusal = match users {
+            Err(e) => Some(e),
+            Ok(users) if users.is_empty() => None,
+            Ok(users) => {
+                let mut hosts: Vec<&str> = users.iter().filter_map(|e| e.host.as_deref()).collect();
+                hosts.sort();
+                hosts.dedup();
+                Some(AgentError::Conflict(format!(
+                    "network {:?} is in use by {} endpoint(s) on host(s) {}; detach them first",
+                    net.name,
+                    users.len(),
+                    hosts.join(", ")
+                )))
+            }
+        };
+        if let Some(refusal) = refusal {
+            // The mark goes again, whatever failed: left, it would refuse every attach.
             self.commit(
                 Txn::new()
                     .when(Compare::ModRevision(key.clone(), rev))
                     .put(key, encode(&net)),
             )
             .await?;
-            return Err(AgentError::Conflict(format!(
-                "network {:?} is in use by {} endpoint(s) on host(s) {}; detach them first",
-                net.name,
-                users.len(),
-                hosts.join(", ")
-            )));
+            return Err(refusal);
         }
         let mut txn = Txn::new()
             .when(Compare::ModRevision(key.clone(), rev))
             .delete(key)
             .delete_prefix(keys::ipam_prefix(&net.name))
             .delete_prefix(keys::blocks_prefix(&net.name));
+        for s in &net.subnets {
+            txn = txn.delete(keys::subnet(s.cidr));
+        }
         if let Some(vni) = net.vni {
             txn = txn.delete(keys::vni(vni));
         }
@@ -590,6 +645,9 @@ impl Agent {
     /// Removes a network's records (it has no endpoints) and its pool.
     async fn forget_network(&self, net: &Network) -> Result<()> {
         let mut txn = Txn::new().delete(keys::network(&net.name));
+        for s in &net.subnets {
+            txn = txn.delete(keys::subnet(s.cidr));
+        }
         for kv in self.store.list(&keys::ipam_prefix(&net.name)).await?.items {
             txn = txn.delete(kv.key);
         }
@@ -1617,6 +1675,16 @@ impl Agent {
             if let Err(e) = self.reap().await {
                 tracing::error!(error = %e, "reaping detached endpoints failed");
             }
+            // Here, where no lock is held: giving a block back takes the topology lock.
+            let networks: Vec<String> = self
+                .freed_in
+                .lock()
+                .expect("freed networks lock")
+                .drain()
+                .collect();
+            for network in networks {
+                self.release_empty_blocks(&network).await;
+            }
         }
     }
 
@@ -1649,15 +1717,15 @@ impl Agent {
         Ok(done.len())
     }
 
-    /// Drops `releasing/` records and the addresses they hold (where they still hold them).
+    /// Drops `releasing/` records and the addresses they hold (where they still hold them),
+    /// in transactions of at most [`MAX_TXN_OPS`] operations (etcd's limit).
     async fn release_records(&self, eps: &[&Endpoint]) -> Result<()> {
-        if eps.is_empty() {
-            return Ok(());
-        }
         let mut txn = Txn::new();
         let mut freed: Vec<(String, IpAddr)> = Vec::new();
+        let mut networks = std::collections::HashSet::new();
         for ep in eps {
-            txn = txn.delete(keys::releasing(&ep.id));
+            let mut part = Txn::new().delete(keys::releasing(&ep.id));
+            let mut part_freed = Vec::new();
             let ports = ep.ports.iter().map(|m| (keys::port(m), None));
             let ips = ep
                 .ips
@@ -1667,20 +1735,40 @@ impl Agent {
                 if let Some(kv) = self.store.get(&key).await?
                     && kv.value == ep.id.as_bytes()
                 {
-                    txn = txn
+                    part = part
                         .when(Compare::ModRevision(key.clone(), kv.mod_revision))
                         .delete(key);
-                    freed.extend(ip.map(|ip| (ep.network.clone(), ip)));
+                    part_freed.extend(ip.map(|ip| (ep.network.clone(), ip)));
                 }
             }
+            if !txn.ops.is_empty() && txn.ops.len() + part.ops.len() > MAX_TXN_OPS {
+                self.release_batch(std::mem::take(&mut txn), std::mem::take(&mut freed))
+                    .await?;
+            }
+            txn.compares.extend(part.compares);
+            txn.ops.extend(part.ops);
+            freed.extend(part_freed);
+            networks.insert(ep.network.clone());
         }
+        if !txn.ops.is_empty() {
+            self.release_batch(txn, freed).await?;
+        }
+        self.freed_in
+            .lock()
+            .expect("freed networks lock")
+            .extend(networks);
+        Ok(())
+    }
+
+    /// Commits one batch of [`Agent::release_records`]; then its addresses are free in
+    /// memory too (only what the store released).
+    async fn release_batch(&self, txn: Txn, freed: Vec<(String, IpAddr)>) -> Result<()> {
         if let TxnOutcome::CompareFailed(c) = self.commit(txn).await? {
             // Someone changed an address record meanwhile; the next pass sees the new state.
             tracing::debug!(?c, "release raced with another change; will retry");
             self.reaper.notify_one();
             return Ok(());
         }
-        // Only what the store released is free in memory too.
         for (network, ip) in freed {
             self.release_ip(&network, ip);
         }

@@ -70,6 +70,8 @@ pub struct ClusterView {
     pub hosts: HashMap<String, HostRecord>,
     pub networks: HashMap<String, Network>,
     pub endpoints: HashMap<String, Endpoint>,
+    /// Overlay networks deleted since the last sync: a device left here goes too.
+    pub removed: Vec<Network>,
 }
 
 impl ClusterView {
@@ -131,9 +133,17 @@ impl ClusterView {
         }
         if let Some(name) = key.strip_prefix(keys::NETWORKS) {
             match put {
-                Some(kv) => self.networks.insert(name.to_string(), decode(kv)?),
-                None => self.networks.remove(name),
-            };
+                Some(kv) => {
+                    self.networks.insert(name.to_string(), decode(kv)?);
+                }
+                None => {
+                    if let Some(net) = self.networks.remove(name)
+                        && net.driver == Driver::Overlay
+                    {
+                        self.removed.push(net);
+                    }
+                }
+            }
             return Ok(Some(vec![name.to_string()]));
         }
         if let Some(id) = key.strip_prefix(keys::ENDPOINTS) {
@@ -181,6 +191,8 @@ impl ClusterReconciler {
                 Ok(watches) => {
                     let why = self.follow(watches, &mut realized).await;
                     tracing::info!("cluster watch ended ({why}); listing again");
+                    // Never a hot loop, whatever ends watches at once.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot list the cluster's state; retrying");
@@ -199,10 +211,19 @@ impl ClusterReconciler {
         for prefix in WATCHED {
             let listing = store.list(prefix).await?;
             for kv in &listing.items {
-                view.apply(&Event::Put(kv.clone()))?;
+                // One bad record (another version's, a damaged one) must not stop this host
+                // from following the rest of the cluster.
+                if let Err(e) = view.apply(&Event::Put(kv.clone())) {
+                    tracing::error!(key = %kv.key, error = %e, "bad record in the store; skipped");
+                }
             }
             watches.push(store.watch(prefix, listing.revision).await?);
         }
+        // Overlay networks deleted while the watch was down: their devices go too.
+        view.removed = std::mem::take(&mut self.view.networks)
+            .into_values()
+            .filter(|n| n.driver == Driver::Overlay && !view.networks.contains_key(&n.name))
+            .collect();
         self.view = view;
         let all: Vec<String> = self.view.networks.keys().cloned().collect();
         self.sync(all).await;
@@ -276,10 +297,16 @@ impl ClusterReconciler {
             let kernel = self.kernel.clone();
             let net2 = net.clone();
             match kernel_call(move || kernel.sync(&net2, &want)).await {
+                // Not here, but still holding blocks (the device went with a restart's
+                // repair pass, or was never made): they go back.
+                Ok(None) if empty && self.agent.holds_blocks(&net.name) => {
+                    self.agent.teardown_overlay(&net).await;
+                }
                 Ok(None) => {}
                 Ok(Some(_)) if empty => {
-                    self.agent.teardown_overlay(&net).await;
-                    self.named.remove(&net.name);
+                    if self.agent.teardown_overlay(&net).await {
+                        self.named.remove(&net.name);
+                    }
                 }
                 Ok(Some(0)) => {}
                 Ok(Some(changed)) => {
@@ -288,6 +315,18 @@ impl ClusterReconciler {
                 Err(e) => {
                     tracing::warn!(network = %name, error = %e, "cannot program overlay entries")
                 }
+            }
+        }
+        for net in std::mem::take(&mut self.view.removed) {
+            let kernel = self.kernel.clone();
+            let net2 = net.clone();
+            // Emptied first: realized or not, that is what `sync` tells.
+            let realized = kernel_call(move || kernel.sync(&net2, &BTreeSet::new())).await;
+            if let Ok(Some(_)) = realized
+                && !self.agent.teardown_overlay(&net).await
+            {
+                // Endpoints here on a new network of the same name keep it.
+                tracing::debug!(network = %net.name, "deleted overlay network kept for now");
             }
         }
         for name in gone {
@@ -376,19 +415,18 @@ impl Agent {
 
     /// Removes an overlay network from this host once it has no endpoints here: under the
     /// topology lock, so no attach is half way, and after checking the store, not a cache.
-    pub(crate) async fn teardown_overlay(&self, net: &Network) {
+    /// Whether it did.
+    pub(crate) async fn teardown_overlay(&self, net: &Network) -> bool {
         let _topology = self.topology.write().await;
-        let local = match self.load_all::<Endpoint>(keys::ENDPOINTS).await {
-            Ok(eps) => eps
-                .iter()
-                .any(|e| e.network == net.name && e.is_on(&self.host.id)),
+        let local = match self.local_endpoints().await {
+            Ok(eps) => eps.iter().any(|e| e.network == net.name),
             Err(e) => {
                 tracing::warn!(network = %net.name, error = %e, "cannot check the network's endpoints");
-                return;
+                return false;
             }
         };
         if local {
-            return;
+            return false;
         }
         self.stop_dns(&net.name);
         for link in [vxlan_name(&net.id), net.bridge.clone()] {
@@ -403,6 +441,7 @@ impl Agent {
             tracing::warn!(network = %net.name, error = %e, "cannot update the firewall");
         }
         tracing::info!(network = %net.name, "overlay network left this host (no endpoints here)");
+        true
     }
 
     /// Names another host's endpoint in this host's DNS. Its namespace id is only unique on

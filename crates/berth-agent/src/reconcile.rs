@@ -9,7 +9,7 @@ use std::path::Path;
 use berth_dataplane::{Netlink, Repair, netns};
 use berth_ipam::Pool;
 use berth_model::{Driver, Endpoint, Network, Sandbox, is_berth_link_name, vxlan_name};
-use berth_store::Txn;
+use berth_store::{Compare, Txn};
 use serde::Serialize;
 
 use crate::{
@@ -214,10 +214,21 @@ impl Agent {
         }
 
         // Index records that point at nothing (defensive: they are written in the same
-        // transactions as their endpoint, so this finds only damage from outside).
-        // Other hosts' endpoints hold addresses too: theirs are never this host's to drop.
+        // transactions as their endpoint, so this finds only damage from outside). On a shared
+        // store only this host's bridge networks' addresses are looked at: other hosts
+        // allocate in overlay networks while this pass runs, and hold addresses in records
+        // this host cannot see (their `releasing/`).
         let live_ids: HashSet<&str> = live.iter().chain(&remote).map(|e| e.id.as_str()).collect();
-        let mut txn = Txn::new();
+        let mine = |key: &str| {
+            let network = |n: &Network| key.starts_with(&keys::ipam_prefix(&n.name));
+            if !self.shared {
+                return true;
+            }
+            networks
+                .iter()
+                .any(|n| n.driver == Driver::Bridge && network(n))
+        };
+        let mut stale = Vec::new();
         for prefix in [
             keys::IPAM,
             keys::ATTACHMENTS,
@@ -226,21 +237,41 @@ impl Agent {
             keys::DEFAULT_ROUTES,
         ] {
             for kv in self.store.list(prefix).await?.items {
+                let is_ipam = prefix == keys::IPAM;
+                if is_ipam && !mine(&kv.key) {
+                    continue;
+                }
                 let owner = String::from_utf8_lossy(&kv.value);
-                let network_known = !prefix.starts_with("ipam")
+                let network_known = !is_ipam
                     || all_networks
                         .iter()
                         .any(|n| kv.key.starts_with(&keys::ipam_prefix(&n.name)));
                 let reserved =
                     owner == keys::GATEWAY_OWNER || owner.starts_with(keys::DOCKER_OWNER_PREFIX);
                 if (!reserved && !live_ids.contains(owner.as_ref())) || !network_known {
-                    txn = txn.delete(kv.key);
-                    report.stale_records_removed += 1;
+                    stale.push(kv);
                 }
             }
         }
-        if !txn.ops.is_empty() {
-            self.commit(txn).await?;
+        // Each only as it was read, in transactions etcd accepts.
+        for batch in stale.chunks(crate::MAX_TXN_OPS) {
+            let mut txn = Txn::new();
+            for kv in batch {
+                txn = txn
+                    .when(Compare::ModRevision(kv.key.clone(), kv.mod_revision))
+                    .delete(kv.key.clone());
+            }
+            match self.commit(txn).await? {
+                berth_store::TxnOutcome::Committed { .. } => {
+                    report.stale_records_removed += batch.len()
+                }
+                berth_store::TxnOutcome::CompareFailed(c) => {
+                    tracing::debug!(
+                        ?c,
+                        "stale records changed meanwhile; left for the next start"
+                    )
+                }
+            }
         }
 
         report.default_routes_assigned = self.assign_default_routes(&live, &by_name).await?;
@@ -260,7 +291,11 @@ impl Agent {
                     .filter(|b| b.host == self.host.id)
                     .filter_map(|b| {
                         let subnet = net.subnet_for(b.cidr.addr())?;
-                        Some(Pool::block(b.cidr, subnet.cidr))
+                        Some(crate::ipam::block_pool(
+                            b.cidr,
+                            subnet.cidr,
+                            &[subnet.gateway],
+                        ))
                     })
                     .collect(),
             };

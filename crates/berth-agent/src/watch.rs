@@ -102,7 +102,10 @@ impl Agent {
         // gone already): those need no lock and no work.
         let concerned = |networks: &[Network], endpoints: &[Endpoint]| {
             everything
-                || networks.iter().any(|n| gone.contains(&n.bridge))
+                || networks.iter().any(|n| {
+                    gone.contains(&n.bridge)
+                        || (n.driver == Driver::Overlay && gone.contains(&vxlan_name(&n.id)))
+                })
                 || endpoints.iter().any(|e| gone.contains(&e.host_ifname))
         };
         let endpoints = self.local_endpoints().await?;

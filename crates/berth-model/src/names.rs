@@ -16,36 +16,29 @@ pub const VXLAN_PREFIX: &str = "bvx";
 /// `berthx` and 9 hex digits of the endpoint id.
 pub const TOMBSTONE_PREFIX: &str = "berthx";
 
+/// `prefix` and as much of `id` as fits in an interface name. By characters, not bytes: an id
+/// from a damaged record must not panic the daemon.
+fn with_prefix(prefix: &str, id: &str) -> String {
+    let take = IFNAME_MAX - prefix.len();
+    let mut name = prefix.to_string();
+    name.extend(id.chars().take(take));
+    name
+}
+
 pub fn tombstone_name(endpoint_id: &str) -> String {
-    let take = IFNAME_MAX - TOMBSTONE_PREFIX.len();
-    format!(
-        "{TOMBSTONE_PREFIX}{}",
-        &endpoint_id[..take.min(endpoint_id.len())]
-    )
+    with_prefix(TOMBSTONE_PREFIX, endpoint_id)
 }
 
 pub fn bridge_name(network_id: &str) -> String {
-    let take = IFNAME_MAX - BRIDGE_PREFIX.len();
-    format!(
-        "{BRIDGE_PREFIX}{}",
-        &network_id[..take.min(network_id.len())]
-    )
+    with_prefix(BRIDGE_PREFIX, network_id)
 }
 
 pub fn vxlan_name(network_id: &str) -> String {
-    let take = IFNAME_MAX - VXLAN_PREFIX.len();
-    format!(
-        "{VXLAN_PREFIX}{}",
-        &network_id[..take.min(network_id.len())]
-    )
+    with_prefix(VXLAN_PREFIX, network_id)
 }
 
 pub fn veth_name(endpoint_id: &str) -> String {
-    let take = IFNAME_MAX - VETH_PREFIX.len();
-    format!(
-        "{VETH_PREFIX}{}",
-        &endpoint_id[..take.min(endpoint_id.len())]
-    )
+    with_prefix(VETH_PREFIX, endpoint_id)
 }
 
 /// Whether a link name is one berth would have made (a bridge, a host-side veth or an overlay
