@@ -8,6 +8,7 @@
 //! would, each sequentially and with parallel callers. Run as root:
 //! `cargo build --release && target/release/berth-bench`.
 
+mod cluster;
 mod dns;
 mod docker;
 mod ports;
@@ -63,6 +64,21 @@ struct Args {
     /// Skip the baselines (e.g. where their packages are not installed).
     #[arg(long)]
     no_baselines: bool,
+    /// Many hosts (needs etcd-server): sequential attaches and detaches on etcd beside the
+    /// embedded store and a bare etcd transaction, N of each; 0 skips every cluster benchmark.
+    /// Throughput across hosts uses --iperf-secs and --iperf-runs.
+    #[arg(long, default_value_t = 200)]
+    cluster_n: usize,
+    /// Attaches on one host timed until they answer ping and DNS on another (0 skips it).
+    #[arg(long, default_value_t = 50)]
+    cluster_converge_n: usize,
+    /// Concurrent callers on each of the three hosts for the cluster-wide attach throughput
+    /// (0 skips it).
+    #[arg(long, default_value_t = 16)]
+    cluster_callers: usize,
+    /// Attaches by each of those callers.
+    #[arg(long, default_value_t = 10)]
+    cluster_attaches: usize,
 }
 
 struct Row {
@@ -287,6 +303,21 @@ fn main() -> Result<()> {
     }
     if args.iperf_secs > 0 {
         ports::throughput(&client, &sandboxes[0], args.iperf_secs, args.iperf_runs)?;
+    }
+    if args.cluster_n > 0 {
+        cluster::bench(
+            &b.berth,
+            &dir,
+            &cluster::Options {
+                n: args.cluster_n,
+                converge_n: args.cluster_converge_n,
+                callers: args.cluster_callers,
+                attaches_per_caller: args.cluster_attaches,
+                iperf_secs: args.iperf_secs,
+                iperf_runs: args.iperf_runs,
+                log_level: args.daemon_log_level.clone(),
+            },
+        )?;
     }
     Ok(())
 }
