@@ -12,6 +12,8 @@ mod firewall;
 mod harness;
 mod lifecycle;
 mod multihost;
+mod multihost_crash;
+mod multihost_runtimes;
 mod nat;
 mod plugin_fuzz;
 mod podman;
