@@ -120,27 +120,11 @@ impl Agent {
         }
     }
 
-    /// Names a freshly attached endpoint. A detach racing the attach may have removed the
-    /// endpoint before it was named (and unnamed nothing): then the name goes again.
-    pub(crate) async fn name_attached(&self, net: &Network, ep: &Endpoint) -> Result<()> {
-        if self.discovery.is_none() {
-            return Ok(());
-        }
+    /// Names a freshly attached endpoint (the caller then checks that it still exists).
+    pub(crate) fn name_endpoint_of(&self, net: &Network, ep: &Endpoint) {
         // Listening failed at network creation (e.g. the address was still held): retry.
         self.serve_dns(net);
         self.name_endpoint(ep);
-        if self
-            .store
-            .get(&crate::keys::endpoint(&ep.id))
-            .await?
-            .is_none()
-        {
-            self.unname_endpoint(ep);
-        }
-        if let Some(sandbox) = &ep.netns.sandbox {
-            self.write_sandbox_resolv_conf(sandbox, &ep.netns.id).await;
-        }
-        Ok(())
     }
 
     pub(crate) fn unname_endpoint(&self, ep: &Endpoint) {

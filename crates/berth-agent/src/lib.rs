@@ -78,6 +78,10 @@ pub struct Agent {
     shared: bool,
     /// One overlay network realization at a time (two attaches would both create the device).
     overlay_realizing: tokio::sync::Mutex<()>,
+    /// Ids of the overlay networks realized here since the last check of the kernel: an
+    /// attach to one of them skips the netlink round trips. Forgotten at teardown and when
+    /// the link watch sees one of their links go.
+    pub(crate) realized: Mutex<std::collections::HashSet<String>>,
     /// Tells the cluster reconciler that an overlay network was just realized here.
     overlay_realized: tokio::sync::mpsc::UnboundedSender<String>,
     overlay_events: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<String>>>,
@@ -227,6 +231,7 @@ impl Agent {
             },
             shared: false,
             overlay_realizing: tokio::sync::Mutex::new(()),
+            realized: Mutex::new(Default::default()),
             overlay_realized,
             overlay_events: Mutex::new(Some(overlay_events)),
             block_claims: tokio::sync::Mutex::new(()),
@@ -632,6 +637,7 @@ impl Agent {
         }
         self.commit(txn).await?;
         self.pools.lock().expect("pools lock").remove(&net.name);
+        self.realized.lock().expect("realized lock").remove(&net.id);
         // This host's part goes now; other hosts' reconcilers remove theirs from the watch.
         for link in [vxlan_name(&net.id), net.bridge.clone()] {
             remove_link(link).await?;
@@ -950,12 +956,16 @@ impl Agent {
             .collect::<Result<_>>()?;
 
         let _topology = self.topology.read().await;
-        let (net, net_rev) = self
-            .load::<Network>(&keys::network(&req.network))
-            .await?
+        // Both at once: on etcd each read is a round trip.
+        let net_key = keys::network(&req.network);
+        let (net, resolved) = tokio::join!(
+            self.load::<Network>(&net_key),
+            self.resolve_netns(&req.sandbox)
+        );
+        let (net, net_rev) = net?
             .ok_or_else(|| AgentError::NotFound(format!("no network named {:?}", req.network)))?;
         self.check_usable(&net)?;
-        let (ns, netns_ref, sandbox) = self.resolve_netns(&req.sandbox).await?;
+        let (ns, netns_ref, sandbox) = resolved?;
         if let Some((sb, _)) = &sandbox
             && sb.removing
         {
@@ -1109,9 +1119,13 @@ impl Agent {
             }
             return Err(e);
         }
+        // Named before the check below, so that a detach racing from here on finds the name
+        // to remove, and one that ran before is seen by the check (one store read for both).
+        self.name_endpoint_of(&net, &ep);
         // A detach or sandbox removal that ran between the commit and now found no interface
         // to remove (and may have released the addresses): what this attach made goes too.
         if self.store.get(&keys::endpoint(&ep.id)).await?.is_none() {
+            self.unname_endpoint(&ep);
             remove_link(ep.host_ifname.clone()).await?;
             if !ep.ports.is_empty() {
                 // From the store, not by deleting this endpoint's forwards: its host ports may
@@ -1123,7 +1137,9 @@ impl Agent {
                 req.sandbox, ep.network
             )));
         }
-        self.name_attached(&net, &ep).await?;
+        if let Some(sandbox) = &ep.netns.sandbox {
+            self.write_sandbox_resolv_conf(sandbox, &ep.netns.id).await;
+        }
         tracing::info!(
             "attached {} to {}: endpoint {}, {}{}",
             req.sandbox,

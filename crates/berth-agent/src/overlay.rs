@@ -72,6 +72,9 @@ pub struct ClusterView {
     pub endpoints: HashMap<String, Endpoint>,
     /// Overlay networks deleted since the last sync: a device left here goes too.
     pub removed: Vec<Network>,
+    /// This host's id: its own endpoints are no entries, so their comings and goings
+    /// matter only when they are a network's first or last here.
+    pub me: String,
 }
 
 impl ClusterView {
@@ -151,10 +154,21 @@ impl ClusterView {
                 Some(kv) => self.endpoints.insert(id.to_string(), decode(kv)?),
                 None => self.endpoints.remove(id),
             };
-            let mut nets: Vec<String> = old.map(|e| e.network).into_iter().collect();
-            if let Some(ep) = self.endpoints.get(id) {
-                nets.push(ep.network.clone());
-            }
+            let new = self.endpoints.get(id);
+            let local = |e: &Endpoint| !self.me.is_empty() && e.is_on(&self.me);
+            let nets: Vec<String> = old
+                .iter()
+                .chain(new)
+                .filter(|e| {
+                    // One of this host's among others here: nothing to program.
+                    !(local(e)
+                        && self
+                            .endpoints
+                            .values()
+                            .any(|o| o.id != e.id && o.network == e.network && local(o)))
+                })
+                .map(|e| e.network.clone())
+                .collect();
             return Ok(Some(nets));
         }
         Ok(Some(vec![]))
@@ -206,7 +220,10 @@ impl ClusterReconciler {
     /// one watch per prefix from its listing's revision (so nothing between is missed).
     async fn list_and_watch(&mut self) -> Result<Vec<Watch>> {
         let store = self.agent.store.clone();
-        let mut view = ClusterView::default();
+        let mut view = ClusterView {
+            me: self.agent.host.id.clone(),
+            ..ClusterView::default()
+        };
         let mut watches = Vec::new();
         for prefix in WATCHED {
             let listing = store.list(prefix).await?;
@@ -375,6 +392,27 @@ impl Agent {
             key: keys::network(&net.name),
             why: "overlay network without a VNI".into(),
         })?;
+        if self
+            .realized
+            .lock()
+            .expect("realized lock")
+            .contains(&net.id)
+        {
+            return kernel({
+                let bridge = net.bridge.clone();
+                move || {
+                    Netlink::open()?
+                        .link_by_name(&bridge)?
+                        .map(|l| l.index)
+                        .ok_or_else(|| {
+                            berth_dataplane::DataplaneError::Protocol(format!(
+                                "bridge {bridge} is gone"
+                            ))
+                        })
+                }
+            })
+            .await;
+        }
         let _one = self.overlay_realizing.lock().await;
         let (bridge, name, mtu, mac) = (
             bridge_spec(net),
@@ -408,6 +446,10 @@ impl Agent {
             tracing::info!(network = %net.name, vni, "overlay network realized on this host");
         }
         self.serve_dns(net);
+        self.realized
+            .lock()
+            .expect("realized lock")
+            .insert(net.id.clone());
         // The reconciler may have seen this host's first endpoint before the device existed.
         let _ = self.overlay_realized.send(net.name.clone());
         Ok(index)
@@ -429,6 +471,7 @@ impl Agent {
             return false;
         }
         self.stop_dns(&net.name);
+        self.realized.lock().expect("realized lock").remove(&net.id);
         for link in [vxlan_name(&net.id), net.bridge.clone()] {
             if let Err(e) = remove_link(link.clone()).await {
                 tracing::warn!(network = %net.name, link = %link, error = %e, "cannot remove overlay link");

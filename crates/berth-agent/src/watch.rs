@@ -133,6 +133,7 @@ impl Agent {
                         .await?;
                 }
                 Driver::Overlay => {
+                    self.realized.lock().expect("realized lock").remove(&net.id);
                     self.ensure_overlay(net).await?;
                 }
             }
