@@ -32,10 +32,8 @@ use serde_json::{Value, json};
 
 use tokio::sync::watch;
 
-use crate::{
-    Agent, AgentError, Held, Result, encode, endpoint_on_bridge, endpoint_spec, kernel, keys,
-    random_id, remove_link,
-};
+use crate::endpoints::{Held, endpoint_on_bridge, endpoint_spec};
+use crate::{Agent, AgentError, Result, encode, kernel, keys, random_id, remove_link};
 
 /// `-o berth.network=NAME` (driver) or `--ipam-opt berth.network=NAME`: use the existing berth
 /// network NAME instead of creating one.
@@ -598,7 +596,7 @@ impl Agent {
             (p, _) => Some(berth_model::parse_subnet(p)?),
         };
         let held: Vec<IpNet> = pools.iter().map(|p| p.cidr).collect();
-        let taken = |c: &IpNet| crate::overlapping(&networks, &held, c);
+        let taken = |c: &IpNet| crate::networks::overlapping(&networks, &held, c);
         let (cidr, network) = match wanted {
             Some(c) => {
                 if let Some(p) = pools.iter().find(|p| p.cidr == c) {

@@ -15,6 +15,7 @@ use berth_model::{Block, Driver, Network};
 use berth_store::{Compare, Txn, TxnOutcome};
 use ipnet::IpNet;
 
+use crate::networks::{claim_subnets, create_conflict};
 use crate::{Agent, AgentError, Result, encode, keys};
 
 /// VNIs handed out when none is asked for start above the 12-bit VLAN range, as Docker's.
@@ -96,6 +97,13 @@ impl Agent {
             None => Ok(blocks
                 .find_map(|p| p.allocate().ok())
                 .map_or(Take::NeedBlock, Take::Got)),
+        }
+    }
+
+    /// Frees one address in a network's in-memory pools.
+    pub(crate) fn release_ip(&self, network: &str, ip: IpAddr) {
+        if let Some(pools) = self.pools.lock().expect("pools lock").get_mut(network) {
+            pools.iter_mut().for_each(|p| p.release(ip));
         }
     }
 
@@ -358,14 +366,14 @@ impl Agent {
         for s in &net.subnets {
             txn = txn.put(keys::ipam(&net.name, s.gateway), keys::GATEWAY_OWNER);
         }
-        match self.commit(crate::claim_subnets(&net, txn)).await? {
+        match self.commit(claim_subnets(&net, txn)).await? {
             TxnOutcome::Committed { .. } => {}
             TxnOutcome::CompareFailed(Compare::Absent(k)) if k.starts_with(keys::VNIS) => {
                 return Err(AgentError::Conflict(format!(
                     "VNI {vni} was taken by another overlay network meanwhile; try again"
                 )));
             }
-            TxnOutcome::CompareFailed(c) => return Err(crate::create_conflict(&net, &c)),
+            TxnOutcome::CompareFailed(c) => return Err(create_conflict(&net, &c)),
         }
         self.pools
             .lock()
@@ -374,11 +382,7 @@ impl Agent {
         tracing::info!(
             "overlay network {} created: VNI {vni}, {}",
             net.name,
-            net.subnets
-                .iter()
-                .map(|s| format!("{} via {}", s.cidr, s.gateway))
-                .collect::<Vec<_>>()
-                .join(", ")
+            crate::networks::subnets_line(&net)
         );
         Ok(net)
     }

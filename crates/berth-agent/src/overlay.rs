@@ -22,7 +22,8 @@ use berth_dataplane::{Netlink, VXLAN_PORT};
 use berth_model::{Driver, Endpoint, HostRecord, MacAddr, Network, vxlan_name};
 use berth_store::{Event, Watch, WatchError};
 
-use crate::{Agent, AgentError, Result, bridge_spec, decode, kernel, keys, remove_link};
+use crate::networks::bridge_spec;
+use crate::{Agent, AgentError, Result, decode, kernel, keys, remove_link};
 
 /// One remote endpoint address as this host's VXLAN device must know it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

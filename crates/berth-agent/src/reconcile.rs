@@ -12,10 +12,9 @@ use berth_model::{Driver, Endpoint, Network, Sandbox, is_berth_link_name, vxlan_
 use berth_store::{Compare, Txn};
 use serde::Serialize;
 
-use crate::{
-    Agent, Held, Result, bridge_spec, default_gateways, endpoint_spec, install_default_route,
-    kernel, keys, next_holder, remove_link,
-};
+use crate::endpoints::{Held, default_gateways, endpoint_spec, install_default_route, next_holder};
+use crate::networks::bridge_spec;
+use crate::{Agent, Result, kernel, keys, remove_link};
 
 /// What the repair pass found and did.
 #[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]

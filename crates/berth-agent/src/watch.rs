@@ -11,7 +11,9 @@ use std::time::Duration;
 use berth_dataplane::{LinkEvent, LinkWatch, Netlink, netns};
 use berth_model::{Driver, Endpoint, Network, is_berth_link_name, vxlan_name};
 
-use crate::{Agent, Result, bridge_spec, default_gateways, endpoint_spec, kernel, keys};
+use crate::endpoints::{default_gateways, endpoint_spec};
+use crate::networks::bridge_spec;
+use crate::{Agent, Result, kernel, keys};
 
 /// Deletions come in bursts (a namespace with several interfaces, a reap batch): one pass for
 /// each burst.
