@@ -19,8 +19,8 @@ use ipnet::IpNet;
 use crate::networks::bridge_spec;
 use crate::sandboxes::removing;
 use crate::{
-    Agent, AgentError, Result, already_exists, docker, encode, firewall, kernel, keys, random_id,
-    remove_link,
+    Agent, AgentError, Result, already_exists, bridge_full, docker, encode, firewall, kernel, keys,
+    random_id, remove_link,
 };
 
 /// What of an endpoint's holdings [`Agent::endpoint_records`] covers beside its records. A
@@ -406,6 +406,12 @@ impl Agent {
                 return Err(AgentError::Conflict(format!(
                     "{} already has an interface named {}",
                     req.sandbox, ep.ifname
+                )));
+            }
+            if bridge_full(&e) {
+                return Err(AgentError::Conflict(format!(
+                    "network {:?} is full on this host: a Linux bridge takes at most 1024 ports",
+                    ep.network
                 )));
             }
             return Err(e);

@@ -171,7 +171,12 @@ impl Agent {
         kernel(move || {
             sysctl::enable_forwarding(ipv6)?;
             for n in &rules {
-                sysctl::enable_route_localnet(&n.bridge)?;
+                match sysctl::enable_route_localnet(&n.bridge) {
+                    // An overlay network whose first endpoint here is being attached: its
+                    // bridge is not made yet, and whoever makes it syncs the table again.
+                    Err(e) if e.errno() == Some(nix::errno::Errno::ENOENT as i32) => {}
+                    other => other?,
+                }
             }
             nftables::install(&rules, &forwards)
         })

@@ -286,3 +286,8 @@ impl Agent {
 fn already_exists(e: &AgentError) -> bool {
     matches!(e, AgentError::Dataplane(d) if d.errno() == Some(nix::errno::Errno::EEXIST as i32))
 }
+
+/// The kernel's answer when a bridge already has its 1,024 ports (BR_MAX_PORTS).
+fn bridge_full(e: &AgentError) -> bool {
+    matches!(e, AgentError::Dataplane(d) if d.errno() == Some(nix::errno::Errno::EXFULL as i32))
+}

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use berth_dataplane::{Netlink, VXLAN_PORT};
 use berth_model::{Driver, Endpoint, HostRecord, MacAddr, Network, vxlan_name};
-use berth_store::{Event, Watch, WatchError};
+use berth_store::{Event, Watch};
 
 use crate::networks::bridge_spec;
 use crate::{Agent, AgentError, Result, decode, kernel, keys, remove_link};
@@ -176,6 +176,9 @@ impl ClusterView {
     }
 }
 
+/// How long the reconciler gathers events that follow a first one before it syncs.
+const BATCH: Duration = Duration::from_millis(5);
+
 /// The watched prefixes: everything the reconciler decides from.
 const WATCHED: [&str; 3] = [keys::HOSTS, keys::NETWORKS, keys::ENDPOINTS];
 
@@ -248,7 +251,9 @@ impl ClusterReconciler {
         Ok(watches)
     }
 
-    /// Applies events as they come; returns why it stopped.
+    /// Applies events as they come; returns why it stopped. Events that arrive together
+    /// (within [`BATCH`] of the first) are applied first and synced once: a burst of attaches
+    /// elsewhere costs one kernel pass per network, not one per attach.
     async fn follow(
         &mut self,
         mut watches: Vec<Watch>,
@@ -257,39 +262,53 @@ impl ClusterReconciler {
         let mut resync = tokio::time::interval(Duration::from_secs(30));
         resync.tick().await;
         loop {
-            let [hosts, networks, endpoints] = &mut watches[..] else {
-                return "watches missing".into();
-            };
-            let event: std::result::Result<Event, WatchError> = tokio::select! {
-                e = hosts.next() => e,
-                e = networks.next() => e,
-                e = endpoints.next() => e,
-                Some(net) = realized.recv() => {
-                    self.sync(vec![net]).await;
-                    continue;
-                }
-                _ = resync.tick() => {
-                    // The kernel can change under us (someone deletes an entry); a periodic
-                    // pass over the cached view puts it back without a store round trip.
-                    let all = self.view.networks.keys().cloned().collect();
-                    self.sync(all).await;
-                    continue;
-                }
-            };
-            let event = match event {
-                Ok(e) => e,
-                Err(e) => return e.to_string(),
-            };
-            match self.view.apply(&event) {
-                Ok(Some(nets)) => self.sync(nets).await,
-                Ok(None) => {
-                    let all = self.view.networks.keys().cloned().collect();
-                    self.sync(all).await
-                }
-                Err(e) => {
-                    tracing::error!(key = %event.key(), error = %e, "bad record in the store")
+            let mut dirty: Vec<String> = Vec::new();
+            let mut until: Option<tokio::time::Instant> = None;
+            loop {
+                let [hosts, networks, endpoints] = &mut watches[..] else {
+                    return "watches missing".into();
+                };
+                let next = async {
+                    tokio::select! {
+                        e = hosts.next() => Some(e),
+                        e = networks.next() => Some(e),
+                        e = endpoints.next() => Some(e),
+                        Some(net) = realized.recv() => {
+                            dirty.push(net);
+                            None
+                        }
+                        _ = resync.tick() => {
+                            // The kernel can change under us (someone deletes an entry); a
+                            // periodic pass over the cached view puts it back.
+                            dirty.extend(self.view.networks.keys().cloned());
+                            None
+                        }
+                    }
+                };
+                let got = match until {
+                    None => next.await,
+                    Some(t) => match tokio::time::timeout_at(t, next).await {
+                        Ok(got) => got,
+                        Err(_) => break,
+                    },
+                };
+                until.get_or_insert_with(|| tokio::time::Instant::now() + BATCH);
+                let event = match got {
+                    None => continue,
+                    Some(Ok(e)) => e,
+                    Some(Err(e)) => return e.to_string(),
+                };
+                match self.view.apply(&event) {
+                    Ok(Some(nets)) => dirty.extend(nets),
+                    Ok(None) => dirty.extend(self.view.networks.keys().cloned()),
+                    Err(e) => {
+                        tracing::error!(key = %event.key(), error = %e, "bad record in the store")
+                    }
                 }
             }
+            dirty.sort();
+            dirty.dedup();
+            self.sync(dirty).await;
         }
     }
 
