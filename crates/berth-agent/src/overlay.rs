@@ -176,9 +176,6 @@ impl ClusterView {
     }
 }
 
-/// How long the reconciler gathers events that follow a first one before it syncs.
-const BATCH: Duration = Duration::from_millis(5);
-
 /// The watched prefixes: everything the reconciler decides from.
 const WATCHED: [&str; 3] = [keys::HOSTS, keys::NETWORKS, keys::ENDPOINTS];
 
@@ -251,9 +248,10 @@ impl ClusterReconciler {
         Ok(watches)
     }
 
-    /// Applies events as they come; returns why it stopped. Events that arrive together
-    /// (within [`BATCH`] of the first) are applied first and synced once: a burst of attaches
-    /// elsewhere costs one kernel pass per network, not one per attach.
+    /// Applies events as they come; returns why it stopped. The events already waiting when
+    /// one arrives (those that came in during the last sync) are applied with it and synced
+    /// once: a burst of attaches elsewhere costs a kernel pass per network per sync, not one
+    /// per attach, and a lone event is synced at once.
     async fn follow(
         &mut self,
         mut watches: Vec<Watch>,
@@ -263,7 +261,7 @@ impl ClusterReconciler {
         resync.tick().await;
         loop {
             let mut dirty: Vec<String> = Vec::new();
-            let mut until: Option<tokio::time::Instant> = None;
+            let mut draining = false;
             loop {
                 let [hosts, networks, endpoints] = &mut watches[..] else {
                     return "watches missing".into();
@@ -285,14 +283,17 @@ impl ClusterReconciler {
                         }
                     }
                 };
-                let got = match until {
-                    None => next.await,
-                    Some(t) => match tokio::time::timeout_at(t, next).await {
+                let got = if draining {
+                    // Only what is ready now: a timeout polls its future once before it
+                    // looks at the (already passed) deadline.
+                    match tokio::time::timeout(Duration::ZERO, next).await {
                         Ok(got) => got,
                         Err(_) => break,
-                    },
+                    }
+                } else {
+                    next.await
                 };
-                until.get_or_insert_with(|| tokio::time::Instant::now() + BATCH);
+                draining = true;
                 let event = match got {
                     None => continue,
                     Some(Ok(e)) => e,
