@@ -137,11 +137,26 @@ impl Agent {
     /// their gateways as nameservers (IPv4 first, at most three, as resolvers read no more),
     /// their domains as the search list. No networks: the file goes.
     pub(crate) async fn write_sandbox_resolv_conf(&self, sandbox: &str, netns_id: &str) {
+        self.write_resolv_conf_knowing(sandbox, netns_id, None)
+            .await
+    }
+
+    /// [`Agent::write_sandbox_resolv_conf`], with an endpoint and its network the caller has
+    /// just read (an attach): not read again, which on etcd saves two round trips.
+    pub(crate) async fn write_resolv_conf_knowing(
+        &self,
+        sandbox: &str,
+        netns_id: &str,
+        known: Option<(&Endpoint, &Network)>,
+    ) {
         let Some(d) = &self.discovery else { return };
         // One writer at a time: each writes what the store says after the previous one.
         let _writing = d.resolv_conf_writes.lock().await;
         let dir = d.sandbox_etc_dir.join(sandbox);
-        let eps = match self.endpoints_in(netns_id).await {
+        let eps = match self
+            .endpoints_in_knowing(netns_id, known.map(|(ep, _)| ep))
+            .await
+        {
             Ok(eps) => eps,
             Err(e) => {
                 tracing::warn!(sandbox, error = %e, "cannot list the sandbox's endpoints");
@@ -151,8 +166,12 @@ impl Agent {
         let mut nameservers: Vec<IpAddr> = Vec::new();
         let mut search: Vec<String> = Vec::new();
         for ep in &eps {
-            let Ok(net) = self.network(&ep.network).await else {
-                continue;
+            let net = match known {
+                Some((_, net)) if net.name == ep.network => net.clone(),
+                _ => match self.network(&ep.network).await {
+                    Ok(net) => net,
+                    Err(_) => continue,
+                },
             };
             for s in &net.subnets {
                 if ep.ips.iter().any(|ip| s.cidr.contains(&ip.addr()))

@@ -13,7 +13,7 @@ use berth_model::{
     Driver, Endpoint, MacAddr, NetnsRef, Network, Sandbox, tombstone_name, validate_ifname,
     validate_name, veth_name,
 };
-use berth_store::{Compare, Txn, TxnOutcome};
+use berth_store::{Compare, KeyValue, Txn, TxnOutcome};
 use ipnet::IpNet;
 
 use crate::networks::bridge_spec;
@@ -107,6 +107,15 @@ impl Agent {
     }
 
     pub(crate) async fn endpoints_in(&self, netns_id: &str) -> Result<Vec<Endpoint>> {
+        self.endpoints_in_knowing(netns_id, None).await
+    }
+
+    /// [`Agent::endpoints_in`], taking `known` as it is rather than reading it again.
+    pub(crate) async fn endpoints_in_knowing(
+        &self,
+        netns_id: &str,
+        known: Option<&Endpoint>,
+    ) -> Result<Vec<Endpoint>> {
         let mut out = Vec::new();
         for kv in self
             .store
@@ -115,8 +124,13 @@ impl Agent {
             .items
         {
             let id = String::from_utf8_lossy(&kv.value).to_string();
-            if let Some((ep, _)) = self.load::<Endpoint>(&keys::endpoint(&id)).await? {
-                out.push(ep);
+            match known {
+                Some(ep) if ep.id == id => out.push(ep.clone()),
+                _ => {
+                    if let Some((ep, _)) = self.load::<Endpoint>(&keys::endpoint(&id)).await? {
+                        out.push(ep);
+                    }
+                }
             }
         }
         Ok(out)
@@ -262,10 +276,20 @@ impl Agent {
         {
             return Err(removing(&sb.name));
         }
-        if let Some(holder) = self
-            .endpoint_holding(&keys::member(&net.name, &netns_ref.id))
-            .await?
-        {
+        // The namespace's default-route records are read beside the membership (one round
+        // trip on etcd instead of two); the first commit attempt decides with them.
+        let (v4_key, v6_key) = (
+            keys::default_route(&netns_ref.id, true),
+            keys::default_route(&netns_ref.id, false),
+        );
+        let member = keys::member(&net.name, &netns_ref.id);
+        let (holder, route_v4, route_v6) = tokio::join!(
+            self.endpoint_holding(&member),
+            self.store.get(&v4_key),
+            self.store.get(&v6_key)
+        );
+        let mut routes_read = Some([route_v4?, route_v6?]);
+        if let Some(holder) = holder? {
             if !holder.runtime_configured && !self.endpoint_alive(&holder).await? {
                 return Ok(Err(holder));
             }
@@ -314,7 +338,10 @@ impl Agent {
         };
         let mut attempts = 0;
         let outcome = loop {
-            let claims = match self.default_route_claims(&ep, req.default_route).await {
+            let claims = match self
+                .default_route_claims(&ep, req.default_route, routes_read.take())
+                .await
+            {
                 Ok(c) => c,
                 Err(e) => {
                     self.release(&ep);
@@ -435,7 +462,8 @@ impl Agent {
             )));
         }
         if let Some(sandbox) = &ep.netns.sandbox {
-            self.write_sandbox_resolv_conf(sandbox, &ep.netns.id).await;
+            self.write_resolv_conf_knowing(sandbox, &ep.netns.id, Some((&ep, &net)))
+                .await;
         }
         tracing::info!(
             "attached {} to {}: endpoint {}, {}{}",
@@ -480,14 +508,20 @@ impl Agent {
         &self,
         ep: &Endpoint,
         take: bool,
+        read: Option<[Option<KeyValue>; 2]>,
     ) -> Result<Vec<(String, Option<u64>)>> {
         let mut claims = Vec::new();
+        let [mut v4, mut v6] = read.map_or([None, None], |r| r.map(Some));
         for ipv4 in [true, false] {
             if !ep.ips.iter().any(|ip| ip.addr().is_ipv4() == ipv4) {
                 continue;
             }
             let key = keys::default_route(&ep.netns.id, ipv4);
-            match self.store.get(&key).await? {
+            let record = match if ipv4 { v4.take() } else { v6.take() } {
+                Some(read) => read,
+                None => self.store.get(&key).await?,
+            };
+            match record {
                 None => claims.push((key, None)),
                 Some(kv) => {
                     let holder = String::from_utf8_lossy(&kv.value).to_string();

@@ -587,7 +587,8 @@ fn network(client: &Client, out: Output, cmd: NetworkCmd) -> Result<()> {
             show(out, &nets, |nets| {
                 table(
                     &[
-                        "NAME", "ID", "DRIVER", "BRIDGE", "SUBNETS", "MTU", "INTERNAL", "DOCKER",
+                        "NAME", "ID", "DRIVER", "HOST", "BRIDGE", "SUBNETS", "MTU", "INTERNAL",
+                        "DOCKER",
                     ],
                     nets.iter().map(|n| {
                         let docker: Vec<&str> = n
@@ -599,6 +600,8 @@ fn network(client: &Client, out: Output, cmd: NetworkCmd) -> Result<()> {
                             n.name.clone(),
                             n.id.clone(),
                             n.driver.to_string(),
+                            // Bridge networks are their host's; overlay networks everyone's.
+                            n.host.clone().unwrap_or_default(),
                             n.bridge.clone(),
                             join(&n.subnets.iter().map(|s| s.cidr).collect::<Vec<_>>()),
                             n.mtu.to_string(),
