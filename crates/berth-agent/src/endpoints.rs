@@ -338,7 +338,7 @@ impl Agent {
         };
         let mut attempts = 0;
         let outcome = loop {
-            let claims = match self
+            let (claims, kept) = match self
                 .default_route_claims(&ep, req.default_route, routes_read.take())
                 .await
             {
@@ -354,6 +354,9 @@ impl Agent {
             }
             if let Some((sb, rev)) = &sandbox {
                 txn = txn.when(Compare::ModRevision(keys::sandbox(&sb.name), *rev));
+            }
+            for c in kept {
+                txn = txn.when(c);
             }
             let mut txn = self.endpoint_records(&ep, txn, true, Held::PortsAndAddresses);
             for (key, rev) in &claims {
@@ -504,13 +507,17 @@ impl Agent {
     /// The default-route records this endpoint takes in its commit, with the revision each
     /// must still have (`None`: must be absent): for each family it has an address in, the
     /// namespace's record if there is none yet, if its holder is gone, or if `take` says so.
+    /// Also the compares that keep the records it leaves to their holders as they were read:
+    /// a holder detached meanwhile found no one to hand its route to (this endpoint was not
+    /// committed yet), and the attach must then decide again rather than leave none.
     async fn default_route_claims(
         &self,
         ep: &Endpoint,
         take: bool,
         read: Option<[Option<KeyValue>; 2]>,
-    ) -> Result<Vec<(String, Option<u64>)>> {
+    ) -> Result<(Vec<(String, Option<u64>)>, Vec<Compare>)> {
         let mut claims = Vec::new();
+        let mut kept = Vec::new();
         let [mut v4, mut v6] = read.map_or([None, None], |r| r.map(Some));
         for ipv4 in [true, false] {
             if !ep.ips.iter().any(|ip| ip.addr().is_ipv4() == ipv4) {
@@ -527,11 +534,13 @@ impl Agent {
                     let holder = String::from_utf8_lossy(&kv.value).to_string();
                     if take || self.store.get(&keys::endpoint(&holder)).await?.is_none() {
                         claims.push((key, Some(kv.mod_revision)));
+                    } else {
+                        kept.push(Compare::ModRevision(key, kv.mod_revision));
                     }
                 }
             }
         }
-        Ok(claims)
+        Ok((claims, kept))
     }
 
     /// The endpoint a failed compare of an attach ran into, if that endpoint is dead: the key

@@ -339,6 +339,31 @@ impl Agent {
                 .await?;
             }
         }
+        // Addresses its Docker engine's IPAM pools reserved in berth networks (`docker:<pool>`
+        // owners; the pools are its own records, gone with it below).
+        let pools = format!("{}{}", keys::local_prefix(id), keys::DOCKER_POOLS);
+        let owners: std::collections::HashSet<Vec<u8>> = self
+            .store
+            .list(&pools)
+            .await?
+            .items
+            .iter()
+            .filter_map(|kv| kv.key.rsplit('/').next())
+            .map(|pool| format!("{}{pool}", keys::DOCKER_OWNER_PREFIX).into_bytes())
+            .collect();
+        if !owners.is_empty() {
+            for kv in self.store.list(keys::IPAM).await?.items {
+                if owners.contains(&kv.value) {
+                    self.commit(
+                        Txn::new()
+                            .when(gone())
+                            .when(Compare::Value(kv.key.clone(), kv.value.clone()))
+                            .delete(kv.key),
+                    )
+                    .await?;
+                }
+            }
+        }
         // Its bridge networks: no other host can use or remove them.
         for net in self.networks().await? {
             if net.host.as_deref() == Some(id) {

@@ -176,6 +176,10 @@ impl ClusterView {
     }
 }
 
+/// The most events applied before a sync, so that a steady stream of them cannot hold syncs
+/// (and this host's own realization notices) back.
+const MAX_BATCH: usize = 1024;
+
 /// The watched prefixes: everything the reconciler decides from.
 const WATCHED: [&str; 3] = [keys::HOSTS, keys::NETWORKS, keys::ENDPOINTS];
 
@@ -238,10 +242,15 @@ impl ClusterReconciler {
             watches.push(store.watch(prefix, listing.revision).await?);
         }
         // Overlay networks deleted while the watch was down: their devices go too.
-        view.removed = std::mem::take(&mut self.view.networks)
-            .into_values()
-            .filter(|n| n.driver == Driver::Overlay && !view.networks.contains_key(&n.name))
-            .collect();
+        view.removed = std::mem::take(&mut self.view.removed);
+        view.removed.extend(
+            std::mem::take(&mut self.view.networks)
+                .into_values()
+                .filter(|n| {
+                    n.driver == Driver::Overlay
+                        && view.networks.get(&n.name).is_none_or(|now| now.id != n.id)
+                }),
+        );
         self.view = view;
         let all: Vec<String> = self.view.networks.keys().cloned().collect();
         self.sync(all).await;
@@ -261,7 +270,7 @@ impl ClusterReconciler {
         resync.tick().await;
         loop {
             let mut dirty: Vec<String> = Vec::new();
-            let mut draining = false;
+            let mut taken = 0;
             loop {
                 let [hosts, networks, endpoints] = &mut watches[..] else {
                     return "watches missing".into();
@@ -283,21 +292,32 @@ impl ClusterReconciler {
                         }
                     }
                 };
-                let got = if draining {
-                    // Only what is ready now: a timeout polls its future once before it
-                    // looks at the (already passed) deadline.
-                    match tokio::time::timeout(Duration::ZERO, next).await {
-                        Ok(got) => got,
-                        Err(_) => break,
-                    }
-                } else {
+                let got = if taken == 0 {
                     next.await
+                } else if taken >= MAX_BATCH {
+                    break;
+                } else {
+                    // Only what is ready now: polled once, not waited for.
+                    let mut next = std::pin::pin!(next);
+                    match std::future::poll_fn(|cx| std::task::Poll::Ready(next.as_mut().poll(cx)))
+                        .await
+                    {
+                        std::task::Poll::Ready(got) => got,
+                        std::task::Poll::Pending => break,
+                    }
                 };
-                draining = true;
+                taken += 1;
                 let event = match got {
                     None => continue,
                     Some(Ok(e)) => e,
-                    Some(Err(e)) => return e.to_string(),
+                    Some(Err(e)) => {
+                        // What this batch applied is synced before the relist replaces the
+                        // view (a deleted network's teardown would be lost otherwise).
+                        dirty.sort();
+                        dirty.dedup();
+                        self.sync(dirty).await;
+                        return e.to_string();
+                    }
                 };
                 match self.view.apply(&event) {
                     Ok(Some(nets)) => dirty.extend(nets),
@@ -419,20 +439,22 @@ impl Agent {
             .expect("realized lock")
             .contains(&net.id)
         {
-            return kernel({
-                let bridge = net.bridge.clone();
-                move || {
-                    Netlink::open()?
-                        .link_by_name(&bridge)?
-                        .map(|l| l.index)
-                        .ok_or_else(|| {
-                            berth_dataplane::DataplaneError::Protocol(format!(
-                                "bridge {bridge} is gone"
-                            ))
-                        })
-                }
+            // Both links there and up: nothing to do (no bridge or VXLAN checks).
+            let (bridge, vxlan) = (net.bridge.clone(), vxlan_name(&net.id));
+            let found = kernel(move || {
+                let mut nl = Netlink::open()?;
+                let vxlan_up = nl.link_by_name(&vxlan)?.is_some_and(|l| l.up);
+                Ok(nl
+                    .link_by_name(&bridge)?
+                    .filter(|l| l.up && vxlan_up)
+                    .map(|l| l.index))
             })
-            .await;
+            .await?;
+            if let Some(index) = found {
+                return Ok(index);
+            }
+            // Gone or down since: made again below.
+            self.realized.lock().expect("realized lock").remove(&net.id);
         }
         let _one = self.overlay_realizing.lock().await;
         let (bridge, name, mtu, mac) = (
@@ -481,8 +503,17 @@ impl Agent {
     /// Whether it did.
     pub(crate) async fn teardown_overlay(&self, net: &Network) -> bool {
         let _topology = self.topology.write().await;
+        // A network deleted and made again under its name is another network (other links):
+        // endpoints of the new one do not keep the old one's.
+        let same = match self.load::<Network>(&keys::network(&net.name)).await {
+            Ok(current) => current.is_some_and(|(c, _)| c.id == net.id),
+            Err(e) => {
+                tracing::warn!(network = %net.name, error = %e, "cannot read the network");
+                return false;
+            }
+        };
         let local = match self.local_endpoints().await {
-            Ok(eps) => eps.iter().any(|e| e.network == net.name),
+            Ok(eps) => same && eps.iter().any(|e| e.network == net.name),
             Err(e) => {
                 tracing::warn!(network = %net.name, error = %e, "cannot check the network's endpoints");
                 return false;

@@ -675,8 +675,9 @@ pub(crate) struct RedbWatch {
 }
 
 impl RedbWatch {
-    /// Copies the events of retained transactions after the cursor into `out`.
-    fn pull(&mut self, out: &mut VecDeque<Event>) -> Result<(), WatchError> {
+    /// Copies the events of retained transactions after the cursor into `out`, at most
+    /// [`PULL_TXNS`] of them; whether more are waiting.
+    fn pull(&mut self, out: &mut VecDeque<Event>) -> Result<bool, WatchError> {
         let h = lock(&self.history);
         if self.cursor < h.compacted {
             return Err(WatchError::Compacted {
@@ -693,16 +694,21 @@ impl RedbWatch {
             );
             self.cursor = *revision;
         }
-        Ok(())
+        Ok(h.entries.len() - start > PULL_TXNS)
     }
 
     pub(crate) async fn next_batch(&mut self, out: &mut VecDeque<Event>) -> Result<(), WatchError> {
         loop {
             // Seen before looking, so a publish after the look wakes `changed` below.
             self.published.borrow_and_update();
-            self.pull(out)?;
+            let more = self.pull(out)?;
             if !out.is_empty() {
                 return Ok(());
+            }
+            if more {
+                // Other prefixes' transactions only, and more already retained: look on
+                // rather than wait for a commit that may not come.
+                continue;
             }
             if self.published.changed().await.is_err() {
                 // The store is gone: deliver what it published before, then end.
