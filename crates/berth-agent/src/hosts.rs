@@ -330,13 +330,8 @@ impl Agent {
             };
             for ip in &ep.ips {
                 let key = keys::ipam(&ep.network, ip.addr());
-                self.commit(
-                    Txn::new()
-                        .when(gone())
-                        .when(Compare::Value(key.clone(), ep.id.clone().into_bytes()))
-                        .delete(key),
-                )
-                .await?;
+                self.free_of_gone(id, key, ep.id.clone().into_bytes())
+                    .await?;
             }
         }
         // Addresses its Docker engine's IPAM pools reserved in berth networks (`docker:<pool>`
@@ -354,13 +349,7 @@ impl Agent {
         if !owners.is_empty() {
             for kv in self.store.list(keys::IPAM).await?.items {
                 if owners.contains(&kv.value) {
-                    self.commit(
-                        Txn::new()
-                            .when(gone())
-                            .when(Compare::Value(kv.key.clone(), kv.value.clone()))
-                            .delete(kv.key),
-                    )
-                    .await?;
+                    self.free_of_gone(id, kv.key, kv.value).await?;
                 }
             }
         }
@@ -379,13 +368,7 @@ impl Agent {
         }
         for kv in self.store.list(keys::BLOCKS).await?.items {
             if kv.value == id.as_bytes() {
-                self.commit(
-                    Txn::new()
-                        .when(gone())
-                        .when(Compare::Value(kv.key.clone(), kv.value.clone()))
-                        .delete(kv.key),
-                )
-                .await?;
+                self.free_of_gone(id, kv.key, kv.value).await?;
             }
         }
         self.commit(
@@ -396,6 +379,18 @@ impl Agent {
         )
         .await?;
         Ok(freed)
+    }
+
+    /// Deletes `key` if it still holds `value`, and only while host `id` is gone.
+    async fn free_of_gone(&self, id: &str, key: String, value: Vec<u8>) -> Result<()> {
+        self.commit(
+            Txn::new()
+                .when(Compare::Absent(keys::host(id)))
+                .when(Compare::Value(key.clone(), value))
+                .delete(key),
+        )
+        .await?;
+        Ok(())
     }
 
     /// Runs [`Agent::collect_gone_hosts`] every `every` for the life of the daemon.

@@ -18,17 +18,19 @@ use crate::podman::Podman;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
-struct Docker<'h> {
+/// A dockerd in a test host's namespace (own roots, no bridge, no iptables) that finds berth's
+/// plugin socket by a spec file of its own name, removed at the end.
+pub(crate) struct Docker<'h> {
     host: &'h Host,
     dir: PathBuf,
     /// The plugin (and driver) name, unique per test.
-    plugin: String,
+    pub(crate) plugin: String,
     spec: PathBuf,
     dockerd: Option<Child>,
 }
 
 impl<'h> Docker<'h> {
-    fn start(host: &'h Host) -> Self {
+    pub(crate) fn start(host: &'h Host) -> Self {
         let plugin = format!(
             "berthe2e{}x{}",
             std::process::id(),
@@ -123,7 +125,7 @@ impl<'h> Docker<'h> {
         std::fs::read_to_string(self.dir.join("dockerd.log")).unwrap_or_default()
     }
 
-    fn cmd(&self, args: &[&str]) -> std::process::Output {
+    pub(crate) fn cmd(&self, args: &[&str]) -> std::process::Output {
         Command::new("docker")
             .args([
                 "-H",
@@ -134,7 +136,7 @@ impl<'h> Docker<'h> {
             .unwrap()
     }
 
-    fn ok(&self, args: &[&str]) -> String {
+    pub(crate) fn ok(&self, args: &[&str]) -> String {
         let o = self.cmd(args);
         assert!(
             o.status.success(),
@@ -188,10 +190,21 @@ impl Drop for Docker<'_> {
             let _ = self.cmd(&["rm", "-f", id]);
         }
         self.stop_dockerd();
-        // dockerd's own containerd and shims, should any outlive it.
-        let _ = Command::new("pkill")
-            .args(["-f", &self.dir.display().to_string()])
-            .status();
+        // dockerd's own containerd and shims, should any outlive it: only processes whose
+        // command line names this test's directory, by pid.
+        let ours = self.dir.display().to_string();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(&ours) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
         berth_dataplane::netns::unmount_below(&self.dir);
         let _ = std::fs::remove_file(&self.spec);
     }

@@ -2,154 +2,19 @@
 //! (a dockerd in host 1's namespace, berth its network and IPAM driver, the Docker network
 //! bound to the overlay network with `berth.network`) and podman (CNI backend, berth-cni) on
 //! host 2. docs/docker.md, "Overlay networks across hosts".
-//!
-//! `docker.rs`'s engine helper is private to that file; the few parts needed here are below,
-//! the same way of running dockerd (own roots, no bridge, no iptables, a plugin spec file of
-//! its own name removed at the end).
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
 use crate::cluster::{Cluster, UNDERLAY_MTU, VXLAN_OVERHEAD, eventually};
-use crate::harness::{Host, busybox_tarball};
+use crate::docker::Docker;
 use crate::podman::Podman;
 
 const NET: &str = "ov";
 const SUBNET: &str = "10.197.0.0/16";
 const GATEWAY: &str = "10.197.0.1";
 const CONVERGE: Duration = Duration::from_secs(15);
-
-static NEXT: AtomicU32 = AtomicU32::new(0);
-
-/// A dockerd in a test host's namespace that finds berth's plugin socket by a spec file.
-struct Dockerd<'h> {
-    /// The host whose namespace dockerd runs in: it outlives the engine.
-    _host: &'h Host,
-    dir: PathBuf,
-    /// The plugin (network and IPAM driver) name, unique per test.
-    plugin: String,
-    spec: PathBuf,
-    dockerd: Option<Child>,
-}
-
-impl<'h> Dockerd<'h> {
-    fn start(host: &'h Host) -> Self {
-        let plugin = format!(
-            "berthe2emh{}x{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
-        let dir = host.dir.join("docker");
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::create_dir_all("/etc/docker/plugins").unwrap();
-        let spec = PathBuf::from(format!("/etc/docker/plugins/{plugin}.spec"));
-        std::fs::write(
-            &spec,
-            format!("unix://{}\n", host.docker_plugin_socket().display()),
-        )
-        .unwrap();
-        let mut d = Dockerd {
-            _host: host,
-            dir,
-            plugin,
-            spec,
-            dockerd: None,
-        };
-        let log = std::fs::File::create(d.dir.join("dockerd.log")).unwrap();
-        let p = |s: &str| d.dir.join(s).display().to_string();
-        d.dockerd = Some(
-            Command::new("nsenter")
-                .arg(format!("--net={}", host.netns_path()))
-                .args(["dockerd", "--host", &format!("unix://{}", p("docker.sock"))])
-                .args(["--data-root", &p("data"), "--exec-root", &p("exec")])
-                .args(["--pidfile", &p("docker.pid")])
-                .args(["--bridge", "none", "--iptables=false", "--ip6tables=false"])
-                .args(["--storage-driver", "vfs"])
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .unwrap(),
-        );
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !d.cmd(&["info"]).status.success() {
-            assert!(
-                Instant::now() < deadline,
-                "dockerd did not start:\n{}",
-                d.log()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        let tarball = busybox_tarball(&d.dir);
-        d.ok(&["import", tarball.to_str().unwrap(), "busybox:local"]);
-        d
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("dockerd.log")).unwrap_or_default()
-    }
-
-    fn cmd(&self, args: &[&str]) -> Output {
-        Command::new("docker")
-            .arg("-H")
-            .arg(format!("unix://{}", self.dir.join("docker.sock").display()))
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.cmd(args);
-        assert!(
-            o.status.success(),
-            "docker {args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout).trim().to_string()
-    }
-}
-
-impl Drop for Dockerd<'_> {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("--- dockerd log ---\n{}", self.log());
-        }
-        let ids = String::from_utf8_lossy(&self.cmd(&["ps", "-aq"]).stdout).to_string();
-        for id in ids.split_whitespace() {
-            let _ = self.cmd(&["rm", "-f", id]);
-        }
-        if let Some(mut d) = self.dockerd.take() {
-            let pid = nix::unistd::Pid::from_raw(d.id() as i32);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while d.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let _ = d.kill();
-            let _ = d.wait();
-        }
-        // dockerd's own containerd and shims, should any outlive it: only processes whose
-        // command line names this test's directory, by pid.
-        let ours = self.dir.display().to_string();
-        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-            if String::from_utf8_lossy(&cmdline).contains(&ours) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-        }
-        berth_dataplane::netns::unmount_below(&self.dir);
-        let _ = std::fs::remove_file(&self.spec);
-    }
-}
 
 /// Host `i`'s listing of the network's endpoints (API JSON).
 fn endpoints(c: &Cluster, i: usize) -> Vec<Value> {
@@ -195,7 +60,7 @@ fn docker_on_one_host_and_podman_on_another_share_an_overlay() {
     });
 
     // Host 1: Docker, its network bound to the overlay network, as docs/docker.md has it.
-    let d = Dockerd::start(h1);
+    let d = Docker::start(h1);
     let p = d.plugin.clone();
     let dnet = d.ok(&[
         "network",
