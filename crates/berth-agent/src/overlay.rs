@@ -700,6 +700,49 @@ mod tests {
         );
     }
 
+    #[test]
+    fn this_hosts_own_endpoints_matter_only_as_a_networks_first_or_last_here() {
+        let mut v = view();
+        v.me = "h1".into();
+        let kv = |ep: &Endpoint| berth_store::KeyValue {
+            key: format!("endpoints/{}", ep.id),
+            value: serde_json::to_vec(ep).unwrap(),
+            create_revision: 1,
+            mod_revision: 1,
+            lease: None,
+        };
+        let gone = |id: &str| Event::Delete {
+            key: format!("endpoints/{id}"),
+            revision: 2,
+            prev: None,
+        };
+        // "a" is h1's only endpoint on ov: a second one changes nothing to program.
+        let x = endpoint("x", "ov", "h1", [10, 188, 0, 3]);
+        assert_eq!(v.apply(&Event::Put(kv(&x))).unwrap(), Some(vec![]));
+        assert_eq!(
+            v.apply(&gone("a")).unwrap(),
+            Some(vec![]),
+            "x is still here"
+        );
+        assert_eq!(
+            v.apply(&gone("x")).unwrap(),
+            Some(vec!["ov".to_string()]),
+            "the last one here: the network leaves this host"
+        );
+        let first = endpoint("y", "ov", "h1", [10, 188, 0, 4]);
+        assert_eq!(
+            v.apply(&Event::Put(kv(&first))).unwrap(),
+            Some(vec!["ov".to_string()]),
+            "the first one here again"
+        );
+        // Another host's endpoints always matter.
+        let remote = endpoint("z", "ov", "h2", [10, 188, 0, 70]);
+        assert_eq!(
+            v.apply(&Event::Put(kv(&remote))).unwrap(),
+            Some(vec!["ov".to_string()])
+        );
+    }
+
     /// The kernel as a map of realized networks to their entries.
     #[derive(Default)]
     struct FakeKernel {
