@@ -22,8 +22,8 @@ use axum::routing::post;
 use berth_api::CreateNetwork;
 use berth_dataplane::{Netlink, netns};
 use berth_model::{
-    DEFAULT_POOL, DEFAULT_POOL_PREFIX, Driver, Endpoint, MacAddr, NetnsRef, Network, PortMapping,
-    Protocol, veth_name,
+    DEFAULT_POOL, DEFAULT_POOL_PREFIX, Driver, Endpoint, Labels, MacAddr, NetnsRef, Network,
+    PortMapping, Protocol, validate_labels, veth_name,
 };
 use berth_store::{Compare, Txn, TxnOutcome};
 use ipnet::IpNet;
@@ -120,6 +120,26 @@ struct DockerEndpoint {
     /// (ReleaseAddress), as the engine's IPAM contract has it.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pools: BTreeMap<IpAddr, String>,
+    /// The berth endpoint's labels, from driver options `berth.label.KEY=VALUE`.
+    #[serde(default, skip_serializing_if = "Labels::is_empty")]
+    labels: Labels,
+}
+
+/// Driver options (`docker network connect --driver-opt`, `docker run --network
+/// name=N,driver-opt=...`) that become the endpoint's labels: `berth.label.KEY=VALUE`.
+pub const LABEL_OPTION_PREFIX: &str = "berth.label.";
+
+/// The labels among an endpoint's driver options, checked.
+fn docker_labels(opts: &HashMap<String, Value>) -> Result<Labels> {
+    let labels: Labels = opts
+        .iter()
+        .filter_map(|(k, v)| {
+            let key = k.strip_prefix(LABEL_OPTION_PREFIX)?;
+            Some((key.to_string(), v.as_str().unwrap_or_default().to_string()))
+        })
+        .collect();
+    validate_labels(&labels)?;
+    Ok(labels)
 }
 
 /// A Docker endpoint between CreateEndpoint and Join, held in memory: Join commits it with
@@ -504,6 +524,7 @@ fn berth_endpoint(
         ports: de.ports.clone(),
         default_gateways: vec![],
         host,
+        labels: de.labels.clone(),
     }
 }
 
@@ -1236,6 +1257,7 @@ impl Agent {
         let net = self.network(&dn.network).await?;
         let opts = options(&req.options);
         let ports = self.check_ports(&net, &docker_ports(&opts)?)?;
+        let labels = docker_labels(&opts)?;
         let iface = req.interface.unwrap_or_default();
         let mac = match iface.mac.as_str() {
             "" => option_str(&opts, "com.docker.network.endpoint.macaddress")
@@ -1286,6 +1308,7 @@ impl Agent {
                 .iter()
                 .filter_map(|(ip, source)| Some((*ip, source.pool()?.clone())))
                 .collect(),
+            labels,
         };
         let berth_id = random_id();
         let veth = self.start_veth(
@@ -1984,6 +2007,7 @@ mod tests {
             ports: vec![],
             endpoint: None,
             pools: BTreeMap::new(),
+            labels: Labels::new(),
         };
         berth_endpoint(&de, "0123456789abcdef", sandbox.to_string(), None)
     }

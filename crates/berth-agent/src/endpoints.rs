@@ -243,6 +243,7 @@ impl Agent {
         for n in req.name.iter().chain(&req.aliases) {
             validate_name("endpoint", n)?;
         }
+        berth_model::validate_labels(&req.labels)?;
         if let Some(cid) = &req.container_id {
             validate_name("container id", cid).map_err(|_| {
                 AgentError::Invalid(format!(
@@ -335,6 +336,7 @@ impl Agent {
             ports,
             default_gateways: vec![],
             host: self.host_tag(),
+            labels: req.labels.clone(),
         };
         let mut attempts = 0;
         let outcome = loop {

@@ -617,6 +617,7 @@ mod tests {
             ports: vec![],
             default_gateways: vec![],
             host: Some(host.into()),
+            labels: Default::default(),
         }
     }
 

@@ -9,8 +9,8 @@ mod client;
 use serde::{Deserialize, Serialize};
 
 pub use berth_model::{
-    Endpoint, MacAddr, ModelError, NetnsRef, Network, NetworkDns, PortMapping, Protocol, Sandbox,
-    Subnet, parse_publish, parse_subnet, validate_network_mtu,
+    Endpoint, Labels, MacAddr, ModelError, NetnsRef, Network, NetworkDns, PortMapping, Protocol,
+    Sandbox, Subnet, parse_publish, parse_subnet, validate_network_mtu,
 };
 pub use client::{Client, ClientError};
 
@@ -92,6 +92,9 @@ pub struct Attach {
     /// first, and passes to the next-oldest one when that network is detached.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub default_route: bool,
+    /// Labels (`{"app": "web"}`), for services and policies to select the endpoint by.
+    #[serde(default, skip_serializing_if = "Labels::is_empty")]
+    pub labels: Labels,
 }
 
 /// `POST /v1/detach`: detach from a network either a sandbox (name or netns path), or the

@@ -18,9 +18,12 @@ pub use names::{
 };
 pub use ports::{MAX_RANGE, PortMapping, Protocol, parse_publish};
 pub use validate::{
-    IPV6_MIN_MTU, MacAddr, ModelError, parse_cidr, parse_subnet, validate_ifname, validate_mtu,
-    validate_name, validate_network_mtu, validate_sandbox_name, validate_subnet,
+    IPV6_MIN_MTU, MacAddr, ModelError, parse_cidr, parse_subnet, validate_ifname, validate_labels,
+    validate_mtu, validate_name, validate_network_mtu, validate_sandbox_name, validate_subnet,
 };
+
+/// Labels on an endpoint (`app=web`): what services and policies select endpoints by.
+pub type Labels = std::collections::BTreeMap<String, String>;
 
 /// The pool that networks created without `--subnet` are carved from, one /24 each.
 pub const DEFAULT_POOL: &str = "10.210.0.0/16";
@@ -231,6 +234,9 @@ pub struct Endpoint {
     /// belong to the one host that has the store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
+    /// Labels, for services and policies to select endpoints by.
+    #[serde(default, skip_serializing_if = "Labels::is_empty")]
+    pub labels: Labels,
 }
 
 impl Endpoint {

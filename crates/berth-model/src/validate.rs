@@ -13,6 +13,8 @@ use crate::names::IFNAME_MAX;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ModelError {
+    #[error("invalid label {label:?}: {why}")]
+    InvalidLabel { label: String, why: &'static str },
     #[error("unknown network driver {0:?}: bridge or overlay")]
     UnknownDriver(String),
     #[error("invalid VNI {0}: must be between 1 and 16777215")]
@@ -167,6 +169,64 @@ pub fn validate_name(what: &'static str, name: &str) -> Result<(), ModelError> {
     Ok(())
 }
 
+/// Checks endpoint labels with Kubernetes' rules, so that selectors written for Kubernetes
+/// mean the same here: a key is `[PREFIX/]NAME`, NAME 1 to 63 characters of letters, digits,
+/// '-', '_' and '.', starting and ending with a letter or digit, PREFIX a DNS subdomain of at
+/// most 253 characters; a value is empty or follows NAME's rule.
+pub fn validate_labels<'a>(
+    labels: impl IntoIterator<Item = (&'a String, &'a String)>,
+) -> Result<(), ModelError> {
+    fn name_ok(s: &str) -> bool {
+        let b = s.as_bytes();
+        !b.is_empty()
+            && b.len() <= 63
+            && b[0].is_ascii_alphanumeric()
+            && b[b.len() - 1].is_ascii_alphanumeric()
+            && b.iter()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+    }
+    fn subdomain_ok(s: &str) -> bool {
+        s.len() <= 253
+            && s.split('.').all(|l| {
+                let b = l.as_bytes();
+                !b.is_empty()
+                    && b.len() <= 63
+                    && b[0].is_ascii_alphanumeric()
+                    && b[b.len() - 1].is_ascii_alphanumeric()
+                    && b.iter()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+            })
+    }
+    for (key, value) in labels {
+        let bad = |why| ModelError::InvalidLabel {
+            label: format!("{key}={value}"),
+            why,
+        };
+        let name = match key.split_once('/') {
+            Some((prefix, name)) => {
+                if !subdomain_ok(prefix) {
+                    return Err(bad(
+                        "the key's prefix must be a lower-case DNS subdomain (e.g. example.com/)",
+                    ));
+                }
+                name
+            }
+            None => key.as_str(),
+        };
+        if !name_ok(name) {
+            return Err(bad(
+                "the key must be 1 to 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit",
+            ));
+        }
+        if !value.is_empty() && !name_ok(value) {
+            return Err(bad(
+                "the value must be empty or 1 to 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit",
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Sandbox names become file names under the netns directory, so they must be one path
 /// component; we also keep them to the same character set as network names.
 pub fn validate_sandbox_name(name: &str) -> Result<(), ModelError> {
@@ -286,6 +346,38 @@ impl<'de> Deserialize<'de> for MacAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn labels_follow_kubernetes_rules() {
+        let check = |k: &str, v: &str| {
+            let (k, v) = (k.to_string(), v.to_string());
+            validate_labels([(&k, &v)])
+        };
+        for (k, v) in [
+            ("app", "web"),
+            ("tier", ""),
+            ("app.kubernetes.io/name", "db-1"),
+            ("io.kubernetes.pod.namespace", "default"),
+            ("A_b.c-9", "X.y_z-0"),
+        ] {
+            assert!(check(k, v).is_ok(), "{k}={v}");
+        }
+        for (k, v, why) in [
+            ("", "web", "key must be"),
+            ("-app", "web", "key must be"),
+            ("app-", "web", "key must be"),
+            ("a b", "web", "key must be"),
+            (&"x".repeat(64), "web", "key must be"),
+            ("Example.com/app", "web", "prefix"),
+            ("/app", "web", "prefix"),
+            ("app", "-web", "value must be"),
+            ("app", &"v".repeat(64), "value must be"),
+            ("app", "a/b", "value must be"),
+        ] {
+            let e = check(k, v).unwrap_err().to_string();
+            assert!(e.contains(why), "{k}={v}: {e}");
+        }
+    }
 
     #[test]
     fn cidr_must_be_canonical() {

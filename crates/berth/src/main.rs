@@ -375,6 +375,16 @@ struct AttachArgs {
     /// attached first keeps it).
     #[arg(long)]
     default_route: bool,
+    /// A label, KEY=VALUE (Kubernetes' rules), for services and policies; repeatable.
+    #[arg(long = "label", short = 'l', value_parser = parse_label_arg)]
+    labels: Vec<(String, String)>,
+}
+
+fn parse_label_arg(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("invalid label {s:?}: expected KEY=VALUE"))?;
+    Ok((k.to_string(), v.to_string()))
 }
 
 fn parse_publish_arg(s: &str) -> Result<Vec<PortMapping>, String> {
@@ -475,6 +485,7 @@ fn run(cli: Cli) -> Result<()> {
                     aliases: a.aliases,
                     ports: a.publish.into_iter().flatten().collect(),
                     default_route: a.default_route,
+                    labels: a.labels.into_iter().collect(),
                     ..Default::default()
                 },
             )?;
@@ -802,6 +813,9 @@ fn print_endpoint(e: &Endpoint) {
     }
     for gw in &e.default_gateways {
         say!("default   via {gw}");
+    }
+    for (k, v) in &e.labels {
+        say!("label     {k}={v}");
     }
 }
 

@@ -480,3 +480,48 @@ fn daemon_killed_during_adds_leaks_nothing_and_calls_fail_fast() {
         assert!(p.status.success());
     }
 }
+
+#[test]
+fn labels_from_the_config_and_the_pod() {
+    let h = Host::new();
+    let c = Container::start();
+    let netns = c.netns();
+    let mut e = env("ADD", "cid-lbl", &netns);
+    e.push((
+        "CNI_ARGS",
+        "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-0",
+    ));
+    let good = conf(
+        &h,
+        "1.1.0",
+        json!({"args": {"cni": {"labels": [{"key": "app", "value": "web"}]}}}),
+    );
+    ok(&h, "berth-cni", &e, &good);
+    let eps = h.json(&["endpoint", "ls", "--network", "blue"]);
+    assert_eq!(
+        eps[0]["labels"],
+        json!({
+            "app": "web",
+            "io.kubernetes.pod.namespace": "shop",
+            "io.kubernetes.pod.name": "web-0",
+        })
+    );
+    // A label the rules refuse: the config's fault (code 7), and nothing is made.
+    let c2 = Container::start();
+    let netns2 = c2.netns();
+    let bad = json!({"args": {"cni": {"labels": [{"key": "-app", "value": "web"}]}}});
+    let msg = fails(
+        &h,
+        &env("ADD", "cid-lbl2", &netns2),
+        &conf(&h, "1.1.0", bad),
+        7,
+    );
+    assert!(msg.contains("invalid label"), "{msg}");
+    assert_eq!(
+        h.json(&["endpoint", "ls", "--network", "blue"])
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+}

@@ -833,3 +833,64 @@ fn docker_endpoints_of_containers_removed_while_berth_is_down_are_released() {
         names(&h).is_empty() && h.host_links() == ["lo"]
     });
 }
+
+#[test]
+fn docker_driver_options_become_endpoint_labels() {
+    let h = Host::new();
+    let d = Docker::start(&h);
+    let id = d.create_net(&["--subnet", "10.96.0.0/24", "lnet"]);
+    let berth_name = format!("docker-{}", &id[..12]);
+    d.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "web",
+        "--network",
+        "name=lnet,driver-opt=berth.label.app=web,driver-opt=berth.label.tier=front",
+        "busybox:local",
+        "sleep",
+        "600",
+    ]);
+    let eps = h.json(&["endpoint", "ls", "--network", &berth_name]);
+    let eps = eps.as_array().unwrap();
+    assert_eq!(eps.len(), 1, "{eps:?}");
+    assert_eq!(eps[0]["labels"], json!({"app": "web", "tier": "front"}));
+
+    // `docker network connect --driver-opt` too.
+    let id2 = d.create_net(&["--subnet", "10.96.1.0/24", "lnet2"]);
+    d.ok(&[
+        "network",
+        "connect",
+        "--driver-opt",
+        "berth.label.role=cache",
+        "lnet2",
+        "web",
+    ]);
+    let eps2 = h.json(&[
+        "endpoint",
+        "ls",
+        "--network",
+        &format!("docker-{}", &id2[..12]),
+    ]);
+    assert_eq!(eps2[0]["labels"], json!({"role": "cache"}), "{eps2}");
+
+    // A label Kubernetes' rules refuse: the engine gets the error, berth keeps nothing.
+    let err = String::from_utf8_lossy(
+        &d.cmd(&[
+            "run",
+            "-d",
+            "--name",
+            "bad",
+            "--network",
+            "name=lnet,driver-opt=berth.label.app=-web",
+            "busybox:local",
+            "sleep",
+            "600",
+        ])
+        .stderr,
+    )
+    .to_string();
+    assert!(err.contains("invalid label"), "{err}");
+    let eps = h.json(&["endpoint", "ls", "--network", &berth_name]);
+    assert_eq!(eps.as_array().unwrap().len(), 1, "{eps}");
+}

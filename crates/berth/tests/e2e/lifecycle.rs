@@ -316,3 +316,43 @@ fn scopeguard(f: impl FnOnce()) -> impl Drop {
     }
     Guard(Some(f))
 }
+
+#[test]
+fn endpoints_carry_labels_and_bad_ones_are_refused() {
+    let h = Host::new();
+    h.ok(&["network", "create", "blue", "--subnet", "10.95.0.0/24"]);
+    h.ok(&["sandbox", "create", "web"]);
+    let ep = h.json(&[
+        "attach",
+        "web",
+        "--network",
+        "blue",
+        "--label",
+        "app=web",
+        "-l",
+        "tier=",
+        "--label",
+        "app.kubernetes.io/part-of=shop",
+    ]);
+    let want = serde_json::json!({"app": "web", "tier": "", "app.kubernetes.io/part-of": "shop"});
+    assert_eq!(ep["labels"], want);
+    let id = ep["id"].as_str().unwrap();
+    assert_eq!(h.json(&["endpoint", "inspect", id])["labels"], want);
+
+    h.ok(&["sandbox", "create", "db"]);
+    for bad in ["-app=web", "app=we b", "Example.com/app=x"] {
+        let label = format!("--label={bad}");
+        let err = h.fails(&["attach", "db", "--network", "blue", &label]);
+        assert!(err.contains("invalid label"), "{bad}: {err}");
+    }
+    // Refused by the command line itself (clap's usage error).
+    let o = h.berth(&["attach", "db", "--network", "blue", "--label", "novalue"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("KEY=VALUE"), "{err}");
+    let eps = h.json(&["endpoint", "ls", "--network", "blue"]);
+    assert_eq!(
+        eps.as_array().unwrap().len(),
+        1,
+        "nothing of the refused attaches: {eps}"
+    );
+}

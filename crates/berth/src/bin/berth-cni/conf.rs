@@ -257,6 +257,8 @@ pub struct NetConf {
     pub internal: Option<bool>,
     /// `bridge` or `overlay` (a network on every host of the cluster).
     pub driver: Option<String>,
+    /// `args.cni.labels` (the CNI conventions' `[{"key": ..., "value": ...}]`).
+    pub labels: Vec<(String, String)>,
     /// `runtimeConfig.ips`, else `args.cni.ips`; without prefix lengths.
     pub requested_ips: Vec<String>,
     pub mac: Option<String>,
@@ -308,6 +310,22 @@ impl NetConf {
                 .map(str::to_string)
                 .collect();
         }
+        let mut labels = Vec::new();
+        if let Some(list) = raw.args.as_ref().and_then(|a| a.pointer("/cni/labels")) {
+            let bad = || {
+                CniError::new(
+                    code::INVALID_CONFIG,
+                    "args.cni.labels must be a list of {\"key\": ..., \"value\": ...}",
+                )
+            };
+            for item in list.as_array().ok_or_else(bad)? {
+                let field = |f: &str| item.get(f).and_then(Value::as_str).map(str::to_string);
+                labels.push((
+                    field("key").ok_or_else(bad)?,
+                    field("value").ok_or_else(bad)?,
+                ));
+            }
+        }
         let requested_ips = requested_ips
             .into_iter()
             .map(|ip| ip.split('/').next().unwrap_or_default().to_string())
@@ -345,6 +363,7 @@ impl NetConf {
             mtu: raw.mtu,
             internal: raw.internal,
             driver: raw.driver,
+            labels,
             requested_ips,
             mac: raw.runtime_config.mac,
             aliases,
@@ -481,6 +500,26 @@ mod tests {
         NetConf::parse(&format!(
             r#"{{"cniVersion":"1.1.0","name":"blue","type":"berth-cni"{extra}}}"#
         ))
+    }
+
+    #[test]
+    fn labels_come_from_args_cni_labels() {
+        let c = conf(
+            r#","args":{"cni":{"labels":[{"key":"app","value":"web"},{"key":"tier","value":""}]}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.labels,
+            [("app".into(), "web".into()), ("tier".into(), "".into())]
+        );
+        for bad in [
+            r#","args":{"cni":{"labels":{"app":"web"}}}"#,
+            r#","args":{"cni":{"labels":[{"key":"app"}]}}"#,
+            r#","args":{"cni":{"labels":[{"key":1,"value":"x"}]}}"#,
+        ] {
+            let e = conf(bad).unwrap_err();
+            assert_eq!(e.code, code::INVALID_CONFIG, "{bad}");
+        }
     }
 
     #[test]

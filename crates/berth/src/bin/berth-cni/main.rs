@@ -187,9 +187,25 @@ fn add(env: &Env, conf: &NetConf, client: &Client) -> Result<Value, CniError> {
         container_id: Some(container_id.to_string()),
         ports: conf.ports.clone(),
         default_route: false,
+        labels: labels(env, conf),
     };
     let ep: Endpoint = client.post("/v1/endpoints", &req).map_err(api_error)?;
     Ok(result::add_result(&conf.cni_version, &ep, &net, netns))
+}
+
+/// The endpoint's labels: the configuration's `args.cni.labels`, and a Kubernetes pod's
+/// namespace and name from `CNI_ARGS` under the keys the kubelet's own labels use.
+fn labels(env: &Env, conf: &NetConf) -> berth_api::Labels {
+    let mut labels: berth_api::Labels = conf.labels.iter().cloned().collect();
+    for (arg, key) in [
+        ("K8S_POD_NAMESPACE", "io.kubernetes.pod.namespace"),
+        ("K8S_POD_NAME", "io.kubernetes.pod.name"),
+    ] {
+        if let Some(v) = env.arg(arg).filter(|v| !v.is_empty()) {
+            labels.insert(key.to_string(), v);
+        }
+    }
+    labels
 }
 
 /// The network named by the config; created from the config's keys if it does not exist yet,

@@ -121,6 +121,7 @@ mod tests {
             ports: vec![],
             default_gateways: vec!["10.91.0.1".parse().unwrap(), "fd00:91::1".parse().unwrap()],
             host: None,
+            labels: Default::default(),
         };
         (ep, net)
     }
