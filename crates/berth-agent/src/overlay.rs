@@ -502,7 +502,7 @@ impl Agent {
     /// topology lock, so no attach is half way, and after checking the store, not a cache.
     /// Whether it did.
     pub(crate) async fn teardown_overlay(&self, net: &Network) -> bool {
-        let _topology = self.topology.write().await;
+        let topology = self.topology.write().await;
         // A network deleted and made again under its name is another network (other links):
         // endpoints of the new one do not keep the old one's.
         let same = match self.load::<Network>(&keys::network(&net.name)).await {
@@ -532,6 +532,9 @@ impl Agent {
         if let Err(e) = self.release_blocks(&net.name).await {
             tracing::warn!(network = %net.name, error = %e, "cannot release address blocks");
         }
+        // The table is written from the store under its own lock (an attach that makes the
+        // network again syncs it too): attaches and detaches need not wait for it.
+        drop(topology);
         if let Err(e) = self.sync_firewall().await {
             tracing::warn!(network = %net.name, error = %e, "cannot update the firewall");
         }
