@@ -154,11 +154,14 @@ pub async fn run(cfg: DaemonConfig) -> Result<()> {
         socket = %socket.display(), mtu = default_mtu, host = %host.id,
         address = ?host.address, store = %agent.status_store(), "berth daemon ready"
     );
-    tokio::spawn(
-        agent
-            .clone()
-            .run_host_collector(cfg.host_lease_ttl, cfg.host_gone_grace),
-    );
+    if shared {
+        // Only other hosts can be gone: on its own store a host has nothing to collect.
+        tokio::spawn(
+            agent
+                .clone()
+                .run_host_collector(cfg.host_lease_ttl, cfg.host_gone_grace),
+        );
+    }
     tokio::spawn(ClusterReconciler::new(agent.clone(), Arc::new(Kernel)).run(overlay_events));
     tokio::spawn(agent.clone().run_reaper());
     tokio::spawn(

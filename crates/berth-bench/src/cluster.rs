@@ -126,15 +126,7 @@ pub fn bench(berth: &Path, dir: &Path, opts: &Options) -> Result<()> {
         "\nMany hosts: {HOSTS} host namespaces with daemons on one etcd 3.4 (underlay bridge, \
          MTU {UNDERLAY_MTU}), one host on the embedded store; same run:"
     );
-    println!(
-        "\n| tool                           |     N | op       | p50 ms  | p99 ms  | first   | last    | failed |"
-    );
-    println!(
-        "|--------------------------------|------:|----------|--------:|--------:|--------:|--------:|-------:|"
-    );
-    for r in &rows {
-        r.print();
-    }
+    crate::print_table(&rows);
     if let Some(w) = wide {
         notes.push(w);
     }
@@ -156,11 +148,11 @@ pub fn bench(berth: &Path, dir: &Path, opts: &Options) -> Result<()> {
     Ok(())
 }
 
-/// p-quantile of samples, by the rule of `Row::print` (the sample at index len·p).
+/// p-quantile of samples, by the rule of `Row::print`.
 fn pct(samples: &[Duration], p: f64) -> Duration {
     let mut s = samples.to_vec();
     s.sort();
-    s.get(((s.len() as f64 * p) as usize).min(s.len().saturating_sub(1)))
+    s.get(crate::quantile_index(s.len(), p))
         .copied()
         .unwrap_or_default()
 }
@@ -1042,7 +1034,7 @@ impl Convergence {
         let mut got: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
         for _ in 0..runs {
             for (k, (_, client, _, target)) in paths.iter().enumerate() {
-                got[k].push(iperf(client, target, secs)?);
+                got[k].push(crate::ports::iperf(client, target, 5201, secs)?);
             }
         }
         let medians: Vec<f64> = got
@@ -1170,31 +1162,6 @@ fn mtu(path: &str, dev: &str) -> Result<u32> {
         .nth(1)
         .and_then(|m| m.parse().ok())
         .with_context(|| format!("no mtu in {out:?}"))
-}
-
-/// iperf3 from the namespace at `client` to `target:5201` for `secs`; Gbit/s received.
-fn iperf(client: &str, target: &str, secs: u32) -> Result<f64> {
-    let o = nsenter(
-        client,
-        &[
-            "iperf3",
-            "-c",
-            target,
-            "-p",
-            "5201",
-            "-t",
-            &secs.to_string(),
-            "-J",
-        ],
-    )
-    .stdin(Stdio::null())
-    .output()?;
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout)
-        .with_context(|| format!("iperf3 output: {}", String::from_utf8_lossy(&o.stderr)))?;
-    v.pointer("/end/sum_received/bits_per_second")
-        .and_then(serde_json::Value::as_f64)
-        .map(|b| b / 1e9)
-        .with_context(|| format!("iperf3 to {target} failed: {v}"))
 }
 
 /// An ICMP echo request with 56 bytes of payload, checksummed.

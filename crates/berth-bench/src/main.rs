@@ -81,6 +81,24 @@ struct Args {
     cluster_attaches: usize,
 }
 
+/// Where the p-quantile is in `len` sorted samples: the sample at index len·p.
+fn quantile_index(len: usize, p: f64) -> usize {
+    ((len as f64 * p) as usize).min(len.saturating_sub(1))
+}
+
+/// The latency table, header and rows.
+fn print_table(rows: &[Row]) {
+    println!(
+        "\n| tool                           |     N | op       | p50 ms  | p99 ms  | first   | last    | failed |"
+    );
+    println!(
+        "|--------------------------------|------:|----------|--------:|--------:|--------:|--------:|-------:|"
+    );
+    for r in rows {
+        r.print();
+    }
+}
+
 struct Row {
     tool: String,
     n: usize,
@@ -96,7 +114,7 @@ impl Row {
         let ms = |d: Option<&Duration>| {
             d.map_or("-".into(), |d| format!("{:.2}", d.as_secs_f64() * 1e3))
         };
-        let pct = |p: f64| s.get(((s.len() as f64 * p) as usize).min(s.len().saturating_sub(1)));
+        let pct = |p: f64| s.get(quantile_index(s.len(), p));
         println!(
             "| {:<30} | {:>5} | {:<8} | {:>7} | {:>7} | {:>7} | {:>7} | {:>6} |",
             self.tool,
@@ -287,15 +305,7 @@ fn main() -> Result<()> {
         rows.extend(dockerd.run_bench(&plugin, args.docker_n)?);
     }
 
-    println!(
-        "\n| tool                           |     N | op       | p50 ms  | p99 ms  | first   | last    | failed |"
-    );
-    println!(
-        "|--------------------------------|------:|----------|--------:|--------:|--------:|--------:|-------:|"
-    );
-    for r in &rows {
-        r.print();
-    }
+    print_table(&rows);
     if args.dns_secs > 0 {
         let pid = b.daemon.as_ref().map_or(0, Child::id);
         let quota = Some(args.dns_cpu_quota).filter(|q| *q > 0.0);

@@ -105,8 +105,8 @@ fn in_netns(path: &str, cmd: &[&str]) -> Command {
     c
 }
 
-/// iperf3 from the underlay to `target:port` for `secs`; Gbit/s received.
-fn iperf(out: &str, target: &str, port: u16, secs: u32) -> Result<f64> {
+/// iperf3 from the namespace at `out` to `target:port` for `secs`; Gbit/s received.
+pub(crate) fn iperf(out: &str, target: &str, port: u16, secs: u32) -> Result<f64> {
     let o = in_netns(
         out,
         &[
@@ -120,6 +120,7 @@ fn iperf(out: &str, target: &str, port: u16, secs: u32) -> Result<f64> {
             "-J",
         ],
     )
+    .stdin(std::process::Stdio::null())
     .output()?;
     let v: serde_json::Value = serde_json::from_slice(&o.stdout)
         .with_context(|| format!("iperf3 output: {}", String::from_utf8_lossy(&o.stderr)))?;

@@ -59,6 +59,30 @@ fn rev(r: i64) -> u64 {
     u64::try_from(r).unwrap_or(0)
 }
 
+/// A key as etcd holds it, without the store's prefix.
+fn strip(prefix: &str, raw: &[u8]) -> Result<String, StoreError> {
+    let key = std::str::from_utf8(raw).map_err(|_| StoreError::Corrupt {
+        key: String::from_utf8_lossy(raw).into_owned(),
+        why: "the key is not UTF-8".into(),
+    })?;
+    key.strip_prefix(prefix)
+        .map(str::to_string)
+        .ok_or_else(|| StoreError::Corrupt {
+            key: key.to_string(),
+            why: format!("the key is outside the store prefix {prefix:?}"),
+        })
+}
+
+fn key_value(prefix: &str, kv: &etcd_client::KeyValue) -> Result<KeyValue, StoreError> {
+    Ok(KeyValue {
+        key: strip(prefix, kv.key())?,
+        value: kv.value().to_vec(),
+        create_revision: rev(kv.create_revision()),
+        mod_revision: rev(kv.mod_revision()),
+        lease: (kv.lease() != 0).then_some(kv.lease()),
+    })
+}
+
 fn lease_not_found(e: &etcd_client::Error) -> bool {
     match e {
         etcd_client::Error::GRpcStatus(s) => {
@@ -203,29 +227,6 @@ impl EtcdStore {
         }
     }
 
-    fn strip(&self, raw: &[u8]) -> Result<String, StoreError> {
-        let key = std::str::from_utf8(raw).map_err(|_| StoreError::Corrupt {
-            key: String::from_utf8_lossy(raw).into_owned(),
-            why: "the key is not UTF-8".into(),
-        })?;
-        key.strip_prefix(self.prefix.as_str())
-            .map(str::to_string)
-            .ok_or_else(|| StoreError::Corrupt {
-                key: key.to_string(),
-                why: format!("the key is outside the store prefix {:?}", self.prefix),
-            })
-    }
-
-    fn key_value(&self, kv: &etcd_client::KeyValue) -> Result<KeyValue, StoreError> {
-        Ok(KeyValue {
-            key: self.strip(kv.key())?,
-            value: kv.value().to_vec(),
-            create_revision: rev(kv.create_revision()),
-            mod_revision: rev(kv.mod_revision()),
-            lease: (kv.lease() != 0).then_some(kv.lease()),
-        })
-    }
-
     fn compare(&self, c: &Compare) -> etcd_client::Compare {
         use etcd_client::{Compare as C, CompareOp};
         match c {
@@ -273,7 +274,10 @@ impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
         let mut kv = self.client.kv_client();
         let resp = self.call("get", kv.get(self.full(key), None)).await?;
-        resp.kvs().first().map(|kv| self.key_value(kv)).transpose()
+        resp.kvs()
+            .first()
+            .map(|kv| key_value(&self.prefix, kv))
+            .transpose()
     }
 
     async fn list(&self, prefix: &str) -> Result<Listing, StoreError> {
@@ -292,7 +296,7 @@ impl Store for EtcdStore {
             items: resp
                 .kvs()
                 .iter()
-                .map(|kv| self.key_value(kv))
+                .map(|kv| key_value(&self.prefix, kv))
                 .collect::<Result<_, _>>()?,
         })
     }
@@ -326,9 +330,11 @@ impl Store for EtcdStore {
         let reads = resp.op_responses();
         for (i, c) in txn.compares.iter().enumerate() {
             let current = match reads.get(i) {
-                Some(TxnOpResponse::Get(g)) => {
-                    g.kvs().first().map(|kv| self.key_value(kv)).transpose()?
-                }
+                Some(TxnOpResponse::Get(g)) => g
+                    .kvs()
+                    .first()
+                    .map(|kv| key_value(&self.prefix, kv))
+                    .transpose()?,
                 _ => {
                     return Err(StoreError::Backend(
                         "etcd txn answer lacks the compared keys".into(),
@@ -429,26 +435,11 @@ pub(crate) struct EtcdWatch {
 
 impl EtcdWatch {
     fn strip(&self, raw: &[u8]) -> Result<String, WatchError> {
-        std::str::from_utf8(raw)
-            .ok()
-            .and_then(|k| k.strip_prefix(self.prefix.as_str()))
-            .map(str::to_string)
-            .ok_or_else(|| {
-                WatchError::Backend(format!(
-                    "etcd sent key {:?} outside the store prefix or not UTF-8",
-                    String::from_utf8_lossy(raw)
-                ))
-            })
+        strip(&self.prefix, raw).map_err(|e| WatchError::Backend(format!("etcd sent {e}")))
     }
 
     fn key_value(&self, kv: &etcd_client::KeyValue) -> Result<KeyValue, WatchError> {
-        Ok(KeyValue {
-            key: self.strip(kv.key())?,
-            value: kv.value().to_vec(),
-            create_revision: rev(kv.create_revision()),
-            mod_revision: rev(kv.mod_revision()),
-            lease: (kv.lease() != 0).then_some(kv.lease()),
-        })
+        key_value(&self.prefix, kv).map_err(|e| WatchError::Backend(format!("etcd sent {e}")))
     }
 
     fn take(&self, resp: WatchResponse, out: &mut VecDeque<Event>) -> Result<(), WatchError> {

@@ -813,9 +813,9 @@ fn addresses_unique_under_concurrent_attaches() {
     }
 }
 
-#[test]
-fn host_lease_lapse_cleans_other_hosts() {
-    // A long grace: h2 comes back while the cluster still keeps its addresses for it.
+/// Two hosts on an overlay network `ov` with these subnets, whose addresses a gone host keeps
+/// for a minute (long enough to come back to them); the network's VNI.
+fn two_hosts_that_come_back(v4: &str, v6: &str) -> (Cluster, u64) {
     let c = Cluster::with(
         2,
         Options {
@@ -823,17 +823,15 @@ fn host_lease_lapse_cleans_other_hosts() {
             ..Options::default()
         },
     );
-    let made = create_overlay(
-        &c,
-        "ov",
-        &[
-            "--subnet",
-            "10.190.0.0/16",
-            "--ipv6-subnet",
-            "fd00:190::/64",
-        ],
-    );
+    let made = create_overlay(&c, "ov", &["--subnet", v4, "--ipv6-subnet", v6]);
     let vni = made["vni"].as_u64().unwrap();
+    (c, vni)
+}
+
+#[test]
+fn host_lease_lapse_cleans_other_hosts() {
+    // A long grace: h2 comes back while the cluster still keeps its addresses for it.
+    let (c, vni) = two_hosts_that_come_back("10.190.0.0/16", "fd00:190::/64");
     let a = sandbox_on(&c, 1, "a1", "ov", &[]);
     let b = sandbox_on(&c, 2, "b2", "ov", &[]);
     sandbox_on(&c, 2, "bb2", "ov", &[]);
@@ -1046,24 +1044,7 @@ fn compaction_forces_relist_without_stale_entries() {
 
 #[test]
 fn host_readded_with_new_address() {
-    let c = Cluster::with(
-        2,
-        Options {
-            gone_grace: 60,
-            ..Options::default()
-        },
-    );
-    let made = create_overlay(
-        &c,
-        "ov",
-        &[
-            "--subnet",
-            "10.193.0.0/16",
-            "--ipv6-subnet",
-            "fd00:193::/64",
-        ],
-    );
-    let vni = made["vni"].as_u64().unwrap();
+    let (c, vni) = two_hosts_that_come_back("10.193.0.0/16", "fd00:193::/64");
     let a = sandbox_on(&c, 1, "a1", "ov", &[]);
     let b = sandbox_on(&c, 2, "b2", "ov", &[]);
     let (h1, h2) = (c.host(1), c.host(2));
