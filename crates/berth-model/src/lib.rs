@@ -5,6 +5,8 @@
 
 mod names;
 mod ports;
+mod selector;
+mod service;
 mod validate;
 
 use std::net::IpAddr;
@@ -17,6 +19,11 @@ pub use names::{
     is_berth_link_name, tombstone_name, veth_name, vxlan_name,
 };
 pub use ports::{MAX_RANGE, PortMapping, Protocol, parse_publish};
+pub use selector::{Operator, Requirement, Selector};
+pub use service::{
+    DEFAULT_AFFINITY_TIMEOUT, DEFAULT_SERVICE_CIDR, DEFAULT_SERVICE_CIDR6, MAX_AFFINITY_TIMEOUT,
+    PortName, Service, ServiceBackend, ServicePort, apply_publish, parse_affinity_timeout,
+};
 pub use validate::{
     IPV6_MIN_MTU, MacAddr, ModelError, parse_cidr, parse_subnet, validate_ifname, validate_labels,
     validate_mtu, validate_name, validate_network_mtu, validate_sandbox_name, validate_subnet,

@@ -72,6 +72,14 @@ pub enum ModelError {
     },
     #[error("invalid --publish {given:?}: {why}")]
     InvalidPublish { given: String, why: &'static str },
+    #[error("invalid selector {given:?}: {why}")]
+    InvalidSelector { given: String, why: String },
+    #[error("invalid service port {given:?}: {why}")]
+    InvalidServicePort { given: String, why: &'static str },
+    #[error("invalid service {name:?}: {why}")]
+    InvalidService { name: String, why: String },
+    #[error("invalid affinity timeout {0:?}: 1 second to 24h, as seconds or with s, m or h (3h)")]
+    InvalidAffinityTimeout(String),
 }
 
 /// Parses `ADDRESS/PREFIX` and insists on the canonical network form, as Docker does: a subnet
