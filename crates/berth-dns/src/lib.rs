@@ -1,6 +1,7 @@
 //! Service discovery: one DNS server per network, listening on the network's gateway
 //! addresses, answering for the endpoints attached to that network and forwarding everything
-//! else to the host's resolvers.
+//! else to the host's resolvers. A network's services answer to their names too, with their
+//! virtual IPs, and their named ports with SRV records.
 //!
 //! A query is answered for the network whose address it arrived at and for the other networks
 //! of the sender's namespace, so a name is visible exactly to the clients that share a network
@@ -20,7 +21,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use ipnet::IpNet;
 
-pub use zone::{Resolution, Zone};
+pub use zone::{Resolution, SrvPort, Zone};
 
 /// The suffix of qualified names when none is configured: `NAME.NETWORK.berth.local`.
 pub const DEFAULT_SUFFIX: &str = "berth.local";
@@ -147,6 +148,20 @@ impl Dns {
             .remove(id);
     }
 
+    /// Records a service on its network: its name answers with the VIPs (ahead of endpoints of
+    /// that name), its named ports with SRV records; replaces an earlier record of it.
+    pub fn set_service(&self, network: &str, name: &str, vips: &[IpAddr], ports: &[SrvPort]) {
+        if let Some(z) = self.zone(network) {
+            z.set_service(name, vips, ports);
+        }
+    }
+
+    pub fn remove_service(&self, network: &str, name: &str) {
+        if let Some(z) = self.zone(network) {
+            z.remove_service(name);
+        }
+    }
+
     fn zone(&self, network: &str) -> Option<Arc<Zone>> {
         let nets = self.shared.networks.lock().expect("networks lock");
         nets.get(network).map(|s| s.zone.clone())
@@ -250,6 +265,12 @@ mod tests {
             false,
         );
         z.set_endpoint("e1", &["web".into()], &["10.91.0.2".parse().unwrap()]);
+        let http = SrvPort {
+            name: "http".into(),
+            protocol: "tcp".into(),
+            port: 80,
+        };
+        z.set_service("api", &["10.211.0.7".parse().unwrap()], &[http]);
         z
     }
 
@@ -282,8 +303,11 @@ mod tests {
         /// Valid queries with one byte changed: the same, and the answer fits the limit.
         #[test]
         fn mutated_queries_never_panic(
-            name in "[a-z]{1,10}(\\.[a-z]{1,10}){0,3}",
-            qtype in prop_oneof![Just(1u16), Just(12), Just(28), Just(255), any::<u16>()],
+            name in prop_oneof![
+                Just("_http._tcp.api".to_string()),
+                "(_[a-z]{1,5}\\.){0,2}[a-z]{1,10}(\\.[a-z]{1,10}){0,3}",
+            ],
+            qtype in prop_oneof![Just(1u16), Just(12), Just(28), Just(33), Just(255), any::<u16>()],
             edns in any::<bool>(),
             at in any::<prop::sample::Index>(),
             byte in any::<u8>(),

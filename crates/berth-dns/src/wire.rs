@@ -4,10 +4,12 @@
 //! came (case preserved, as clients using 0x20 randomisation expect) and allocates one buffer.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 pub const TYPE_A: u16 = 1;
 pub const TYPE_PTR: u16 = 12;
 pub const TYPE_AAAA: u16 = 28;
+pub const TYPE_SRV: u16 = 33;
 pub const TYPE_OPT: u16 = 41;
 pub const TYPE_ANY: u16 = 255;
 pub const CLASS_IN: u16 = 1;
@@ -21,6 +23,8 @@ pub const RCODE_NOTIMP: u8 = 4;
 pub const RCODE_REFUSED: u8 = 5;
 
 const HEADER: usize = 12;
+/// A compression pointer to the question name, right after the header: the owner of answers.
+const QUESTION_NAME: [u8; 2] = [0xc0, HEADER as u8];
 const FLAG_QR: u16 = 0x8000;
 const FLAG_AA: u16 = 0x0400;
 const FLAG_TC: u16 = 0x0200;
@@ -154,12 +158,19 @@ fn read_name(msg: &[u8], mut at: usize) -> Option<(String, usize)> {
     }
 }
 
-/// One answer record; its owner is the question's name.
+/// One record; in the answer section its owner is the question's name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Record {
     Addr(IpAddr),
     /// A PTR to this name (dotted, without the root dot).
     Ptr(String),
+    /// An SRV record (RFC 2782) with priority and weight 0: each names a single target,
+    /// so there is nothing to choose between, and the RFC asks for weight 0 then. The target
+    /// (dotted, without the root dot) is shared with the zone: an answer copies no name.
+    Srv {
+        port: u16,
+        target: Arc<str>,
+    },
 }
 
 /// Builds an answer to `q`: its header and question, then `records` until `limit` bytes; the
@@ -172,7 +183,24 @@ pub fn answer(
     ttl: u32,
     limit: usize,
 ) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER + q.question.len() + 16 * records.len() + 11);
+    answer_with_extra(q, rcode, authoritative, records, &[], ttl, limit)
+}
+
+/// [`answer`], with `extra` in the additional section owned by the target of the first SRV
+/// record among `records`: its addresses, which spare the client a second query. They are a
+/// hint, so those that do not fit are left out without TC (RFC 2181 §9), as are all of them
+/// when no SRV record is answered.
+pub fn answer_with_extra(
+    q: &Query<'_>,
+    rcode: u8,
+    authoritative: bool,
+    records: &[Record],
+    extra: &[Record],
+    ttl: u32,
+    limit: usize,
+) -> Vec<u8> {
+    let mut out =
+        Vec::with_capacity(HEADER + q.question.len() + 16 * (records.len() + extra.len()) + 11);
     let mut flags = FLAG_QR | FLAG_RA | u16::from(rcode & 0xf);
     if q.rd {
         flags |= FLAG_RD;
@@ -185,38 +213,81 @@ pub fn answer(
     out.extend_from_slice(&[0, 1, 0, 0, 0, 0, 0, 0]);
     out.extend_from_slice(q.question);
     let opt_len = if q.edns_size.is_some() { 11 } else { 0 };
-    let mut count: u16 = 0;
+    let mut target = None;
+    let mut answers: u16 = 0;
     for r in records {
         let mark = out.len();
-        // The owner is a pointer to the question name, right after the header.
-        out.extend_from_slice(&[0xc0, HEADER as u8]);
-        let (rtype, rdata): (u16, Vec<u8>) = match r {
-            Record::Addr(IpAddr::V4(a)) => (TYPE_A, a.octets().to_vec()),
-            Record::Addr(IpAddr::V6(a)) => (TYPE_AAAA, a.octets().to_vec()),
-            Record::Ptr(name) => (TYPE_PTR, encode_name(name)),
-        };
-        out.extend_from_slice(&rtype.to_be_bytes());
-        out.extend_from_slice(&CLASS_IN.to_be_bytes());
-        out.extend_from_slice(&ttl.to_be_bytes());
-        out.extend_from_slice(&(rdata.len() as u16).to_be_bytes());
-        out.extend_from_slice(&rdata);
+        let at = push_record(&mut out, QUESTION_NAME, r, ttl);
         if out.len() + opt_len > limit {
             out.truncate(mark);
             flags |= FLAG_TC;
             out[2..4].copy_from_slice(&flags.to_be_bytes());
             break;
         }
-        count += 1;
+        target = target.or(at.and_then(pointer));
+        answers += 1;
     }
-    out[6..8].copy_from_slice(&count.to_be_bytes());
+    let mut additional: u16 = 0;
+    if let Some(target) = target {
+        for r in extra {
+            let mark = out.len();
+            push_record(&mut out, target, r, ttl);
+            if out.len() + opt_len > limit {
+                out.truncate(mark);
+                break;
+            }
+            additional += 1;
+        }
+    }
+    out[6..8].copy_from_slice(&answers.to_be_bytes());
     if q.edns_size.is_some() {
         out.extend_from_slice(&[0]);
         out.extend_from_slice(&TYPE_OPT.to_be_bytes());
         out.extend_from_slice(&EDNS_UDP_SIZE.to_be_bytes());
         out.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
-        out[10..12].copy_from_slice(&1u16.to_be_bytes());
+        additional += 1;
     }
+    out[10..12].copy_from_slice(&additional.to_be_bytes());
     out
+}
+
+/// A compression pointer to the name at `at`, if it is within a pointer's reach.
+fn pointer(at: usize) -> Option<[u8; 2]> {
+    let at = u16::try_from(at).ok().filter(|a| *a < 0x4000)?;
+    Some((0xc000 | at).to_be_bytes())
+}
+
+/// Appends `r` owned by the name `owner` points at, its data written in place (no buffer per
+/// record). For an SRV record, says where its target starts.
+fn push_record(out: &mut Vec<u8>, owner: [u8; 2], r: &Record, ttl: u32) -> Option<usize> {
+    let rtype = match r {
+        Record::Addr(IpAddr::V4(_)) => TYPE_A,
+        Record::Addr(IpAddr::V6(_)) => TYPE_AAAA,
+        Record::Ptr(_) => TYPE_PTR,
+        Record::Srv { .. } => TYPE_SRV,
+    };
+    out.extend_from_slice(&owner);
+    out.extend_from_slice(&rtype.to_be_bytes());
+    out.extend_from_slice(&CLASS_IN.to_be_bytes());
+    out.extend_from_slice(&ttl.to_be_bytes());
+    out.extend_from_slice(&[0, 0]);
+    let start = out.len();
+    let mut target = None;
+    match r {
+        Record::Addr(IpAddr::V4(a)) => out.extend_from_slice(&a.octets()),
+        Record::Addr(IpAddr::V6(a)) => out.extend_from_slice(&a.octets()),
+        Record::Ptr(name) => push_name(out, name),
+        Record::Srv { port, target: name } => {
+            out.extend_from_slice(&[0, 0, 0, 0]);
+            out.extend_from_slice(&port.to_be_bytes());
+            target = Some(out.len());
+            // Never compressed: RFC 2782 forbids it in the target.
+            push_name(out, name);
+        }
+    }
+    let len = (out.len() - start) as u16;
+    out[start - 2..start].copy_from_slice(&len.to_be_bytes());
+    target
 }
 
 /// An answer without a question (to a message whose question could not be read), echoing
@@ -230,17 +301,16 @@ pub fn bare_answer(header: [u8; 4], rcode: u8) -> Vec<u8> {
     out
 }
 
-/// A dotted name in wire form. Names here come from berth's own records (validated endpoint
-/// and network names), so labels are short; longer ones are cut to fit the format.
-fn encode_name(name: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(name.len() + 2);
+/// Appends a dotted name in wire form. Names here come from berth's own records (validated
+/// endpoint, service and network names), so labels are short; longer ones are cut to fit the
+/// format.
+fn push_name(out: &mut Vec<u8>, name: &str) {
     for label in name.split('.').filter(|l| !l.is_empty()) {
         let bytes = &label.as_bytes()[..label.len().min(63)];
         out.push(bytes.len() as u8);
         out.extend_from_slice(bytes);
     }
     out.push(0);
-    out
 }
 
 /// The message ID and whether the TC (truncated) bit is set, for relaying upstream answers.
@@ -290,7 +360,7 @@ pub(crate) mod tests {
         let mut m = id.to_be_bytes().to_vec();
         m.extend_from_slice(&FLAG_RD.to_be_bytes());
         m.extend_from_slice(&[0, 1, 0, 0, 0, 0, 0, u8::from(edns)]);
-        m.extend_from_slice(&encode_name(name));
+        push_name(&mut m, name);
         m.extend_from_slice(&qtype.to_be_bytes());
         m.extend_from_slice(&CLASS_IN.to_be_bytes());
         if edns {
@@ -361,6 +431,43 @@ pub(crate) mod tests {
         assert!(full.len() <= 512);
         assert_ne!(full[2] & 0x02, 0, "TC set");
         assert_eq!(usize::from(full[7]), (512 - 12 - q.question.len()) / 16);
+    }
+
+    #[test]
+    fn srv_targets_go_uncompressed_and_extras_point_at_them_or_are_left_out() {
+        let m = query(3, "_http._tcp.api", TYPE_SRV, true);
+        let q = parse_query(&m).unwrap();
+        let target: Arc<str> = "api.blue.berth.local".into();
+        let srv = [Record::Srv { port: 80, target }];
+        let vips = [
+            Record::Addr([10, 211, 0, 7].into()),
+            Record::Addr("fd00:b5:5e7::7".parse().unwrap()),
+        ];
+        let a = answer_with_extra(&q, RCODE_NOERROR, true, &srv, &vips, 0, 1232);
+        assert_eq!(
+            (&a[6..8], &a[10..12]),
+            (&[0, 1][..], &[0, 3][..]),
+            "2 + OPT"
+        );
+        let rr = HEADER + q.question.len();
+        assert_eq!(&a[rr..rr + 4], &[0xc0, 12, 0, 33]);
+        let rdata = &a[rr + 12..];
+        assert_eq!(&rdata[..6], &[0, 0, 0, 0, 0, 80], "priority, weight, port");
+        let mut name = Vec::new();
+        push_name(&mut name, "api.blue.berth.local");
+        assert_eq!(&rdata[6..6 + name.len()], &name[..]);
+        let extra = rr + 12 + 6 + name.len();
+        let at = rr + 12 + 6;
+        assert_eq!(&a[extra..extra + 4], &[0xc0, at as u8, 0, 1]);
+        assert_eq!(&a[extra + 16..extra + 20], &[0xc0, at as u8, 0, 28]);
+        assert_eq!(a.len(), extra + 16 + 28 + 11);
+        // Room for the SRV and the A record only: the AAAA goes, without TC.
+        let cut = answer_with_extra(&q, RCODE_NOERROR, true, &srv, &vips, 0, extra + 16 + 11);
+        assert_eq!((&cut[6..8], &cut[10..12]), (&[0, 1][..], &[0, 2][..]));
+        assert_eq!(cut[2] & 0x02, 0);
+        // No SRV, no owner for the extras.
+        let none = answer_with_extra(&q, RCODE_NOERROR, true, &[], &vips, 0, 1232);
+        assert_eq!(&none[10..12], &[0, 1]);
     }
 
     #[test]

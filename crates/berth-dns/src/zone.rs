@@ -1,5 +1,5 @@
-//! What one network's DNS server knows: the names of the endpoints attached to it, and how a
-//! query arriving on that network is answered from them.
+//! What one network's DNS server knows: the names of the endpoints attached to it and of its
+//! services, and how a query arriving on that network is answered from them.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -33,12 +33,63 @@ pub struct Zone {
 
 #[derive(Default)]
 struct Names {
-    /// Lower-case name → (endpoint id, address) for every endpoint with that name or alias.
-    by_name: HashMap<String, Vec<(String, IpAddr)>>,
+    /// Lower-case name → what answers to it.
+    by_name: HashMap<String, Named>,
     /// Address → (endpoint id, its primary name).
     by_addr: HashMap<IpAddr, (String, String)>,
     /// Endpoint id → its names and addresses, for removal.
     of_endpoint: HashMap<String, (Vec<String>, Vec<IpAddr>)>,
+    /// VIP → the qualified name of the service holding it.
+    by_vip: HashMap<IpAddr, Arc<str>>,
+}
+
+/// The endpoints and the service with one name. Services and endpoints share the map so that
+/// a name costs one lookup however many services the network has.
+#[derive(Default)]
+struct Named {
+    /// (endpoint id, address) for every endpoint with the name or alias.
+    endpoints: Vec<(String, IpAddr)>,
+    /// Answers instead of the endpoints when present.
+    service: Option<Service>,
+}
+
+/// A service as DNS answers it.
+struct Service {
+    vips: Vec<IpAddr>,
+    /// Its named ports, names and protocols in lower case.
+    ports: Vec<SrvPort>,
+    /// `NAME.NETWORK.SUFFIX`: the target of its SRV records and the name of its VIPs, made once
+    /// rather than per answer.
+    fqdn: Arc<str>,
+}
+
+/// A port of a service. A named one answers SRV queries for `_NAME._PROTOCOL.SERVICE`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SrvPort {
+    /// Empty for an unnamed port, which has no SRV record.
+    pub name: String,
+    /// `tcp`, `udp` or `sctp`.
+    pub protocol: String,
+    pub port: u16,
+}
+
+/// What a zone has for a name: the answers, then the additional records.
+#[derive(Default)]
+struct Found {
+    records: Vec<Record>,
+    answers: usize,
+}
+
+impl Found {
+    fn answers(records: Vec<Record>) -> Found {
+        let answers = records.len();
+        Found { records, answers }
+    }
+
+    /// The answer and additional sections.
+    fn sections(&self) -> (&[Record], &[Record]) {
+        self.records.split_at(self.answers)
+    }
 }
 
 /// What a query calls for.
@@ -75,7 +126,7 @@ impl Zone {
             return;
         }
         for name in &names {
-            let entry = n.by_name.entry(name.clone()).or_default();
+            let entry = &mut n.by_name.entry(name.clone()).or_default().endpoints;
             entry.extend(ips.iter().map(|ip| (id.to_string(), *ip)));
         }
         for ip in ips {
@@ -88,6 +139,37 @@ impl Zone {
         self.names.write().expect("zone lock").remove(id);
     }
 
+    /// Adds (or replaces) a service: its VIPs (one per address family) and ports. Its name
+    /// answers with the VIPs, ahead of any endpoint of that name or alias: the VIP, which
+    /// balances over the endpoints, is what the service's clients want.
+    pub fn set_service(&self, name: &str, vips: &[IpAddr], ports: &[SrvPort]) {
+        let name = name.to_ascii_lowercase();
+        let fqdn: Arc<str> = format!("{name}.{}", self.domain).into();
+        let ports = ports
+            .iter()
+            .filter(|p| !p.name.is_empty())
+            .map(|p| SrvPort {
+                name: p.name.to_ascii_lowercase(),
+                protocol: p.protocol.to_ascii_lowercase(),
+                port: p.port,
+            })
+            .collect();
+        let mut n = self.names.write().expect("zone lock");
+        n.remove_service(&name);
+        for ip in vips {
+            n.by_vip.insert(*ip, fqdn.clone());
+        }
+        let vips = vips.to_vec();
+        n.by_name.entry(name).or_default().service = Some(Service { vips, ports, fqdn });
+    }
+
+    pub fn remove_service(&self, name: &str) {
+        self.names
+            .write()
+            .expect("zone lock")
+            .remove_service(&name.to_ascii_lowercase());
+    }
+
     /// Answers a parsed query from the zone, or says it is someone else's. `limit` is the
     /// largest answer the transport takes. `others` gives the zones of the client's other
     /// networks (a sandbox on two networks finds names on both, asking either gateway); it is
@@ -98,25 +180,25 @@ impl Zone {
         limit: usize,
         others: &dyn Fn() -> Vec<Arc<Zone>>,
     ) -> Resolution {
-        let local = |rcode, records: &[Record]| {
-            Resolution::Answer(wire::answer(q, rcode, true, records, TTL, limit))
+        let local = |rcode, records: &[Record], extra: &[Record]| {
+            let a = wire::answer_with_extra(q, rcode, true, records, extra, TTL, limit);
+            Resolution::Answer(a)
         };
         if !matches!(q.qclass, wire::CLASS_IN | wire::CLASS_ANY) {
             return self.not_ours(q, limit);
         }
         if let Some(ip) = wire::reverse_name_addr(&q.name) {
-            let found = if self.holds(ip) {
-                Some(self.ptr(ip))
-            } else {
-                others().iter().find(|z| z.holds(ip)).map(|z| z.ptr(ip))
+            let found = match self.reverse(ip) {
+                Some(found) => Some(found),
+                None => others().iter().find_map(|z| z.reverse(ip)),
             };
             return match found {
                 None => self.not_ours(q, limit),
-                Some(None) => local(wire::RCODE_NXDOMAIN, &[]),
+                Some(None) => local(wire::RCODE_NXDOMAIN, &[], &[]),
                 Some(Some(fqdn)) if matches!(q.qtype, wire::TYPE_PTR | wire::TYPE_ANY) => {
-                    local(wire::RCODE_NOERROR, &[Record::Ptr(fqdn)])
+                    local(wire::RCODE_NOERROR, &[Record::Ptr(fqdn)], &[])
                 }
-                Some(Some(_)) => local(wire::RCODE_NOERROR, &[]),
+                Some(Some(_)) => local(wire::RCODE_NOERROR, &[], &[]),
             };
         }
         if q.name == self.suffix || q.name.ends_with(&self.dot_suffix) {
@@ -126,43 +208,59 @@ impl Zone {
                 None => others().iter().find_map(|z| z.qualified(&q.name, q.qtype)),
             };
             return match answer {
-                Some(Some(records)) => local(wire::RCODE_NOERROR, &records),
+                Some(Some(found)) => {
+                    let (records, extra) = found.sections();
+                    local(wire::RCODE_NOERROR, records, extra)
+                }
                 // A network's own domain holds names: NODATA, not NXDOMAIN.
                 _ if q.name == self.suffix || q.name == self.domain => {
-                    local(wire::RCODE_NOERROR, &[])
+                    local(wire::RCODE_NOERROR, &[], &[])
                 }
-                _ => local(wire::RCODE_NXDOMAIN, &[]),
+                _ => local(wire::RCODE_NXDOMAIN, &[], &[]),
             };
         }
-        let records = match self.addresses(&q.name, q.qtype) {
-            Some(r) => Some(r),
-            None => others().iter().find_map(|z| z.addresses(&q.name, q.qtype)),
+        let found = match self.lookup(&q.name, q.qtype) {
+            Some(found) => Some(found),
+            None => others().iter().find_map(|z| z.lookup(&q.name, q.qtype)),
         };
-        match records {
+        match found {
             // A known name without records of the asked type is NODATA (NOERROR, no answers).
-            Some(records) => local(wire::RCODE_NOERROR, &records),
+            Some(found) => {
+                let (records, extra) = found.sections();
+                local(wire::RCODE_NOERROR, records, extra)
+            }
             None => self.not_ours(q, limit),
         }
     }
 
-    /// For a name under this zone's domain: `Some` of what [`Zone::addresses`] says of the
-    /// short name; `None` when the name is not under this zone's domain.
-    fn qualified(&self, name: &str, qtype: u16) -> Option<Option<Vec<Record>>> {
+    /// For a name under this zone's domain: `Some` of what [`Zone::lookup`] says of the short
+    /// name; `None` when the name is not under this zone's domain.
+    fn qualified(&self, name: &str, qtype: u16) -> Option<Option<Found>> {
         let short = name.strip_suffix(&self.domain)?.strip_suffix('.')?;
-        Some(self.addresses(short, qtype))
+        Some(self.lookup(short, qtype))
     }
 
-    /// The addresses of the asked type of a short name, rotated; `None` if unknown here.
-    fn addresses(&self, short: &str, qtype: u16) -> Option<Vec<Record>> {
+    /// The records of the asked type of a short name, endpoint addresses rotated; `None` if
+    /// unknown here.
+    fn lookup(&self, short: &str, qtype: u16) -> Option<Found> {
         let names = self.names.read().expect("zone lock");
-        let entries = names.by_name.get(short)?;
         let want = |ip: &IpAddr| match qtype {
             wire::TYPE_A => ip.is_ipv4(),
             wire::TYPE_AAAA => ip.is_ipv6(),
             wire::TYPE_ANY => true,
             _ => false,
         };
-        let mut records: Vec<Record> = entries
+        // Endpoint and service names start with a letter or digit: `_` starts a service port.
+        if short.starts_with('_') {
+            return names.srv(short, qtype);
+        }
+        let named = names.by_name.get(short)?;
+        if let Some(s) = &named.service {
+            let vips = s.vips.iter().filter(|ip| want(ip));
+            return Some(Found::answers(vips.map(|ip| Record::Addr(*ip)).collect()));
+        }
+        let mut records: Vec<Record> = named
+            .endpoints
             .iter()
             .filter(|(_, ip)| want(ip))
             .map(|(_, ip)| Record::Addr(*ip))
@@ -172,18 +270,22 @@ impl Zone {
             let turn = self.rotation.fetch_add(1, Ordering::Relaxed) % records.len();
             records.rotate_left(turn);
         }
-        Some(records)
+        Some(Found::answers(records))
     }
 
-    fn holds(&self, ip: IpAddr) -> bool {
-        self.subnets.iter().any(|s| s.contains(&ip))
-    }
-
-    /// The fully qualified name of the endpoint holding `ip`, if any.
-    fn ptr(&self, ip: IpAddr) -> Option<String> {
+    /// The fully qualified name of the service or endpoint holding `ip`: `Some(None)` for an
+    /// address of this network's subnets no one holds, `None` for an address that is not this
+    /// zone's (VIPs come from a range of their own, outside the subnets).
+    fn reverse(&self, ip: IpAddr) -> Option<Option<String>> {
         let names = self.names.read().expect("zone lock");
-        let (_, name) = names.by_addr.get(&ip)?;
-        Some(format!("{name}.{}", self.domain))
+        if let Some(fqdn) = names.by_vip.get(&ip) {
+            return Some(Some(fqdn.to_string()));
+        }
+        if !self.subnets.iter().any(|s| s.contains(&ip)) {
+            return None;
+        }
+        let endpoint = names.by_addr.get(&ip);
+        Some(endpoint.map(|(_, name)| format!("{name}.{}", self.domain)))
     }
 
     /// A name berth does not know: forwarded, except from internal networks.
@@ -202,9 +304,9 @@ impl Names {
             return;
         };
         for name in names {
-            if let Some(entries) = self.by_name.get_mut(&name) {
-                entries.retain(|(ep, _)| ep != id);
-                if entries.is_empty() {
+            if let Some(named) = self.by_name.get_mut(&name) {
+                named.endpoints.retain(|(ep, _)| ep != id);
+                if named.endpoints.is_empty() && named.service.is_none() {
                     self.by_name.remove(&name);
                 }
             }
@@ -216,13 +318,61 @@ impl Names {
             }
         }
     }
+
+    fn remove_service(&mut self, name: &str) {
+        let Some(named) = self.by_name.get_mut(name) else {
+            return;
+        };
+        let Some(s) = named.service.take() else {
+            return;
+        };
+        if named.endpoints.is_empty() {
+            self.by_name.remove(name);
+        }
+        // Only this service's: a later service may hold the VIP by now.
+        for ip in s.vips {
+            if self.by_vip.get(&ip).is_some_and(|fqdn| *fqdn == s.fqdn) {
+                self.by_vip.remove(&ip);
+            }
+        }
+    }
+
+    /// `_PORT._PROTO.SERVICE`: an SRV record for each of the service's ports of that name and
+    /// protocol, with the VIPs as additional records. `_PROTO.SERVICE` is the empty name
+    /// between the service and those: NODATA, since NXDOMAIN would deny every name under it
+    /// (RFC 8020). `None` when the service has no such port.
+    fn srv(&self, short: &str, qtype: u16) -> Option<Found> {
+        let (first, rest) = short.strip_prefix('_')?.split_once('.')?;
+        let (port, proto, service) = match rest.strip_prefix('_').and_then(|r| r.split_once('.')) {
+            Some((proto, service)) => (Some(first), proto, service),
+            None => (None, first, rest),
+        };
+        let s = self.by_name.get(service)?.service.as_ref()?;
+        let mut ports = s
+            .ports
+            .iter()
+            .filter(|p| p.protocol == proto && port.is_none_or(|name| p.name == name))
+            .peekable();
+        ports.peek()?;
+        if port.is_none() || !matches!(qtype, wire::TYPE_SRV | wire::TYPE_ANY) {
+            return Some(Found::default());
+        }
+        let mut records = Vec::with_capacity(s.ports.len() + s.vips.len());
+        records.extend(ports.map(|p| Record::Srv {
+            port: p.port,
+            target: s.fqdn.clone(),
+        }));
+        let answers = records.len();
+        records.extend(s.vips.iter().map(|ip| Record::Addr(*ip)));
+        Some(Found { records, answers })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::wire::tests::query;
-    use crate::wire::{TYPE_A, TYPE_AAAA, TYPE_PTR, parse_query};
+    use crate::wire::{TYPE_A, TYPE_AAAA, TYPE_ANY, TYPE_PTR, TYPE_SRV, parse_query};
 
     fn zone(internal: bool) -> Zone {
         let z = Zone::new(
@@ -258,25 +408,69 @@ mod tests {
         qtype: u16,
         others: &[Arc<Zone>],
     ) -> Option<(u8, Vec<String>)> {
+        ask_all(z, name, qtype, others).map(|(rcode, answers, _)| (rcode, answers))
+    }
+
+    /// (rcode, answers, additional records as `OWNER DATA`)
+    fn ask_all(
+        z: &Zone,
+        name: &str,
+        qtype: u16,
+        others: &[Arc<Zone>],
+    ) -> Option<(u8, Vec<String>, Vec<String>)> {
         let m = query(1, name, qtype, false);
         let q = parse_query(&m).unwrap();
         let Resolution::Answer(a) = z.resolve(&q, 512, &|| others.to_vec()) else {
             return None;
         };
         let mut at = 12 + q.question.len();
-        let mut out = Vec::new();
-        for _ in 0..u16::from_be_bytes([a[6], a[7]]) {
-            let rtype = u16::from_be_bytes([a[at + 2], a[at + 3]]);
-            let len = usize::from(u16::from_be_bytes([a[at + 10], a[at + 11]]));
-            let data = &a[at + 12..at + 12 + len];
-            out.push(match rtype {
-                TYPE_A => IpAddr::from(<[u8; 4]>::try_from(data).unwrap()).to_string(),
-                TYPE_AAAA => IpAddr::from(<[u8; 16]>::try_from(data).unwrap()).to_string(),
-                _ => String::from_utf8_lossy(data).into_owned(),
-            });
-            at += 12 + len;
+        let mut section = |count: usize, owned: bool| {
+            let mut out = Vec::new();
+            for _ in 0..count {
+                let rtype = u16::from_be_bytes([a[at + 2], a[at + 3]]);
+                let len = usize::from(u16::from_be_bytes([a[at + 10], a[at + 11]]));
+                let data = &a[at + 12..at + 12 + len];
+                let text = match rtype {
+                    TYPE_A => IpAddr::from(<[u8; 4]>::try_from(data).unwrap()).to_string(),
+                    TYPE_AAAA => IpAddr::from(<[u8; 16]>::try_from(data).unwrap()).to_string(),
+                    TYPE_PTR => name_at(&a, at + 12),
+                    TYPE_SRV => {
+                        let n = |i: usize| u16::from_be_bytes([data[i], data[i + 1]]);
+                        let target = name_at(&a, at + 18);
+                        format!("{} {} {} {target}", n(0), n(2), n(4))
+                    }
+                    t => panic!("unexpected type {t}"),
+                };
+                out.push(match owned {
+                    true => format!("{} {text}", name_at(&a, at)),
+                    false => text,
+                });
+                at += 12 + len;
+            }
+            out
+        };
+        let count = |i: usize| usize::from(u16::from_be_bytes([a[i], a[i + 1]]));
+        let answers = section(count(6), false);
+        assert_eq!(count(8), 0);
+        let additional = section(count(10), true);
+        Some((a[3] & 0xf, answers, additional))
+    }
+
+    /// The name at `at` in `msg`, following compression pointers, dotted with the root dot.
+    fn name_at(msg: &[u8], mut at: usize) -> String {
+        let mut name = String::new();
+        loop {
+            let len = usize::from(msg[at]);
+            match len {
+                0 => return if name.is_empty() { ".".into() } else { name },
+                0xc0.. => at = usize::from(u16::from_be_bytes([msg[at], msg[at + 1]]) & 0x3fff),
+                _ => {
+                    name.push_str(std::str::from_utf8(&msg[at + 1..at + 1 + len]).unwrap());
+                    name.push('.');
+                    at += 1 + len;
+                }
+            }
         }
-        Some((a[3] & 0xf, out))
     }
 
     #[test]
@@ -315,7 +509,7 @@ mod tests {
         let z = zone(false);
         let (rcode, names) = ask(&z, "3.0.91.10.in-addr.arpa", TYPE_PTR).unwrap();
         assert_eq!(rcode, 0);
-        assert_eq!(names, ["\u{2}db\u{4}blue\u{5}berth\u{5}local\u{0}"]);
+        assert_eq!(names, ["db.blue.berth.local."]);
         assert_eq!(
             ask(&z, "9.0.91.10.in-addr.arpa", TYPE_PTR),
             Some((3, vec![]))
@@ -373,7 +567,7 @@ mod tests {
         z.set_endpoint("e9", &["new".into()], &["10.91.0.3".parse().unwrap()]);
         z.remove_endpoint("e2");
         let (_, names) = ask(&z, "3.0.91.10.in-addr.arpa", TYPE_PTR).unwrap();
-        assert_eq!(names, ["\u{3}new\u{4}blue\u{5}berth\u{5}local\u{0}"]);
+        assert_eq!(names, ["new.blue.berth.local."]);
     }
 
     #[test]
@@ -395,5 +589,188 @@ mod tests {
             ask(&z, "example.org", TYPE_A).unwrap().0,
             wire::RCODE_REFUSED
         );
+    }
+
+    /// `zone` plus the service `api` (VIPs outside the subnets, as from berth's service range)
+    /// with a named TCP port, a named UDP port and an unnamed one.
+    fn with_service() -> Zone {
+        let z = zone(false);
+        z.set_service(
+            "Api",
+            &[
+                "10.211.0.7".parse().unwrap(),
+                "fd00:b5:5e7::7".parse().unwrap(),
+            ],
+            &[
+                SrvPort {
+                    name: "HTTP".into(),
+                    protocol: "TCP".into(),
+                    port: 80,
+                },
+                SrvPort {
+                    name: "dns".into(),
+                    protocol: "udp".into(),
+                    port: 53,
+                },
+                SrvPort {
+                    name: String::new(),
+                    protocol: "tcp".into(),
+                    port: 9090,
+                },
+            ],
+        );
+        z
+    }
+
+    #[test]
+    fn services_answer_with_their_vips_case_insensitively() {
+        let z = with_service();
+        for name in ["api", "API", "api.blue.berth.local", "Api.Blue.BERTH.local"] {
+            assert_eq!(ask(&z, name, TYPE_A), Some((0, vec!["10.211.0.7".into()])));
+            assert_eq!(
+                ask(&z, name, TYPE_AAAA),
+                Some((0, vec!["fd00:b5:5e7::7".into()]))
+            );
+        }
+        assert_eq!(ask(&z, "api", TYPE_ANY).unwrap().1.len(), 2);
+        assert_eq!(ask(&z, "api", TYPE_SRV), Some((0, vec![])), "NODATA");
+    }
+
+    #[test]
+    fn srv_records_point_at_the_service_with_its_vips_as_additional_records() {
+        let z = with_service();
+        let expected = (
+            0,
+            vec!["0 0 80 api.blue.berth.local.".to_string()],
+            vec![
+                "api.blue.berth.local. 10.211.0.7".to_string(),
+                "api.blue.berth.local. fd00:b5:5e7::7".to_string(),
+            ],
+        );
+        for name in [
+            "_http._tcp.api.blue.berth.local",
+            "_HTTP._Tcp.API.blue.berth.LOCAL",
+            "_http._tcp.api",
+        ] {
+            assert_eq!(ask_all(&z, name, TYPE_SRV, &[]), Some(expected.clone()));
+        }
+        assert_eq!(
+            ask(&z, "_dns._udp.api", TYPE_SRV),
+            Some((0, vec!["0 0 53 api.blue.berth.local.".into()]))
+        );
+        assert_eq!(
+            ask_all(&z, "_http._tcp.api", TYPE_A, &[]),
+            Some((0, vec![], vec![])),
+            "NODATA: the name has an SRV record only"
+        );
+    }
+
+    #[test]
+    fn srv_of_a_port_the_service_does_not_have() {
+        let z = with_service();
+        let nxdomain = Some((wire::RCODE_NXDOMAIN, vec![]));
+        for name in [
+            "_https._tcp.api.blue.berth.local",
+            "_http._udp.api.blue.berth.local",
+            "_dns._tcp.api.blue.berth.local",
+            "_http._tcp.db.blue.berth.local",
+            "_sctp.api.blue.berth.local",
+        ] {
+            assert_eq!(ask(&z, name, TYPE_SRV), nxdomain, "{name}");
+        }
+        // Like any unknown short name: forwarded.
+        assert_eq!(ask(&z, "_https._tcp.api", TYPE_SRV), None);
+        // The name above the ports exists (it has names under it): NODATA.
+        assert_eq!(
+            ask(&z, "_tcp.api.blue.berth.local", TYPE_SRV),
+            Some((0, vec![]))
+        );
+    }
+
+    #[test]
+    fn reverse_lookups_of_vips_name_the_service() {
+        let z = with_service();
+        let (rcode, names) = ask(&z, "7.0.211.10.in-addr.arpa", TYPE_PTR).unwrap();
+        assert_eq!((rcode, names), (0, vec!["api.blue.berth.local.".into()]));
+        let v6 = "7.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.7.e.5.0.5.b.0.0.0.0.d.f.ip6.arpa";
+        assert_eq!(
+            ask(&z, v6, TYPE_PTR),
+            Some((0, vec!["api.blue.berth.local.".into()]))
+        );
+        // Another address of the service range is no one's here: forwarded.
+        assert_eq!(ask(&z, "8.0.211.10.in-addr.arpa", TYPE_PTR), None);
+    }
+
+    #[test]
+    fn a_service_shadows_endpoints_of_its_name_until_removed() {
+        let z = zone(false);
+        let vip = ["10.211.0.9".parse().unwrap()];
+        z.set_service("WWW", &vip, &[]);
+        let only_vip = Some((0, vec!["10.211.0.9".to_string()]));
+        assert_eq!(ask(&z, "www", TYPE_A), only_vip);
+        assert_eq!(ask(&z, "www.blue.berth.local", TYPE_A), only_vip);
+        assert_eq!(ask(&z, "www", TYPE_AAAA), Some((0, vec![])), "NODATA");
+        assert_eq!(
+            ask(&z, "web", TYPE_A),
+            Some((0, vec!["10.91.0.2".into()])),
+            "the endpoint's other names stay"
+        );
+        z.remove_endpoint("e2");
+        assert_eq!(
+            ask(&z, "www", TYPE_A),
+            only_vip,
+            "an endpoint going changes nothing"
+        );
+        z.remove_service("www");
+        assert_eq!(ask(&z, "www", TYPE_A), Some((0, vec!["10.91.0.2".into()])));
+        z.remove_endpoint("e1");
+        assert_eq!(ask(&z, "www.blue.berth.local", TYPE_A).unwrap().0, 3);
+    }
+
+    #[test]
+    fn removed_and_replaced_services_leave_nothing_behind() {
+        let z = with_service();
+        z.set_service("api", &["10.211.0.8".parse().unwrap()], &[]);
+        assert_eq!(ask(&z, "api", TYPE_A), Some((0, vec!["10.211.0.8".into()])));
+        assert_eq!(ask(&z, "api", TYPE_AAAA), Some((0, vec![])));
+        assert_eq!(ask(&z, "7.0.211.10.in-addr.arpa", TYPE_PTR), None);
+        assert_eq!(
+            ask(&z, "_http._tcp.api.blue.berth.local", TYPE_SRV),
+            Some((wire::RCODE_NXDOMAIN, vec![]))
+        );
+        z.remove_service("API");
+        assert_eq!(ask(&z, "api", TYPE_A), None, "forwarded");
+        assert_eq!(
+            ask(&z, "api.blue.berth.local", TYPE_A),
+            Some((wire::RCODE_NXDOMAIN, vec![]))
+        );
+        assert_eq!(ask(&z, "8.0.211.10.in-addr.arpa", TYPE_PTR), None);
+    }
+
+    #[test]
+    fn a_client_on_two_networks_finds_services_on_both() {
+        let blue = zone(false);
+        let red = Arc::new(Zone::new(
+            "red",
+            "berth.local",
+            vec!["10.92.0.0/24".parse().unwrap()],
+            false,
+        ));
+        let http = SrvPort {
+            name: "http".into(),
+            protocol: "tcp".into(),
+            port: 8080,
+        };
+        red.set_service("cache", &["10.211.1.1".parse().unwrap()], &[http]);
+        let others = [red.clone()];
+        assert_eq!(
+            ask_with(&blue, "_http._tcp.cache", TYPE_SRV, &others),
+            Some((0, vec!["0 0 8080 cache.red.berth.local.".into()]))
+        );
+        assert_eq!(
+            ask_with(&blue, "1.1.211.10.in-addr.arpa", TYPE_PTR, &others),
+            Some((0, vec!["cache.red.berth.local.".into()]))
+        );
+        assert_eq!(ask(&blue, "_http._tcp.cache", TYPE_SRV), None);
     }
 }
