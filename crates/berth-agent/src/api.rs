@@ -13,7 +13,7 @@ use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use berth_api::{Attach, CreateNetwork, CreateSandbox, Detach, ErrorBody, Gc};
+use berth_api::{Attach, CreateNetwork, CreateSandbox, CreateService, Detach, ErrorBody, Gc};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -115,6 +115,11 @@ pub fn router(agent: Arc<Agent>) -> Router {
             "/v1/networks/{name}/containers/{cid}/{ifname}",
             get(container_endpoint),
         )
+        .route("/v1/services", get(list_services).post(create_service))
+        .route(
+            "/v1/services/{name}",
+            get(get_service).delete(delete_service),
+        )
         .route("/v1/hosts", get(list_hosts))
         .route("/v1/hosts/{id}", axum::routing::delete(remove_host))
         .route("/v1/detach", post(detach))
@@ -160,6 +165,33 @@ async fn get_network(State(a): Shared, Path(name): Path<String>) -> Result<Respo
         .unwrap_or_default();
     net.blocks = a.blocks(&name).await?;
     Ok(ok(StatusCode::OK, a.present(net)))
+}
+
+async fn list_services(
+    State(a): Shared,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, AgentError> {
+    Ok(ok(
+        StatusCode::OK,
+        a.services(q.get("network").map(String::as_str)).await?,
+    ))
+}
+
+async fn create_service(State(a): Shared, body: Bytes) -> Result<Response, AgentError> {
+    let req: CreateService = parse(&body)?;
+    Ok(ok(StatusCode::CREATED, a.create_service(req).await?))
+}
+
+async fn get_service(State(a): Shared, Path(name): Path<String>) -> Result<Response, AgentError> {
+    Ok(ok(StatusCode::OK, a.service(&name).await?))
+}
+
+async fn delete_service(
+    State(a): Shared,
+    Path(name): Path<String>,
+) -> Result<Response, AgentError> {
+    a.delete_service(&name).await?;
+    Ok(ok(StatusCode::OK, serde_json::json!({ "removed": name })))
 }
 
 async fn list_hosts(State(a): Shared) -> Result<Response, AgentError> {

@@ -40,6 +40,9 @@ pub struct DaemonConfig {
     pub host_lease_ttl: Duration,
     /// How long a gone host's addresses and blocks stay reserved for it.
     pub host_gone_grace: Duration,
+    /// `--service-cidr`: where service VIPs come from; empty: the cluster's (or the
+    /// defaults, for the first daemon).
+    pub service_cidrs: Vec<ipnet::IpNet>,
 }
 
 /// Where the desired state lives.
@@ -123,8 +126,17 @@ pub async fn run(cfg: DaemonConfig) -> Result<()> {
         address,
         mtu: default_mtu,
     };
-    let mut agent =
-        Agent::new(store, cfg.netns_dir.clone(), default_mtu).with_host(host.clone(), shared);
+    let service_cidrs =
+        match crate::services::agree_on_service_cidrs(&*store, &cfg.service_cidrs).await {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = std::fs::remove_file(&socket);
+                return Err(e);
+            }
+        };
+    let mut agent = Agent::new(store, cfg.netns_dir.clone(), default_mtu)
+        .with_host(host.clone(), shared)
+        .with_service_cidrs(service_cidrs);
     if let Some(dns) = dns {
         agent = agent.with_discovery(crate::Discovery::new(dns, cfg.sandbox_etc_dir.clone()));
     }
@@ -163,6 +175,7 @@ pub async fn run(cfg: DaemonConfig) -> Result<()> {
         );
     }
     tokio::spawn(ClusterReconciler::new(agent.clone(), Arc::new(Kernel)).run(overlay_events));
+    tokio::spawn(agent.clone().run_service_reconciler());
     tokio::spawn(agent.clone().run_reaper());
     tokio::spawn(
         agent

@@ -4,8 +4,10 @@
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use berth_dns::{Dns, NetworkDns as Served};
-use berth_model::{Endpoint, Network, NetworkDns};
+use std::collections::HashMap;
+
+use berth_dns::{Dns, NetworkDns as Served, SrvPort};
+use berth_model::{Endpoint, Network, NetworkDns, Service};
 
 use crate::{Agent, Result};
 
@@ -17,6 +19,9 @@ pub struct Discovery {
     pub sandbox_etc_dir: PathBuf,
     /// Held while a sandbox's resolv.conf is read from the store and written.
     pub resolv_conf_writes: tokio::sync::Mutex<()>,
+    /// The services named on each network, by network and name: a network served anew
+    /// (its first endpoint here) gets them too.
+    services: std::sync::Mutex<HashMap<String, HashMap<String, Service>>>,
 }
 
 impl Discovery {
@@ -25,6 +30,7 @@ impl Discovery {
             dns,
             sandbox_etc_dir,
             resolv_conf_writes: tokio::sync::Mutex::new(()),
+            services: Default::default(),
         }
     }
 }
@@ -38,6 +44,21 @@ fn names_of(ep: &Endpoint) -> Vec<String> {
         }
     }
     names
+}
+
+fn set_service(dns: &Dns, svc: &Service) {
+    let ports: Vec<SrvPort> = svc
+        .ports
+        .iter()
+        .filter_map(|p| {
+            Some(SrvPort {
+                name: p.name?.to_string(),
+                protocol: p.protocol.to_string(),
+                port: p.port,
+            })
+        })
+        .collect();
+    dns.set_service(&svc.network, &svc.name, &svc.vips, &ports);
 }
 
 fn addresses_of(ep: &Endpoint) -> Vec<IpAddr> {
@@ -83,6 +104,30 @@ impl Agent {
         };
         if let Err(e) = d.dns.serve_network(&served) {
             tracing::warn!(network = %net.name, error = %e, "no DNS on this network");
+        }
+        let services = d.services.lock().expect("dns services lock");
+        for svc in services.get(&net.name).into_iter().flat_map(|s| s.values()) {
+            set_service(&d.dns, svc);
+        }
+    }
+
+    /// Names a service's VIPs (and its named ports' SRV records) on its network.
+    pub(crate) fn name_service(&self, svc: &Service) {
+        let Some(d) = &self.discovery else { return };
+        let mut services = d.services.lock().expect("dns services lock");
+        set_service(&d.dns, svc);
+        services
+            .entry(svc.network.clone())
+            .or_default()
+            .insert(svc.name.clone(), svc.clone());
+    }
+
+    pub(crate) fn unname_service(&self, network: &str, name: &str) {
+        let Some(d) = &self.discovery else { return };
+        let mut services = d.services.lock().expect("dns services lock");
+        d.dns.remove_service(network, name);
+        if let Some(s) = services.get_mut(network) {
+            s.remove(name);
         }
     }
 

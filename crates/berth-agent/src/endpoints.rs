@@ -466,6 +466,7 @@ impl Agent {
                 req.sandbox, ep.network
             )));
         }
+        self.services_endpoint_up(&ep).await;
         if let Some(sandbox) = &ep.netns.sandbox {
             self.write_resolv_conf_knowing(sandbox, &ep.netns.id, Some((&ep, &net)))
                 .await;
@@ -912,6 +913,8 @@ impl Agent {
             }
         };
         self.unname_endpoint(&current);
+        // Out of its services before its interface goes: no new connection reaches it.
+        self.services_endpoint_down(&current).await;
         if let Some(sandbox) = &current.netns.sandbox {
             self.write_sandbox_resolv_conf(sandbox, &current.netns.id)
                 .await;
@@ -1118,6 +1121,8 @@ pub(crate) fn endpoint_spec(ep: &Endpoint, net: &Network, bridge_index: u32) -> 
         mac: ep.mac.0,
         ips: ep.ips.clone(),
         gateways: net.subnets.iter().map(|s| s.gateway).collect(),
-        hairpin: !ep.ports.is_empty(),
+        // Any endpoint may be a service's backend, and one that reaches its own service gets
+        // its connection back through the port it came in by (br_netfilter DNATs it there).
+        hairpin: true,
     }
 }

@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use berth_dataplane::nftables::{self, Forward, NetworkRules};
+use berth_dataplane::nftables::{self, Forward, NetworkRules, ServiceRules};
 use berth_dataplane::sysctl;
 use berth_model::{Endpoint, Network, PortMapping};
 
@@ -165,6 +165,7 @@ impl Agent {
     /// [`Agent::sync_firewall`] with the firewall lock held.
     async fn install_firewall(&self) -> Result<()> {
         let (rules, forwards) = self.desired_firewall().await?;
+        let services = self.service_rules();
         let ipv6 = rules
             .iter()
             .any(|n| n.subnets.iter().any(|s| s.addr().is_ipv6()));
@@ -178,9 +179,26 @@ impl Agent {
                     other => other?,
                 }
             }
-            nftables::install(&rules, &forwards)
+            nftables::install(&rules, &forwards, &services)
         })
         .await
+    }
+
+    /// The service ranges, and the address connections through a published service port
+    /// are source-NATed to: this host's own, where other hosts' backends reply to.
+    fn service_rules(&self) -> ServiceRules {
+        let address = self.host.address;
+        ServiceRules {
+            ranges: self.service_cidrs().to_vec(),
+            nodeport_source4: match address {
+                Some(std::net::IpAddr::V4(a)) => Some(a),
+                _ => None,
+            },
+            nodeport_source6: match address {
+                Some(std::net::IpAddr::V6(a)) => Some(a),
+                _ => None,
+            },
+        }
     }
 
     /// What berth's table should hold: every network's and every published port's elements.
@@ -208,7 +226,8 @@ impl Agent {
         // Read before the table: a change after this shows as a new generation next time.
         let generation = kernel(nftables::generation).await?;
         let (rules, forwards) = self.desired_firewall().await?;
-        let damage = kernel(move || nftables::check(&rules, &forwards)).await?;
+        let services = self.service_rules();
+        let damage = kernel(move || nftables::check(&rules, &forwards, &services)).await?;
         Ok((generation, damage))
     }
 
@@ -261,6 +280,10 @@ impl Agent {
         );
         if let Err(e) = self.sync_firewall().await {
             tracing::error!(error = %e, "restoring berth's nftables table failed");
+        }
+        // The services' maps may have gone with the table: read back and refilled.
+        if let Err(e) = self.resync_services(None).await {
+            tracing::error!(error = %e, "restoring the services' maps failed");
         }
         Ok(None)
     }

@@ -23,6 +23,10 @@
 //! vnis/<vni>                         network name (one overlay network per VNI)
 //! subnets/<addr>-<prefix>            network name (two hosts creating networks at once
 //!                                    cannot both take one subnet)
+//! services/<name>                    Service
+//! vips/<ip>                          service name (one service per VIP)
+//! node-ports/<proto>/<port>          service name (one service per published port)
+//! config/service-cidrs               the cluster's service ranges (every host uses the same)
 //! ```
 //!
 //! On a shared store (etcd) the host-scoped keys ([`HOST_SCOPED`]: namespaces, sandboxes,
@@ -50,6 +54,10 @@ pub const HOSTS_GONE: &str = "hosts-gone/";
 pub const BLOCKS: &str = "blocks/";
 pub const VNIS: &str = "vnis/";
 pub const SUBNETS: &str = "subnets/";
+pub const SERVICES: &str = "services/";
+pub const VIPS: &str = "vips/";
+pub const NODE_PORTS: &str = "node-ports/";
+pub const SERVICE_CIDRS: &str = "config/service-cidrs";
 /// Where a shared store keeps each host's own records: `local/<host>/`.
 pub const LOCAL: &str = "local/";
 /// The keys only one host acts on: they name its namespaces, its sandboxes, its Docker
@@ -170,4 +178,13 @@ pub fn vni(vni: u32) -> String {
 }
 pub fn subnet(cidr: IpNet) -> String {
     format!("{SUBNETS}{}-{}", cidr.addr(), cidr.prefix_len())
+}
+pub fn service(name: &str) -> String {
+    format!("{SERVICES}{name}")
+}
+pub fn vip(ip: IpAddr) -> String {
+    format!("{VIPS}{ip}")
+}
+pub fn node_port(protocol: Protocol, port: u16) -> String {
+    format!("{NODE_PORTS}{protocol}/{port}")
 }

@@ -16,6 +16,8 @@
 //! - `overlay.rs`: overlay networks across hosts, and the reconciler that follows other hosts.
 //! - `hosts.rs`: hosts registered under a lease, and what is freed when one is gone.
 //! - `firewall.rs`: berth's nftables table: masquerade, isolation, published ports.
+//! - `services.rs`: services (VIPs load-balanced over selected endpoints) and their
+//!   reconciler.
 //! - `dns.rs`: which names berth's DNS serves on each network, and sandboxes' resolv.conf.
 //! - `reconcile.rs`: the start-up repair pass between the store and the kernel.
 //! - `watch.rs`: noticing, while the daemon runs, that berth's links vanished.
@@ -42,6 +44,7 @@ mod reaper;
 mod reconcile;
 mod sandboxes;
 pub mod scope;
+mod services;
 mod watch;
 
 use std::collections::HashMap;
@@ -110,6 +113,10 @@ pub struct Agent {
     freed_in: Mutex<std::collections::HashSet<String>>,
     /// Block claims that lost a race to another host: the cost of sharing a subnet.
     pub(crate) block_claim_retries: std::sync::atomic::AtomicU64,
+    /// The ranges service VIPs come from (the same on every host).
+    service_cidrs: Vec<ipnet::IpNet>,
+    /// The services' load balancer and what it was programmed from.
+    service_state: tokio::sync::Mutex<services::ServiceState>,
 }
 
 /// The most operations berth puts in one transaction: etcd refuses more than 128 (its
@@ -177,12 +184,21 @@ impl Agent {
             block_claims: tokio::sync::Mutex::new(()),
             freed_in: Mutex::new(Default::default()),
             block_claim_retries: std::sync::atomic::AtomicU64::new(0),
+            service_cidrs: Vec::new(),
+            service_state: tokio::sync::Mutex::new(services::ServiceState::new("local", false)),
         }
+    }
+
+    /// The ranges service VIPs are taken from (agreed with the cluster at start).
+    pub fn with_service_cidrs(mut self, cidrs: Vec<ipnet::IpNet>) -> Self {
+        self.service_cidrs = cidrs;
+        self
     }
 
     /// Who this daemon is in the cluster, and whether the store is shared with other hosts
     /// (then every record says which host it belongs to).
     pub fn with_host(mut self, host: HostIdentity, shared: bool) -> Self {
+        self.service_state = tokio::sync::Mutex::new(services::ServiceState::new(&host.id, shared));
         self.host = host;
         self.shared = shared;
         self

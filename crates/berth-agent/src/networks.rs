@@ -151,7 +151,14 @@ impl Agent {
         let overlap = |cidr: &IpNet| overlapping(&existing, &held, cidr);
         let v4 = match v4 {
             Some(c) => c,
-            None => carve_default(&overlap)?,
+            None => carve_default(&|c: &IpNet| {
+                overlap(c).or_else(|| {
+                    self.service_cidrs()
+                        .iter()
+                        .find(|r| r.contains(c) || c.contains(*r))
+                        .map(|r| ("the service range".to_string(), *r))
+                })
+            })?,
         };
         let mut subnets = Vec::new();
         for (cidr, gw) in [(Some(v4), &req.gateway), (v6, &req.ipv6_gateway)] {
@@ -159,6 +166,15 @@ impl Agent {
             if let Some((other, theirs)) = overlap(&cidr) {
                 return Err(AgentError::Conflict(format!(
                     "subnet {cidr} overlaps {theirs} of {other}"
+                )));
+            }
+            if let Some(range) = self
+                .service_cidrs()
+                .iter()
+                .find(|r| r.contains(&cidr) || cidr.contains(*r))
+            {
+                return Err(AgentError::Invalid(format!(
+                    "subnet {cidr} overlaps the service range {range} (--service-cidr)"
                 )));
             }
             let mut pool = Pool::new(cidr);
@@ -265,6 +281,13 @@ impl Agent {
     pub async fn delete_network(&self, name: &str) -> Result<()> {
         let _topology = self.topology.write().await;
         let net = self.network(name).await?;
+        let services = self.services_on(name).await?;
+        if !services.is_empty() {
+            return Err(AgentError::Conflict(format!(
+                "network {name:?} has services ({}); remove them first",
+                services.join(", ")
+            )));
+        }
         if net.driver == Driver::Overlay {
             return self.delete_overlay(net).await;
         }

@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 
 pub use berth_model::{
     Endpoint, Labels, MacAddr, ModelError, NetnsRef, Network, NetworkDns, PortMapping, Protocol,
-    Sandbox, Subnet, parse_publish, parse_subnet, validate_network_mtu,
+    Sandbox, Selector, Service, ServiceBackend, ServicePort, Subnet, parse_publish, parse_subnet,
+    validate_network_mtu,
 };
 pub use client::{Client, ClientError};
 
@@ -41,6 +42,36 @@ pub struct CreateNetwork {
     /// The VXLAN network identifier of an overlay network; a free one when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vni: Option<u32>,
+}
+
+/// `POST /v1/services`: a virtual IP in front of the network's endpoints whose labels match
+/// `selector`. Ports, published ports and the timeout use the CLI's syntax, so a request
+/// reads as the command it came from.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateService {
+    pub name: String,
+    pub network: String,
+    /// Kubernetes' label selector syntax (`app=web,tier in (a,b)`); empty selects every
+    /// endpoint of the network.
+    #[serde(default)]
+    pub selector: String,
+    /// `[NAME=]PORT[:TARGET][/PROTO]`, e.g. `http=80:8080/tcp`.
+    pub ports: Vec<String>,
+    /// `NODEPORT` (a service with one port) or `PORT_OR_NAME=NODEPORT`: published on every
+    /// host's addresses.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub publish: Vec<String>,
+    /// `none` (the default) or `client-ip`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_affinity: Option<String>,
+    /// Seconds, or `30m`, `3h`; only with `client-ip` affinity (default 3h).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity_timeout: Option<String>,
+    /// Chosen virtual IPs (one per address family); free ones from the service range when
+    /// absent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vips: Vec<std::net::IpAddr>,
 }
 
 /// `GET /v1/hosts`: one host of the cluster.

@@ -6,6 +6,7 @@
 //! namespace.
 
 mod bridge;
+pub mod conntrack;
 mod netlink;
 pub mod netns;
 pub mod nftables;

@@ -12,8 +12,9 @@ use netlink_packet_core::{
 };
 use netlink_packet_route::address::{AddressAttribute, AddressHeaderFlags, AddressMessage};
 use netlink_packet_route::link::{
-    AfSpecInet6, AfSpecUnspec, In6AddrGenMode, InfoBridgePort, InfoData, InfoKind, InfoPortData,
-    InfoPortKind, InfoVeth, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+    AfSpecInet6, AfSpecUnspec, In6AddrGenMode, InfoBridge, InfoBridgePort, InfoData, InfoKind,
+    InfoPortData, InfoPortKind, InfoVeth, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo,
+    LinkMessage,
 };
 use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
@@ -245,7 +246,9 @@ impl Netlink {
     }
 
     /// Creates a bridge, up, with a fixed MAC so that the bridge's address does not change as
-    /// ports come and go.
+    /// ports come and go. Its bridged traffic passes netfilter (where br_netfilter is loaded)
+    /// whatever the host's `bridge-nf-call-*` sysctls say: a service's connection between two
+    /// containers of one bridge is DNATed there, and its answers are un-DNATed there.
     pub fn create_bridge(&mut self, name: &str, mtu: u32, mac: [u8; 6]) -> Result<()> {
         let mut msg = LinkMessage::default();
         msg.header.flags = LinkFlags::Up;
@@ -254,7 +257,13 @@ impl Netlink {
             LinkAttribute::IfName(name.to_string()),
             LinkAttribute::Mtu(mtu),
             LinkAttribute::Address(mac.to_vec()),
-            LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Bridge)]),
+            LinkAttribute::LinkInfo(vec![
+                LinkInfo::Kind(InfoKind::Bridge),
+                LinkInfo::Data(InfoData::Bridge(vec![
+                    InfoBridge::NfCallIpTables(true),
+                    InfoBridge::NfCallIp6Tables(true),
+                ])),
+            ]),
         ];
         self.request(
             RouteNetlinkMessage::NewLink(msg),

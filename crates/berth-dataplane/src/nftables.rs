@@ -11,12 +11,16 @@
 //! - The chain `user` is the operator's: jumped to before any forwarding decision of berth's,
 //!   created if missing and never flushed.
 //! - [`generation`] is nftables' change counter: while it stays put, nothing needs checking.
+//! - Services (virtual IPs and node ports load-balanced over backends) are maps too, whose
+//!   elements belong to the [`LoadBalancer`]: [`install`] creates those maps but leaves their
+//!   elements alone, and [`check`] only sees that they exist.
 
 mod expr;
-mod nfnl;
+pub(crate) mod nfnl;
+mod services;
 
 use std::fmt::Write as _;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use berth_model::PortMapping;
 use ipnet::IpNet;
@@ -24,13 +28,15 @@ use ipnet::IpNet;
 use self::expr::{Expr, Refs};
 use self::nfnl::{
     Batch, MAX_ATTR, NFT_MSG_DELRULE, NFT_MSG_DELSETELEM, NFT_MSG_GETCHAIN, NFT_MSG_GETRULE,
-    NFT_MSG_GETSETELEM, NFT_MSG_GETTABLE, NFT_MSG_NEWCHAIN, NFT_MSG_NEWRULE, NFT_MSG_NEWSET,
-    NFT_MSG_NEWSETELEM, NFT_MSG_NEWTABLE, NFT_SET_ELEM_INTERVAL_END, NFTA_DATA_VALUE,
-    NFTA_LIST_ELEM, NFTA_SET_ELEM_DATA, NFTA_SET_ELEM_FLAGS, NFTA_SET_ELEM_KEY,
-    NFTA_SET_ELEM_LIST_ELEMENTS, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_SET_ID,
-    NFTA_SET_ELEM_LIST_TABLE, NLM_F_APPEND, NLM_F_CREATE, Nfnetlink, attr, attr_str, attr_u32,
-    attrs, covers, enoent, put_attr, put_nested, put_str, put_u32,
+    NFT_MSG_GETSET, NFT_MSG_GETSETELEM, NFT_MSG_GETTABLE, NFT_MSG_NEWCHAIN, NFT_MSG_NEWRULE,
+    NFT_MSG_NEWSET, NFT_MSG_NEWSETELEM, NFT_MSG_NEWTABLE, NFT_SET_ELEM_INTERVAL_END,
+    NFTA_DATA_VALUE, NFTA_DATA_VERDICT, NFTA_LIST_ELEM, NFTA_SET_ELEM_DATA, NFTA_SET_ELEM_FLAGS,
+    NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_LIST_ELEMENTS, NFTA_SET_ELEM_LIST_SET,
+    NFTA_SET_ELEM_LIST_SET_ID, NFTA_SET_ELEM_LIST_TABLE, NFTA_VERDICT_CHAIN, NFTA_VERDICT_CODE,
+    NLM_F_APPEND, NLM_F_CREATE, Nfnetlink, attr, attr_str, attr_u32, attrs, covers, enoent,
+    put_attr, put_nested, put_str, put_u32,
 };
+pub use self::services::{Backend, Frontend, LoadBalancer, MAX_BACKENDS, Pool};
 use crate::{DataplaneError, Result};
 
 pub const TABLE: &str = "berth";
@@ -64,6 +70,9 @@ const NFT_SET_ANONYMOUS: u32 = 1;
 const NFT_SET_CONSTANT: u32 = 2;
 const NFT_SET_INTERVAL: u32 = 4;
 const NFT_SET_MAP: u32 = 8;
+const NFT_SET_TIMEOUT: u32 = 0x10;
+/// Updated from the packet path (`flags dynamic`).
+const NFT_SET_EVAL: u32 = 0x20;
 const NF_ACCEPT: u32 = 1;
 
 // nft's data types, and how it numbers a concatenation of them.
@@ -72,6 +81,10 @@ const IPV4_ADDR: u32 = 7;
 const IPV6_ADDR: u32 = 8;
 const INET_PROTO: u32 = 12;
 const INET_SERVICE: u32 = 13;
+/// A plain number (what `numgen` makes), in host order.
+const INTEGER: u32 = 4;
+/// A map's value that is a verdict (`NFT_DATA_VERDICT`), of no fixed length.
+const VERDICT: (u32, u32) = (0xffff_ff00, 0);
 
 const fn concat(types: &[u32]) -> u32 {
     let mut t = 0;
@@ -93,7 +106,49 @@ const UD_CONCAT_MAP: &[u8] = &[
     0, 4, 0, 0, 0, 0, 1, 4, 0, 0, 0, 0, 3, 8, 0, 4, 13, 0, 0, 0, 1, 0, 4, 8, 0, 4, 13, 0, 0, 0, 1,
     0, 6, 4, 0, 0, 0, 0,
 ];
-
+const UD_CONCAT_VMAP: &[u8] = &[
+    0, 4, 0, 0, 0, 0, 1, 4, 0, 0, 0, 0, 3, 8, 0, 4, 13, 0, 0, 0, 1, 0, 6, 4, 0, 0, 0, 0,
+];
+// The maps of backends are declared with `typeof` (their keys hold `numgen` slots, and nft's
+// types have no plain number), which nft keeps as the expressions themselves. nft 1.0.6 lists
+// them, but cannot add a rule that uses one it reads back from the kernel ("conflicting
+// protocols specified: ip vs. th"): berth's rules are written whole, so only a second
+// `nft -f` of [`ruleset`] over an existing table meets that. (`tcp dport` values would avoid
+// it, but then nft adds `meta l4proto tcp` to the first rule that uses the map.)
+/// `typeof ip daddr . meta l4proto . th dport . numgen random mod 256 : ip daddr . th dport`
+const UD_BACKENDS4: &[u8] = &[
+    0, 4, 0, 0, 0, 0, 1, 4, 0, 0, 0, 0, 3, 96, 0, 4, 13, 0, 0, 0, 1, 88, 0, 20, 0, 4, 7, 0, 0, 0,
+    1, 12, 0, 4, 12, 0, 0, 0, 1, 4, 12, 0, 0, 0, 1, 14, 0, 4, 9, 0, 0, 0, 1, 6, 0, 4, 16, 0, 0, 0,
+    2, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 11, 0, 0, 0, 1, 4, 2, 0, 0, 0, 3, 26, 0, 4, 23, 0, 0, 0,
+    1, 18, 0, 4, 1, 0, 0, 0, 1, 4, 0, 1, 0, 0, 2, 4, 0, 0, 0, 0, 4, 52, 0, 4, 13, 0, 0, 0, 1, 44,
+    0, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 12, 0, 0, 0, 1, 4, 12, 0, 0, 0, 1, 20, 0, 4, 7, 0, 0, 0,
+    1, 12, 0, 4, 11, 0, 0, 0, 1, 4, 2, 0, 0, 0, 6, 4, 0, 0, 0, 0,
+];
+/// `typeof ip6 daddr . meta l4proto . th dport . numgen random mod 256 : ip6 daddr . th dport`
+const UD_BACKENDS6: &[u8] = &[
+    0, 4, 0, 0, 0, 0, 1, 4, 0, 0, 0, 0, 3, 96, 0, 4, 13, 0, 0, 0, 1, 88, 0, 20, 0, 4, 7, 0, 0, 0,
+    1, 12, 0, 4, 13, 0, 0, 0, 1, 4, 9, 0, 0, 0, 1, 14, 0, 4, 9, 0, 0, 0, 1, 6, 0, 4, 16, 0, 0, 0,
+    2, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 11, 0, 0, 0, 1, 4, 2, 0, 0, 0, 3, 26, 0, 4, 23, 0, 0, 0,
+    1, 18, 0, 4, 1, 0, 0, 0, 1, 4, 0, 1, 0, 0, 2, 4, 0, 0, 0, 0, 4, 52, 0, 4, 13, 0, 0, 0, 1, 44,
+    0, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 13, 0, 0, 0, 1, 4, 9, 0, 0, 0, 1, 20, 0, 4, 7, 0, 0, 0,
+    1, 12, 0, 4, 11, 0, 0, 0, 1, 4, 2, 0, 0, 0, 6, 4, 0, 0, 0, 0,
+];
+/// `typeof meta l4proto . th dport . numgen random mod 256 : ip daddr . th dport`
+const UD_NODEPORT_BACKENDS4: &[u8] = &[
+    0, 4, 0, 0, 0, 0, 1, 4, 0, 0, 0, 0, 3, 74, 0, 4, 13, 0, 0, 0, 1, 66, 0, 14, 0, 4, 9, 0, 0, 0,
+    1, 6, 0, 4, 16, 0, 0, 0, 1, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 11, 0, 0, 0, 1, 4, 2, 0, 0, 0,
+    2, 26, 0, 4, 23, 0, 0, 0, 1, 18, 0, 4, 1, 0, 0, 0, 1, 4, 0, 1, 0, 0, 2, 4, 0, 0, 0, 0, 4, 52,
+    0, 4, 13, 0, 0, 0, 1, 44, 0, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 12, 0, 0, 0, 1, 4, 12, 0, 0, 0,
+    1, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 11, 0, 0, 0, 1, 4, 2, 0, 0, 0, 6, 4, 0, 0, 0, 0,
+];
+/// `typeof meta l4proto . th dport . numgen random mod 256 : ip6 daddr . th dport`
+const UD_NODEPORT_BACKENDS6: &[u8] = &[
+    0, 4, 0, 0, 0, 0, 1, 4, 0, 0, 0, 0, 3, 74, 0, 4, 13, 0, 0, 0, 1, 66, 0, 14, 0, 4, 9, 0, 0, 0,
+    1, 6, 0, 4, 16, 0, 0, 0, 1, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 11, 0, 0, 0, 1, 4, 2, 0, 0, 0,
+    2, 26, 0, 4, 23, 0, 0, 0, 1, 18, 0, 4, 1, 0, 0, 0, 1, 4, 0, 1, 0, 0, 2, 4, 0, 0, 0, 0, 4, 52,
+    0, 4, 13, 0, 0, 0, 1, 44, 0, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 13, 0, 0, 0, 1, 4, 9, 0, 0, 0,
+    1, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 11, 0, 0, 0, 1, 4, 2, 0, 0, 0, 6, 4, 0, 0, 0, 0,
+];
 /// One named set or map of the table.
 struct SetSpec {
     name: &'static str,
@@ -104,7 +159,11 @@ struct SetSpec {
     key_len: u32,
     /// A map's value type and length.
     data: Option<(u32, u32)>,
+    /// The most elements it takes (0: no limit; a map filled from the packet path needs one).
+    size: u32,
     userdata: &'static [u8],
+    /// Its elements are the [`LoadBalancer`]'s: [`install`] neither flushes nor fills it.
+    balanced: bool,
 }
 
 impl SetSpec {
@@ -121,7 +180,9 @@ const fn set(name: &'static str, nft: &'static str, key: (u32, u32), ud: &'stati
         key_type: key.0,
         key_len: key.1,
         data: None,
+        size: 0,
         userdata: ud,
+        balanced: false,
     }
 }
 
@@ -133,13 +194,42 @@ const fn map(name: &'static str, nft: &'static str, key: (u32, u32), data: (u32,
         key_type: key.0,
         key_len: key.1,
         data: Some(data),
+        size: 0,
         userdata: UD_CONCAT_MAP,
+        balanced: false,
+    }
+}
+
+/// A map of the load balancer's: a verdict map from a frontend to its chain.
+const fn lb_vmap(name: &'static str, nft: &'static str, key: (u32, u32)) -> SetSpec {
+    SetSpec {
+        userdata: UD_CONCAT_VMAP,
+        balanced: true,
+        ..map(name, nft, key, VERDICT)
+    }
+}
+
+/// A map of the load balancer's: a frontend's slots, declared with `typeof` (`ud`).
+const fn lb_slots(
+    name: &'static str,
+    nft: &'static str,
+    key: (u32, u32),
+    data: (u32, u32),
+    ud: &'static [u8],
+) -> SetSpec {
+    SetSpec {
+        userdata: ud,
+        balanced: true,
+        ..map(name, nft, key, data)
     }
 }
 
 /// Each part of a concatenation takes a multiple of 4 bytes.
 const V4_PORT: (u32, u32) = (concat(&[IPV4_ADDR, INET_SERVICE]), 8);
 const V6_PORT: (u32, u32) = (concat(&[IPV6_ADDR, INET_SERVICE]), 20);
+const PROTO_PORT: (u32, u32) = (concat(&[INET_PROTO, INET_SERVICE]), 8);
+const V4_PROTO_PORT: (u32, u32) = (concat(&[IPV4_ADDR, INET_PROTO, INET_SERVICE]), 12);
+const V6_PROTO_PORT: (u32, u32) = (concat(&[IPV6_ADDR, INET_PROTO, INET_SERVICE]), 24);
 
 const SETS: &[SetSpec] = &[
     set("bridges", "type ifname;", (IFNAME, 16), UD_HOST_ORDER),
@@ -194,7 +284,178 @@ const SETS: &[SetSpec] = &[
         (concat(&[IPV6_ADDR, INET_PROTO, INET_SERVICE]), 24),
         V6_PORT,
     ),
+    // Services. The configured service ranges: what is addressed there and not load-balanced
+    // is refused.
+    SetSpec {
+        flags: NFT_SET_INTERVAL,
+        ..set(
+            "service_ranges4",
+            "type ipv4_addr; flags interval;",
+            (IPV4_ADDR, 4),
+            UD_NET_ORDER,
+        )
+    },
+    SetSpec {
+        flags: NFT_SET_INTERVAL,
+        ..set(
+            "service_ranges6",
+            "type ipv6_addr; flags interval;",
+            (IPV6_ADDR, 16),
+            UD_NET_ORDER,
+        )
+    },
+    // The load balancer's: frontend -> `goto lb_N` (N backends; `lbn_N` for a node port);
+    // frontend . slot -> backend, slots 0 to N - 1.
+    lb_vmap(
+        "svc4",
+        "type ipv4_addr . inet_proto . inet_service : verdict;",
+        V4_PROTO_PORT,
+    ),
+    lb_vmap(
+        "svc6",
+        "type ipv6_addr . inet_proto . inet_service : verdict;",
+        V6_PROTO_PORT,
+    ),
+    lb_slots(
+        "backends4",
+        "typeof ip daddr . meta l4proto . th dport . numgen random mod 256 : ip daddr . th dport;",
+        (concat(&[IPV4_ADDR, INET_PROTO, INET_SERVICE, INTEGER]), 16),
+        V4_PORT,
+        UD_BACKENDS4,
+    ),
+    lb_slots(
+        "backends6",
+        "typeof ip6 daddr . meta l4proto . th dport . numgen random mod 256 : ip6 daddr . th dport;",
+        (concat(&[IPV6_ADDR, INET_PROTO, INET_SERVICE, INTEGER]), 28),
+        V6_PORT,
+        UD_BACKENDS6,
+    ),
+    lb_vmap(
+        "nodeports4",
+        "type inet_proto . inet_service : verdict;",
+        PROTO_PORT,
+    ),
+    lb_vmap(
+        "nodeports6",
+        "type inet_proto . inet_service : verdict;",
+        PROTO_PORT,
+    ),
+    // The node ports that have backends, for the rules of nat postrouting, which may not look
+    // into `nodeports4`/`6`: the kernel would check their chains, which DNAT, for that hook.
+    SetSpec {
+        balanced: true,
+        ..set(
+            "nodeport_keys4",
+            "type inet_proto . inet_service;",
+            PROTO_PORT,
+            UD_CONCAT,
+        )
+    },
+    SetSpec {
+        balanced: true,
+        ..set(
+            "nodeport_keys6",
+            "type inet_proto . inet_service;",
+            PROTO_PORT,
+            UD_CONCAT,
+        )
+    },
+    lb_slots(
+        "nodeport_backends4",
+        "typeof meta l4proto . th dport . numgen random mod 256 : ip daddr . th dport;",
+        (concat(&[INET_PROTO, INET_SERVICE, INTEGER]), 12),
+        V4_PORT,
+        UD_NODEPORT_BACKENDS4,
+    ),
+    lb_slots(
+        "nodeport_backends6",
+        "typeof meta l4proto . th dport . numgen random mod 256 : ip6 daddr . th dport;",
+        (concat(&[INET_PROTO, INET_SERVICE, INTEGER]), 12),
+        V6_PORT,
+        UD_NODEPORT_BACKENDS6,
+    ),
+    // Client-IP affinity: client . frontend address . protocol . port -> backend, written by
+    // the packet path (the `remember_*` chains), deleted by the load balancer.
+    SetSpec {
+        flags: NFT_SET_MAP | NFT_SET_TIMEOUT | NFT_SET_EVAL,
+        size: AFFINITY_SIZE,
+        balanced: true,
+        ..map(
+            "affinity4",
+            "type ipv4_addr . ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service; size 1048576; flags dynamic,timeout;",
+            (
+                concat(&[IPV4_ADDR, IPV4_ADDR, INET_PROTO, INET_SERVICE]),
+                16,
+            ),
+            V4_PORT,
+        )
+    },
+    SetSpec {
+        flags: NFT_SET_MAP | NFT_SET_TIMEOUT | NFT_SET_EVAL,
+        size: AFFINITY_SIZE,
+        balanced: true,
+        ..map(
+            "affinity6",
+            "type ipv6_addr . ipv6_addr . inet_proto . inet_service : ipv6_addr . inet_service; size 1048576; flags dynamic,timeout;",
+            (
+                concat(&[IPV6_ADDR, IPV6_ADDR, INET_PROTO, INET_SERVICE]),
+                40,
+            ),
+            V6_PORT,
+        )
+    },
+    // Affine frontends -> `jump remember_<timeout>`.
+    lb_vmap(
+        "affine4",
+        "type ipv4_addr . inet_proto . inet_service : verdict;",
+        V4_PROTO_PORT,
+    ),
+    lb_vmap(
+        "affine6",
+        "type ipv6_addr . inet_proto . inet_service : verdict;",
+        V6_PROTO_PORT,
+    ),
+    lb_vmap(
+        "nodeport_affine4",
+        "type inet_proto . inet_service : verdict;",
+        PROTO_PORT,
+    ),
+    lb_vmap(
+        "nodeport_affine6",
+        "type inet_proto . inet_service : verdict;",
+        PROTO_PORT,
+    ),
+    // Backends on this host, as `addr . addr`: the connections of one to itself.
+    SetSpec {
+        balanced: true,
+        ..set(
+            "hairpin4",
+            "type ipv4_addr . ipv4_addr;",
+            (concat(&[IPV4_ADDR, IPV4_ADDR]), 8),
+            UD_CONCAT,
+        )
+    },
+    SetSpec {
+        balanced: true,
+        ..set(
+            "hairpin6",
+            "type ipv6_addr . ipv6_addr;",
+            (concat(&[IPV6_ADDR, IPV6_ADDR]), 32),
+            UD_CONCAT,
+        )
+    },
 ];
+
+/// How many clients' affinities a family's map holds at most; beyond that a new client is
+/// balanced but not remembered.
+const AFFINITY_SIZE: u32 = 1 << 20;
+
+/// The set of this name.
+fn spec(name: &str) -> &'static SetSpec {
+    SETS.iter()
+        .find(|s| s.name == name)
+        .expect("a set of berth's")
+}
 
 /// The set's id within an install batch, by which rules of the same batch find it.
 fn set_id(name: &str) -> u32 {
@@ -227,6 +488,7 @@ const CHAINS: &[(&str, Option<Hook>)] = &[
         }),
     ),
     ("into_network", None),
+    ("unserved", None),
     (
         "guard",
         Some(Hook {
@@ -243,6 +505,15 @@ const CHAINS: &[(&str, Option<Hook>)] = &[
             hook: 3,
             priority: -300,
             nft: "type filter hook output priority raw; policy accept;",
+        }),
+    ),
+    (
+        "filter_out",
+        Some(Hook {
+            kind: "filter",
+            hook: 3,
+            priority: 0,
+            nft: "type filter hook output priority filter; policy accept;",
         }),
     ),
     (
@@ -263,6 +534,7 @@ const CHAINS: &[(&str, Option<Hook>)] = &[
             nft: "type nat hook output priority -100; policy accept;",
         }),
     ),
+    ("services", None),
     ("publish", None),
     (
         "postrouting",
@@ -275,6 +547,25 @@ const CHAINS: &[(&str, Option<Hook>)] = &[
     ),
     ("into_network_nat", None),
 ];
+
+/// The chains that balance over N backends are `lb_N` for a VIP, `lbn_N` for a node port.
+fn lb_prefix(nodeport: bool) -> &'static str {
+    if nodeport { "lbn_" } else { "lb_" }
+}
+
+fn lb_chain(nodeport: bool, n: u32) -> String {
+    format!("{}{n}", lb_prefix(nodeport))
+}
+
+/// Every chain of berth's but the operator's: [`CHAINS`], then `lb_1` to `lb_256` and `lbn_1`
+/// to `lbn_256`.
+fn chains() -> Vec<(String, Option<&'static Hook>)> {
+    let named = CHAINS.iter().map(|(c, h)| (c.to_string(), h.as_ref()));
+    let balancing = [false, true]
+        .into_iter()
+        .flat_map(|np| (1..=MAX_BACKENDS as u32).map(move |n| (lb_chain(np, n), None)));
+    named.chain(balancing).collect()
+}
 
 /// A base chain's type, hook, priority and policy, as `NEWCHAIN` carries them.
 fn hook_attrs(h: &Hook) -> Vec<u8> {
@@ -291,37 +582,55 @@ fn hook_attrs(h: &Hook) -> Vec<u8> {
 /// One rule: its chain, its text in nft's language and the expressions nft makes of it
 /// (checked against nft itself by the kernel tests).
 struct Rule {
-    chain: &'static str,
-    nft: &'static str,
+    chain: String,
+    nft: String,
     exprs: Vec<Expr>,
 }
 
-fn rules() -> Vec<Rule> {
+fn rule(chain: &str, nft: &str, parts: &[Vec<Expr>]) -> Rule {
+    Rule {
+        chain: chain.to_string(),
+        nft: nft.to_string(),
+        exprs: parts.concat(),
+    }
+}
+
+/// `meta nfproto ipv4` or `ipv6`: in the inet family, `ip ...` and `ip6 ...` test the
+/// packet's family first.
+fn family(ipv6: bool) -> Vec<Expr> {
+    use self::expr::{MetaKey::NfProto, NFPROTO_IPV4, NFPROTO_IPV6, REG1, cmp_eq, meta};
+    let f = if ipv6 { NFPROTO_IPV6 } else { NFPROTO_IPV4 };
+    vec![meta(NfProto, REG1), cmp_eq(REG1, &[f])]
+}
+
+/// `meta l4proto { tcp, udp, sctp }`
+fn tcp_udp_sctp() -> Vec<Expr> {
+    use self::expr::{L4_PROTOCOLS, MetaKey::L4Proto, REG1, lookup_anonymous, meta};
+    vec![meta(L4Proto, REG1), lookup_anonymous(REG1, &L4_PROTOCOLS)]
+}
+
+/// `ct status dnat`
+fn ct_status_dnat() -> Vec<Expr> {
+    use self::expr::{CtKey, IPS_DST_NAT, REG1, and, ct, nonzero};
+    vec![
+        ct(CtKey::Status, REG1),
+        and(REG1, IPS_DST_NAT),
+        nonzero(REG1),
+    ]
+}
+
+fn rules(services: &ServiceRules) -> Vec<Rule> {
     use self::expr::{
         Base::{Network, Transport},
-        CT_ESTABLISHED_RELATED, CtKey, IPPROTO_UDP, IPS_DST_NAT, L4_PROTOCOLS,
-        MetaKey::{IifName, L4Proto, NfProto, OifName},
+        CT_ESTABLISHED_RELATED, CtKey, IPPROTO_UDP,
+        MetaKey::{IifName, L4Proto, OifName},
         NFPROTO_IPV4, NFPROTO_IPV6, REG1, REG2, REG32_01, REG32_02, REG32_05, RTN_LOCAL, accept,
-        and, cmp_eq, ct, dnat, drop, fib_daddr_type, goto, jump, lookup, lookup_anonymous, map,
-        masq, meta, nonzero, notrack, payload,
+        and, cmp_eq, ct, dnat, drop, fib_daddr_type, goto, jump, lookup, map, masq, meta, nonzero,
+        notrack, payload,
     };
-    let rule = |chain, nft, parts: &[Vec<Expr>]| Rule {
-        chain,
-        nft,
-        exprs: parts.concat(),
-    };
-    // `ip ...` and `ip6 ...` in the inet family: first the packet's family.
-    let ip = || vec![meta(NfProto, REG1), cmp_eq(REG1, &[NFPROTO_IPV4])];
-    let ip6 = || vec![meta(NfProto, REG1), cmp_eq(REG1, &[NFPROTO_IPV6])];
+    let ip = || family(false);
+    let ip6 = || family(true);
     let udp = || vec![meta(L4Proto, REG1), cmp_eq(REG1, &[IPPROTO_UDP])];
-    let ct_status_dnat = || {
-        vec![
-            ct(CtKey::Status, REG1),
-            and(REG1, IPS_DST_NAT),
-            nonzero(REG1),
-        ]
-    };
-    let tcp_udp_sctp = || vec![meta(L4Proto, REG1), lookup_anonymous(REG1, &L4_PROTOCOLS)];
     let local_goto_publish = || {
         vec![
             fib_daddr_type(REG1),
@@ -329,9 +638,12 @@ fn rules() -> Vec<Rule> {
             goto("publish"),
         ]
     };
-    vec![
-        // The operator's restrictions come before anything berth allows.
-        rule("forward", "jump user", &[vec![jump(USER_CHAIN)]]),
+    let (first, last) = service_rules(services);
+    // The operator's restrictions come before anything berth allows.
+    let mut all = vec![rule("forward", "jump user", &[vec![jump(USER_CHAIN)]])];
+    // Services come first where they share a chain (see [`service_rules`]).
+    all.extend(first);
+    all.extend([
         rule(
             "forward",
             "oifname @bridges goto into_network",
@@ -577,8 +889,346 @@ fn rules() -> Vec<Rule> {
                 vec![payload(Network, 12, 1, REG1), cmp_eq(REG1, &[127]), masq()],
             ],
         ),
-    ]
+    ]);
+    all.extend(last);
+    all
 }
+
+/// The rules of services: those that go first in their chains and those that go last.
+///
+/// A new connection to a frontend is DNATed in nat `prerouting`/`output` (chain `services`,
+/// jumped to first): to the backend its client had last time if the frontend is affine
+/// (`affinity4`/`6`), else to slot `numgen random mod N` of its `N` backends, in chain `lb_N`
+/// (`lbn_N` for a node port, from chain `publish`, which sees local destinations), where the
+/// frontend's element in `svc4`/`6` (`nodeports4`/`6`) sends it.
+///
+/// In nat `postrouting`, an affine frontend's connection has its client remembered (chain
+/// `remember_<seconds>`, per timeout); a node port's connection is source-NATed to this host's
+/// address (backends on other hosts reply there, not to the gateway every host has); a
+/// backend's connection to itself is masqueraded (hairpin), and other service traffic keeps
+/// its client's address. In filter `forward` and `output`, what is addressed to the service
+/// ranges and was not DNATed is refused at once.
+///
+/// Cost: a frontend whose number of backends changes gets a new `goto lb_N` element, and the
+/// kernel (6.18) then validates every jump of the table again, which walks every frontend's
+/// element (some 80 ns each). A plain map of counts looked up into a fixed verdict map of the
+/// `lb_N` would avoid that, but nft 1.0.6 aborts listing a lookup keyed by a map's value, and
+/// `nft list ruleset` must keep working on berth's hosts.
+fn service_rules(services: &ServiceRules) -> (Vec<Rule>, Vec<Rule>) {
+    use self::expr::{
+        Base::{Network, Transport},
+        CtKey, ICMPX_PORT_UNREACH, IPPROTO_TCP,
+        MetaKey::L4Proto,
+        NFPROTO_IPV4, NFPROTO_IPV6, REG_VERDICT, REG1, REJECT_ICMPX, REJECT_TCP_RST, accept,
+        cmp_eq, ct_original, dnat, goto, immediate, jump, lookup, map, masq, meta, not_in, payload,
+        reg, reject, snat,
+    };
+    let mut first = vec![
+        rule("prerouting", "jump services", &[vec![jump("services")]]),
+        rule("output", "jump services", &[vec![jump("services")]]),
+    ];
+    let mut last = Vec::new();
+    for ipv6 in [false, true] {
+        let (ip, a, nfproto) = if ipv6 {
+            ("ip6", 16, NFPROTO_IPV6)
+        } else {
+            ("ip", 4, NFPROTO_IPV4)
+        };
+        let (saddr, daddr) = if ipv6 { (8, 24) } else { (12, 16) };
+        let v = if ipv6 { "6" } else { "4" };
+        let dst_ip = if ipv6 { CtKey::DstIp6 } else { CtKey::DstIp };
+        let in_ranges: &'static str = if ipv6 {
+            "service_ranges6"
+        } else {
+            "service_ranges4"
+        };
+        let [
+            affinity,
+            svc,
+            nodeports,
+            nodeport_keys,
+            affine,
+            nodeport_affine,
+            hairpin,
+        ] = [
+            "affinity",
+            "svc",
+            "nodeports",
+            "nodeport_keys",
+            "affine",
+            "nodeport_affine",
+            "hairpin",
+        ]
+        .map(|m| spec(&format!("{m}{v}")).name);
+        // Keys are concatenations, each part from a 4-byte boundary on; a map's value lands
+        // in register 1 onwards.
+        first.push(rule(
+            "services",
+            &format!(
+                "meta nfproto ipv{v} dnat {ip} to {ip} saddr . {ip} daddr . meta l4proto . th dport map @{affinity}"
+            ),
+            &[
+                family(ipv6),
+                vec![
+                    payload(Network, saddr, a, REG1),
+                    payload(Network, daddr, a, reg(a)),
+                    meta(L4Proto, reg(2 * a)),
+                    payload(Transport, 2, 2, reg(2 * a + 4)),
+                    map(REG1, affinity, REG1),
+                    dnat(nfproto, REG1, reg(a)),
+                ],
+            ],
+        ));
+        first.push(rule(
+            "services",
+            &format!("meta nfproto ipv{v} {ip} daddr . meta l4proto . th dport vmap @{svc}"),
+            &[
+                family(ipv6),
+                vec![
+                    payload(Network, daddr, a, REG1),
+                    meta(L4Proto, reg(a)),
+                    payload(Transport, 2, 2, reg(a + 4)),
+                    map(REG1, svc, REG_VERDICT),
+                ],
+            ],
+        ));
+        last.push(rule(
+            "publish",
+            &format!("meta nfproto ipv{v} meta l4proto . th dport vmap @{nodeports}"),
+            &[
+                family(ipv6),
+                vec![
+                    meta(L4Proto, REG1),
+                    payload(Transport, 2, 2, reg(4)),
+                    map(REG1, nodeports, REG_VERDICT),
+                ],
+            ],
+        ));
+        // The connection as it first was: to the frontend's address and port.
+        let original = |addr_key: CtKey| {
+            vec![
+                ct_original(addr_key, REG1),
+                meta(L4Proto, reg(a)),
+                ct_original(CtKey::ProtoDst, reg(a + 4)),
+            ]
+        };
+        let node_port = || {
+            vec![
+                ct_original(dst_ip, REG1),
+                not_in(REG1, in_ranges),
+                meta(L4Proto, REG1),
+                ct_original(CtKey::ProtoDst, reg(4)),
+            ]
+        };
+        first.push(rule(
+            "postrouting",
+            &format!(
+                "meta l4proto {{ tcp, udp, sctp }} ct status dnat ct original {ip} daddr . meta l4proto . ct original proto-dst vmap @{affine}"
+            ),
+            &[
+                tcp_udp_sctp(),
+                ct_status_dnat(),
+                original(dst_ip),
+                vec![map(REG1, affine, REG_VERDICT)],
+            ],
+        ));
+        first.push(rule(
+            "postrouting",
+            &format!(
+                "meta l4proto {{ tcp, udp, sctp }} ct status dnat ct original {ip} daddr != @{in_ranges} meta l4proto . ct original proto-dst vmap @{nodeport_affine}"
+            ),
+            &[
+                tcp_udp_sctp(),
+                ct_status_dnat(),
+                node_port(),
+                vec![map(REG1, nodeport_affine, REG_VERDICT)],
+            ],
+        ));
+        let source = if ipv6 {
+            services.nodeport_source6.map(IpAddr::V6)
+        } else {
+            services.nodeport_source4.map(IpAddr::V4)
+        };
+        let (text, nat) = match source {
+            Some(addr) => (
+                format!("snat {ip} to {addr}"),
+                vec![immediate(REG1, &ip_bytes(addr)), snat(nfproto, REG1)],
+            ),
+            None => ("masquerade".to_string(), vec![masq()]),
+        };
+        first.push(rule(
+            "postrouting",
+            &format!(
+                "meta l4proto {{ tcp, udp, sctp }} ct status dnat ct original {ip} daddr != @{in_ranges} meta l4proto . ct original proto-dst @{nodeport_keys} {text}"
+            ),
+            &[
+                tcp_udp_sctp(),
+                ct_status_dnat(),
+                node_port(),
+                vec![lookup(REG1, nodeport_keys)],
+                nat,
+            ],
+        ));
+        first.push(rule(
+            "into_network_nat",
+            &format!("meta nfproto ipv{v} {ip} saddr . {ip} daddr @{hairpin} masquerade"),
+            &[
+                family(ipv6),
+                vec![
+                    payload(Network, saddr, a, REG1),
+                    payload(Network, daddr, a, reg(a)),
+                    lookup(REG1, hairpin),
+                    masq(),
+                ],
+            ],
+        ));
+        for chain in ["forward", "filter_out"] {
+            first.push(rule(
+                chain,
+                &format!("meta nfproto ipv{v} {ip} daddr @{in_ranges} goto unserved"),
+                &[
+                    family(ipv6),
+                    vec![
+                        payload(Network, daddr, a, REG1),
+                        lookup(REG1, in_ranges),
+                        goto("unserved"),
+                    ],
+                ],
+            ));
+        }
+    }
+    // After both hairpin rules: service traffic keeps its client's address.
+    for (ip, key, in_ranges) in [
+        ("ip", CtKey::DstIp, "service_ranges4"),
+        ("ip6", CtKey::DstIp6, "service_ranges6"),
+    ] {
+        first.push(rule(
+            "into_network_nat",
+            &format!("ct original {ip} daddr @{in_ranges} accept"),
+            &[vec![
+                ct_original(key, REG1),
+                lookup(REG1, in_ranges),
+                accept(),
+            ]],
+        ));
+    }
+    first.push(rule(
+        "unserved",
+        "meta l4proto tcp reject with tcp reset",
+        &[vec![
+            meta(L4Proto, REG1),
+            cmp_eq(REG1, &[IPPROTO_TCP]),
+            reject(REJECT_TCP_RST, None),
+        ]],
+    ));
+    first.push(rule(
+        "unserved",
+        "reject with icmpx port-unreachable",
+        &[vec![reject(REJECT_ICMPX, Some(ICMPX_PORT_UNREACH))]],
+    ));
+    for nodeport in [false, true] {
+        for n in 1..=MAX_BACKENDS as u32 {
+            first.extend(lb_rules(nodeport, n));
+        }
+    }
+    (first, last)
+}
+
+/// Chain `lb_N`'s (or `lbn_N`'s) rules: DNAT to slot `numgen random mod N` of the frontend.
+fn lb_rules(nodeport: bool, n: u32) -> Vec<Rule> {
+    use self::expr::{
+        Base::{Network, Transport},
+        MetaKey::L4Proto,
+        NFPROTO_IPV4, NFPROTO_IPV6, REG1, dnat, map, meta, numgen_random, payload, reg,
+    };
+    let chain = lb_chain(nodeport, n);
+    [false, true]
+        .into_iter()
+        .map(|ipv6| {
+            let (ip, a, nfproto, v) = if ipv6 {
+                ("ip6", 16, NFPROTO_IPV6, "6")
+            } else {
+                ("ip", 4, NFPROTO_IPV4, "4")
+            };
+            // The frontend's address (not for a node port), protocol, port, then the slot.
+            let (daddr, backends, at) = if nodeport {
+                (String::new(), spec(&format!("nodeport_backends{v}")).name, 0)
+            } else {
+                (format!("{ip} daddr . "), spec(&format!("backends{v}")).name, a)
+            };
+            let mut exprs = family(ipv6);
+            if !nodeport {
+                exprs.push(payload(Network, if ipv6 { 24 } else { 16 }, a, REG1));
+            }
+            exprs.extend([
+                meta(L4Proto, reg(at)),
+                payload(Transport, 2, 2, reg(at + 4)),
+                numgen_random(reg(at + 8), n),
+                map(REG1, backends, REG1),
+                dnat(nfproto, REG1, reg(a)),
+            ]);
+            rule(
+                &chain,
+                &format!(
+                    "meta nfproto ipv{v} dnat {ip} to {daddr}meta l4proto . th dport . numgen random mod {n} map @{backends}"
+                ),
+                &[exprs],
+            )
+        })
+        .collect()
+}
+
+/// The rules of chain `remember_<secs>`: remember for `secs` seconds which backend this
+/// client got for this frontend (restarted by each new connection it makes there). nft 1.0.6
+/// cannot write the IPv6 one (it runs out of registers for a 40-byte key and its value, which
+/// the kernel takes), so the tests hold its expressions against a listing.
+fn remember_rules(secs: u32) -> Vec<Rule> {
+    use self::expr::{
+        Base::{Network, Transport},
+        CtKey,
+        MetaKey::L4Proto,
+        REG1, ct_original, dynset_update, meta, payload, reg,
+    };
+    let chain = remember_chain(secs);
+    [false, true]
+        .into_iter()
+        .map(|ipv6| {
+            let (ip, a, dst_ip, (saddr, daddr)) = if ipv6 {
+                ("ip6", 16, CtKey::DstIp6, (8, 24))
+            } else {
+                ("ip", 4, CtKey::DstIp, (12, 16))
+            };
+            let affinity = if ipv6 { "affinity6" } else { "affinity4" };
+            let text = format!(
+                "meta nfproto ip{} meta l4proto {{ tcp, udp, sctp }} update @{affinity} {{ {ip} saddr . ct original {ip} daddr . meta l4proto . ct original proto-dst timeout {secs}s : {ip} daddr . th dport }}",
+                if ipv6 { "v6" } else { "v4" }
+            );
+            // Key: client, frontend address, protocol, frontend port; value: backend, port.
+            let key_len = 2 * a + 8;
+            let parts = [
+                family(ipv6),
+                tcp_udp_sctp(),
+                vec![
+                    payload(Network, saddr, a, REG1),
+                    ct_original(dst_ip, reg(a)),
+                    meta(L4Proto, reg(2 * a)),
+                    ct_original(CtKey::ProtoDst, reg(2 * a + 4)),
+                    payload(Network, daddr, a, reg(key_len)),
+                    payload(Transport, 2, 2, reg(key_len + a)),
+                    dynset_update(REG1, affinity, reg(key_len), u64::from(secs) * 1000),
+                ],
+            ];
+            rule(&chain, &text, &parts)
+        })
+        .collect()
+}
+
+/// The chain that remembers affinities for `secs` seconds.
+fn remember_chain(secs: u32) -> String {
+    format!("{REMEMBER_PREFIX}{secs}")
+}
+
+const REMEMBER_PREFIX: &str = "remember_";
 
 /// One network as the firewall sees it.
 #[derive(Debug, Clone)]
@@ -588,6 +1238,21 @@ pub struct NetworkRules {
     pub subnets: Vec<IpNet>,
     /// Where berth's DNS answers on this network (empty: no DNS).
     pub dns: Vec<SocketAddr>,
+}
+
+/// What the fixed rules of services need to know; the frontends themselves are the
+/// [`LoadBalancer`]'s.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceRules {
+    /// Where VIPs come from: a connection to an address there that no frontend takes is
+    /// refused at once (TCP reset, else ICMP port unreachable), and service traffic is not
+    /// masqueraded.
+    pub ranges: Vec<IpNet>,
+    /// The address connections through a node port are source-NATed to: this host's own, to
+    /// which backends on other hosts reply. `None`: masquerade (the outgoing interface's
+    /// address, which only backends on this host reach back).
+    pub nodeport_source4: Option<Ipv4Addr>,
+    pub nodeport_source6: Option<Ipv6Addr>,
 }
 
 /// One published port of one endpoint: `mapping` forwarded to `target`.
@@ -656,8 +1321,60 @@ fn ifname_bytes(name: &str) -> Vec<u8> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Element {
     key: Vec<u8>,
-    data: Option<Vec<u8>>,
+    data: Option<Data>,
     interval_end: bool,
+}
+
+/// A map element's value.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Data {
+    Value(Vec<u8>),
+    /// A verdict map's: `NFT_JUMP`, `NFT_GOTO` (with a chain) or another verdict code.
+    Verdict {
+        code: i32,
+        chain: Option<String>,
+    },
+}
+
+impl Data {
+    fn goto(chain: String) -> Data {
+        Data::Verdict {
+            code: expr::NFT_GOTO,
+            chain: Some(chain),
+        }
+    }
+
+    fn jump(chain: String) -> Data {
+        Data::Verdict {
+            code: expr::NFT_JUMP,
+            chain: Some(chain),
+        }
+    }
+
+    /// As `NFTA_SET_ELEM_DATA`'s payload.
+    fn put(&self, d: &mut Vec<u8>) {
+        match self {
+            Data::Value(v) => put_attr(d, NFTA_DATA_VALUE, v),
+            Data::Verdict { code, chain } => put_nested(d, NFTA_DATA_VERDICT, |v| {
+                put_attr(v, NFTA_VERDICT_CODE, &code.to_be_bytes());
+                if let Some(chain) = chain {
+                    put_str(v, NFTA_VERDICT_CHAIN, chain);
+                }
+            }),
+        }
+    }
+
+    /// From `NFTA_SET_ELEM_DATA`'s payload.
+    fn parse(d: &[u8]) -> Option<Data> {
+        if let Some(v) = attr(d, NFTA_DATA_VALUE) {
+            return Some(Data::Value(v.to_vec()));
+        }
+        let v = attr(d, NFTA_DATA_VERDICT)?;
+        Some(Data::Verdict {
+            code: i32::from_be_bytes(attr(v, NFTA_VERDICT_CODE)?.try_into().ok()?),
+            chain: attr_str(v, NFTA_VERDICT_CHAIN).map(str::to_string),
+        })
+    }
 }
 
 /// By key, and at the same key an end before a start: adjacent ranges go to the kernel as
@@ -749,7 +1466,7 @@ impl Member {
                 let (key, data) = f.key_and_data();
                 vec![Element {
                     key,
-                    data: Some(data),
+                    data: Some(Data::Value(data)),
                     interval_end: false,
                 }]
             }
@@ -757,8 +1474,13 @@ impl Member {
     }
 }
 
-/// Every set's members for these networks and forwards, by set name.
-fn members(networks: &[NetworkRules], forwards: &[Forward]) -> Vec<(&'static str, Member)> {
+/// Every set's members for these networks, forwards and services, by set name; none of the
+/// load balancer's.
+fn members(
+    networks: &[NetworkRules],
+    forwards: &[Forward],
+    services: &ServiceRules,
+) -> Vec<(&'static str, Member)> {
     let mut out = Vec::new();
     for n in networks {
         out.push(("bridges", Member::Bridge(n.bridge.clone())));
@@ -781,13 +1503,26 @@ fn members(networks: &[NetworkRules], forwards: &[Forward]) -> Vec<(&'static str
         }
     }
     out.extend(forwards.iter().map(|f| (f.map(), Member::Forward(*f))));
+    for range in &services.ranges {
+        let set = if range.addr().is_ipv4() {
+            "service_ranges4"
+        } else {
+            "service_ranges6"
+        };
+        out.push((set, Member::Subnet(*range)));
+    }
     out
 }
 
-/// The elements each of [`SETS`] should hold, in its order, sorted and without duplicates.
-fn elements(networks: &[NetworkRules], forwards: &[Forward]) -> Vec<Vec<Element>> {
+/// The elements each of [`SETS`] should hold, in its order, sorted and without duplicates
+/// (none for the load balancer's).
+fn elements(
+    networks: &[NetworkRules],
+    forwards: &[Forward],
+    services: &ServiceRules,
+) -> Vec<Vec<Element>> {
     let mut per_set = vec![Vec::new(); SETS.len()];
-    for (set, member) in members(networks, forwards) {
+    for (set, member) in members(networks, forwards, services) {
         per_set[set_id(set) as usize - 1].extend(member.elements());
     }
     for e in &mut per_set {
@@ -797,9 +1532,9 @@ fn elements(networks: &[NetworkRules], forwards: &[Forward]) -> Vec<Vec<Element>
     per_set
 }
 
-/// The complete table for these networks and forwards in `nft`'s language: what [`install`]
-/// writes, for people and for the tests that hold the two side by side.
-pub fn ruleset(networks: &[NetworkRules], forwards: &[Forward]) -> String {
+/// The complete table for these networks, forwards and services in `nft`'s language: what
+/// [`install`] writes, for people and for the tests that hold the two side by side.
+pub fn ruleset(networks: &[NetworkRules], forwards: &[Forward], services: &ServiceRules) -> String {
     let mut s = format!("add table inet {TABLE}\nadd chain inet {TABLE} {USER_CHAIN}\n");
     for set in SETS {
         let _ = writeln!(
@@ -810,7 +1545,7 @@ pub fn ruleset(networks: &[NetworkRules], forwards: &[Forward]) -> String {
             set.nft
         );
     }
-    for (chain, hook) in CHAINS {
+    for (chain, hook) in chains() {
         match hook {
             None => {
                 let _ = writeln!(s, "add chain inet {TABLE} {chain}");
@@ -821,22 +1556,97 @@ pub fn ruleset(networks: &[NetworkRules], forwards: &[Forward]) -> String {
         }
         let _ = writeln!(s, "flush chain inet {TABLE} {chain}");
     }
-    for set in SETS {
+    for set in SETS.iter().filter(|s| !s.balanced) {
         let _ = writeln!(s, "flush {} inet {TABLE} {}", set.kind(), set.name);
     }
-    for r in rules() {
+    for r in rules(services) {
         let _ = writeln!(s, "add rule inet {TABLE} {} {}", r.chain, r.nft);
     }
-    for (set, member) in members(networks, forwards) {
+    for (set, member) in members(networks, forwards, services) {
         let _ = writeln!(s, "add element inet {TABLE} {set} {{ {} }}", member.text());
     }
     s
 }
 
+/// Adds `r` to its chain, after its anonymous set if it has one (numbered from
+/// `anonymous_id`, which moves on); `set_id` names the sets the same batch creates.
+fn push_rule(b: &mut Batch, r: &Rule, anonymous_id: &mut u32, set_id: fn(&str) -> u32) {
+    let id = *anonymous_id;
+    if let Some(anon) = r.exprs.iter().find_map(Expr::anonymous_set) {
+        *anonymous_id += 1;
+        let mut a = Vec::new();
+        put_str(&mut a, NFTA_SET_TABLE, TABLE);
+        put_str(&mut a, NFTA_SET_NAME, expr::ANONYMOUS_SET_NAME);
+        put_u32(&mut a, NFTA_SET_FLAGS, NFT_SET_ANONYMOUS | NFT_SET_CONSTANT);
+        put_u32(&mut a, NFTA_SET_KEY_TYPE, anon.key_type);
+        put_u32(&mut a, NFTA_SET_KEY_LEN, anon.key_len);
+        put_u32(&mut a, NFTA_SET_ID, id);
+        put_nested(&mut a, NFTA_SET_DESC, |d| {
+            put_u32(d, NFTA_SET_DESC_SIZE, anon.elements.len() as u32)
+        });
+        put_attr(&mut a, NFTA_SET_USERDATA, anon.userdata);
+        let what = format!("create the anonymous set of `{}`", r.nft);
+        b.push(NFT_MSG_NEWSET, NLM_F_CREATE, a, what.clone());
+        let mut a = set_attrs(expr::ANONYMOUS_SET_NAME);
+        put_u32(&mut a, NFTA_SET_ELEM_LIST_SET_ID, id);
+        put_nested(&mut a, NFTA_SET_ELEM_LIST_ELEMENTS, |list| {
+            for key in anon.elements {
+                put_element(list, &Element::of(key.to_vec()));
+            }
+        });
+        b.push(NFT_MSG_NEWSETELEM, NLM_F_CREATE, a, what);
+    }
+    let mut a = chain_attrs(NFTA_RULE_CHAIN, &r.chain);
+    let refs = Refs::Batch {
+        set_id,
+        anonymous_id: id,
+    };
+    put_nested(&mut a, NFTA_RULE_EXPRESSIONS, |e| {
+        e.extend_from_slice(&expr::encode(&r.exprs, refs))
+    });
+    b.push(
+        NFT_MSG_NEWRULE,
+        NLM_F_CREATE | NLM_F_APPEND,
+        a,
+        format!("add rule `{}` to chain {}", r.nft, r.chain),
+    );
+}
+
+/// A set's `NEWSET` attributes but for its id in a batch or, `as_dumped`, those of them that
+/// a dump of the set shows as sent (it leaves out flags 0 and has its own length for verdicts).
+fn set_spec_attrs(set: &SetSpec, as_dumped: bool) -> Vec<u8> {
+    let mut a = Vec::new();
+    put_str(&mut a, NFTA_SET_TABLE, TABLE);
+    put_str(&mut a, NFTA_SET_NAME, set.name);
+    if !as_dumped || set.flags != 0 {
+        put_u32(&mut a, NFTA_SET_FLAGS, set.flags);
+    }
+    put_u32(&mut a, NFTA_SET_KEY_TYPE, set.key_type);
+    put_u32(&mut a, NFTA_SET_KEY_LEN, set.key_len);
+    if let Some((data_type, data_len)) = set.data {
+        put_u32(&mut a, NFTA_SET_DATA_TYPE, data_type);
+        if !as_dumped || (data_type, data_len) != VERDICT {
+            put_u32(&mut a, NFTA_SET_DATA_LEN, data_len);
+        }
+    }
+    if set.size > 0 {
+        put_nested(&mut a, NFTA_SET_DESC, |d| {
+            put_u32(d, NFTA_SET_DESC_SIZE, set.size)
+        });
+    }
+    put_attr(&mut a, NFTA_SET_USERDATA, set.userdata);
+    a
+}
+
 /// Writes the whole table in one transaction: all of it or, on error, none. Berth's chains
 /// and sets are created if missing and flushed, so the result is exactly these rules and
-/// elements; the `user` chain keeps its rules.
-pub fn install(networks: &[NetworkRules], forwards: &[Forward]) -> Result<()> {
+/// elements; the `user` chain keeps its rules, the load balancer's maps their elements and
+/// its `remember_*` chains stay as they are.
+pub fn install(
+    networks: &[NetworkRules],
+    forwards: &[Forward],
+    services: &ServiceRules,
+) -> Result<()> {
     let mut b = Batch::default();
     let mut a = Vec::new();
     put_str(&mut a, NFTA_TABLE_NAME, TABLE);
@@ -850,18 +1660,8 @@ pub fn install(networks: &[NetworkRules], forwards: &[Forward]) -> Result<()> {
         format!("create chain {USER_CHAIN}"),
     );
     for (i, set) in SETS.iter().enumerate() {
-        let mut a = Vec::new();
-        put_str(&mut a, NFTA_SET_TABLE, TABLE);
-        put_str(&mut a, NFTA_SET_NAME, set.name);
-        put_u32(&mut a, NFTA_SET_FLAGS, set.flags);
-        put_u32(&mut a, NFTA_SET_KEY_TYPE, set.key_type);
-        put_u32(&mut a, NFTA_SET_KEY_LEN, set.key_len);
-        if let Some((data_type, data_len)) = set.data {
-            put_u32(&mut a, NFTA_SET_DATA_TYPE, data_type);
-            put_u32(&mut a, NFTA_SET_DATA_LEN, data_len);
-        }
+        let mut a = set_spec_attrs(set, false);
         put_u32(&mut a, NFTA_SET_ID, i as u32 + 1);
-        put_attr(&mut a, NFTA_SET_USERDATA, set.userdata);
         b.push(
             NFT_MSG_NEWSET,
             NLM_F_CREATE,
@@ -869,8 +1669,8 @@ pub fn install(networks: &[NetworkRules], forwards: &[Forward]) -> Result<()> {
             format!("create {} {}", set.kind(), set.name),
         );
     }
-    for (chain, hook) in CHAINS {
-        let mut a = chain_attrs(NFTA_CHAIN_NAME, chain);
+    for (chain, hook) in chains() {
+        let mut a = chain_attrs(NFTA_CHAIN_NAME, &chain);
         if let Some(h) = hook {
             a.extend_from_slice(&hook_attrs(h));
         }
@@ -883,11 +1683,11 @@ pub fn install(networks: &[NetworkRules], forwards: &[Forward]) -> Result<()> {
         b.push(
             NFT_MSG_DELRULE,
             0,
-            chain_attrs(NFTA_RULE_CHAIN, chain),
+            chain_attrs(NFTA_RULE_CHAIN, &chain),
             format!("flush chain {chain}"),
         );
     }
-    for set in SETS {
+    for set in SETS.iter().filter(|s| !s.balanced) {
         b.push(
             NFT_MSG_DELSETELEM,
             0,
@@ -895,49 +1695,11 @@ pub fn install(networks: &[NetworkRules], forwards: &[Forward]) -> Result<()> {
             format!("flush {} {}", set.kind(), set.name),
         );
     }
-    let mut next_id = SETS.len() as u32 + 1;
-    for r in rules() {
-        let anonymous_id = next_id;
-        if let Some(anon) = r.exprs.iter().find_map(Expr::anonymous_set) {
-            next_id += 1;
-            let mut a = Vec::new();
-            put_str(&mut a, NFTA_SET_TABLE, TABLE);
-            put_str(&mut a, NFTA_SET_NAME, expr::ANONYMOUS_SET_NAME);
-            put_u32(&mut a, NFTA_SET_FLAGS, NFT_SET_ANONYMOUS | NFT_SET_CONSTANT);
-            put_u32(&mut a, NFTA_SET_KEY_TYPE, anon.key_type);
-            put_u32(&mut a, NFTA_SET_KEY_LEN, anon.key_len);
-            put_u32(&mut a, NFTA_SET_ID, anonymous_id);
-            put_nested(&mut a, NFTA_SET_DESC, |d| {
-                put_u32(d, NFTA_SET_DESC_SIZE, anon.elements.len() as u32)
-            });
-            put_attr(&mut a, NFTA_SET_USERDATA, anon.userdata);
-            let what = format!("create the anonymous set of `{}`", r.nft);
-            b.push(NFT_MSG_NEWSET, NLM_F_CREATE, a, what.clone());
-            let mut a = set_attrs(expr::ANONYMOUS_SET_NAME);
-            put_u32(&mut a, NFTA_SET_ELEM_LIST_SET_ID, anonymous_id);
-            put_nested(&mut a, NFTA_SET_ELEM_LIST_ELEMENTS, |list| {
-                for key in anon.elements {
-                    put_element(list, &Element::of(key.to_vec()));
-                }
-            });
-            b.push(NFT_MSG_NEWSETELEM, NLM_F_CREATE, a, what);
-        }
-        let mut a = chain_attrs(NFTA_RULE_CHAIN, r.chain);
-        let refs = Refs::Batch {
-            set_id,
-            anonymous_id,
-        };
-        put_nested(&mut a, NFTA_RULE_EXPRESSIONS, |e| {
-            e.extend_from_slice(&expr::encode(&r.exprs, refs))
-        });
-        b.push(
-            NFT_MSG_NEWRULE,
-            NLM_F_CREATE | NLM_F_APPEND,
-            a,
-            format!("add rule `{}` to chain {}", r.nft, r.chain),
-        );
+    let mut anonymous_id = SETS.len() as u32 + 1;
+    for r in rules(services) {
+        push_rule(&mut b, &r, &mut anonymous_id, set_id);
     }
-    for (set, elements) in SETS.iter().zip(elements(networks, forwards)) {
+    for (set, elements) in SETS.iter().zip(elements(networks, forwards, services)) {
         push_elements(&mut b, NFT_MSG_NEWSETELEM, set, &elements);
     }
     Nfnetlink::open()?.commit(&b)
@@ -967,15 +1729,13 @@ fn put_element(list: &mut Vec<u8>, e: &Element) {
             put_attr(k, NFTA_DATA_VALUE, &e.key)
         });
         if let Some(data) = &e.data {
-            put_nested(el, NFTA_SET_ELEM_DATA, |d| {
-                put_attr(d, NFTA_DATA_VALUE, data)
-            });
+            put_nested(el, NFTA_SET_ELEM_DATA, |d| data.put(d));
         }
     });
 }
 
-/// Adds (`NEWSETELEM`) or deletes (`DELSETELEM`) elements of one set, in as many messages
-/// as a netlink attribute's 64 KiB limit needs.
+/// Adds (`NEWSETELEM`) or deletes (`DELSETELEM`, `DESTROYSETELEM`) elements of one set, in as
+/// many messages as a netlink attribute's 64 KiB limit needs.
 fn push_elements(b: &mut Batch, op: u16, set: &SetSpec, elements: &[Element]) {
     let (flags, verb) = if op == NFT_MSG_NEWSETELEM {
         (NLM_F_CREATE, "add")
@@ -1016,10 +1776,16 @@ pub fn generation() -> Result<u32> {
 }
 
 /// What differs between berth's table in the kernel and what [`install`] would write for
-/// these networks and forwards, one line each; empty when nothing does. Compares the table,
-/// the chains' hooks, every rule's expressions and every set's elements, but not the `user`
-/// chain's rules. A change made while this reads shows as a difference too.
-pub fn check(networks: &[NetworkRules], forwards: &[Forward]) -> Result<Vec<String>> {
+/// these networks, forwards and services, one line each; empty when nothing does. Compares
+/// the table, the chains' hooks, every rule's expressions and every set's elements, but not
+/// the `user` chain's rules, nor the elements of the load balancer's maps (only that they
+/// are there, as declared) and its `remember_*` chains: those are the [`LoadBalancer`]'s to
+/// check. A change made while this reads shows as a difference too.
+pub fn check(
+    networks: &[NetworkRules],
+    forwards: &[Forward],
+    services: &ServiceRules,
+) -> Result<Vec<String>> {
     let mut nl = Nfnetlink::open()?;
     let mut damage = Vec::new();
     let refused = |what: &str, errno| DataplaneError::Kernel {
@@ -1044,20 +1810,19 @@ pub fn check(networks: &[NetworkRules], forwards: &[Forward]) -> Result<Vec<Stri
     let mut table_only = Vec::new();
     put_str(&mut table_only, NFTA_CHAIN_TABLE, TABLE);
 
-    let mut chains: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut got_chains: Vec<(String, Vec<u8>)> = Vec::new();
     consistent &= nl
         .dump(NFT_MSG_GETCHAIN, &table_only, |c| {
             if attr_str(c, NFTA_CHAIN_TABLE) == Some(TABLE)
                 && let Some(name) = attr_str(c, NFTA_CHAIN_NAME)
             {
-                chains.push((name.to_string(), c.to_vec()));
+                got_chains.push((name.to_string(), c.to_vec()));
             }
         })?
         .map_err(|errno| refused("chains", errno))?;
-    let all_chains =
-        std::iter::once((USER_CHAIN, None)).chain(CHAINS.iter().map(|(c, h)| (*c, h.as_ref())));
+    let all_chains = std::iter::once((USER_CHAIN.to_string(), None)).chain(chains());
     for (name, hook) in all_chains {
-        match chains.iter().find(|(c, _)| c == name) {
+        match got_chains.iter().find(|(c, _)| *c == name) {
             None => damage.push(format!("chain {name} is missing")),
             Some((_, got)) => {
                 if let Some(h) = hook
@@ -1080,14 +1845,18 @@ pub fn check(networks: &[NetworkRules], forwards: &[Forward]) -> Result<Vec<Stri
             }
         })?
         .map_err(|errno| refused("rules", errno))?;
-    let wanted = rules();
-    for (chain, _) in CHAINS {
-        let want: Vec<&Rule> = wanted.iter().filter(|r| r.chain == *chain).collect();
-        let got: Vec<&[u8]> = got_rules
-            .iter()
-            .filter(|(c, _)| c == chain)
-            .map(|(_, e)| e.as_slice())
-            .collect();
+    let wanted = rules(services);
+    let mut want_by_chain: std::collections::HashMap<&str, Vec<&Rule>> = Default::default();
+    for r in &wanted {
+        want_by_chain.entry(&r.chain).or_default().push(r);
+    }
+    let mut got_by_chain: std::collections::HashMap<&str, Vec<&[u8]>> = Default::default();
+    for (c, e) in &got_rules {
+        got_by_chain.entry(c).or_default().push(e);
+    }
+    for (chain, _) in chains() {
+        let want = want_by_chain.remove(chain.as_str()).unwrap_or_default();
+        let got = got_by_chain.remove(chain.as_str()).unwrap_or_default();
         if got.len() != want.len() {
             damage.push(format!(
                 "chain {chain} has {} rules instead of {}",
@@ -1103,31 +1872,32 @@ pub fn check(networks: &[NetworkRules], forwards: &[Forward]) -> Result<Vec<Stri
         }
     }
 
-    for (set, want) in SETS.iter().zip(elements(networks, forwards)) {
-        let mut got = Vec::new();
-        let dumped = nl.dump(NFT_MSG_GETSETELEM, &set_attrs(set.name), |m| {
-            let Some(list) = attr(m, NFTA_SET_ELEM_LIST_ELEMENTS) else {
-                return;
-            };
-            for (_, e) in attrs(list) {
-                let value = |kind| attr(e, kind).and_then(|v| attr(v, NFTA_DATA_VALUE));
-                got.push(Element {
-                    key: value(NFTA_SET_ELEM_KEY).unwrap_or_default().to_vec(),
-                    data: value(NFTA_SET_ELEM_DATA).map(<[u8]>::to_vec),
-                    interval_end: attr_u32(e, NFTA_SET_ELEM_FLAGS).unwrap_or(0)
-                        & NFT_SET_ELEM_INTERVAL_END
-                        != 0,
-                });
+    for (set, want) in SETS.iter().zip(elements(networks, forwards, services)) {
+        if set.balanced {
+            let a = set_spec_attrs(set, true);
+            match nl.get(NFT_MSG_GETSET, &a)? {
+                Err(errno) if errno == enoent() => {
+                    damage.push(format!("{} {} is missing", set.kind(), set.name));
+                }
+                Err(errno) => return Err(refused("sets", errno)),
+                Ok(got) if !covers(&got, &a) => {
+                    damage.push(format!("{} {} is not `{}`", set.kind(), set.name, set.nft));
+                }
+                Ok(_) => {}
             }
-        })?;
-        match dumped {
+            continue;
+        }
+        let mut got = match read_elements(&mut nl, set.name)? {
             Err(errno) if errno == enoent() => {
                 damage.push(format!("{} {} is missing", set.kind(), set.name));
                 continue;
             }
             Err(errno) => return Err(refused("set elements", errno)),
-            Ok(c) => consistent &= c,
-        }
+            Ok((got, c)) => {
+                consistent &= c;
+                got
+            }
+        };
         got.sort();
         let (missing, extra) = difference(&want, &got);
         if missing + extra > 0 {
@@ -1143,6 +1913,28 @@ pub fn check(networks: &[NetworkRules], forwards: &[Forward]) -> Result<Vec<Stri
         damage.push("the table changed while it was read".into());
     }
     Ok(damage)
+}
+
+/// A set's elements, and whether the dump was consistent; the kernel's errno if it refuses
+/// (`ENOENT`: no such set).
+fn read_elements(nl: &mut Nfnetlink, set: &str) -> Result<Result<(Vec<Element>, bool), i32>> {
+    let mut got = Vec::new();
+    let dumped = nl.dump(NFT_MSG_GETSETELEM, &set_attrs(set), |m| {
+        let Some(list) = attr(m, NFTA_SET_ELEM_LIST_ELEMENTS) else {
+            return;
+        };
+        for (_, e) in attrs(list) {
+            let key = attr(e, NFTA_SET_ELEM_KEY).and_then(|v| attr(v, NFTA_DATA_VALUE));
+            got.push(Element {
+                key: key.unwrap_or_default().to_vec(),
+                data: attr(e, NFTA_SET_ELEM_DATA).and_then(Data::parse),
+                interval_end: attr_u32(e, NFTA_SET_ELEM_FLAGS).unwrap_or(0)
+                    & NFT_SET_ELEM_INTERVAL_END
+                    != 0,
+            });
+        }
+    })?;
+    Ok(dumped.map(|consistent| (got, consistent)))
 }
 
 /// How many of the sorted `want` are not in the sorted `got`, and how many of `got` are not
@@ -1195,7 +1987,7 @@ fn forward_batch(op: u16, forwards: &[Forward]) -> Batch {
                 Element {
                     key,
                     // A deletion names the key only.
-                    data: (op == NFT_MSG_NEWSETELEM).then_some(data),
+                    data: (op == NFT_MSG_NEWSETELEM).then_some(Data::Value(data)),
                     interval_end: false,
                 }
             })
@@ -1251,27 +2043,50 @@ mod tests {
 
     #[test]
     fn the_ruleset_flushes_every_berth_chain_but_the_users() {
-        let text = ruleset(&[], &[]);
+        let text = ruleset(&[], &[], &ServiceRules::default());
         assert!(text.contains("add chain inet berth user\n"));
         assert!(!text.contains("flush chain inet berth user"));
-        for (chain, _) in CHAINS {
+        for (chain, _) in chains() {
             assert!(text.contains(&format!("flush chain inet berth {chain}\n")));
         }
+        assert!(text.contains("flush chain inet berth lbn_256\n"));
         assert!(text.contains("flush map inet berth ports6_ip\n"));
         assert!(text.contains("flush set inet berth masq4\n"));
+        // The load balancer's elements stay.
+        assert!(!text.contains("flush map inet berth backends4"));
+        assert!(text.contains("add map inet berth backends4 "));
     }
 
     #[test]
     fn every_rule_is_in_a_berth_chain_and_every_lookup_names_a_set() {
-        for r in rules() {
-            assert!(CHAINS.iter().any(|(c, _)| *c == r.chain), "{}", r.chain);
+        let chains = chains();
+        let services = ServiceRules {
+            nodeport_source4: Some(Ipv4Addr::new(192, 0, 2, 1)),
+            ..Default::default()
+        };
+        for r in rules(&services).iter().chain(&remember_rules(60)) {
+            let is_remember = r.chain == remember_chain(60);
+            assert!(
+                is_remember || chains.iter().any(|(c, _)| *c == r.chain),
+                "{}",
+                r.chain
+            );
             for e in &r.exprs {
-                if let Expr::Lookup {
-                    set: expr::SetRef::Named(name),
-                    ..
-                } = e
-                {
-                    assert_ne!(set_id(name), 0, "{name}");
+                match e {
+                    Expr::Lookup {
+                        set: expr::SetRef::Named(name),
+                        ..
+                    }
+                    | Expr::DynsetUpdate { set: name, .. } => {
+                        assert_ne!(set_id(name), 0, "{name}")
+                    }
+                    Expr::Verdict {
+                        chain: Some(chain), ..
+                    } => assert!(
+                        *chain == USER_CHAIN || chains.iter().any(|(c, _)| c == chain),
+                        "{chain}"
+                    ),
+                    _ => {}
                 }
             }
         }

@@ -183,7 +183,7 @@ fn nft_expressions() -> String {
 }
 
 mod fw {
-    use berth_dataplane::nftables::{Forward, NetworkRules};
+    use berth_dataplane::nftables::{Forward, NetworkRules, ServiceRules};
     use berth_model::{PortMapping, Protocol};
 
     pub fn fwd(protocol: Protocol, host_ip: Option<&str>, port: u16, target: &str) -> Forward {
@@ -227,15 +227,30 @@ mod fw {
         ];
         (nets, fwds)
     }
+
+    /// Service ranges of both families; node ports source-NATed to an address in IPv4 and
+    /// masqueraded in IPv6.
+    pub fn services() -> ServiceRules {
+        ServiceRules {
+            ranges: vec![
+                "10.96.0.0/16".parse().unwrap(),
+                "10.98.0.0/16".parse().unwrap(),
+                "fd96::/112".parse().unwrap(),
+            ],
+            nodeport_source4: Some("192.0.2.1".parse().unwrap()),
+            nodeport_source6: None,
+        }
+    }
 }
 
 #[test]
 fn nftables_install_writes_what_the_nft_script_writes() {
     use berth_dataplane::nftables;
     let (nets, fwds) = fw::sample();
-    let script = nftables::ruleset(&nets, &fwds);
+    let svcs = fw::services();
+    let script = nftables::ruleset(&nets, &fwds, &svcs);
     // The old way, `nft -f`, in a namespace of its own.
-    let (nets2, fwds2) = (nets.clone(), fwds.clone());
+    let (nets2, fwds2, svcs2) = (nets.clone(), fwds.clone(), svcs.clone());
     let (theirs, their_exprs) = std::thread::spawn(move || {
         let _host = private_host();
         let out = nft_output(&["-f", "-"], Some(&script));
@@ -246,7 +261,7 @@ fn nftables_install_writes_what_the_nft_script_writes() {
         );
         // berth's check finds nft's table to be exactly berth's.
         assert_eq!(
-            nftables::check(&nets2, &fwds2).unwrap(),
+            nftables::check(&nets2, &fwds2, &svcs2).unwrap(),
             Vec::<String>::new()
         );
         (nft_list("table inet berth"), nft_expressions())
@@ -255,28 +270,71 @@ fn nftables_install_writes_what_the_nft_script_writes() {
     .unwrap();
 
     let _host = private_host();
-    nftables::install(&nets, &fwds).unwrap();
+    nftables::install(&nets, &fwds, &svcs).unwrap();
     assert_eq!(nft_list("table inet berth"), theirs);
     assert_eq!(nft_expressions(), their_exprs);
     assert!(theirs.contains("10.9.0.0/24, 10.9.1.0/24"), "{theirs}");
     assert!(their_exprs.contains(
         "[ nat dnat ip6 addr_min reg 1 addr_max reg 1 proto_min reg 2 proto_max reg 2 flags 0x3 ]"
     ));
-    assert_eq!(nftables::check(&nets, &fwds).unwrap(), Vec::<String>::new());
+    // The service rules are there, down to the last balancing chain.
+    for rule in [
+        "ip daddr . meta l4proto . th dport vmap @svc4",
+        "meta nfproto ipv6 meta l4proto . th dport vmap @nodeports6",
+        "dnat ip6 to ip6 daddr . meta l4proto . th dport . numgen random mod 256 map @backends6",
+        "@nodeport_keys4 snat ip to 192.0.2.1",
+        "@nodeport_keys6 masquerade",
+        "ip saddr . ip daddr @hairpin4 masquerade",
+        "ct original ip6 daddr @service_ranges6 accept",
+        "meta l4proto tcp reject with tcp reset",
+        "elements = { 10.96.0.0/16, 10.98.0.0/16 }",
+    ] {
+        assert!(theirs.contains(rule), "{rule}");
+    }
+    assert_eq!(
+        nftables::check(&nets, &fwds, &svcs).unwrap(),
+        Vec::<String>::new()
+    );
 }
 
 #[test]
 fn nftables_reinstall_keeps_the_user_chain_and_a_refused_batch_changes_nothing() {
-    use berth_dataplane::nftables;
+    use berth_dataplane::nftables::{self, Backend, Frontend, LoadBalancer, Pool, ServiceRules};
     let _host = private_host();
     let (nets, fwds) = fw::sample();
-    nftables::install(&nets, &fwds).unwrap();
+    let (svcs, none) = (fw::services(), ServiceRules::default());
+    nftables::install(&nets, &fwds, &svcs).unwrap();
     nft("add rule inet berth user ip saddr 192.0.2.9 drop");
+    // The load balancer's elements and chains are its own: a reinstall keeps them.
+    let web = Frontend::Vip {
+        vip: "10.96.0.10".parse().unwrap(),
+        protocol: berth_model::Protocol::Tcp,
+        port: 80,
+    };
+    let pool = Pool {
+        backends: [Backend {
+            addr: "10.9.0.2".parse().unwrap(),
+            port: 8443,
+            local: true,
+        }]
+        .into(),
+        affinity: Some(30),
+    };
+    LoadBalancer::from_kernel()
+        .unwrap()
+        .apply(&[(web, Some(pool.clone()))])
+        .unwrap();
     let fewer = [fw::network("berth-z", false, &["10.8.0.0/24"], &[])];
     let one = [fw::fwd(berth_model::Protocol::Tcp, None, 9999, "10.8.0.2")];
-    nftables::install(&fewer, &one).unwrap();
+    nftables::install(&fewer, &one, &none).unwrap();
     assert!(nft_list("chain inet berth user").contains("192.0.2.9"));
-    assert_eq!(nftables::check(&fewer, &one).unwrap(), Vec::<String>::new());
+    assert_eq!(
+        nftables::check(&fewer, &one, &none).unwrap(),
+        Vec::<String>::new()
+    );
+    assert_eq!(LoadBalancer::from_kernel().unwrap().pool(&web), Some(pool));
+    assert!(nft_list("chain inet berth remember_30").contains("timeout 30s"));
+    assert!(!nft_list("set inet berth service_ranges4").contains("10.96"));
     let table = nft_list("table inet berth");
     assert!(
         !table.contains("berth-a") && !table.contains("8080"),
@@ -290,16 +348,17 @@ fn nftables_reinstall_keeps_the_user_chain_and_a_refused_batch_changes_nothing()
     nft("delete set inet berth dns4");
     nft("add set inet berth dns4 { type ipv4_addr ; }");
     let before = nft_list("table inet berth");
-    let err = nftables::install(&nets, &fwds).unwrap_err();
+    let err = nftables::install(&nets, &fwds, &svcs).unwrap_err();
     assert!(err.to_string().contains("nftables"), "{err}");
     assert_eq!(nft_list("table inet berth"), before);
 }
 
 #[test]
 fn nftables_elements_and_damage_detection() {
-    use berth_dataplane::nftables::{self, Forward};
+    use berth_dataplane::nftables::{self, Forward, ServiceRules};
     use berth_model::Protocol::Tcp;
     let _host = private_host();
+    let no_services = ServiceRules::default();
     let nets = [fw::network(
         "berth-test1",
         false,
@@ -307,9 +366,9 @@ fn nftables_elements_and_damage_detection() {
         &["10.9.0.1:53", "[fd00:9::1]:53"],
     )];
     let installed = fw::fwd(Tcp, None, 8080, "10.9.0.2");
-    let intact = |fwds: &[Forward]| nftables::check(&nets, fwds).unwrap();
+    let intact = |fwds: &[Forward]| nftables::check(&nets, fwds, &no_services).unwrap();
     let damaged = |what: &str| {
-        let damage = nftables::check(&nets, &[installed]).unwrap();
+        let damage = nftables::check(&nets, &[installed], &no_services).unwrap();
         assert!(
             damage.iter().any(|d| d.contains(what)),
             "{what}: {damage:?}"
@@ -317,7 +376,7 @@ fn nftables_elements_and_damage_detection() {
     };
     let none: Vec<String> = Vec::new();
     assert_eq!(intact(&[]), vec!["table inet berth is missing"]);
-    nftables::install(&nets, &[installed]).unwrap();
+    nftables::install(&nets, &[installed], &no_services).unwrap();
     assert_eq!(intact(&[installed]), none);
     assert!(nft_list("map inet berth ports4_any").contains("tcp . 8080 : 10.9.0.2 . 80"));
     assert!(nft_list("set inet berth dns4").contains("10.9.0.1 . 53"));
@@ -373,7 +432,7 @@ fn nftables_elements_and_damage_detection() {
         ),
         (
             "flush chain inet berth publish",
-            "chain publish has 0 rules instead of 4",
+            "chain publish has 0 rules instead of 6",
         ),
         (
             "insert rule inet berth into_network accept",
@@ -394,7 +453,7 @@ fn nftables_elements_and_damage_detection() {
         let now = nftables::generation().unwrap();
         assert_ne!(now, generation, "{change}");
         damaged(what);
-        nftables::install(&nets, &[installed]).unwrap();
+        nftables::install(&nets, &[installed], &no_services).unwrap();
         assert_eq!(intact(&[installed]), none, "repaired after {change}");
         generation = nftables::generation().unwrap();
     }
@@ -402,8 +461,8 @@ fn nftables_elements_and_damage_detection() {
     nft("flush chain inet berth forward");
     nft("delete chain inet berth into_network");
     damaged("chain into_network is missing");
-    damaged("chain forward has 0 rules instead of 3");
-    nftables::install(&nets, &[installed]).unwrap();
+    damaged("chain forward has 0 rules instead of 5");
+    nftables::install(&nets, &[installed], &no_services).unwrap();
     assert_eq!(intact(&[installed]), none);
 
     nft("flush ruleset");
@@ -419,6 +478,7 @@ fn nftables_install_takes_a_batch_larger_than_a_socket_buffer() {
     use berth_dataplane::nftables;
     use berth_model::Protocol;
     let _host = private_host();
+    let svcs = fw::services();
     let nets = [fw::network("berth-big", false, &["10.100.0.0/16"], &[])];
     // About 1.3 MB of elements: many messages in one batch, one send.
     let fwds: Vec<_> = (0..24_000u32)
@@ -428,13 +488,16 @@ fn nftables_install_takes_a_batch_larger_than_a_socket_buffer() {
             fw::fwd(Protocol::Tcp, host_ip, 10_000 + (i / 2) as u16, &target)
         })
         .collect();
-    nftables::install(&nets, &fwds).unwrap();
-    assert_eq!(nftables::check(&nets, &fwds).unwrap(), Vec::<String>::new());
+    nftables::install(&nets, &fwds, &svcs).unwrap();
+    assert_eq!(
+        nftables::check(&nets, &fwds, &svcs).unwrap(),
+        Vec::<String>::new()
+    );
     let listed = nft_list("map inet berth ports4_ip");
     assert_eq!(listed.matches(" : 10.100.").count(), 12_000);
     nftables::delete_forwards(&fwds[..100]).unwrap();
     assert_eq!(
-        nftables::check(&nets, &fwds).unwrap(),
+        nftables::check(&nets, &fwds, &svcs).unwrap(),
         [
             "map ports4_any: 50 of 12000 elements missing, 0 unexpected",
             "map ports4_ip: 50 of 12000 elements missing, 0 unexpected"
@@ -453,6 +516,7 @@ fn nftables_cost_with_a_thousand_endpoints() {
     use berth_model::Protocol;
     use std::time::{Duration, Instant};
     let _host = private_host();
+    let none = fw::services();
     let nets: Vec<_> = (0..50)
         .map(|i| {
             fw::network(
@@ -488,11 +552,16 @@ fn nftables_cost_with_a_thousand_endpoints() {
     });
     let (small_nets, small_fwds) = fw::sample();
     let table = |nets: &[NetworkRules], fwds: &[Forward]| {
-        let install = median(11, &mut || nftables::install(nets, fwds).unwrap());
+        let install = median(11, &mut || nftables::install(nets, fwds, &none).unwrap());
         let check = median(51, &mut || {
-            assert!(nftables::check(nets, fwds).unwrap().is_empty())
+            assert!(nftables::check(nets, fwds, &none).unwrap().is_empty())
         });
-        let script = nftables::ruleset(nets, fwds);
+        // A table of its own each time: nft 1.0.6 cannot take the script again over an
+        // existing table (see `nftables::ruleset`).
+        let script = format!(
+            "add table inet berth\ndelete table inet berth\n{}",
+            nftables::ruleset(nets, fwds, &none)
+        );
         let nft_f = median(11, &mut || {
             assert!(nft_output(&["-f", "-"], Some(&script)).status.success())
         });

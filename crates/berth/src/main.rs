@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use berth_api::{
-    Allocation, Attach, CheckReport, Client, CreateNetwork, CreateSandbox, DEFAULT_SOCKET, Detach,
-    Endpoint, HostView, Network, PortMapping, Sandbox, Status,
+    Allocation, Attach, CheckReport, Client, CreateNetwork, CreateSandbox, CreateService,
+    DEFAULT_SOCKET, Detach, Endpoint, HostView, Network, PortMapping, Sandbox, Service, Status,
 };
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
@@ -37,7 +37,7 @@ fn emit(line: std::fmt::Arguments<'_>) {
 #[command(
     name = "berth",
     version,
-    about = "Container networking: networks, sandboxes, endpoints."
+    about = "Container networking: networks, sandboxes, endpoints, services."
 )]
 struct Cli {
     /// The daemon's API socket (client commands).
@@ -119,6 +119,14 @@ enum Command {
         #[command(flatten)]
         opts: ClientOpts,
     },
+    /// Manage services: virtual IPs load-balanced over a network's endpoints that match a
+    /// label selector.
+    Service {
+        #[command(subcommand)]
+        cmd: ServiceCmd,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
 }
 
 #[derive(Subcommand)]
@@ -142,6 +150,7 @@ impl Command {
             | Command::Detach { opts, .. }
             | Command::Endpoint { opts, .. }
             | Command::Host { opts, .. }
+            | Command::Service { opts, .. }
             | Command::Status { opts } => Some(opts),
             Command::Attach(a) => Some(&a.opts),
         }
@@ -215,6 +224,19 @@ struct DaemonArgs {
     /// them (`berth host rm` frees them at once).
     #[arg(long, default_value_t = 600)]
     host_gone_grace: u64,
+    /// The range service VIPs come from, e.g. `--service-cidr 10.96.0.0/16`; repeat for IPv6
+    /// (at most one range per family). It must be the same on every host of the cluster.
+    /// Default: 10.211.0.0/16 and fd00:b5:5e7::/112, or the ranges the cluster already uses.
+    #[arg(long = "service-cidr", value_name = "CIDR", value_parser = parse_service_cidr_arg)]
+    service_cidrs: Vec<String>,
+}
+
+/// `--service-cidr`: a range with no special meaning (not loopback, link-local, multicast...),
+/// in canonical form; returned as text, re-parsed by [`daemon`].
+fn parse_service_cidr_arg(s: &str) -> Result<String, String> {
+    berth_api::parse_subnet(s)
+        .map(|net| net.to_string())
+        .map_err(|e| e.to_string())
 }
 
 /// `--store`: embedded or etcd://endpoints.
@@ -418,6 +440,79 @@ enum EndpointCmd {
     },
 }
 
+#[derive(Subcommand)]
+enum ServiceCmd {
+    /// Create a service: a virtual IP (one per address family of the network) and a DNS name
+    /// in front of the network's endpoints whose labels match the selector.
+    Create {
+        /// The service's name (a DNS label), e.g. `web`.
+        name: String,
+        /// The network whose endpoints it balances over, e.g. `--network blue`.
+        #[arg(long, value_name = "NET")]
+        network: String,
+        /// Kubernetes' label selector, e.g. `-l 'app=web,tier in (front,edge),!canary'`;
+        /// repeatable (all must hold). Default: every endpoint of the network.
+        #[arg(long = "selector", short = 'l', value_name = "SEL")]
+        selectors: Vec<String>,
+        /// [NAME=]PORT[:TARGET][/tcp|udp|sctp], e.g. `--port http=80:8080/tcp`; repeatable.
+        #[arg(long = "port", value_name = "SPEC", required = true)]
+        ports: Vec<String>,
+        /// Publish a port on every host's addresses: NODEPORT, or PORT_OR_NAME=NODEPORT when
+        /// the service has several ports, e.g. `--publish http=30080`; repeatable.
+        #[arg(long = "publish", value_name = "SPEC")]
+        publish: Vec<String>,
+        /// `client-ip`: a client's connections keep going to the same backend, e.g.
+        /// `--session-affinity client-ip`. Default: none.
+        #[arg(long, value_enum, value_name = "AFFINITY")]
+        session_affinity: Option<SessionAffinity>,
+        /// How long a quiet client keeps its backend: seconds, or with s, m or h, e.g.
+        /// `--affinity-timeout 30m`. Default: 3h.
+        #[arg(long, value_name = "DUR")]
+        affinity_timeout: Option<String>,
+        /// The service's virtual IP, one per address family, e.g. `--vip 10.211.0.10`;
+        /// repeatable. Default: free ones from the service range.
+        #[arg(long = "vip", value_name = "IP")]
+        vips: Vec<std::net::IpAddr>,
+    },
+    /// List services.
+    #[command(alias = "list")]
+    Ls {
+        /// Only the services on this network, e.g. `--network blue`.
+        #[arg(long, value_name = "NET")]
+        network: Option<String>,
+    },
+    /// Show one service, with its backends.
+    Inspect {
+        /// The service's name.
+        name: String,
+    },
+    /// Remove services.
+    #[command(alias = "remove")]
+    Rm {
+        /// The services' names.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum SessionAffinity {
+    /// Every connection goes to a random backend.
+    None,
+    /// A client's connections go to the backend its last one went to.
+    ClientIp,
+}
+
+impl SessionAffinity {
+    /// The API's spelling.
+    fn as_str(self) -> &'static str {
+        match self {
+            SessionAffinity::None => "none",
+            SessionAffinity::ClientIp => "client-ip",
+        }
+    }
+}
+
 fn main() {
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
@@ -451,6 +546,7 @@ fn run(cli: Cli) -> Result<()> {
             })
         }
         Command::Network { cmd, .. } => network(&client, out, cmd),
+        Command::Service { cmd, .. } => service(&client, out, cmd),
         Command::Host { cmd, .. } => match cmd {
             HostCmd::Ls => {
                 let hosts: Vec<HostView> = client.get("/v1/hosts")?;
@@ -642,6 +738,81 @@ fn network(client: &Client, out: Output, cmd: NetworkCmd) -> Result<()> {
     }
 }
 
+fn service(client: &Client, out: Output, cmd: ServiceCmd) -> Result<()> {
+    match cmd {
+        ServiceCmd::Create {
+            name,
+            network,
+            selectors,
+            ports,
+            publish,
+            session_affinity,
+            affinity_timeout,
+            vips,
+        } => {
+            // The daemon validates everything; the CLI only passes the text on.
+            let req = CreateService {
+                name,
+                network,
+                selector: selectors.join(","),
+                ports,
+                publish,
+                session_affinity: session_affinity.map(|a| a.as_str().to_string()),
+                affinity_timeout,
+                vips,
+            };
+            let s: Service = client.post("/v1/services", &req)?;
+            show(out, &s, print_service)
+        }
+        ServiceCmd::Ls { network } => {
+            let path = match network {
+                Some(n) => format!("/v1/services?network={}", url_component(&n)),
+                None => "/v1/services".into(),
+            };
+            let svcs: Vec<Service> = client.get(&path)?;
+            show(out, &svcs, |svcs| {
+                table(
+                    &["NAME", "NETWORK", "VIPS", "PORTS", "BACKENDS", "SELECTOR"],
+                    svcs.iter().map(|s| {
+                        vec![
+                            s.name.clone(),
+                            s.network.clone(),
+                            join(&s.vips),
+                            // A published port reads "... (published on N)": ", " between.
+                            s.ports
+                                .iter()
+                                .map(ToString::to_string)
+                                .collect::<Vec<_>>()
+                                .join(", "),
+                            s.backends.len().to_string(),
+                            selector_text(s),
+                        ]
+                    }),
+                )
+            })
+        }
+        ServiceCmd::Inspect { name } => {
+            inspect::<Service>(client, out, "services", &name, print_service)
+        }
+        ServiceCmd::Rm { names } if names.len() == 1 => remove(client, out, "services", &names[0]),
+        ServiceCmd::Rm { names } => {
+            // Like `docker rm a b`: every name is tried; the failures are reported and make
+            // the exit status non-zero.
+            let mut failed = 0;
+            for name in &names {
+                if let Err(e) = remove(client, out, "services", name) {
+                    eprintln!("berth: error: {name}: {e:#}");
+                    failed += 1;
+                }
+            }
+            if failed > 0 {
+                bail!("{failed} of {} service(s) not removed", names.len());
+            }
+            Ok(())
+        }
+    }
+}
+
 fn sandbox(client: &Client, out: Output, cmd: SandboxCmd) -> Result<()> {
     match cmd {
         SandboxCmd::Create { name } => {
@@ -698,6 +869,19 @@ fn daemon(args: DaemonArgs) -> Result<()> {
         .enable_all()
         .build()?;
     let store = store_config(&args)?;
+    let service_cidrs = args
+        .service_cidrs
+        .iter()
+        .map(|c| berth_api::parse_subnet(c))
+        .collect::<Result<Vec<_>, _>>()?;
+    for (i, c) in service_cidrs.iter().enumerate() {
+        if let Some(other) = service_cidrs[..i]
+            .iter()
+            .find(|o| o.addr().is_ipv4() == c.addr().is_ipv4())
+        {
+            bail!("--service-cidr {other} and {c}: at most one IPv4 and one IPv6 service range");
+        }
+    }
     rt.block_on(berth_agent::daemon::run(
         berth_agent::daemon::DaemonConfig {
             store,
@@ -705,6 +889,8 @@ fn daemon(args: DaemonArgs) -> Result<()> {
             advertise_address: args.advertise_address,
             host_lease_ttl: std::time::Duration::from_secs(args.host_lease_ttl),
             host_gone_grace: std::time::Duration::from_secs(args.host_gone_grace),
+            // Empty when --service-cidr is not given: the agent applies the defaults.
+            service_cidrs,
             state_dir: args.state_dir,
             run_dir: args.run_dir,
             netns_dir: args.netns_dir,
@@ -777,6 +963,44 @@ fn print_network(n: &Network) {
     }
     for b in &n.blocks {
         say!("block     {} host {}", b.cidr, b.host);
+    }
+}
+
+fn print_service(s: &Service) {
+    say!("name      {}", s.name);
+    say!("network   {}", s.network);
+    say!("selector  {}", selector_text(s));
+    for vip in &s.vips {
+        say!("vip       {vip}");
+    }
+    for p in &s.ports {
+        say!("port      {p}");
+    }
+    match s.affinity_timeout {
+        Some(t) => say!("affinity  client-ip, {t}s"),
+        None => say!("affinity  none"),
+    }
+    if s.backends.is_empty() {
+        say!("backends  none (connections are refused)");
+    }
+    for b in &s.backends {
+        let mut line = format!("backend   {}", b.endpoint);
+        if let Some(name) = &b.name {
+            line += &format!(" {name}");
+        }
+        if let Some(host) = &b.host {
+            line += &format!(" host {host}");
+        }
+        say!("{line} {}", join(&b.ips));
+    }
+}
+
+/// A service's selector as people read it; the empty one selects every endpoint.
+fn selector_text(s: &Service) -> String {
+    if s.selector.is_empty() {
+        "(every endpoint)".into()
+    } else {
+        s.selector.to_string()
     }
 }
 
@@ -917,5 +1141,93 @@ mod tests {
         }
         assert!(Cli::try_parse_from(["berth", "daemon", "-o", "json"]).is_err());
         assert!(Cli::try_parse_from(["berth", "--socket", "/s", "daemon"]).is_ok());
+    }
+
+    #[test]
+    fn service_commands_pass_text_on_and_reject_unknown_affinities() {
+        let cli = Cli::try_parse_from([
+            "berth",
+            "service",
+            "create",
+            "web",
+            "--network",
+            "blue",
+            "-l",
+            "app=web",
+            "--selector",
+            "tier in (a,b)",
+            "--port",
+            "http=80:8080",
+            "--port",
+            "53/udp",
+            "--publish",
+            "http=30080",
+            "--session-affinity",
+            "client-ip",
+            "--affinity-timeout",
+            "30m",
+            "--vip",
+            "10.211.0.10",
+            "-o",
+            "json",
+        ])
+        .unwrap();
+        assert!(cli.command.client_opts().unwrap().output == Some(Output::Json));
+        let Command::Service {
+            cmd:
+                ServiceCmd::Create {
+                    selectors,
+                    ports,
+                    session_affinity,
+                    vips,
+                    ..
+                },
+            ..
+        } = cli.command
+        else {
+            panic!("not service create");
+        };
+        assert_eq!(selectors.join(","), "app=web,tier in (a,b)");
+        assert_eq!(ports, ["http=80:8080", "53/udp"]);
+        assert_eq!(
+            session_affinity.map(SessionAffinity::as_str),
+            Some("client-ip")
+        );
+        assert_eq!(vips, ["10.211.0.10".parse::<std::net::IpAddr>().unwrap()]);
+        let create = ["berth", "service", "create", "web", "--network", "blue"];
+        for bad in [
+            &["--port", "80", "--session-affinity", "sticky"][..],
+            &["--port", "80", "--bogus"],
+            &[],
+        ] {
+            let args: Vec<&str> = create.iter().chain(bad).copied().collect();
+            assert!(Cli::try_parse_from(&args).is_err(), "{args:?}");
+        }
+        assert!(Cli::try_parse_from(["berth", "service", "rm"]).is_err());
+        assert!(Cli::try_parse_from(["berth", "service", "rm", "a", "b"]).is_ok());
+        assert!(Cli::try_parse_from(["berth", "service", "ls", "--network", "blue"]).is_ok());
+    }
+
+    #[test]
+    fn service_cidrs_are_ranges_in_canonical_form() {
+        let cli = Cli::try_parse_from([
+            "berth",
+            "daemon",
+            "--service-cidr",
+            "10.96.0.0/16",
+            "--service-cidr",
+            "fd00:96::/112",
+        ])
+        .unwrap();
+        let Command::Daemon(args) = cli.command else {
+            panic!("not daemon");
+        };
+        assert_eq!(args.service_cidrs, ["10.96.0.0/16", "fd00:96::/112"]);
+        for bad in ["10.96.0.1/16", "127.0.0.0/16", "10.96.0.0", "nope"] {
+            assert!(
+                Cli::try_parse_from(["berth", "daemon", "--service-cidr", bad]).is_err(),
+                "{bad}"
+            );
+        }
     }
 }

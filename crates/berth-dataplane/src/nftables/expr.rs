@@ -11,6 +11,20 @@ pub(super) const REG2: u32 = 2;
 pub(super) const REG32_01: u32 = 9;
 pub(super) const REG32_02: u32 = 10;
 pub(super) const REG32_05: u32 = 13;
+/// The verdict register, where a verdict map's lookup puts its verdict.
+pub(super) const REG_VERDICT: u32 = 0;
+
+/// The register that starts at byte `offset` of the data registers, named as the kernel names
+/// it in a dump: a 16-byte register where one starts, a 4-byte one elsewhere (`REG32_05` is
+/// `reg(20)`).
+pub(super) const fn reg(offset: u32) -> u32 {
+    let word = offset / 4;
+    if word.is_multiple_of(4) {
+        word / 4 + 1
+    } else {
+        8 + word
+    }
+}
 
 /// `meta` keys (`enum nft_meta_keys`).
 #[derive(Debug, Clone, Copy)]
@@ -26,6 +40,12 @@ pub(super) enum MetaKey {
 pub(super) enum CtKey {
     State = 0,
     Status = 2,
+    /// `ct original proto-dst` (with the original direction)
+    ProtoDst = 12,
+    /// `ct original ip daddr`
+    DstIp = 20,
+    /// `ct original ip6 daddr`
+    DstIp6 = 22,
 }
 
 /// Where a `payload` offset counts from (`enum nft_payload_bases`).
@@ -37,6 +57,7 @@ pub(super) enum Base {
 
 pub(super) const NFPROTO_IPV4: u8 = 2;
 pub(super) const NFPROTO_IPV6: u8 = 10;
+pub(super) const IPPROTO_TCP: u8 = 6;
 pub(super) const IPPROTO_UDP: u8 = 17;
 /// `ct state` bits (`NF_CT_STATE_BIT`): established and related.
 pub(super) const CT_ESTABLISHED_RELATED: u32 = 0x2 | 0x4;
@@ -47,8 +68,15 @@ pub(super) const RTN_LOCAL: u32 = 2;
 
 const NF_DROP: i32 = 0;
 const NF_ACCEPT: i32 = 1;
-const NFT_JUMP: i32 = -3;
-const NFT_GOTO: i32 = -4;
+pub(super) const NFT_JUMP: i32 = -3;
+pub(super) const NFT_GOTO: i32 = -4;
+
+/// `reject with tcp reset` (`NFT_REJECT_TCP_RST`).
+pub(super) const REJECT_TCP_RST: u32 = 1;
+/// `reject with icmpx port-unreachable` (`NFT_REJECT_ICMPX_UNREACH`,
+/// `NFT_REJECT_ICMPX_PORT_UNREACH`): ICMP or ICMPv6, whichever the packet's family takes.
+pub(super) const REJECT_ICMPX: u32 = 2;
+pub(super) const ICMPX_PORT_UNREACH: u8 = 1;
 
 /// The `{ tcp, udp, sctp }` of `meta l4proto { tcp, udp, sctp }`: an anonymous constant set,
 /// created in the same batch just before the rule that uses it and deleted with that rule.
@@ -92,20 +120,24 @@ pub(super) enum Expr {
         neq: bool,
         value: Vec<u8>,
     },
-    /// `[ lookup reg SREG set SET (dreg DREG) ]`: a set membership test or, with `dreg`, a
-    /// map lookup that loads the value.
+    /// `[ lookup reg SREG set SET (dreg DREG) ]`: a set membership test (not in the set, when
+    /// inverted) or, with `dreg`, a map lookup that loads the value.
     Lookup {
         sreg: u32,
         set: SetRef,
         dreg: Option<u32>,
+        invert: bool,
     },
     /// `[ immediate reg 0 VERDICT ]`
-    Verdict {
-        code: i32,
-        chain: Option<&'static str>,
+    Verdict { code: i32, chain: Option<String> },
+    /// `[ immediate reg DREG VALUE ]`
+    Immediate { dreg: u32, value: Vec<u8> },
+    /// `[ ct load KEY => reg DREG (, dir original) ]`
+    Ct {
+        key: CtKey,
+        dreg: u32,
+        original: bool,
     },
-    /// `[ ct load KEY => reg DREG ]`
-    Ct { key: CtKey, dreg: u32 },
     /// `[ bitwise reg R = ( reg R & MASK ) ^ 0 ]` on a host-order 32-bit value.
     And { reg: u32, mask: u32 },
     /// `[ payload load LEN b @ BASE header + OFFSET => reg DREG ]`
@@ -117,12 +149,29 @@ pub(super) enum Expr {
     },
     /// `[ fib daddr type => reg DREG ]`
     FibDaddrType { dreg: u32 },
-    /// `[ nat dnat FAMILY addr_min reg ADDR proto_min reg PROTO ]`
-    Dnat { family: u8, addr: u32, proto: u32 },
+    /// `[ nat dnat|snat FAMILY addr_min reg ADDR (proto_min reg PROTO) ]`
+    Nat {
+        snat: bool,
+        family: u8,
+        addr: u32,
+        proto: Option<u32>,
+    },
     /// `[ masq ]`
     Masq,
     /// `[ notrack ]`
     Notrack,
+    /// `[ numgen reg DREG = random mod MODULUS ]`
+    Numgen { dreg: u32, modulus: u32 },
+    /// `[ dynset update reg_key KEY set SET sreg_data DATA timeout MS ]`: adds the element or,
+    /// when it is there, restarts its timeout.
+    DynsetUpdate {
+        key: u32,
+        set: &'static str,
+        data: u32,
+        timeout_ms: u64,
+    },
+    /// `[ reject type KIND code CODE ]`
+    Reject { kind: u32, code: Option<u8> },
 }
 
 pub(super) fn meta(key: MetaKey, dreg: u32) -> Expr {
@@ -151,6 +200,17 @@ pub(super) fn lookup(sreg: u32, set: &'static str) -> Expr {
         sreg,
         set: SetRef::Named(set),
         dreg: None,
+        invert: false,
+    }
+}
+
+/// `!= @set`: the key in `sreg` is not in the set.
+pub(super) fn not_in(sreg: u32, set: &'static str) -> Expr {
+    Expr::Lookup {
+        sreg,
+        set: SetRef::Named(set),
+        dreg: None,
+        invert: true,
     }
 }
 
@@ -159,15 +219,18 @@ pub(super) fn lookup_anonymous(sreg: u32, set: &'static AnonSet) -> Expr {
         sreg,
         set: SetRef::Anonymous(set),
         dreg: None,
+        invert: false,
     }
 }
 
 /// A map lookup: the value for the key in `sreg` lands in `dreg` (no match: the rule ends).
+/// A verdict map's lands in [`REG_VERDICT`].
 pub(super) fn map(sreg: u32, map: &'static str, dreg: u32) -> Expr {
     Expr::Lookup {
         sreg,
         set: SetRef::Named(map),
         dreg: Some(dreg),
+        invert: false,
     }
 }
 
@@ -185,22 +248,42 @@ pub(super) fn drop() -> Expr {
     }
 }
 
-pub(super) fn jump(chain: &'static str) -> Expr {
+pub(super) fn jump(chain: &str) -> Expr {
     Expr::Verdict {
         code: NFT_JUMP,
-        chain: Some(chain),
+        chain: Some(chain.to_string()),
     }
 }
 
-pub(super) fn goto(chain: &'static str) -> Expr {
+pub(super) fn goto(chain: &str) -> Expr {
     Expr::Verdict {
         code: NFT_GOTO,
-        chain: Some(chain),
+        chain: Some(chain.to_string()),
+    }
+}
+
+pub(super) fn immediate(dreg: u32, value: &[u8]) -> Expr {
+    Expr::Immediate {
+        dreg,
+        value: value.to_vec(),
     }
 }
 
 pub(super) fn ct(key: CtKey, dreg: u32) -> Expr {
-    Expr::Ct { key, dreg }
+    Expr::Ct {
+        key,
+        dreg,
+        original: false,
+    }
+}
+
+/// A `ct original ...` key: of the connection's first packet, before any NAT.
+pub(super) fn ct_original(key: CtKey, dreg: u32) -> Expr {
+    Expr::Ct {
+        key,
+        dreg,
+        original: true,
+    }
 }
 
 pub(super) fn and(reg: u32, mask: u32) -> Expr {
@@ -221,10 +304,20 @@ pub(super) fn fib_daddr_type(dreg: u32) -> Expr {
 }
 
 pub(super) fn dnat(family: u8, addr: u32, proto: u32) -> Expr {
-    Expr::Dnat {
+    Expr::Nat {
+        snat: false,
         family,
         addr,
-        proto,
+        proto: Some(proto),
+    }
+}
+
+pub(super) fn snat(family: u8, addr: u32) -> Expr {
+    Expr::Nat {
+        snat: true,
+        family,
+        addr,
+        proto: None,
     }
 }
 
@@ -236,11 +329,29 @@ pub(super) fn notrack() -> Expr {
     Expr::Notrack
 }
 
+pub(super) fn numgen_random(dreg: u32, modulus: u32) -> Expr {
+    Expr::Numgen { dreg, modulus }
+}
+
+pub(super) fn dynset_update(key: u32, set: &'static str, data: u32, timeout_ms: u64) -> Expr {
+    Expr::DynsetUpdate {
+        key,
+        set,
+        data,
+        timeout_ms,
+    }
+}
+
+pub(super) fn reject(kind: u32, code: Option<u8>) -> Expr {
+    Expr::Reject { kind, code }
+}
+
 /// What a lookup names its set by.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Refs {
     /// In a batch: the named sets' and this rule's anonymous set's ids in the batch
-    /// (`NFTA_LOOKUP_SET_ID`), so that sets created by the same batch are found.
+    /// (`NFTA_LOOKUP_SET_ID`), so that sets created by the same batch are found. A named set
+    /// with id 0 is not of the batch and goes by its name alone.
     Batch {
         set_id: fn(&str) -> u32,
         anonymous_id: u32,
@@ -260,14 +371,17 @@ impl Expr {
             Expr::Meta { .. } => "meta",
             Expr::Cmp { .. } => "cmp",
             Expr::Lookup { .. } => "lookup",
-            Expr::Verdict { .. } => "immediate",
+            Expr::Verdict { .. } | Expr::Immediate { .. } => "immediate",
             Expr::Ct { .. } => "ct",
             Expr::And { .. } => "bitwise",
             Expr::Payload { .. } => "payload",
             Expr::FibDaddrType { .. } => "fib",
-            Expr::Dnat { .. } => "nat",
+            Expr::Nat { .. } => "nat",
             Expr::Masq => "masq",
             Expr::Notrack => "notrack",
+            Expr::Numgen { .. } => "numgen",
+            Expr::DynsetUpdate { .. } => "dynset",
+            Expr::Reject { .. } => "reject",
         }
     }
 
@@ -284,24 +398,32 @@ impl Expr {
                 put_u32(&mut d, 2, u32::from(*neq)); // NFTA_CMP_OP: NFT_CMP_EQ, NFT_CMP_NEQ
                 put_nested(&mut d, 3, |v| put_attr(v, NFTA_DATA_VALUE, value)); // NFTA_CMP_DATA
             }
-            Expr::Lookup { sreg, set, dreg } => {
+            Expr::Lookup {
+                sreg,
+                set,
+                dreg,
+                invert,
+            } => {
                 put_u32(&mut d, 2, *sreg); // NFTA_LOOKUP_SREG
                 if let Some(dreg) = dreg {
                     put_u32(&mut d, 3, *dreg); // NFTA_LOOKUP_DREG
                 }
                 // NFTA_LOOKUP_SET, NFTA_LOOKUP_SET_ID
                 match (set, refs) {
-                    (SetRef::Named(name), Refs::Batch { set_id, .. }) => {
-                        put_str(&mut d, 1, name);
-                        put_u32(&mut d, 4, set_id(name));
-                    }
-                    (SetRef::Named(name), Refs::Dump) => put_str(&mut d, 1, name),
+                    (SetRef::Named(name), refs) => put_set(&mut d, 1, 4, name, refs),
                     (SetRef::Anonymous(_), Refs::Batch { anonymous_id, .. }) => {
                         put_str(&mut d, 1, ANONYMOUS_SET_NAME);
                         put_u32(&mut d, 4, anonymous_id);
                     }
                     (SetRef::Anonymous(_), Refs::Dump) => {}
                 }
+                if *invert {
+                    put_u32(&mut d, 5, 1); // NFTA_LOOKUP_FLAGS: NFT_LOOKUP_F_INV
+                }
+            }
+            Expr::Immediate { dreg, value } => {
+                put_u32(&mut d, 1, *dreg); // NFTA_IMMEDIATE_DREG
+                put_nested(&mut d, 2, |v| put_attr(v, NFTA_DATA_VALUE, value)); // NFTA_IMMEDIATE_DATA
             }
             Expr::Verdict { code, chain } => {
                 put_u32(&mut d, 1, 0); // NFTA_IMMEDIATE_DREG: NFT_REG_VERDICT
@@ -315,9 +437,16 @@ impl Expr {
                     })
                 });
             }
-            Expr::Ct { key, dreg } => {
+            Expr::Ct {
+                key,
+                dreg,
+                original,
+            } => {
                 put_u32(&mut d, 2, *key as u32); // NFTA_CT_KEY
                 put_u32(&mut d, 1, *dreg); // NFTA_CT_DREG
+                if *original {
+                    put_attr(&mut d, 3, &[0]); // NFTA_CT_DIRECTION: IP_CT_DIR_ORIGINAL
+                }
             }
             Expr::And { reg, mask } => {
                 put_u32(&mut d, 1, *reg); // NFTA_BITWISE_SREG
@@ -344,15 +473,41 @@ impl Expr {
                 put_u32(&mut d, 2, 3); // NFTA_FIB_RESULT: NFT_FIB_RESULT_ADDRTYPE
                 put_u32(&mut d, 1, *dreg); // NFTA_FIB_DREG
             }
-            Expr::Dnat {
+            Expr::Nat {
+                snat,
                 family,
                 addr,
                 proto,
             } => {
-                put_u32(&mut d, 1, 1); // NFTA_NAT_TYPE: NFT_NAT_DNAT
+                put_u32(&mut d, 1, u32::from(!*snat)); // NFTA_NAT_TYPE: NFT_NAT_SNAT, NFT_NAT_DNAT
                 put_u32(&mut d, 2, u32::from(*family)); // NFTA_NAT_FAMILY
                 put_u32(&mut d, 3, *addr); // NFTA_NAT_REG_ADDR_MIN
-                put_u32(&mut d, 5, *proto); // NFTA_NAT_REG_PROTO_MIN
+                if let Some(proto) = proto {
+                    put_u32(&mut d, 5, *proto); // NFTA_NAT_REG_PROTO_MIN
+                }
+            }
+            Expr::Numgen { dreg, modulus } => {
+                put_u32(&mut d, 1, *dreg); // NFTA_NG_DREG
+                put_u32(&mut d, 2, *modulus); // NFTA_NG_MODULUS
+                put_u32(&mut d, 3, 1); // NFTA_NG_TYPE: NFT_NG_RANDOM
+            }
+            Expr::DynsetUpdate {
+                key,
+                set,
+                data,
+                timeout_ms,
+            } => {
+                put_u32(&mut d, 4, *key); // NFTA_DYNSET_SREG_KEY
+                put_u32(&mut d, 5, *data); // NFTA_DYNSET_SREG_DATA
+                put_u32(&mut d, 3, 1); // NFTA_DYNSET_OP: NFT_DYNSET_OP_UPDATE
+                put_set(&mut d, 1, 2, set, refs); // NFTA_DYNSET_SET_NAME, NFTA_DYNSET_SET_ID
+                put_attr(&mut d, 6, &timeout_ms.to_be_bytes()); // NFTA_DYNSET_TIMEOUT
+            }
+            Expr::Reject { kind, code } => {
+                put_u32(&mut d, 1, *kind); // NFTA_REJECT_TYPE
+                if let Some(code) = code {
+                    put_attr(&mut d, 2, &[*code]); // NFTA_REJECT_ICMP_CODE
+                }
             }
             Expr::Masq | Expr::Notrack => return None,
         }
@@ -367,6 +522,16 @@ impl Expr {
             } => Some(s),
             _ => None,
         }
+    }
+}
+
+/// A named set by its name and, in a batch that creates it, its id.
+fn put_set(d: &mut Vec<u8>, name_attr: u16, id_attr: u16, name: &str, refs: Refs) {
+    put_str(d, name_attr, name);
+    if let Refs::Batch { set_id, .. } = refs
+        && set_id(name) != 0
+    {
+        put_u32(d, id_attr, set_id(name));
     }
 }
 

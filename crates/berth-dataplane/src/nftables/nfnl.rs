@@ -1,6 +1,7 @@
 //! A small nf_tables netlink client: batches that the kernel applies as one transaction, the
-//! generation id, and dumps. No `nft` process and no libnftnl: the messages are the ones
-//! libnftnl sends for nft's text (see `nft --debug=mnl`).
+//! generation id, and dumps (which, with plain requests, also serve ctnetlink). No `nft`
+//! process and no libnftnl: the messages are the ones libnftnl sends for nft's text (see
+//! `nft --debug=mnl`).
 
 use std::os::fd::AsFd;
 use std::time::Duration;
@@ -21,14 +22,21 @@ pub(super) const NFT_MSG_NEWRULE: u16 = 6;
 pub(super) const NFT_MSG_GETRULE: u16 = 7;
 pub(super) const NFT_MSG_DELRULE: u16 = 8;
 pub(super) const NFT_MSG_NEWSET: u16 = 9;
+pub(super) const NFT_MSG_GETSET: u16 = 10;
 pub(super) const NFT_MSG_NEWSETELEM: u16 = 12;
 pub(super) const NFT_MSG_GETSETELEM: u16 = 13;
 pub(super) const NFT_MSG_DELSETELEM: u16 = 14;
+// Delete like `DELCHAIN` and `DELSETELEM`, but what is already gone is no error (Linux 6.3).
+pub(super) const NFT_MSG_DESTROYCHAIN: u16 = 27;
+pub(super) const NFT_MSG_DESTROYSETELEM: u16 = 30;
 const NFT_MSG_GETGEN: u16 = 16;
 const NFTA_GEN_ID: u16 = 1;
 pub(super) const NFPROTO_INET: u8 = 1;
 pub(super) const NFTA_LIST_ELEM: u16 = 1;
 pub(super) const NFTA_DATA_VALUE: u16 = 1;
+pub(super) const NFTA_DATA_VERDICT: u16 = 2;
+pub(super) const NFTA_VERDICT_CODE: u16 = 1;
+pub(super) const NFTA_VERDICT_CHAIN: u16 = 2;
 pub(super) const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
 pub(super) const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 pub(super) const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
@@ -54,7 +62,7 @@ pub(super) const MAX_ATTR: usize = u16::MAX as usize - 4;
 /// only bounds a wait that would otherwise be endless.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub(super) fn put_attr(buf: &mut Vec<u8>, kind: u16, payload: &[u8]) {
+pub(crate) fn put_attr(buf: &mut Vec<u8>, kind: u16, payload: &[u8]) {
     let len = 4 + payload.len();
     debug_assert!(len <= u16::MAX as usize, "netlink attribute too long");
     buf.extend_from_slice(&(len as u16).to_ne_bytes());
@@ -63,7 +71,7 @@ pub(super) fn put_attr(buf: &mut Vec<u8>, kind: u16, payload: &[u8]) {
     buf.resize(buf.len().next_multiple_of(4), 0);
 }
 
-pub(super) fn put_nested(buf: &mut Vec<u8>, kind: u16, fill: impl FnOnce(&mut Vec<u8>)) {
+pub(crate) fn put_nested(buf: &mut Vec<u8>, kind: u16, fill: impl FnOnce(&mut Vec<u8>)) {
     let mut inner = Vec::new();
     fill(&mut inner);
     put_attr(buf, kind | NLA_F_NESTED, &inner);
@@ -81,7 +89,7 @@ pub(super) fn put_u32(buf: &mut Vec<u8>, kind: u16, v: u32) {
 }
 
 /// Iterates over `(type, payload)` of the attributes in `buf`, the nested flag cleared.
-pub(super) fn attrs(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+pub(crate) fn attrs(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
     raw_attrs(buf).map(|(kind, payload)| (kind & !NLA_F_NESTED, payload))
 }
 
@@ -102,7 +110,7 @@ fn raw_attrs(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
 }
 
 /// The payload of the first attribute of type `kind`.
-pub(super) fn attr(buf: &[u8], kind: u16) -> Option<&[u8]> {
+pub(crate) fn attr(buf: &[u8], kind: u16) -> Option<&[u8]> {
     attrs(buf).find(|(k, _)| *k == kind).map(|(_, v)| v)
 }
 
@@ -179,14 +187,14 @@ fn kernel_error(op: impl Into<String>, errno: i32) -> DataplaneError {
     }
 }
 
-pub(super) struct Nfnetlink {
+pub(crate) struct Nfnetlink {
     socket: Socket,
     seq: u32,
     buf: Vec<u8>,
 }
 
 impl Nfnetlink {
-    pub(super) fn open() -> Result<Self> {
+    pub(crate) fn open() -> Result<Self> {
         let mut socket = Socket::new(NETLINK_NETFILTER)
             .map_err(|e| DataplaneError::io("nfnetlink socket", e))?;
         socket
@@ -268,12 +276,16 @@ impl Nfnetlink {
             NFNL_SUBSYS_NFTABLES,
             &[],
         );
+        // Only the last message asks for an acknowledgement: the kernel answers a refused
+        // message anyway, and thousands of acknowledgements would overflow the receive buffer.
+        let last = batch.messages.len() - 1;
         let mut pending: Vec<(u32, &str)> = Vec::with_capacity(batch.messages.len());
-        for (kind, flags, attrs, what) in &batch.messages {
+        for (i, (kind, flags, attrs, what)) in batch.messages.iter().enumerate() {
+            let ack = if i == last { NLM_F_ACK } else { 0 };
             let seq = self.message(
                 &mut out,
                 (NFNL_SUBSYS_NFTABLES << 8) | kind,
-                NLM_F_REQUEST | NLM_F_ACK | flags,
+                NLM_F_REQUEST | ack | flags,
                 NFPROTO_INET,
                 0,
                 attrs,
@@ -289,11 +301,12 @@ impl Nfnetlink {
             &[],
         );
         self.send(&out)?;
-        // The kernel answers every message (an acknowledgement or its error) once the whole
-        // batch is through; an error about the batch itself comes for its first message.
+        // The kernel answers once the whole batch is through, in order: each refused message's
+        // error, then the last message's acknowledgement (or error); an error about the batch
+        // itself comes for its first message.
         let mut err = None;
-        let mut next = 0;
-        while next < pending.len() {
+        let mut done = false;
+        while !done {
             let mut batch_refused = None;
             self.recv_each(|kind, seq, payload| {
                 let Some(errno) = errno_of(kind, payload) else {
@@ -302,14 +315,11 @@ impl Nfnetlink {
                 if seq == begin && errno != 0 {
                     batch_refused = Some(errno);
                 }
-                if let Some(i) = pending[next..].iter().position(|(s, _)| *s == seq) {
+                if let Some(i) = pending.iter().position(|(s, _)| *s == seq) {
                     if errno != 0 && err.is_none() {
-                        err = Some(kernel_error(
-                            format!("nftables: {}", pending[next + i].1),
-                            errno,
-                        ));
+                        err = Some(kernel_error(format!("nftables: {}", pending[i].1), errno));
                     }
-                    next += i + 1;
+                    done |= i == last;
                 }
             })?;
             if let Some(errno) = batch_refused {
@@ -387,17 +397,27 @@ impl Nfnetlink {
         &mut self,
         kind: u16,
         attrs: &[u8],
+        each: impl FnMut(&[u8]),
+    ) -> Result<Result<bool, i32>> {
+        self.dump_of(
+            (NFNL_SUBSYS_NFTABLES << 8) | kind,
+            NFPROTO_INET,
+            attrs,
+            each,
+        )
+    }
+
+    /// [`Nfnetlink::dump`] for any subsystem: `kind` is the whole message type, `family` the
+    /// nfgenmsg's.
+    pub(crate) fn dump_of(
+        &mut self,
+        kind: u16,
+        family: u8,
+        attrs: &[u8],
         mut each: impl FnMut(&[u8]),
     ) -> Result<Result<bool, i32>> {
         let mut out = Vec::new();
-        let seq = self.message(
-            &mut out,
-            (NFNL_SUBSYS_NFTABLES << 8) | kind,
-            NLM_F_REQUEST | NLM_F_DUMP,
-            NFPROTO_INET,
-            0,
-            attrs,
-        );
+        let seq = self.message(&mut out, kind, NLM_F_REQUEST | NLM_F_DUMP, family, 0, attrs);
         self.send(&out)?;
         let mut end = None;
         let mut consistent = true;
@@ -422,6 +442,47 @@ impl Nfnetlink {
             })?;
         }
         Ok(end.expect("loop ends with an end"))
+    }
+
+    /// Sends requests that are not part of a batch (`(whole message type, nfgenmsg family,
+    /// attributes)`), many to a datagram, and returns each one's errno (0: done).
+    pub(crate) fn requests(&mut self, requests: &[(u16, u8, Vec<u8>)]) -> Result<Vec<i32>> {
+        let mut errnos = vec![0; requests.len()];
+        let mut rest = requests;
+        let mut done = 0;
+        while !rest.is_empty() {
+            // Acknowledgements of one datagram's requests fit the receive buffer many times.
+            let mut out = Vec::new();
+            let mut seqs = Vec::new();
+            for (kind, family, attrs) in rest {
+                if !out.is_empty() && out.len() + attrs.len() > 16 * 1024 {
+                    break;
+                }
+                seqs.push(self.message(
+                    &mut out,
+                    *kind,
+                    NLM_F_REQUEST | NLM_F_ACK,
+                    *family,
+                    0,
+                    attrs,
+                ));
+            }
+            self.send(&out)?;
+            let mut answered = 0;
+            while answered < seqs.len() {
+                self.recv_each(|kind, seq, payload| {
+                    if let (Some(errno), Some(i)) =
+                        (errno_of(kind, payload), seqs.iter().position(|s| *s == seq))
+                    {
+                        errnos[done + i] = errno;
+                        answered += 1;
+                    }
+                })?;
+            }
+            done += seqs.len();
+            rest = &rest[seqs.len()..];
+        }
+        Ok(errnos)
     }
 
     fn recv_each(&mut self, mut each: impl FnMut(u16, u32, &[u8])) -> Result<()> {

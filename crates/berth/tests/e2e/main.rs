@@ -14,6 +14,8 @@ mod lifecycle;
 mod multihost;
 mod multihost_crash;
 mod multihost_runtimes;
+mod multihost_services;
 mod nat;
 mod plugin_fuzz;
 mod podman;
+mod services;

@@ -1,0 +1,1086 @@
+//! Services: a virtual IP per address family in front of the endpoints of a network whose
+//! labels match a selector, load-balanced by this host's kernel for the clients on it.
+//!
+//! The intent side (`create_service`, `delete_service`) validates, takes the VIPs and
+//! published ports with create-if-absent keys, and commits. The reconciler
+//! ([`Agent::run_service_reconciler`]) lists services, endpoints and hosts, then follows
+//! their watches, and programs only the frontends of the services an event touches
+//! ([`LoadBalancer::apply`]: element work in one batch, whatever the number of services).
+//! This host's own attaches, detaches and service changes also program the kernel before
+//! they answer, so a detached backend gets no new connection once its detach returned; the
+//! watch then finds nothing left to do.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::IpAddr;
+use std::time::Duration;
+
+use berth_api::CreateService;
+use berth_dataplane::conntrack::{self, FlowMatch};
+use berth_dataplane::nftables::{Backend, Frontend, LoadBalancer, Pool};
+use berth_model::{
+    DEFAULT_AFFINITY_TIMEOUT, Endpoint, HostRecord, Network, Selector, Service, ServiceBackend,
+    ServicePort, apply_publish, parse_affinity_timeout,
+};
+use berth_store::{Compare, Event, Txn, TxnOutcome, Watch};
+use ipnet::IpNet;
+
+use crate::{Agent, AgentError, Result, decode, encode, kernel, keys};
+
+/// What the reconciler knows: every service, every endpoint of a network with services, and
+/// the live hosts. Its decisions are functions of this alone.
+#[derive(Debug, Default)]
+pub(crate) struct ServiceView {
+    me: String,
+    /// On a shared store only endpoints of live hosts are backends.
+    shared: bool,
+    services: HashMap<String, Service>,
+    /// Network → names of its services.
+    by_network: HashMap<String, BTreeSet<String>>,
+    endpoints: HashMap<String, Endpoint>,
+    /// Network → ids of its endpoints.
+    endpoints_of: HashMap<String, BTreeSet<String>>,
+    hosts: HashSet<String>,
+    /// Store keys this host removed and whose delete event has not come yet: an older put
+    /// still in the watch must not bring them back.
+    removed_here: HashSet<String>,
+    /// The frontends programmed for each service, to remove those it no longer has.
+    programmed: HashMap<String, Vec<Frontend>>,
+}
+
+impl ServiceView {
+    fn new(me: &str, shared: bool) -> ServiceView {
+        ServiceView {
+            me: me.to_string(),
+            shared,
+            ..ServiceView::default()
+        }
+    }
+
+    fn usable(&self, ep: &Endpoint) -> bool {
+        !self.shared
+            || ep.is_on(&self.me)
+            || ep.host.as_ref().is_some_and(|h| self.hosts.contains(h))
+    }
+
+    /// The endpoints a service balances over.
+    fn backends<'a>(&'a self, svc: &'a Service) -> impl Iterator<Item = &'a Endpoint> + 'a {
+        self.endpoints_of
+            .get(&svc.network)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.endpoints.get(id))
+            .filter(|ep| self.usable(ep) && svc.selector.matches(&ep.labels))
+    }
+
+    /// The frontends a service wants here, with their pools: each port on each VIP, and each
+    /// published port per family.
+    fn frontends(&self, svc: &Service) -> Vec<(Frontend, Pool)> {
+        let backends: Vec<&Endpoint> = self.backends(svc).collect();
+        let mut out = Vec::new();
+        for vip in &svc.vips {
+            for p in &svc.ports {
+                let pool = Pool {
+                    backends: backends
+                        .iter()
+                        .flat_map(|ep| {
+                            ep.ips
+                                .iter()
+                                .filter(|ip| ip.addr().is_ipv4() == vip.is_ipv4())
+                                .map(|ip| Backend {
+                                    addr: ip.addr(),
+                                    port: p.target_port,
+                                    local: ep.is_on(&self.me),
+                                })
+                        })
+                        .collect(),
+                    affinity: svc.affinity_timeout,
+                };
+                if let Some(np) = p.node_port {
+                    out.push((
+                        Frontend::NodePort {
+                            ipv6: vip.is_ipv6(),
+                            protocol: p.protocol,
+                            port: np,
+                        },
+                        pool.clone(),
+                    ));
+                }
+                out.push((
+                    Frontend::Vip {
+                        vip: *vip,
+                        protocol: p.protocol,
+                        port: p.port,
+                    },
+                    pool,
+                ));
+            }
+        }
+        out
+    }
+
+    fn put_service(&mut self, svc: Service) -> Vec<String> {
+        let name = svc.name.clone();
+        if let Some(old) = self.services.remove(&name)
+            && let Some(names) = self.by_network.get_mut(&old.network)
+        {
+            names.remove(&name);
+        }
+        self.by_network
+            .entry(svc.network.clone())
+            .or_default()
+            .insert(name.clone());
+        self.services.insert(name.clone(), svc);
+        vec![name]
+    }
+
+    fn remove_service(&mut self, name: &str) -> Vec<String> {
+        if let Some(old) = self.services.remove(name)
+            && let Some(names) = self.by_network.get_mut(&old.network)
+        {
+            names.remove(name);
+        }
+        vec![name.to_string()]
+    }
+
+    /// The services an endpoint's coming or going changes: those of its network it matches.
+    fn touched_by(&self, ep: &Endpoint) -> impl Iterator<Item = String> + '_ {
+        let labels = ep.labels.clone();
+        self.by_network
+            .get(&ep.network)
+            .into_iter()
+            .flatten()
+            .filter(move |name| {
+                self.services
+                    .get(*name)
+                    .is_some_and(|s| s.selector.matches(&labels))
+            })
+            .cloned()
+    }
+
+    fn put_endpoint(&mut self, ep: Endpoint) -> Vec<String> {
+        let mut dirty: Vec<String> = self.touched_by(&ep).collect();
+        if let Some(old) = self.endpoints.get(&ep.id) {
+            dirty.extend(self.touched_by(old));
+        }
+        self.endpoints_of
+            .entry(ep.network.clone())
+            .or_default()
+            .insert(ep.id.clone());
+        self.endpoints.insert(ep.id.clone(), ep);
+        dirty
+    }
+
+    fn remove_endpoint(&mut self, id: &str) -> Vec<String> {
+        let Some(old) = self.endpoints.remove(id) else {
+            return Vec::new();
+        };
+        if let Some(ids) = self.endpoints_of.get_mut(&old.network) {
+            ids.remove(id);
+        }
+        self.touched_by(&old).collect()
+    }
+
+    /// Applies one watch event; returns the services it touches (`None`: all of them).
+    fn apply(&mut self, event: &Event) -> Result<Option<Vec<String>>> {
+        let key = event.key();
+        let put = match event {
+            Event::Put(kv) => Some(kv),
+            Event::Delete { .. } => None,
+        };
+        if put.is_none() {
+            self.removed_here.remove(key);
+        } else if self.removed_here.contains(key) {
+            return Ok(Some(Vec::new()));
+        }
+        if let Some(id) = key.strip_prefix(keys::HOSTS) {
+            match put {
+                Some(kv) => {
+                    decode::<HostRecord>(kv)?;
+                    self.hosts.insert(id.to_string());
+                }
+                None => {
+                    self.hosts.remove(id);
+                }
+            }
+            return Ok(None);
+        }
+        if let Some(name) = key.strip_prefix(keys::SERVICES) {
+            return Ok(Some(match put {
+                Some(kv) => self.put_service(decode(kv)?),
+                None => self.remove_service(name),
+            }));
+        }
+        if let Some(id) = key.strip_prefix(keys::ENDPOINTS) {
+            return Ok(Some(match put {
+                Some(kv) => self.put_endpoint(decode(kv)?),
+                None => self.remove_endpoint(id),
+            }));
+        }
+        Ok(Some(Vec::new()))
+    }
+
+    /// Every frontend every service wants.
+    fn all_frontends(&self) -> BTreeMap<Frontend, Pool> {
+        self.services
+            .values()
+            .flat_map(|s| self.frontends(s))
+            .collect()
+    }
+}
+
+/// The load balancer and the view it was programmed from, changed under one lock.
+pub(crate) struct ServiceState {
+    /// `None` until the reconciler has read the kernel's maps back (at start).
+    lb: Option<LoadBalancer>,
+    view: ServiceView,
+}
+
+impl ServiceState {
+    pub(crate) fn new(me: &str, shared: bool) -> ServiceState {
+        ServiceState {
+            lb: None,
+            view: ServiceView::new(me, shared),
+        }
+    }
+}
+
+/// What a frontend losing a backend means for conntrack: the flows that went to it.
+fn flows_of(left: &[(Frontend, Backend)]) -> Vec<FlowMatch> {
+    left.iter()
+        .map(|(f, b)| match *f {
+            Frontend::Vip {
+                vip,
+                protocol,
+                port,
+            } => FlowMatch {
+                protocol,
+                orig_dst: Some(vip),
+                orig_dport: port,
+                reply_src: b.addr,
+                reply_sport: b.port,
+            },
+            Frontend::NodePort { protocol, port, .. } => FlowMatch {
+                protocol,
+                orig_dst: None,
+                orig_dport: port,
+                reply_src: b.addr,
+                reply_sport: b.port,
+            },
+        })
+        .collect()
+}
+
+/// The watched prefixes (hosts only matter on a shared store, but cost nothing otherwise).
+const WATCHED: [&str; 3] = [keys::HOSTS, keys::SERVICES, keys::ENDPOINTS];
+
+impl Agent {
+    /// The service ranges VIPs come from.
+    pub fn service_cidrs(&self) -> &[IpNet] {
+        &self.service_cidrs
+    }
+
+    /// Programs the frontends of these services as the view has them now, in one batch,
+    /// then ends the flows of backends that left. Without a load balancer yet (start-up),
+    /// the reconciler's first full sync does it.
+    async fn program(&self, state: &mut ServiceState, dirty: Vec<String>) -> Result<()> {
+        if dirty.is_empty() {
+            return Ok(());
+        }
+        let Some(lb) = state.lb.as_mut() else {
+            return Ok(());
+        };
+        let mut changes: Vec<(Frontend, Option<Pool>)> = Vec::new();
+        let mut programmed: Vec<(String, Vec<Frontend>)> = Vec::new();
+        let names: BTreeSet<String> = dirty.into_iter().collect();
+        for name in names {
+            let want = state
+                .view
+                .services
+                .get(&name)
+                .map(|s| state.view.frontends(s))
+                .unwrap_or_default();
+            let now: Vec<Frontend> = want.iter().map(|(f, _)| *f).collect();
+            for old in state.view.programmed.get(&name).into_iter().flatten() {
+                if !now.contains(old) {
+                    changes.push((*old, None));
+                }
+            }
+            changes.extend(want.into_iter().map(|(f, p)| (f, Some(p))));
+            programmed.push((name, now));
+        }
+        let mut taken = std::mem::replace(lb, LoadBalancer::empty());
+        let (taken, applied) = tokio::task::spawn_blocking(move || {
+            let r = taken.apply(&changes);
+            (taken, r)
+        })
+        .await
+        .map_err(|e| AgentError::Internal(format!("kernel task failed: {e}")))?;
+        *lb = taken;
+        let left = applied?;
+        for (name, now) in programmed {
+            if now.is_empty() {
+                state.view.programmed.remove(&name);
+            } else {
+                state.view.programmed.insert(name, now);
+            }
+        }
+        self.end_flows(left).await;
+        Ok(())
+    }
+
+    /// Deletes the conntrack entries of flows to backends that left their frontends: UDP
+    /// flows move to another backend at their next packet, TCP flows to a gone backend end
+    /// instead of hanging.
+    async fn end_flows(&self, left: Vec<(Frontend, Backend)>) {
+        if left.is_empty() {
+            return;
+        }
+        let matches = flows_of(&left);
+        match kernel(move || conntrack::delete_flows(&matches)).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(flows = n, "flows to removed backends ended"),
+            Err(e) => tracing::warn!(error = %e, "cannot end flows to removed backends"),
+        }
+    }
+
+    /// An endpoint of this host attached: it serves its services before the attach answers.
+    pub(crate) async fn services_endpoint_up(&self, ep: &Endpoint) {
+        let mut state = self.service_state.lock().await;
+        if !state.view.by_network.contains_key(&ep.network) {
+            // Kept for when a service comes: the watch would add it anyway.
+            state.view.put_endpoint(ep.clone());
+            return;
+        }
+        let dirty = state.view.put_endpoint(ep.clone());
+        if let Err(e) = self.program(&mut state, dirty).await {
+            tracing::warn!(endpoint = %ep.id, error = %e, "cannot add the endpoint to its services");
+        }
+    }
+
+    /// An endpoint of this host is being detached: no new connection goes to it from here
+    /// on, and its flows end.
+    pub(crate) async fn services_endpoint_down(&self, ep: &Endpoint) {
+        let mut state = self.service_state.lock().await;
+        state.view.removed_here.insert(keys::endpoint(&ep.id));
+        let dirty = state.view.remove_endpoint(&ep.id);
+        if let Err(e) = self.program(&mut state, dirty).await {
+            tracing::warn!(endpoint = %ep.id, error = %e, "cannot remove the endpoint from its services");
+        }
+    }
+
+    /// Runs for the life of the daemon: list, sync everything, follow the watches until one
+    /// fails, and start over.
+    pub async fn run_service_reconciler(self: std::sync::Arc<Self>) {
+        loop {
+            match self.list_services_and_watch().await {
+                Ok(watches) => {
+                    let why = self.follow_services(watches).await;
+                    tracing::info!("service watch ended ({why}); listing again");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot list services; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    }
+
+    /// Lists into a fresh view, programs every frontend (only what differs from the kernel
+    /// is written), and opens the watches from the listings' revisions.
+    async fn list_services_and_watch(&self) -> Result<Vec<Watch>> {
+        let mut view = ServiceView::new(&self.host.id, self.shared);
+        let mut watches = Vec::new();
+        for prefix in WATCHED {
+            let listing = self.store.list(prefix).await?;
+            for kv in &listing.items {
+                if let Err(e) = view.apply(&Event::Put(kv.clone())) {
+                    tracing::error!(key = %kv.key, error = %e, "bad record in the store; skipped");
+                }
+            }
+            watches.push(self.store.watch(prefix, listing.revision).await?);
+        }
+        self.resync_services(Some(view)).await?;
+        Ok(watches)
+    }
+
+    /// Programs every frontend from the view (a new one, after a listing), reading the
+    /// kernel's maps first: at start, and when berth's table was restored.
+    pub(crate) async fn resync_services(&self, new_view: Option<ServiceView>) -> Result<()> {
+        let mut state = self.service_state.lock().await;
+        if let Some(mut view) = new_view {
+            // Removals of this host's still on their way keep holding.
+            let held = std::mem::take(&mut state.view.removed_here);
+            for key in &held {
+                if let Some(id) = key.strip_prefix(keys::ENDPOINTS) {
+                    view.remove_endpoint(id);
+                } else if let Some(name) = key.strip_prefix(keys::SERVICES) {
+                    view.remove_service(name);
+                }
+            }
+            view.removed_here = held;
+            state.view = view;
+        }
+        let want = state.view.all_frontends();
+        let lb = state.lb.take();
+        let (lb, left) = tokio::task::spawn_blocking(move || -> berth_dataplane::Result<_> {
+            let mut lb = match lb {
+                Some(lb) => lb,
+                None => LoadBalancer::from_kernel()?,
+            };
+            let left = lb.sync_all(&want)?;
+            Ok((lb, left))
+        })
+        .await
+        .map_err(|e| AgentError::Internal(format!("kernel task failed: {e}")))??;
+        state.lb = Some(lb);
+        let mut programmed: HashMap<String, Vec<Frontend>> = HashMap::new();
+        for svc in state.view.services.values() {
+            let fronts: Vec<Frontend> = state
+                .view
+                .frontends(svc)
+                .into_iter()
+                .map(|(f, _)| f)
+                .collect();
+            programmed.insert(svc.name.clone(), fronts);
+        }
+        state.view.programmed = programmed;
+        let services: Vec<Service> = state.view.services.values().cloned().collect();
+        drop(state);
+        for svc in &services {
+            self.name_service(svc);
+        }
+        self.end_flows(left).await;
+        Ok(())
+    }
+
+    /// Applies events as they come, with those already waiting; returns why it stopped.
+    async fn follow_services(&self, mut watches: Vec<Watch>) -> String {
+        loop {
+            let mut events = Vec::new();
+            let [hosts, services, endpoints] = &mut watches[..] else {
+                return "watches missing".into();
+            };
+            let first = tokio::select! {
+                e = hosts.next() => e,
+                e = services.next() => e,
+                e = endpoints.next() => e,
+            };
+            match first {
+                Ok(e) => events.push(e),
+                Err(e) => return e.to_string(),
+            }
+            // What else is ready now, without waiting.
+            for w in [&mut *hosts, &mut *services, &mut *endpoints] {
+                while events.len() < 1024 {
+                    let mut next = std::pin::pin!(w.next());
+                    match std::future::poll_fn(|cx| std::task::Poll::Ready(next.as_mut().poll(cx)))
+                        .await
+                    {
+                        std::task::Poll::Ready(Ok(e)) => events.push(e),
+                        std::task::Poll::Ready(Err(e)) => return e.to_string(),
+                        std::task::Poll::Pending => break,
+                    }
+                }
+            }
+            let mut state = self.service_state.lock().await;
+            let mut dirty = Vec::new();
+            let mut renamed = Vec::new();
+            for event in &events {
+                match state.view.apply(event) {
+                    Ok(Some(names)) => {
+                        if event.key().starts_with(keys::SERVICES) {
+                            renamed.push(event.clone());
+                        }
+                        dirty.extend(names)
+                    }
+                    Ok(None) => dirty.extend(state.view.services.keys().cloned()),
+                    Err(e) => {
+                        tracing::error!(key = %event.key(), error = %e, "bad record in the store")
+                    }
+                }
+            }
+            if let Err(e) = self.program(&mut state, dirty).await {
+                tracing::warn!(error = %e, "cannot program services");
+            }
+            drop(state);
+            for event in renamed {
+                match event {
+                    Event::Put(kv) => {
+                        if let Ok(svc) = decode::<Service>(&kv) {
+                            self.name_service(&svc);
+                        }
+                    }
+                    Event::Delete { key, prev, .. } => {
+                        let network = prev
+                            .as_ref()
+                            .and_then(|kv| decode::<Service>(kv).ok())
+                            .map(|s| s.network);
+                        if let (Some(network), Some(name)) =
+                            (network, key.strip_prefix(keys::SERVICES))
+                        {
+                            self.unname_service(&network, name);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    pub async fn services(&self, network: Option<&str>) -> Result<Vec<Service>> {
+        let mut out: Vec<Service> = self
+            .load_all::<Service>(keys::SERVICES)
+            .await?
+            .into_iter()
+            .filter(|s| network.is_none_or(|n| s.network == n))
+            .collect();
+        let state = self.service_state.lock().await;
+        for svc in &mut out {
+            svc.backends = backends_of(&state.view, svc);
+        }
+        Ok(out)
+    }
+
+    pub async fn service(&self, name: &str) -> Result<Service> {
+        let (mut svc, _) = self
+            .load::<Service>(&keys::service(name))
+            .await?
+            .ok_or_else(|| AgentError::NotFound(format!("no service named {name:?}")))?;
+        let state = self.service_state.lock().await;
+        svc.backends = backends_of(&state.view, &svc);
+        Ok(svc)
+    }
+
+    pub async fn create_service(&self, req: CreateService) -> Result<Service> {
+        let mut svc = self.service_from_request(&req)?;
+        let (net, net_rev) = self
+            .load::<Network>(&keys::network(&req.network))
+            .await?
+            .ok_or_else(|| AgentError::NotFound(format!("no network named {:?}", req.network)))?;
+        if net.removing {
+            return Err(AgentError::Conflict(format!(
+                "network {:?} is being removed",
+                net.name
+            )));
+        }
+        self.check_node_ports_free_here(&svc).await?;
+        let mut attempts = 0;
+        loop {
+            svc.vips = self
+                .choose_vips(&net, &req.vips, &svc.name, attempts)
+                .await?;
+            let mut txn = Txn::new()
+                .when(Compare::Absent(keys::service(&svc.name)))
+                .when(Compare::ModRevision(keys::network(&net.name), net_rev))
+                .put(keys::service(&svc.name), encode(&svc));
+            for vip in &svc.vips {
+                txn = txn
+                    .when(Compare::Absent(keys::vip(*vip)))
+                    .put(keys::vip(*vip), svc.name.as_bytes().to_vec());
+            }
+            for p in &svc.ports {
+                if let Some(np) = p.node_port {
+                    let key = keys::node_port(p.protocol, np);
+                    txn = txn
+                        .when(Compare::Absent(key.clone()))
+                        .put(key, svc.name.as_bytes().to_vec());
+                }
+            }
+            match self.commit(txn).await? {
+                TxnOutcome::Committed { .. } => break,
+                TxnOutcome::CompareFailed(_) => {
+                    let why = self.explain_service_conflict(&svc, &req).await?;
+                    match why {
+                        Some(e) => return Err(e),
+                        // A VIP picked here was taken meanwhile: pick again.
+                        None if attempts < 8 => attempts += 1,
+                        None => {
+                            return Err(AgentError::Conflict(
+                                "could not take a free VIP; try again".into(),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        {
+            let mut state = self.service_state.lock().await;
+            let dirty = state.view.put_service(svc.clone());
+            if let Err(e) = self.program(&mut state, dirty).await {
+                tracing::warn!(service = %svc.name, error = %e, "cannot program the service yet; the reconciler retries");
+            }
+            svc.backends = backends_of(&state.view, &svc);
+        }
+        self.name_service(&svc);
+        tracing::info!(
+            service = %svc.name, network = %svc.network,
+            vips = ?svc.vips, backends = svc.backends.len(), "service created"
+        );
+        Ok(svc)
+    }
+
+    pub async fn delete_service(&self, name: &str) -> Result<()> {
+        let Some((svc, rev)) = self.load::<Service>(&keys::service(name)).await? else {
+            return Err(AgentError::NotFound(format!("no service named {name:?}")));
+        };
+        let mut txn = Txn::new()
+            .when(Compare::ModRevision(keys::service(name), rev))
+            .delete(keys::service(name));
+        for vip in &svc.vips {
+            txn = txn.delete(keys::vip(*vip));
+        }
+        for p in &svc.ports {
+            if let Some(np) = p.node_port {
+                txn = txn.delete(keys::node_port(p.protocol, np));
+            }
+        }
+        if let TxnOutcome::CompareFailed(_) = self.commit(txn).await? {
+            return Err(AgentError::Conflict(format!(
+                "service {name:?} changed while being removed; try again"
+            )));
+        }
+        {
+            let mut state = self.service_state.lock().await;
+            state.view.removed_here.insert(keys::service(name));
+            let dirty = state.view.remove_service(name);
+            if let Err(e) = self.program(&mut state, dirty).await {
+                tracing::warn!(service = %name, error = %e, "cannot unprogram the service yet; the reconciler retries");
+            }
+        }
+        self.unname_service(&svc.network, name);
+        tracing::info!(service = %name, "service removed");
+        Ok(())
+    }
+
+    /// Parses and checks a request into a service without VIPs.
+    fn service_from_request(&self, req: &CreateService) -> Result<Service> {
+        let selector: Selector = req.selector.parse()?;
+        let mut ports = req
+            .ports
+            .iter()
+            .map(|p| p.parse::<ServicePort>())
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        apply_publish(&mut ports, &req.publish)?;
+        let affinity_timeout = match req.session_affinity.as_deref() {
+            None | Some("none" | "None") => {
+                if req.affinity_timeout.is_some() {
+                    return Err(AgentError::Invalid(
+                        "an affinity timeout needs --session-affinity client-ip".into(),
+                    ));
+                }
+                None
+            }
+            Some("client-ip" | "ClientIP") => Some(match &req.affinity_timeout {
+                Some(t) => parse_affinity_timeout(t)?,
+                None => DEFAULT_AFFINITY_TIMEOUT,
+            }),
+            Some(other) => {
+                return Err(AgentError::Invalid(format!(
+                    "unknown session affinity {other:?}: none or client-ip"
+                )));
+            }
+        };
+        let svc = Service {
+            name: req.name.clone(),
+            network: req.network.clone(),
+            selector,
+            ports,
+            vips: Vec::new(),
+            affinity_timeout,
+            backends: Vec::new(),
+        };
+        svc.validate()?;
+        Ok(svc)
+    }
+
+    /// One VIP per family of the network's subnets that has a service range: the requested
+    /// one, or a free one from the range (starting at a place hashed from the name, so that
+    /// hosts creating services at once rarely race for one address).
+    async fn choose_vips(
+        &self,
+        net: &Network,
+        requested: &[IpAddr],
+        name: &str,
+        attempt: u32,
+    ) -> Result<Vec<IpAddr>> {
+        for vip in requested {
+            if requested
+                .iter()
+                .filter(|v| v.is_ipv4() == vip.is_ipv4())
+                .count()
+                > 1
+            {
+                return Err(AgentError::Invalid(
+                    "at most one VIP per address family".into(),
+                ));
+            }
+            let Some(range) = self.service_cidrs.iter().find(|r| r.contains(vip)) else {
+                return Err(AgentError::Invalid(format!(
+                    "VIP {vip} is outside the service range ({})",
+                    ranges_line(&self.service_cidrs)
+                )));
+            };
+            if *vip == range.network() || (vip.is_ipv4() && *vip == range.broadcast()) {
+                return Err(AgentError::Invalid(format!(
+                    "VIP {vip} is the network or broadcast address of {range}"
+                )));
+            }
+            if net
+                .subnets
+                .iter()
+                .all(|s| s.cidr.addr().is_ipv4() != vip.is_ipv4())
+            {
+                return Err(AgentError::Invalid(format!(
+                    "VIP {vip}: network {:?} has no subnet of its family",
+                    net.name
+                )));
+            }
+        }
+        let mut vips = Vec::new();
+        for subnet in &net.subnets {
+            let v4 = subnet.cidr.addr().is_ipv4();
+            if let Some(vip) = requested.iter().find(|v| v.is_ipv4() == v4) {
+                vips.push(*vip);
+                continue;
+            }
+            let Some(range) = self.service_cidrs.iter().find(|r| r.addr().is_ipv4() == v4) else {
+                continue;
+            };
+            vips.push(self.free_vip(range, name, attempt).await?);
+        }
+        if vips.is_empty() {
+            return Err(AgentError::Invalid(format!(
+                "no service range for the address families of network {:?}",
+                net.name
+            )));
+        }
+        vips.sort_by_key(|v| v.is_ipv6());
+        Ok(vips)
+    }
+
+    async fn free_vip(&self, range: &IpNet, name: &str, attempt: u32) -> Result<IpAddr> {
+        let size: u128 = match range {
+            IpNet::V4(r) => 1u128 << (32 - r.prefix_len()),
+            IpNet::V6(r) => 1u128 << (128 - r.prefix_len()).min(64),
+        };
+        // Neither the range's first nor (IPv4) last address.
+        let usable = size.saturating_sub(2).max(1);
+        let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+        let start = (u128::from(hash) + u128::from(attempt) * 7919) % usable;
+        let base = match range.network() {
+            IpAddr::V4(a) => u128::from(u32::from(a)),
+            IpAddr::V6(a) => u128::from(a),
+        };
+        for i in 0..usable.min(4096) {
+            let offset = 1 + (start + i) % usable;
+            let ip = match range {
+                IpNet::V4(_) => IpAddr::V4(((base + offset) as u32).into()),
+                IpNet::V6(_) => IpAddr::V6((base + offset).into()),
+            };
+            if self.store.get(&keys::vip(ip)).await?.is_none() {
+                return Ok(ip);
+            }
+        }
+        Err(AgentError::Conflict(format!(
+            "the service range {range} has no free address"
+        )))
+    }
+
+    /// Published ports on this host's addresses that a service's NodePort would shadow.
+    async fn check_node_ports_free_here(&self, svc: &Service) -> Result<()> {
+        for p in &svc.ports {
+            let Some(np) = p.node_port else { continue };
+            if let Some(kv) = self
+                .store
+                .list(&keys::port_prefix(p.protocol, np))
+                .await?
+                .items
+                .first()
+            {
+                return Err(AgentError::Conflict(format!(
+                    "port {np}/{} is already published on this host by endpoint {}",
+                    p.protocol,
+                    String::from_utf8_lossy(&kv.value)
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Why a service's creating transaction failed; `None` when only a VIP this host picked
+    /// was taken meanwhile (worth another pick).
+    async fn explain_service_conflict(
+        &self,
+        svc: &Service,
+        req: &CreateService,
+    ) -> Result<Option<AgentError>> {
+        if self.store.get(&keys::service(&svc.name)).await?.is_some() {
+            return Ok(Some(AgentError::Conflict(format!(
+                "service {:?} already exists",
+                svc.name
+            ))));
+        }
+        match self.load::<Network>(&keys::network(&svc.network)).await? {
+            None => {
+                return Ok(Some(AgentError::NotFound(format!(
+                    "no network named {:?}",
+                    svc.network
+                ))));
+            }
+            Some((net, _)) if net.removing => {
+                return Ok(Some(AgentError::Conflict(format!(
+                    "network {:?} is being removed",
+                    net.name
+                ))));
+            }
+            Some(_) => {}
+        }
+        for p in &svc.ports {
+            let Some(np) = p.node_port else { continue };
+            if let Some(kv) = self.store.get(&keys::node_port(p.protocol, np)).await? {
+                return Ok(Some(AgentError::Conflict(format!(
+                    "port {np}/{} is already published by service {:?}",
+                    p.protocol,
+                    String::from_utf8_lossy(&kv.value)
+                ))));
+            }
+        }
+        for vip in &req.vips {
+            if let Some(kv) = self.store.get(&keys::vip(*vip)).await? {
+                return Ok(Some(AgentError::Conflict(format!(
+                    "VIP {vip} is taken by service {:?}",
+                    String::from_utf8_lossy(&kv.value)
+                ))));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The services on a network, by name (a network with services cannot be removed).
+    pub(crate) async fn services_on(&self, network: &str) -> Result<Vec<String>> {
+        Ok(self
+            .load_all::<Service>(keys::SERVICES)
+            .await?
+            .into_iter()
+            .filter(|s| s.network == network)
+            .map(|s| s.name)
+            .collect())
+    }
+}
+
+fn backends_of(view: &ServiceView, svc: &Service) -> Vec<ServiceBackend> {
+    let mut out: Vec<ServiceBackend> = view
+        .backends(svc)
+        .map(|ep| ServiceBackend {
+            endpoint: ep.id.clone(),
+            name: ep.name.clone(),
+            host: ep.host.clone(),
+            ips: ep.ips.iter().map(|ip| ip.addr()).collect(),
+        })
+        .collect();
+    out.sort_by(|a, b| a.ips.cmp(&b.ips));
+    out
+}
+
+fn ranges_line(ranges: &[IpNet]) -> String {
+    ranges
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The service ranges this daemon uses: the cluster's (recorded by the first daemon), which
+/// an explicit `--service-cidr` may replace only while no service exists.
+pub(crate) async fn agree_on_service_cidrs(
+    store: &dyn berth_store::Store,
+    given: &[IpNet],
+) -> Result<Vec<IpNet>> {
+    let defaults = || -> Vec<IpNet> {
+        [
+            berth_model::DEFAULT_SERVICE_CIDR,
+            berth_model::DEFAULT_SERVICE_CIDR6,
+        ]
+        .iter()
+        .map(|c| c.parse().expect("valid default range"))
+        .collect()
+    };
+    let recorded: Option<(Vec<IpNet>, u64)> = match store.get(keys::SERVICE_CIDRS).await? {
+        Some(kv) => Some((decode(&kv)?, kv.mod_revision)),
+        None => None,
+    };
+    let want = if given.is_empty() {
+        match &recorded {
+            Some((r, _)) => return Ok(r.clone()),
+            None => defaults(),
+        }
+    } else {
+        given.to_vec()
+    };
+    match recorded {
+        Some((r, _)) if r == want => Ok(r),
+        Some((r, rev)) => {
+            if !store.list(keys::SERVICES).await?.items.is_empty() {
+                return Err(AgentError::Invalid(format!(
+                    "the cluster's service range is {}; --service-cidr {} can replace it only when no service exists",
+                    ranges_line(&r),
+                    ranges_line(&want)
+                )));
+            }
+            let txn = Txn::new()
+                .when(Compare::ModRevision(keys::SERVICE_CIDRS.into(), rev))
+                .put(keys::SERVICE_CIDRS, encode(&want));
+            store.txn(txn).await?;
+            Ok(want)
+        }
+        None => {
+            let txn = Txn::new()
+                .when(Compare::Absent(keys::SERVICE_CIDRS.into()))
+                .put(keys::SERVICE_CIDRS, encode(&want));
+            match store.txn(txn).await? {
+                TxnOutcome::Committed { .. } => Ok(want),
+                // Another host recorded its ranges first: those are the cluster's.
+                TxnOutcome::CompareFailed(_) => match store.get(keys::SERVICE_CIDRS).await? {
+                    Some(kv) => decode(&kv),
+                    None => Ok(want),
+                },
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use berth_model::{MacAddr, NetnsRef};
+    use berth_store::KeyValue;
+
+    fn svc(name: &str, network: &str, selector: &str, ports: &[&str]) -> Service {
+        Service {
+            name: name.into(),
+            network: network.into(),
+            selector: selector.parse().unwrap(),
+            ports: ports.iter().map(|p| p.parse().unwrap()).collect(),
+            vips: vec!["10.211.0.10".parse().unwrap()],
+            affinity_timeout: None,
+            backends: vec![],
+        }
+    }
+
+    fn ep(id: &str, network: &str, host: &str, ip: &str, labels: &[(&str, &str)]) -> Endpoint {
+        Endpoint {
+            id: id.into(),
+            network: network.into(),
+            netns: NetnsRef {
+                path: String::new(),
+                id: String::new(),
+                sandbox: None,
+            },
+            ifname: "eth0".into(),
+            host_ifname: format!("veth{id}"),
+            name: None,
+            aliases: vec![],
+            container_id: None,
+            runtime_configured: false,
+            mac: MacAddr([2, 0, 0, 0, 0, 1]),
+            ips: vec![format!("{ip}/24").parse().unwrap()],
+            ports: vec![],
+            default_gateways: vec![],
+            host: Some(host.into()),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    fn pool_addrs(view: &ServiceView, s: &Service) -> Vec<String> {
+        let fronts = view.frontends(s);
+        fronts[0]
+            .1
+            .backends
+            .iter()
+            .map(|b| format!("{}:{}", b.addr, b.port))
+            .collect()
+    }
+
+    #[test]
+    fn backends_are_the_matching_endpoints_of_live_hosts_on_the_network() {
+        let mut v = ServiceView::new("h1", true);
+        v.hosts.insert("h1".into());
+        v.hosts.insert("h2".into());
+        let web = svc("web", "blue", "app=web", &["80:8080"]);
+        v.put_service(web.clone());
+        assert_eq!(
+            v.put_endpoint(ep("a", "blue", "h1", "10.0.0.2", &[("app", "web")])),
+            ["web"]
+        );
+        assert!(
+            v.put_endpoint(ep("b", "blue", "h2", "10.0.0.3", &[("app", "db")]))
+                .is_empty()
+        );
+        assert!(
+            v.put_endpoint(ep("c", "red", "h1", "10.0.1.2", &[("app", "web")]))
+                .is_empty()
+        );
+        v.put_endpoint(ep("d", "blue", "h3", "10.0.0.4", &[("app", "web")]));
+        // h3 is not alive: d is no backend until it is.
+        assert_eq!(pool_addrs(&v, &web), ["10.0.0.2:8080"]);
+        v.hosts.insert("h3".into());
+        assert_eq!(pool_addrs(&v, &web), ["10.0.0.2:8080", "10.0.0.4:8080"]);
+        let fronts = v.frontends(&web);
+        assert!(
+            fronts[0]
+                .1
+                .backends
+                .iter()
+                .any(|b| b.local && b.addr.to_string() == "10.0.0.2")
+        );
+        assert_eq!(v.remove_endpoint("a"), ["web"]);
+        assert_eq!(pool_addrs(&v, &web), ["10.0.0.4:8080"]);
+    }
+
+    #[test]
+    fn published_ports_and_families_make_their_own_frontends() {
+        let v = ServiceView::new("h1", false);
+        let mut s = svc("web", "blue", "", &["80:8080", "53/udp"]);
+        s.ports[0].node_port = Some(30080);
+        s.vips.push("fd00:b5:5e7::10".parse().unwrap());
+        let fronts: Vec<Frontend> = v.frontends(&s).into_iter().map(|(f, _)| f).collect();
+        // 2 ports × 2 VIPs, and the published port once per family.
+        assert_eq!(fronts.len(), 6);
+        assert!(fronts.contains(&Frontend::NodePort {
+            ipv6: true,
+            protocol: berth_model::Protocol::Tcp,
+            port: 30080
+        }));
+    }
+
+    #[test]
+    fn a_removal_made_here_is_not_undone_by_an_older_event() {
+        let mut v = ServiceView::new("h1", false);
+        v.put_service(svc("web", "blue", "app=web", &["80"]));
+        let a = ep("a", "blue", "h1", "10.0.0.2", &[("app", "web")]);
+        v.put_endpoint(a.clone());
+        v.removed_here.insert(keys::endpoint("a"));
+        v.remove_endpoint("a");
+        let put = Event::Put(KeyValue {
+            key: keys::endpoint("a"),
+            value: serde_json::to_vec(&a).unwrap(),
+            mod_revision: 5,
+            create_revision: 5,
+            lease: None,
+        });
+        assert_eq!(v.apply(&put).unwrap(), Some(vec![]));
+        assert!(v.endpoints.is_empty());
+        let del = Event::Delete {
+            key: keys::endpoint("a"),
+            prev: None,
+            revision: 6,
+        };
+        v.apply(&del).unwrap();
+        assert!(v.removed_here.is_empty());
+    }
+}

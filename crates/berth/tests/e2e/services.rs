@@ -1,0 +1,570 @@
+//! Services on one host: a VIP in front of the endpoints whose labels match, with real TCP and
+//! UDP through the kernel's load balancer (berth's nftables maps).
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::harness::{Host, ServerThreads, in_ns, run_ok};
+
+const BLUE: &str = "10.91.0.0/24";
+const BLUE_GW: &str = "10.91.0.1";
+
+/// A TCP and a UDP server on `port` in a namespace that answer every client with
+/// "NAME CLIENT_ADDRESS": which backend a connection reached, and whom it saw.
+pub struct Identify {
+    _serving: ServerThreads,
+}
+
+impl Identify {
+    pub fn start(netns: &Path, name: &str, port: u16) -> Identify {
+        let (tcp, udp) = in_ns(netns, || {
+            (
+                TcpListener::bind(("0.0.0.0", port)).unwrap(),
+                UdpSocket::bind(("0.0.0.0", port)).unwrap(),
+            )
+        });
+        tcp.set_nonblocking(true).unwrap();
+        udp.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s1, s2) = (stop.clone(), stop.clone());
+        let (n1, n2) = (name.to_string(), name.to_string());
+        let t1 = std::thread::spawn(move || {
+            while !s1.load(Ordering::Relaxed) {
+                match tcp.accept() {
+                    Ok((mut c, peer)) => {
+                        let _ = c.write_all(format!("{n1} {}", peer.ip()).as_bytes());
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                }
+            }
+        });
+        let t2 = std::thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            while !s2.load(Ordering::Relaxed) {
+                if let Ok((_, peer)) = udp.recv_from(&mut buf) {
+                    let _ = udp.send_to(format!("{n2} {}", peer.ip()).as_bytes(), peer);
+                }
+            }
+        });
+        Identify {
+            _serving: ServerThreads {
+                stop,
+                threads: vec![t1, t2],
+            },
+        }
+    }
+}
+
+/// Connects over TCP from a namespace; "NAME CLIENT" from the backend reached, or the error.
+pub fn ask(from: &Path, to: &str) -> Result<String, std::io::Error> {
+    let addr: SocketAddr = to.parse().unwrap();
+    let mut s = in_ns(from, || {
+        TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+/// `n` connections from a namespace: how many each backend got, and the clients they saw.
+pub fn spread(from: &Path, to: &str, n: usize) -> (BTreeMap<String, usize>, Vec<String>) {
+    let mut counts = BTreeMap::new();
+    let mut clients = Vec::new();
+    for _ in 0..n {
+        let answer = ask(from, to).unwrap_or_else(|e| panic!("connecting to {to}: {e}"));
+        let (name, client) = answer.split_once(' ').expect("NAME CLIENT");
+        *counts.entry(name.to_string()).or_insert(0) += 1;
+        clients.push(client.to_string());
+    }
+    (counts, clients)
+}
+
+/// A host with network blue, a client sandbox `c` and backends `b1..=bn` labelled app=web,
+/// each with an identifying server on 8080.
+struct Setup {
+    h: Host,
+    servers: Vec<Identify>,
+}
+
+impl Setup {
+    fn new(backends: usize) -> Setup {
+        let h = Host::new();
+        h.ok(&["network", "create", "blue", "--subnet", BLUE]);
+        h.ok(&["sandbox", "create", "c"]);
+        h.ok(&["attach", "c", "--network", "blue"]);
+        let mut s = Setup {
+            h,
+            servers: Vec::new(),
+        };
+        for i in 1..=backends {
+            s.backend(&format!("b{i}"));
+        }
+        s
+    }
+
+    fn backend(&mut self, name: &str) -> String {
+        self.h.ok(&["sandbox", "create", name]);
+        let ep: Value = self
+            .h
+            .json(&["attach", name, "--network", "blue", "--label", "app=web"]);
+        self.servers
+            .push(Identify::start(&self.h.sandbox_path(name), name, 8080));
+        crate::harness::endpoint_ip(&ep, false)
+    }
+
+    fn path(&self, sandbox: &str) -> std::path::PathBuf {
+        self.h.sandbox_path(sandbox)
+    }
+
+    fn service(&self, args: &[&str]) -> Value {
+        let mut a = vec!["service", "create"];
+        a.extend_from_slice(args);
+        self.h.json(&a)
+    }
+}
+
+fn vip(svc: &Value) -> String {
+    svc["vips"][0].as_str().unwrap().to_string()
+}
+
+#[test]
+fn connections_spread_over_the_matching_endpoints_and_follow_scaling() {
+    let mut s = Setup::new(3);
+    // An endpoint of the network without the label is no backend.
+    s.h.ok(&["sandbox", "create", "other"]);
+    s.h.ok(&["attach", "other", "--network", "blue", "--label", "app=db"]);
+    s.servers
+        .push(Identify::start(&s.path("other"), "other", 8080));
+    let svc = s.service(&[
+        "web",
+        "--network",
+        "blue",
+        "--selector",
+        "app=web",
+        "--port",
+        "80:8080/tcp",
+    ]);
+    let to = format!("{}:80", vip(&svc));
+    assert!(vip(&svc).starts_with("10.211."), "{svc}");
+    assert_eq!(svc["backends"].as_array().unwrap().len(), 3, "{svc}");
+
+    let (counts, clients) = spread(&s.path("c"), &to, 300);
+    assert_eq!(
+        counts.keys().collect::<Vec<_>>(),
+        ["b1", "b2", "b3"],
+        "{counts:?}"
+    );
+    for (b, n) in &counts {
+        // 100 expected each; far below that means the spread is not even.
+        assert!(*n >= 60, "backend {b} got {n} of 300: {counts:?}");
+    }
+    // The backends see the client's own address.
+    let c_ip =
+        s.h.json(&["endpoint", "ls"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["netns"]["sandbox"] == "c")
+            .map(|e| crate::harness::endpoint_ip(e, false))
+            .unwrap();
+    assert!(clients.iter().all(|c| *c == c_ip), "{:?}", &clients[..3]);
+
+    // Scale down to one while a client loops: once a detach has returned, no connection
+    // reaches that backend.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (c_path, to2, stop2) = (s.path("c"), to.clone(), stop.clone());
+    let looping = std::thread::spawn(move || {
+        let mut seen: Vec<(Instant, Result<String, String>)> = Vec::new();
+        while !stop2.load(Ordering::Relaxed) {
+            let started = Instant::now();
+            seen.push((started, ask(&c_path, &to2).map_err(|e| e.to_string())));
+        }
+        seen
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    s.h.ok(&["detach", "b2", "--network", "blue"]);
+    let b2_gone = Instant::now();
+    std::thread::sleep(Duration::from_millis(200));
+    s.h.ok(&["detach", "b3", "--network", "blue"]);
+    let b3_gone = Instant::now();
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let seen = looping.join().unwrap();
+    assert!(seen.len() > 20, "the client loop ran {} times", seen.len());
+    for (started, got) in &seen {
+        let got = got
+            .as_ref()
+            .unwrap_or_else(|e| panic!("a connection failed: {e}"));
+        if *started > b2_gone {
+            assert!(
+                !got.starts_with("b2 "),
+                "reached b2 after its detach: {got}"
+            );
+        }
+        if *started > b3_gone {
+            assert!(got.starts_with("b1 "), "reached {got} after scaling to b1");
+        }
+    }
+    let (counts, _) = spread(&s.path("c"), &to, 20);
+    assert_eq!(counts.keys().collect::<Vec<_>>(), ["b1"]);
+
+    // Up to five: every one of them gets connections.
+    for b in ["b2", "b3"] {
+        // Their servers listen on every address and outlive the detach.
+        s.h.ok(&["attach", b, "--network", "blue", "--label", "app=web"]);
+    }
+    s.backend("b4");
+    s.backend("b5");
+    let svc = s.h.json(&["service", "inspect", "web"]);
+    assert_eq!(svc["backends"].as_array().unwrap().len(), 5, "{svc}");
+    let (counts, _) = spread(&s.path("c"), &to, 250);
+    assert_eq!(counts.len(), 5, "{counts:?}");
+    for (b, n) in &counts {
+        assert!(*n >= 20, "backend {b} got {n} of 250: {counts:?}");
+    }
+}
+
+#[test]
+fn a_service_without_backends_and_an_unknown_port_refuse_at_once() {
+    let s = Setup::new(1);
+    let svc = s.service(&[
+        "nobody",
+        "--network",
+        "blue",
+        "--selector",
+        "app=none",
+        "--port",
+        "80",
+    ]);
+    assert_eq!(svc["backends"].as_array().map_or(0, Vec::len), 0);
+    for to in [format!("{}:80", vip(&svc)), format!("{}:81", vip(&svc))] {
+        let started = Instant::now();
+        let err = ask(&s.path("c"), &to).unwrap_err();
+        assert!(refused(&err), "{to}: {err}");
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "{to}: refused only after {:?}",
+            started.elapsed()
+        );
+    }
+    // With a default route (as most hosts have), berth's rules answer: a TCP reset.
+    for cmd in [
+        "ip link add d0 type veth peer name d1",
+        "ip link set d0 up",
+        "ip link set d1 up",
+        "ip addr add 192.0.2.1/24 dev d0",
+        "ip route add default via 192.0.2.254 dev d0",
+    ] {
+        s.h.sh(&cmd.split(' ').collect::<Vec<_>>());
+    }
+    let err = ask(&s.path("c"), &format!("{}:80", vip(&svc))).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    // UDP: an ICMP port unreachable, seen by a connected socket as a refusal.
+    let to: SocketAddr = format!("{}:80", vip(&svc)).parse().unwrap();
+    let sock = in_ns(&s.path("c"), || UdpSocket::bind("0.0.0.0:0").unwrap());
+    sock.connect(to).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let err = match sock.send(b"?") {
+        Err(e) => e,
+        Ok(_) => sock.recv(&mut [0u8; 16]).unwrap_err(),
+    };
+    assert!(refused(&err), "{err}");
+}
+
+/// A refusal: a reset or port unreachable from berth's rules where the host routes the
+/// service range (a default route), an unreachable route where it does not (these test
+/// hosts have none). Never a timeout.
+fn refused(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionRefused | NetworkUnreachable | HostUnreachable
+    )
+}
+
+#[test]
+fn affinity_keeps_a_client_on_one_backend_and_hairpin_works() {
+    let s = Setup::new(3);
+    let svc = s.service(&[
+        "sticky",
+        "--network",
+        "blue",
+        "--selector",
+        "app=web",
+        "--port",
+        "80:8080",
+        "--session-affinity",
+        "client-ip",
+        "--affinity-timeout",
+        "10m",
+    ]);
+    assert_eq!(svc["affinity_timeout"], 600, "{svc}");
+    let to = format!("{}:80", vip(&svc));
+    let (counts, _) = spread(&s.path("c"), &to, 40);
+    assert_eq!(counts.len(), 1, "one client, one backend: {counts:?}");
+    // Its backend leaves: the client moves to another one and stays there.
+    let first = counts.keys().next().unwrap().clone();
+    s.h.ok(&["detach", &first, "--network", "blue"]);
+    let (counts, _) = spread(&s.path("c"), &to, 20);
+    assert_eq!(counts.len(), 1, "{counts:?}");
+    assert!(!counts.contains_key(&first), "{counts:?}");
+
+    // Hairpin: a backend reaching its own service, whichever backend answers.
+    let plain = s.service(&[
+        "plain",
+        "--network",
+        "blue",
+        "--selector",
+        "app=web",
+        "--port",
+        "80:8080",
+    ]);
+    let to = format!("{}:80", vip(&plain));
+    let me = if first == "b1" { "b2" } else { "b1" };
+    let (counts, _) = spread(&s.path(me), &to, 40);
+    assert!(
+        counts.contains_key(me),
+        "{me} never reached itself: {counts:?}"
+    );
+}
+
+#[test]
+fn a_udp_flow_moves_when_its_backend_goes() {
+    let s = Setup::new(2);
+    let svc = s.service(&[
+        "dns",
+        "--network",
+        "blue",
+        "--selector",
+        "app=web",
+        "--port",
+        "53:8080/udp",
+    ]);
+    let to: SocketAddr = format!("{}:53", vip(&svc)).parse().unwrap();
+    // One socket, one source port: one conntrack flow.
+    let sock = in_ns(&s.path("c"), || UdpSocket::bind("0.0.0.0:0").unwrap());
+    sock.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let ask_udp = || {
+        let mut buf = [0u8; 64];
+        for _ in 0..4 {
+            sock.send_to(b"?", to).unwrap();
+            if let Ok((n, _)) = sock.recv_from(&mut buf) {
+                return Some(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+        None
+    };
+    let first = ask_udp().expect("an answer through the VIP");
+    let backend = first.split(' ').next().unwrap().to_string();
+    for _ in 0..5 {
+        assert_eq!(ask_udp().unwrap(), first, "one flow, one backend");
+    }
+    s.h.ok(&["detach", &backend, "--network", "blue"]);
+    let moved = ask_udp().expect("the flow answered by another backend");
+    assert!(!moved.starts_with(&backend), "{moved}");
+}
+
+#[test]
+fn names_answer_the_vip_and_named_ports_have_srv_records() {
+    let s = Setup::new(1);
+    let svc = s.service(&[
+        "web",
+        "--network",
+        "blue",
+        "--selector",
+        "app=web",
+        "--port",
+        "http=80:8080",
+        "--port",
+        "53/udp",
+    ]);
+    let v = vip(&svc);
+    let dig = |args: &[&str]| {
+        let mut cmd = vec!["dig", "@10.91.0.1", "+short", "+time=2", "+tries=1"];
+        cmd.extend_from_slice(args);
+        let out = s.h.in_netns(&s.path("c"), &cmd);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(dig(&["-q", "web"]), v);
+    assert_eq!(dig(&["-q", "web.blue.berth.local"]), v);
+    let srv = dig(&["-t", "SRV", "-q", "_http._tcp.web.blue.berth.local"]);
+    let fields: Vec<&str> = srv.split_whitespace().collect();
+    assert_eq!(fields.len(), 4, "{srv}");
+    assert_eq!(fields[2], "80", "{srv}");
+    assert_eq!(fields[3], "web.blue.berth.local.", "{srv}");
+    let _ = BLUE_GW;
+    // Gone with the service.
+    s.h.ok(&["service", "rm", "web"]);
+    assert_eq!(dig(&["-q", "web.blue.berth.local"]), "");
+}
+
+#[test]
+fn a_daemon_restart_keeps_services_working_and_rewrites_nothing() {
+    let s = Setup::new(3);
+    let svc = s.service(&[
+        "web",
+        "--network",
+        "blue",
+        "--selector",
+        "app=web",
+        "--port",
+        "80:8080",
+    ]);
+    let to = format!("{}:80", vip(&svc));
+    let backends = || {
+        run_ok(
+            "nsenter",
+            &[
+                &format!("--net={}", s.h.netns_path()),
+                "nft",
+                "list",
+                "map",
+                "inet",
+                "berth",
+                "backends4",
+            ],
+        )
+    };
+    let before = backends();
+    assert!(before.contains(":"), "{before}");
+    let stop = Arc::new(AtomicBool::new(false));
+    let (c_path, to2, stop2) = (s.path("c"), to.clone(), stop.clone());
+    let looping = std::thread::spawn(move || {
+        let mut failures = Vec::new();
+        let mut n = 0;
+        while !stop2.load(Ordering::Relaxed) {
+            n += 1;
+            if let Err(e) = ask(&c_path, &to2) {
+                failures.push(e.to_string());
+            }
+        }
+        (n, failures)
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    s.h.stop();
+    std::thread::sleep(Duration::from_millis(300));
+    s.h.start();
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let (n, failures) = looping.join().unwrap();
+    assert!(n > 20, "{n} connections");
+    assert!(
+        failures.is_empty(),
+        "connections failed across the restart: {failures:?}"
+    );
+    // The same backends in the same slots: nothing was rebuilt.
+    assert_eq!(backends(), before);
+    let (counts, _) = spread(&s.path("c"), &to, 60);
+    assert_eq!(counts.len(), 3, "{counts:?}");
+}
+
+#[test]
+fn bad_service_requests_get_a_clear_error_and_change_nothing() {
+    let s = Setup::new(1);
+    s.service(&[
+        "taken",
+        "--network",
+        "blue",
+        "--port",
+        "80",
+        "--vip",
+        "10.211.0.50",
+    ]);
+    for (args, why) in [
+        (
+            vec![
+                "web",
+                "--network",
+                "blue",
+                "--selector",
+                "app in (web",
+                "--port",
+                "80",
+            ],
+            "invalid selector",
+        ),
+        (
+            vec!["web", "--network", "blue", "--port", "80-90"],
+            "no ranges",
+        ),
+        (
+            vec!["web", "--network", "blue", "--port", "0"],
+            "between 1 and 65535",
+        ),
+        (
+            vec![
+                "web",
+                "--network",
+                "blue",
+                "--port",
+                "80",
+                "--vip",
+                "10.99.0.1",
+            ],
+            "outside the service range",
+        ),
+        (
+            vec![
+                "web",
+                "--network",
+                "blue",
+                "--port",
+                "80",
+                "--vip",
+                "10.211.0.50",
+            ],
+            "taken by service \"taken\"",
+        ),
+        (
+            vec!["web", "--network", "nosuch", "--port", "80"],
+            "no network named",
+        ),
+        (
+            vec!["Web", "--network", "blue", "--port", "80"],
+            "DNS label",
+        ),
+        (
+            vec!["taken", "--network", "blue", "--port", "80"],
+            "already exists",
+        ),
+        (
+            vec![
+                "web",
+                "--network",
+                "blue",
+                "--port",
+                "80",
+                "--affinity-timeout",
+                "2d",
+                "--session-affinity",
+                "client-ip",
+            ],
+            "affinity timeout",
+        ),
+    ] {
+        let mut a = vec!["service", "create"];
+        a.extend_from_slice(&args);
+        let err = s.h.fails(&a);
+        assert!(err.contains(why), "{args:?}: {err}");
+    }
+    let all = s.h.json(&["service", "ls"]);
+    assert_eq!(all.as_array().unwrap().len(), 1, "{all}");
+    // A network with a service cannot go; a network inside the service range cannot come.
+    let err = s.h.fails(&["network", "rm", "blue"]);
+    assert!(err.contains("has services"), "{err}");
+    let err =
+        s.h.fails(&["network", "create", "svcnet", "--subnet", "10.211.5.0/24"]);
+    assert!(err.contains("service range"), "{err}");
+    let err = s.h.fails(&["service", "rm", "nosuch"]);
+    assert!(err.contains("no service named"), "{err}");
+}
