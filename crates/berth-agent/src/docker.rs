@@ -1574,6 +1574,8 @@ impl Agent {
             self.commit(undo).await?;
             return Err(e);
         }
+        // Docker moves the interface in and configures it right after this answer.
+        self.services_endpoint_up(&ep).await;
         let gw = |v4: bool| {
             net.subnets
                 .iter()

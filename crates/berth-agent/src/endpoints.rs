@@ -889,7 +889,7 @@ impl Agent {
         // endpoint (a retried DEL, detach racing sandbox rm) finds it gone and does nothing,
         // rather than retiring whatever now holds the interface name.
         let mut attempts = 0;
-        let (current, handover) = loop {
+        let (current, handover, revision) = loop {
             let Some((current, rev)) = self.load::<Endpoint>(&keys::endpoint(&ep.id)).await? else {
                 return Ok(());
             };
@@ -900,7 +900,7 @@ impl Agent {
                     .put(keys::releasing(&ep.id), encode(&current)),
             );
             match self.commit(txn).await? {
-                TxnOutcome::Committed { .. } => break (current, handover),
+                TxnOutcome::Committed { revision } => break (current, handover, revision),
                 // The endpoint changed or went, or its namespace's default routes moved
                 // meanwhile: look again (gone is done).
                 TxnOutcome::CompareFailed(_) if attempts < 5 => attempts += 1,
@@ -914,7 +914,7 @@ impl Agent {
         };
         self.unname_endpoint(&current);
         // Out of its services before its interface goes: no new connection reaches it.
-        self.services_endpoint_down(&current).await;
+        self.services_endpoint_down(&current, revision).await;
         if let Some(sandbox) = &current.netns.sandbox {
             self.write_sandbox_resolv_conf(sandbox, &current.netns.id)
                 .await;

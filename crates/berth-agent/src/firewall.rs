@@ -105,6 +105,20 @@ impl Agent {
         }
         let held = self.publishing.lock().await;
         for m in ports {
+            // A service's published port takes it on every host's addresses.
+            if berth_model::NODE_PORTS.contains(&m.host_port)
+                && let Some(kv) = self
+                    .store
+                    .get(&keys::node_port(m.protocol, m.host_port))
+                    .await?
+            {
+                return Err(AgentError::Conflict(format!(
+                    "host port {}/{} is published by service {:?} on every host",
+                    m.host_port,
+                    m.protocol,
+                    String::from_utf8_lossy(&kv.value)
+                )));
+            }
             let prefix = keys::port_prefix(m.protocol, m.host_port);
             let mine = keys::port(m);
             for kv in self.store.list(&prefix).await?.items {
@@ -282,7 +296,7 @@ impl Agent {
             tracing::error!(error = %e, "restoring berth's nftables table failed");
         }
         // The services' maps may have gone with the table: read back and refilled.
-        if let Err(e) = self.resync_services(None).await {
+        if let Err(e) = self.resync_services().await {
             tracing::error!(error = %e, "restoring the services' maps failed");
         }
         Ok(None)

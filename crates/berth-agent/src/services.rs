@@ -12,14 +12,15 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use berth_api::CreateService;
 use berth_dataplane::conntrack::{self, FlowMatch};
 use berth_dataplane::nftables::{Backend, Frontend, LoadBalancer, Pool};
 use berth_model::{
-    DEFAULT_AFFINITY_TIMEOUT, Endpoint, HostRecord, Network, Selector, Service, ServiceBackend,
-    ServicePort, apply_publish, parse_affinity_timeout,
+    DEFAULT_AFFINITY_TIMEOUT, Driver, Endpoint, HostRecord, Network, Selector, Service,
+    ServiceBackend, ServicePort, apply_publish, parse_affinity_timeout,
 };
 use berth_store::{Compare, Event, Txn, TxnOutcome, Watch};
 use ipnet::IpNet;
@@ -40,11 +41,15 @@ pub(crate) struct ServiceView {
     /// Network → ids of its endpoints.
     endpoints_of: HashMap<String, BTreeSet<String>>,
     hosts: HashSet<String>,
-    /// Store keys this host removed and whose delete event has not come yet: an older put
-    /// still in the watch must not bring them back.
-    removed_here: HashSet<String>,
+    /// Store keys this host removed, with the revision of the removal, until the watch or a
+    /// listing has caught up with it: an older put still in the watch must not bring them
+    /// back.
+    removed_here: HashMap<String, u64>,
     /// The frontends programmed for each service, to remove those it no longer has.
     programmed: HashMap<String, Vec<Frontend>>,
+    /// Following the watch (not reading a listing): new local endpoints wait for their
+    /// attach to finish.
+    live: bool,
 }
 
 impl ServiceView {
@@ -62,6 +67,12 @@ impl ServiceView {
             || ep.host.as_ref().is_some_and(|h| self.hosts.contains(h))
     }
 
+    /// Whether this host carries a service: a bridge network's services only on its host
+    /// (nowhere else are its backends reachable).
+    fn carried_here(&self, svc: &Service) -> bool {
+        svc.host.as_deref().is_none_or(|h| h == self.me)
+    }
+
     /// The endpoints a service balances over.
     fn backends<'a>(&'a self, svc: &'a Service) -> impl Iterator<Item = &'a Endpoint> + 'a {
         self.endpoints_of
@@ -75,6 +86,9 @@ impl ServiceView {
     /// The frontends a service wants here, with their pools: each port on each VIP, and each
     /// published port per family.
     fn frontends(&self, svc: &Service) -> Vec<(Frontend, Pool)> {
+        if !self.carried_here(svc) {
+            return Vec::new();
+        }
         let backends: Vec<&Endpoint> = self.backends(svc).collect();
         let mut out = Vec::new();
         for vip in &svc.vips {
@@ -187,10 +201,14 @@ impl ServiceView {
             Event::Put(kv) => Some(kv),
             Event::Delete { .. } => None,
         };
-        if put.is_none() {
-            self.removed_here.remove(key);
-        } else if self.removed_here.contains(key) {
-            return Ok(Some(Vec::new()));
+        if let Some(&removed_at) = self.removed_here.get(key) {
+            match put {
+                // Older than this host's removal: already undone here.
+                Some(kv) if kv.mod_revision < removed_at => return Ok(Some(Vec::new())),
+                _ => {
+                    self.removed_here.remove(key);
+                }
+            }
         }
         if let Some(id) = key.strip_prefix(keys::HOSTS) {
             match put {
@@ -212,7 +230,16 @@ impl ServiceView {
         }
         if let Some(id) = key.strip_prefix(keys::ENDPOINTS) {
             return Ok(Some(match put {
-                Some(kv) => self.put_endpoint(decode(kv)?),
+                Some(kv) => {
+                    let ep: Endpoint = decode(kv)?;
+                    // This host's endpoints are backends once their interface is there:
+                    // the attach adds them (`services_endpoint_up`), not their record,
+                    // which is committed before the interface is made.
+                    if self.live && ep.is_on(&self.me) && !self.endpoints.contains_key(id) {
+                        return Ok(Some(Vec::new()));
+                    }
+                    self.put_endpoint(ep)
+                }
                 None => self.remove_endpoint(id),
             }));
         }
@@ -230,16 +257,24 @@ impl ServiceView {
 
 /// The load balancer and the view it was programmed from, changed under one lock.
 pub(crate) struct ServiceState {
-    /// `None` until the reconciler has read the kernel's maps back (at start).
-    lb: Option<LoadBalancer>,
+    /// Locked inside the blocking task that writes the kernel: whatever happens to the
+    /// caller (an error, a cancelled request), it stays what the kernel holds.
+    lb: Arc<std::sync::Mutex<LoadBalancer>>,
     view: ServiceView,
+    /// The view comes from a listing: until then nothing is programmed.
+    listed: bool,
+    /// The kernel may differ from the view (a change failed or was interrupted): the next
+    /// change, or the reconciler's next tick, syncs everything.
+    stale: bool,
 }
 
 impl ServiceState {
     pub(crate) fn new(me: &str, shared: bool) -> ServiceState {
         ServiceState {
-            lb: None,
+            lb: Arc::new(std::sync::Mutex::new(LoadBalancer::empty())),
             view: ServiceView::new(me, shared),
+            listed: false,
+            stale: true,
         }
     }
 }
@@ -279,17 +314,26 @@ impl Agent {
         &self.service_cidrs
     }
 
-    /// Programs the frontends of these services as the view has them now, in one batch,
-    /// then ends the flows of backends that left. Without a load balancer yet (start-up),
-    /// the reconciler's first full sync does it.
-    async fn program(&self, state: &mut ServiceState, dirty: Vec<String>) -> Result<()> {
-        if dirty.is_empty() {
-            return Ok(());
+    /// Programs the frontends of these services as the view has them now, in one batch;
+    /// returns the backends that left (for [`Agent::end_flows`], once the lock is let go).
+    /// Before the first listing nothing is programmed (the first sync does it); after a
+    /// failed or interrupted change everything is synced.
+    async fn program(
+        &self,
+        state: &mut ServiceState,
+        dirty: Vec<String>,
+    ) -> Vec<(Frontend, Backend)> {
+        if dirty.is_empty() || !state.listed {
+            return Vec::new();
         }
-        let Some(lb) = state.lb.as_mut() else {
-            return Ok(());
-        };
-        let mut changes: Vec<(Frontend, Option<Pool>)> = Vec::new();
+        if state.stale {
+            return self.sync_everything(state).await.unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "cannot program services; retrying");
+                Vec::new()
+            });
+        }
+        let mut removals: Vec<Frontend> = Vec::new();
+        let mut additions: Vec<(Frontend, Option<Pool>)> = Vec::new();
         let mut programmed: Vec<(String, Vec<Frontend>)> = Vec::new();
         let names: BTreeSet<String> = dirty.into_iter().collect();
         for name in names {
@@ -302,30 +346,50 @@ impl Agent {
             let now: Vec<Frontend> = want.iter().map(|(f, _)| *f).collect();
             for old in state.view.programmed.get(&name).into_iter().flatten() {
                 if !now.contains(old) {
-                    changes.push((*old, None));
+                    removals.push(*old);
                 }
             }
-            changes.extend(want.into_iter().map(|(f, p)| (f, Some(p))));
+            additions.extend(want.into_iter().map(|(f, p)| (f, Some(p))));
             programmed.push((name, now));
         }
-        let mut taken = std::mem::replace(lb, LoadBalancer::empty());
-        let (taken, applied) = tokio::task::spawn_blocking(move || {
-            let r = taken.apply(&changes);
-            (taken, r)
+        // A frontend one service lets go of and another takes (a VIP reused at once) is
+        // the taker's: removals only where no addition is.
+        let mut changes: Vec<(Frontend, Option<Pool>)> = removals
+            .into_iter()
+            .filter(|f| !additions.iter().any(|(a, _)| a == f))
+            .map(|f| (f, None))
+            .collect();
+        changes.extend(additions);
+        state.stale = true;
+        let lb = state.lb.clone();
+        let applied = tokio::task::spawn_blocking(move || {
+            lb.lock().expect("load balancer lock").apply(&changes)
         })
-        .await
-        .map_err(|e| AgentError::Internal(format!("kernel task failed: {e}")))?;
-        *lb = taken;
-        let left = applied?;
-        for (name, now) in programmed {
-            if now.is_empty() {
-                state.view.programmed.remove(&name);
-            } else {
-                state.view.programmed.insert(name, now);
+        .await;
+        match applied {
+            Ok(Ok(left)) => {
+                for (name, now) in programmed {
+                    if now.is_empty() {
+                        state.view.programmed.remove(&name);
+                    } else {
+                        state.view.programmed.insert(name, now);
+                    }
+                }
+                state.stale = false;
+                left
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot program services; syncing them all");
+                self.sync_everything(state).await.unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "cannot sync services; retrying");
+                    Vec::new()
+                })
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "programming services failed; retrying");
+                Vec::new()
             }
         }
-        self.end_flows(left).await;
-        Ok(())
     }
 
     /// Deletes the conntrack entries of flows to backends that left their frontends: UDP
@@ -343,29 +407,36 @@ impl Agent {
         }
     }
 
-    /// An endpoint of this host attached: it serves its services before the attach answers.
+    /// An endpoint of this host attached (its interface is up): it serves its services
+    /// before the attach answers.
     pub(crate) async fn services_endpoint_up(&self, ep: &Endpoint) {
         let mut state = self.service_state.lock().await;
-        if !state.view.by_network.contains_key(&ep.network) {
-            // Kept for when a service comes: the watch would add it anyway.
-            state.view.put_endpoint(ep.clone());
+        if state
+            .view
+            .removed_here
+            .contains_key(&keys::endpoint(&ep.id))
+        {
+            // Detached meanwhile.
             return;
         }
         let dirty = state.view.put_endpoint(ep.clone());
-        if let Err(e) = self.program(&mut state, dirty).await {
-            tracing::warn!(endpoint = %ep.id, error = %e, "cannot add the endpoint to its services");
-        }
+        let left = self.program(&mut state, dirty).await;
+        drop(state);
+        self.end_flows(left).await;
     }
 
-    /// An endpoint of this host is being detached: no new connection goes to it from here
-    /// on, and its flows end.
-    pub(crate) async fn services_endpoint_down(&self, ep: &Endpoint) {
+    /// An endpoint of this host is being detached (its records went at `revision`): no
+    /// new connection goes to it from here on, and its flows end.
+    pub(crate) async fn services_endpoint_down(&self, ep: &Endpoint, revision: u64) {
         let mut state = self.service_state.lock().await;
-        state.view.removed_here.insert(keys::endpoint(&ep.id));
+        state
+            .view
+            .removed_here
+            .insert(keys::endpoint(&ep.id), revision);
         let dirty = state.view.remove_endpoint(&ep.id);
-        if let Err(e) = self.program(&mut state, dirty).await {
-            tracing::warn!(endpoint = %ep.id, error = %e, "cannot remove the endpoint from its services");
-        }
+        let left = self.program(&mut state, dirty).await;
+        drop(state);
+        self.end_flows(left).await;
     }
 
     /// Runs for the life of the daemon: list, sync everything, follow the watches until one
@@ -391,8 +462,10 @@ impl Agent {
     async fn list_services_and_watch(&self) -> Result<Vec<Watch>> {
         let mut view = ServiceView::new(&self.host.id, self.shared);
         let mut watches = Vec::new();
+        let mut listed_at = u64::MAX;
         for prefix in WATCHED {
             let listing = self.store.list(prefix).await?;
+            listed_at = listed_at.min(listing.revision);
             for kv in &listing.items {
                 if let Err(e) = view.apply(&Event::Put(kv.clone())) {
                     tracing::error!(key = %kv.key, error = %e, "bad record in the store; skipped");
@@ -400,56 +473,80 @@ impl Agent {
             }
             watches.push(self.store.watch(prefix, listing.revision).await?);
         }
-        self.resync_services(Some(view)).await?;
-        Ok(watches)
-    }
-
-    /// Programs every frontend from the view (a new one, after a listing), reading the
-    /// kernel's maps first: at start, and when berth's table was restored.
-    pub(crate) async fn resync_services(&self, new_view: Option<ServiceView>) -> Result<()> {
+        view.live = true;
         let mut state = self.service_state.lock().await;
-        if let Some(mut view) = new_view {
-            // Removals of this host's still on their way keep holding.
-            let held = std::mem::take(&mut state.view.removed_here);
-            for key in &held {
-                if let Some(id) = key.strip_prefix(keys::ENDPOINTS) {
-                    view.remove_endpoint(id);
-                } else if let Some(name) = key.strip_prefix(keys::SERVICES) {
-                    view.remove_service(name);
-                }
+        // Removals of this host's that the listings may not show yet keep holding; those
+        // they show are done.
+        let held = std::mem::take(&mut state.view.removed_here);
+        for (key, at) in held {
+            if at <= listed_at {
+                continue;
             }
-            view.removed_here = held;
-            state.view = view;
+            if let Some(id) = key.strip_prefix(keys::ENDPOINTS) {
+                view.remove_endpoint(id);
+            } else if let Some(name) = key.strip_prefix(keys::SERVICES) {
+                view.remove_service(name);
+            }
+            view.removed_here.insert(key, at);
         }
-        let want = state.view.all_frontends();
-        let lb = state.lb.take();
-        let (lb, left) = tokio::task::spawn_blocking(move || -> berth_dataplane::Result<_> {
-            let mut lb = match lb {
-                Some(lb) => lb,
-                None => LoadBalancer::from_kernel()?,
-            };
-            let left = lb.sync_all(&want)?;
-            Ok((lb, left))
-        })
-        .await
-        .map_err(|e| AgentError::Internal(format!("kernel task failed: {e}")))??;
-        state.lb = Some(lb);
-        let mut programmed: HashMap<String, Vec<Frontend>> = HashMap::new();
-        for svc in state.view.services.values() {
-            let fronts: Vec<Frontend> = state
-                .view
-                .frontends(svc)
-                .into_iter()
-                .map(|(f, _)| f)
-                .collect();
-            programmed.insert(svc.name.clone(), fronts);
-        }
-        state.view.programmed = programmed;
+        let named: Vec<(String, String)> = state
+            .view
+            .services
+            .values()
+            .filter(|s| !view.services.contains_key(&s.name))
+            .map(|s| (s.network.clone(), s.name.clone()))
+            .collect();
+        state.view = view;
+        state.listed = true;
+        let left = self.sync_everything(&mut state).await;
         let services: Vec<Service> = state.view.services.values().cloned().collect();
         drop(state);
+        // Services deleted while the watch was down are unnamed; the others named.
+        for (network, name) in named {
+            self.unname_service(&network, &name);
+        }
         for svc in &services {
             self.name_service(svc);
         }
+        self.end_flows(left?).await;
+        Ok(watches)
+    }
+
+    /// Makes the kernel hold every frontend the view wants, reading its maps first (only
+    /// what differs is written): after a listing, after a failed change, and when berth's
+    /// table was restored.
+    async fn sync_everything(&self, state: &mut ServiceState) -> Result<Vec<(Frontend, Backend)>> {
+        state.stale = true;
+        let want = state.view.all_frontends();
+        let lb = state.lb.clone();
+        let left = tokio::task::spawn_blocking(move || {
+            lb.lock().expect("load balancer lock").sync_all(&want)
+        })
+        .await
+        .map_err(|e| AgentError::Internal(format!("kernel task failed: {e}")))??;
+        let programmed: HashMap<String, Vec<Frontend>> = state
+            .view
+            .services
+            .values()
+            .map(|svc| {
+                let fronts = state.view.frontends(svc).into_iter().map(|(f, _)| f);
+                (svc.name.clone(), fronts.collect())
+            })
+            .collect();
+        state.view.programmed = programmed;
+        state.stale = false;
+        Ok(left)
+    }
+
+    /// After berth's table was restored (the services' maps may have gone with it): every
+    /// frontend is written again. Nothing before the first listing (that syncs anyway).
+    pub(crate) async fn resync_services(&self) -> Result<()> {
+        let mut state = self.service_state.lock().await;
+        if !state.listed {
+            return Ok(());
+        }
+        let left = self.sync_everything(&mut state).await?;
+        drop(state);
         self.end_flows(left).await;
         Ok(())
     }
@@ -462,13 +559,28 @@ impl Agent {
                 return "watches missing".into();
             };
             let first = tokio::select! {
-                e = hosts.next() => e,
-                e = services.next() => e,
-                e = endpoints.next() => e,
+                e = hosts.next() => Some(e),
+                e = services.next() => Some(e),
+                e = endpoints.next() => Some(e),
+                _ = tokio::time::sleep(Duration::from_secs(1)) => None,
             };
             match first {
-                Ok(e) => events.push(e),
-                Err(e) => return e.to_string(),
+                Some(Ok(e)) => events.push(e),
+                Some(Err(e)) => return e.to_string(),
+                None => {
+                    // A change that failed is retried (everything, as the kernel may be
+                    // anywhere between).
+                    let mut state = self.service_state.lock().await;
+                    if state.stale && state.listed {
+                        let left = self.sync_everything(&mut state).await.unwrap_or_else(|e| {
+                            tracing::warn!(error = %e, "cannot sync services; retrying");
+                            Vec::new()
+                        });
+                        drop(state);
+                        self.end_flows(left).await;
+                    }
+                    continue;
+                }
             }
             // What else is ready now, without waiting.
             for w in [&mut *hosts, &mut *services, &mut *endpoints] {
@@ -489,7 +601,7 @@ impl Agent {
             for event in &events {
                 match state.view.apply(event) {
                     Ok(Some(names)) => {
-                        if event.key().starts_with(keys::SERVICES) {
+                        if event.key().starts_with(keys::SERVICES) && !names.is_empty() {
                             renamed.push(event.clone());
                         }
                         dirty.extend(names)
@@ -500,10 +612,9 @@ impl Agent {
                     }
                 }
             }
-            if let Err(e) = self.program(&mut state, dirty).await {
-                tracing::warn!(error = %e, "cannot program services");
-            }
+            let left = self.program(&mut state, dirty).await;
             drop(state);
+            self.end_flows(left).await;
             for event in renamed {
                 match event {
                     Event::Put(kv) => {
@@ -553,19 +664,26 @@ impl Agent {
 
     pub async fn create_service(&self, req: CreateService) -> Result<Service> {
         let mut svc = self.service_from_request(&req)?;
-        let (net, net_rev) = self
-            .load::<Network>(&keys::network(&req.network))
-            .await?
-            .ok_or_else(|| AgentError::NotFound(format!("no network named {:?}", req.network)))?;
-        if net.removing {
-            return Err(AgentError::Conflict(format!(
-                "network {:?} is being removed",
-                net.name
-            )));
-        }
         self.check_node_ports_free_here(&svc).await?;
         let mut attempts = 0;
         loop {
+            let (net, net_rev) = self
+                .load::<Network>(&keys::network(&req.network))
+                .await?
+                .ok_or_else(|| {
+                    AgentError::NotFound(format!("no network named {:?}", req.network))
+                })?;
+            if net.removing {
+                return Err(AgentError::Conflict(format!(
+                    "network {:?} is being removed",
+                    net.name
+                )));
+            }
+            // A bridge network is on one host: so are its services.
+            svc.host = match net.driver {
+                Driver::Bridge => net.host.clone(),
+                Driver::Overlay => None,
+            };
             svc.vips = self
                 .choose_vips(&net, &req.vips, &svc.name, attempts)
                 .await?;
@@ -592,12 +710,14 @@ impl Agent {
                     let why = self.explain_service_conflict(&svc, &req).await?;
                     match why {
                         Some(e) => return Err(e),
-                        // A VIP picked here was taken meanwhile: pick again.
+                        // A VIP picked here was taken, or the network changed, meanwhile:
+                        // again.
                         None if attempts < 8 => attempts += 1,
                         None => {
-                            return Err(AgentError::Conflict(
-                                "could not take a free VIP; try again".into(),
-                            ));
+                            return Err(AgentError::Conflict(format!(
+                                "service {:?} could not be created: its network or VIP kept changing; try again",
+                                svc.name
+                            )));
                         }
                     }
                 }
@@ -606,9 +726,8 @@ impl Agent {
         {
             let mut state = self.service_state.lock().await;
             let dirty = state.view.put_service(svc.clone());
-            if let Err(e) = self.program(&mut state, dirty).await {
-                tracing::warn!(service = %svc.name, error = %e, "cannot program the service yet; the reconciler retries");
-            }
+            // Backends that leave a new service: none.
+            self.program(&mut state, dirty).await;
             svc.backends = backends_of(&state.view, &svc);
         }
         self.name_service(&svc);
@@ -634,19 +753,23 @@ impl Agent {
                 txn = txn.delete(keys::node_port(p.protocol, np));
             }
         }
-        if let TxnOutcome::CompareFailed(_) = self.commit(txn).await? {
-            return Err(AgentError::Conflict(format!(
-                "service {name:?} changed while being removed; try again"
-            )));
-        }
-        {
-            let mut state = self.service_state.lock().await;
-            state.view.removed_here.insert(keys::service(name));
-            let dirty = state.view.remove_service(name);
-            if let Err(e) = self.program(&mut state, dirty).await {
-                tracing::warn!(service = %name, error = %e, "cannot unprogram the service yet; the reconciler retries");
+        let revision = match self.commit(txn).await? {
+            TxnOutcome::Committed { revision } => revision,
+            TxnOutcome::CompareFailed(_) => {
+                return Err(AgentError::Conflict(format!(
+                    "service {name:?} changed while being removed; try again"
+                )));
             }
-        }
+        };
+        let mut state = self.service_state.lock().await;
+        state
+            .view
+            .removed_here
+            .insert(keys::service(name), revision);
+        let dirty = state.view.remove_service(name);
+        let left = self.program(&mut state, dirty).await;
+        drop(state);
+        self.end_flows(left).await;
         self.unname_service(&svc.network, name);
         tracing::info!(service = %name, "service removed");
         Ok(())
@@ -686,6 +809,7 @@ impl Agent {
             selector,
             ports,
             vips: Vec::new(),
+            host: None,
             affinity_timeout,
             backends: Vec::new(),
         };
@@ -919,6 +1043,22 @@ pub(crate) async fn agree_on_service_cidrs(
     } else {
         given.to_vec()
     };
+    // Traffic to the service ranges is refused unless a service takes it: a network (made
+    // before services existed) inside one would be cut off.
+    for kv in store.list(keys::NETWORKS).await?.items {
+        let net: Network = decode(&kv)?;
+        for subnet in &net.subnets {
+            if let Some(range) = want
+                .iter()
+                .find(|r| r.contains(&subnet.cidr) || subnet.cidr.contains(*r))
+            {
+                return Err(AgentError::Invalid(format!(
+                    "the service range {range} overlaps subnet {} of network {:?}; choose another with --service-cidr",
+                    subnet.cidr, net.name
+                )));
+            }
+        }
+    }
     match recorded {
         Some((r, _)) if r == want => Ok(r),
         Some((r, rev)) => {
@@ -964,6 +1104,7 @@ mod tests {
             selector: selector.parse().unwrap(),
             ports: ports.iter().map(|p| p.parse().unwrap()).collect(),
             vips: vec!["10.211.0.10".parse().unwrap()],
+            host: None,
             affinity_timeout: None,
             backends: vec![],
         }
@@ -1064,7 +1205,7 @@ mod tests {
         v.put_service(svc("web", "blue", "app=web", &["80"]));
         let a = ep("a", "blue", "h1", "10.0.0.2", &[("app", "web")]);
         v.put_endpoint(a.clone());
-        v.removed_here.insert(keys::endpoint("a"));
+        v.removed_here.insert(keys::endpoint("a"), 6);
         v.remove_endpoint("a");
         let put = Event::Put(KeyValue {
             key: keys::endpoint("a"),

@@ -22,7 +22,8 @@ pub use ports::{MAX_RANGE, PortMapping, Protocol, parse_publish};
 pub use selector::{Operator, Requirement, Selector};
 pub use service::{
     DEFAULT_AFFINITY_TIMEOUT, DEFAULT_SERVICE_CIDR, DEFAULT_SERVICE_CIDR6, MAX_AFFINITY_TIMEOUT,
-    PortName, Service, ServiceBackend, ServicePort, apply_publish, parse_affinity_timeout,
+    NODE_PORTS, PortName, Service, ServiceBackend, ServicePort, apply_publish,
+    parse_affinity_timeout,
 };
 pub use validate::{
     IPV6_MIN_MTU, MacAddr, ModelError, parse_cidr, parse_subnet, validate_ifname, validate_labels,

@@ -14,6 +14,9 @@ use crate::{ModelError, Protocol, Selector};
 pub const DEFAULT_SERVICE_CIDR: &str = "10.211.0.0/16";
 /// The IPv6 service range (a ULA /112), for networks with an IPv6 subnet.
 pub const DEFAULT_SERVICE_CIDR6: &str = "fd00:b5:5e7::/112";
+/// Where published service ports (node ports) may be, as Kubernetes' default range: away
+/// from the well-known ports a host's own services use (SSH, DNS, etcd, VXLAN's 4789).
+pub const NODE_PORTS: std::ops::RangeInclusive<u16> = 30000..=32767;
 /// Kubernetes' default and upper bound for client-IP affinity, in seconds.
 pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
 pub const MAX_AFFINITY_TIMEOUT: u32 = 86_400;
@@ -26,8 +29,12 @@ pub struct Service {
     pub ports: Vec<ServicePort>,
     /// One virtual IP per address family of the network, IPv4 first.
     pub vips: Vec<IpAddr>,
-    /// Client-IP session affinity: a client's connections go to the backend its last one
-    /// went to, until it has been quiet this many seconds.
+    /// The host of the service's bridge network (only there are its backends reachable);
+    /// `None` for an overlay network's, which every host carries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Client-IP session affinity: a client's new connections go to the backend its last
+    /// one went to, until none came for this many seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub affinity_timeout: Option<u32>,
     /// The endpoints the service balances over; filled in by the daemon when it answers,
@@ -280,6 +287,15 @@ impl Service {
             return Err(bad("a service needs at least one --port".into()));
         }
         for (i, p) in self.ports.iter().enumerate() {
+            if let Some(np) = p.node_port
+                && !NODE_PORTS.contains(&np)
+            {
+                return Err(bad(format!(
+                    "published port {np} is outside the node-port range {}-{}",
+                    NODE_PORTS.start(),
+                    NODE_PORTS.end()
+                )));
+            }
             for q in &self.ports[..i] {
                 if p.port == q.port && p.protocol == q.protocol {
                     return Err(bad(format!(
@@ -379,11 +395,18 @@ mod tests {
             selector: "app=web".parse().unwrap(),
             ports: ports.iter().map(|p| p.parse().unwrap()).collect(),
             vips: vec![],
+            host: None,
             affinity_timeout: None,
             backends: vec![],
         };
         assert!(svc("web", &["80"]).validate().is_ok());
         assert!(svc("web", &["80", "80/udp"]).validate().is_ok());
+        let mut published = svc("web", &["80"]);
+        published.ports[0].node_port = Some(4789);
+        let err = published.validate().unwrap_err().to_string();
+        assert!(err.contains("node-port range 30000-32767"), "{err}");
+        published.ports[0].node_port = Some(30080);
+        assert!(published.validate().is_ok());
         for (s, why) in [
             (svc("Web", &["80"]), "DNS label"),
             (svc("we.b", &["80"]), "DNS label"),

@@ -524,4 +524,23 @@ fn labels_from_the_config_and_the_pod() {
             .len(),
         1
     );
+    // The pod is a backend of a service that selects it by its labels, like any endpoint.
+    let _server = crate::services::Identify::start(std::path::Path::new(&netns), "pod", 8080);
+    let svc = h.json(&[
+        "service",
+        "create",
+        "shop-web",
+        "--network",
+        "blue",
+        "--selector",
+        "io.kubernetes.pod.namespace=shop,app=web",
+        "--port",
+        "80:8080",
+    ]);
+    assert_eq!(svc["backends"].as_array().unwrap().len(), 1, "{svc}");
+    h.ok(&["sandbox", "create", "client"]);
+    h.ok(&["attach", "client", "--network", "blue"]);
+    let vip = svc["vips"][0].as_str().unwrap();
+    let got = crate::services::ask(&h.sandbox_path("client"), &format!("{vip}:80")).unwrap();
+    assert!(got.starts_with("pod "), "{got}");
 }

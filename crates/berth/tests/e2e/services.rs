@@ -544,6 +544,18 @@ fn bad_service_requests_get_a_clear_error_and_change_nothing() {
                 "blue",
                 "--port",
                 "80",
+                "--publish",
+                "4789",
+            ],
+            "outside the node-port range",
+        ),
+        (
+            vec![
+                "web",
+                "--network",
+                "blue",
+                "--port",
+                "80",
                 "--affinity-timeout",
                 "2d",
                 "--session-affinity",
@@ -559,6 +571,35 @@ fn bad_service_requests_get_a_clear_error_and_change_nothing() {
     }
     let all = s.h.json(&["service", "ls"]);
     assert_eq!(all.as_array().unwrap().len(), 1, "{all}");
+    // A published service port and a container's published port cannot share a host port.
+    s.service(&[
+        "pub",
+        "--network",
+        "blue",
+        "--port",
+        "80",
+        "--publish",
+        "30080",
+    ]);
+    s.h.ok(&["sandbox", "create", "p"]);
+    let err =
+        s.h.fails(&["attach", "p", "--network", "blue", "--publish", "30080:80"]);
+    assert!(err.contains("published by service \"pub\""), "{err}");
+    let err = s.h.fails(&[
+        "service",
+        "create",
+        "pub2",
+        "--network",
+        "blue",
+        "--port",
+        "80",
+        "--publish",
+        "30080",
+    ]);
+    assert!(
+        err.contains("already published by service \"pub\""),
+        "{err}"
+    );
     // A network with a service cannot go; a network inside the service range cannot come.
     let err = s.h.fails(&["network", "rm", "blue"]);
     assert!(err.contains("has services"), "{err}");
