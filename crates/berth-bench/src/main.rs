@@ -12,6 +12,7 @@ mod cluster;
 mod dns;
 mod docker;
 mod ports;
+mod services;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -79,6 +80,24 @@ struct Args {
     /// Attaches by each of those callers.
     #[arg(long, default_value_t = 10)]
     cluster_attaches: usize,
+    /// Services (10 backends each) in place while changes to them are timed: berth's load
+    /// balancer beside kube-proxy's nftables and iptables layouts.
+    #[arg(long, value_delimiter = ',', default_values_t = [10, 1000, 10000])]
+    services_n: Vec<usize>,
+    /// Changes of each kind (add a service, add a backend, remove one) timed per number of
+    /// services; 0 skips the programming benchmark.
+    #[arg(long, default_value_t = 100)]
+    services_changes: usize,
+    /// Changes of each kind for the baselines that reload everything, above 100 services.
+    #[arg(long, default_value_t = 5)]
+    services_baseline_changes: usize,
+    /// Seconds per run of short TCP connections through a service VIP and straight to its
+    /// backends (3 runs each, alternating; 0 skips it).
+    #[arg(long, default_value_t = 3)]
+    services_secs: u32,
+    /// Concurrent client threads for those connections.
+    #[arg(long, default_value_t = 2)]
+    services_clients: usize,
 }
 
 /// Where the p-quantile is in `len` sorted samples: the sample at index len·p.
@@ -313,6 +332,23 @@ fn main() -> Result<()> {
     }
     if args.iperf_secs > 0 {
         ports::throughput(&client, &sandboxes[0], args.iperf_secs, args.iperf_runs)?;
+    }
+    if args.services_changes > 0 && !args.services_n.is_empty() {
+        services::programming(&services::Options {
+            sizes: args.services_n.clone(),
+            changes: args.services_changes,
+            baseline_changes: args.services_baseline_changes,
+            no_baselines: args.no_baselines,
+        })?;
+    }
+    if args.services_secs > 0 {
+        services::data_path(
+            &client,
+            &dir,
+            args.services_secs,
+            3,
+            args.services_clients.max(1),
+        )?;
     }
     if args.cluster_n > 0 {
         cluster::bench(
