@@ -4,9 +4,13 @@
 //! `ip netns add` and removed by a guard, even when an assertion fails; the machine's own
 //! network namespace is never touched.
 
+mod common;
+
+use common::{exec, ip, output, run};
+
 use std::fs::File;
 use std::net::IpAddr;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use berth_dataplane::{
@@ -67,37 +71,6 @@ impl Drop for Namespaces {
             let _ = Command::new("ip").args(["netns", "del", n]).status();
         }
     }
-}
-
-fn output(cmd: &str, args: &[&str]) -> Output {
-    Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"))
-}
-
-fn run(cmd: &str, args: &[&str]) -> String {
-    let out = output(cmd, args);
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// `ip -n NS ...`
-fn ip(ns: &str, args: &[&str]) -> String {
-    let mut all = vec!["-n", ns];
-    all.extend_from_slice(args);
-    run("ip", &all)
-}
-
-/// A command inside namespace `ns` (with its own /sys).
-fn exec(ns: &str, args: &[&str]) -> String {
-    let mut all = vec!["netns", "exec", ns];
-    all.extend_from_slice(args);
-    run("ip", &all)
 }
 
 fn counter(ns: &str, dev: &str, stat: &str) -> u64 {
