@@ -151,7 +151,7 @@ pub async fn run(cfg: DaemonConfig) -> Result<()> {
         tokio::spawn(agent.clone().run_host_lease(cfg.host_lease_ttl, lease));
         let report = agent.reconcile().await?;
         tracing::info!("{report}");
-        agent.sync_firewall().await?;
+        agent.restore_firewall().await?;
         agent.load_dns().await
     };
     if let Err(e) = prepared.await {

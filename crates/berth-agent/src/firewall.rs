@@ -170,14 +170,29 @@ impl Agent {
         }
     }
 
-    /// Rebuilds berth's whole table from the store, in one transaction.
+    /// Brings the elements of berth's table (networks, published ports) in line with the
+    /// store, in one transaction: when a network comes or goes here. The rules stay; a table
+    /// found missing or damaged is rebuilt whole.
     pub async fn sync_firewall(&self) -> Result<()> {
         let _fw = self.firewall.lock().await;
-        self.install_firewall().await
+        self.write_firewall(false).await
     }
 
-    /// [`Agent::sync_firewall`] with the firewall lock held.
+    /// Rebuilds berth's whole table from the store, rules included, in one transaction: at
+    /// start and when something else changed it.
+    pub async fn restore_firewall(&self) -> Result<()> {
+        let _fw = self.firewall.lock().await;
+        self.write_firewall(true).await
+    }
+
+    /// [`Agent::restore_firewall`] with the firewall lock held.
     async fn install_firewall(&self) -> Result<()> {
+        self.write_firewall(true).await
+    }
+
+    /// The elements only (`whole`: the rules too) of berth's table, with the sysctls a new
+    /// bridge needs. The firewall lock is held.
+    async fn write_firewall(&self, whole: bool) -> Result<()> {
         let (rules, forwards) = self.desired_firewall().await?;
         let services = self.service_rules();
         let ipv6 = rules
@@ -191,6 +206,14 @@ impl Agent {
                     // bridge is not made yet, and whoever makes it syncs the table again.
                     Err(e) if e.errno() == Some(nix::errno::Errno::ENOENT as i32) => {}
                     other => other?,
+                }
+            }
+            if !whole {
+                match nftables::set_elements(&rules, &forwards, &services) {
+                    Ok(()) => return Ok(()),
+                    Err(e) => {
+                        tracing::info!(error = %e, "berth's table is not whole; rebuilding it")
+                    }
                 }
             }
             nftables::install(&rules, &forwards, &services)
@@ -292,7 +315,7 @@ impl Agent {
             "restoring berth's nftables table, changed from outside: {}",
             damage.join("; ")
         );
-        if let Err(e) = self.sync_firewall().await {
+        if let Err(e) = self.restore_firewall().await {
             tracing::error!(error = %e, "restoring berth's nftables table failed");
         }
         // The services' maps may have gone with the table: read back and refilled.

@@ -1705,6 +1705,30 @@ pub fn install(
     Nfnetlink::open()?.commit(&b)
 }
 
+/// Rewrites the elements of berth's own sets and maps (networks, published ports, service
+/// ranges) in one transaction, and nothing else: what a network coming or going changes,
+/// without the cost of the whole table's rules and chains. The load balancer's maps are left
+/// alone. Fails if the table or a set is missing (the caller then [`install`]s).
+pub fn set_elements(
+    networks: &[NetworkRules],
+    forwards: &[Forward],
+    services: &ServiceRules,
+) -> Result<()> {
+    let mut b = Batch::default();
+    for set in SETS.iter().filter(|s| !s.balanced) {
+        b.push(
+            NFT_MSG_DELSETELEM,
+            0,
+            set_attrs(set.name),
+            format!("flush {} {}", set.kind(), set.name),
+        );
+    }
+    for (set, elements) in SETS.iter().zip(elements(networks, forwards, services)) {
+        push_elements(&mut b, NFT_MSG_NEWSETELEM, set, &elements);
+    }
+    Nfnetlink::open()?.commit(&b)
+}
+
 /// The table's name and an object's name (`NFTA_*_TABLE` is 1 for chains, rules and sets).
 fn chain_attrs(name_kind: u16, name: &str) -> Vec<u8> {
     let mut a = Vec::new();

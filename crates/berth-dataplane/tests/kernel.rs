@@ -574,3 +574,38 @@ fn nftables_cost_with_a_thousand_endpoints() {
     );
     println!("50 networks, 1,000 forwards: {}", table(&nets, &fwds));
 }
+
+#[test]
+fn nftables_set_elements_rewrites_only_the_elements() {
+    use berth_dataplane::nftables;
+    let _host = private_host();
+    let (nets, fwds) = fw::sample();
+    let svcs = fw::services();
+    // Without berth's table there is nothing to fill: the caller installs instead.
+    assert!(nftables::set_elements(&nets, &fwds, &svcs).is_err());
+    nftables::install(&nets[..1], &[], &svcs).unwrap();
+    // Every rule and chain with its handle: a rewritten rule gets a new one.
+    let handles = || {
+        let out = nft_output(&["-a", "list", "table", "inet", "berth"], None);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains("# handle"))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let rules_before = handles();
+    assert!(rules_before.len() > 100, "{rules_before:?}");
+    nftables::set_elements(&nets, &fwds, &svcs).unwrap();
+    // Exactly what a whole install of the same would hold, and not one rule rewritten.
+    assert_eq!(
+        nftables::check(&nets, &fwds, &svcs).unwrap(),
+        Vec::<String>::new()
+    );
+    assert_eq!(handles(), rules_before);
+    // And back down to one network.
+    nftables::set_elements(&nets[..1], &[], &svcs).unwrap();
+    assert_eq!(
+        nftables::check(&nets[..1], &[], &svcs).unwrap(),
+        Vec::<String>::new()
+    );
+}
