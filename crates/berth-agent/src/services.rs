@@ -266,6 +266,8 @@ pub(crate) struct ServiceState {
     /// The kernel may differ from the view (a change failed or was interrupted): the next
     /// change, or the reconciler's next tick, syncs everything.
     stale: bool,
+    /// When everything was last compared with the kernel.
+    synced_at: std::time::Instant,
 }
 
 impl ServiceState {
@@ -275,6 +277,7 @@ impl ServiceState {
             view: ServiceView::new(me, shared),
             listed: false,
             stale: true,
+            synced_at: std::time::Instant::now(),
         }
     }
 }
@@ -303,6 +306,18 @@ fn flows_of(left: &[(Frontend, Backend)]) -> Vec<FlowMatch> {
             },
         })
         .collect()
+}
+
+/// How often every frontend is compared with the kernel's maps.
+const RESYNC: Duration = Duration::from_secs(30);
+
+/// Whether a full comparison is due: [`RESYNC`] since the last one.
+fn resync_due(state: &mut ServiceState) -> bool {
+    let due = state.synced_at.elapsed() >= RESYNC;
+    if due {
+        state.synced_at = std::time::Instant::now();
+    }
+    due
 }
 
 /// The watched prefixes (hosts only matter on a shared store, but cost nothing otherwise).
@@ -535,6 +550,7 @@ impl Agent {
             .collect();
         state.view.programmed = programmed;
         state.stale = false;
+        state.synced_at = std::time::Instant::now();
         Ok(left)
     }
 
@@ -553,6 +569,11 @@ impl Agent {
 
     /// Applies events as they come, with those already waiting; returns why it stopped.
     async fn follow_services(&self, mut watches: Vec<Watch>) -> String {
+        // The kernel's maps can be changed under us (`nft flush map ...`), and the guard
+        // checks only that they exist: a periodic pass compares them all and puts back what
+        // differs (it writes nothing when nothing does).
+        let mut resync = tokio::time::interval(RESYNC);
+        resync.tick().await;
         loop {
             let mut events = Vec::new();
             let [hosts, services, endpoints] = &mut watches[..] else {
@@ -562,6 +583,7 @@ impl Agent {
                 e = hosts.next() => Some(e),
                 e = services.next() => Some(e),
                 e = endpoints.next() => Some(e),
+                _ = resync.tick() => None,
                 _ = tokio::time::sleep(Duration::from_secs(1)) => None,
             };
             match first {
@@ -569,9 +591,10 @@ impl Agent {
                 Some(Err(e)) => return e.to_string(),
                 None => {
                     // A change that failed is retried (everything, as the kernel may be
-                    // anywhere between).
+                    // anywhere between), and every RESYNC all is compared.
                     let mut state = self.service_state.lock().await;
-                    if state.stale && state.listed {
+                    let due = resync_due(&mut state);
+                    if state.listed && (state.stale || due) {
                         let left = self.sync_everything(&mut state).await.unwrap_or_else(|e| {
                             tracing::warn!(error = %e, "cannot sync services; retrying");
                             Vec::new()

@@ -609,3 +609,36 @@ fn bad_service_requests_get_a_clear_error_and_change_nothing() {
     let err = s.h.fails(&["service", "rm", "nosuch"]);
     assert!(err.contains("no service named"), "{err}");
 }
+
+#[test]
+fn flushed_service_maps_are_refilled() {
+    let s = Setup::new(2);
+    let svc = s.service(&[
+        "web",
+        "--network",
+        "blue",
+        "--selector",
+        "app=web",
+        "--port",
+        "80:8080",
+    ]);
+    let to = format!("{}:80", vip(&svc));
+    assert!(ask(&s.path("c"), &to).is_ok());
+    // Someone empties the load balancer's maps: the VIP stops answering...
+    for map in ["svc4", "backends4"] {
+        s.h.sh(&["nft", "flush", "map", "inet", "berth", map]);
+    }
+    assert!(ask(&s.path("c"), &to).is_err());
+    // ...until the daemon's periodic comparison (every 30 s) puts them back.
+    let deadline = Instant::now() + Duration::from_secs(45);
+    while ask(&s.path("c"), &to).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the service maps were not refilled:\n{}",
+            s.h.log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let (counts, _) = spread(&s.path("c"), &to, 40);
+    assert_eq!(counts.len(), 2, "{counts:?}");
+}
