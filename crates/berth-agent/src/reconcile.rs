@@ -82,6 +82,29 @@ impl Agent {
         }
         report.networks = networks.len();
         let by_name: HashMap<_, _> = networks.iter().map(|n| (n.name.clone(), n)).collect();
+        // Bridges and ports made by a berth before services: their traffic must meet
+        // netfilter (same-bridge service connections), and a backend must be able to reach
+        // itself through its service (hairpin). Setting both again changes nothing.
+        let bridges: Vec<String> = by_name
+            .values()
+            .filter(|n| bridge_index.contains_key(&n.name))
+            .map(|n| n.bridge.clone())
+            .collect();
+        let ports: Vec<String> = endpoints.iter().map(|e| e.host_ifname.clone()).collect();
+        kernel(move || {
+            let mut nl = Netlink::open()?;
+            for b in &bridges {
+                if let Err(e) = nl.set_bridge_netfilter(b) {
+                    tracing::warn!(bridge = %b, error = %e, "cannot make the bridge's traffic pass netfilter");
+                }
+            }
+            for p in &ports {
+                // A port that is gone is repaired (with hairpin) below.
+                let _ = nl.set_hairpin(p);
+            }
+            Ok(())
+        })
+        .await?;
 
         // Sandboxes whose namespace is gone (e.g. after a reboot) are gone.
         for sb in self.load_all::<Sandbox>(keys::SANDBOXES).await? {

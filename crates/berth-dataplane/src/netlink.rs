@@ -272,8 +272,29 @@ impl Netlink {
         )
     }
 
+    /// Makes a bridge's traffic pass netfilter (as [`Netlink::create_bridge`] does), for
+    /// bridges made before it did.
+    pub fn set_bridge_netfilter(&mut self, bridge: &str) -> Result<()> {
+        let mut msg = LinkMessage::default();
+        msg.attributes = vec![
+            LinkAttribute::IfName(bridge.to_string()),
+            LinkAttribute::LinkInfo(vec![
+                LinkInfo::Kind(InfoKind::Bridge),
+                LinkInfo::Data(InfoData::Bridge(vec![
+                    InfoBridge::NfCallIpTables(true),
+                    InfoBridge::NfCallIp6Tables(true),
+                ])),
+            ]),
+        ];
+        self.request(
+            RouteNetlinkMessage::NewLink(msg),
+            0,
+            &format!("make {bridge}'s traffic pass netfilter"),
+        )
+    }
+
     /// Puts a bridge port in hairpin mode: frames may leave through the port they came in by,
-    /// which a container reaching its own published port through the host needs.
+    /// which a container reaching its own published port or service through the host needs.
     pub fn set_hairpin(&mut self, port: &str) -> Result<()> {
         let mut msg = LinkMessage::default();
         msg.attributes = vec![

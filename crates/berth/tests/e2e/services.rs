@@ -642,3 +642,60 @@ fn flushed_service_maps_are_refilled() {
     let (counts, _) = spread(&s.path("c"), &to, 40);
     assert_eq!(counts.len(), 2, "{counts:?}");
 }
+
+#[test]
+fn a_restart_puts_hairpin_and_bridge_netfilter_back_on_links_made_before() {
+    let mut s = Setup::new(1);
+    let b2 = s.backend("b2");
+    let svc = s.service(&[
+        "web",
+        "--network",
+        "blue",
+        "--selector",
+        "app=web",
+        "--port",
+        "80:8080",
+    ]);
+    let eps = s.h.json(&["endpoint", "ls"]);
+    let veth = eps
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| crate::harness::endpoint_ip(e, false) == b2)
+        .map(|e| e["host_ifname"].as_str().unwrap().to_string())
+        .unwrap();
+    let bridge = s.h.json(&["network", "inspect", "blue"])["bridge"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // As an older berth left them.
+    s.h.stop();
+    s.h.sh(&[
+        "ip",
+        "link",
+        "set",
+        &veth,
+        "type",
+        "bridge_slave",
+        "hairpin",
+        "off",
+    ]);
+    s.h.sh(&[
+        "ip",
+        "link",
+        "set",
+        &bridge,
+        "type",
+        "bridge",
+        "nf_call_iptables",
+        "0",
+    ]);
+    s.h.start();
+    let port = s.h.sh(&["ip", "-d", "link", "show", &veth]);
+    assert!(port.contains("hairpin on"), "{port}");
+    let br = s.h.sh(&["ip", "-d", "link", "show", &bridge]);
+    assert!(br.contains("nf_call_iptables 1"), "{br}");
+    // And b2 reaches itself through its service.
+    let (counts, _) = spread(&s.path("b2"), &format!("{}:80", vip(&svc)), 40);
+    assert!(counts.contains_key("b2"), "{counts:?}");
+}
