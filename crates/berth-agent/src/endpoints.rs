@@ -926,6 +926,7 @@ impl Agent {
             current.mac.0,
         );
         let (path, nsid) = (current.netns.path.clone(), current.netns.id.clone());
+        let ips = current.ips.clone();
         let retired = kernel(move || {
             // Only the namespace we attached: the path may now name another one.
             let ns = netns::open(Path::new(&path))
@@ -936,6 +937,7 @@ impl Agent {
                 &host_ifname,
                 ns.as_ref().map(|f| (f, ifname.as_str(), mac)),
                 &tomb,
+                &ips,
             )
         })
         .await;

@@ -218,6 +218,7 @@ pub fn retire_endpoint(
     host_ifname: &str,
     sandbox: Option<(&File, &str, [u8; 6])>,
     tombstone: &str,
+    ips: &[IpNet],
 ) -> Result<()> {
     // The sandbox end first: once the host end is in the reap group, a reap pass already under
     // way may delete the pair at any moment.
@@ -230,6 +231,13 @@ pub fn retire_endpoint(
     }
     if let Some(l) = host.link_by_name(host_ifname)? {
         gone_is_fine(host.retire_link(l.index, None, Some(REAP_GROUP)))?;
+        // Its neighbour entries on the bridge (see `create_pair`) go with it: its addresses
+        // may be another endpoint's next, here or on another host.
+        if let Some(bridge) = l.controller {
+            for ip in ips.iter().filter(|ip| ip.addr().is_ipv6()) {
+                let _ = host.batch(vec![Netlink::neighbour_msg(bridge, ip.addr(), None)]);
+            }
+        }
     }
     Ok(())
 }
@@ -277,6 +285,22 @@ fn create_pair(
     })?;
     if spec.hairpin {
         let set = host.set_hairpin(&spec.host_ifname);
+        if set.is_err() {
+            let _ = delete_link(host, &spec.host_ifname);
+        }
+        set?;
+    }
+    // The host knows the endpoint's IPv6 neighbour entries from the start: a connection
+    // DNATed by br_netfilter to an endpoint of the same bridge (a service's backend) is lost
+    // while the host still solicits its address (IPv4 is not).
+    let neighbours: Vec<_> = spec
+        .ips
+        .iter()
+        .filter(|ip| ip.addr().is_ipv6())
+        .map(|ip| Netlink::neighbour_msg(spec.bridge_index, ip.addr(), Some(spec.mac)))
+        .collect();
+    if !neighbours.is_empty() {
+        let set = host.batch(neighbours);
         if set.is_err() {
             let _ = delete_link(host, &spec.host_ifname);
         }

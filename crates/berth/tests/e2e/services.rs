@@ -24,10 +24,11 @@ pub struct Identify {
 
 impl Identify {
     pub fn start(netns: &Path, name: &str, port: u16) -> Identify {
+        // Dual-stack: IPv4 clients arrive as mapped addresses, shown unmapped.
         let (tcp, udp) = in_ns(netns, || {
             (
-                TcpListener::bind(("0.0.0.0", port)).unwrap(),
-                UdpSocket::bind(("0.0.0.0", port)).unwrap(),
+                TcpListener::bind(("::", port)).unwrap(),
+                UdpSocket::bind(("::", port)).unwrap(),
             )
         });
         tcp.set_nonblocking(true).unwrap();
@@ -40,7 +41,7 @@ impl Identify {
             while !s1.load(Ordering::Relaxed) {
                 match tcp.accept() {
                     Ok((mut c, peer)) => {
-                        let _ = c.write_all(format!("{n1} {}", peer.ip()).as_bytes());
+                        let _ = c.write_all(format!("{n1} {}", unmapped(peer)).as_bytes());
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(2)),
                 }
@@ -50,7 +51,7 @@ impl Identify {
             let mut buf = [0u8; 64];
             while !s2.load(Ordering::Relaxed) {
                 if let Ok((_, peer)) = udp.recv_from(&mut buf) {
-                    let _ = udp.send_to(format!("{n2} {}", peer.ip()).as_bytes(), peer);
+                    let _ = udp.send_to(format!("{n2} {}", unmapped(peer)).as_bytes(), peer);
                 }
             }
         });
@@ -60,6 +61,15 @@ impl Identify {
                 threads: vec![t1, t2],
             },
         }
+    }
+}
+
+fn unmapped(peer: SocketAddr) -> std::net::IpAddr {
+    match peer.ip() {
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+        ip => ip,
     }
 }
 
@@ -698,4 +708,70 @@ fn a_restart_puts_hairpin_and_bridge_netfilter_back_on_links_made_before() {
     // And b2 reaches itself through its service.
     let (counts, _) = spread(&s.path("b2"), &format!("{}:80", vip(&svc)), 40);
     assert!(counts.contains_key("b2"), "{counts:?}");
+}
+
+#[test]
+fn an_ipv6_network_gets_a_vip_of_each_family() {
+    let h = Host::new();
+    h.ok(&[
+        "network",
+        "create",
+        "dual",
+        "--subnet",
+        "10.93.0.0/24",
+        "--ipv6-subnet",
+        "fd00:93::/64",
+    ]);
+    let mut servers = Vec::new();
+    for b in ["b1", "b2"] {
+        h.ok(&["sandbox", "create", b]);
+        h.ok(&["attach", b, "--network", "dual", "--label", "app=web"]);
+        servers.push(Identify::start(&h.sandbox_path(b), b, 8080));
+    }
+    h.ok(&["sandbox", "create", "c"]);
+    let c = h.json(&["attach", "c", "--network", "dual"]);
+    let svc = h.json(&[
+        "service",
+        "create",
+        "web",
+        "--network",
+        "dual",
+        "-l",
+        "app=web",
+        "--port",
+        "80:8080",
+    ]);
+    let vips: Vec<&str> = svc["vips"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(vips.len(), 2, "{svc}");
+    assert!(vips[0].starts_with("10.211."), "{svc}");
+    assert!(vips[1].starts_with("fd00:b5:5e7::"), "{svc}");
+    let (counts, clients) = spread(&h.sandbox_path("c"), &format!("[{}]:80", vips[1]), 60);
+    assert_eq!(counts.len(), 2, "{counts:?}");
+    let c6 = crate::harness::endpoint_ip(&c, true);
+    assert!(clients.iter().all(|ip| *ip == c6), "{:?}", &clients[..2]);
+    let (counts, _) = spread(&h.sandbox_path("c"), &format!("{}:80", vips[0]), 60);
+    assert_eq!(counts.len(), 2, "{counts:?}");
+    // The host knows its endpoints' IPv6 neighbours from their attach (connections to a
+    // backend on the same bridge are lost while it solicits), and forgets them at detach.
+    let b1 = h
+        .json(&["endpoint", "ls"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["netns"]["sandbox"] == "b1")
+        .map(|e| crate::harness::endpoint_ip(e, true))
+        .unwrap();
+    let permanent = || {
+        h.sh(&["ip", "-6", "neigh", "show", "nud", "permanent"])
+            .lines()
+            .any(|l| l.starts_with(&format!("{b1} ")))
+    };
+    assert!(permanent());
+    h.ok(&["detach", "b1", "--network", "dual"]);
+    assert!(!permanent());
 }
