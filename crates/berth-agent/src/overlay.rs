@@ -60,7 +60,10 @@ impl OverlayKernel for Kernel {
             })
             .collect();
         Ok(Some(berth_dataplane::sync_remotes(
-            &mut nl, link.index, &desired,
+            &mut nl,
+            link.index,
+            link.controller,
+            &desired,
         )?))
     }
 }

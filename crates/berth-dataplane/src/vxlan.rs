@@ -283,10 +283,43 @@ pub fn remotes(nl: &mut Netlink, vxlan_index: u32) -> Result<Remotes> {
 /// deleted first, then the missing or different ones are set. Returns how many entries were
 /// changed (0: it was in sync). This is all a reconciler needs: `remotes` and `add_remote` /
 /// `remove_remote` are for looking and for single changes.
-pub fn sync_remotes(nl: &mut Netlink, vxlan_index: u32, desired: &[RemoteEntry]) -> Result<usize> {
+///
+/// With the device's `bridge`, the remotes' IPv6 addresses get permanent neighbour entries
+/// there too: a connection the host DNATs toward one (a service's backend on another host)
+/// goes back out of the bridge through br_netfilter, which loses what waits for a neighbour
+/// solicitation (IPv4 is not affected). Only entries that are a departing remote's own are
+/// deleted there; the bridge also holds this host's endpoints' entries.
+pub fn sync_remotes(
+    nl: &mut Netlink,
+    vxlan_index: u32,
+    bridge: Option<u32>,
+    desired: &[RemoteEntry],
+) -> Result<usize> {
     let have = remotes(nl, vxlan_index)?;
     let want = Remotes::of(desired);
     let mut msgs = Vec::new();
+    if let Some(bridge) = bridge {
+        let on_bridge: Vec<(IpAddr, [u8; 6])> = nl
+            .neighbours(AddressFamily::Inet6, Some(bridge))?
+            .into_iter()
+            .filter(|n| has(n.state, NeighbourState::Permanent))
+            .filter_map(|n| Some((n.ip?, n.mac?)))
+            .collect();
+        for e in have
+            .neighbours
+            .iter()
+            .filter(|e| e.0.is_ipv6() && !want.neighbours.contains(e) && on_bridge.contains(e))
+        {
+            msgs.push(Netlink::neighbour_msg(bridge, e.0, None));
+        }
+        for &(ip, mac) in want
+            .neighbours
+            .iter()
+            .filter(|e| e.0.is_ipv6() && !on_bridge.contains(e))
+        {
+            msgs.push(Netlink::neighbour_msg(bridge, ip, Some(mac)));
+        }
+    }
     // Deletions go first: a device entry is deleted by (MAC, VTEP), so deleting a stale VTEP of
     // a MAC that is also being set to a new one cannot remove the new one.
     for &(mac, vtep) in have.fdb.iter().filter(|e| !want.fdb.contains(e)) {

@@ -526,14 +526,14 @@ fn overlay_without_flooding_or_learning() {
             "half entry",
         )
         .unwrap();
-    assert!(berth_dataplane::sync_remotes(&mut h1.nl, h1.vxlan, &to_h1).unwrap() > 0);
+    assert!(berth_dataplane::sync_remotes(&mut h1.nl, h1.vxlan, None, &to_h1).unwrap() > 0);
     assert!(
         berth_dataplane::remotes(&mut h1.nl, h1.vxlan)
             .unwrap()
             .is_exactly(&to_h1)
     );
     assert_eq!(
-        berth_dataplane::sync_remotes(&mut h1.nl, h1.vxlan, &to_h1).unwrap(),
+        berth_dataplane::sync_remotes(&mut h1.nl, h1.vxlan, None, &to_h1).unwrap(),
         0
     );
     assert_ping(c1, &[], &h2.ip4.to_string());

@@ -68,6 +68,8 @@ fn a_service_spans_hosts_and_its_published_port_answers_on_every_host() {
         "overlay",
         "--subnet",
         "10.192.0.0/24",
+        "--ipv6-subnet",
+        "fd00:192::/64",
     ]);
     for i in c.indices() {
         eventually(&format!("h{i} knows ov"), CONVERGE, || {
@@ -133,6 +135,15 @@ fn a_service_spans_hosts_and_its_published_port_answers_on_every_host() {
             BTreeSet::from([client_ip.clone()]),
             "the backends see {client}'s own address"
         );
+    }
+
+    // Over IPv6 too, the first connection included (no neighbour entry of a backend on
+    // another host is warm on the client's host).
+    let vip6 = svc["vips"][1].as_str().unwrap().to_string();
+    assert!(vip6.contains(':'), "{svc}");
+    for (i, client) in [(1, "c1"), (2, "c2")] {
+        let (counts, _) = spread(&path(i, client), &format!("[{vip6}]:80"), 30);
+        assert_eq!(counts.len(), 2, "{client} over IPv6: {counts:?}");
     }
 
     // Its name, on the other host.
