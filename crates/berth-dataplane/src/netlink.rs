@@ -257,13 +257,7 @@ impl Netlink {
             LinkAttribute::IfName(name.to_string()),
             LinkAttribute::Mtu(mtu),
             LinkAttribute::Address(mac.to_vec()),
-            LinkAttribute::LinkInfo(vec![
-                LinkInfo::Kind(InfoKind::Bridge),
-                LinkInfo::Data(InfoData::Bridge(vec![
-                    InfoBridge::NfCallIpTables(true),
-                    InfoBridge::NfCallIp6Tables(true),
-                ])),
-            ]),
+            LinkAttribute::LinkInfo(bridge_through_netfilter()),
         ];
         self.request(
             RouteNetlinkMessage::NewLink(msg),
@@ -278,13 +272,7 @@ impl Netlink {
         let mut msg = LinkMessage::default();
         msg.attributes = vec![
             LinkAttribute::IfName(bridge.to_string()),
-            LinkAttribute::LinkInfo(vec![
-                LinkInfo::Kind(InfoKind::Bridge),
-                LinkInfo::Data(InfoData::Bridge(vec![
-                    InfoBridge::NfCallIpTables(true),
-                    InfoBridge::NfCallIp6Tables(true),
-                ])),
-            ]),
+            LinkAttribute::LinkInfo(bridge_through_netfilter()),
         ];
         self.request(
             RouteNetlinkMessage::NewLink(msg),
@@ -952,6 +940,17 @@ impl Netlink {
             ),
         }
     }
+}
+
+/// A bridge whose traffic passes netfilter (see [`Netlink::create_bridge`]).
+fn bridge_through_netfilter() -> Vec<LinkInfo> {
+    vec![
+        LinkInfo::Kind(InfoKind::Bridge),
+        LinkInfo::Data(InfoData::Bridge(vec![
+            InfoBridge::NfCallIpTables(true),
+            InfoBridge::NfCallIp6Tables(true),
+        ])),
+    ]
 }
 
 fn neighbour_from(n: &NeighbourMessage) -> Neighbour {
