@@ -245,14 +245,6 @@ impl ServiceView {
         }
         Ok(Some(Vec::new()))
     }
-
-    /// Every frontend every service wants.
-    fn all_frontends(&self) -> BTreeMap<Frontend, Pool> {
-        self.services
-            .values()
-            .flat_map(|s| self.frontends(s))
-            .collect()
-    }
 }
 
 /// The load balancer and the view it was programmed from, changed under one lock.
@@ -311,15 +303,6 @@ fn flows_of(left: &[(Frontend, Backend)]) -> Vec<FlowMatch> {
 /// How often every frontend is compared with the kernel's maps.
 const RESYNC: Duration = Duration::from_secs(30);
 
-/// Whether a full comparison is due: [`RESYNC`] since the last one.
-fn resync_due(state: &mut ServiceState) -> bool {
-    let due = state.synced_at.elapsed() >= RESYNC;
-    if due {
-        state.synced_at = std::time::Instant::now();
-    }
-    due
-}
-
 /// The watched prefixes (hosts only matter on a shared store, but cost nothing otherwise).
 const WATCHED: [&str; 3] = [keys::HOSTS, keys::SERVICES, keys::ENDPOINTS];
 
@@ -342,10 +325,7 @@ impl Agent {
             return Vec::new();
         }
         if state.stale {
-            return self.sync_everything(state).await.unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "cannot program services; retrying");
-                Vec::new()
-            });
+            return self.sync_or_retry(state).await;
         }
         let mut removals: Vec<Frontend> = Vec::new();
         let mut additions: Vec<(Frontend, Option<Pool>)> = Vec::new();
@@ -395,10 +375,7 @@ impl Agent {
             }
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "cannot program services; syncing them all");
-                self.sync_everything(state).await.unwrap_or_else(|e| {
-                    tracing::warn!(error = %e, "cannot sync services; retrying");
-                    Vec::new()
-                })
+                self.sync_or_retry(state).await
             }
             Err(e) => {
                 tracing::error!(error = %e, "programming services failed; retrying");
@@ -532,26 +509,34 @@ impl Agent {
     /// table was restored.
     async fn sync_everything(&self, state: &mut ServiceState) -> Result<Vec<(Frontend, Backend)>> {
         state.stale = true;
-        let want = state.view.all_frontends();
+        // Each service's frontends, once: the kernel gets them all, the view learns which
+        // service has which.
+        let mut want = BTreeMap::new();
+        let mut programmed: HashMap<String, Vec<Frontend>> = HashMap::new();
+        for svc in state.view.services.values() {
+            let fronts = state.view.frontends(svc);
+            programmed.insert(svc.name.clone(), fronts.iter().map(|(f, _)| *f).collect());
+            want.extend(fronts);
+        }
         let lb = state.lb.clone();
         let left = tokio::task::spawn_blocking(move || {
             lb.lock().expect("load balancer lock").sync_all(&want)
         })
         .await
         .map_err(|e| AgentError::Internal(format!("kernel task failed: {e}")))??;
-        let programmed: HashMap<String, Vec<Frontend>> = state
-            .view
-            .services
-            .values()
-            .map(|svc| {
-                let fronts = state.view.frontends(svc).into_iter().map(|(f, _)| f);
-                (svc.name.clone(), fronts.collect())
-            })
-            .collect();
         state.view.programmed = programmed;
         state.stale = false;
         state.synced_at = std::time::Instant::now();
         Ok(left)
+    }
+
+    /// [`Agent::sync_everything`], a failure logged: the state stays stale, and the next
+    /// change or the reconciler's next tick tries again.
+    async fn sync_or_retry(&self, state: &mut ServiceState) -> Vec<(Frontend, Backend)> {
+        self.sync_everything(state).await.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot sync services; retrying");
+            Vec::new()
+        })
     }
 
     /// After berth's table was restored (the services' maps may have gone with it): every
@@ -569,11 +554,12 @@ impl Agent {
 
     /// Applies events as they come, with those already waiting; returns why it stopped.
     async fn follow_services(&self, mut watches: Vec<Watch>) -> String {
-        // The kernel's maps can be changed under us (`nft flush map ...`), and the guard
-        // checks only that they exist: a periodic pass compares them all and puts back what
-        // differs (it writes nothing when nothing does).
-        let mut resync = tokio::time::interval(RESYNC);
-        resync.tick().await;
+        // Each second: a change that failed is retried, and every RESYNC all the frontends
+        // are compared with the kernel's maps, which can be changed under us (`nft flush map
+        // ...`; the guard checks only that they exist). Events do not hold the ticks back.
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
         loop {
             let mut events = Vec::new();
             let [hosts, services, endpoints] = &mut watches[..] else {
@@ -583,22 +569,18 @@ impl Agent {
                 e = hosts.next() => Some(e),
                 e = services.next() => Some(e),
                 e = endpoints.next() => Some(e),
-                _ = resync.tick() => None,
-                _ = tokio::time::sleep(Duration::from_secs(1)) => None,
+                _ = tick.tick() => None,
             };
             match first {
                 Some(Ok(e)) => events.push(e),
                 Some(Err(e)) => return e.to_string(),
                 None => {
-                    // A change that failed is retried (everything, as the kernel may be
-                    // anywhere between), and every RESYNC all is compared.
+                    // Everything, as after a failed change the kernel may be anywhere
+                    // between.
                     let mut state = self.service_state.lock().await;
-                    let due = resync_due(&mut state);
+                    let due = state.synced_at.elapsed() >= RESYNC;
                     if state.listed && (state.stale || due) {
-                        let left = self.sync_everything(&mut state).await.unwrap_or_else(|e| {
-                            tracing::warn!(error = %e, "cannot sync services; retrying");
-                            Vec::new()
-                        });
+                        let left = self.sync_or_retry(&mut state).await;
                         drop(state);
                         self.end_flows(left).await;
                     }
