@@ -374,6 +374,16 @@ mod tests {
     use crate::wire::tests::query;
     use crate::wire::{TYPE_A, TYPE_AAAA, TYPE_ANY, TYPE_PTR, TYPE_SRV, parse_query};
 
+    /// A second network a client of blue is also on.
+    fn red_zone() -> Arc<Zone> {
+        Arc::new(Zone::new(
+            "red",
+            "berth.local",
+            vec!["10.92.0.0/24".parse().unwrap()],
+            false,
+        ))
+    }
+
     fn zone(internal: bool) -> Zone {
         let z = Zone::new(
             "blue",
@@ -524,12 +534,7 @@ mod tests {
     #[test]
     fn a_client_on_two_networks_finds_names_on_both() {
         let blue = zone(false);
-        let red = Arc::new(Zone::new(
-            "red",
-            "berth.local",
-            vec!["10.92.0.0/24".parse().unwrap()],
-            false,
-        ));
+        let red = red_zone();
         red.set_endpoint("r1", &["cache".into()], &["10.92.0.5".parse().unwrap()]);
         let others = [red.clone()];
         assert_eq!(
@@ -750,12 +755,7 @@ mod tests {
     #[test]
     fn a_client_on_two_networks_finds_services_on_both() {
         let blue = zone(false);
-        let red = Arc::new(Zone::new(
-            "red",
-            "berth.local",
-            vec!["10.92.0.0/24".parse().unwrap()],
-            false,
-        ));
+        let red = red_zone();
         let http = SrvPort {
             name: "http".into(),
             protocol: "tcp".into(),

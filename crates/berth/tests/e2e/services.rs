@@ -135,6 +135,19 @@ impl Setup {
         self.h.sandbox_path(sandbox)
     }
 
+    /// Service `web` over the app=web backends, port 80 to their 8080.
+    fn web(&self) -> Value {
+        self.service(&[
+            "web",
+            "--network",
+            "blue",
+            "--selector",
+            "app=web",
+            "--port",
+            "80:8080",
+        ])
+    }
+
     fn service(&self, args: &[&str]) -> Value {
         let mut a = vec!["service", "create"];
         a.extend_from_slice(args);
@@ -421,15 +434,7 @@ fn names_answer_the_vip_and_named_ports_have_srv_records() {
 #[test]
 fn a_daemon_restart_keeps_services_working_and_rewrites_nothing() {
     let s = Setup::new(3);
-    let svc = s.service(&[
-        "web",
-        "--network",
-        "blue",
-        "--selector",
-        "app=web",
-        "--port",
-        "80:8080",
-    ]);
+    let svc = s.web();
     let to = format!("{}:80", vip(&svc));
     let backends = || {
         run_ok(
@@ -623,15 +628,7 @@ fn bad_service_requests_get_a_clear_error_and_change_nothing() {
 #[test]
 fn flushed_service_maps_are_refilled() {
     let s = Setup::new(2);
-    let svc = s.service(&[
-        "web",
-        "--network",
-        "blue",
-        "--selector",
-        "app=web",
-        "--port",
-        "80:8080",
-    ]);
+    let svc = s.web();
     let to = format!("{}:80", vip(&svc));
     assert!(ask(&s.path("c"), &to).is_ok());
     // Someone empties the load balancer's maps: the VIP stops answering...
@@ -657,15 +654,7 @@ fn flushed_service_maps_are_refilled() {
 fn a_restart_puts_hairpin_and_bridge_netfilter_back_on_links_made_before() {
     let mut s = Setup::new(1);
     let b2 = s.backend("b2");
-    let svc = s.service(&[
-        "web",
-        "--network",
-        "blue",
-        "--selector",
-        "app=web",
-        "--port",
-        "80:8080",
-    ]);
+    let svc = s.web();
     let eps = s.h.json(&["endpoint", "ls"]);
     let veth = eps
         .as_array()
