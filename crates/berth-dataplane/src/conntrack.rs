@@ -3,7 +3,8 @@
 //! A connection to a frontend keeps its backend for as long as its conntrack entry lives, which
 //! for UDP is as long as packets keep coming: when a backend leaves, the entries of its flows
 //! are deleted, so that a UDP client's next datagram is balanced again and a TCP connection to
-//! a gone backend ends instead of hanging.
+//! a gone backend ends instead of hanging. Likewise the flows a network policy no longer
+//! allows, which would otherwise go on as established.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -44,28 +45,31 @@ pub struct FlowMatch {
     pub reply_sport: u16,
 }
 
-/// What a match looks at in one entry.
-struct Flow {
-    protocol: u8,
-    orig_dst: IpAddr,
-    orig_dport: u16,
-    reply_src: IpAddr,
-    reply_sport: u16,
+/// A tracked flow as forwarding saw it: from its first packet's source to where that packet
+/// went after any destination NAT (a service's backend, say), which is what network policy
+/// decides on. Without NAT, the original direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowTuple {
+    pub protocol: u8,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    /// `None` for a protocol without ports (ICMP, say).
+    pub sport: Option<u16>,
+    pub dport: Option<u16>,
 }
 
-impl Flow {
-    /// From a conntrack message's attributes; `None` for one without ports (ICMP, say).
-    fn parse(ct: &[u8]) -> Option<Flow> {
-        let orig = attr(ct, CTA_TUPLE_ORIG)?;
-        let reply = attr(ct, CTA_TUPLE_REPLY)?;
-        let (ip, proto) = (attr(orig, CTA_TUPLE_IP)?, attr(orig, CTA_TUPLE_PROTO)?);
-        let (rip, rproto) = (attr(reply, CTA_TUPLE_IP)?, attr(reply, CTA_TUPLE_PROTO)?);
-        Some(Flow {
+impl FlowTuple {
+    /// One direction's tuple (`CTA_TUPLE_ORIG`, `CTA_TUPLE_REPLY`) of a conntrack message's
+    /// attributes.
+    fn parse(ct: &[u8], direction: u16) -> Option<FlowTuple> {
+        let tuple = attr(ct, direction)?;
+        let (ip, proto) = (attr(tuple, CTA_TUPLE_IP)?, attr(tuple, CTA_TUPLE_PROTO)?);
+        Some(FlowTuple {
             protocol: *attr(proto, CTA_PROTO_NUM)?.first()?,
-            orig_dst: address(ip, CTA_IP_V4_DST, CTA_IP_V6_DST)?,
-            orig_dport: port(attr(proto, CTA_PROTO_DST_PORT)?)?,
-            reply_src: address(rip, CTA_IP_V4_SRC, CTA_IP_V6_SRC)?,
-            reply_sport: port(attr(rproto, CTA_PROTO_SRC_PORT)?)?,
+            src: address(ip, CTA_IP_V4_SRC, CTA_IP_V6_SRC)?,
+            dst: address(ip, CTA_IP_V4_DST, CTA_IP_V6_DST)?,
+            sport: attr(proto, CTA_PROTO_SRC_PORT).and_then(port),
+            dport: attr(proto, CTA_PROTO_DST_PORT).and_then(port),
         })
     }
 }
@@ -84,12 +88,12 @@ fn port(p: &[u8]) -> Option<u16> {
 }
 
 impl FlowMatch {
-    fn matches(&self, f: &Flow) -> bool {
-        f.protocol == self.protocol.number()
-            && self.orig_dst.is_none_or(|d| d == f.orig_dst)
-            && f.orig_dport == self.orig_dport
-            && f.reply_src == self.reply_src
-            && f.reply_sport == self.reply_sport
+    fn matches(&self, orig: &FlowTuple, reply: &FlowTuple) -> bool {
+        orig.protocol == self.protocol.number()
+            && self.orig_dst.is_none_or(|d| d == orig.dst)
+            && orig.dport == Some(self.orig_dport)
+            && reply.src == self.reply_src
+            && reply.sport == Some(self.reply_sport)
     }
 }
 
@@ -97,15 +101,55 @@ impl FlowMatch {
 /// of the table per family, and says how many it deleted. Entries that went away meanwhile
 /// are fine. Acts in the calling thread's network namespace.
 pub fn delete_flows(matches: &[FlowMatch]) -> Result<usize> {
+    let of_family = |ipv6: bool| matches.iter().any(|m| m.reply_src.is_ipv6() == ipv6);
+    delete_entries(of_family(false), of_family(true), |ct| {
+        match (
+            FlowTuple::parse(ct, CTA_TUPLE_ORIG),
+            FlowTuple::parse(ct, CTA_TUPLE_REPLY),
+        ) {
+            (Some(orig), Some(reply)) => matches.iter().any(|m| m.matches(&orig, &reply)),
+            _ => false,
+        }
+    })
+}
+
+/// Deletes the conntrack entries of the flows that `condemned` picks (IPv4 ones if `ipv4`,
+/// IPv6 ones if `ipv6`), from one dump of the table per family, and says how many it
+/// deleted: the flows a network policy no longer allows, say, whose packets would otherwise go
+/// on passing as established. Entries that went away meanwhile are fine. Acts in the calling
+/// thread's network namespace.
+pub fn delete_flows_where(
+    ipv4: bool,
+    ipv6: bool,
+    mut condemned: impl FnMut(&FlowTuple) -> bool,
+) -> Result<usize> {
+    delete_entries(ipv4, ipv6, |ct| {
+        match (
+            FlowTuple::parse(ct, CTA_TUPLE_ORIG),
+            FlowTuple::parse(ct, CTA_TUPLE_REPLY),
+        ) {
+            // The reply comes from where the flow was forwarded to.
+            (Some(orig), Some(reply)) => condemned(&FlowTuple {
+                dst: reply.src,
+                dport: reply.sport,
+                ..orig
+            }),
+            _ => false,
+        }
+    })
+}
+
+/// Deletes the entries, of the families asked for, whose attributes `doomed` picks.
+fn delete_entries(ipv4: bool, ipv6: bool, mut doomed: impl FnMut(&[u8]) -> bool) -> Result<usize> {
     let mut nl = Nfnetlink::open()?;
-    let mut doomed: Vec<(u16, u8, Vec<u8>)> = Vec::new();
-    for (family, ipv6) in [(AF_INET, false), (AF_INET6, true)] {
-        if !matches.iter().any(|m| m.reply_src.is_ipv6() == ipv6) {
+    let mut deletions: Vec<(u16, u8, Vec<u8>)> = Vec::new();
+    for (family, wanted) in [(AF_INET, ipv4), (AF_INET6, ipv6)] {
+        if !wanted {
             continue;
         }
         nl.dump_of(ctnetlink(IPCTNL_MSG_CT_GET), family, &[], |ct| {
-            if Flow::parse(ct).is_some_and(|f| matches.iter().any(|m| m.matches(&f))) {
-                doomed.push((ctnetlink(IPCTNL_MSG_CT_DELETE), family, by_tuple(ct)));
+            if doomed(ct) {
+                deletions.push((ctnetlink(IPCTNL_MSG_CT_DELETE), family, by_tuple(ct)));
             }
         })?
         .map_err(|errno| DataplaneError::Kernel {
@@ -114,7 +158,7 @@ pub fn delete_flows(matches: &[FlowMatch]) -> Result<usize> {
         })?;
     }
     let mut deleted = 0;
-    for errno in nl.requests(&doomed)? {
+    for errno in nl.requests(&deletions)? {
         match errno {
             0 => deleted += 1,
             e if e == nix::errno::Errno::ENOENT as i32 => {}

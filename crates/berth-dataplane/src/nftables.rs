@@ -14,9 +14,12 @@
 //! - Services (virtual IPs and node ports load-balanced over backends) are maps too, whose
 //!   elements belong to the [`LoadBalancer`]: [`install`] creates those maps but leaves their
 //!   elements alone, and [`check`] only sees that they exist.
+//! - Network policy's sets are like the load balancer's maps: their elements are written by
+//!   [`PolicySets`] alone.
 
 mod expr;
 pub(crate) mod nfnl;
+mod policy;
 mod services;
 
 use std::fmt::Write as _;
@@ -31,11 +34,12 @@ use self::nfnl::{
     NFT_MSG_GETSET, NFT_MSG_GETSETELEM, NFT_MSG_GETTABLE, NFT_MSG_NEWCHAIN, NFT_MSG_NEWRULE,
     NFT_MSG_NEWSET, NFT_MSG_NEWSETELEM, NFT_MSG_NEWTABLE, NFT_SET_ELEM_INTERVAL_END,
     NFTA_DATA_VALUE, NFTA_DATA_VERDICT, NFTA_LIST_ELEM, NFTA_SET_ELEM_DATA, NFTA_SET_ELEM_FLAGS,
-    NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_LIST_ELEMENTS, NFTA_SET_ELEM_LIST_SET,
+    NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_KEY_END, NFTA_SET_ELEM_LIST_ELEMENTS, NFTA_SET_ELEM_LIST_SET,
     NFTA_SET_ELEM_LIST_SET_ID, NFTA_SET_ELEM_LIST_TABLE, NFTA_VERDICT_CHAIN, NFTA_VERDICT_CODE,
     NLM_F_APPEND, NLM_F_CREATE, Nfnetlink, attr, attr_str, attr_u32, attrs, covers, enoent,
     put_attr, put_nested, put_str, put_u32,
 };
+pub use self::policy::PolicySets;
 pub use self::services::{Backend, Frontend, LoadBalancer, MAX_BACKENDS, Pool};
 use crate::{DataplaneError, Result};
 
@@ -73,6 +77,10 @@ const NFT_SET_MAP: u32 = 8;
 const NFT_SET_TIMEOUT: u32 = 0x10;
 /// Updated from the packet path (`flags dynamic`).
 const NFT_SET_EVAL: u32 = 0x20;
+/// Its key is a concatenation whose fields are ranges each (with `NFT_SET_INTERVAL`).
+const NFT_SET_CONCAT: u32 = 0x80;
+const NFTA_SET_DESC_CONCAT: u16 = 2;
+const NFTA_SET_FIELD_LEN: u16 = 1;
 const NF_ACCEPT: u32 = 1;
 
 // nft's data types, and how it numbers a concatenation of them.
@@ -162,8 +170,25 @@ struct SetSpec {
     /// The most elements it takes (0: no limit; a map filled from the packet path needs one).
     size: u32,
     userdata: &'static [u8],
-    /// Its elements are the [`LoadBalancer`]'s: [`install`] neither flushes nor fills it.
-    balanced: bool,
+    /// Who writes its elements.
+    owner: Owner,
+    /// A concatenation's field lengths, for an interval set of one (whose ranges the kernel
+    /// matches field by field); empty for any other set.
+    fields: &'static [u32],
+}
+
+/// Who writes a set's elements. [`install`], [`set_elements`] and [`check`] flush, fill and
+/// compare the elements of the table's own sets only; the others' they create, or see that
+/// they exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Owner {
+    /// [`install`] and [`set_elements`], from the networks, forwards and services they are
+    /// given.
+    Table,
+    /// The [`LoadBalancer`].
+    LoadBalancer,
+    /// [`PolicySets`].
+    Policy,
 }
 
 impl SetSpec {
@@ -182,7 +207,8 @@ const fn set(name: &'static str, nft: &'static str, key: (u32, u32), ud: &'stati
         data: None,
         size: 0,
         userdata: ud,
-        balanced: false,
+        owner: Owner::Table,
+        fields: &[],
     }
 }
 
@@ -196,7 +222,8 @@ const fn map(name: &'static str, nft: &'static str, key: (u32, u32), data: (u32,
         data: Some(data),
         size: 0,
         userdata: UD_CONCAT_MAP,
-        balanced: false,
+        owner: Owner::Table,
+        fields: &[],
     }
 }
 
@@ -204,7 +231,7 @@ const fn map(name: &'static str, nft: &'static str, key: (u32, u32), data: (u32,
 const fn lb_vmap(name: &'static str, nft: &'static str, key: (u32, u32)) -> SetSpec {
     SetSpec {
         userdata: UD_CONCAT_VMAP,
-        balanced: true,
+        owner: Owner::LoadBalancer,
         ..map(name, nft, key, VERDICT)
     }
 }
@@ -219,8 +246,38 @@ const fn lb_slots(
 ) -> SetSpec {
     SetSpec {
         userdata: ud,
-        balanced: true,
+        owner: Owner::LoadBalancer,
         ..map(name, nft, key, data)
+    }
+}
+
+/// A set of the policy programmer's: of addresses, or (`fields`, each field's length) an
+/// interval set of a concatenation.
+const fn policy_set(
+    name: &'static str,
+    nft: &'static str,
+    key: (u32, u32),
+    fields: &'static [u32],
+) -> SetSpec {
+    let concatenated = !fields.is_empty();
+    SetSpec {
+        flags: if concatenated {
+            NFT_SET_INTERVAL | NFT_SET_CONCAT
+        } else {
+            0
+        },
+        owner: Owner::Policy,
+        fields,
+        ..set(
+            name,
+            nft,
+            key,
+            if concatenated {
+                UD_CONCAT
+            } else {
+                UD_NET_ORDER
+            },
+        )
     }
 }
 
@@ -230,6 +287,16 @@ const V6_PORT: (u32, u32) = (concat(&[IPV6_ADDR, INET_SERVICE]), 20);
 const PROTO_PORT: (u32, u32) = (concat(&[INET_PROTO, INET_SERVICE]), 8);
 const V4_PROTO_PORT: (u32, u32) = (concat(&[IPV4_ADDR, INET_PROTO, INET_SERVICE]), 12);
 const V6_PROTO_PORT: (u32, u32) = (concat(&[IPV6_ADDR, INET_PROTO, INET_SERVICE]), 24);
+const V4_V4: (u32, u32) = (concat(&[IPV4_ADDR, IPV4_ADDR]), 8);
+const V6_V6: (u32, u32) = (concat(&[IPV6_ADDR, IPV6_ADDR]), 32);
+const V4_V4_PROTO_PORT: (u32, u32) = (
+    concat(&[IPV4_ADDR, IPV4_ADDR, INET_PROTO, INET_SERVICE]),
+    16,
+);
+const V6_V6_PROTO_PORT: (u32, u32) = (
+    concat(&[IPV6_ADDR, IPV6_ADDR, INET_PROTO, INET_SERVICE]),
+    40,
+);
 
 const SETS: &[SetSpec] = &[
     set("bridges", "type ifname;", (IFNAME, 16), UD_HOST_ORDER),
@@ -343,7 +410,7 @@ const SETS: &[SetSpec] = &[
     // The node ports that have backends, for the rules of nat postrouting, which may not look
     // into `nodeports4`/`6`: the kernel would check their chains, which DNAT, for that hook.
     SetSpec {
-        balanced: true,
+        owner: Owner::LoadBalancer,
         ..set(
             "nodeport_keys4",
             "type inet_proto . inet_service;",
@@ -352,7 +419,7 @@ const SETS: &[SetSpec] = &[
         )
     },
     SetSpec {
-        balanced: true,
+        owner: Owner::LoadBalancer,
         ..set(
             "nodeport_keys6",
             "type inet_proto . inet_service;",
@@ -379,7 +446,7 @@ const SETS: &[SetSpec] = &[
     SetSpec {
         flags: NFT_SET_MAP | NFT_SET_TIMEOUT | NFT_SET_EVAL,
         size: AFFINITY_SIZE,
-        balanced: true,
+        owner: Owner::LoadBalancer,
         ..map(
             "affinity4",
             "type ipv4_addr . ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service; size 1048576; flags dynamic,timeout;",
@@ -393,7 +460,7 @@ const SETS: &[SetSpec] = &[
     SetSpec {
         flags: NFT_SET_MAP | NFT_SET_TIMEOUT | NFT_SET_EVAL,
         size: AFFINITY_SIZE,
-        balanced: true,
+        owner: Owner::LoadBalancer,
         ..map(
             "affinity6",
             "type ipv6_addr . ipv6_addr . inet_proto . inet_service : ipv6_addr . inet_service; size 1048576; flags dynamic,timeout;",
@@ -427,7 +494,7 @@ const SETS: &[SetSpec] = &[
     ),
     // Backends on this host, as `addr . addr`: the connections of one to itself.
     SetSpec {
-        balanced: true,
+        owner: Owner::LoadBalancer,
         ..set(
             "hairpin4",
             "type ipv4_addr . ipv4_addr;",
@@ -436,7 +503,7 @@ const SETS: &[SetSpec] = &[
         )
     },
     SetSpec {
-        balanced: true,
+        owner: Owner::LoadBalancer,
         ..set(
             "hairpin6",
             "type ipv6_addr . ipv6_addr;",
@@ -444,6 +511,61 @@ const SETS: &[SetSpec] = &[
             UD_CONCAT,
         )
     },
+    // Network policy (see module `policy`): the targets isolated per direction, and what they may
+    // exchange with whom, as `target . peer` and `target . peer . protocol . destination port`
+    // (a peer and a port may be ranges).
+    policy_set("pol_iso_in4", "type ipv4_addr;", (IPV4_ADDR, 4), &[]),
+    policy_set("pol_iso_eg4", "type ipv4_addr;", (IPV4_ADDR, 4), &[]),
+    policy_set(
+        "pol_in4",
+        "type ipv4_addr . ipv4_addr; flags interval;",
+        V4_V4,
+        &[4, 4],
+    ),
+    policy_set(
+        "pol_eg4",
+        "type ipv4_addr . ipv4_addr; flags interval;",
+        V4_V4,
+        &[4, 4],
+    ),
+    policy_set(
+        "pol_in_ports4",
+        "type ipv4_addr . ipv4_addr . inet_proto . inet_service; flags interval;",
+        V4_V4_PROTO_PORT,
+        &[4, 4, 1, 2],
+    ),
+    policy_set(
+        "pol_eg_ports4",
+        "type ipv4_addr . ipv4_addr . inet_proto . inet_service; flags interval;",
+        V4_V4_PROTO_PORT,
+        &[4, 4, 1, 2],
+    ),
+    policy_set("pol_iso_in6", "type ipv6_addr;", (IPV6_ADDR, 16), &[]),
+    policy_set("pol_iso_eg6", "type ipv6_addr;", (IPV6_ADDR, 16), &[]),
+    policy_set(
+        "pol_in6",
+        "type ipv6_addr . ipv6_addr; flags interval;",
+        V6_V6,
+        &[16, 16],
+    ),
+    policy_set(
+        "pol_eg6",
+        "type ipv6_addr . ipv6_addr; flags interval;",
+        V6_V6,
+        &[16, 16],
+    ),
+    policy_set(
+        "pol_in_ports6",
+        "type ipv6_addr . ipv6_addr . inet_proto . inet_service; flags interval;",
+        V6_V6_PROTO_PORT,
+        &[16, 16, 1, 2],
+    ),
+    policy_set(
+        "pol_eg_ports6",
+        "type ipv6_addr . ipv6_addr . inet_proto . inet_service; flags interval;",
+        V6_V6_PROTO_PORT,
+        &[16, 16, 1, 2],
+    ),
 ];
 
 /// How many clients' affinities a family's map holds at most; beyond that a new client is
@@ -489,6 +611,21 @@ const CHAINS: &[(&str, Option<Hook>)] = &[
     ),
     ("into_network", None),
     ("unserved", None),
+    // What comes from the networks to this host passes network policy too.
+    (
+        "input",
+        Some(Hook {
+            kind: "filter",
+            hook: 1,
+            priority: 0,
+            nft: "type filter hook input priority filter; policy accept;",
+        }),
+    ),
+    (policy::CHAIN, None),
+    ("policy_in4", None),
+    ("policy_eg4", None),
+    ("policy_in6", None),
+    ("policy_eg6", None),
     (
         "guard",
         Some(Hook {
@@ -639,8 +776,15 @@ fn rules(services: &ServiceRules) -> Vec<Rule> {
         ]
     };
     let (first, last) = service_rules(services);
-    // The operator's restrictions come before anything berth allows.
-    let mut all = vec![rule("forward", "jump user", &[vec![jump(USER_CHAIN)]])];
+    // The operator's restrictions come before anything berth allows, then network policy.
+    let mut all = vec![
+        rule("forward", "jump user", &[vec![jump(USER_CHAIN)]]),
+        rule(
+            "forward",
+            &format!("jump {}", policy::CHAIN),
+            &[vec![jump(policy::CHAIN)]],
+        ),
+    ];
     // Services come first where they share a chain (see [`service_rules`]).
     all.extend(first);
     all.extend([
@@ -891,6 +1035,7 @@ fn rules(services: &ServiceRules) -> Vec<Rule> {
         ),
     ]);
     all.extend(last);
+    all.extend(policy::rules());
     all
 }
 
@@ -1297,6 +1442,15 @@ impl Forward {
     }
 }
 
+/// An address from its bytes (4 or 16).
+fn parse_ip(b: &[u8]) -> Option<IpAddr> {
+    match b.len() {
+        4 => Some(IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(b).ok()?))),
+        16 => Some(IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(b).ok()?))),
+        _ => None,
+    }
+}
+
 fn ip_bytes(ip: IpAddr) -> Vec<u8> {
     match ip {
         IpAddr::V4(v4) => v4.octets().to_vec(),
@@ -1317,10 +1471,12 @@ fn ifname_bytes(name: &str) -> Vec<u8> {
 }
 
 /// One element as the kernel holds it. An interval set holds a range as two: its first
-/// address and, flagged as the end, the first address after it.
+/// address and, flagged as the end, the first address after it; but an interval set of a
+/// concatenation holds it as one, from `key` to `key_end` (both included, field by field).
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Element {
     key: Vec<u8>,
+    key_end: Option<Vec<u8>>,
     data: Option<Data>,
     interval_end: bool,
 }
@@ -1381,9 +1537,10 @@ impl Data {
 /// start, end, start, end, as nft sends them.
 impl Ord for Element {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        (&self.key, !self.interval_end, &self.data).cmp(&(
+        (&self.key, !self.interval_end, &self.key_end, &self.data).cmp(&(
             &other.key,
             !other.interval_end,
+            &other.key_end,
             &other.data,
         ))
     }
@@ -1400,6 +1557,7 @@ impl Element {
     fn of(key: Vec<u8>) -> Element {
         Element {
             key,
+            key_end: None,
             data: None,
             interval_end: false,
         }
@@ -1450,9 +1608,8 @@ impl Member {
                 };
                 if let Some(end) = end {
                     out.push(Element {
-                        key: end,
-                        data: None,
                         interval_end: true,
+                        ..Element::of(end)
                     });
                 }
                 out
@@ -1465,9 +1622,8 @@ impl Member {
             Member::Forward(f) => {
                 let (key, data) = f.key_and_data();
                 vec![Element {
-                    key,
                     data: Some(Data::Value(data)),
-                    interval_end: false,
+                    ..Element::of(key)
                 }]
             }
         }
@@ -1556,7 +1712,7 @@ pub fn ruleset(networks: &[NetworkRules], forwards: &[Forward], services: &Servi
         }
         let _ = writeln!(s, "flush chain inet {TABLE} {chain}");
     }
-    for set in SETS.iter().filter(|s| !s.balanced) {
+    for set in SETS.iter().filter(|s| s.owner == Owner::Table) {
         let _ = writeln!(s, "flush {} inet {TABLE} {}", set.kind(), set.name);
     }
     for r in rules(services) {
@@ -1629,9 +1785,18 @@ fn set_spec_attrs(set: &SetSpec, as_dumped: bool) -> Vec<u8> {
             put_u32(&mut a, NFTA_SET_DATA_LEN, data_len);
         }
     }
-    if set.size > 0 {
+    if set.size > 0 || !set.fields.is_empty() {
         put_nested(&mut a, NFTA_SET_DESC, |d| {
-            put_u32(d, NFTA_SET_DESC_SIZE, set.size)
+            if set.size > 0 {
+                put_u32(d, NFTA_SET_DESC_SIZE, set.size);
+            }
+            if !set.fields.is_empty() {
+                put_nested(d, NFTA_SET_DESC_CONCAT, |c| {
+                    for len in set.fields {
+                        put_nested(c, NFTA_LIST_ELEM, |f| put_u32(f, NFTA_SET_FIELD_LEN, *len));
+                    }
+                });
+            }
         });
     }
     put_attr(&mut a, NFTA_SET_USERDATA, set.userdata);
@@ -1687,7 +1852,7 @@ pub fn install(
             format!("flush chain {chain}"),
         );
     }
-    for set in SETS.iter().filter(|s| !s.balanced) {
+    for set in SETS.iter().filter(|s| s.owner == Owner::Table) {
         b.push(
             NFT_MSG_DELSETELEM,
             0,
@@ -1715,7 +1880,7 @@ pub fn set_elements(
     services: &ServiceRules,
 ) -> Result<()> {
     let mut b = Batch::default();
-    for set in SETS.iter().filter(|s| !s.balanced) {
+    for set in SETS.iter().filter(|s| s.owner == Owner::Table) {
         b.push(
             NFT_MSG_DELSETELEM,
             0,
@@ -1752,6 +1917,11 @@ fn put_element(list: &mut Vec<u8>, e: &Element) {
         put_nested(el, NFTA_SET_ELEM_KEY, |k| {
             put_attr(k, NFTA_DATA_VALUE, &e.key)
         });
+        if let Some(end) = &e.key_end {
+            put_nested(el, NFTA_SET_ELEM_KEY_END, |k| {
+                put_attr(k, NFTA_DATA_VALUE, end)
+            });
+        }
         if let Some(data) = &e.data {
             put_nested(el, NFTA_SET_ELEM_DATA, |d| data.put(d));
         }
@@ -1802,9 +1972,10 @@ pub fn generation() -> Result<u32> {
 /// What differs between berth's table in the kernel and what [`install`] would write for
 /// these networks, forwards and services, one line each; empty when nothing does. Compares
 /// the table, the chains' hooks, every rule's expressions and every set's elements, but not
-/// the `user` chain's rules, nor the elements of the load balancer's maps (only that they
-/// are there, as declared) and its `remember_*` chains: those are the [`LoadBalancer`]'s to
-/// check. A change made while this reads shows as a difference too.
+/// the `user` chain's rules, nor the elements of the load balancer's maps and of the policy
+/// sets (only that they are there, as declared), nor the load balancer's `remember_*` chains:
+/// those are the [`LoadBalancer`]'s and the policy programmer's to check (see
+/// [`PolicySets::elements`]). A change made while this reads shows as a difference too.
 pub fn check(
     networks: &[NetworkRules],
     forwards: &[Forward],
@@ -1897,7 +2068,7 @@ pub fn check(
     }
 
     for (set, want) in SETS.iter().zip(elements(networks, forwards, services)) {
-        if set.balanced {
+        if set.owner != Owner::Table {
             let a = set_spec_attrs(set, true);
             match nl.get(NFT_MSG_GETSET, &a)? {
                 Err(errno) if errno == enoent() => {
@@ -1948,9 +2119,10 @@ fn read_elements(nl: &mut Nfnetlink, set: &str) -> Result<Result<(Vec<Element>, 
             return;
         };
         for (_, e) in attrs(list) {
-            let key = attr(e, NFTA_SET_ELEM_KEY).and_then(|v| attr(v, NFTA_DATA_VALUE));
+            let key = |kind| attr(e, kind).and_then(|v| attr(v, NFTA_DATA_VALUE));
             got.push(Element {
-                key: key.unwrap_or_default().to_vec(),
+                key: key(NFTA_SET_ELEM_KEY).unwrap_or_default().to_vec(),
+                key_end: key(NFTA_SET_ELEM_KEY_END).map(<[u8]>::to_vec),
                 data: attr(e, NFTA_SET_ELEM_DATA).and_then(Data::parse),
                 interval_end: attr_u32(e, NFTA_SET_ELEM_FLAGS).unwrap_or(0)
                     & NFT_SET_ELEM_INTERVAL_END
@@ -2009,10 +2181,9 @@ fn forward_batch(op: u16, forwards: &[Forward]) -> Batch {
             .map(|f| {
                 let (key, data) = f.key_and_data();
                 Element {
-                    key,
                     // A deletion names the key only.
                     data: (op == NFT_MSG_NEWSETELEM).then_some(Data::Value(data)),
-                    interval_end: false,
+                    ..Element::of(key)
                 }
             })
             .collect();
@@ -2079,6 +2250,21 @@ mod tests {
         // The load balancer's elements stay.
         assert!(!text.contains("flush map inet berth backends4"));
         assert!(text.contains("add map inet berth backends4 "));
+        // So do the policy programmer's; its chain comes right after the operator's.
+        assert!(!text.contains("flush set inet berth pol_"));
+        assert!(text.contains("add set inet berth pol_in_ports6 "));
+        let forward: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("add rule inet berth forward "))
+            .take(2)
+            .collect();
+        assert_eq!(
+            forward,
+            [
+                "add rule inet berth forward jump user",
+                "add rule inet berth forward jump policies"
+            ]
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! the agent agree on one meaning of every field, and so it can be tested without root.
 
 mod names;
+mod policy;
 mod ports;
 mod selector;
 mod service;
@@ -17,6 +18,10 @@ use serde::{Deserialize, Serialize};
 pub use names::{
     BRIDGE_PREFIX, IFNAME_MAX, TOMBSTONE_PREFIX, VETH_PREFIX, VXLAN_PREFIX, bridge_name,
     is_berth_link_name, tombstone_name, veth_name, vxlan_name,
+};
+pub use policy::{
+    NamedPort, Peer, Policy, PolicyFileError, PolicyPort, PolicyRule, PortRef,
+    parse_policy_documents,
 };
 pub use ports::{MAX_RANGE, PortMapping, Protocol, parse_publish};
 pub use selector::{Operator, Requirement, Selector};
@@ -245,6 +250,9 @@ pub struct Endpoint {
     /// Labels, for services and policies to select endpoints by.
     #[serde(default, skip_serializing_if = "Labels::is_empty")]
     pub labels: Labels,
+    /// Ports the endpoint names, which policies may refer to by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub named_ports: Vec<NamedPort>,
 }
 
 impl Endpoint {

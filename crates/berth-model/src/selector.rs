@@ -177,7 +177,7 @@ fn parse_requirement(part: &str) -> Result<Requirement, String> {
 }
 
 /// Keys and values follow the label rules, so a selector can match only what labels can be.
-fn check_key_and_values(r: &Requirement) -> Result<(), ModelError> {
+pub(crate) fn check_key_and_values(r: &Requirement) -> Result<(), ModelError> {
     let values: Vec<String> = match &r.op {
         Operator::Equals(v) | Operator::NotEquals(v) => vec![v.clone()],
         Operator::In(s) | Operator::NotIn(s) => s.iter().cloned().collect(),

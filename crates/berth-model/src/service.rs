@@ -80,18 +80,12 @@ impl PortName {
     pub fn as_str(&self) -> &str {
         std::str::from_utf8(&self.bytes[..usize::from(self.len)]).expect("checked ASCII")
     }
-}
 
-impl FromStr for PortName {
-    type Err = ModelError;
-    fn from_str(s: &str) -> Result<PortName, ModelError> {
-        let bad = |why| ModelError::InvalidServicePort {
-            given: s.to_string(),
-            why,
-        };
+    /// The name, or why it is none; each user of port names has its own error.
+    pub(crate) fn parse(s: &str) -> Result<PortName, &'static str> {
         let b = s.as_bytes();
         if b.is_empty() || b.len() > 15 {
-            return Err(bad("a port name is 1 to 15 characters"));
+            return Err("a port name is 1 to 15 characters");
         }
         if !b
             .iter()
@@ -101,15 +95,25 @@ impl FromStr for PortName {
             || b[b.len() - 1] == b'-'
             || s.contains("--")
         {
-            return Err(bad(
+            return Err(
                 "a port name is lower-case letters, digits and '-', with a letter, no '-' at either end and no \"--\"",
-            ));
+            );
         }
         let mut bytes = [0; 15];
         bytes[..b.len()].copy_from_slice(b);
         Ok(PortName {
             len: b.len() as u8,
             bytes,
+        })
+    }
+}
+
+impl FromStr for PortName {
+    type Err = ModelError;
+    fn from_str(s: &str) -> Result<PortName, ModelError> {
+        PortName::parse(s).map_err(|why| ModelError::InvalidServicePort {
+            given: s.to_string(),
+            why,
         })
     }
 }

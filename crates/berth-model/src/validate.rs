@@ -80,6 +80,12 @@ pub enum ModelError {
     InvalidService { name: String, why: String },
     #[error("invalid affinity timeout {0:?}: 1 second to 24h, as seconds or with s, m or h (3h)")]
     InvalidAffinityTimeout(String),
+    #[error("invalid policy {name:?}: {why}")]
+    InvalidPolicy { name: String, why: String },
+    #[error("invalid policy rule {given:?}: {why}")]
+    InvalidPolicyRule { given: String, why: String },
+    #[error("invalid named port {given:?}: {why}")]
+    InvalidNamedPort { given: String, why: &'static str },
 }
 
 /// Parses `ADDRESS/PREFIX` and insists on the canonical network form, as Docker does: a subnet

@@ -59,8 +59,16 @@ pub(super) const NFPROTO_IPV4: u8 = 2;
 pub(super) const NFPROTO_IPV6: u8 = 10;
 pub(super) const IPPROTO_TCP: u8 = 6;
 pub(super) const IPPROTO_UDP: u8 = 17;
+pub(super) const IPPROTO_ICMPV6: u8 = 58;
 /// `ct state` bits (`NF_CT_STATE_BIT`): established and related.
 pub(super) const CT_ESTABLISHED_RELATED: u32 = 0x2 | 0x4;
+/// `ct state new`
+pub(super) const CT_NEW: u32 = 0x8;
+/// `tcp flags`: where they are in the TCP header, and the bits of `fin | syn | rst | ack`
+/// and `syn`.
+pub(super) const TCP_FLAGS_OFFSET: u32 = 13;
+pub(super) const TCP_FIN_SYN_RST_ACK: u8 = 0x01 | 0x02 | 0x04 | 0x10;
+pub(super) const TCP_SYN: u8 = 0x02;
 /// `ct status dnat` (`IPS_DST_NAT`).
 pub(super) const IPS_DST_NAT: u32 = 0x20;
 /// `fib ... type local` (`RTN_LOCAL`).
@@ -70,6 +78,7 @@ const NF_DROP: i32 = 0;
 const NF_ACCEPT: i32 = 1;
 pub(super) const NFT_JUMP: i32 = -3;
 pub(super) const NFT_GOTO: i32 = -4;
+const NFT_RETURN: i32 = -5;
 
 /// `reject with tcp reset` (`NFT_REJECT_TCP_RST`).
 pub(super) const REJECT_TCP_RST: u32 = 1;
@@ -95,6 +104,17 @@ pub(super) static L4_PROTOCOLS: AnonSet = AnonSet {
     elements: &[&[6], &[17], &[132]],
     userdata: &[
         0, 4, 1, 0, 0, 0, 3, 14, 0, 4, 9, 0, 0, 0, 1, 6, 0, 4, 16, 0, 0, 0,
+    ],
+};
+
+/// The `{ nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert }` of
+/// `icmpv6 type { ... }`: neighbour discovery and router solicitation and advertisement.
+pub(super) static ICMPV6_ND: AnonSet = AnonSet {
+    key_type: 29, // icmpv6_type
+    key_len: 1,
+    elements: &[&[133], &[134], &[135], &[136]],
+    userdata: &[
+        0, 4, 2, 0, 0, 0, 3, 20, 0, 4, 7, 0, 0, 0, 1, 12, 0, 4, 14, 0, 0, 0, 1, 4, 1, 0, 0, 0,
     ],
 };
 
@@ -138,8 +158,12 @@ pub(super) enum Expr {
         dreg: u32,
         original: bool,
     },
-    /// `[ bitwise reg R = ( reg R & MASK ) ^ 0 ]` on a host-order 32-bit value.
-    And { reg: u32, mask: u32 },
+    /// `[ bitwise reg R = ( reg R & MASK ) ^ 0 ]`, as long as the mask.
+    And { reg: u32, mask: Vec<u8> },
+    /// `[ byteorder reg R = hton(reg R, SIZE, LEN) ]`
+    Hton { reg: u32, size: u32, len: u32 },
+    /// `[ counter pkts 0 bytes 0 ]`
+    Counter,
     /// `[ payload load LEN b @ BASE header + OFFSET => reg DREG ]`
     Payload {
         base: Base,
@@ -255,6 +279,14 @@ pub(super) fn jump(chain: &str) -> Expr {
     }
 }
 
+/// `return`: on with the rule after the `jump` that led here.
+pub(super) fn ret() -> Expr {
+    Expr::Verdict {
+        code: NFT_RETURN,
+        chain: None,
+    }
+}
+
 pub(super) fn goto(chain: &str) -> Expr {
     Expr::Verdict {
         code: NFT_GOTO,
@@ -286,8 +318,39 @@ pub(super) fn ct_original(key: CtKey, dreg: u32) -> Expr {
     }
 }
 
+/// `cmp neq reg SREG VALUE`
+pub(super) fn cmp_neq(sreg: u32, value: &[u8]) -> Expr {
+    Expr::Cmp {
+        sreg,
+        neq: true,
+        value: value.to_vec(),
+    }
+}
+
+/// A mask on a host-order 32-bit value.
 pub(super) fn and(reg: u32, mask: u32) -> Expr {
-    Expr::And { reg, mask }
+    Expr::And {
+        reg,
+        mask: mask.to_ne_bytes().to_vec(),
+    }
+}
+
+/// A mask on one byte.
+pub(super) fn and_u8(reg: u32, mask: u8) -> Expr {
+    Expr::And {
+        reg,
+        mask: vec![mask],
+    }
+}
+
+/// What nft puts after a host-order value in the key of an interval set (whose ranges the
+/// kernel compares in network order): `len` bytes as `size`-byte words.
+pub(super) fn hton(reg: u32, size: u32, len: u32) -> Expr {
+    Expr::Hton { reg, size, len }
+}
+
+pub(super) fn counter() -> Expr {
+    Expr::Counter
 }
 
 pub(super) fn payload(base: Base, offset: u32, len: u32, dreg: u32) -> Expr {
@@ -374,6 +437,8 @@ impl Expr {
             Expr::Verdict { .. } | Expr::Immediate { .. } => "immediate",
             Expr::Ct { .. } => "ct",
             Expr::And { .. } => "bitwise",
+            Expr::Hton { .. } => "byteorder",
+            Expr::Counter => "counter",
             Expr::Payload { .. } => "payload",
             Expr::FibDaddrType { .. } => "fib",
             Expr::Nat { .. } => "nat",
@@ -451,11 +516,18 @@ impl Expr {
             Expr::And { reg, mask } => {
                 put_u32(&mut d, 1, *reg); // NFTA_BITWISE_SREG
                 put_u32(&mut d, 2, *reg); // NFTA_BITWISE_DREG
-                put_u32(&mut d, 3, 4); // NFTA_BITWISE_LEN
-                put_nested(&mut d, 4, |v| {
-                    put_attr(v, NFTA_DATA_VALUE, &mask.to_ne_bytes())
+                put_u32(&mut d, 3, mask.len() as u32); // NFTA_BITWISE_LEN
+                put_nested(&mut d, 4, |v| put_attr(v, NFTA_DATA_VALUE, mask)); // NFTA_BITWISE_MASK
+                put_nested(&mut d, 5, |v| {
+                    put_attr(v, NFTA_DATA_VALUE, &vec![0; mask.len()]) // NFTA_BITWISE_XOR
                 });
-                put_nested(&mut d, 5, |v| put_attr(v, NFTA_DATA_VALUE, &[0; 4]));
+            }
+            Expr::Hton { reg, size, len } => {
+                put_u32(&mut d, 1, *reg); // NFTA_BYTEORDER_SREG
+                put_u32(&mut d, 2, *reg); // NFTA_BYTEORDER_DREG
+                put_u32(&mut d, 3, 1); // NFTA_BYTEORDER_OP: NFT_BYTEORDER_HTON
+                put_u32(&mut d, 4, *len); // NFTA_BYTEORDER_LEN
+                put_u32(&mut d, 5, *size); // NFTA_BYTEORDER_SIZE
             }
             Expr::Payload {
                 base,
@@ -509,7 +581,8 @@ impl Expr {
                     put_attr(&mut d, 2, &[*code]); // NFTA_REJECT_ICMP_CODE
                 }
             }
-            Expr::Masq | Expr::Notrack => return None,
+            // A counter starts at 0, and what it counted is no part of what a rule is.
+            Expr::Masq | Expr::Notrack | Expr::Counter => return None,
         }
         Some(d)
     }

@@ -14,6 +14,8 @@ use crate::{DataplaneError, Result};
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 const NFNL_MSG_BATCH_END: u16 = 0x11;
+/// A batch's condition: the generation it was made at (`NFNL_BATCH_GENID`).
+const NFNL_BATCH_GENID: u16 = 1;
 pub(super) const NFT_MSG_NEWTABLE: u16 = 0;
 pub(super) const NFT_MSG_GETTABLE: u16 = 1;
 pub(super) const NFT_MSG_NEWCHAIN: u16 = 3;
@@ -44,6 +46,7 @@ pub(super) const NFTA_SET_ELEM_LIST_SET_ID: u16 = 4;
 pub(super) const NFTA_SET_ELEM_KEY: u16 = 1;
 pub(super) const NFTA_SET_ELEM_DATA: u16 = 2;
 pub(super) const NFTA_SET_ELEM_FLAGS: u16 = 3;
+pub(super) const NFTA_SET_ELEM_KEY_END: u16 = 10;
 pub(super) const NFT_SET_ELEM_INTERVAL_END: u32 = 1;
 const NLA_F_NESTED: u16 = 0x8000;
 const NLM_F_REQUEST: u16 = 1;
@@ -167,9 +170,21 @@ pub(super) fn enoent() -> i32 {
 pub(super) struct Batch {
     /// `(NFT_MSG_*, extra flags, attributes, what it does, for errors)`
     messages: Vec<(u16, u16, Vec<u8>, String)>,
+    /// The generation the batch is for: the kernel refuses it (`ERESTART`) if any change was
+    /// made since.
+    generation: Option<u32>,
 }
 
 impl Batch {
+    /// A batch that the kernel applies only if nftables is still at `generation` (see
+    /// [`Nfnetlink::generation`]): one made of what was read then.
+    pub(super) fn at_generation(generation: u32) -> Batch {
+        Batch {
+            generation: Some(generation),
+            ..Batch::default()
+        }
+    }
+
     pub(super) fn push(&mut self, kind: u16, flags: u16, attrs: Vec<u8>, what: String) {
         self.messages.push((kind, flags, attrs, what));
     }
@@ -268,13 +283,17 @@ impl Nfnetlink {
             return Ok(());
         }
         let mut out = Vec::new();
+        let mut condition = Vec::new();
+        if let Some(generation) = batch.generation {
+            put_u32(&mut condition, NFNL_BATCH_GENID, generation);
+        }
         let begin = self.message(
             &mut out,
             NFNL_MSG_BATCH_BEGIN,
             NLM_F_REQUEST,
             0,
             NFNL_SUBSYS_NFTABLES,
-            &[],
+            &condition,
         );
         // Only the last message asks for an acknowledgement: the kernel answers a refused
         // message anyway, and thousands of acknowledgements would overflow the receive buffer.

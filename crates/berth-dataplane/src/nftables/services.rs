@@ -18,7 +18,7 @@
 //! to themselves are masqueraded.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 
 use berth_model::Protocol;
 
@@ -30,7 +30,8 @@ use super::nfnl::{
 use super::{
     Data, Element, NFTA_CHAIN_NAME, NFTA_CHAIN_TABLE, NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS,
     NFTA_RULE_TABLE, REMEMBER_PREFIX, TABLE, chain_attrs, expr, ip_bytes, lb_chain, lb_prefix,
-    port_bytes, push_elements, push_rule, read_elements, remember_chain, remember_rules, spec,
+    parse_ip, port_bytes, push_elements, push_rule, read_elements, remember_chain, remember_rules,
+    spec,
 };
 use crate::{DataplaneError, Result};
 
@@ -222,14 +223,6 @@ const MAPS: [[Maps; 2]; 2] = [
     ],
 ];
 
-fn parse_ip(b: &[u8]) -> Option<IpAddr> {
-    match b.len() {
-        4 => Some(IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(b).ok()?))),
-        16 => Some(IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(b).ok()?))),
-        _ => None,
-    }
-}
-
 /// An address and a port as a map value holds them.
 fn addr_port(addr: IpAddr, port: u16) -> Vec<u8> {
     let mut v = ip_bytes(addr);
@@ -354,9 +347,8 @@ impl Changes {
 
     fn add(&mut self, map: &'static str, key: Vec<u8>, data: Option<Data>) {
         self.add.entry(map).or_default().push(Element {
-            key,
             data,
-            interval_end: false,
+            ..Element::of(key)
         });
     }
 
@@ -965,6 +957,7 @@ fn gone(f: &Frontend, old: &Entry, new: &Entry) -> Vec<(Frontend, Backend)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
 
     fn b(last: u8) -> Backend {
         Backend {

@@ -1,0 +1,652 @@
+//! Network policy against the real kernel, with real traffic. The test builds its own private
+//! namespaces with `ip netns add` (deleted by a guard, also when an assertion fails): a "host"
+//! with berth's table and a bridge `br0` whose traffic passes netfilter (as berth's bridges'
+//! does), and containers a, b and c on it. The test's thread enters the host; clients and
+//! servers are sockets made on threads that enter the containers' namespaces. The machine's own
+//! network namespace is never touched.
+
+mod common;
+
+use common::{exec, ip, output, run};
+
+use std::fs::File;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use berth_dataplane::Netlink;
+use berth_dataplane::conntrack;
+use berth_dataplane::nftables::{
+    self, Backend, Frontend, LoadBalancer, NetworkRules, Pool, ServiceRules,
+};
+use berth_model::Protocol::{self, Tcp};
+use berth_policy::{
+    AddrRange,
+    Direction::{self, Egress, Ingress},
+    PolicyElement,
+};
+use nix::sched::{CloneFlags, setns};
+
+/// How long a connection that should not happen is waited for.
+const BLOCKED: Duration = Duration::from_millis(400);
+/// How long one that should happen may take, at most.
+const ALLOWED: Duration = Duration::from_secs(3);
+
+/// Private namespaces, deleted when dropped.
+struct Lab {
+    /// `(role, namespace)`
+    names: Vec<(String, String)>,
+}
+
+impl Lab {
+    /// A host with `br0` (10.60.0.1, fd60::1) and containers a, b, c on it (10.60.0.2 to .4,
+    /// fd60::2 to ::4). The calling thread enters the host.
+    fn new(tag: &str) -> Lab {
+        let mut lab = Lab { names: Vec::new() };
+        for role in ["h", "a", "b", "c"] {
+            let name = format!("bpo{}{tag}{role}", std::process::id());
+            // Recorded before it exists, so a half-made lab is still cleaned up.
+            lab.names.push((role.to_string(), name.clone()));
+            run("ip", &["netns", "add", &name]);
+            for (key, value) in [
+                ("net.ipv6.conf.all.accept_dad", "0"),
+                ("net.ipv6.conf.default.accept_dad", "0"),
+                ("net.ipv4.ip_forward", "1"),
+                ("net.ipv6.conf.all.forwarding", "1"),
+            ] {
+                exec(&name, &["sysctl", "-qw", &format!("{key}={value}")]);
+            }
+            ip(&name, &["link", "set", "lo", "up"]);
+        }
+        let h = lab.ns("h");
+        ip(&h, &["link", "add", "br0", "type", "bridge"]);
+        ip(&h, &["addr", "add", "10.60.0.1/24", "dev", "br0"]);
+        ip(&h, &["addr", "add", "fd60::1/64", "dev", "br0", "nodad"]);
+        ip(&h, &["link", "set", "br0", "up"]);
+        for (i, role) in ["a", "b", "c"].into_iter().enumerate() {
+            let ns = lab.ns(role);
+            let host_if = format!("v{role}");
+            ip(
+                &h,
+                &[
+                    "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+                ],
+            );
+            ip(&h, &["link", "set", &host_if, "master", "br0"]);
+            ip(&h, &["link", "set", &host_if, "up"]);
+            let v4 = format!("10.60.0.{}/24", i + 2);
+            let v6 = format!("fd60::{}/64", i + 2);
+            ip(&ns, &["addr", "add", &v4, "dev", "eth0"]);
+            ip(&ns, &["addr", "add", &v6, "dev", "eth0", "nodad"]);
+            ip(&ns, &["link", "set", "eth0", "up"]);
+            ip(&ns, &["route", "add", "default", "via", "10.60.0.1"]);
+            ip(&ns, &["-6", "route", "add", "default", "via", "fd60::1"]);
+        }
+        enter(&h);
+        Netlink::open()
+            .unwrap()
+            .set_bridge_netfilter("br0")
+            .unwrap();
+        lab
+    }
+
+    fn ns(&self, role: &str) -> String {
+        let (_, name) = self.names.iter().find(|(r, _)| r == role).expect("a role");
+        name.clone()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for (_, n) in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+    }
+}
+
+/// Moves this thread into namespace `ns`.
+fn enter(ns: &str) {
+    let f = File::open(format!("/run/netns/{ns}")).unwrap();
+    setns(&f, CloneFlags::CLONE_NEWNET).unwrap();
+}
+
+/// Runs `f` on a thread in namespace `ns`.
+fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let ns = ns.to_string();
+    std::thread::spawn(move || {
+        enter(&ns);
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+fn networks() -> Vec<NetworkRules> {
+    vec![NetworkRules {
+        bridge: "br0".into(),
+        internal: false,
+        subnets: vec![
+            "10.60.0.0/24".parse().unwrap(),
+            "fd60::/64".parse().unwrap(),
+        ],
+        dns: vec![],
+    }]
+}
+
+fn services() -> ServiceRules {
+    ServiceRules {
+        ranges: vec!["10.96.0.0/16".parse().unwrap()],
+        ..ServiceRules::default()
+    }
+}
+
+fn install() {
+    nftables::install(&networks(), &[], &services()).unwrap();
+}
+
+fn sa(addr: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(addr.parse().unwrap(), port)
+}
+
+/// A TCP server on every address of namespace `ns`.
+fn listen(ns: &str, port: u16) -> TcpListener {
+    in_ns(ns, move || TcpListener::bind(("::", port)).unwrap())
+}
+
+fn tcp(ns: &str, to: SocketAddr, wait: Duration) -> std::io::Result<TcpStream> {
+    in_ns(ns, move || TcpStream::connect_timeout(&to, wait))
+}
+
+/// A connection from `ns` that must happen.
+fn connects(ns: &str, to: SocketAddr) -> TcpStream {
+    tcp(ns, to, ALLOWED).unwrap_or_else(|e| panic!("{ns} to {to}: {e}"))
+}
+
+/// A connection from `ns` that must not happen: its SYN is dropped, not refused.
+fn blocked(ns: &str, to: SocketAddr) {
+    match tcp(ns, to, BLOCKED) {
+        Err(e) if e.kind() == ErrorKind::TimedOut => {}
+        other => panic!("{ns} to {to}: {other:?}"),
+    }
+}
+
+/// The connection of `client` that `listener` has queued (earlier ones are accepted and
+/// dropped).
+fn accept(listener: &TcpListener, client: &TcpStream) -> TcpStream {
+    let want = client.local_addr().unwrap();
+    loop {
+        let (s, peer) = listener.accept().unwrap();
+        if peer.ip().to_canonical() == want.ip() && peer.port() == want.port() {
+            return s;
+        }
+    }
+}
+
+/// Whether one byte written to `from` arrives at `to` soon enough.
+fn arrives(from: &mut TcpStream, to: &mut TcpStream, wait: Duration) -> bool {
+    from.write_all(b"x").unwrap();
+    to.set_read_timeout(Some(wait)).unwrap();
+    let mut buf = [0; 1];
+    match to.read(&mut buf) {
+        Ok(n) => n == 1,
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => false,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// Whether a datagram from namespace `ns` reaches `server` (at `to`).
+fn udp_arrives(ns: &str, server: &UdpSocket, to: SocketAddr) -> bool {
+    let client = in_ns(ns, move || {
+        let any = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+        UdpSocket::bind(any).unwrap()
+    });
+    client.send_to(b"x", to).unwrap();
+    server.set_read_timeout(Some(BLOCKED)).unwrap();
+    server.recv_from(&mut [0; 16]).is_ok()
+}
+
+/// Whether namespace `ns` gets an answer to one ping within `wait`.
+fn pings(ns: &str, to: &str, wait: Duration) -> bool {
+    let wait = format!("{:.1}", wait.as_secs_f32());
+    output(
+        "ip",
+        &[
+            "netns", "exec", ns, "ping", "-n", "-c", "1", "-W", &wait, to,
+        ],
+    )
+    .status
+    .success()
+}
+
+fn addr(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn isolated(direction: Direction, target: &str) -> PolicyElement {
+    PolicyElement::Isolated {
+        direction,
+        target: addr(target),
+    }
+}
+
+fn one(peer: &str) -> AddrRange {
+    AddrRange {
+        first: addr(peer),
+        last: addr(peer),
+    }
+}
+
+fn any(direction: Direction, target: &str, peer: &str) -> PolicyElement {
+    PolicyElement::Any {
+        direction,
+        target: addr(target),
+        peers: one(peer),
+    }
+}
+
+fn port(
+    direction: Direction,
+    target: &str,
+    peer: &str,
+    protocol: Protocol,
+    port: u16,
+) -> PolicyElement {
+    PolicyElement::Ports {
+        direction,
+        target: addr(target),
+        peers: one(peer),
+        protocol,
+        ports: (port, port),
+    }
+}
+
+/// The kernel holds exactly `want`, and the rest of the table is as installed.
+fn holds(want: &[PolicyElement]) {
+    let mut want = want.to_vec();
+    want.sort();
+    assert_eq!(nftables::PolicySets::new().elements().unwrap(), want);
+    assert_eq!(
+        nftables::check(&networks(), &[], &services()).unwrap(),
+        Vec::<String>::new()
+    );
+}
+
+/// What `counter drop` in chain `chain` counted.
+fn dropped(chain: &str) -> u64 {
+    let text = run("nft", &["list", "chain", "inet", "berth", chain]);
+    let at = text.find("counter packets ").expect("a counter") + "counter packets ".len();
+    text[at..].split(' ').next().unwrap().parse().unwrap()
+}
+
+const A: &str = "10.60.0.2";
+const B: &str = "10.60.0.3";
+const C: &str = "10.60.0.4";
+const GW: &str = "10.60.0.1";
+const A6: &str = "fd60::2";
+const B6: &str = "fd60::3";
+
+#[test]
+fn policy_isolates_allows_and_revokes() {
+    let lab = Lab::new("p");
+    let (a, b, c) = (lab.ns("a"), lab.ns("b"), lab.ns("c"));
+    let web_b = listen(&b, 8080);
+    let _admin_b = listen(&b, 8081);
+    let _web_c = listen(&c, 8080);
+    let web_a = listen(&a, 9000);
+    let gateway = TcpListener::bind(("::", 8080)).unwrap();
+    let udp_b = in_ns(&b, || UdpSocket::bind(("::", 8080)).unwrap());
+
+    // No elements: everything passes.
+    install();
+    holds(&[]);
+    connects(&a, sa(B, 8080));
+    assert!(pings(&a, B, ALLOWED));
+
+    // B isolated for ingress: nothing reaches it, but its own connections and their
+    // replies pass.
+    let iso_b = isolated(Ingress, B);
+    nftables::PolicySets::new().apply(&[], &[iso_b]).unwrap();
+    holds(&[iso_b]);
+    blocked(&a, sa(B, 8080));
+    blocked(&c, sa(B, 8080));
+    assert!(!pings(&a, B, BLOCKED));
+    assert!(pings(&b, A, ALLOWED));
+    let mut out = connects(&b, sa(A, 9000));
+    let mut there = accept(&web_a, &out);
+    assert!(arrives(&mut out, &mut there, ALLOWED) && arrives(&mut there, &mut out, ALLOWED));
+    assert!(dropped("policy_in4") > 0);
+
+    // Port 8080 over TCP from A: that, and nothing else.
+    let web_from_a = port(Ingress, B, A, Tcp, 8080);
+    nftables::PolicySets::new()
+        .apply(&[], &[web_from_a])
+        .unwrap();
+    holds(&[iso_b, web_from_a]);
+    connects(&a, sa(B, 8080));
+    blocked(&a, sa(B, 8081));
+    blocked(&c, sa(B, 8080));
+    assert!(!udp_arrives(&a, &udp_b, sa(B, 8080)));
+    // Anything from A: ping and UDP too, until it is taken back.
+    let all_from_a = any(Ingress, B, A);
+    nftables::PolicySets::new()
+        .apply(&[], &[all_from_a])
+        .unwrap();
+    assert!(pings(&a, B, ALLOWED));
+    assert!(udp_arrives(&a, &udp_b, sa(B, 8080)));
+    nftables::PolicySets::new()
+        .apply(&[all_from_a], &[])
+        .unwrap();
+    assert!(!udp_arrives(&a, &udp_b, sa(B, 8080)));
+    holds(&[iso_b, web_from_a]);
+
+    // Revoked with two connections open, whose flows are then deleted: neither a client's
+    // next segment nor (picked up by conntrack as a connection of B's) a server's arrives.
+    let mut c1 = connects(&a, sa(B, 8080));
+    let mut s1 = accept(&web_b, &c1);
+    let mut c2 = connects(&a, sa(B, 8080));
+    let mut s2 = accept(&web_b, &c2);
+    assert!(arrives(&mut c1, &mut s1, ALLOWED) && arrives(&mut c2, &mut s2, ALLOWED));
+    nftables::PolicySets::new()
+        .apply(&[web_from_a], &[])
+        .unwrap();
+    assert!(
+        arrives(&mut c1, &mut s1, ALLOWED),
+        "established flows go on"
+    );
+    let sports = [
+        c1.local_addr().unwrap().port(),
+        c2.local_addr().unwrap().port(),
+    ];
+    let condemned = |t: &conntrack::FlowTuple| {
+        t.protocol == 6
+            && t.src == addr(A)
+            && t.dst == addr(B)
+            && t.dport == Some(8080)
+            && t.sport.is_some_and(|p| sports.contains(&p))
+    };
+    assert_eq!(
+        conntrack::delete_flows_where(true, false, condemned).unwrap(),
+        2
+    );
+    assert!(!arrives(&mut c1, &mut s1, Duration::from_secs(1)));
+    assert!(!arrives(&mut s2, &mut c2, Duration::from_secs(1)));
+    blocked(&a, sa(B, 8080));
+    holds(&[iso_b]);
+
+    // The same through a service: the flow is found by where it was forwarded to (B, not the
+    // virtual IP), and ends with the permission.
+    let vip = Frontend::Vip {
+        vip: addr("10.96.0.10"),
+        protocol: Tcp,
+        port: 80,
+    };
+    let to_b = Backend {
+        addr: addr(B),
+        port: 8080,
+        local: false,
+    };
+    let pool = Pool {
+        backends: [to_b].into(),
+        affinity: None,
+    };
+    let mut lb = LoadBalancer::from_kernel().unwrap();
+    lb.apply(&[(vip, Some(pool))]).unwrap();
+    nftables::PolicySets::new()
+        .apply(&[], &[web_from_a])
+        .unwrap();
+    let mut c3 = connects(&a, sa("10.96.0.10", 80));
+    let mut s3 = accept(&web_b, &c3);
+    assert!(arrives(&mut c3, &mut s3, ALLOWED));
+    nftables::PolicySets::new()
+        .apply(&[web_from_a], &[])
+        .unwrap();
+    let sport = c3.local_addr().unwrap().port();
+    let condemned = |t: &conntrack::FlowTuple| {
+        t.src == addr(A) && t.sport == Some(sport) && t.dst == addr(B) && t.dport == Some(8080)
+    };
+    assert_eq!(
+        conntrack::delete_flows_where(true, false, condemned).unwrap(),
+        1
+    );
+    assert!(!arrives(&mut c3, &mut s3, Duration::from_secs(1)));
+    lb.apply(&[(vip, None)]).unwrap();
+    holds(&[iso_b]);
+
+    // A isolated for egress, allowed to B's port 8080 only: not to C, nor to its gateway
+    // (the host, through `input`); connections to A still pass, and its answers.
+    let egress = [
+        iso_b,
+        web_from_a,
+        isolated(Egress, A),
+        port(Egress, A, B, Tcp, 8080),
+    ];
+    let generation = nftables::generation().unwrap();
+    nftables::PolicySets::new().replace(&egress).unwrap();
+    assert_eq!(nftables::generation().unwrap(), generation + 1, "one batch");
+    holds(&egress);
+    connects(&a, sa(B, 8080));
+    blocked(&a, sa(C, 8080));
+    blocked(&a, sa(GW, 8080));
+    let mut into_a = connects(&c, sa(A, 9000));
+    let mut at_a = accept(&web_a, &into_a);
+    assert!(arrives(&mut into_a, &mut at_a, ALLOWED) && arrives(&mut at_a, &mut into_a, ALLOWED));
+    connects(&c, sa(GW, 8080));
+    drop(gateway);
+
+    // A swap, all at once: now only C reaches B, and A is free again. Someone else's element,
+    // which is no policy element, goes too; a second replace has nothing to write.
+    run(
+        "nft",
+        &[
+            "add",
+            "element",
+            "inet",
+            "berth",
+            "pol_in_ports4",
+            "{ 10.60.0.3 . 10.60.0.9 . icmp . 0 }",
+        ],
+    );
+    assert!(nftables::PolicySets::new().elements().is_err());
+    let swapped = [iso_b, any(Ingress, B, C)];
+    let generation = nftables::generation().unwrap();
+    nftables::PolicySets::new().replace(&swapped).unwrap();
+    assert_eq!(nftables::generation().unwrap(), generation + 1, "one batch");
+    holds(&swapped);
+    nftables::PolicySets::new().replace(&swapped).unwrap();
+    assert_eq!(
+        nftables::generation().unwrap(),
+        generation + 1,
+        "nothing written"
+    );
+    connects(&c, sa(B, 8080));
+    connects(&a, sa(C, 8080));
+    blocked(&a, sa(B, 8080));
+
+    // A daemon restart installs the table again: the elements stay, and so does enforcement.
+    install();
+    holds(&swapped);
+    blocked(&a, sa(B, 8080));
+
+    // IPv6, every end isolated both ways: neighbour discovery still works, and so does what
+    // is allowed, and only that.
+    for ns in [&a, &b, &c] {
+        ip(ns, &["-6", "neigh", "flush", "all"]);
+    }
+    let mut v6 = vec![
+        port(Ingress, B6, A6, Tcp, 8080),
+        port(Egress, A6, B6, Tcp, 8080),
+    ];
+    for target in [A6, B6] {
+        v6.extend([isolated(Ingress, target), isolated(Egress, target)]);
+    }
+    nftables::PolicySets::new().apply(&[], &v6).unwrap();
+    let mut everything = swapped.to_vec();
+    everything.extend(&v6);
+    holds(&everything);
+    let start = Instant::now();
+    connects(&a, sa(B6, 8080));
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        start.elapsed()
+    );
+    blocked(&a, sa(B6, 8081));
+    blocked(&c, sa(B6, 8080));
+    assert!(!pings(&a, B6, BLOCKED));
+    assert!(dropped("policy_in6") > 0);
+    drop(lab);
+}
+
+/// What programming policy costs: one element added or removed next to 0 and 10,000 others;
+/// 10,000 written into empty sets, over themselves, over 10,000 others, and taken away, each
+/// at once; and read back. A benchmark, not a test (medians printed):
+/// `cargo test --release -p berth-dataplane --test policy -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn policy_cost() {
+    nix::sched::unshare(CloneFlags::CLONE_NEWNET).expect("unshare: tests run as root");
+    nftables::install(&[], &[], &ServiceRules::default()).unwrap();
+    // 1,000 targets with 10 elements each.
+    let peers = AddrRange {
+        first: addr("10.200.0.0"),
+        last: addr("10.200.0.255"),
+    };
+    let mut many = Vec::new();
+    for i in 0..1000u32 {
+        let target = IpAddr::V4(std::net::Ipv4Addr::from(0x0a64_0000 + i));
+        let ports = |direction, protocol, ports| PolicyElement::Ports {
+            direction,
+            target,
+            peers,
+            protocol,
+            ports,
+        };
+        many.extend([
+            PolicyElement::Isolated {
+                direction: Ingress,
+                target,
+            },
+            PolicyElement::Isolated {
+                direction: Egress,
+                target,
+            },
+            PolicyElement::Any {
+                direction: Ingress,
+                target,
+                peers: one("10.201.0.1"),
+            },
+            ports(Ingress, Tcp, (80, 80)),
+            ports(Ingress, Tcp, (443, 443)),
+            ports(Ingress, Tcp, (8000, 8100)),
+            ports(Ingress, Protocol::Udp, (53, 53)),
+            ports(Egress, Tcp, (5432, 5432)),
+            ports(Egress, Protocol::Udp, (53, 53)),
+            ports(Egress, Protocol::Sctp, (9000, 9999)),
+        ]);
+    }
+    let time = |f: &mut dyn FnMut()| {
+        let start = Instant::now();
+        f();
+        start.elapsed()
+    };
+    let median = |mut times: Vec<Duration>| {
+        times.sort();
+        times[times.len() / 2]
+    };
+    let extra = port(Ingress, "10.99.0.1", "10.99.0.2", Tcp, 8080);
+    let mut sets = nftables::PolicySets::new();
+    let mut single = |others: usize| {
+        let (mut add, mut remove) = (Vec::new(), Vec::new());
+        for _ in 0..41 {
+            add.push(time(&mut || sets.apply(&[], &[extra]).unwrap()));
+            remove.push(time(&mut || sets.apply(&[extra], &[]).unwrap()));
+        }
+        println!(
+            "apply_policy next to {others} elements: add one {:?}, remove one {:?} (medians of 41)",
+            median(add),
+            median(remove)
+        );
+    };
+    single(0);
+    let n = many.len();
+    // The same again on other targets: every element differs.
+    let other: Vec<PolicyElement> = many.iter().map(|e| moved(*e)).collect();
+    let mut fill = Vec::new();
+    let mut same = Vec::new();
+    let mut swap = Vec::new();
+    let mut flush = Vec::new();
+    for _ in 0..3 {
+        fill.push(time(&mut || {
+            nftables::PolicySets::new().replace(&many).unwrap()
+        }));
+        same.push(time(&mut || {
+            nftables::PolicySets::new().replace(&many).unwrap()
+        }));
+        swap.push(time(&mut || {
+            nftables::PolicySets::new().replace(&other).unwrap()
+        }));
+        flush.push(time(&mut || {
+            nftables::PolicySets::new().replace(&[]).unwrap()
+        }));
+    }
+    println!(
+        "replace_policy of {n} elements (medians of 3): into empty sets {:?}, over the same {:?}, \
+         over {n} others {:?}; to none from {n} {:?}",
+        median(fill),
+        median(same),
+        median(swap),
+        median(flush)
+    );
+    nftables::PolicySets::new().replace(&many).unwrap();
+    single(n);
+    let read = median(
+        (0..5)
+            .map(|_| {
+                time(&mut || {
+                    assert_eq!(
+                        nftables::PolicySets::new().elements().unwrap().len(),
+                        many.len()
+                    )
+                })
+            })
+            .collect(),
+    );
+    println!("policy_elements of {}: {read:?} (median of 5)", many.len());
+}
+
+/// The element of the target 4,096 addresses on (none of the benchmark's own).
+fn moved(e: PolicyElement) -> PolicyElement {
+    let on = |t: IpAddr| match t {
+        IpAddr::V4(v4) => IpAddr::V4((u32::from(v4) + 4096).into()),
+        IpAddr::V6(_) => t,
+    };
+    match e {
+        PolicyElement::Isolated { direction, target } => PolicyElement::Isolated {
+            direction,
+            target: on(target),
+        },
+        PolicyElement::Any {
+            direction,
+            target,
+            peers,
+        } => PolicyElement::Any {
+            direction,
+            target: on(target),
+            peers,
+        },
+        PolicyElement::Ports {
+            direction,
+            target,
+            peers,
+            protocol,
+            ports,
+        } => PolicyElement::Ports {
+            direction,
+            target: on(target),
+            peers,
+            protocol,
+            ports,
+        },
+    }
+}
