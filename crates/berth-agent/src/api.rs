@@ -13,7 +13,9 @@ use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use berth_api::{Attach, CreateNetwork, CreateSandbox, CreateService, Detach, ErrorBody, Gc};
+use berth_api::{
+    Attach, CreateNetwork, CreateSandbox, CreateService, Detach, ErrorBody, Gc, Policy,
+};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -120,6 +122,12 @@ pub fn router(agent: Arc<Agent>) -> Router {
             "/v1/services/{name}",
             get(get_service).delete(delete_service),
         )
+        .route("/v1/policies", get(list_policies).post(create_policy))
+        .route(
+            "/v1/policies/{name}",
+            get(get_policy).put(apply_policy).delete(delete_policy),
+        )
+        .route("/v1/explain", get(explain_policy))
         .route("/v1/hosts", get(list_hosts))
         .route("/v1/hosts/{id}", axum::routing::delete(remove_host))
         .route("/v1/detach", post(detach))
@@ -192,6 +200,62 @@ async fn delete_service(
 ) -> Result<Response, AgentError> {
     a.delete_service(&name).await?;
     Ok(ok(StatusCode::OK, serde_json::json!({ "removed": name })))
+}
+
+async fn list_policies(
+    State(a): Shared,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, AgentError> {
+    Ok(ok(
+        StatusCode::OK,
+        a.policies(q.get("network").map(String::as_str)).await?,
+    ))
+}
+
+async fn create_policy(State(a): Shared, body: Bytes) -> Result<Response, AgentError> {
+    let policy: Policy = parse(&body)?;
+    Ok(ok(StatusCode::CREATED, a.put_policy(policy, false).await?))
+}
+
+/// Creates or replaces (`berth policy apply`); the name in the path and the body agree.
+async fn apply_policy(
+    State(a): Shared,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Response, AgentError> {
+    let policy: Policy = parse(&body)?;
+    if policy.name != name {
+        return Err(AgentError::Invalid(format!(
+            "the policy in the body is named {:?}, not {name:?}",
+            policy.name
+        )));
+    }
+    Ok(ok(StatusCode::OK, a.put_policy(policy, true).await?))
+}
+
+async fn get_policy(State(a): Shared, Path(name): Path<String>) -> Result<Response, AgentError> {
+    Ok(ok(StatusCode::OK, a.policy(&name).await?))
+}
+
+async fn delete_policy(State(a): Shared, Path(name): Path<String>) -> Result<Response, AgentError> {
+    a.delete_policy(&name).await?;
+    Ok(ok(StatusCode::OK, serde_json::json!({ "removed": name })))
+}
+
+/// `?src=..&dst=..[&port=80/tcp]`
+async fn explain_policy(
+    State(a): Shared,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, AgentError> {
+    let get = |k: &str| {
+        q.get(k)
+            .map(String::as_str)
+            .ok_or_else(|| AgentError::Invalid(format!("the query needs {k}=")))
+    };
+    let explanation = a
+        .explain_policy(get("src")?, get("dst")?, q.get("port").map(String::as_str))
+        .await?;
+    Ok(ok(StatusCode::OK, explanation))
 }
 
 async fn list_hosts(State(a): Shared) -> Result<Response, AgentError> {

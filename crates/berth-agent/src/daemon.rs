@@ -152,15 +152,22 @@ pub async fn run(cfg: DaemonConfig) -> Result<()> {
         let report = agent.reconcile().await?;
         tracing::info!("{report}");
         agent.restore_firewall().await?;
-        agent.load_dns().await
+        // Policies are enforced before the first request: the kernel goes from the elements
+        // it kept over the restart to the store's in one transaction.
+        let policy_watches = agent.list_policies().await?;
+        agent.load_dns().await?;
+        Ok(policy_watches)
     };
-    if let Err(e) = prepared.await {
-        let _ = std::fs::remove_file(&socket);
-        if let Some((_, path)) = &docker_listener {
-            let _ = std::fs::remove_file(path);
+    let policy_watches = match prepared.await {
+        Ok(w) => w,
+        Err(e) => {
+            let _ = std::fs::remove_file(&socket);
+            if let Some((_, path)) = &docker_listener {
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(e);
         }
-        return Err(e);
-    }
+    };
 
     tracing::info!(
         socket = %socket.display(), mtu = default_mtu, host = %host.id,
@@ -176,6 +183,7 @@ pub async fn run(cfg: DaemonConfig) -> Result<()> {
     }
     tokio::spawn(ClusterReconciler::new(agent.clone(), Arc::new(Kernel)).run(overlay_events));
     tokio::spawn(agent.clone().run_service_reconciler());
+    tokio::spawn(agent.clone().run_policy_reconciler(policy_watches));
     tokio::spawn(agent.clone().run_reaper());
     tokio::spawn(
         agent

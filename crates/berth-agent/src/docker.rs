@@ -22,8 +22,8 @@ use axum::routing::post;
 use berth_api::CreateNetwork;
 use berth_dataplane::{Netlink, netns};
 use berth_model::{
-    DEFAULT_POOL, DEFAULT_POOL_PREFIX, Driver, Endpoint, Labels, MacAddr, NetnsRef, Network,
-    PortMapping, Protocol, validate_labels, veth_name,
+    DEFAULT_POOL, DEFAULT_POOL_PREFIX, Driver, Endpoint, Labels, MacAddr, ModelError, NamedPort,
+    NetnsRef, Network, PortMapping, Protocol, validate_labels, veth_name,
 };
 use berth_store::{Compare, Txn, TxnOutcome};
 use ipnet::IpNet;
@@ -123,6 +123,9 @@ struct DockerEndpoint {
     /// The berth endpoint's labels, from driver options `berth.label.KEY=VALUE`.
     #[serde(default, skip_serializing_if = "Labels::is_empty")]
     labels: Labels,
+    /// Its named ports, from driver options `berth.port.NAME=PORT[/PROTO]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    named_ports: Vec<NamedPort>,
 }
 
 /// Driver options (`docker network connect --driver-opt`, `docker run --network
@@ -140,6 +143,22 @@ fn docker_labels(opts: &HashMap<String, Value>) -> Result<Labels> {
         .collect();
     validate_labels(&labels)?;
     Ok(labels)
+}
+
+/// Driver options that name the endpoint's ports, for policies: `berth.port.NAME=PORT[/PROTO]`.
+pub const PORT_NAME_OPTION_PREFIX: &str = "berth.port.";
+
+/// The named ports among an endpoint's driver options, checked.
+fn docker_named_ports(opts: &HashMap<String, Value>) -> Result<Vec<NamedPort>> {
+    let mut named: Vec<NamedPort> = opts
+        .iter()
+        .filter_map(|(k, v)| {
+            let name = k.strip_prefix(PORT_NAME_OPTION_PREFIX)?;
+            Some(format!("{name}={}", v.as_str().unwrap_or_default()).parse())
+        })
+        .collect::<Result<_, ModelError>>()?;
+    named.sort_by(|a, b| a.name.as_str().cmp(b.name.as_str()));
+    Ok(named)
 }
 
 /// A Docker endpoint between CreateEndpoint and Join, held in memory: Join commits it with
@@ -525,6 +544,7 @@ fn berth_endpoint(
         default_gateways: vec![],
         host,
         labels: de.labels.clone(),
+        named_ports: de.named_ports.clone(),
     }
 }
 
@@ -1258,6 +1278,7 @@ impl Agent {
         let opts = options(&req.options);
         let ports = self.check_ports(&net, &docker_ports(&opts)?)?;
         let labels = docker_labels(&opts)?;
+        let named_ports = docker_named_ports(&opts)?;
         let iface = req.interface.unwrap_or_default();
         let mac = match iface.mac.as_str() {
             "" => option_str(&opts, "com.docker.network.endpoint.macaddress")
@@ -1309,6 +1330,7 @@ impl Agent {
                 .filter_map(|(ip, source)| Some((*ip, source.pool()?.clone())))
                 .collect(),
             labels,
+            named_ports,
         };
         let berth_id = random_id();
         let veth = self.start_veth(
@@ -1553,7 +1575,11 @@ impl Agent {
             return Err(e);
         }
         let made = match made {
-            Ok(_) => self.publish(&ep).await.map_err(|e| (e, true)),
+            Ok(_) => match self.publish(&ep).await {
+                // Judged by policy before the engine moves the interface in and up.
+                Ok(()) => self.policy_endpoint_up(&ep).await.map_err(|e| (e, true)),
+                Err(e) => Err((e, true)),
+            },
             Err(e) => Err((e, false)),
         };
         if let Err((e, veth_made)) = made {
@@ -1561,6 +1587,7 @@ impl Agent {
                 let _ = remove_link(ep.host_ifname.clone()).await;
             }
             self.unpublish(crate::firewall::forwards_of(&ep)).await;
+            self.policy_endpoint_gone(&ep).await;
             // Undo: records and ports go, addresses return to the Docker reservation.
             let mut undo = self.endpoint_records(&ep, Txn::new(), false, Held::Ports);
             for ip in &ep.ips {
@@ -2010,6 +2037,7 @@ mod tests {
             endpoint: None,
             pools: BTreeMap::new(),
             labels: Labels::new(),
+            named_ports: vec![],
         };
         berth_endpoint(&de, "0123456789abcdef", sandbox.to_string(), None)
     }

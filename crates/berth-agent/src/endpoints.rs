@@ -337,6 +337,7 @@ impl Agent {
             default_gateways: vec![],
             host: self.host_tag(),
             labels: req.labels.clone(),
+            named_ports: req.named_ports.clone(),
         };
         let mut attempts = 0;
         let outcome = loop {
@@ -402,6 +403,13 @@ impl Agent {
             self.release(&ep);
             return Err(e);
         }
+        // Judged by policy before its interface exists: its first packet already is.
+        if let Err(e) = self.policy_endpoint_up(&ep).await {
+            self.undo_attach_records(&ep).await?;
+            self.unpublish(firewall::forwards_of(&ep)).await;
+            self.release(&ep);
+            return Err(e);
+        }
 
         let (spec_ep, spec_net) = (ep.clone(), net.clone());
         let realized = match net.driver {
@@ -433,6 +441,7 @@ impl Agent {
             }
             self.undo_attach_records(&ep).await?;
             self.unpublish(firewall::forwards_of(&ep)).await;
+            self.policy_endpoint_gone(&ep).await;
             self.release(&ep);
             if already_exists(&e) {
                 return Err(AgentError::Conflict(format!(
@@ -889,8 +898,11 @@ impl Agent {
         // endpoint (a retried DEL, detach racing sandbox rm) finds it gone and does nothing,
         // rather than retiring whatever now holds the interface name.
         let mut attempts = 0;
+        // Its elements stay until its interface is retired, whatever the watch says meanwhile.
+        self.policy_endpoint_detaching(&ep.id).await;
         let (current, handover, revision) = loop {
             let Some((current, rev)) = self.load::<Endpoint>(&keys::endpoint(&ep.id)).await? else {
+                self.policy_endpoint_gone(ep).await;
                 return Ok(());
             };
             let handover = self.default_route_handover(&current).await?;
@@ -905,6 +917,7 @@ impl Agent {
                 // meanwhile: look again (gone is done).
                 TxnOutcome::CompareFailed(_) if attempts < 5 => attempts += 1,
                 TxnOutcome::CompareFailed(c) => {
+                    self.policy_detach_abandoned(&ep.id).await;
                     return Err(AgentError::Conflict(format!(
                         "endpoint {} kept changing while being detached ({c:?}); try again",
                         ep.id
@@ -941,6 +954,8 @@ impl Agent {
             )
         })
         .await;
+        // Retired (off its bridge): no longer judged, its elements go.
+        self.policy_endpoint_down(&current, revision).await;
         // Whatever happened in the kernel, the detach is recorded and the reaper deletes the
         // veth (on its own if retiring failed) before releasing the addresses.
         self.reaper.notify_one();

@@ -322,6 +322,9 @@ impl Agent {
         if let Err(e) = self.resync_services().await {
             tracing::error!(error = %e, "restoring the services' maps failed");
         }
+        if let Err(e) = self.resync_policies().await {
+            tracing::error!(error = %e, "restoring the policy sets failed");
+        }
         Ok(None)
     }
 }

@@ -27,6 +27,7 @@
 //! vips/<ip>                          service name (one service per VIP)
 //! node-ports/<proto>/<port>          service name (one service per published port)
 //! config/service-cidrs               the cluster's service ranges (every host uses the same)
+//! policies/<name>                    Policy
 //! ```
 //!
 //! On a shared store (etcd) the host-scoped keys ([`HOST_SCOPED`]: namespaces, sandboxes,
@@ -58,6 +59,7 @@ pub const SERVICES: &str = "services/";
 pub const VIPS: &str = "vips/";
 pub const NODE_PORTS: &str = "node-ports/";
 pub const SERVICE_CIDRS: &str = "config/service-cidrs";
+pub const POLICIES: &str = "policies/";
 /// Where a shared store keeps each host's own records: `local/<host>/`.
 pub const LOCAL: &str = "local/";
 /// The keys only one host acts on: they name its namespaces, its sandboxes, its Docker
@@ -181,6 +183,9 @@ pub fn subnet(cidr: IpNet) -> String {
 }
 pub fn service(name: &str) -> String {
     format!("{SERVICES}{name}")
+}
+pub fn policy(name: &str) -> String {
+    format!("{POLICIES}{name}")
 }
 pub fn vip(ip: IpAddr) -> String {
     format!("{VIPS}{ip}")

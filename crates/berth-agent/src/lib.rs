@@ -40,6 +40,7 @@ mod ipam;
 mod keys;
 mod networks;
 pub mod overlay;
+mod policies;
 mod reaper;
 mod reconcile;
 mod sandboxes;
@@ -117,6 +118,8 @@ pub struct Agent {
     service_cidrs: Vec<ipnet::IpNet>,
     /// The services' load balancer and what it was programmed from.
     service_state: tokio::sync::Mutex<services::ServiceState>,
+    /// The policy compiler and what the kernel was programmed with from it.
+    policy_state: tokio::sync::Mutex<policies::PolicyState>,
 }
 
 /// The most operations berth puts in one transaction: etcd refuses more than 128 (its
@@ -186,6 +189,7 @@ impl Agent {
             block_claim_retries: std::sync::atomic::AtomicU64::new(0),
             service_cidrs: Vec::new(),
             service_state: tokio::sync::Mutex::new(services::ServiceState::new("local", false)),
+            policy_state: tokio::sync::Mutex::new(policies::PolicyState::new("local")),
         }
     }
 
@@ -199,6 +203,7 @@ impl Agent {
     /// (then every record says which host it belongs to).
     pub fn with_host(mut self, host: HostIdentity, shared: bool) -> Self {
         self.service_state = tokio::sync::Mutex::new(services::ServiceState::new(&host.id, shared));
+        self.policy_state = tokio::sync::Mutex::new(policies::PolicyState::new(&host.id));
         self.host = host;
         self.shared = shared;
         self

@@ -288,6 +288,13 @@ impl Agent {
                 services.join(", ")
             )));
         }
+        let policies = self.policies_on(name).await?;
+        if !policies.is_empty() {
+            return Err(AgentError::Conflict(format!(
+                "network {name:?} has policies ({}); remove them first",
+                policies.join(", ")
+            )));
+        }
         if net.driver == Driver::Overlay {
             return self.delete_overlay(net).await;
         }

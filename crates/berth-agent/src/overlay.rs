@@ -624,6 +624,7 @@ mod tests {
             default_gateways: vec![],
             host: Some(host.into()),
             labels: Default::default(),
+            named_ports: vec![],
         }
     }
 

@@ -1139,6 +1139,7 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            named_ports: vec![],
         }
     }
 

@@ -64,6 +64,14 @@ impl Client {
         self.call("POST", path, Some(body))
     }
 
+    pub fn put<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        self.call("PUT", path, Some(body))
+    }
+
     pub fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         self.call("DELETE", path, None::<&()>)
     }
@@ -107,7 +115,7 @@ impl Client {
             "{method} {path} HTTP/1.1\r\nHost: berth\r\nConnection: close\r\nAccept: application/json\r\n"
         )
         .into_bytes();
-        if !body.is_empty() || method == "POST" {
+        if !body.is_empty() || method == "POST" || method == "PUT" {
             req.extend_from_slice(
                 format!(
                     "Content-Type: application/json\r\nContent-Length: {}\r\n",

@@ -9,9 +9,9 @@ mod client;
 use serde::{Deserialize, Serialize};
 
 pub use berth_model::{
-    Endpoint, Labels, MacAddr, ModelError, NetnsRef, Network, NetworkDns, PortMapping, Protocol,
-    Sandbox, Selector, Service, ServiceBackend, ServicePort, Subnet, parse_publish, parse_subnet,
-    validate_network_mtu,
+    Endpoint, Labels, MacAddr, ModelError, NamedPort, NetnsRef, Network, NetworkDns, Policy,
+    PortMapping, Protocol, Sandbox, Selector, Service, ServiceBackend, ServicePort, Subnet,
+    parse_publish, parse_subnet, validate_network_mtu,
 };
 pub use client::{Client, ClientError};
 
@@ -126,6 +126,9 @@ pub struct Attach {
     /// Labels (`{"app": "web"}`), for services and policies to select the endpoint by.
     #[serde(default, skip_serializing_if = "Labels::is_empty")]
     pub labels: Labels,
+    /// Ports the endpoint names (`http=8080/tcp`), which policies may refer to by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub named_ports: Vec<NamedPort>,
 }
 
 /// `POST /v1/detach`: detach from a network either a sandbox (name or netns path), or the

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use berth_api::{
     Allocation, Attach, CheckReport, Client, CreateNetwork, CreateSandbox, CreateService,
-    DEFAULT_SOCKET, Detach, Endpoint, HostView, Network, PortMapping, Sandbox, Service, Status,
+    DEFAULT_SOCKET, Detach, Endpoint, HostView, NamedPort, Network, PortMapping, Sandbox, Service,
+    Status,
 };
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
@@ -18,9 +19,12 @@ use serde::Serialize;
 /// where a closed connection must be an error message, not a silent death.
 macro_rules! say {
     ($($arg:tt)*) => {
-        emit(format_args!($($arg)*))
+        $crate::emit(format_args!($($arg)*))
     };
 }
+
+// After `say!`, which it uses.
+mod policy;
 
 fn emit(line: std::fmt::Arguments<'_>) {
     let mut out = std::io::stdout().lock();
@@ -127,6 +131,14 @@ enum Command {
         #[command(flatten)]
         opts: ClientOpts,
     },
+    /// Manage network policies: which endpoints may talk to which, by labels (Kubernetes
+    /// NetworkPolicy's meaning).
+    Policy {
+        #[command(subcommand)]
+        cmd: policy::PolicyCmd,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
 }
 
 #[derive(Subcommand)]
@@ -151,6 +163,7 @@ impl Command {
             | Command::Endpoint { opts, .. }
             | Command::Host { opts, .. }
             | Command::Service { opts, .. }
+            | Command::Policy { opts, .. }
             | Command::Status { opts } => Some(opts),
             Command::Attach(a) => Some(&a.opts),
         }
@@ -400,6 +413,10 @@ struct AttachArgs {
     /// A label, KEY=VALUE (Kubernetes' rules), for services and policies; repeatable.
     #[arg(long = "label", short = 'l', value_parser = parse_label_arg)]
     labels: Vec<(String, String)>,
+    /// A port the endpoint names, NAME=PORT[/tcp|udp|sctp], for policies to refer to by
+    /// name, e.g. `--port-name http=8080`; repeatable.
+    #[arg(long = "port-name", value_name = "NAME=PORT")]
+    named_ports: Vec<NamedPort>,
 }
 
 fn parse_label_arg(s: &str) -> Result<(String, String), String> {
@@ -547,6 +564,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Network { cmd, .. } => network(&client, out, cmd),
         Command::Service { cmd, .. } => service(&client, out, cmd),
+        Command::Policy { cmd, .. } => policy::policy(&client, out, cmd),
         Command::Host { cmd, .. } => match cmd {
             HostCmd::Ls => {
                 let hosts: Vec<HostView> = client.get("/v1/hosts")?;
@@ -582,6 +600,7 @@ fn run(cli: Cli) -> Result<()> {
                     ports: a.publish.into_iter().flatten().collect(),
                     default_route: a.default_route,
                     labels: a.labels.into_iter().collect(),
+                    named_ports: a.named_ports,
                     ..Default::default()
                 },
             )?;
@@ -1040,6 +1059,9 @@ fn print_endpoint(e: &Endpoint) {
     }
     for (k, v) in &e.labels {
         say!("label     {k}={v}");
+    }
+    for p in &e.named_ports {
+        say!("port name {p}");
     }
 }
 

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 
 use berth_api::{
-    Attachment, DEFAULT_SOCKET, MacAddr, Network, PortMapping, Protocol, parse_subnet,
+    Attachment, DEFAULT_SOCKET, MacAddr, NamedPort, Network, PortMapping, Protocol, parse_subnet,
     validate_network_mtu,
 };
 use serde::Deserialize;
@@ -259,6 +259,9 @@ pub struct NetConf {
     pub driver: Option<String>,
     /// `args.cni.labels` (the CNI conventions' `[{"key": ..., "value": ...}]`).
     pub labels: Vec<(String, String)>,
+    /// `args.cni.namedPorts` (`[{"name": "http", "port": 8080, "protocol": "tcp"}]`, the
+    /// protocol TCP when left out): ports policies may refer to by name.
+    pub named_ports: Vec<NamedPort>,
     /// `runtimeConfig.ips`, else `args.cni.ips`; without prefix lengths.
     pub requested_ips: Vec<String>,
     pub mac: Option<String>,
@@ -326,6 +329,28 @@ impl NetConf {
                 ));
             }
         }
+        let mut named_ports = Vec::new();
+        if let Some(list) = raw.args.as_ref().and_then(|a| a.pointer("/cni/namedPorts")) {
+            let bad = |why: String| {
+                CniError::new(code::INVALID_CONFIG, format!("args.cni.namedPorts: {why}"))
+            };
+            let shape = || {
+                bad("must be a list of {\"name\": ..., \"port\": ..., \"protocol\": ...}".into())
+            };
+            for item in list.as_array().ok_or_else(shape)? {
+                let name = item.get("name").and_then(Value::as_str).ok_or_else(shape)?;
+                let port = item.get("port").and_then(Value::as_u64).ok_or_else(shape)?;
+                let protocol = match item.get("protocol") {
+                    None => "tcp",
+                    Some(p) => p.as_str().ok_or_else(shape)?,
+                };
+                named_ports.push(
+                    format!("{name}={port}/{protocol}")
+                        .parse::<NamedPort>()
+                        .map_err(|e| bad(e.to_string()))?,
+                );
+            }
+        }
         let requested_ips = requested_ips
             .into_iter()
             .map(|ip| ip.split('/').next().unwrap_or_default().to_string())
@@ -364,6 +389,7 @@ impl NetConf {
             internal: raw.internal,
             driver: raw.driver,
             labels,
+            named_ports,
             requested_ips,
             mac: raw.runtime_config.mac,
             aliases,

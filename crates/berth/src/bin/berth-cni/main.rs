@@ -188,6 +188,7 @@ fn add(env: &Env, conf: &NetConf, client: &Client) -> Result<Value, CniError> {
         ports: conf.ports.clone(),
         default_route: false,
         labels: labels(env, conf),
+        named_ports: conf.named_ports.clone(),
     };
     let ep: Endpoint = client.post("/v1/endpoints", &req).map_err(api_error)?;
     Ok(result::add_result(&conf.cni_version, &ep, &net, netns))

@@ -122,6 +122,7 @@ mod tests {
             default_gateways: vec!["10.91.0.1".parse().unwrap(), "fd00:91::1".parse().unwrap()],
             host: None,
             labels: Default::default(),
+            named_ports: vec![],
         };
         (ep, net)
     }

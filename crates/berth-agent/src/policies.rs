@@ -1,0 +1,682 @@
+//! Network policy: Kubernetes NetworkPolicy's meaning, enforced by this host's kernel for the
+//! endpoints on it.
+//!
+//! The compiler ([`PolicyIndex`]) turns policies and every endpoint of the cluster into
+//! elements of fixed nftables sets, per local endpoint; a change rewrites only the elements of
+//! the endpoints it touches, in one batch. The reconciler ([`Agent::run_policy_reconciler`])
+//! follows the store's policies, endpoints and networks; this host's own changes program the
+//! kernel before they answer:
+//! - an attach puts its endpoint's elements in before the interface is made, so its first
+//!   packet is already judged (no window);
+//! - a detach takes them out only once the interface is retired;
+//! - a policy created, replaced or removed here is enforced here before the API answers, and
+//!   the established flows it now denies lose their conntrack entries (revocation).
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use berth_dataplane::conntrack::{self, FlowTuple};
+use berth_dataplane::nftables::PolicySets;
+use berth_model::{Endpoint, Network, Policy, Protocol};
+use berth_policy::{Direction, Explanation, Party, PolicyElement, PolicyIndex, allows};
+use berth_store::{Compare, Event, Txn, TxnOutcome, Watch};
+use serde_json::Value;
+
+use crate::{Agent, AgentError, Result, decode, encode, kernel, keys};
+
+/// How often the kernel's policy sets are read back and compared with what they should hold.
+const RESYNC: Duration = Duration::from_secs(30);
+
+/// The watched prefixes, in the order [`Agent::follow_policies`] takes them.
+const WATCHED: [&str; 3] = [keys::POLICIES, keys::ENDPOINTS, keys::NETWORKS];
+
+/// The compiler, and what the kernel was programmed with from it, changed under one lock.
+pub(crate) struct PolicyState {
+    /// Locked inside the blocking task that writes the kernel.
+    sets: Arc<std::sync::Mutex<PolicySets>>,
+    me: String,
+    index: PolicyIndex,
+    /// The elements each local endpoint has in the kernel.
+    programmed: HashMap<String, Vec<PolicyElement>>,
+    /// How many local endpoints want each element (more than one only if two share an
+    /// address, as a stale record may).
+    wanted: HashMap<PolicyElement, u32>,
+    /// The index comes from a listing: until then nothing is programmed.
+    listed: bool,
+    /// The kernel may differ from `wanted` (a change failed): the next change, or the next
+    /// tick, writes everything.
+    stale: bool,
+    synced_at: Instant,
+    /// Store keys this host removed, with the revision of the removal: an older put still
+    /// in the watch must not bring them back.
+    removed_here: HashMap<String, u64>,
+    /// Local endpoints being detached: their elements go once their interface is retired,
+    /// not when their record does.
+    detaching: HashSet<String>,
+}
+
+impl PolicyState {
+    pub(crate) fn new(me: &str) -> PolicyState {
+        PolicyState {
+            sets: Arc::new(std::sync::Mutex::new(PolicySets::new())),
+            me: me.to_string(),
+            index: PolicyIndex::new(me),
+            programmed: HashMap::new(),
+            wanted: HashMap::new(),
+            listed: false,
+            stale: true,
+            synced_at: Instant::now(),
+            removed_here: HashMap::new(),
+            detaching: HashSet::new(),
+        }
+    }
+
+    /// Applies one store event to the index; returns the local endpoints it touches.
+    fn apply(&mut self, event: &Event) -> Result<BTreeSet<String>> {
+        let key = event.key();
+        let put = match event {
+            Event::Put(kv) => Some(kv),
+            Event::Delete { .. } => None,
+        };
+        if let Some(&removed_at) = self.removed_here.get(key) {
+            match put {
+                Some(kv) if kv.mod_revision < removed_at => return Ok(BTreeSet::new()),
+                _ => {
+                    self.removed_here.remove(key);
+                }
+            }
+        }
+        if let Some(name) = key.strip_prefix(keys::POLICIES) {
+            return Ok(match put {
+                Some(kv) => self.index.put_policy(decode(kv)?),
+                None => self.index.remove_policy(name),
+            });
+        }
+        if let Some(id) = key.strip_prefix(keys::ENDPOINTS) {
+            return Ok(match put {
+                Some(kv) => self.index.put_endpoint(decode(kv)?),
+                None if self.detaching.contains(id) => BTreeSet::new(),
+                None => self.index.remove_endpoint(id),
+            });
+        }
+        if let Some(name) = key.strip_prefix(keys::NETWORKS) {
+            return Ok(match put {
+                Some(kv) => {
+                    let net: Network = decode(kv)?;
+                    self.index.put_network(name, gateways(&net))
+                }
+                None => self.index.remove_network(name),
+            });
+        }
+        Ok(BTreeSet::new())
+    }
+
+    /// Works out the kernel change that brings these endpoints' elements to what the index
+    /// says, and records it as programmed: (elements to remove, to add, endpoints that may
+    /// have lost an allowance).
+    fn diff(&mut self, dirty: BTreeSet<String>) -> Change {
+        let mut change = Change::default();
+        for id in dirty {
+            let local = self
+                .index
+                .endpoint(&id)
+                .is_some_and(|ep| ep.is_on(&self.me));
+            let want = if local {
+                self.index.elements_of(&id)
+            } else {
+                Vec::new()
+            };
+            let had = self.programmed.remove(&id).unwrap_or_default();
+            let mut lost = false;
+            for e in had.iter().filter(|e| !want.contains(e)) {
+                lost = true;
+                if let Some(n) = self.wanted.get_mut(e) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.wanted.remove(e);
+                        change.remove.push(*e);
+                    }
+                }
+            }
+            for e in want.iter().filter(|e| !had.contains(e)) {
+                lost |= matches!(e, PolicyElement::Isolated { .. });
+                let n = self.wanted.entry(*e).or_insert(0);
+                *n += 1;
+                if *n == 1 {
+                    change.add.push(*e);
+                }
+            }
+            if lost && !want.is_empty() {
+                change.revoke.push(id.clone());
+            }
+            if !want.is_empty() {
+                self.programmed.insert(id, want);
+            }
+        }
+        // An element one endpoint lets go of and another takes stays.
+        change.remove.retain(|e| !change.add.contains(e));
+        change
+    }
+
+    /// Every element the kernel should hold.
+    fn all_wanted(&self) -> Vec<PolicyElement> {
+        let mut all: Vec<PolicyElement> = self.wanted.keys().copied().collect();
+        all.sort();
+        all
+    }
+
+    /// What the revocation of these endpoints' flows needs: each address with the elements
+    /// of its endpoint.
+    fn revocation(&self, ids: &[String]) -> HashMap<IpAddr, Vec<PolicyElement>> {
+        let mut out = HashMap::new();
+        for id in ids {
+            if let (Some(ep), Some(els)) = (self.index.endpoint(id), self.programmed.get(id)) {
+                for ip in &ep.ips {
+                    out.insert(ip.addr(), els.clone());
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A kernel change and the endpoints whose flows must be judged again after it.
+#[derive(Debug, Default)]
+struct Change {
+    remove: Vec<PolicyElement>,
+    add: Vec<PolicyElement>,
+    revoke: Vec<String>,
+}
+
+/// The gateways of a network: where its endpoints' DNS is.
+fn gateways(net: &Network) -> Vec<IpAddr> {
+    net.subnets.iter().map(|s| s.gateway).collect()
+}
+
+/// Whether a tracked flow is one these elements no longer allow, judged at its destination
+/// (ingress) and at its source (egress), where those are endpoints of this host.
+fn condemned(by_addr: &HashMap<IpAddr, Vec<PolicyElement>>, f: &FlowTuple) -> bool {
+    let port = f.dport;
+    let denied_at = |target: IpAddr, peer: IpAddr, direction: Direction| {
+        by_addr
+            .get(&target)
+            .is_some_and(|els| !allows(els, direction, target, peer, f.protocol, port))
+    };
+    denied_at(f.dst, f.src, Direction::Ingress) || denied_at(f.src, f.dst, Direction::Egress)
+}
+
+impl Agent {
+    /// Writes a change to the kernel (one batch), or everything when the kernel may differ,
+    /// then ends the flows that lost their allowance.
+    async fn program_policies(&self, state: &mut PolicyState, dirty: BTreeSet<String>) {
+        if dirty.is_empty() || !state.listed {
+            return;
+        }
+        let change = state.diff(dirty);
+        if state.stale {
+            self.sync_policies_or_retry(state).await;
+        } else if !change.add.is_empty() || !change.remove.is_empty() {
+            state.stale = true;
+            let (remove, add) = (change.remove, change.add);
+            let sets = state.sets.clone();
+            match kernel(move || sets.lock().expect("policy sets lock").apply(&remove, &add)).await
+            {
+                Ok(()) => state.stale = false,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot program policies; writing them all");
+                    self.sync_policies_or_retry(state).await;
+                }
+            }
+        }
+        if !change.revoke.is_empty() {
+            let by_addr = state.revocation(&change.revoke);
+            self.revoke_flows(by_addr).await;
+        }
+    }
+
+    /// Deletes the conntrack entries of flows these endpoints' elements no longer allow: the
+    /// next packet of such a flow is judged as a new connection, and dropped.
+    async fn revoke_flows(&self, by_addr: HashMap<IpAddr, Vec<PolicyElement>>) {
+        if by_addr.is_empty() {
+            return;
+        }
+        let ipv4 = by_addr.keys().any(IpAddr::is_ipv4);
+        let ipv6 = by_addr.keys().any(IpAddr::is_ipv6);
+        match kernel(move || conntrack::delete_flows_where(ipv4, ipv6, |f| condemned(&by_addr, f)))
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(flows = n, "flows a policy no longer allows ended"),
+            Err(e) => tracing::warn!(error = %e, "cannot end flows a policy no longer allows"),
+        }
+    }
+
+    /// Makes the kernel's policy sets hold exactly what is wanted, in one transaction.
+    async fn sync_policies(&self, state: &mut PolicyState) -> Result<()> {
+        state.stale = true;
+        let all = state.all_wanted();
+        let sets = state.sets.clone();
+        kernel(move || sets.lock().expect("policy sets lock").replace(&all)).await?;
+        state.stale = false;
+        state.synced_at = Instant::now();
+        Ok(())
+    }
+
+    async fn sync_policies_or_retry(&self, state: &mut PolicyState) {
+        if let Err(e) = self.sync_policies(state).await {
+            tracing::warn!(error = %e, "cannot write the policy sets; retrying");
+        }
+    }
+
+    /// After berth's table was restored: the policy sets are written again.
+    pub(crate) async fn resync_policies(&self) -> Result<()> {
+        let mut state = self.policy_state.lock().await;
+        if !state.listed {
+            return Ok(());
+        }
+        self.sync_policies(&mut state).await
+    }
+
+    /// An endpoint of this host is about to get its interface: its elements go in first, so
+    /// the first packet it sends or receives is judged by policy.
+    pub(crate) async fn policy_endpoint_up(&self, ep: &Endpoint) -> Result<()> {
+        let mut state = self.policy_state.lock().await;
+        if !state.listed {
+            // Before the first listing the index knows no policy: list now rather than let
+            // the endpoint in unjudged.
+            drop(state);
+            self.list_policies().await?;
+            state = self.policy_state.lock().await;
+        }
+        let dirty = state.index.put_endpoint(ep.clone());
+        self.program_policies(&mut state, dirty).await;
+        if state.stale {
+            return Err(AgentError::Internal(
+                "the endpoint's policy could not be written to the kernel".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// An endpoint of this host is being detached: its record may go from the index's
+    /// watch, but its elements stay until [`Agent::policy_endpoint_down`].
+    pub(crate) async fn policy_endpoint_detaching(&self, id: &str) {
+        self.policy_state
+            .lock()
+            .await
+            .detaching
+            .insert(id.to_string());
+    }
+
+    /// A detached endpoint's interface is retired (its records went at `revision`): its
+    /// elements go, and other endpoints lose what they allowed it.
+    pub(crate) async fn policy_endpoint_down(&self, ep: &Endpoint, revision: u64) {
+        let mut state = self.policy_state.lock().await;
+        state.detaching.remove(&ep.id);
+        state.removed_here.insert(keys::endpoint(&ep.id), revision);
+        let dirty = state.index.remove_endpoint(&ep.id);
+        self.program_policies(&mut state, dirty).await;
+    }
+
+    /// An endpoint of this host that never got its interface, or whose record is gone
+    /// already: its elements go.
+    pub(crate) async fn policy_endpoint_gone(&self, ep: &Endpoint) {
+        let mut state = self.policy_state.lock().await;
+        state.detaching.remove(&ep.id);
+        let dirty = state.index.remove_endpoint(&ep.id);
+        self.program_policies(&mut state, dirty).await;
+    }
+
+    /// A detach that gave up before its commit: the endpoint stays, and follows the watch
+    /// again.
+    pub(crate) async fn policy_detach_abandoned(&self, id: &str) {
+        self.policy_state.lock().await.detaching.remove(id);
+    }
+
+    /// Runs for the life of the daemon: follow the watches until one fails, list again.
+    pub async fn run_policy_reconciler(self: std::sync::Arc<Self>, first: Vec<Watch>) {
+        let mut watches = Some(first);
+        loop {
+            let opened = match watches.take() {
+                Some(w) => Ok(w),
+                None => self.list_policies().await,
+            };
+            match opened {
+                Ok(w) => {
+                    let why = self.follow_policies(w).await;
+                    tracing::info!("policy watch ended ({why}); listing again");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot list policies; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    }
+
+    /// Lists policies, endpoints and networks into a fresh index, writes every element (one
+    /// transaction: the kernel goes from the old elements to the new with nothing between)
+    /// and opens the watches from the listings' revisions.
+    pub async fn list_policies(&self) -> Result<Vec<Watch>> {
+        let mut fresh = PolicyState::new(&self.host.id);
+        let mut watches = Vec::new();
+        let mut listed_at = u64::MAX;
+        for prefix in WATCHED {
+            let listing = self.store.list(prefix).await?;
+            listed_at = listed_at.min(listing.revision);
+            for kv in &listing.items {
+                if let Err(e) = fresh.apply(&Event::Put(kv.clone())) {
+                    tracing::error!(key = %kv.key, error = %e, "bad record in the store; skipped");
+                }
+            }
+            watches.push(self.store.watch(prefix, listing.revision).await?);
+        }
+        let mut state = self.policy_state.lock().await;
+        // Removals of this host's that the listings may not show yet keep holding.
+        let held = std::mem::take(&mut state.removed_here);
+        for (key, at) in held {
+            if at <= listed_at {
+                continue;
+            }
+            if let Some(id) = key.strip_prefix(keys::ENDPOINTS) {
+                fresh.index.remove_endpoint(id);
+            } else if let Some(name) = key.strip_prefix(keys::POLICIES) {
+                fresh.index.remove_policy(name);
+            }
+            fresh.removed_here.insert(key, at);
+        }
+        // Endpoints being detached keep their elements until they are retired.
+        for id in &state.detaching {
+            if let Some(ep) = state.index.endpoint(id) {
+                fresh.index.put_endpoint(ep.clone());
+            }
+        }
+        fresh.detaching = std::mem::take(&mut state.detaching);
+        let locals: BTreeSet<String> = fresh
+            .index
+            .local_endpoints()
+            .map(|e| e.id.clone())
+            .collect();
+        fresh.listed = true;
+        fresh.diff(locals);
+        fresh.sets = state.sets.clone();
+        *state = fresh;
+        self.sync_policies(&mut state).await?;
+        // Flows of the time the watch was down are judged once against the new elements.
+        let ids: Vec<String> = state.programmed.keys().cloned().collect();
+        let by_addr = state.revocation(&ids);
+        drop(state);
+        self.revoke_flows(by_addr).await;
+        Ok(watches)
+    }
+
+    /// Applies events as they come, with those already waiting; returns why it stopped.
+    async fn follow_policies(&self, mut watches: Vec<Watch>) -> String {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            let [policies, endpoints, networks] = &mut watches[..] else {
+                return "watches missing".into();
+            };
+            let first = tokio::select! {
+                e = policies.next() => Some(e),
+                e = endpoints.next() => Some(e),
+                e = networks.next() => Some(e),
+                _ = tick.tick() => None,
+            };
+            let mut events = Vec::new();
+            match first {
+                Some(Ok(e)) => events.push(e),
+                Some(Err(e)) => return e.to_string(),
+                None => {
+                    self.policy_tick().await;
+                    continue;
+                }
+            }
+            for w in [&mut *policies, &mut *endpoints, &mut *networks] {
+                while events.len() < 1024 {
+                    let mut next = std::pin::pin!(w.next());
+                    match std::future::poll_fn(|cx| std::task::Poll::Ready(next.as_mut().poll(cx)))
+                        .await
+                    {
+                        std::task::Poll::Ready(Ok(e)) => events.push(e),
+                        std::task::Poll::Ready(Err(e)) => return e.to_string(),
+                        std::task::Poll::Pending => break,
+                    }
+                }
+            }
+            let mut state = self.policy_state.lock().await;
+            let mut dirty = BTreeSet::new();
+            for event in &events {
+                match state.apply(event) {
+                    Ok(ids) => dirty.extend(ids),
+                    Err(e) => {
+                        tracing::error!(key = %event.key(), error = %e, "bad record in the store")
+                    }
+                }
+            }
+            self.program_policies(&mut state, dirty).await;
+        }
+    }
+
+    /// Each second: a failed change is retried; every [`RESYNC`] the kernel's elements are
+    /// read back and rewritten if anything changed them.
+    async fn policy_tick(&self) {
+        let mut state = self.policy_state.lock().await;
+        if !state.listed {
+            return;
+        }
+        if state.stale {
+            self.sync_policies_or_retry(&mut state).await;
+            return;
+        }
+        if state.synced_at.elapsed() < RESYNC {
+            return;
+        }
+        let want = state.all_wanted();
+        let sets = state.sets.clone();
+        match kernel(move || sets.lock().expect("policy sets lock").elements()).await {
+            Ok(mut got) => {
+                got.sort();
+                if got == want {
+                    state.synced_at = Instant::now();
+                } else {
+                    tracing::warn!("the kernel's policy sets were changed; writing them again");
+                    self.sync_policies_or_retry(&mut state).await;
+                }
+            }
+            Err(e) => {
+                // Something there that is no policy element, say: rewritten.
+                tracing::warn!(error = %e, "cannot read the policy sets; writing them again");
+                self.sync_policies_or_retry(&mut state).await;
+            }
+        }
+    }
+
+    /// Creates a policy (`replace`: or replaces the one of that name), enforced on this host
+    /// before it answers; other hosts follow their watch.
+    pub async fn put_policy(&self, policy: Policy, replace: bool) -> Result<Value> {
+        policy.validate()?;
+        // Stored as it reads back, so that what `inspect` shows is what was applied.
+        let policy = policy.normalized();
+        let key = keys::policy(&policy.name);
+        let (net, net_rev) = self
+            .load::<Network>(&keys::network(&policy.network))
+            .await?
+            .ok_or_else(|| {
+                AgentError::NotFound(format!("no network named {:?}", policy.network))
+            })?;
+        if net.removing {
+            return Err(AgentError::Conflict(format!(
+                "network {:?} is being removed",
+                net.name
+            )));
+        }
+        let mut txn = Txn::new()
+            .when(Compare::ModRevision(keys::network(&net.name), net_rev))
+            .put(key.clone(), encode(&policy));
+        if !replace {
+            txn = txn.when(Compare::Absent(key.clone()));
+        }
+        match self.commit(txn).await? {
+            TxnOutcome::Committed { .. } => {}
+            TxnOutcome::CompareFailed(Compare::Absent(_)) => {
+                return Err(AgentError::Conflict(format!(
+                    "a policy named {:?} exists (`berth policy apply` replaces it)",
+                    policy.name
+                )));
+            }
+            TxnOutcome::CompareFailed(_) => {
+                return Err(AgentError::Conflict(format!(
+                    "network {:?} changed while the policy was created; try again",
+                    policy.network
+                )));
+            }
+        }
+        let mut state = self.policy_state.lock().await;
+        state.removed_here.remove(&key);
+        let dirty = state.index.put_policy(policy.clone());
+        self.program_policies(&mut state, dirty).await;
+        let view = policy_view(&state.index, &policy);
+        drop(state);
+        tracing::info!(policy = %policy.name, network = %policy.network, replace, "policy written");
+        Ok(view)
+    }
+
+    pub async fn delete_policy(&self, name: &str) -> Result<()> {
+        let key = keys::policy(name);
+        let Some(kv) = self.store.get(&key).await? else {
+            return Err(AgentError::NotFound(format!("no policy named {name:?}")));
+        };
+        let txn = Txn::new()
+            .when(Compare::ModRevision(key.clone(), kv.mod_revision))
+            .delete(key.clone());
+        let revision = match self.commit(txn).await? {
+            TxnOutcome::Committed { revision } => revision,
+            TxnOutcome::CompareFailed(_) => {
+                return Err(AgentError::Conflict(format!(
+                    "policy {name:?} changed while being removed; try again"
+                )));
+            }
+        };
+        let mut state = self.policy_state.lock().await;
+        state.removed_here.insert(key, revision);
+        let dirty = state.index.remove_policy(name);
+        self.program_policies(&mut state, dirty).await;
+        tracing::info!(policy = %name, "policy removed");
+        Ok(())
+    }
+
+    pub async fn policies(&self, network: Option<&str>) -> Result<Vec<Value>> {
+        let mut all: Vec<Policy> = self
+            .load_all::<Policy>(keys::POLICIES)
+            .await?
+            .into_iter()
+            .filter(|p| network.is_none_or(|n| p.network == n))
+            .collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        let state = self.policy_state.lock().await;
+        Ok(all.iter().map(|p| policy_view(&state.index, p)).collect())
+    }
+
+    pub async fn policy(&self, name: &str) -> Result<Value> {
+        let (policy, _) = self
+            .load::<Policy>(&keys::policy(name))
+            .await?
+            .ok_or_else(|| AgentError::NotFound(format!("no policy named {name:?}")))?;
+        let state = self.policy_state.lock().await;
+        Ok(policy_view(&state.index, &policy))
+    }
+
+    pub(crate) async fn policies_on(&self, network: &str) -> Result<Vec<String>> {
+        Ok(self
+            .load_all::<Policy>(keys::POLICIES)
+            .await?
+            .into_iter()
+            .filter(|p| p.network == network)
+            .map(|p| p.name)
+            .collect())
+    }
+
+    /// Whether a connection from `src` to `dst` (endpoint ids, names or addresses) on `port`
+    /// (`80/tcp`, `53/udp`; none: a protocol without ports, such as ping) is allowed, and
+    /// what decides it, from the elements the kernel gets.
+    pub async fn explain_policy(
+        &self,
+        src: &str,
+        dst: &str,
+        port: Option<&str>,
+    ) -> Result<Explanation> {
+        let port = port.map(parse_probe_port).transpose()?;
+        let state = self.policy_state.lock().await;
+        let party = |what: &str| -> Result<Party> {
+            if let Some(ep) = state.index.find(what) {
+                return Ok(Party::Endpoint(ep.id.clone()));
+            }
+            what.parse::<IpAddr>().map(Party::Address).map_err(|_| {
+                AgentError::NotFound(format!(
+                    "{what:?} is neither an endpoint (id, name or address) nor an IP address"
+                ))
+            })
+        };
+        let (src, dst) = (party(src)?, party(dst)?);
+        Ok(state.index.explain(&src, &dst, port))
+    }
+}
+
+/// `PORT[/PROTO]` of `policy explain` (TCP when the protocol is left out).
+fn parse_probe_port(s: &str) -> Result<(Protocol, u16)> {
+    let (port, proto) = s.split_once('/').unwrap_or((s, "tcp"));
+    let bad = || {
+        AgentError::Invalid(format!(
+            "invalid port {s:?}: expected PORT[/tcp|udp|sctp], PORT from 1 to 65535"
+        ))
+    };
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    if port == 0 {
+        return Err(bad());
+    }
+    Ok((proto.parse().map_err(|_| bad())?, port))
+}
+
+/// A policy as the API shows it: its document, with the endpoints it selects under `status`.
+fn policy_view(index: &PolicyIndex, policy: &Policy) -> Value {
+    let mut v = serde_json::to_value(policy).expect("policies serialise");
+    let selected: Vec<Value> = index
+        .selected_by(&policy.name)
+        .into_iter()
+        .map(|ep| {
+            serde_json::json!({
+                "endpoint": ep.id,
+                "name": ep.name,
+                "host": ep.host,
+                "ips": ep.ips.iter().map(|n| n.addr()).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    if let Value::Object(m) = &mut v {
+        m.insert(
+            "status".into(),
+            serde_json::json!({ "selectedEndpoints": selected }),
+        );
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_ports_are_checked() {
+        assert_eq!(parse_probe_port("80").unwrap(), (Protocol::Tcp, 80));
+        assert_eq!(parse_probe_port("53/udp").unwrap(), (Protocol::Udp, 53));
+        for bad in ["0", "70000", "x/tcp", "80/icmp", ""] {
+            assert!(parse_probe_port(bad).is_err(), "{bad}");
+        }
+    }
+}
