@@ -169,7 +169,7 @@ impl PolicyState {
 
     /// What the revocation of these endpoints' flows needs: each address with the elements
     /// of its endpoint.
-    fn revocation(&self, ids: &[String]) -> HashMap<IpAddr, Vec<PolicyElement>> {
+    fn revocation(&self, ids: &[String]) -> Revoked {
         let mut out = HashMap::new();
         for id in ids {
             if let (Some(ep), Some(els)) = (self.index.endpoint(id), self.programmed.get(id)) {
@@ -181,6 +181,9 @@ impl PolicyState {
         out
     }
 }
+
+/// Addresses of local endpoints whose flows are to be judged again, with their elements.
+type Revoked = HashMap<IpAddr, Vec<PolicyElement>>;
 
 /// A kernel change and the endpoints whose flows must be judged again after it.
 #[derive(Debug, Default)]
@@ -208,11 +211,12 @@ fn condemned(by_addr: &HashMap<IpAddr, Vec<PolicyElement>>, f: &FlowTuple) -> bo
 }
 
 impl Agent {
-    /// Writes a change to the kernel (one batch), or everything when the kernel may differ,
-    /// then ends the flows that lost their allowance.
-    async fn program_policies(&self, state: &mut PolicyState, dirty: BTreeSet<String>) {
+    /// Writes a change to the kernel (one batch), or everything when the kernel may differ;
+    /// returns what [`Agent::revoke_flows`] needs to end the flows that lost their allowance
+    /// (to be called once the lock is let go: it reads the conntrack table).
+    async fn program_policies(&self, state: &mut PolicyState, dirty: BTreeSet<String>) -> Revoked {
         if dirty.is_empty() || !state.listed {
-            return;
+            return Revoked::new();
         }
         let change = state.diff(dirty);
         if state.stale {
@@ -230,15 +234,12 @@ impl Agent {
                 }
             }
         }
-        if !change.revoke.is_empty() {
-            let by_addr = state.revocation(&change.revoke);
-            self.revoke_flows(by_addr).await;
-        }
+        state.revocation(&change.revoke)
     }
 
     /// Deletes the conntrack entries of flows these endpoints' elements no longer allow: the
     /// next packet of such a flow is judged as a new connection, and dropped.
-    async fn revoke_flows(&self, by_addr: HashMap<IpAddr, Vec<PolicyElement>>) {
+    async fn revoke_flows(&self, by_addr: Revoked) {
         if by_addr.is_empty() {
             return;
         }
@@ -291,6 +292,8 @@ impl Agent {
             state = self.policy_state.lock().await;
         }
         let dirty = state.index.put_endpoint(ep.clone());
+        // Nothing to revoke: the endpoint is new (the flows of an earlier holder of its
+        // addresses ended with its detach), and the others only gain.
         self.program_policies(&mut state, dirty).await;
         if state.stale {
             return Err(AgentError::Internal(
@@ -316,8 +319,31 @@ impl Agent {
         let mut state = self.policy_state.lock().await;
         state.detaching.remove(&ep.id);
         state.removed_here.insert(keys::endpoint(&ep.id), revision);
+        let had = state.programmed.contains_key(&ep.id);
         let dirty = state.index.remove_endpoint(&ep.id);
-        self.program_policies(&mut state, dirty).await;
+        let others = self.program_policies(&mut state, dirty).await;
+        drop(state);
+        // Its flows end, rather than each flow being judged against what the others lost:
+        // a later holder of its addresses must not inherit an entry that bypasses policy.
+        if had || !others.is_empty() {
+            self.end_flows_of(ep).await;
+        }
+    }
+
+    /// Deletes the conntrack entries of every flow from or to the endpoint's addresses.
+    async fn end_flows_of(&self, ep: &Endpoint) {
+        let addrs: Vec<IpAddr> = ep.ips.iter().map(|n| n.addr()).collect();
+        let ipv4 = addrs.iter().any(IpAddr::is_ipv4);
+        let ipv6 = addrs.iter().any(IpAddr::is_ipv6);
+        let ended = kernel(move || {
+            conntrack::delete_flows_where(ipv4, ipv6, |f| {
+                addrs.contains(&f.src) || addrs.contains(&f.dst)
+            })
+        })
+        .await;
+        if let Err(e) = ended {
+            tracing::warn!(endpoint = %ep.id, error = %e, "cannot end a detached endpoint's flows");
+        }
     }
 
     /// An endpoint of this host that never got its interface, or whose record is gone
@@ -326,6 +352,7 @@ impl Agent {
         let mut state = self.policy_state.lock().await;
         state.detaching.remove(&ep.id);
         let dirty = state.index.remove_endpoint(&ep.id);
+        // It never had an interface, or is gone already: no flow of its to end.
         self.program_policies(&mut state, dirty).await;
     }
 
@@ -459,7 +486,9 @@ impl Agent {
                     }
                 }
             }
-            self.program_policies(&mut state, dirty).await;
+            let revoked = self.program_policies(&mut state, dirty).await;
+            drop(state);
+            self.revoke_flows(revoked).await;
         }
     }
 
@@ -540,9 +569,10 @@ impl Agent {
         let mut state = self.policy_state.lock().await;
         state.removed_here.remove(&key);
         let dirty = state.index.put_policy(policy.clone());
-        self.program_policies(&mut state, dirty).await;
+        let revoked = self.program_policies(&mut state, dirty).await;
         let view = policy_view(&state.index, &policy);
         drop(state);
+        self.revoke_flows(revoked).await;
         tracing::info!(policy = %policy.name, network = %policy.network, replace, "policy written");
         Ok(view)
     }
@@ -566,7 +596,10 @@ impl Agent {
         let mut state = self.policy_state.lock().await;
         state.removed_here.insert(key, revision);
         let dirty = state.index.remove_policy(name);
-        self.program_policies(&mut state, dirty).await;
+        let revoked = self.program_policies(&mut state, dirty).await;
+        drop(state);
+        // Removing a policy can take allowances away: another one still isolates.
+        self.revoke_flows(revoked).await;
         tracing::info!(policy = %name, "policy removed");
         Ok(())
     }

@@ -53,6 +53,7 @@ pub(crate) enum PolicyCmd {
     /// separated by `---`) or JSON, in Kubernetes NetworkPolicy's shape with
     /// `metadata.network`. Nothing is applied if anything in the file is wrong.
     Apply {
+        /// The file, e.g. `-f policy.yaml`; `-` reads standard input.
         #[arg(short = 'f', long = "file", value_name = "FILE")]
         file: PathBuf,
     },
@@ -64,10 +65,14 @@ pub(crate) enum PolicyCmd {
         network: Option<String>,
     },
     /// Show one policy (its document) and the endpoints it selects.
-    Inspect { name: String },
+    Inspect {
+        /// The policy's name.
+        name: String,
+    },
     /// Remove policies.
     #[command(alias = "remove")]
     Rm {
+        /// The policies' names.
         #[arg(required = true)]
         names: Vec<String>,
     },
@@ -76,8 +81,11 @@ pub(crate) enum PolicyCmd {
     /// names or addresses (or any address); PORT is `5432`, `5432/tcp`, `53/udp`; without
     /// it, a connection without ports (ping).
     Explain {
+        /// Where the connection comes from: an endpoint id, name or address, or any address.
         src: String,
+        /// Where it goes: an endpoint id, name or address, or any address.
         dst: String,
+        /// `PORT[/tcp|udp|sctp]`, e.g. `5432` or `53/udp`; none: a connection without ports.
         port: Option<String>,
     },
 }
