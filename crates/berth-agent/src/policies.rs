@@ -212,8 +212,10 @@ fn condemned(by_addr: &HashMap<IpAddr, Vec<PolicyElement>>, f: &FlowTuple) -> bo
 
 impl Agent {
     /// Writes a change to the kernel (one batch), or everything when the kernel may differ;
-    /// returns what [`Agent::revoke_flows`] needs to end the flows that lost their allowance
-    /// (to be called once the lock is let go: it reads the conntrack table).
+    /// returns what [`Agent::revoke_flows`] needs to end the flows that lost their allowance.
+    /// Policy changes revoke with the lock held (whoever waits for the lock finds them
+    /// enforced, established flows included); attaches and detaches have nothing to revoke
+    /// for others and do not wait on the conntrack table.
     async fn program_policies(&self, state: &mut PolicyState, dirty: BTreeSet<String>) -> Revoked {
         if dirty.is_empty() || !state.listed {
             return Revoked::new();
@@ -486,8 +488,9 @@ impl Agent {
                     }
                 }
             }
+            // Under the lock: a request that made this change may be waiting for it, and
+            // must find the flows ended when it gets the lock.
             let revoked = self.program_policies(&mut state, dirty).await;
-            drop(state);
             self.revoke_flows(revoked).await;
         }
     }
@@ -570,9 +573,9 @@ impl Agent {
         state.removed_here.remove(&key);
         let dirty = state.index.put_policy(policy.clone());
         let revoked = self.program_policies(&mut state, dirty).await;
+        self.revoke_flows(revoked).await;
         let view = policy_view(&state.index, &policy);
         drop(state);
-        self.revoke_flows(revoked).await;
         tracing::info!(policy = %policy.name, network = %policy.network, replace, "policy written");
         Ok(view)
     }
@@ -597,9 +600,9 @@ impl Agent {
         state.removed_here.insert(key, revision);
         let dirty = state.index.remove_policy(name);
         let revoked = self.program_policies(&mut state, dirty).await;
-        drop(state);
         // Removing a policy can take allowances away: another one still isolates.
         self.revoke_flows(revoked).await;
+        drop(state);
         tracing::info!(policy = %name, "policy removed");
         Ok(())
     }
@@ -646,15 +649,17 @@ impl Agent {
     ) -> Result<Explanation> {
         let port = port.map(parse_probe_port).transpose()?;
         let state = self.policy_state.lock().await;
+        // An address is judged as the address (its family), whoever holds it.
         let party = |what: &str| -> Result<Party> {
-            if let Some(ep) = state.index.find(what) {
-                return Ok(Party::Endpoint(ep.id.clone()));
+            if let Ok(ip) = what.parse::<IpAddr>() {
+                return Ok(Party::Address(ip));
             }
-            what.parse::<IpAddr>().map(Party::Address).map_err(|_| {
-                AgentError::NotFound(format!(
+            match state.index.find(what) {
+                Some(ep) => Ok(Party::Endpoint(ep.id.clone())),
+                None => Err(AgentError::NotFound(format!(
                     "{what:?} is neither an endpoint (id, name or address) nor an IP address"
-                ))
-            })
+                ))),
+            }
         };
         let (src, dst) = (party(src)?, party(dst)?);
         Ok(state.index.explain(&src, &dst, port))

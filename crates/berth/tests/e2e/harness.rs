@@ -61,6 +61,8 @@ pub fn busybox_tarball(dir: &Path) -> PathBuf {
 pub struct Host {
     pub netns: String,
     pub dir: PathBuf,
+    /// Locked poisoned or not: a test that panics while starting the daemon must still have
+    /// it killed on drop.
     daemon: std::sync::Mutex<Option<Child>>,
 }
 
@@ -166,7 +168,10 @@ impl Host {
     /// Starts the daemon with `customize` applied to its command (flags, environment), and
     /// waits until it answers. It is the host's daemon: `kill`, `stop` and drop end it.
     pub fn start_with(&self, customize: impl FnOnce(&mut Command)) {
-        let mut daemon = self.daemon.lock().unwrap();
+        let mut daemon = self
+            .daemon
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         assert!(daemon.is_none(), "daemon already running");
         let mut cmd = self.daemon_command("state");
         customize(&mut cmd);
@@ -193,12 +198,20 @@ impl Host {
     /// Whether this host has a daemon started by `start`/`start_with` and not yet ended by
     /// `kill`/`stop`.
     pub fn running(&self) -> bool {
-        self.daemon.lock().unwrap().is_some()
+        self.daemon
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_some()
     }
 
     /// SIGKILL, as a crash.
     pub fn kill(&self) {
-        if let Some(mut d) = self.daemon.lock().unwrap().take() {
+        if let Some(mut d) = self
+            .daemon
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+        {
             let _ = d.kill();
             let _ = d.wait();
         }
@@ -206,7 +219,12 @@ impl Host {
 
     /// SIGTERM, as a service manager stops it.
     pub fn stop(&self) {
-        if let Some(mut d) = self.daemon.lock().unwrap().take() {
+        if let Some(mut d) = self
+            .daemon
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+        {
             nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(d.id() as i32),
                 nix::sys::signal::Signal::SIGTERM,
