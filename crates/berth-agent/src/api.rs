@@ -122,7 +122,10 @@ pub fn router(agent: Arc<Agent>) -> Router {
             "/v1/services/{name}",
             get(get_service).delete(delete_service),
         )
-        .route("/v1/policies", get(list_policies).post(create_policy))
+        .route(
+            "/v1/policies",
+            get(list_policies).post(create_policy).put(apply_policies),
+        )
         .route(
             "/v1/policies/{name}",
             get(get_policy).put(apply_policy).delete(delete_policy),
@@ -231,6 +234,12 @@ async fn apply_policy(
         )));
     }
     Ok(ok(StatusCode::OK, a.put_policy(policy, true).await?))
+}
+
+/// Creates or replaces every policy of the body (an array) at once (`berth policy apply -f`).
+async fn apply_policies(State(a): Shared, body: Bytes) -> Result<Response, AgentError> {
+    let policies: Vec<Policy> = parse(&body)?;
+    Ok(ok(StatusCode::OK, a.put_policies(policies, true).await?))
 }
 
 async fn get_policy(State(a): Shared, Path(name): Path<String>) -> Result<Response, AgentError> {

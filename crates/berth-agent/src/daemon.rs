@@ -152,6 +152,12 @@ pub async fn run(cfg: DaemonConfig) -> Result<()> {
         let report = agent.reconcile().await?;
         tracing::info!("{report}");
         agent.restore_firewall().await?;
+        if !std::path::Path::new("/proc/sys/net/bridge").exists() {
+            tracing::warn!(
+                "the kernel module br_netfilter is not loaded: traffic between endpoints of one \
+                 bridge passes no policy and no service VIP of the same bridge; `modprobe br_netfilter`"
+            );
+        }
         // Policies are enforced before the first request: the kernel goes from the elements
         // it kept over the restart to the store's in one transaction.
         let policy_watches = agent.list_policies().await?;

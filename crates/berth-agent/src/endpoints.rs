@@ -244,6 +244,7 @@ impl Agent {
             validate_name("endpoint", n)?;
         }
         berth_model::validate_labels(&req.labels)?;
+        berth_model::validate_named_ports(&req.named_ports)?;
         if let Some(cid) = &req.container_id {
             validate_name("container id", cid).map_err(|_| {
                 AgentError::Invalid(format!(
@@ -405,6 +406,7 @@ impl Agent {
         }
         // Judged by policy before its interface exists: its first packet already is.
         if let Err(e) = self.policy_endpoint_up(&ep).await {
+            self.policy_endpoint_gone(&ep).await;
             self.undo_attach_records(&ep).await?;
             self.unpublish(firewall::forwards_of(&ep)).await;
             self.release(&ep);
@@ -902,7 +904,7 @@ impl Agent {
         self.policy_endpoint_detaching(&ep.id).await;
         let (current, handover, revision) = loop {
             let Some((current, rev)) = self.load::<Endpoint>(&keys::endpoint(&ep.id)).await? else {
-                self.policy_endpoint_gone(ep).await;
+                self.policy_detach_found_gone(ep).await;
                 return Ok(());
             };
             let handover = self.default_route_handover(&current).await?;
@@ -954,6 +956,13 @@ impl Agent {
             )
         })
         .await;
+        if let Err(e) = &retired {
+            // Its elements go only once it is off its bridge: now, rather than by the reaper.
+            tracing::warn!(endpoint = %ep.id, error = %e, "retiring the veth failed; deleting it");
+            if let Err(e) = remove_link(current.host_ifname.clone()).await {
+                tracing::warn!(endpoint = %ep.id, error = %e, "deleting the veth failed too");
+            }
+        }
         // Retired (off its bridge): no longer judged, its elements go.
         self.policy_endpoint_down(&current, revision).await;
         // Whatever happened in the kernel, the detach is recorded and the reaper deletes the

@@ -49,13 +49,20 @@ pub(crate) struct PolicyState {
     /// tick, writes everything.
     stale: bool,
     synced_at: Instant,
-    /// Store keys this host removed, with the revision of the removal: an older put still
-    /// in the watch must not bring them back.
-    removed_here: HashMap<String, u64>,
-    /// Local endpoints being detached: their elements go once their interface is retired,
-    /// not when their record does.
-    detaching: HashSet<String>,
+    /// Store keys this host changed (a policy written or removed, an endpoint detached),
+    /// with the revision of the change: an older event still in the watch must not undo it.
+    changed_here: HashMap<String, u64>,
+    /// Local endpoints being detached, by how many detaches are under way and since when:
+    /// their elements go once their interface is retired, not when their record does.
+    detaching: HashMap<String, (u32, Instant)>,
+    /// Endpoints whose flows are to be judged again once the kernel holds their elements
+    /// (a write failed: revoking before would let the flows come back).
+    pending_revoke: BTreeSet<String>,
 }
+
+/// A detach that has not finished after this long was abandoned (its request went away):
+/// its endpoint follows the watch again.
+const DETACH_ABANDONED: Duration = Duration::from_secs(60);
 
 impl PolicyState {
     pub(crate) fn new(me: &str) -> PolicyState {
@@ -68,9 +75,31 @@ impl PolicyState {
             listed: false,
             stale: true,
             synced_at: Instant::now(),
-            removed_here: HashMap::new(),
-            detaching: HashSet::new(),
+            changed_here: HashMap::new(),
+            detaching: HashMap::new(),
+            pending_revoke: BTreeSet::new(),
         }
+    }
+
+    /// One detach of this endpoint ended; whether others are still under way.
+    fn finish_detach(&mut self, id: &str) -> bool {
+        match self.detaching.get_mut(id) {
+            Some((n, _)) if *n > 1 => {
+                *n -= 1;
+                true
+            }
+            _ => {
+                self.detaching.remove(id);
+                false
+            }
+        }
+    }
+
+    /// Whether a detach of this endpoint is under way here.
+    fn is_detaching(&self, id: &str) -> bool {
+        self.detaching
+            .get(id)
+            .is_some_and(|(_, since)| since.elapsed() < DETACH_ABANDONED)
     }
 
     /// Applies one store event to the index; returns the local endpoints it touches.
@@ -80,13 +109,12 @@ impl PolicyState {
             Event::Put(kv) => Some(kv),
             Event::Delete { .. } => None,
         };
-        if let Some(&removed_at) = self.removed_here.get(key) {
-            match put {
-                Some(kv) if kv.mod_revision < removed_at => return Ok(BTreeSet::new()),
-                _ => {
-                    self.removed_here.remove(key);
-                }
+        if let Some(&changed_at) = self.changed_here.get(key) {
+            if event.revision() < changed_at {
+                // Older than this host's own change, which is applied already.
+                return Ok(BTreeSet::new());
             }
+            self.changed_here.remove(key);
         }
         if let Some(name) = key.strip_prefix(keys::POLICIES) {
             return Ok(match put {
@@ -97,7 +125,7 @@ impl PolicyState {
         if let Some(id) = key.strip_prefix(keys::ENDPOINTS) {
             return Ok(match put {
                 Some(kv) => self.index.put_endpoint(decode(kv)?),
-                None if self.detaching.contains(id) => BTreeSet::new(),
+                None if self.is_detaching(id) => BTreeSet::new(),
                 None => self.index.remove_endpoint(id),
             });
         }
@@ -129,8 +157,10 @@ impl PolicyState {
                 Vec::new()
             };
             let had = self.programmed.remove(&id).unwrap_or_default();
+            let (had_set, want_set): (HashSet<&PolicyElement>, HashSet<&PolicyElement>) =
+                (had.iter().collect(), want.iter().collect());
             let mut lost = false;
-            for e in had.iter().filter(|e| !want.contains(e)) {
+            for e in had.iter().filter(|e| !want_set.contains(e)) {
                 lost = true;
                 if let Some(n) = self.wanted.get_mut(e) {
                     *n -= 1;
@@ -140,7 +170,7 @@ impl PolicyState {
                     }
                 }
             }
-            for e in want.iter().filter(|e| !had.contains(e)) {
+            for e in want.iter().filter(|e| !had_set.contains(e)) {
                 lost |= matches!(e, PolicyElement::Isolated { .. });
                 let n = self.wanted.entry(*e).or_insert(0);
                 *n += 1;
@@ -156,8 +186,21 @@ impl PolicyState {
             }
         }
         // An element one endpoint lets go of and another takes stays.
-        change.remove.retain(|e| !change.add.contains(e));
+        let added: HashSet<PolicyElement> = change.add.iter().copied().collect();
+        change.remove.retain(|e| !added.contains(e));
         change
+    }
+
+    /// The flows to judge again now, once the kernel holds the elements they are judged by
+    /// (none while it may not).
+    fn take_revocation(&mut self) -> Revoked {
+        if self.stale {
+            return Revoked::new();
+        }
+        let ids: Vec<String> = std::mem::take(&mut self.pending_revoke)
+            .into_iter()
+            .collect();
+        self.revocation(&ids)
     }
 
     /// Every element the kernel should hold.
@@ -221,6 +264,7 @@ impl Agent {
             return Revoked::new();
         }
         let change = state.diff(dirty);
+        state.pending_revoke.extend(change.revoke);
         if state.stale {
             self.sync_policies_or_retry(state).await;
         } else if !change.add.is_empty() || !change.remove.is_empty() {
@@ -236,7 +280,7 @@ impl Agent {
                 }
             }
         }
-        state.revocation(&change.revoke)
+        state.take_revocation()
     }
 
     /// Deletes the conntrack entries of flows these endpoints' elements no longer allow: the
@@ -297,7 +341,9 @@ impl Agent {
         // Nothing to revoke: the endpoint is new (the flows of an earlier holder of its
         // addresses ended with its detach), and the others only gain.
         self.program_policies(&mut state, dirty).await;
-        if state.stale {
+        // Refused only if this endpoint is judged and the kernel may not have its elements:
+        // a failed write elsewhere must not stop attaches that no policy selects.
+        if state.stale && state.programmed.contains_key(&ep.id) {
             return Err(AgentError::Internal(
                 "the endpoint's policy could not be written to the kernel".into(),
             ));
@@ -308,19 +354,21 @@ impl Agent {
     /// An endpoint of this host is being detached: its record may go from the index's
     /// watch, but its elements stay until [`Agent::policy_endpoint_down`].
     pub(crate) async fn policy_endpoint_detaching(&self, id: &str) {
-        self.policy_state
-            .lock()
-            .await
+        let mut state = self.policy_state.lock().await;
+        let entry = state
             .detaching
-            .insert(id.to_string());
+            .entry(id.to_string())
+            .or_insert((0, Instant::now()));
+        entry.0 += 1;
+        entry.1 = Instant::now();
     }
 
     /// A detached endpoint's interface is retired (its records went at `revision`): its
     /// elements go, and other endpoints lose what they allowed it.
     pub(crate) async fn policy_endpoint_down(&self, ep: &Endpoint, revision: u64) {
         let mut state = self.policy_state.lock().await;
-        state.detaching.remove(&ep.id);
-        state.removed_here.insert(keys::endpoint(&ep.id), revision);
+        state.finish_detach(&ep.id);
+        state.changed_here.insert(keys::endpoint(&ep.id), revision);
         let had = state.programmed.contains_key(&ep.id);
         let dirty = state.index.remove_endpoint(&ep.id);
         let others = self.program_policies(&mut state, dirty).await;
@@ -348,20 +396,29 @@ impl Agent {
         }
     }
 
-    /// An endpoint of this host that never got its interface, or whose record is gone
-    /// already: its elements go.
+    /// An endpoint of this host whose attach failed before its interface was made: its
+    /// elements go.
     pub(crate) async fn policy_endpoint_gone(&self, ep: &Endpoint) {
         let mut state = self.policy_state.lock().await;
-        state.detaching.remove(&ep.id);
         let dirty = state.index.remove_endpoint(&ep.id);
-        // It never had an interface, or is gone already: no flow of its to end.
+        self.program_policies(&mut state, dirty).await;
+    }
+
+    /// A detach found the endpoint's record gone already: another detach is retiring it
+    /// (and removes its elements when done), or it is a leftover, whose elements go now.
+    pub(crate) async fn policy_detach_found_gone(&self, ep: &Endpoint) {
+        let mut state = self.policy_state.lock().await;
+        if state.finish_detach(&ep.id) {
+            return;
+        }
+        let dirty = state.index.remove_endpoint(&ep.id);
         self.program_policies(&mut state, dirty).await;
     }
 
     /// A detach that gave up before its commit: the endpoint stays, and follows the watch
     /// again.
     pub(crate) async fn policy_detach_abandoned(&self, id: &str) {
-        self.policy_state.lock().await.detaching.remove(id);
+        self.policy_state.lock().await.finish_detach(id);
     }
 
     /// Runs for the life of the daemon: follow the watches until one fails, list again.
@@ -388,14 +445,15 @@ impl Agent {
 
     /// Lists policies, endpoints and networks into a fresh index, writes every element (one
     /// transaction: the kernel goes from the old elements to the new with nothing between)
-    /// and opens the watches from the listings' revisions.
+    /// and opens the watches from the listings' revisions. The lock is held throughout, so
+    /// that no change of this host's is programmed from the old index meanwhile and then
+    /// lost with it.
     pub async fn list_policies(&self) -> Result<Vec<Watch>> {
+        let mut state = self.policy_state.lock().await;
         let mut fresh = PolicyState::new(&self.host.id);
         let mut watches = Vec::new();
-        let mut listed_at = u64::MAX;
         for prefix in WATCHED {
             let listing = self.store.list(prefix).await?;
-            listed_at = listed_at.min(listing.revision);
             for kv in &listing.items {
                 if let Err(e) = fresh.apply(&Event::Put(kv.clone())) {
                     tracing::error!(key = %kv.key, error = %e, "bad record in the store; skipped");
@@ -403,22 +461,10 @@ impl Agent {
             }
             watches.push(self.store.watch(prefix, listing.revision).await?);
         }
-        let mut state = self.policy_state.lock().await;
-        // Removals of this host's that the listings may not show yet keep holding.
-        let held = std::mem::take(&mut state.removed_here);
-        for (key, at) in held {
-            if at <= listed_at {
-                continue;
-            }
-            if let Some(id) = key.strip_prefix(keys::ENDPOINTS) {
-                fresh.index.remove_endpoint(id);
-            } else if let Some(name) = key.strip_prefix(keys::POLICIES) {
-                fresh.index.remove_policy(name);
-            }
-            fresh.removed_here.insert(key, at);
-        }
+        // This host's changes still hold against older events the new watches may bring.
+        fresh.changed_here = std::mem::take(&mut state.changed_here);
         // Endpoints being detached keep their elements until they are retired.
-        for id in &state.detaching {
+        for id in state.detaching.keys() {
             if let Some(ep) = state.index.endpoint(id) {
                 fresh.index.put_endpoint(ep.clone());
             }
@@ -437,7 +483,6 @@ impl Agent {
         // Flows of the time the watch was down are judged once against the new elements.
         let ids: Vec<String> = state.programmed.keys().cloned().collect();
         let by_addr = state.revocation(&ids);
-        drop(state);
         self.revoke_flows(by_addr).await;
         Ok(watches)
     }
@@ -504,6 +549,8 @@ impl Agent {
         }
         if state.stale {
             self.sync_policies_or_retry(&mut state).await;
+            let revoked = state.take_revocation();
+            self.revoke_flows(revoked).await;
             return;
         }
         if state.synced_at.elapsed() < RESYNC {
@@ -532,52 +579,98 @@ impl Agent {
     /// Creates a policy (`replace`: or replaces the one of that name), enforced on this host
     /// before it answers; other hosts follow their watch.
     pub async fn put_policy(&self, policy: Policy, replace: bool) -> Result<Value> {
-        policy.validate()?;
-        // Stored as it reads back, so that what `inspect` shows is what was applied.
-        let policy = policy.normalized();
-        let key = keys::policy(&policy.name);
-        let (net, net_rev) = self
-            .load::<Network>(&keys::network(&policy.network))
-            .await?
-            .ok_or_else(|| {
-                AgentError::NotFound(format!("no network named {:?}", policy.network))
-            })?;
-        if net.removing {
-            return Err(AgentError::Conflict(format!(
-                "network {:?} is being removed",
-                net.name
-            )));
+        let mut views = self.put_policies(vec![policy], replace).await?;
+        Ok(views.remove(0))
+    }
+
+    /// Writes policies in one store transaction and one kernel change (`berth policy apply
+    /// -f`): a file that denies everything and allows some is never half there, so no flow
+    /// the whole file allows is revoked on the way.
+    pub async fn put_policies(&self, policies: Vec<Policy>, replace: bool) -> Result<Vec<Value>> {
+        if policies.is_empty() {
+            return Err(AgentError::Invalid("no policy given".into()));
         }
-        let mut txn = Txn::new()
-            .when(Compare::ModRevision(keys::network(&net.name), net_rev))
-            .put(key.clone(), encode(&policy));
-        if !replace {
-            txn = txn.when(Compare::Absent(key.clone()));
-        }
-        match self.commit(txn).await? {
-            TxnOutcome::Committed { .. } => {}
-            TxnOutcome::CompareFailed(Compare::Absent(_)) => {
-                return Err(AgentError::Conflict(format!(
-                    "a policy named {:?} exists (`berth policy apply` replaces it)",
+        let mut names = HashSet::new();
+        let mut checked = Vec::with_capacity(policies.len());
+        for policy in policies {
+            policy.validate()?;
+            if !names.insert(policy.name.clone()) {
+                return Err(AgentError::Invalid(format!(
+                    "policy {:?} is given twice",
                     policy.name
                 )));
             }
-            TxnOutcome::CompareFailed(_) => {
+            // Stored as it reads back, so that what `inspect` shows is what was applied.
+            checked.push(policy.normalized());
+        }
+        let networks: BTreeSet<&str> = checked.iter().map(|p| p.network.as_str()).collect();
+        let ops = networks.len() + checked.len() * if replace { 1 } else { 2 };
+        if ops > crate::MAX_TXN_OPS {
+            return Err(AgentError::Invalid(format!(
+                "too many policies in one request ({}): split them",
+                checked.len()
+            )));
+        }
+        let mut txn = Txn::new();
+        for name in networks {
+            let (net, net_rev) = self
+                .load::<Network>(&keys::network(name))
+                .await?
+                .ok_or_else(|| AgentError::NotFound(format!("no network named {name:?}")))?;
+            if net.removing {
                 return Err(AgentError::Conflict(format!(
-                    "network {:?} changed while the policy was created; try again",
-                    policy.network
+                    "network {name:?} is being removed"
                 )));
             }
+            txn = txn.when(Compare::ModRevision(keys::network(name), net_rev));
         }
+        for policy in &checked {
+            let key = keys::policy(&policy.name);
+            if !replace {
+                txn = txn.when(Compare::Absent(key.clone()));
+            }
+            txn = txn.put(key, encode(policy));
+        }
+        let revision = match self.commit(txn).await? {
+            TxnOutcome::Committed { revision } => revision,
+            TxnOutcome::CompareFailed(Compare::Absent(key)) => {
+                return Err(AgentError::Conflict(format!(
+                    "a policy named {:?} exists (`berth policy apply` replaces it)",
+                    key.strip_prefix(keys::POLICIES).unwrap_or(&key)
+                )));
+            }
+            TxnOutcome::CompareFailed(_) => {
+                return Err(AgentError::Conflict(
+                    "a policy's network changed meanwhile; try again".into(),
+                ));
+            }
+        };
         let mut state = self.policy_state.lock().await;
-        state.removed_here.remove(&key);
-        let dirty = state.index.put_policy(policy.clone());
+        let mut dirty = BTreeSet::new();
+        for policy in &checked {
+            state
+                .changed_here
+                .insert(keys::policy(&policy.name), revision);
+            dirty.extend(state.index.put_policy(policy.clone()));
+        }
         let revoked = self.program_policies(&mut state, dirty).await;
         self.revoke_flows(revoked).await;
-        let view = policy_view(&state.index, &policy);
+        let stale = state.stale;
+        let views = checked
+            .iter()
+            .map(|p| policy_view(&state.index, p))
+            .collect();
         drop(state);
-        tracing::info!(policy = %policy.name, network = %policy.network, replace, "policy written");
-        Ok(view)
+        for p in &checked {
+            tracing::info!(policy = %p.name, network = %p.network, replace, "policy written");
+        }
+        if stale {
+            return Err(AgentError::Internal(
+                "the policy is stored, but this host's kernel refused it; retrying every second"
+                    .into(),
+            ));
+        }
+        Ok(views)
     }
 
     pub async fn delete_policy(&self, name: &str) -> Result<()> {
@@ -597,7 +690,7 @@ impl Agent {
             }
         };
         let mut state = self.policy_state.lock().await;
-        state.removed_here.insert(key, revision);
+        state.changed_here.insert(key, revision);
         let dirty = state.index.remove_policy(name);
         let revoked = self.program_policies(&mut state, dirty).await;
         // Removing a policy can take allowances away: another one still isolates.

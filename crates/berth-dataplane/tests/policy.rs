@@ -219,6 +219,20 @@ fn pings(ns: &str, to: &str, wait: Duration) -> bool {
     .success()
 }
 
+/// The link-local address of `eth0` in namespace `ns`.
+fn link_local(ns: &str) -> std::net::Ipv6Addr {
+    let out = ip(
+        ns,
+        &["-6", "-o", "addr", "show", "dev", "eth0", "scope", "link"],
+    );
+    out.split_whitespace()
+        .skip_while(|w| *w != "inet6")
+        .nth(1)
+        .and_then(|a| a.split('/').next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no link-local address in {ns}: {out}"))
+}
+
 fn addr(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
@@ -493,6 +507,21 @@ fn policy_isolates_allows_and_revokes() {
     );
     blocked(&a, sa(B6, 8081));
     blocked(&c, sa(B6, 8080));
+    // Not by b's link-local address either, which no set holds, even from a, which may
+    // reach b's global address.
+    let b_link_local = link_local(&b);
+    for from in [&a, &c] {
+        // The scope is the client's own eth0 (`N: eth0@...`).
+        let scope: u32 = ip(from, &["-o", "link", "show", "eth0"])
+            .split(':')
+            .next()
+            .and_then(|n| n.trim().parse().ok())
+            .expect("eth0's index");
+        blocked(
+            from,
+            SocketAddr::V6(std::net::SocketAddrV6::new(b_link_local, 8080, 0, scope)),
+        );
+    }
     assert!(!pings(&a, B6, BLOCKED));
     assert!(dropped("policy_in6") > 0);
     drop(lab);

@@ -21,7 +21,7 @@ pub use names::{
 };
 pub use policy::{
     NamedPort, Peer, Policy, PolicyFileError, PolicyPort, PolicyRule, PortRef,
-    parse_policy_documents,
+    parse_policy_documents, validate_named_ports,
 };
 pub use ports::{MAX_RANGE, PortMapping, Protocol, parse_publish};
 pub use selector::{Operator, Requirement, Selector};

@@ -259,6 +259,24 @@ impl FromStr for NamedPort {
     }
 }
 
+/// An endpoint's named ports: ports 1 to 65535, each name once (Kubernetes refuses a
+/// container whose ports share a name).
+pub fn validate_named_ports(ports: &[NamedPort]) -> Result<(), ModelError> {
+    for (i, p) in ports.iter().enumerate() {
+        let bad = |why| ModelError::InvalidNamedPort {
+            given: p.to_string(),
+            why,
+        };
+        if p.port == 0 {
+            return Err(bad("the port is a number between 1 and 65535"));
+        }
+        if ports[..i].iter().any(|q| q.name == p.name) {
+            return Err(bad("the endpoint names another port so already"));
+        }
+    }
+    Ok(())
+}
+
 impl fmt::Display for NamedPort {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}={}/{}", self.name, self.port, self.protocol)

@@ -33,6 +33,10 @@ pub struct Explanation {
     /// ends share no family or an endpoint is unknown, and then nothing is allowed.
     pub source: Option<IpAddr>,
     pub destination: Option<IpAddr>,
+    /// The two ends are endpoints of different networks, which stay isolated from each
+    /// other whatever the policies say: denied.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub across_networks: bool,
 }
 
 /// One end's decision.
@@ -71,12 +75,15 @@ impl PolicyIndex {
         let egress = self.judge(src_ep, Direction::Egress, pair, protocol, port);
         let to_dst = pair.map(|(s, d)| (d, s));
         let ingress = self.judge(dst_ep, Direction::Ingress, to_dst, protocol, port);
+        let across_networks =
+            matches!((src_ep, dst_ep), (Some(s), Some(d)) if s.network != d.network);
         Explanation {
-            allowed: pair.is_some() && egress.allowed && ingress.allowed,
+            allowed: pair.is_some() && !across_networks && egress.allowed && ingress.allowed,
             egress,
             ingress,
             source: pair.map(|(s, _)| s),
             destination: pair.map(|(_, d)| d),
+            across_networks,
         }
     }
 

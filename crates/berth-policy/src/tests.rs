@@ -1151,7 +1151,14 @@ proptest! {
                     };
                     let out = judge(&e.egress, Direction::Egress, s, d)?;
                     let into = judge(&e.ingress, Direction::Ingress, d, s)?;
-                    prop_assert_eq!(e.allowed, out && into);
+                    // Endpoints of two networks never reach each other.
+                    let networks = |j: &Judgement| j.endpoint.as_ref().map(|id| &w.endpoints[id].network);
+                    let across = matches!(
+                        (networks(&e.egress), networks(&e.ingress)),
+                        (Some(a), Some(b)) if a != b
+                    );
+                    prop_assert_eq!(e.across_networks, across);
+                    prop_assert_eq!(e.allowed, out && into && !across);
                 }
             }
         }

@@ -230,8 +230,8 @@ fn from_flags(
     Ok(p)
 }
 
-/// `policy apply -f`: every document is checked, and every network looked up, before the
-/// first is sent.
+/// `policy apply -f`: every document is checked, and every network looked up (to say which
+/// document names a missing one), before they are sent, all in one request.
 fn apply(client: &Client, out: Output, file: &PathBuf) -> Result<()> {
     let (shown, text) = if file.as_os_str() == "-" {
         let mut s = String::new();
@@ -262,25 +262,12 @@ fn apply(client: &Client, out: Output, file: &PathBuf) -> Result<()> {
             );
         }
     }
-    let mut applied = Vec::new();
-    for p in &policies {
-        let v: Value = client
-            .put(&format!("/v1/policies/{}", url_component(&p.name)), p)
-            .with_context(|| {
-                format!(
-                    "policy {:?} (applied before it: {})",
-                    p.name,
-                    if applied.is_empty() {
-                        "none".to_string()
-                    } else {
-                        applied.join(", ")
-                    }
-                )
-            })?;
-        applied.push(p.name.clone());
-        if out == Output::Json {
-            say!("{}", serde_json::to_string_pretty(&v)?);
-        } else {
+    // One request: the daemon applies them all in one transaction, or none.
+    let views: Vec<Value> = client.put("/v1/policies", &policies)?;
+    if out == Output::Json {
+        say!("{}", serde_json::to_string_pretty(&views)?);
+    } else {
+        for p in &policies {
             say!("{} applied", p.name);
         }
     }
@@ -438,6 +425,9 @@ fn print_explanation(v: &Value, src: &str, dst: &str, port: Option<&str>) {
         if allowed { "allowed" } else { "denied" },
         port.unwrap_or("(no port)")
     );
+    if v["across_networks"] == Value::Bool(true) {
+        say!("networks: the two are on different networks, which are isolated from each other");
+    }
     for (dir, at) in [("egress", src), ("ingress", dst)] {
         let j = &v[dir];
         let judged = j["endpoint"].as_str();

@@ -335,6 +335,14 @@ pub(super) fn and(reg: u32, mask: u32) -> Expr {
     }
 }
 
+/// A mask on a value of the mask's length, in network order (an address prefix).
+pub(super) fn and_bytes(reg: u32, mask: &[u8]) -> Expr {
+    Expr::And {
+        reg,
+        mask: mask.to_vec(),
+    }
+}
+
 /// A mask on one byte.
 pub(super) fn and_u8(reg: u32, mask: u8) -> Expr {
     Expr::And {

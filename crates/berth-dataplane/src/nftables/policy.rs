@@ -93,13 +93,18 @@ fn all_sets() -> impl Iterator<Item = (Kind, Direction, bool)> {
 
 /// The rules of `input`, `policies` and the `policy_*` chains (the jump from `forward`, right
 /// after the operator's, is in [`super::rules`]).
+/// fe80::/10, as nft matches it: the whole address masked.
+const LINK_LOCAL_MASK: [u8; 16] = [0xff, 0xc0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+const LINK_LOCAL: [u8; 16] = [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+
 pub(super) fn rules() -> Vec<Rule> {
     use super::expr::{
         Base::{Network, Transport},
         CT_ESTABLISHED_RELATED, CT_NEW, CtKey, ICMPV6_ND, IPPROTO_ICMPV6, IPPROTO_TCP,
         MetaKey::{IifName, L4Proto},
-        REG1, TCP_FIN_SYN_RST_ACK, TCP_FLAGS_OFFSET, TCP_SYN, and, and_u8, cmp_eq, cmp_neq,
-        counter, ct, drop, hton, jump, lookup, lookup_anonymous, meta, nonzero, payload, reg, ret,
+        REG1, TCP_FIN_SYN_RST_ACK, TCP_FLAGS_OFFSET, TCP_SYN, and, and_bytes, and_u8, cmp_eq,
+        cmp_neq, counter, ct, drop, hton, jump, lookup, lookup_anonymous, meta, nonzero, payload,
+        reg, ret,
     };
     let mut all = vec![
         rule(
@@ -132,6 +137,22 @@ pub(super) fn rules() -> Vec<Rule> {
                 lookup_anonymous(REG1, &ICMPV6_ND),
                 ret(),
             ]],
+        ),
+        // Every endpoint of an IPv6 network also has a link-local address, which no set
+        // holds: one endpoint reaching another by it would pass unjudged. Beyond neighbour
+        // discovery, nothing of berth's goes there.
+        rule(
+            CHAIN,
+            "ip6 daddr fe80::/10 drop",
+            &[
+                family(true),
+                vec![
+                    payload(Network, 24, 16, REG1),
+                    and_bytes(REG1, &LINK_LOCAL_MASK),
+                    cmp_eq(REG1, &LINK_LOCAL),
+                    drop(),
+                ],
+            ],
         ),
     ];
     let addrs = |ipv6: bool| {

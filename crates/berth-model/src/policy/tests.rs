@@ -1152,3 +1152,15 @@ mod properties {
         }
     }
 }
+
+#[test]
+fn named_ports_need_a_port_and_a_name_of_their_own() {
+    let p = |s: &str| s.parse::<NamedPort>().unwrap();
+    assert!(validate_named_ports(&[p("http=80"), p("pg=5432")]).is_ok());
+    assert!(validate_named_ports(&[p("http=80"), p("http=8080/udp")]).is_err());
+    let zero = NamedPort {
+        port: 0,
+        ..p("http=80")
+    };
+    assert!(validate_named_ports(&[zero]).is_err());
+}
