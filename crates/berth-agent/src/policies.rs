@@ -243,15 +243,33 @@ fn gateways(net: &Network) -> Vec<IpAddr> {
 
 /// Whether a tracked flow is one these elements no longer allow, judged at its destination
 /// (ingress) and at its source (egress), where those are endpoints of this host.
+///
+/// A flow without connections (UDP, ...) is judged as started by either end: when an entry is
+/// deleted, an answer already on its way makes a new entry the other way round, which its
+/// sender's side may allow, and through which the revoked side's datagrams would then pass as
+/// answers. A TCP connection is only judged the way it was opened: the other way is no new
+/// connection (a mid-stream segment starting one is dropped), and an allowed connection the
+/// isolated end opened itself must not be cut.
 fn condemned(by_addr: &HashMap<IpAddr, Vec<PolicyElement>>, f: &FlowTuple) -> bool {
-    let port = f.dport;
-    let denied_at = |target: IpAddr, peer: IpAddr, direction: Direction| {
+    let denied_at = |target: IpAddr, peer: IpAddr, direction: Direction, port: Option<u16>| {
         by_addr
             .get(&target)
             .is_some_and(|els| !allows(els, direction, target, peer, f.protocol, port))
     };
-    denied_at(f.dst, f.src, Direction::Ingress) || denied_at(f.src, f.dst, Direction::Egress)
+    let opened = denied_at(f.dst, f.src, Direction::Ingress, f.dport)
+        || denied_at(f.src, f.dst, Direction::Egress, f.dport);
+    let answered = f.protocol != IPPROTO_TCP
+        && (denied_at(f.src, f.dst, Direction::Ingress, f.sport)
+            || denied_at(f.dst, f.src, Direction::Egress, f.sport));
+    opened || answered
 }
+
+const IPPROTO_TCP: u8 = 6;
+
+/// When the conntrack table is swept again after a revocation (since the one before): the
+/// packets that were on their way, which make entries anew, have arrived by then, even late
+/// from a busy receiver's queue.
+const RESWEEPS: [Duration; 2] = [Duration::from_millis(50), Duration::from_millis(450)];
 
 impl Agent {
     /// Writes a change to the kernel (one batch), or everything when the kernel may differ;
@@ -291,11 +309,25 @@ impl Agent {
         }
         let ipv4 = by_addr.keys().any(IpAddr::is_ipv4);
         let ipv6 = by_addr.keys().any(IpAddr::is_ipv6);
-        match kernel(move || conntrack::delete_flows_where(ipv4, ipv6, |f| condemned(&by_addr, f)))
-            .await
-        {
+        let by_addr = Arc::new(by_addr);
+        let sweep = move || {
+            let by_addr = by_addr.clone();
+            kernel(move || conntrack::delete_flows_where(ipv4, ipv6, |f| condemned(&by_addr, f)))
+        };
+        match sweep().await {
             Ok(0) => {}
-            Ok(n) => tracing::info!(flows = n, "flows a policy no longer allows ended"),
+            Ok(n) => {
+                tracing::info!(flows = n, "flows a policy no longer allows ended");
+                // Packets of those flows that were on their way make entries anew.
+                tokio::spawn(async move {
+                    for wait in RESWEEPS {
+                        tokio::time::sleep(wait).await;
+                        if let Err(e) = sweep().await {
+                            tracing::warn!(error = %e, "cannot end flows a policy no longer allows");
+                        }
+                    }
+                });
+            }
             Err(e) => tracing::warn!(error = %e, "cannot end flows a policy no longer allows"),
         }
     }

@@ -253,6 +253,14 @@ const fn lb_slots(
 
 /// A set of the policy programmer's: of addresses, or (`fields`, each field's length) an
 /// interval set of a concatenation.
+/// A policy set of concatenations without ranges (a hash).
+const fn exact_policy_set(name: &'static str, nft: &'static str, key: (u32, u32)) -> SetSpec {
+    SetSpec {
+        owner: Owner::Policy,
+        ..set(name, nft, key, UD_CONCAT)
+    }
+}
+
 const fn policy_set(
     name: &'static str,
     nft: &'static str,
@@ -540,6 +548,20 @@ const SETS: &[SetSpec] = &[
         V4_V4_PROTO_PORT,
         &[4, 4, 1, 2],
     ),
+    // One peer (and one port): hashed, so that the common element (an endpoint as a peer)
+    // costs the same to add, remove and match whatever the number of others.
+    exact_policy_set("pol_in_exact4", "type ipv4_addr . ipv4_addr;", V4_V4),
+    exact_policy_set("pol_eg_exact4", "type ipv4_addr . ipv4_addr;", V4_V4),
+    exact_policy_set(
+        "pol_in_ports_exact4",
+        "type ipv4_addr . ipv4_addr . inet_proto . inet_service;",
+        V4_V4_PROTO_PORT,
+    ),
+    exact_policy_set(
+        "pol_eg_ports_exact4",
+        "type ipv4_addr . ipv4_addr . inet_proto . inet_service;",
+        V4_V4_PROTO_PORT,
+    ),
     policy_set("pol_iso_in6", "type ipv6_addr;", (IPV6_ADDR, 16), &[]),
     policy_set("pol_iso_eg6", "type ipv6_addr;", (IPV6_ADDR, 16), &[]),
     policy_set(
@@ -565,6 +587,18 @@ const SETS: &[SetSpec] = &[
         "type ipv6_addr . ipv6_addr . inet_proto . inet_service; flags interval;",
         V6_V6_PROTO_PORT,
         &[16, 16, 1, 2],
+    ),
+    exact_policy_set("pol_in_exact6", "type ipv6_addr . ipv6_addr;", V6_V6),
+    exact_policy_set("pol_eg_exact6", "type ipv6_addr . ipv6_addr;", V6_V6),
+    exact_policy_set(
+        "pol_in_ports_exact6",
+        "type ipv6_addr . ipv6_addr . inet_proto . inet_service;",
+        V6_V6_PROTO_PORT,
+    ),
+    exact_policy_set(
+        "pol_eg_ports_exact6",
+        "type ipv6_addr . ipv6_addr . inet_proto . inet_service;",
+        V6_V6_PROTO_PORT,
     ),
 ];
 

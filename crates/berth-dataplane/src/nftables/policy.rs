@@ -47,8 +47,14 @@ pub(super) const CHAIN: &str = "policies";
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Isolated,
+    /// `Any` elements with a range of peers.
     Any,
+    /// `Ports` elements with a range of peers or ports.
     Ports,
+    /// `Any` elements of one peer.
+    AnyExact,
+    /// `Ports` elements of one peer and one port.
+    PortsExact,
 }
 
 /// The set of elements of this kind, direction and family.
@@ -57,6 +63,8 @@ fn set_name(kind: Kind, direction: Direction, ipv6: bool) -> &'static str {
         Kind::Isolated => ("iso_", ""),
         Kind::Any => ("", ""),
         Kind::Ports => ("", "_ports"),
+        Kind::AnyExact => ("", "_exact"),
+        Kind::PortsExact => ("", "_ports_exact"),
     };
     let name = format!(
         "pol_{before}{}{after}{}",
@@ -85,10 +93,16 @@ fn chain(direction: Direction, ipv6: bool) -> String {
 
 /// Every policy set: by kind, direction and family.
 fn all_sets() -> impl Iterator<Item = (Kind, Direction, bool)> {
-    [Kind::Isolated, Kind::Any, Kind::Ports]
-        .into_iter()
-        .flat_map(|k| [Direction::Ingress, Direction::Egress].map(|d| (k, d)))
-        .flat_map(|(k, d)| [false, true].map(|ipv6| (k, d, ipv6)))
+    [
+        Kind::Isolated,
+        Kind::Any,
+        Kind::Ports,
+        Kind::AnyExact,
+        Kind::PortsExact,
+    ]
+    .into_iter()
+    .flat_map(|k| [Direction::Ingress, Direction::Egress].map(|d| (k, d)))
+    .flat_map(|(k, d)| [false, true].map(|ipv6| (k, d, ipv6)))
 }
 
 /// The rules of `input`, `policies` and the `policy_*` chains (the jump from `forward`, right
@@ -225,6 +239,8 @@ pub(super) fn rules() -> Vec<Rule> {
                 Direction::Egress => (saddr, daddr),
             };
             let here = chain(direction, ipv6);
+            let any_exact = set_name(Kind::AnyExact, direction, ipv6);
+            let ports_exact = set_name(Kind::PortsExact, direction, ipv6);
             let any = set_name(Kind::Any, direction, ipv6);
             let ports = set_name(Kind::Ports, direction, ipv6);
             let key = || {
@@ -235,6 +251,27 @@ pub(super) fn rules() -> Vec<Rule> {
                 ]);
                 k
             };
+            // The hashed sets first: most elements are there.
+            all.push(rule(
+                &here,
+                &format!("{ip} {target} . {ip} {peer} @{any_exact} return"),
+                &[key(), vec![lookup(REG1, any_exact), ret()]],
+            ));
+            all.push(rule(
+                &here,
+                &format!(
+                    "{ip} {target} . {ip} {peer} . meta l4proto . th dport @{ports_exact} return"
+                ),
+                &[
+                    key(),
+                    vec![
+                        meta(L4Proto, reg(2 * len)),
+                        payload(Transport, 2, 2, reg(2 * len + 4)),
+                        lookup(REG1, ports_exact),
+                        ret(),
+                    ],
+                ],
+            ));
             all.push(rule(
                 &here,
                 &format!("{ip} {target} . {ip} {peer} @{any} return"),
@@ -323,6 +360,15 @@ fn encode(e: &PolicyElement) -> Result<(&'static str, Element)> {
         Some((_, (lo, hi))) => (Some(lo), Some(hi)),
         None => (None, None),
     };
+    // One peer and one port: the hashed set's, whose elements have no end.
+    if peers.first == peers.last && lo == hi {
+        let kind = match kind {
+            Kind::Any => Kind::AnyExact,
+            _ => Kind::PortsExact,
+        };
+        let element = Element::of(end(peers.first, lo));
+        return Ok((set_name(kind, direction, target.is_ipv6()), element));
+    }
     let element = Element {
         key_end: Some(end(peers.last, hi)),
         ..Element::of(end(peers.first, lo))
@@ -351,7 +397,7 @@ fn decode(kind: Kind, direction: Direction, ipv6: bool, e: &Element) -> Option<P
         first: parse_ip(first)?,
         last: parse_ip(last)?,
     };
-    if kind == Kind::Any {
+    if matches!(kind, Kind::Any | Kind::AnyExact) {
         return (first_rest.is_empty() && last_rest.is_empty()).then_some(PolicyElement::Any {
             direction,
             target,
@@ -607,11 +653,49 @@ mod tests {
     }
 
     #[test]
+    fn one_peer_and_one_port_go_to_the_hashed_sets() {
+        let one = PolicyElement::Ports {
+            direction: Direction::Egress,
+            target: ip("fd00::2"),
+            peers: range("fd00::3", "fd00::3"),
+            protocol: Protocol::Udp,
+            ports: (53, 53),
+        };
+        let (set, el) = encode(&one).unwrap();
+        assert_eq!(set, "pol_eg_ports_exact6");
+        assert!(el.key_end.is_none());
+        assert_eq!(
+            decode(Kind::PortsExact, Direction::Egress, true, &el),
+            Some(one)
+        );
+        let any = PolicyElement::Any {
+            direction: Direction::Ingress,
+            target: ip("10.0.0.2"),
+            peers: range("10.0.0.3", "10.0.0.3"),
+        };
+        let (set, el) = encode(&any).unwrap();
+        assert_eq!(set, "pol_in_exact4");
+        assert_eq!(
+            decode(Kind::AnyExact, Direction::Ingress, false, &el),
+            Some(any)
+        );
+        // A range of ports (or of peers) stays in the interval set.
+        let range_of_ports = PolicyElement::Ports {
+            direction: Direction::Egress,
+            target: ip("fd00::2"),
+            peers: range("fd00::3", "fd00::3"),
+            protocol: Protocol::Udp,
+            ports: (53, 54),
+        };
+        assert_eq!(encode(&range_of_ports).unwrap().0, "pol_eg_ports6");
+    }
+
+    #[test]
     fn every_policy_set_is_declared() {
         use super::super::{Owner, SETS};
-        assert_eq!(all_sets().count(), 12);
+        assert_eq!(all_sets().count(), 20);
         let owned = SETS.iter().filter(|s| s.owner == Owner::Policy).count();
-        assert_eq!(owned, 12);
+        assert_eq!(owned, 20);
         for (kind, direction, ipv6) in all_sets() {
             assert_eq!(spec(set_name(kind, direction, ipv6)).owner, Owner::Policy);
         }
