@@ -11,6 +11,7 @@
 mod cluster;
 mod dns;
 mod docker;
+mod policy;
 mod ports;
 mod services;
 
@@ -98,6 +99,29 @@ struct Args {
     /// Concurrent client threads for those connections.
     #[arg(long, default_value_t = 2)]
     services_clients: usize,
+    /// Network policy: changes of each kind (a policy isolating a server created, then
+    /// deleted, alternating) timed from the API call to their effect on UDP probes; 0 skips it.
+    #[arg(long, default_value_t = 100)]
+    policy_changes: usize,
+    /// Numbers of policies selecting the server while short TCP connections to it are timed.
+    #[arg(long, value_delimiter = ',', default_values_t = [0, 100, 1000])]
+    policy_n: Vec<usize>,
+    /// Seconds per run of those connections (0 skips them).
+    #[arg(long, default_value_t = 3)]
+    policy_secs: u32,
+    /// Runs per number of policies, the order alternating; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    policy_runs: usize,
+    /// Concurrent client threads for those connections.
+    #[arg(long, default_value_t = 2)]
+    policy_clients: usize,
+    /// Attaches timed with no policy in place, and as many with --policy-attach-policies
+    /// (0 skips it).
+    #[arg(long, default_value_t = 100)]
+    policy_attach_n: usize,
+    /// Policies in place for the second kind of those attaches.
+    #[arg(long, default_value_t = 1000)]
+    policy_attach_policies: usize,
 }
 
 /// Where the p-quantile is in `len` sorted samples: the sample at index len·p.
@@ -259,7 +283,7 @@ fn main() -> Result<()> {
         netns::create(p)?;
     }
 
-    for &n in &args.n {
+    for &n in args.n.iter().filter(|&&n| n > 0) {
         let (attach, detach) = berth_api_run(&client, &sandboxes[..n])?;
         rows.push(Row {
             tool: "berth (API)".into(),
@@ -295,7 +319,7 @@ fn main() -> Result<()> {
         tools.push(Tool::cni_reference(&here, &dir)?);
         tools.push(Tool::netavark(&here, &dir)?);
     }
-    for &n in &args.cni_n {
+    for &n in args.cni_n.iter().filter(|&&n| n > 0) {
         for callers in [1, args.parallel] {
             for tool in &tools {
                 let label = match callers {
@@ -324,7 +348,9 @@ fn main() -> Result<()> {
         rows.extend(dockerd.run_bench(&plugin, args.docker_n)?);
     }
 
-    print_table(&rows);
+    if !rows.is_empty() {
+        print_table(&rows);
+    }
     if args.dns_secs > 0 {
         let pid = b.daemon.as_ref().map_or(0, Child::id);
         let quota = Some(args.dns_cpu_quota).filter(|q| *q > 0.0);
@@ -348,6 +374,21 @@ fn main() -> Result<()> {
             args.services_secs,
             3,
             args.services_clients.max(1),
+        )?;
+    }
+    if args.policy_changes > 0 || args.policy_secs > 0 || args.policy_attach_n > 0 {
+        policy::bench(
+            &client,
+            &dir,
+            &policy::Options {
+                changes: args.policy_changes,
+                sizes: args.policy_n.clone(),
+                secs: args.policy_secs,
+                runs: args.policy_runs,
+                clients: args.policy_clients,
+                attach_n: args.policy_attach_n,
+                attach_policies: args.policy_attach_policies,
+            },
         )?;
     }
     if args.cluster_n > 0 {
