@@ -377,7 +377,7 @@ fn flow_entries() -> String {
 /// Empties the conntrack table of the benchmark's host namespace (where this thread is), so
 /// that each measurement starts alike: the connections of one run leave tens of thousands of
 /// entries (TIME_WAIT), and berth scans the table whenever an endpoint may lose an allowance
-/// (a policy deleted, an isolated endpoint attached).
+/// (a policy deleted, an endpoint detached).
 fn flush_conntrack() -> Result<()> {
     berth_dataplane::conntrack::delete_flows_where(true, true, |_| true)
         .context("flush the host namespace's conntrack table")?;
