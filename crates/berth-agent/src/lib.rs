@@ -147,6 +147,25 @@ async fn remove_link(name: String) -> Result<bool> {
     kernel(move || berth_dataplane::delete_link(&mut Netlink::open()?, &name)).await
 }
 
+/// Adds to `events` what the watches have ready now, without waiting (at most 1,024 in all):
+/// a reconciler then applies a burst of changes as one. The error of a watch that failed.
+async fn ready_events(
+    watches: &mut [&mut berth_store::Watch],
+    events: &mut Vec<berth_store::Event>,
+) -> std::result::Result<(), String> {
+    for w in watches {
+        while events.len() < 1024 {
+            let mut next = std::pin::pin!(w.next());
+            match std::future::poll_fn(|cx| std::task::Poll::Ready(next.as_mut().poll(cx))).await {
+                std::task::Poll::Ready(Ok(e)) => events.push(e),
+                std::task::Poll::Ready(Err(e)) => return Err(e.to_string()),
+                std::task::Poll::Pending => break,
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Runs blocking kernel work off the async workers.
 async fn kernel<T: Send + 'static>(
     f: impl FnOnce() -> berth_dataplane::Result<T> + Send + 'static,

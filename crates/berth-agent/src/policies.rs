@@ -543,17 +543,13 @@ impl Agent {
                     continue;
                 }
             }
-            for w in [&mut *policies, &mut *endpoints, &mut *networks] {
-                while events.len() < 1024 {
-                    let mut next = std::pin::pin!(w.next());
-                    match std::future::poll_fn(|cx| std::task::Poll::Ready(next.as_mut().poll(cx)))
-                        .await
-                    {
-                        std::task::Poll::Ready(Ok(e)) => events.push(e),
-                        std::task::Poll::Ready(Err(e)) => return e.to_string(),
-                        std::task::Poll::Pending => break,
-                    }
-                }
+            if let Err(e) = crate::ready_events(
+                &mut [&mut *policies, &mut *endpoints, &mut *networks],
+                &mut events,
+            )
+            .await
+            {
+                return e;
             }
             let mut state = self.policy_state.lock().await;
             let mut dirty = BTreeSet::new();

@@ -588,17 +588,13 @@ impl Agent {
                 }
             }
             // What else is ready now, without waiting.
-            for w in [&mut *hosts, &mut *services, &mut *endpoints] {
-                while events.len() < 1024 {
-                    let mut next = std::pin::pin!(w.next());
-                    match std::future::poll_fn(|cx| std::task::Poll::Ready(next.as_mut().poll(cx)))
-                        .await
-                    {
-                        std::task::Poll::Ready(Ok(e)) => events.push(e),
-                        std::task::Poll::Ready(Err(e)) => return e.to_string(),
-                        std::task::Poll::Pending => break,
-                    }
-                }
+            if let Err(e) = crate::ready_events(
+                &mut [&mut *hosts, &mut *services, &mut *endpoints],
+                &mut events,
+            )
+            .await
+            {
+                return e;
             }
             let mut state = self.service_state.lock().await;
             let mut dirty = Vec::new();

@@ -30,6 +30,7 @@ use berth_dataplane::netns;
 use berth_model::{Peer, PolicyPort, PolicyRule, PortRef};
 
 use crate::quantile_index;
+use crate::services::{enter, in_netns};
 
 const NET: &str = "polbench";
 const SUBNET: &str = "10.85.0.0/20";
@@ -382,24 +383,6 @@ fn flush_conntrack() -> Result<()> {
     berth_dataplane::conntrack::delete_flows_where(true, true, |_| true)
         .context("flush the host namespace's conntrack table")?;
     Ok(())
-}
-
-/// Runs `f` on a thread that has entered the namespace at `path`; sockets it makes stay there.
-fn in_netns<T: Send>(path: &Path, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            enter(path)?;
-            f()
-        })
-        .join()
-        .unwrap_or_else(|p| std::panic::resume_unwind(p))
-    })
-}
-
-fn enter(path: &Path) -> Result<()> {
-    let ns = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
-    nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
-        .with_context(|| format!("enter {}", path.display()))
 }
 
 /// Sets the flag when dropped (threads stop, also when measuring failed).

@@ -789,7 +789,7 @@ impl Drop for DataPath<'_> {
 }
 
 /// Runs `f` on a thread that has entered the namespace at `path`; sockets it makes stay there.
-fn in_netns<T: Send>(path: &Path, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+pub(crate) fn in_netns<T: Send>(path: &Path, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
     std::thread::scope(|s| {
         s.spawn(|| {
             enter(path)?;
@@ -800,7 +800,7 @@ fn in_netns<T: Send>(path: &Path, f: impl FnOnce() -> Result<T> + Send) -> Resul
     })
 }
 
-fn enter(path: &Path) -> Result<()> {
+pub(crate) fn enter(path: &Path) -> Result<()> {
     let ns = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
     nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
         .with_context(|| format!("enter {}", path.display()))
