@@ -93,6 +93,9 @@ impl Policy {
 
     /// Checks a policy built in code (from CLI flags, say) as reading its serde form checks a
     /// document. Host bits in CIDRs pass, as in Kubernetes; [`Policy::normalized`] clears them.
+    /// Everything the API and the kernel take; and at most [`MAX_POLICY_PARTS`] rules per
+    /// direction, peers and ports per rule and exceptions per CIDR, so that no one policy
+    /// makes a kernel change too big for every host that programs it.
     pub fn validate(&self) -> Result<(), ModelError> {
         validate_name("policy", &self.name)?;
         validate_name("network", &self.network)?;
@@ -108,7 +111,27 @@ impl Policy {
         }
         check_selector(&self.selector).map_err(|why| bad(format!("selector: {why}")))?;
         for (direction, rules) in [("ingress", &self.ingress), ("egress", &self.egress)] {
+            if rules.len() > MAX_POLICY_PARTS {
+                return Err(bad(format!(
+                    "{} {direction} rules: at most {MAX_POLICY_PARTS}",
+                    rules.len()
+                )));
+            }
             for (i, rule) in rules.iter().enumerate() {
+                let excepts = rule.peers.iter().map(|p| match p {
+                    Peer::Cidr { except, .. } => except.len(),
+                    Peer::Endpoints(_) => 0,
+                });
+                if rule.peers.len() > MAX_POLICY_PARTS
+                    || rule.ports.len() > MAX_POLICY_PARTS
+                    || excepts.max().unwrap_or(0) > MAX_POLICY_PARTS
+                {
+                    return Err(bad(format!(
+                        "{direction} rule {}: at most {MAX_POLICY_PARTS} peers, ports and \
+                         exceptions of a CIDR",
+                        i + 1
+                    )));
+                }
                 rule.check()
                     .map_err(|why| bad(format!("{direction} rule {}: {why}", i + 1)))?;
             }
@@ -130,6 +153,9 @@ impl Policy {
         }
     }
 }
+
+/// The most rules a policy has per direction, and peers, ports and exceptions per rule.
+pub const MAX_POLICY_PARTS: usize = 256;
 
 impl PolicyRule {
     fn check(&self) -> Result<(), String> {

@@ -1164,3 +1164,13 @@ fn named_ports_need_a_port_and_a_name_of_their_own() {
     };
     assert!(validate_named_ports(&[zero]).is_err());
 }
+
+#[test]
+fn policies_too_big_for_the_kernel_are_refused() {
+    let mut p = parse_policy_documents(EXAMPLE).unwrap().remove(0);
+    assert!(p.validate().is_ok());
+    let rule = p.ingress[0].clone();
+    p.ingress = vec![rule; MAX_POLICY_PARTS + 1];
+    let err = p.validate().unwrap_err().to_string();
+    assert!(err.contains("at most 256"), "{err}");
+}
