@@ -51,13 +51,18 @@ pub(crate) struct PolicyState {
     synced_at: Instant,
     /// Store keys this host changed (a policy written or removed, an endpoint detached),
     /// with the revision of the change: an older event still in the watch must not undo it.
+    /// Forgotten once the watch of its prefix is past it.
     changed_here: HashMap<String, u64>,
+    /// The revision each watched prefix's listing or watch has been applied up to.
+    seen: HashMap<&'static str, u64>,
     /// Local endpoints being detached, by how many detaches are under way and since when:
     /// their elements go once their interface is retired, not when their record does.
     detaching: HashMap<String, (u32, Instant)>,
     /// Endpoints whose flows are to be judged again once the kernel holds their elements
     /// (a write failed: revoking before would let the flows come back).
     pending_revoke: BTreeSet<String>,
+    /// The revision of the store event each policy in the index comes from.
+    index_revision: HashMap<String, u64>,
 }
 
 /// A detach that has not finished after this long was abandoned (its request went away):
@@ -76,8 +81,10 @@ impl PolicyState {
             stale: true,
             synced_at: Instant::now(),
             changed_here: HashMap::new(),
+            seen: HashMap::new(),
             detaching: HashMap::new(),
             pending_revoke: BTreeSet::new(),
+            index_revision: HashMap::new(),
         }
     }
 
@@ -102,6 +109,36 @@ impl PolicyState {
             .is_some_and(|(_, since)| since.elapsed() < DETACH_ABANDONED)
     }
 
+    /// How far the watch of `key`'s prefix has been applied.
+    fn seen_for(&self, key: &str) -> u64 {
+        WATCHED
+            .iter()
+            .find(|p| key.starts_with(**p))
+            .and_then(|p| self.seen.get(p))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// This host changed `key` at `revision` (and applied it): older events must not undo it.
+    fn changed_here_at(&mut self, key: String, revision: u64) {
+        if revision > self.seen_for(&key) {
+            let at = self.changed_here.entry(key).or_insert(revision);
+            *at = (*at).max(revision);
+        }
+    }
+
+    /// Whether this host's own change of policy `key` at `revision` is older than what the
+    /// index has already (a later change came in through the watch, or was made here): not to
+    /// be applied. Otherwise it is recorded as what the index has.
+    fn supersedes(&mut self, key: &str, revision: u64) -> bool {
+        let at = self.index_revision.entry(key.to_string()).or_insert(0);
+        if *at > revision {
+            return false;
+        }
+        *at = revision;
+        true
+    }
+
     /// Applies one store event to the index; returns the local endpoints it touches.
     fn apply(&mut self, event: &Event) -> Result<BTreeSet<String>> {
         let key = event.key();
@@ -109,12 +146,20 @@ impl PolicyState {
             Event::Put(kv) => Some(kv),
             Event::Delete { .. } => None,
         };
+        if let Some(prefix) = WATCHED.iter().find(|p| key.starts_with(**p)) {
+            let seen = self.seen.entry(prefix).or_insert(0);
+            *seen = (*seen).max(event.revision());
+        }
         if let Some(&changed_at) = self.changed_here.get(key) {
             if event.revision() < changed_at {
                 // Older than this host's own change, which is applied already.
                 return Ok(BTreeSet::new());
             }
             self.changed_here.remove(key);
+        }
+        if key.starts_with(keys::POLICIES) {
+            let at = self.index_revision.entry(key.to_string()).or_insert(0);
+            *at = (*at).max(event.revision());
         }
         if let Some(name) = key.strip_prefix(keys::POLICIES) {
             return Ok(match put {
@@ -242,46 +287,59 @@ fn gateways(net: &Network) -> Vec<IpAddr> {
 }
 
 /// Whether a tracked flow is one these elements no longer allow, judged at its destination
-/// (ingress) and at its source (egress), where those are endpoints of this host.
-///
-/// A flow without connections (UDP, ...) is judged as started by either end: when an entry is
-/// deleted, an answer already on its way makes a new entry the other way round, which its
-/// sender's side may allow, and through which the revoked side's datagrams would then pass as
-/// answers. A TCP connection is only judged the way it was opened: the other way is no new
-/// connection (a mid-stream segment starting one is dropped), and an allowed connection the
-/// isolated end opened itself must not be cut.
+/// (ingress) and at its source (egress), where those are endpoints of this host: the way it
+/// was opened.
 fn condemned(by_addr: &HashMap<IpAddr, Vec<PolicyElement>>, f: &FlowTuple) -> bool {
-    let denied_at = |target: IpAddr, peer: IpAddr, direction: Direction, port: Option<u16>| {
+    let denied_at = |target: IpAddr, peer: IpAddr, direction: Direction| {
         by_addr
             .get(&target)
-            .is_some_and(|els| !allows(els, direction, target, peer, f.protocol, port))
+            .is_some_and(|els| !allows(els, direction, target, peer, f.protocol, f.dport))
     };
-    let opened = denied_at(f.dst, f.src, Direction::Ingress, f.dport)
-        || denied_at(f.src, f.dst, Direction::Egress, f.dport);
-    let answered = f.protocol != IPPROTO_TCP
-        && (denied_at(f.src, f.dst, Direction::Ingress, f.sport)
-            || denied_at(f.dst, f.src, Direction::Egress, f.sport));
-    opened || answered
+    denied_at(f.dst, f.src, Direction::Ingress) || denied_at(f.src, f.dst, Direction::Egress)
+}
+
+/// A flow the other way round: what an answer already on its way when `f`'s entry was deleted
+/// makes of itself.
+fn reversed(f: &FlowTuple) -> FlowTuple {
+    FlowTuple {
+        protocol: f.protocol,
+        src: f.dst,
+        dst: f.src,
+        sport: f.dport,
+        dport: f.sport,
+    }
 }
 
 const IPPROTO_TCP: u8 = 6;
 
-/// When the conntrack table is swept again after a revocation (since the one before): the
-/// packets that were on their way, which make entries anew, have arrived by then, even late
-/// from a busy receiver's queue.
-const RESWEEPS: [Duration; 2] = [Duration::from_millis(50), Duration::from_millis(450)];
+/// When the conntrack table is swept again after a revocation (since the sweep before), for
+/// connectionless flows re-made the other way round: an answer that was on its way when the
+/// entry went makes a new entry, opened by the answering side (which its policy may allow),
+/// through which the revoked side's datagrams would then pass as answers. By then those
+/// answers have arrived, even late from a busy receiver's queue. (A TCP segment that would
+/// do so is no SYN, and dropped.)
+/// Each sweep may itself land between an answer passing and the next answer to it, which
+/// then re-makes the entry once more: so several, denser at first (at 10, 50, 150 and 300 ms).
+const RESWEEPS: [Duration; 4] = [
+    Duration::from_millis(10),
+    Duration::from_millis(40),
+    Duration::from_millis(100),
+    Duration::from_millis(150),
+];
 
 impl Agent {
-    /// Writes a change to the kernel (one batch), or everything when the kernel may differ;
-    /// returns what [`Agent::revoke_flows`] needs to end the flows that lost their allowance.
-    /// Policy changes revoke with the lock held (whoever waits for the lock finds them
-    /// enforced, established flows included); attaches and detaches have nothing to revoke
-    /// for others and do not wait on the conntrack table.
-    async fn program_policies(&self, state: &mut PolicyState, dirty: BTreeSet<String>) -> Revoked {
+    /// Writes a change to the kernel (one batch), or everything when the kernel may differ.
+    /// The endpoints that lost an allowance are added to those whose flows are to be judged
+    /// again ([`PolicyState::take_revocation`]); returns whether there were any. Policy
+    /// changes revoke at once, with the lock held (whoever waits for the lock finds them
+    /// enforced, established flows included); attaches and detaches leave it to the next
+    /// tick, so as not to wait on the conntrack table.
+    async fn program_policies(&self, state: &mut PolicyState, dirty: BTreeSet<String>) -> bool {
         if dirty.is_empty() || !state.listed {
-            return Revoked::new();
+            return false;
         }
         let change = state.diff(dirty);
+        let lost = !change.revoke.is_empty();
         state.pending_revoke.extend(change.revoke);
         if state.stale {
             self.sync_policies_or_retry(state).await;
@@ -298,38 +356,58 @@ impl Agent {
                 }
             }
         }
-        state.take_revocation()
+        lost
     }
 
     /// Deletes the conntrack entries of flows these endpoints' elements no longer allow: the
-    /// next packet of such a flow is judged as a new connection, and dropped.
+    /// next packet of such a flow is judged as a new connection, and dropped. Connectionless
+    /// flows re-made the other way round by answers on their way go too (see [`RESWEEPS`]).
     async fn revoke_flows(&self, by_addr: Revoked) {
         if by_addr.is_empty() {
             return;
         }
         let ipv4 = by_addr.keys().any(IpAddr::is_ipv4);
         let ipv6 = by_addr.keys().any(IpAddr::is_ipv6);
-        let by_addr = Arc::new(by_addr);
-        let sweep = move || {
-            let by_addr = by_addr.clone();
-            kernel(move || conntrack::delete_flows_where(ipv4, ipv6, |f| condemned(&by_addr, f)))
-        };
-        match sweep().await {
-            Ok(0) => {}
-            Ok(n) => {
+        let swept = kernel(move || {
+            let mut ended = Vec::new();
+            conntrack::delete_flows_where(ipv4, ipv6, |f| {
+                let doomed = condemned(&by_addr, f);
+                if doomed && f.protocol != IPPROTO_TCP {
+                    ended.push(reversed(f));
+                }
+                doomed
+            })
+            .map(|n| (n, ended))
+        })
+        .await;
+        let answers: HashSet<FlowTuple> = match swept {
+            Ok((0, _)) => return,
+            Ok((n, ended)) => {
                 tracing::info!(flows = n, "flows a policy no longer allows ended");
-                // Packets of those flows that were on their way make entries anew.
-                tokio::spawn(async move {
-                    for wait in RESWEEPS {
-                        tokio::time::sleep(wait).await;
-                        if let Err(e) = sweep().await {
-                            tracing::warn!(error = %e, "cannot end flows a policy no longer allows");
-                        }
-                    }
-                });
+                ended.into_iter().collect()
             }
-            Err(e) => tracing::warn!(error = %e, "cannot end flows a policy no longer allows"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot end flows a policy no longer allows");
+                return;
+            }
+        };
+        if answers.is_empty() {
+            return;
         }
+        let answers = Arc::new(answers);
+        tokio::spawn(async move {
+            for wait in RESWEEPS {
+                tokio::time::sleep(wait).await;
+                let answers = answers.clone();
+                let swept = kernel(move || {
+                    conntrack::delete_flows_where(ipv4, ipv6, |f| answers.contains(f))
+                })
+                .await;
+                if let Err(e) = swept {
+                    tracing::warn!(error = %e, "cannot end flows a policy no longer allows");
+                }
+            }
+        });
     }
 
     /// Makes the kernel's policy sets hold exactly what is wanted, in one transaction.
@@ -370,9 +448,10 @@ impl Agent {
             state = self.policy_state.lock().await;
         }
         let dirty = state.index.put_endpoint(ep.clone());
-        // Nothing to revoke: the endpoint is new (the flows of an earlier holder of its
-        // addresses ended with its detach), and the others only gain.
         self.program_policies(&mut state, dirty).await;
+        // Nothing of its own to revoke: it is new (the flows of an earlier holder of its
+        // addresses ended with that one's detach); the others only gain.
+        state.pending_revoke.remove(&ep.id);
         // Refused only if this endpoint is judged and the kernel may not have its elements:
         // a failed write elsewhere must not stop attaches that no policy selects.
         if state.stale && state.programmed.contains_key(&ep.id) {
@@ -400,14 +479,14 @@ impl Agent {
     pub(crate) async fn policy_endpoint_down(&self, ep: &Endpoint, revision: u64) {
         let mut state = self.policy_state.lock().await;
         state.finish_detach(&ep.id);
-        state.changed_here.insert(keys::endpoint(&ep.id), revision);
+        state.changed_here_at(keys::endpoint(&ep.id), revision);
         let had = state.programmed.contains_key(&ep.id);
         let dirty = state.index.remove_endpoint(&ep.id);
-        let others = self.program_policies(&mut state, dirty).await;
+        let others_lost = self.program_policies(&mut state, dirty).await;
         drop(state);
-        // Its flows end, rather than each flow being judged against what the others lost:
-        // a later holder of its addresses must not inherit an entry that bypasses policy.
-        if had || !others.is_empty() {
+        // Its flows end (what the others lost was about its addresses only): a later holder
+        // of its addresses must not inherit an entry that bypasses policy.
+        if had || others_lost {
             self.end_flows_of(ep).await;
         }
     }
@@ -491,17 +570,31 @@ impl Agent {
                     tracing::error!(key = %kv.key, error = %e, "bad record in the store; skipped");
                 }
             }
+            fresh.seen.insert(prefix, listing.revision);
             watches.push(self.store.watch(prefix, listing.revision).await?);
         }
-        // This host's changes still hold against older events the new watches may bring.
-        fresh.changed_here = std::mem::take(&mut state.changed_here);
+        // This host's changes the listings do not show yet still hold against older events
+        // the new watches may bring.
+        for (key, at) in std::mem::take(&mut state.changed_here) {
+            fresh.changed_here_at(key, at);
+        }
         // Endpoints being detached keep their elements until they are retired.
-        for id in state.detaching.keys() {
-            if let Some(ep) = state.index.endpoint(id) {
+        let detaching: Vec<String> = state
+            .detaching
+            .keys()
+            .filter(|id| state.is_detaching(id))
+            .cloned()
+            .collect();
+        for id in &detaching {
+            if fresh.index.endpoint(id).is_none()
+                && let Some(ep) = state.index.endpoint(id)
+            {
                 fresh.index.put_endpoint(ep.clone());
             }
+            if let Some(d) = state.detaching.get(id) {
+                fresh.detaching.insert(id.clone(), *d);
+            }
         }
-        fresh.detaching = std::mem::take(&mut state.detaching);
         let locals: BTreeSet<String> = fresh
             .index
             .local_endpoints()
@@ -563,7 +656,8 @@ impl Agent {
             }
             // Under the lock: a request that made this change may be waiting for it, and
             // must find the flows ended when it gets the lock.
-            let revoked = self.program_policies(&mut state, dirty).await;
+            self.program_policies(&mut state, dirty).await;
+            let revoked = state.take_revocation();
             self.revoke_flows(revoked).await;
         }
     }
@@ -577,11 +671,11 @@ impl Agent {
         }
         if state.stale {
             self.sync_policies_or_retry(&mut state).await;
-            let revoked = state.take_revocation();
-            self.revoke_flows(revoked).await;
-            return;
         }
-        if state.synced_at.elapsed() < RESYNC {
+        let revoked = state.take_revocation();
+        self.revoke_flows(revoked).await;
+        self.forget_abandoned_detaches(&mut state).await;
+        if state.stale || state.synced_at.elapsed() < RESYNC {
             return;
         }
         let want = state.all_wanted();
@@ -602,6 +696,40 @@ impl Agent {
                 self.sync_policies_or_retry(&mut state).await;
             }
         }
+    }
+
+    /// Detaches that never finished (their request failed or went away after their commit):
+    /// an endpoint whose record is gone leaves the index, which ignored its deletion.
+    async fn forget_abandoned_detaches(&self, state: &mut PolicyState) {
+        let abandoned: Vec<(String, (u32, Instant))> = state
+            .detaching
+            .iter()
+            .filter(|(id, _)| !state.is_detaching(id))
+            .map(|(id, d)| (id.clone(), *d))
+            .collect();
+        let mut dirty = BTreeSet::new();
+        for (id, detach) in abandoned {
+            state.detaching.remove(&id);
+            match self.store.get(&keys::endpoint(&id)).await {
+                Ok(None) => dirty.extend(state.index.remove_endpoint(&id)),
+                Ok(Some(_)) => {}
+                Err(e) => {
+                    // Looked up again at the next tick.
+                    state.detaching.insert(id.clone(), detach);
+                    tracing::warn!(endpoint = %id, error = %e, "cannot look up an endpoint whose detach was abandoned");
+                }
+            }
+        }
+        self.program_policies(state, dirty).await;
+        // What the watches are past needs no guarding any more.
+        let seen = state.seen.clone();
+        state.changed_here.retain(|key, at| {
+            WATCHED
+                .iter()
+                .find(|p| key.starts_with(**p))
+                .and_then(|p| seen.get(p))
+                .is_none_or(|s| *at > *s)
+        });
     }
 
     /// Creates a policy (`replace`: or replaces the one of that name), enforced on this host
@@ -676,12 +804,15 @@ impl Agent {
         let mut state = self.policy_state.lock().await;
         let mut dirty = BTreeSet::new();
         for policy in &checked {
-            state
-                .changed_here
-                .insert(keys::policy(&policy.name), revision);
-            dirty.extend(state.index.put_policy(policy.clone()));
+            let key = keys::policy(&policy.name);
+            // A later change of it may have come through the watch already.
+            if state.supersedes(&key, revision) {
+                state.changed_here_at(key, revision);
+                dirty.extend(state.index.put_policy(policy.clone()));
+            }
         }
-        let revoked = self.program_policies(&mut state, dirty).await;
+        self.program_policies(&mut state, dirty).await;
+        let revoked = state.take_revocation();
         self.revoke_flows(revoked).await;
         let stale = state.stale;
         let views = checked
@@ -718,10 +849,15 @@ impl Agent {
             }
         };
         let mut state = self.policy_state.lock().await;
-        state.changed_here.insert(key, revision);
-        let dirty = state.index.remove_policy(name);
-        let revoked = self.program_policies(&mut state, dirty).await;
+        let dirty = if state.supersedes(&key, revision) {
+            state.changed_here_at(key, revision);
+            state.index.remove_policy(name)
+        } else {
+            BTreeSet::new()
+        };
+        self.program_policies(&mut state, dirty).await;
         // Removing a policy can take allowances away: another one still isolates.
+        let revoked = state.take_revocation();
         self.revoke_flows(revoked).await;
         drop(state);
         tracing::info!(policy = %name, "policy removed");

@@ -48,7 +48,7 @@ pub struct FlowMatch {
 /// A tracked flow as forwarding saw it: from its first packet's source to where that packet
 /// went after any destination NAT (a service's backend, say), which is what network policy
 /// decides on. Without NAT, the original direction.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct FlowTuple {
     pub protocol: u8,
     pub src: IpAddr,
