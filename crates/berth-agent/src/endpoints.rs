@@ -435,10 +435,9 @@ impl Agent {
                 // A detach or sandbox removal took the interface away mid-way (and the record
                 // with its addresses, which the reaper releases): that, not the kernel, is
                 // what failed.
-                // Its elements go once its interface has.
-                let removed = remove_link(ep.host_ifname.clone()).await;
+                // Its elements go once its interface has (else they stay, failing closed).
+                remove_link(ep.host_ifname.clone()).await?;
                 self.policy_endpoint_gone(&ep).await;
-                removed?;
                 return Err(AgentError::Conflict(format!(
                     "{} was detached from {:?} while being attached",
                     req.sandbox, ep.network
@@ -469,9 +468,8 @@ impl Agent {
         // to remove (and may have released the addresses): what this attach made goes too.
         if self.store.get(&keys::endpoint(&ep.id)).await?.is_none() {
             self.unname_endpoint(&ep);
-            let removed = remove_link(ep.host_ifname.clone()).await;
+            remove_link(ep.host_ifname.clone()).await?;
             self.policy_endpoint_gone(&ep).await;
-            removed?;
             if !ep.ports.is_empty() {
                 // From the store, not by deleting this endpoint's forwards: its host ports may
                 // be another endpoint's by now.

@@ -69,6 +69,17 @@ pub(crate) struct PolicyState {
 /// its endpoint follows the watch again.
 const DETACH_ABANDONED: Duration = Duration::from_secs(60);
 
+/// How soon an abandoned detach whose records could not be looked up, or whose interface is
+/// still there, is looked at again.
+const DETACH_RECHECK: Duration = Duration::from_secs(5);
+
+/// The start time that makes a detach count as abandoned again after `wait`.
+fn retry_after(wait: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_sub(DETACH_ABANDONED.saturating_sub(wait))
+        .unwrap_or(now)
+}
+
 impl PolicyState {
     pub(crate) fn new(me: &str) -> PolicyState {
         PolicyState {
@@ -131,6 +142,10 @@ impl PolicyState {
     /// index has already (a later change came in through the watch, or was made here): not to
     /// be applied. Otherwise it is recorded as what the index has.
     fn supersedes(&mut self, key: &str, revision: u64) -> bool {
+        // The watch (or the listing) is past it: what it brought is at least as new.
+        if self.seen_for(key) >= revision {
+            return false;
+        }
         let at = self.index_revision.entry(key.to_string()).or_insert(0);
         if *at > revision {
             return false;
@@ -319,12 +334,15 @@ const IPPROTO_TCP: u8 = 6;
 /// answers have arrived, even late from a busy receiver's queue. (A TCP segment that would
 /// do so is no SYN, and dropped.)
 /// Each sweep may itself land between an answer passing and the next answer to it, which
-/// then re-makes the entry once more: so several, denser at first (at 10, 50, 150 and 300 ms).
-const RESWEEPS: [Duration; 4] = [
+/// then re-makes the entry once more, and a slow server answers late: so several, denser at
+/// first (at 10, 50, 150, 300, 500 ms and 1 s).
+const RESWEEPS: [Duration; 6] = [
     Duration::from_millis(10),
     Duration::from_millis(40),
     Duration::from_millis(100),
     Duration::from_millis(150),
+    Duration::from_millis(200),
+    Duration::from_millis(500),
 ];
 
 impl Agent {
@@ -372,7 +390,7 @@ impl Agent {
             let mut ended = Vec::new();
             conntrack::delete_flows_where(ipv4, ipv6, |f| {
                 let doomed = condemned(&by_addr, f);
-                if doomed && f.protocol != IPPROTO_TCP {
+                if doomed && f.protocol != IPPROTO_TCP && f.sport.is_some() {
                     ended.push(reversed(f));
                 }
                 doomed
@@ -480,13 +498,25 @@ impl Agent {
         let mut state = self.policy_state.lock().await;
         state.finish_detach(&ep.id);
         state.changed_here_at(keys::endpoint(&ep.id), revision);
-        let had = state.programmed.contains_key(&ep.id);
+        // Whether policy may have judged its flows: its own elements may be gone already (an
+        // attach that raced this detach, a detach found abandoned), its network's policies
+        // tell.
+        let judged = state.programmed.contains_key(&ep.id)
+            || state.index.policies().any(|p| p.network == ep.network);
+        let pending_before = state.pending_revoke.clone();
         let dirty = state.index.remove_endpoint(&ep.id);
         let others_lost = self.program_policies(&mut state, dirty).await;
+        if judged || others_lost {
+            // What the others lost was about its addresses only, whose flows end here: no
+            // second reading of the conntrack table for them.
+            state
+                .pending_revoke
+                .retain(|id| pending_before.contains(id));
+        }
         drop(state);
-        // Its flows end (what the others lost was about its addresses only): a later holder
-        // of its addresses must not inherit an entry that bypasses policy.
-        if had || others_lost {
+        // Its flows end: a later holder of its addresses must not inherit an entry that
+        // bypasses policy.
+        if judged || others_lost {
             self.end_flows_of(ep).await;
         }
     }
@@ -672,9 +702,9 @@ impl Agent {
         if state.stale {
             self.sync_policies_or_retry(&mut state).await;
         }
+        self.forget_abandoned_detaches(&mut state).await;
         let revoked = state.take_revocation();
         self.revoke_flows(revoked).await;
-        self.forget_abandoned_detaches(&mut state).await;
         if state.stale || state.synced_at.elapsed() < RESYNC {
             return;
         }
@@ -708,19 +738,46 @@ impl Agent {
             .map(|(id, d)| (id.clone(), *d))
             .collect();
         let mut dirty = BTreeSet::new();
+        let mut gone = Vec::new();
         for (id, detach) in abandoned {
-            state.detaching.remove(&id);
-            match self.store.get(&keys::endpoint(&id)).await {
-                Ok(None) => dirty.extend(state.index.remove_endpoint(&id)),
-                Ok(Some(_)) => {}
+            // Its interface may still be on its bridge until the reaper deletes it (then its
+            // `releasing/` record goes too): its elements stay until both records are gone.
+            let records = async {
+                Ok::<_, AgentError>((
+                    self.store.get(&keys::endpoint(&id)).await?.is_some(),
+                    self.store.get(&keys::releasing(&id)).await?.is_some(),
+                ))
+            };
+            match records.await {
+                Ok((false, false)) => {
+                    state.detaching.remove(&id);
+                    if let Some(ep) = state.index.endpoint(&id) {
+                        gone.push(ep.clone());
+                    }
+                    dirty.extend(state.index.remove_endpoint(&id));
+                }
+                Ok((false, true)) => {
+                    // Detached, its interface not deleted yet: the reaper's to do.
+                    self.reaper.notify_one();
+                    state
+                        .detaching
+                        .insert(id, (detach.0, retry_after(DETACH_RECHECK)));
+                }
+                Ok((true, _)) => {
+                    state.detaching.remove(&id);
+                }
                 Err(e) => {
-                    // Looked up again at the next tick.
-                    state.detaching.insert(id.clone(), detach);
+                    state
+                        .detaching
+                        .insert(id.clone(), (detach.0, retry_after(DETACH_RECHECK)));
                     tracing::warn!(endpoint = %id, error = %e, "cannot look up an endpoint whose detach was abandoned");
                 }
             }
         }
         self.program_policies(state, dirty).await;
+        for ep in gone {
+            self.end_flows_of(&ep).await;
+        }
         // What the watches are past needs no guarding any more.
         let seen = state.seen.clone();
         state.changed_here.retain(|key, at| {
