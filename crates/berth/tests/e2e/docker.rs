@@ -894,3 +894,76 @@ fn docker_driver_options_become_endpoint_labels() {
     let eps = h.json(&["endpoint", "ls", "--network", &berth_name]);
     assert_eq!(eps.as_array().unwrap().len(), 1, "{eps}");
 }
+
+/// Docker's containers are judged by policy like any endpoint: by the labels their driver
+/// options give them, from their first packet (berth writes a container's elements at Join,
+/// before the engine moves its interface in and brings it up).
+#[test]
+fn docker_containers_are_judged_by_policy() {
+    let h = Host::new();
+    h.ok(&["network", "create", "blue", "--subnet", "10.92.0.0/24"]);
+    let d = Docker::start(&h);
+    d.create_net(&[
+        "--subnet",
+        "10.92.0.0/24",
+        "-o",
+        "berth.network=blue",
+        "dnet",
+    ]);
+    let run = |name: &str, app: &str| {
+        d.ok(&[
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--network",
+            &format!("name=dnet,driver-opt=berth.label.app={app}"),
+            "busybox:local",
+            "sleep",
+            "600",
+        ]);
+        d.ip(name, "dnet")
+    };
+    // Only app=web reaches the database sandbox.
+    h.ok(&[
+        "policy",
+        "create",
+        "db-from-web",
+        "--network",
+        "blue",
+        "-l",
+        "app=db",
+        "--ingress",
+        "from=app=web",
+    ]);
+    h.ok(&["sandbox", "create", "db"]);
+    let db = h.json(&["attach", "db", "--network", "blue", "-l", "app=db"]);
+    let db_ip = crate::harness::endpoint_ip(&db, false);
+    let web_ip = run("web", "web");
+    let other_ip = run("other", "other");
+    assert!(d.pings("web", &db_ip), "app=web reaches the database");
+    assert!(!d.pings("other", &db_ip), "app=other does not");
+
+    // A policy that selects containers: they accept nothing, those running and those that
+    // start after it alike; their own connections still go out, and their replies back.
+    h.ok(&[
+        "policy",
+        "create",
+        "web-closed",
+        "--network",
+        "blue",
+        "-l",
+        "app=web",
+    ]);
+    let web2_ip = run("web2", "web");
+    for ip in [&web_ip, &web2_ip] {
+        assert!(h.cannot_reach("db", ip), "{ip} accepts nothing");
+    }
+    assert!(d.pings("web2", &db_ip), "web2's own connections go out");
+    h.ok(&["policy", "rm", "web-closed"]);
+    assert!(h.reaches("db", &web2_ip));
+    // The engine does not tell drivers a container's name: explain takes its address.
+    let explained = h.json(&["policy", "explain", &other_ip, &db_ip]);
+    assert_eq!(explained["allowed"], false, "{explained}");
+    assert_eq!(explained["ingress"]["isolated_by"], json!(["db-from-web"]));
+}
