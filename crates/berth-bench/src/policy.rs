@@ -30,7 +30,7 @@ use berth_dataplane::netns;
 use berth_model::{Peer, PolicyPort, PolicyRule, PortRef};
 
 use crate::quantile_index;
-use crate::services::{enter, in_netns};
+use crate::services::{closed_loop, in_netns};
 
 const NET: &str = "polbench";
 const SUBNET: &str = "10.85.0.0/20";
@@ -900,50 +900,15 @@ struct Run {
 
 /// `clients` threads in the client sandbox making connections to `to` for `secs`.
 fn connections(from: &Path, to: SocketAddr, clients: usize, secs: u32) -> Result<Run> {
-    let start = Instant::now();
-    let until = start + Duration::from_secs(u64::from(secs));
-    let results: Vec<Result<(Vec<Duration>, usize)>> = std::thread::scope(|s| {
-        let threads: Vec<_> = (0..clients)
-            .map(|_| {
-                s.spawn(move || -> Result<(Vec<Duration>, usize)> {
-                    enter(from)?;
-                    let mut lat = Vec::with_capacity(50_000);
-                    let mut failed = 0;
-                    while Instant::now() < until {
-                        match connection(to, Duration::from_secs(1)) {
-                            Ok(d) => lat.push(d),
-                            Err(e) => {
-                                if failed == 0 {
-                                    eprintln!(
-                                        "policy: first failed connection to {to} in this run: {e}"
-                                    );
-                                }
-                                failed += 1;
-                            }
-                        }
-                    }
-                    Ok((lat, failed))
-                })
-            })
-            .collect();
-        threads
-            .into_iter()
-            .map(|t| t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-            .collect()
-    });
-    let elapsed = start.elapsed().as_secs_f64();
-    let mut run = Run {
-        rate: 0.0,
-        connect: Vec::new(),
-        failed: 0,
-    };
-    for r in results {
-        let (l, f) = r?;
-        run.connect.extend(l);
-        run.failed += f;
-    }
-    run.rate = run.connect.len() as f64 / elapsed;
-    Ok(run)
+    let (rate, connect, failed) = closed_loop(from, clients, secs, "policy", |_| {
+        connection(to, Duration::from_secs(1))
+            .map_err(|e| std::io::Error::new(e.kind(), format!("connection to {to}: {e}")))
+    })?;
+    Ok(Run {
+        rate,
+        connect,
+        failed,
+    })
 }
 
 fn cost(

@@ -800,7 +800,7 @@ pub(crate) fn in_netns<T: Send>(path: &Path, f: impl FnOnce() -> Result<T> + Sen
     })
 }
 
-pub(crate) fn enter(path: &Path) -> Result<()> {
+fn enter(path: &Path) -> Result<()> {
     let ns = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
     nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
         .with_context(|| format!("enter {}", path.display()))
@@ -845,8 +845,28 @@ fn measure(
     clients: usize,
     secs: u32,
 ) -> Result<(f64, Vec<Duration>, usize)> {
+    closed_loop(from, clients, secs, "services", |k| {
+        let to = targets[k % targets.len()];
+        let t = Instant::now();
+        request(to).map_err(|e| std::io::Error::new(e.kind(), format!("request to {to}: {e}")))?;
+        Ok(t.elapsed())
+    })
+}
+
+/// `clients` threads in the namespace at `from`, each calling `one` back to back for `secs`:
+/// its `k`-th call on thread `c` gets `c + k` (to rotate over targets), and says how long what
+/// it measures took. Calls per second, latencies, failures (the first of each thread's is
+/// printed, tagged `what`).
+pub(crate) fn closed_loop(
+    from: &Path,
+    clients: usize,
+    secs: u32,
+    what: &str,
+    one: impl Fn(usize) -> std::io::Result<Duration> + Sync,
+) -> Result<(f64, Vec<Duration>, usize)> {
     let start = Instant::now();
     let until = start + Duration::from_secs(u64::from(secs));
+    let one = &one;
     let results: Vec<Result<(Vec<Duration>, usize)>> = std::thread::scope(|s| {
         let threads: Vec<_> = (0..clients)
             .map(|c| {
@@ -856,15 +876,11 @@ fn measure(
                     let mut failed = 0;
                     let mut k = c;
                     while Instant::now() < until {
-                        let t = Instant::now();
-                        match request(targets[k % targets.len()]) {
-                            Ok(_) => lat.push(t.elapsed()),
+                        match one(k) {
+                            Ok(d) => lat.push(d),
                             Err(e) => {
                                 if failed == 0 {
-                                    eprintln!(
-                                        "services: first failed request to {} in this run: {e}",
-                                        targets[k % targets.len()]
-                                    );
+                                    eprintln!("{what}: first failure in this run: {e}");
                                 }
                                 failed += 1;
                             }
