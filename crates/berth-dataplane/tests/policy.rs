@@ -7,9 +7,8 @@
 
 mod common;
 
-use common::{exec, ip, output, run};
+use common::{enter, exec, in_ns, ip, output, run};
 
-use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::Command;
@@ -26,7 +25,7 @@ use berth_policy::{
     Direction::{self, Egress, Ingress},
     PolicyElement,
 };
-use nix::sched::{CloneFlags, setns};
+use nix::sched::CloneFlags;
 
 /// How long a connection that should not happen is waited for.
 const BLOCKED: Duration = Duration::from_millis(400);
@@ -103,23 +102,6 @@ impl Drop for Lab {
             let _ = Command::new("ip").args(["netns", "del", n]).status();
         }
     }
-}
-
-/// Moves this thread into namespace `ns`.
-fn enter(ns: &str) {
-    let f = File::open(format!("/run/netns/{ns}")).unwrap();
-    setns(&f, CloneFlags::CLONE_NEWNET).unwrap();
-}
-
-/// Runs `f` on a thread in namespace `ns`.
-fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let ns = ns.to_string();
-    std::thread::spawn(move || {
-        enter(&ns);
-        f()
-    })
-    .join()
-    .unwrap()
 }
 
 fn networks() -> Vec<NetworkRules> {

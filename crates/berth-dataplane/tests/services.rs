@@ -7,10 +7,9 @@
 
 mod common;
 
-use common::{exec, ip, run};
+use common::{enter, exec, in_ns, ip, run};
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::Command;
@@ -24,7 +23,7 @@ use berth_dataplane::nftables::{
     self, Backend, Frontend, LoadBalancer, MAX_BACKENDS, NetworkRules, Pool, ServiceRules,
 };
 use berth_model::Protocol::{self, Tcp, Udp};
-use nix::sched::{CloneFlags, setns};
+use nix::sched::CloneFlags;
 
 const HTTP: u16 = 8080;
 const DNS: u16 = 5353;
@@ -192,23 +191,6 @@ impl Drop for Lab {
             let _ = Command::new("ip").args(["netns", "del", n]).status();
         }
     }
-}
-
-/// Moves this thread into namespace `ns`.
-fn enter(ns: &str) {
-    let f = File::open(format!("/run/netns/{ns}")).unwrap();
-    setns(&f, CloneFlags::CLONE_NEWNET).unwrap();
-}
-
-/// Runs `f` on a thread in namespace `ns`.
-fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let ns = ns.to_string();
-    std::thread::spawn(move || {
-        enter(&ns);
-        f()
-    })
-    .join()
-    .unwrap()
 }
 
 /// One TCP connection: what the server said, or why there was none.

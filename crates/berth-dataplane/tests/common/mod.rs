@@ -2,7 +2,10 @@
 //! a part of them).
 #![allow(dead_code)]
 
+use std::fs::File;
 use std::process::{Command, Output};
+
+use nix::sched::{CloneFlags, setns};
 
 pub fn output(cmd: &str, args: &[&str]) -> Output {
     Command::new(cmd)
@@ -34,4 +37,21 @@ pub fn exec(ns: &str, args: &[&str]) -> String {
     let mut all = vec!["netns", "exec", ns];
     all.extend_from_slice(args);
     run("ip", &all)
+}
+
+/// Moves this thread into namespace `ns`.
+pub fn enter(ns: &str) {
+    let f = File::open(format!("/run/netns/{ns}")).unwrap();
+    setns(&f, CloneFlags::CLONE_NEWNET).unwrap();
+}
+
+/// Runs `f` on a thread in namespace `ns`.
+pub fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let ns = ns.to_string();
+    std::thread::spawn(move || {
+        enter(&ns);
+        f()
+    })
+    .join()
+    .unwrap()
 }
