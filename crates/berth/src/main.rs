@@ -813,22 +813,7 @@ fn service(client: &Client, out: Output, cmd: ServiceCmd) -> Result<()> {
         ServiceCmd::Inspect { name } => {
             inspect::<Service>(client, out, "services", &name, print_service)
         }
-        ServiceCmd::Rm { names } if names.len() == 1 => remove(client, out, "services", &names[0]),
-        ServiceCmd::Rm { names } => {
-            // Like `docker rm a b`: every name is tried; the failures are reported and make
-            // the exit status non-zero.
-            let mut failed = 0;
-            for name in &names {
-                if let Err(e) = remove(client, out, "services", name) {
-                    eprintln!("berth: error: {name}: {e:#}");
-                    failed += 1;
-                }
-            }
-            if failed > 0 {
-                bail!("{failed} of {} service(s) not removed", names.len());
-            }
-            Ok(())
-        }
+        ServiceCmd::Rm { names } => remove_all(client, out, "services", "service(s)", &names),
     }
 }
 
@@ -947,6 +932,31 @@ fn remove(client: &Client, out: Output, collection: &str, name: &str) -> Result<
     let v: serde_json::Value =
         client.delete(&format!("/v1/{collection}/{}", url_component(name)))?;
     show(out, &v, |_| say!("{name}"))
+}
+
+/// `rm` of several, like `docker rm a b`: every name is tried; the failures are reported
+/// and make the exit status non-zero (one name alone fails with its own error).
+fn remove_all(
+    client: &Client,
+    out: Output,
+    collection: &str,
+    what: &str,
+    names: &[String],
+) -> Result<()> {
+    if let [name] = names {
+        return remove(client, out, collection, name);
+    }
+    let mut failed = 0;
+    for name in names {
+        if let Err(e) = remove(client, out, collection, name) {
+            eprintln!("berth: error: {name}: {e:#}");
+            failed += 1;
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} of {} {what} not removed", names.len());
+    }
+    Ok(())
 }
 
 fn show<T: Serialize>(out: Output, v: &T, human: impl FnOnce(&T)) -> Result<()> {

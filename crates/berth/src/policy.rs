@@ -11,7 +11,7 @@ use berth_model::{PolicyRule, parse_policy_documents};
 use clap::{Subcommand, ValueEnum};
 use serde_json::Value;
 
-use crate::{Output, remove, show, table, url_component};
+use crate::{Output, remove_all, show, table, url_component};
 
 #[derive(Subcommand)]
 pub(crate) enum PolicyCmd {
@@ -148,22 +148,7 @@ pub(crate) fn policy(client: &Client, out: Output, cmd: PolicyCmd) -> Result<()>
             let v: Value = client.get(&format!("/v1/policies/{}", url_component(&name)))?;
             show(out, &v, print_policy)
         }
-        PolicyCmd::Rm { names } => {
-            let mut failed = 0;
-            for name in &names {
-                if let Err(e) = remove(client, out, "policies", name) {
-                    if names.len() == 1 {
-                        return Err(e);
-                    }
-                    eprintln!("berth: error: {name}: {e:#}");
-                    failed += 1;
-                }
-            }
-            if failed > 0 {
-                bail!("{failed} of {} policies not removed", names.len());
-            }
-            Ok(())
-        }
+        PolicyCmd::Rm { names } => remove_all(client, out, "policies", "policies", &names),
         PolicyCmd::Explain { src, dst, port } => {
             let mut path = format!(
                 "/v1/explain?src={}&dst={}",
