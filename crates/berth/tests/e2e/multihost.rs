@@ -133,7 +133,7 @@ fn vni_of(c: &Cluster, net: &str) -> u64 {
 }
 
 /// Creates an overlay network on host 1 and waits until every running host knows it.
-fn create_overlay(c: &Cluster, net: &str, subnets: &[&str]) -> Value {
+pub(crate) fn create_overlay(c: &Cluster, net: &str, subnets: &[&str]) -> Value {
     let mut args = vec!["network", "create", net, "--driver", "overlay"];
     args.extend_from_slice(subnets);
     let made: Value = c.host(1).json(&args);

@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::cluster::{Cluster, eventually};
+use crate::multihost::create_overlay;
 use crate::policy::{
     Ep, Pol, Port, Proto, attach, block, clear_policies, explain_mismatches, is, peer,
     policy_names, rule, serve, settle, tcp, udp,
@@ -156,27 +157,7 @@ fn selected_on(c: &Cluster, viewer: usize, policy: &str) -> Result<Vec<(String, 
 fn policies_made_on_one_host_are_enforced_on_both_and_explained_alike() {
     let c = Cluster::new(2);
     let (h1, h2) = (c.host(1), c.host(2));
-    h1.ok(&[
-        "network",
-        "create",
-        "ov",
-        "--driver",
-        "overlay",
-        "--subnet",
-        OV4,
-        "--ipv6-subnet",
-        OV6,
-    ]);
-    for i in c.indices() {
-        eventually(&format!("h{i} knows ov"), CONVERGE, || {
-            let o = c.host(i).berth(&["network", "inspect", "ov"]);
-            if o.status.success() {
-                Ok(())
-            } else {
-                Err(String::from_utf8_lossy(&o.stderr).into_owned())
-            }
-        });
-    }
+    create_overlay(&c, "ov", &["--subnet", OV4, "--ipv6-subnet", OV6]);
     let eps = vec![
         attach(h1, "w1", "ov", &["app=web"], &[]),
         attach(h1, "d1", "ov", &["app=db"], &["pg=5432"]),

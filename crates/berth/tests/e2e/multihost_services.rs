@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::cluster::{Cluster, eventually};
+use crate::multihost::create_overlay;
 use crate::services::{Identify, ask, spread};
 
 const CONVERGE: Duration = Duration::from_secs(15);
@@ -60,27 +61,16 @@ fn reaches_all(from: &Path, to: &str, want: &[&str], tries: usize) -> Result<(),
 #[test]
 fn a_service_spans_hosts_and_its_published_port_answers_on_every_host() {
     let c = Cluster::new(2);
-    c.host(1).ok(&[
-        "network",
-        "create",
+    create_overlay(
+        &c,
         "ov",
-        "--driver",
-        "overlay",
-        "--subnet",
-        "10.192.0.0/24",
-        "--ipv6-subnet",
-        "fd00:192::/64",
-    ]);
-    for i in c.indices() {
-        eventually(&format!("h{i} knows ov"), CONVERGE, || {
-            let o = c.host(i).berth(&["network", "inspect", "ov"]);
-            if o.status.success() {
-                Ok(())
-            } else {
-                Err(String::from_utf8_lossy(&o.stderr).into_owned())
-            }
-        });
-    }
+        &[
+            "--subnet",
+            "10.192.0.0/24",
+            "--ipv6-subnet",
+            "fd00:192::/64",
+        ],
+    );
     let b1_ip = sandbox(&c, 1, "b1", "ov", &["app=web"]);
     let b2_ip = sandbox(&c, 2, "b2", "ov", &["app=web"]);
     let c1_ip = sandbox(&c, 1, "c1", "ov", &[]);
