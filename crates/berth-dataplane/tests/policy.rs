@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{enter, exec, in_ns, ip, output, run};
+use common::{enter, in_ns, ip, output, routing_netns, run};
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -47,16 +47,7 @@ impl Lab {
             let name = format!("bpo{}{tag}{role}", std::process::id());
             // Recorded before it exists, so a half-made lab is still cleaned up.
             lab.names.push((role.to_string(), name.clone()));
-            run("ip", &["netns", "add", &name]);
-            for (key, value) in [
-                ("net.ipv6.conf.all.accept_dad", "0"),
-                ("net.ipv6.conf.default.accept_dad", "0"),
-                ("net.ipv4.ip_forward", "1"),
-                ("net.ipv6.conf.all.forwarding", "1"),
-            ] {
-                exec(&name, &["sysctl", "-qw", &format!("{key}={value}")]);
-            }
-            ip(&name, &["link", "set", "lo", "up"]);
+            routing_netns(&name);
         }
         let h = lab.ns("h");
         ip(&h, &["link", "add", "br0", "type", "bridge"]);

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{enter, exec, in_ns, ip, run};
+use common::{enter, in_ns, ip, routing_netns, run};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
@@ -58,16 +58,7 @@ impl Lab {
             let name = format!("bsv{}{tag}{role}", std::process::id());
             // Recorded before it exists, so a half-made lab is still cleaned up.
             lab.names.push((role.clone(), name.clone()));
-            run("ip", &["netns", "add", &name]);
-            for (key, value) in [
-                ("net.ipv6.conf.all.accept_dad", "0"),
-                ("net.ipv6.conf.default.accept_dad", "0"),
-                ("net.ipv4.ip_forward", "1"),
-                ("net.ipv6.conf.all.forwarding", "1"),
-            ] {
-                exec(&name, &["sysctl", "-qw", &format!("{key}={value}")]);
-            }
-            ip(&name, &["link", "set", "lo", "up"]);
+            routing_netns(&name);
         }
         let h = lab.ns("h");
         for (bridge, v4, v6) in [

@@ -55,3 +55,18 @@ pub fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static
     .join()
     .unwrap()
 }
+
+/// Makes network namespace `name` as the labs' hosts and containers need it: forwarding on,
+/// no duplicate address detection (IPv6 addresses usable at once), loopback up.
+pub fn routing_netns(name: &str) {
+    run("ip", &["netns", "add", name]);
+    for (key, value) in [
+        ("net.ipv6.conf.all.accept_dad", "0"),
+        ("net.ipv6.conf.default.accept_dad", "0"),
+        ("net.ipv4.ip_forward", "1"),
+        ("net.ipv6.conf.all.forwarding", "1"),
+    ] {
+        exec(name, &["sysctl", "-qw", &format!("{key}={value}")]);
+    }
+    ip(name, &["link", "set", "lo", "up"]);
+}
