@@ -32,6 +32,11 @@ const RESYNC: Duration = Duration::from_secs(30);
 /// The watched prefixes, in the order [`Agent::follow_policies`] takes them.
 const WATCHED: [&str; 3] = [keys::POLICIES, keys::ENDPOINTS, keys::NETWORKS];
 
+/// The watched prefix `key` is under.
+fn watched_prefix(key: &str) -> Option<&'static str> {
+    WATCHED.into_iter().find(|p| key.starts_with(p))
+}
+
 /// The compiler, and what the kernel was programmed with from it, changed under one lock.
 pub(crate) struct PolicyState {
     /// Locked inside the blocking task that writes the kernel.
@@ -61,8 +66,6 @@ pub(crate) struct PolicyState {
     /// Endpoints whose flows are to be judged again once the kernel holds their elements
     /// (a write failed: revoking before would let the flows come back).
     pending_revoke: BTreeSet<String>,
-    /// The revision of the store event each policy in the index comes from.
-    index_revision: HashMap<String, u64>,
 }
 
 /// A detach that has not finished after this long was abandoned (its request went away):
@@ -95,7 +98,6 @@ impl PolicyState {
             seen: HashMap::new(),
             detaching: HashMap::new(),
             pending_revoke: BTreeSet::new(),
-            index_revision: HashMap::new(),
         }
     }
 
@@ -122,9 +124,7 @@ impl PolicyState {
 
     /// How far the watch of `key`'s prefix has been applied.
     fn seen_for(&self, key: &str) -> u64 {
-        WATCHED
-            .iter()
-            .find(|p| key.starts_with(**p))
+        watched_prefix(key)
             .and_then(|p| self.seen.get(p))
             .copied()
             .unwrap_or(0)
@@ -138,20 +138,21 @@ impl PolicyState {
         }
     }
 
-    /// Whether this host's own change of policy `key` at `revision` is older than what the
-    /// index has already (a later change came in through the watch, or was made here): not to
-    /// be applied. Otherwise it is recorded as what the index has.
-    fn supersedes(&mut self, key: &str, revision: u64) -> bool {
-        // The watch (or the listing) is past it: what it brought is at least as new.
-        if self.seen_for(key) >= revision {
-            return false;
-        }
-        let at = self.index_revision.entry(key.to_string()).or_insert(0);
-        if *at > revision {
-            return false;
-        }
-        *at = revision;
-        true
+    /// This host's changes the watches are past need no guarding any more.
+    fn forget_changes_seen(&mut self) {
+        let seen = &self.seen;
+        self.changed_here.retain(|key, at| {
+            watched_prefix(key)
+                .and_then(|p| seen.get(p))
+                .is_none_or(|s| *at > *s)
+        });
+    }
+
+    /// Whether this host's own change of `key` at `revision` is newer than what the index has:
+    /// not if the watch (or the listing) is past it, which brought that change or a later one,
+    /// nor if a later change of this host's is applied already.
+    fn supersedes(&self, key: &str, revision: u64) -> bool {
+        self.seen_for(key) < revision && self.changed_here.get(key).is_none_or(|&at| at <= revision)
     }
 
     /// Applies one store event to the index; returns the local endpoints it touches.
@@ -161,7 +162,7 @@ impl PolicyState {
             Event::Put(kv) => Some(kv),
             Event::Delete { .. } => None,
         };
-        if let Some(prefix) = WATCHED.iter().find(|p| key.starts_with(**p)) {
+        if let Some(prefix) = watched_prefix(key) {
             let seen = self.seen.entry(prefix).or_insert(0);
             *seen = (*seen).max(event.revision());
         }
@@ -171,10 +172,6 @@ impl PolicyState {
                 return Ok(BTreeSet::new());
             }
             self.changed_here.remove(key);
-        }
-        if key.starts_with(keys::POLICIES) {
-            let at = self.index_revision.entry(key.to_string()).or_insert(0);
-            *at = (*at).max(event.revision());
         }
         if let Some(name) = key.strip_prefix(keys::POLICIES) {
             return Ok(match put {
@@ -332,10 +329,9 @@ const IPPROTO_TCP: u8 = 6;
 /// entry went makes a new entry, opened by the answering side (which its policy may allow),
 /// through which the revoked side's datagrams would then pass as answers. By then those
 /// answers have arrived, even late from a busy receiver's queue. (A TCP segment that would
-/// do so is no SYN, and dropped.)
-/// Each sweep may itself land between an answer passing and the next answer to it, which
-/// then re-makes the entry once more, and a slow server answers late: so several, denser at
-/// first (at 10, 50, 150, 300, 500 ms and 1 s).
+/// do so is no SYN, and dropped.) Each sweep may itself land between an answer passing and
+/// the next answer to it, which then re-makes the entry once more, and a slow server answers
+/// late: so several, denser at first (at 10, 50, 150, 300, 500 ms and 1 s).
 const RESWEEPS: [Duration; 6] = [
     Duration::from_millis(10),
     Duration::from_millis(40),
@@ -459,11 +455,8 @@ impl Agent {
     pub(crate) async fn policy_endpoint_up(&self, ep: &Endpoint) -> Result<()> {
         let mut state = self.policy_state.lock().await;
         if !state.listed {
-            // Before the first listing the index knows no policy: list now rather than let
-            // the endpoint in unjudged.
-            drop(state);
-            self.list_policies().await?;
-            state = self.policy_state.lock().await;
+            // The daemon lists before it serves: an endpoint is never let in unjudged.
+            return Err(AgentError::Internal("policies are not loaded yet".into()));
         }
         let dirty = state.index.put_endpoint(ep.clone());
         self.program_policies(&mut state, dirty).await;
@@ -703,6 +696,7 @@ impl Agent {
             self.sync_policies_or_retry(&mut state).await;
         }
         self.forget_abandoned_detaches(&mut state).await;
+        state.forget_changes_seen();
         let revoked = state.take_revocation();
         self.revoke_flows(revoked).await;
         if state.stale || state.synced_at.elapsed() < RESYNC {
@@ -778,15 +772,6 @@ impl Agent {
         for ep in gone {
             self.end_flows_of(&ep).await;
         }
-        // What the watches are past needs no guarding any more.
-        let seen = state.seen.clone();
-        state.changed_here.retain(|key, at| {
-            WATCHED
-                .iter()
-                .find(|p| key.starts_with(**p))
-                .and_then(|p| seen.get(p))
-                .is_none_or(|s| *at > *s)
-        });
     }
 
     /// Creates a policy (`replace`: or replaces the one of that name), enforced on this host
