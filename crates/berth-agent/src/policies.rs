@@ -2,8 +2,10 @@
 //! endpoints on it.
 //!
 //! The compiler ([`PolicyIndex`]) turns policies and every endpoint of the cluster into
-//! elements of fixed nftables sets, per local endpoint; a change rewrites only the elements of
-//! the endpoints it touches, in one batch. The reconciler ([`Agent::run_policy_reconciler`])
+//! profiles, and the [`Program`] keeps the kernel's elements from them: each local endpoint
+//! address a policy isolates points at the profile of its policies, shared by every endpoint
+//! with the same policies; a change recompiles only the profiles it may change and moves only
+//! the endpoints whose policies changed. The reconciler ([`Agent::run_policy_reconciler`])
 //! follows the store's policies, endpoints and networks; this host's own changes program the
 //! kernel before they answer:
 //! - an attach puts its endpoint's elements in before the interface is made, so its first
@@ -20,7 +22,9 @@ use std::time::{Duration, Instant};
 use berth_dataplane::conntrack::{self, FlowTuple};
 use berth_dataplane::nftables::PolicySets;
 use berth_model::{Endpoint, Network, Policy, Protocol};
-use berth_policy::{Direction, Explanation, Party, PolicyElement, PolicyIndex, allows};
+use berth_policy::{
+    Change, Direction, Explanation, Party, PolicyIndex, Profile, Program, Touched, allows,
+};
 use berth_store::{Compare, Event, Txn, TxnOutcome, Watch};
 use serde_json::Value;
 
@@ -41,13 +45,9 @@ fn watched_prefix(key: &str) -> Option<&'static str> {
 pub(crate) struct PolicyState {
     /// Locked inside the blocking task that writes the kernel.
     sets: Arc<std::sync::Mutex<PolicySets>>,
-    me: String,
     index: PolicyIndex,
-    /// The elements each local endpoint has in the kernel.
-    programmed: HashMap<String, Vec<PolicyElement>>,
-    /// How many local endpoints want each element (more than one only if two share an
-    /// address, as a stale record may).
-    wanted: HashMap<PolicyElement, u32>,
+    /// What the kernel should hold, from the index.
+    program: Program,
     /// The index comes from a listing: until then nothing is programmed.
     listed: bool,
     /// The kernel may differ from `wanted` (a change failed): the next change, or the next
@@ -87,10 +87,8 @@ impl PolicyState {
     pub(crate) fn new(me: &str) -> PolicyState {
         PolicyState {
             sets: Arc::new(std::sync::Mutex::new(PolicySets::new())),
-            me: me.to_string(),
             index: PolicyIndex::new(me),
-            programmed: HashMap::new(),
-            wanted: HashMap::new(),
+            program: Program::new(),
             listed: false,
             stale: true,
             synced_at: Instant::now(),
@@ -155,8 +153,8 @@ impl PolicyState {
         self.seen_for(key) < revision && self.changed_here.get(key).is_none_or(|&at| at <= revision)
     }
 
-    /// Applies one store event to the index; returns the local endpoints it touches.
-    fn apply(&mut self, event: &Event) -> Result<BTreeSet<String>> {
+    /// Applies one store event to the index; returns what it touches.
+    fn apply(&mut self, event: &Event) -> Result<Touched> {
         let key = event.key();
         let put = match event {
             Event::Put(kv) => Some(kv),
@@ -169,7 +167,7 @@ impl PolicyState {
         if let Some(&changed_at) = self.changed_here.get(key) {
             if event.revision() < changed_at {
                 // Older than this host's own change, which is applied already.
-                return Ok(BTreeSet::new());
+                return Ok(Touched::default());
             }
             self.changed_here.remove(key);
         }
@@ -182,7 +180,7 @@ impl PolicyState {
         if let Some(id) = key.strip_prefix(keys::ENDPOINTS) {
             return Ok(match put {
                 Some(kv) => self.index.put_endpoint(decode(kv)?),
-                None if self.is_detaching(id) => BTreeSet::new(),
+                None if self.is_detaching(id) => Touched::default(),
                 None => self.index.remove_endpoint(id),
             });
         }
@@ -195,57 +193,7 @@ impl PolicyState {
                 None => self.index.remove_network(name),
             });
         }
-        Ok(BTreeSet::new())
-    }
-
-    /// Works out the kernel change that brings these endpoints' elements to what the index
-    /// says, and records it as programmed: (elements to remove, to add, endpoints that may
-    /// have lost an allowance).
-    fn diff(&mut self, dirty: BTreeSet<String>) -> Change {
-        let mut change = Change::default();
-        for id in dirty {
-            let local = self
-                .index
-                .endpoint(&id)
-                .is_some_and(|ep| ep.is_on(&self.me));
-            let want = if local {
-                self.index.elements_of(&id)
-            } else {
-                Vec::new()
-            };
-            let had = self.programmed.remove(&id).unwrap_or_default();
-            let (had_set, want_set): (HashSet<&PolicyElement>, HashSet<&PolicyElement>) =
-                (had.iter().collect(), want.iter().collect());
-            let mut lost = false;
-            for e in had.iter().filter(|e| !want_set.contains(e)) {
-                lost = true;
-                if let Some(n) = self.wanted.get_mut(e) {
-                    *n -= 1;
-                    if *n == 0 {
-                        self.wanted.remove(e);
-                        change.remove.push(*e);
-                    }
-                }
-            }
-            for e in want.iter().filter(|e| !had_set.contains(e)) {
-                lost |= matches!(e, PolicyElement::Isolated { .. });
-                let n = self.wanted.entry(*e).or_insert(0);
-                *n += 1;
-                if *n == 1 {
-                    change.add.push(*e);
-                }
-            }
-            if lost && !want.is_empty() {
-                change.revoke.push(id.clone());
-            }
-            if !want.is_empty() {
-                self.programmed.insert(id, want);
-            }
-        }
-        // An element one endpoint lets go of and another takes stays.
-        let added: HashSet<PolicyElement> = change.add.iter().copied().collect();
-        change.remove.retain(|e| !added.contains(e));
-        change
+        Ok(Touched::default())
     }
 
     /// The flows to judge again now, once the kernel holds the elements they are judged by
@@ -260,38 +208,30 @@ impl PolicyState {
         self.revocation(&ids)
     }
 
-    /// Every element the kernel should hold.
-    fn all_wanted(&self) -> Vec<PolicyElement> {
-        let mut all: Vec<PolicyElement> = self.wanted.keys().copied().collect();
-        all.sort();
-        all
-    }
-
-    /// What the revocation of these endpoints' flows needs: each address with the elements
-    /// of its endpoint.
+    /// What the revocation of these endpoints' flows needs: each address with the profiles
+    /// that judge it (ingress, egress; none: not isolated).
     fn revocation(&self, ids: &[String]) -> Revoked {
         let mut out = HashMap::new();
         for id in ids {
-            if let (Some(ep), Some(els)) = (self.index.endpoint(id), self.programmed.get(id)) {
-                for ip in &ep.ips {
-                    out.insert(ip.addr(), els.clone());
-                }
+            let Some(ep) = self.index.endpoint(id).filter(|_| self.program.judges(id)) else {
+                continue;
+            };
+            for ip in &ep.ips {
+                let ip = ip.addr();
+                out.insert(
+                    ip,
+                    [Direction::Ingress, Direction::Egress]
+                        .map(|d| self.program.profile_for(d, ip)),
+                );
             }
         }
         out
     }
 }
 
-/// Addresses of local endpoints whose flows are to be judged again, with their elements.
-type Revoked = HashMap<IpAddr, Vec<PolicyElement>>;
-
-/// A kernel change and the endpoints whose flows must be judged again after it.
-#[derive(Debug, Default)]
-struct Change {
-    remove: Vec<PolicyElement>,
-    add: Vec<PolicyElement>,
-    revoke: Vec<String>,
-}
+/// Addresses of local endpoints whose flows are to be judged again, with the profiles that
+/// judge them (ingress, egress).
+type Revoked = HashMap<IpAddr, [Option<Arc<Profile>>; 2]>;
 
 /// The gateways of a network: where its endpoints' DNS is.
 fn gateways(net: &Network) -> Vec<IpAddr> {
@@ -301,11 +241,12 @@ fn gateways(net: &Network) -> Vec<IpAddr> {
 /// Whether a tracked flow is one these elements no longer allow, judged at its destination
 /// (ingress) and at its source (egress), where those are endpoints of this host: the way it
 /// was opened.
-fn condemned(by_addr: &HashMap<IpAddr, Vec<PolicyElement>>, f: &FlowTuple) -> bool {
+fn condemned(by_addr: &Revoked, f: &FlowTuple) -> bool {
     let denied_at = |target: IpAddr, peer: IpAddr, direction: Direction| {
-        by_addr
-            .get(&target)
-            .is_some_and(|els| !allows(els, direction, target, peer, f.protocol, f.dport))
+        by_addr.get(&target).is_some_and(|profiles| {
+            let profile = profiles[direction as usize].as_deref();
+            !allows(profile, peer, f.protocol, f.dport)
+        })
     };
     denied_at(f.dst, f.src, Direction::Ingress) || denied_at(f.src, f.dst, Direction::Egress)
 }
@@ -348,22 +289,25 @@ impl Agent {
     /// changes revoke at once, with the lock held (whoever waits for the lock finds them
     /// enforced, established flows included); attaches and detaches leave it to the next
     /// tick, so as not to wait on the conntrack table.
-    async fn program_policies(&self, state: &mut PolicyState, dirty: BTreeSet<String>) -> bool {
-        if dirty.is_empty() || !state.listed {
+    async fn program_policies(&self, state: &mut PolicyState, touched: Touched) -> bool {
+        if touched.is_empty() || !state.listed {
             return false;
         }
-        let change = state.diff(dirty);
-        let lost = !change.revoke.is_empty();
-        state.pending_revoke.extend(change.revoke);
+        let Change {
+            remove,
+            add,
+            revoke,
+        } = state.program.update(&state.index, &touched);
+        let lost = !revoke.is_empty();
+        state.pending_revoke.extend(revoke);
         if state.stale {
             self.sync_policies_or_retry(state).await;
-        } else if !change.add.is_empty() || !change.remove.is_empty() {
+        } else if !add.is_empty() || !remove.is_empty() {
             state.stale = true;
-            let (remove, add) = (change.remove, change.add);
             let sets = state.sets.clone();
             match kernel(move || sets.lock().expect("policy sets lock").apply(&remove, &add)).await
             {
-                Ok(()) => state.stale = false,
+                Ok(_) => state.stale = false,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot program policies; writing them all");
                     self.sync_policies_or_retry(state).await;
@@ -427,7 +371,7 @@ impl Agent {
     /// Makes the kernel's policy sets hold exactly what is wanted, in one transaction.
     async fn sync_policies(&self, state: &mut PolicyState) -> Result<()> {
         state.stale = true;
-        let all = state.all_wanted();
+        let all = state.program.elements();
         let sets = state.sets.clone();
         kernel(move || sets.lock().expect("policy sets lock").replace(&all)).await?;
         state.stale = false;
@@ -465,7 +409,7 @@ impl Agent {
         state.pending_revoke.remove(&ep.id);
         // Refused only if this endpoint is judged and the kernel may not have its elements:
         // a failed write elsewhere must not stop attaches that no policy selects.
-        if state.stale && state.programmed.contains_key(&ep.id) {
+        if state.stale && state.program.judges(&ep.id) {
             return Err(AgentError::Internal(
                 "the endpoint's policy could not be written to the kernel".into(),
             ));
@@ -494,8 +438,8 @@ impl Agent {
         // Whether policy may have judged its flows: its own elements may be gone already (an
         // attach that raced this detach, a detach found abandoned), its network's policies
         // tell.
-        let judged = state.programmed.contains_key(&ep.id)
-            || state.index.policies().any(|p| p.network == ep.network);
+        let judged =
+            state.program.judges(&ep.id) || state.index.policies().any(|p| p.network == ep.network);
         let pending_before = state.pending_revoke.clone();
         let dirty = state.index.remove_endpoint(&ep.id);
         let others_lost = self.program_policies(&mut state, dirty).await;
@@ -618,18 +562,27 @@ impl Agent {
                 fresh.detaching.insert(id.clone(), *d);
             }
         }
-        let locals: BTreeSet<String> = fresh
-            .index
-            .local_endpoints()
-            .map(|e| e.id.clone())
-            .collect();
+        let locals = Touched {
+            endpoints: fresh
+                .index
+                .local_endpoints()
+                .map(|e| e.id.clone())
+                .collect(),
+            ..Touched::default()
+        };
         fresh.listed = true;
-        fresh.diff(locals);
+        let (index, program) = (&fresh.index, &mut fresh.program);
+        program.update(index, &locals);
         fresh.sets = state.sets.clone();
         *state = fresh;
         self.sync_policies(&mut state).await?;
         // Flows of the time the watch was down are judged once against the new elements.
-        let ids: Vec<String> = state.programmed.keys().cloned().collect();
+        let ids: Vec<String> = state
+            .index
+            .local_endpoints()
+            .map(|e| e.id.clone())
+            .filter(|id| state.program.judges(id))
+            .collect();
         let by_addr = state.revocation(&ids);
         self.revoke_flows(by_addr).await;
         Ok(watches)
@@ -668,10 +621,10 @@ impl Agent {
                 return e;
             }
             let mut state = self.policy_state.lock().await;
-            let mut dirty = BTreeSet::new();
+            let mut dirty = Touched::default();
             for event in &events {
                 match state.apply(event) {
-                    Ok(ids) => dirty.extend(ids),
+                    Ok(touched) => dirty.extend(touched),
                     Err(e) => {
                         tracing::error!(key = %event.key(), error = %e, "bad record in the store")
                     }
@@ -702,7 +655,7 @@ impl Agent {
         if state.stale || state.synced_at.elapsed() < RESYNC {
             return;
         }
-        let want = state.all_wanted();
+        let want = state.program.elements();
         let sets = state.sets.clone();
         match kernel(move || sets.lock().expect("policy sets lock").elements()).await {
             Ok(mut got) => {
@@ -731,7 +684,7 @@ impl Agent {
             .filter(|(id, _)| !state.is_detaching(id))
             .map(|(id, d)| (id.clone(), *d))
             .collect();
-        let mut dirty = BTreeSet::new();
+        let mut dirty = Touched::default();
         let mut gone = Vec::new();
         for (id, detach) in abandoned {
             // Its interface may still be on its bridge until the reaper deletes it (then its
@@ -844,7 +797,7 @@ impl Agent {
             }
         };
         let mut state = self.policy_state.lock().await;
-        let mut dirty = BTreeSet::new();
+        let mut dirty = Touched::default();
         for policy in &checked {
             let key = keys::policy(&policy.name);
             // A later change of it may have come through the watch already.
@@ -895,7 +848,7 @@ impl Agent {
             state.changed_here_at(key, revision);
             state.index.remove_policy(name)
         } else {
-            BTreeSet::new()
+            Touched::default()
         };
         self.program_policies(&mut state, dirty).await;
         // Removing a policy can take allowances away: another one still isolates.

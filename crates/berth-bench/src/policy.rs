@@ -295,16 +295,35 @@ fn filler(i: usize) -> Result<Policy> {
     )
 }
 
-/// How many elements berth's IPv4 ingress allow sets hold, read with `nft` (None: no `nft`,
-/// or no such sets).
+/// How many IPv4 peers berth's ingress profiles allow, read with `nft` (None: no `nft`, or no
+/// policy there): the elements of the profiles' `..._any4` and classes' `..._4` sets.
 fn allow_elements() -> Option<usize> {
+    let out = Command::new("nft")
+        .args([
+            "-j",
+            "list",
+            "sets",
+            "table",
+            "inet",
+            berth_dataplane::nftables::TABLE,
+        ])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let names: Vec<String> = v
+        .get("nftables")?
+        .as_array()?
+        .iter()
+        .filter_map(|o| o.pointer("/set/name").and_then(serde_json::Value::as_str))
+        .filter(|n| n.starts_with("pol_in_") && (n.ends_with("_any4") || n.ends_with("_4")))
+        .map(str::to_string)
+        .collect();
     let mut total = 0;
-    for set in [
-        "pol_in4",
-        "pol_in_ports4",
-        "pol_in_exact4",
-        "pol_in_ports_exact4",
-    ] {
+    for set in names {
         let out = Command::new("nft")
             .args([
                 "-j",
@@ -312,14 +331,11 @@ fn allow_elements() -> Option<usize> {
                 "set",
                 "inet",
                 berth_dataplane::nftables::TABLE,
-                set,
+                &set,
             ])
             .stderr(std::process::Stdio::null())
             .output()
             .ok()?;
-        if !out.status.success() {
-            return None;
-        }
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
         total += v
             .get("nftables")?

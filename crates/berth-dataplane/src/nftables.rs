@@ -30,16 +30,17 @@ use ipnet::IpNet;
 
 use self::expr::{Expr, Refs};
 use self::nfnl::{
-    Batch, MAX_ATTR, NFT_MSG_DELRULE, NFT_MSG_DELSETELEM, NFT_MSG_GETCHAIN, NFT_MSG_GETRULE,
-    NFT_MSG_GETSET, NFT_MSG_GETSETELEM, NFT_MSG_GETTABLE, NFT_MSG_NEWCHAIN, NFT_MSG_NEWRULE,
-    NFT_MSG_NEWSET, NFT_MSG_NEWSETELEM, NFT_MSG_NEWTABLE, NFT_SET_ELEM_INTERVAL_END,
-    NFTA_DATA_VALUE, NFTA_DATA_VERDICT, NFTA_LIST_ELEM, NFTA_SET_ELEM_DATA, NFTA_SET_ELEM_FLAGS,
-    NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_KEY_END, NFTA_SET_ELEM_LIST_ELEMENTS, NFTA_SET_ELEM_LIST_SET,
-    NFTA_SET_ELEM_LIST_SET_ID, NFTA_SET_ELEM_LIST_TABLE, NFTA_VERDICT_CHAIN, NFTA_VERDICT_CODE,
-    NLM_F_APPEND, NLM_F_CREATE, Nfnetlink, attr, attr_str, attr_u32, attrs, covers, enoent,
-    put_attr, put_nested, put_str, put_u32,
+    Batch, MAX_ATTR, NFT_MSG_DELRULE, NFT_MSG_DELSETELEM, NFT_MSG_DESTROYCHAIN, NFT_MSG_DESTROYSET,
+    NFT_MSG_GETCHAIN, NFT_MSG_GETRULE, NFT_MSG_GETSET, NFT_MSG_GETSETELEM, NFT_MSG_GETTABLE,
+    NFT_MSG_NEWCHAIN, NFT_MSG_NEWRULE, NFT_MSG_NEWSET, NFT_MSG_NEWSETELEM, NFT_MSG_NEWTABLE,
+    NFT_SET_ELEM_INTERVAL_END, NFTA_DATA_VALUE, NFTA_DATA_VERDICT, NFTA_LIST_ELEM,
+    NFTA_SET_ELEM_DATA, NFTA_SET_ELEM_FLAGS, NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_KEY_END,
+    NFTA_SET_ELEM_LIST_ELEMENTS, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_SET_ID,
+    NFTA_SET_ELEM_LIST_TABLE, NFTA_VERDICT_CHAIN, NFTA_VERDICT_CODE, NLM_F_APPEND, NLM_F_CREATE,
+    Nfnetlink, attr, attr_str, attr_u32, attrs, covers, enoent, put_attr, put_nested, put_str,
+    put_u32,
 };
-pub use self::policy::PolicySets;
+pub use self::policy::{Applied, MAX_ELEMENTS_PER_TRANSACTION, PolicySets};
 pub use self::services::{Backend, Frontend, LoadBalancer, MAX_BACKENDS, Pool};
 use crate::{DataplaneError, Result};
 
@@ -77,10 +78,6 @@ const NFT_SET_MAP: u32 = 8;
 const NFT_SET_TIMEOUT: u32 = 0x10;
 /// Updated from the packet path (`flags dynamic`).
 const NFT_SET_EVAL: u32 = 0x20;
-/// Its key is a concatenation whose fields are ranges each (with `NFT_SET_INTERVAL`).
-const NFT_SET_CONCAT: u32 = 0x80;
-const NFTA_SET_DESC_CONCAT: u16 = 2;
-const NFTA_SET_FIELD_LEN: u16 = 1;
 const NF_ACCEPT: u32 = 1;
 
 // nft's data types, and how it numbers a concatenation of them.
@@ -172,9 +169,6 @@ struct SetSpec {
     userdata: &'static [u8],
     /// Who writes its elements.
     owner: Owner,
-    /// A concatenation's field lengths, for an interval set of one (whose ranges the kernel
-    /// matches field by field); empty for any other set.
-    fields: &'static [u32],
 }
 
 /// Who writes a set's elements. [`install`], [`set_elements`] and [`check`] flush, fill and
@@ -208,7 +202,6 @@ const fn set(name: &'static str, nft: &'static str, key: (u32, u32), ud: &'stati
         size: 0,
         userdata: ud,
         owner: Owner::Table,
-        fields: &[],
     }
 }
 
@@ -223,7 +216,6 @@ const fn map(name: &'static str, nft: &'static str, key: (u32, u32), data: (u32,
         size: 0,
         userdata: UD_CONCAT_MAP,
         owner: Owner::Table,
-        fields: &[],
     }
 }
 
@@ -251,43 +243,19 @@ const fn lb_slots(
     }
 }
 
-/// A set of the policy programmer's: of addresses, or (`fields`, each field's length) an
-/// interval set of a concatenation.
-/// A policy set of concatenations without ranges (a hash).
-const fn exact_policy_set(name: &'static str, nft: &'static str, key: (u32, u32)) -> SetSpec {
+/// A policy map from a target's address to its profile's chain; its elements are
+/// [`PolicySets`]'.
+const fn policy_targets(name: &'static str, nft: &'static str, key: (u32, u32)) -> SetSpec {
     SetSpec {
         owner: Owner::Policy,
-        ..set(name, nft, key, UD_CONCAT)
+        userdata: UD_ADDR_VMAP,
+        ..map(name, nft, key, VERDICT)
     }
 }
 
-const fn policy_set(
-    name: &'static str,
-    nft: &'static str,
-    key: (u32, u32),
-    fields: &'static [u32],
-) -> SetSpec {
-    let concatenated = !fields.is_empty();
-    SetSpec {
-        flags: if concatenated {
-            NFT_SET_INTERVAL | NFT_SET_CONCAT
-        } else {
-            0
-        },
-        owner: Owner::Policy,
-        fields,
-        ..set(
-            name,
-            nft,
-            key,
-            if concatenated {
-                UD_CONCAT
-            } else {
-                UD_NET_ORDER
-            },
-        )
-    }
-}
+/// What nft keeps for `type ipv4_addr : verdict` (or `ipv6_addr`): the key's byte order and
+/// the value's.
+const UD_ADDR_VMAP: &[u8] = &[0, 4, 2, 0, 0, 0, 1, 4, 0, 0, 0, 0, 6, 4, 0, 0, 0, 0];
 
 /// Each part of a concatenation takes a multiple of 4 bytes.
 const V4_PORT: (u32, u32) = (concat(&[IPV4_ADDR, INET_SERVICE]), 8);
@@ -295,16 +263,6 @@ const V6_PORT: (u32, u32) = (concat(&[IPV6_ADDR, INET_SERVICE]), 20);
 const PROTO_PORT: (u32, u32) = (concat(&[INET_PROTO, INET_SERVICE]), 8);
 const V4_PROTO_PORT: (u32, u32) = (concat(&[IPV4_ADDR, INET_PROTO, INET_SERVICE]), 12);
 const V6_PROTO_PORT: (u32, u32) = (concat(&[IPV6_ADDR, INET_PROTO, INET_SERVICE]), 24);
-const V4_V4: (u32, u32) = (concat(&[IPV4_ADDR, IPV4_ADDR]), 8);
-const V6_V6: (u32, u32) = (concat(&[IPV6_ADDR, IPV6_ADDR]), 32);
-const V4_V4_PROTO_PORT: (u32, u32) = (
-    concat(&[IPV4_ADDR, IPV4_ADDR, INET_PROTO, INET_SERVICE]),
-    16,
-);
-const V6_V6_PROTO_PORT: (u32, u32) = (
-    concat(&[IPV6_ADDR, IPV6_ADDR, INET_PROTO, INET_SERVICE]),
-    40,
-);
 
 const SETS: &[SetSpec] = &[
     set("bridges", "type ifname;", (IFNAME, 16), UD_HOST_ORDER),
@@ -519,87 +477,11 @@ const SETS: &[SetSpec] = &[
             UD_CONCAT,
         )
     },
-    // Network policy (see module `policy`): the targets isolated per direction, and what they may
-    // exchange with whom, as `target . peer` and `target . peer . protocol . destination port`
-    // (a peer and a port may be ranges).
-    policy_set("pol_iso_in4", "type ipv4_addr;", (IPV4_ADDR, 4), &[]),
-    policy_set("pol_iso_eg4", "type ipv4_addr;", (IPV4_ADDR, 4), &[]),
-    policy_set(
-        "pol_in4",
-        "type ipv4_addr . ipv4_addr; flags interval;",
-        V4_V4,
-        &[4, 4],
-    ),
-    policy_set(
-        "pol_eg4",
-        "type ipv4_addr . ipv4_addr; flags interval;",
-        V4_V4,
-        &[4, 4],
-    ),
-    policy_set(
-        "pol_in_ports4",
-        "type ipv4_addr . ipv4_addr . inet_proto . inet_service; flags interval;",
-        V4_V4_PROTO_PORT,
-        &[4, 4, 1, 2],
-    ),
-    policy_set(
-        "pol_eg_ports4",
-        "type ipv4_addr . ipv4_addr . inet_proto . inet_service; flags interval;",
-        V4_V4_PROTO_PORT,
-        &[4, 4, 1, 2],
-    ),
-    // One peer (and one port): hashed, so that the common element (an endpoint as a peer)
-    // costs the same to add, remove and match whatever the number of others.
-    exact_policy_set("pol_in_exact4", "type ipv4_addr . ipv4_addr;", V4_V4),
-    exact_policy_set("pol_eg_exact4", "type ipv4_addr . ipv4_addr;", V4_V4),
-    exact_policy_set(
-        "pol_in_ports_exact4",
-        "type ipv4_addr . ipv4_addr . inet_proto . inet_service;",
-        V4_V4_PROTO_PORT,
-    ),
-    exact_policy_set(
-        "pol_eg_ports_exact4",
-        "type ipv4_addr . ipv4_addr . inet_proto . inet_service;",
-        V4_V4_PROTO_PORT,
-    ),
-    policy_set("pol_iso_in6", "type ipv6_addr;", (IPV6_ADDR, 16), &[]),
-    policy_set("pol_iso_eg6", "type ipv6_addr;", (IPV6_ADDR, 16), &[]),
-    policy_set(
-        "pol_in6",
-        "type ipv6_addr . ipv6_addr; flags interval;",
-        V6_V6,
-        &[16, 16],
-    ),
-    policy_set(
-        "pol_eg6",
-        "type ipv6_addr . ipv6_addr; flags interval;",
-        V6_V6,
-        &[16, 16],
-    ),
-    policy_set(
-        "pol_in_ports6",
-        "type ipv6_addr . ipv6_addr . inet_proto . inet_service; flags interval;",
-        V6_V6_PROTO_PORT,
-        &[16, 16, 1, 2],
-    ),
-    policy_set(
-        "pol_eg_ports6",
-        "type ipv6_addr . ipv6_addr . inet_proto . inet_service; flags interval;",
-        V6_V6_PROTO_PORT,
-        &[16, 16, 1, 2],
-    ),
-    exact_policy_set("pol_in_exact6", "type ipv6_addr . ipv6_addr;", V6_V6),
-    exact_policy_set("pol_eg_exact6", "type ipv6_addr . ipv6_addr;", V6_V6),
-    exact_policy_set(
-        "pol_in_ports_exact6",
-        "type ipv6_addr . ipv6_addr . inet_proto . inet_service;",
-        V6_V6_PROTO_PORT,
-    ),
-    exact_policy_set(
-        "pol_eg_ports_exact6",
-        "type ipv6_addr . ipv6_addr . inet_proto . inet_service;",
-        V6_V6_PROTO_PORT,
-    ),
+    // Network policy (see module `policy`): each target to its profile's chain.
+    policy_targets("pol_tgt_in4", "type ipv4_addr : verdict;", (IPV4_ADDR, 4)),
+    policy_targets("pol_tgt_in6", "type ipv6_addr : verdict;", (IPV6_ADDR, 16)),
+    policy_targets("pol_tgt_eg4", "type ipv4_addr : verdict;", (IPV4_ADDR, 4)),
+    policy_targets("pol_tgt_eg6", "type ipv6_addr : verdict;", (IPV6_ADDR, 16)),
 ];
 
 /// How many clients' affinities a family's map holds at most; beyond that a new client is
@@ -656,10 +538,6 @@ const CHAINS: &[(&str, Option<Hook>)] = &[
         }),
     ),
     (policy::CHAIN, None),
-    ("policy_in4", None),
-    ("policy_eg4", None),
-    ("policy_in6", None),
-    ("policy_eg6", None),
     (
         "guard",
         Some(Hook {
@@ -1727,12 +1605,14 @@ fn elements(
 pub fn ruleset(networks: &[NetworkRules], forwards: &[Forward], services: &ServiceRules) -> String {
     let mut s = format!("add table inet {TABLE}\nadd chain inet {TABLE} {USER_CHAIN}\n");
     for set in SETS {
+        // A set nft has no type for: berth's own (see module `policy`).
+        let unwritable = if set.nft.starts_with('#') { "# " } else { "" };
         let _ = writeln!(
             s,
-            "add {} inet {TABLE} {} {{ {} }}",
+            "{unwritable}add {} inet {TABLE} {} {{ {} }}",
             set.kind(),
             set.name,
-            set.nft
+            set.nft.trim_start_matches("# ")
         );
     }
     for (chain, hook) in chains() {
@@ -1750,7 +1630,14 @@ pub fn ruleset(networks: &[NetworkRules], forwards: &[Forward], services: &Servi
         let _ = writeln!(s, "flush {} inet {TABLE} {}", set.kind(), set.name);
     }
     for r in rules(services) {
-        let _ = writeln!(s, "add rule inet {TABLE} {} {}", r.chain, r.nft);
+        // A rule nft's language cannot write (see module `policy`).
+        let unwritable = if r.nft.starts_with('#') { "# " } else { "" };
+        let _ = writeln!(
+            s,
+            "{unwritable}add rule inet {TABLE} {} {}",
+            r.chain,
+            r.nft.trim_start_matches("# ")
+        );
     }
     for (set, member) in members(networks, forwards, services) {
         let _ = writeln!(s, "add element inet {TABLE} {set} {{ {} }}", member.text());
@@ -1819,18 +1706,9 @@ fn set_spec_attrs(set: &SetSpec, as_dumped: bool) -> Vec<u8> {
             put_u32(&mut a, NFTA_SET_DATA_LEN, data_len);
         }
     }
-    if set.size > 0 || !set.fields.is_empty() {
+    if set.size > 0 {
         put_nested(&mut a, NFTA_SET_DESC, |d| {
-            if set.size > 0 {
-                put_u32(d, NFTA_SET_DESC_SIZE, set.size);
-            }
-            if !set.fields.is_empty() {
-                put_nested(d, NFTA_SET_DESC_CONCAT, |c| {
-                    for len in set.fields {
-                        put_nested(c, NFTA_LIST_ELEM, |f| put_u32(f, NFTA_SET_FIELD_LEN, *len));
-                    }
-                });
-            }
+            put_u32(d, NFTA_SET_DESC_SIZE, set.size);
         });
     }
     put_attr(&mut a, NFTA_SET_USERDATA, set.userdata);
@@ -1892,6 +1770,27 @@ pub fn install(
             0,
             set_attrs(set.name),
             format!("flush {} {}", set.kind(), set.name),
+        );
+    }
+    // The policy chains and sets of earlier versions, which no rule uses any more (the
+    // jumps to the chains were flushed above; their rules go with them).
+    for legacy in policy::LEGACY_CHAINS {
+        b.push(
+            NFT_MSG_DESTROYCHAIN,
+            0,
+            chain_attrs(NFTA_CHAIN_NAME, legacy),
+            format!("remove the old policy chain {legacy}"),
+        );
+    }
+    for legacy in policy::LEGACY_SETS {
+        let mut a = Vec::new();
+        put_str(&mut a, NFTA_SET_TABLE, TABLE);
+        put_str(&mut a, NFTA_SET_NAME, legacy);
+        b.push(
+            NFT_MSG_DESTROYSET,
+            0,
+            a,
+            format!("remove the old policy set {legacy}"),
         );
     }
     let mut anonymous_id = SETS.len() as u32 + 1;
@@ -1965,6 +1864,11 @@ fn put_element(list: &mut Vec<u8>, e: &Element) {
 /// Adds (`NEWSETELEM`) or deletes (`DELSETELEM`, `DESTROYSETELEM`) elements of one set, in as
 /// many messages as a netlink attribute's 64 KiB limit needs.
 fn push_elements(b: &mut Batch, op: u16, set: &SetSpec, elements: &[Element]) {
+    push_element_list(b, op, set.name, elements);
+}
+
+/// [`push_elements`] for a set known by its name.
+fn push_element_list(b: &mut Batch, op: u16, set: &str, elements: &[Element]) {
     let (flags, verb) = if op == NFT_MSG_NEWSETELEM {
         (NLM_F_CREATE, "add")
     } else {
@@ -1983,16 +1887,11 @@ fn push_elements(b: &mut Batch, op: u16, set: &SetSpec, elements: &[Element]) {
             }
             n += 1;
         }
-        let mut a = set_attrs(set.name);
+        let mut a = set_attrs(set);
         put_nested(&mut a, NFTA_SET_ELEM_LIST_ELEMENTS, |l| {
             l.extend_from_slice(&list)
         });
-        b.push(
-            op,
-            flags,
-            a,
-            format!("{verb} {n} elements of {} {}", set.kind(), set.name),
-        );
+        b.push(op, flags, a, format!("{verb} {n} elements of {set}"));
         rest = &rest[n..];
     }
 }
@@ -2285,8 +2184,9 @@ mod tests {
         assert!(!text.contains("flush map inet berth backends4"));
         assert!(text.contains("add map inet berth backends4 "));
         // So do the policy programmer's; its chain comes right after the operator's.
-        assert!(!text.contains("flush set inet berth pol_"));
-        assert!(text.contains("add set inet berth pol_in_ports6 "));
+        assert!(!text.contains("flush map inet berth pol_"));
+        assert!(text.contains("add map inet berth pol_tgt_in4 "));
+        assert!(text.contains("add rule inet berth policies ip6 saddr vmap @pol_tgt_eg6\n"));
         let forward: Vec<&str> = text
             .lines()
             .filter(|l| l.starts_with("add rule inet berth forward "))
@@ -2320,8 +2220,8 @@ mod tests {
                     Expr::Lookup {
                         set: expr::SetRef::Named(name),
                         ..
-                    }
-                    | Expr::DynsetUpdate { set: name, .. } => {
+                    } => assert_ne!(set_id(name), 0, "{name}"),
+                    Expr::DynsetUpdate { set: name, .. } => {
                         assert_ne!(set_id(name), 0, "{name}")
                     }
                     Expr::Verdict {

@@ -464,11 +464,11 @@ fn nftables_elements_and_damage_detection() {
     damaged("chain forward has 0 rules instead of 6");
     nftables::install(&nets, &[installed], &no_services).unwrap();
     assert_eq!(intact(&[installed]), none);
-    // A deleted policy set (after the rules that look into it): its elements are not the
+    // A deleted policy map (after the rules that look into it): its elements are not the
     // table's to compare, but it must be there.
     nft("flush chain inet berth policies");
-    nft("delete set inet berth pol_iso_in4");
-    damaged("set pol_iso_in4 is missing");
+    nft("delete map inet berth pol_tgt_in4");
+    damaged("map pol_tgt_in4 is missing");
     nftables::install(&nets, &[installed], &no_services).unwrap();
     assert_eq!(intact(&[installed]), none);
 

@@ -1,5 +1,5 @@
 //! `policy explain`: whether a connection would pass and which policies decide it. The verdicts
-//! come from the same elements the kernel gets, so the explanation cannot disagree with it.
+//! come from the same profiles the kernel gets, so the explanation cannot disagree with it.
 
 use std::net::IpAddr;
 
@@ -118,9 +118,12 @@ impl PolicyIndex {
         let compiled = self.compile(ep, direction);
         let isolated = !compiled.isolated_by.is_empty();
         let (allowed, allowed_by) = match addrs {
-            Some((target, peer)) => {
-                let elements = self.elements_of(&ep.id);
-                let allowed = allows(&elements, direction, target, peer, protocol, port);
+            Some((_, peer)) => {
+                // The profile the kernel gets: the verdict is the kernel's.
+                let profile = self
+                    .profile_key(ep, direction)
+                    .map(|key| self.compile_profile(&key));
+                let allowed = allows(profile.as_ref(), peer, protocol, port);
                 // From the clauses the elements were made of: the verdict is the kernel's,
                 // the reasons are the rules'.
                 let mut by: Vec<Source<'_>> = Vec::new();

@@ -1,6 +1,6 @@
-//! Everything the policy decisions depend on, and the compiler from it to elements: per target
+//! Everything the policy decisions depend on, and the compiler from it to profiles: per target
 //! endpoint and direction, the clauses that allow traffic (each with the rule it comes from,
-//! for `explain`), then those clauses cut into elements that never partly overlap.
+//! for `explain`), then those clauses cut into disjoint peers and port classes.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
@@ -8,14 +8,14 @@ use std::net::IpAddr;
 
 use berth_model::{Endpoint, Peer, Policy, PolicyRule, PortName, PortRef, Protocol, Selector};
 
-use crate::ranges::{self, Rect, Spans};
-use crate::{AddrRange, Direction, PolicyElement};
+use crate::ranges::{self, Spans};
+use crate::{AddrRange, ClassId, Direction, Profile, ProfileKey};
 
 /// The policies, endpoints and networks of the cluster, as far as policies care.
 ///
-/// Every `put_`/`remove_` returns the ids of the local endpoints whose
-/// [`elements_of`](PolicyIndex::elements_of) may have changed, so the caller re-applies those
-/// and no others.
+/// Every `put_`/`remove_` returns what it [`Touched`]: the local endpoints whose profile keys
+/// may have changed and the policies and networks whose profiles' content may have, so the
+/// caller recompiles those and no others.
 #[derive(Debug, Clone)]
 pub struct PolicyIndex {
     me: String,
@@ -32,6 +32,38 @@ pub struct PolicyIndex {
     /// cluster is at a peer address (rules with CIDR peers or none): a change to an endpoint
     /// of any network may change what they allow.
     wide: BTreeSet<String>,
+}
+
+/// What a change may have changed (see [`PolicyIndex`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Touched {
+    /// Local endpoints whose [`PolicyIndex::profile_key`]s may differ: they came or went, or
+    /// the policies selecting them, their labels or their named ports changed.
+    pub endpoints: BTreeSet<String>,
+    /// Policies whose compiled content may differ: their rules, or the endpoints their peers
+    /// stand for, changed.
+    pub policies: BTreeSet<String>,
+    /// Networks whose gateways changed (egress profiles allow DNS to them).
+    pub networks: BTreeSet<String>,
+}
+
+impl Touched {
+    pub fn is_empty(&self) -> bool {
+        self.endpoints.is_empty() && self.policies.is_empty() && self.networks.is_empty()
+    }
+
+    /// Both changes.
+    pub fn extend(&mut self, other: Touched) {
+        self.endpoints.extend(other.endpoints);
+        self.policies.extend(other.policies);
+        self.networks.extend(other.networks);
+    }
+
+    /// Whether a profile of this key may have changed content.
+    pub fn dirties(&self, key: &ProfileKey) -> bool {
+        (key.direction == Direction::Egress && self.networks.contains(&key.network))
+            || key.policies.iter().any(|p| self.policies.contains(p))
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -162,25 +194,32 @@ impl PolicyIndex {
     }
 
     /// Sets a network's gateways (the addresses gateway DNS is allowed to).
-    pub fn put_network(&mut self, name: &str, gateways: Vec<IpAddr>) -> BTreeSet<String> {
+    pub fn put_network(&mut self, name: &str, gateways: Vec<IpAddr>) -> Touched {
         let old = self.gateways.insert(name.to_string(), gateways);
         if old.as_ref() == self.gateways.get(name) {
-            return BTreeSet::new();
+            return Touched::default();
         }
-        self.egress_isolated_locals(name)
+        Touched {
+            networks: [name.to_string()].into(),
+            ..Touched::default()
+        }
     }
 
     /// Forgets a network's gateways; its policies and endpoints stay until removed.
-    pub fn remove_network(&mut self, name: &str) -> BTreeSet<String> {
+    pub fn remove_network(&mut self, name: &str) -> Touched {
         match self.gateways.remove(name) {
-            Some(_) => self.egress_isolated_locals(name),
-            None => BTreeSet::new(),
+            Some(_) => Touched {
+                networks: [name.to_string()].into(),
+                ..Touched::default()
+            },
+            None => Touched::default(),
         }
     }
 
     /// Adds a policy, or replaces the one of the same name.
-    pub fn put_policy(&mut self, policy: Policy) -> BTreeSet<String> {
+    pub fn put_policy(&mut self, policy: Policy) -> Touched {
         let mut changed = self.remove_policy(&policy.name);
+        changed.policies.insert(policy.name.clone());
         let name = policy.name.clone();
         let network = policy.network.clone();
         if is_wide(&policy) {
@@ -196,16 +235,17 @@ impl PolicyIndex {
         m.selected.insert(name.clone(), selected);
         m.policies.insert(name.clone(), policy);
         self.policy_networks.insert(name.clone(), network.clone());
-        self.local_targets(&network, &name, &mut changed);
+        self.local_targets(&network, &name, &mut changed.endpoints);
         changed
     }
 
-    pub fn remove_policy(&mut self, name: &str) -> BTreeSet<String> {
-        let mut changed = BTreeSet::new();
+    pub fn remove_policy(&mut self, name: &str) -> Touched {
+        let mut changed = Touched::default();
         let Some(network) = self.policy_networks.remove(name) else {
             return changed;
         };
-        self.local_targets(&network, name, &mut changed);
+        changed.policies.insert(name.to_string());
+        self.local_targets(&network, name, &mut changed.endpoints);
         self.wide.remove(name);
         if let Some(m) = self.networks.get_mut(&network) {
             m.policies.remove(name);
@@ -218,7 +258,7 @@ impl PolicyIndex {
     }
 
     /// Adds an endpoint, or replaces the one of the same id.
-    pub fn put_endpoint(&mut self, ep: Endpoint) -> BTreeSet<String> {
+    pub fn put_endpoint(&mut self, ep: Endpoint) -> Touched {
         let mut changed = self.remove_endpoint(&ep.id);
         let id = ep.id.clone();
         let network = ep.network.clone();
@@ -239,8 +279,8 @@ impl PolicyIndex {
         changed
     }
 
-    pub fn remove_endpoint(&mut self, id: &str) -> BTreeSet<String> {
-        let mut changed = BTreeSet::new();
+    pub fn remove_endpoint(&mut self, id: &str) -> Touched {
+        let mut changed = Touched::default();
         let Some(network) = self.endpoint_networks.remove(id) else {
             return changed;
         };
@@ -254,7 +294,7 @@ impl PolicyIndex {
         if m.is_empty() {
             self.networks.remove(&network);
         }
-        // Its targets are found without it; it is itself among them if it was local.
+        // Its peers' policies are found without it.
         if let Some(old) = old {
             self.touched_by(&old, &mut changed);
         }
@@ -283,27 +323,61 @@ impl PolicyIndex {
         self.endpoints().filter(|ep| self.is_local(ep))
     }
 
-    /// The elements of one endpoint as a target (either direction), sorted and never partly
-    /// overlapping; empty if no policy isolates it or it is unknown. Works for remote endpoints
-    /// too (`explain` judges them).
-    pub fn elements_of(&self, endpoint_id: &str) -> Vec<PolicyElement> {
-        let Some(ep) = self.endpoint(endpoint_id) else {
-            return Vec::new();
-        };
-        let mut out = Vec::new();
-        for direction in [Direction::Ingress, Direction::Egress] {
-            let compiled = self.compile(ep, direction);
-            if compiled.isolated_by.is_empty() {
-                continue;
-            }
-            for target in addrs(ep) {
-                push_elements(direction, target, &compiled.clauses, &mut out);
-            }
+    /// The key of the profile that judges `ep` in `direction`; `None` when no policy isolates
+    /// it there (everything passes).
+    pub fn profile_key(&self, ep: &Endpoint, direction: Direction) -> Option<ProfileKey> {
+        let isolating: Vec<&Policy> = self
+            .selecting(ep)
+            .filter(|p| isolates(p, direction))
+            .collect();
+        if isolating.is_empty() {
+            return None;
         }
-        out.sort_unstable();
-        // An endpoint listing one address twice would repeat its elements.
-        out.dedup();
-        out
+        let names_ports = direction == Direction::Ingress
+            && isolating
+                .iter()
+                .any(|p| rules(p, direction).iter().any(has_named_port));
+        let mut named_ports: Vec<(String, Protocol, u16)> = if names_ports {
+            ep.named_ports
+                .iter()
+                .map(|n| (n.name.as_str().to_string(), n.protocol, n.port))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        named_ports.sort();
+        Some(ProfileKey {
+            network: ep.network.clone(),
+            direction,
+            policies: isolating.iter().map(|p| p.name.clone()).collect(),
+            named_ports,
+        })
+    }
+
+    /// The profile of a key, from the policies and endpoints as they are now. Policies of the
+    /// key that are gone count for nothing (their removal touches the key's targets).
+    pub fn compile_profile(&self, key: &ProfileKey) -> Profile {
+        let policies: Vec<&Policy> = key
+            .policies
+            .iter()
+            .filter_map(|name| self.policy(name))
+            .filter(|p| p.network == key.network)
+            .collect();
+        let resolve = |name: PortName, protocol: Protocol| {
+            key.named_ports
+                .iter()
+                .find(|(n, p, _)| *p == protocol && n == name.as_str())
+                .map(|&(_, _, port)| port)
+        };
+        let compiled = self.compile_for(&key.network, &resolve, &policies, key.direction);
+        profile_of(&compiled.clauses)
+    }
+
+    /// The profile judging endpoint `id` in `direction` (`None`: not isolated, or unknown).
+    pub fn profile_of(&self, id: &str, direction: Direction) -> Option<Profile> {
+        let ep = self.endpoint(id)?;
+        let key = self.profile_key(ep, direction)?;
+        Some(self.compile_profile(&key))
     }
 
     /// The endpoints (on any host) a policy selects, by id; empty for an unknown policy.
@@ -359,10 +433,23 @@ impl PolicyIndex {
             .selecting(ep)
             .filter(|p| isolates(p, direction))
             .collect();
+        let resolve = |name, protocol| resolve(ep, name, protocol);
+        self.compile_for(&ep.network, &resolve, &isolating, direction)
+    }
+
+    /// The clauses of these policies (which isolate a target of `network` in `direction`),
+    /// with ingress named ports resolved by `named` (on the target).
+    fn compile_for<'a>(
+        &'a self,
+        network: &str,
+        named: &dyn Fn(PortName, Protocol) -> Option<u16>,
+        isolating: &[&'a Policy],
+        direction: Direction,
+    ) -> Compiled<'a> {
         let mut clauses = Vec::new();
         // Policies often share peer selectors: each is resolved once.
         let mut resolved = HashMap::new();
-        for p in &isolating {
+        for p in isolating {
             for (i, rule) in rules(p, direction).iter().enumerate() {
                 let source = Source::Rule {
                     policy: &p.name,
@@ -370,14 +457,14 @@ impl PolicyIndex {
                     index: i + 1,
                 };
                 let peers = self.peer_spans(&p.network, &rule.peers, &mut resolved);
-                self.rule_clauses(p, direction, source, rule, peers, ep, &mut clauses);
+                self.rule_clauses(p, direction, source, rule, peers, named, &mut clauses);
             }
         }
         if direction == Direction::Egress
             && !isolating.is_empty()
             && isolating.iter().all(|p| p.gateway_dns)
         {
-            let gateways = self.gateways.get(&ep.network).into_iter().flatten();
+            let gateways = self.gateways.get(network).into_iter().flatten();
             clauses.push(Clause {
                 source: Source::GatewayDns,
                 peers: Spans::from_addrs(gateways.copied()),
@@ -399,7 +486,7 @@ impl PolicyIndex {
         source: Source<'a>,
         rule: &PolicyRule,
         peers: Spans,
-        target: &Endpoint,
+        named_on_target: &dyn Fn(PortName, Protocol) -> Option<u16>,
         clauses: &mut Vec<Clause<'a>>,
     ) {
         if rule.ports.is_empty() {
@@ -426,7 +513,7 @@ impl PolicyIndex {
                 }
                 Some(PortRef::Named(name)) => match direction {
                     Direction::Ingress => {
-                        if let Some(n) = resolve(target, name, protocol) {
+                        if let Some(n) = named_on_target(name, protocol) {
                             ports.push((protocol, n, n));
                         }
                     }
@@ -536,7 +623,7 @@ impl PolicyIndex {
             .filter(|p| p.selector.matches(&ep.labels))
     }
 
-    fn is_local(&self, ep: &Endpoint) -> bool {
+    pub(crate) fn is_local(&self, ep: &Endpoint) -> bool {
         ep.is_on(&self.me)
     }
 
@@ -557,22 +644,11 @@ impl PolicyIndex {
         );
     }
 
-    /// The local endpoints of `network` that some policy isolates for egress: those whose
-    /// gateway-DNS allowance depends on the network's gateways.
-    fn egress_isolated_locals(&self, network: &str) -> BTreeSet<String> {
-        self.members(network)
-            .filter(|ep| {
-                self.is_local(ep) && self.selecting(ep).any(|p| isolates(p, Direction::Egress))
-            })
-            .map(|ep| ep.id.clone())
-            .collect()
-    }
-
-    /// Adds to `out` the local endpoints whose elements depend on `ep` as it is (or was): the
-    /// endpoint itself, and the local targets of policies whose peers may include it.
-    fn touched_by(&self, ep: &Endpoint, out: &mut BTreeSet<String>) {
+    /// Adds to `out` what depends on `ep` as it is (or was): the endpoint itself if it is
+    /// local, and the policies whose peers may include it.
+    fn touched_by(&self, ep: &Endpoint, out: &mut Touched) {
         if self.is_local(ep) {
-            out.insert(ep.id.clone());
+            out.endpoints.insert(ep.id.clone());
         }
         let peer_of = |p: &Policy| {
             [Direction::Ingress, Direction::Egress]
@@ -582,11 +658,11 @@ impl PolicyIndex {
                 .any(|peer| matches!(peer, Peer::Endpoints(sel) if sel.matches(&ep.labels)))
         };
         for p in self.members_policies(&ep.network).filter(|p| peer_of(p)) {
-            self.local_targets(&p.network, &p.name, out);
+            out.policies.insert(p.name.clone());
         }
         for p in self.wide.iter().filter_map(|name| self.policy(name)) {
             if wide_peer(p, ep) {
-                self.local_targets(&p.network, &p.name, out);
+                out.policies.insert(p.name.clone());
             }
         }
     }
@@ -616,56 +692,100 @@ fn wide_peer(p: &Policy, ep: &Endpoint) -> bool {
     })
 }
 
-/// Adds the elements of one target address in one direction: isolated, then the clauses cut
-/// into disjoint pieces of its family (peers that an `Any` element lets through entirely are
-/// left out of the port elements).
-fn push_elements(
-    direction: Direction,
-    target: IpAddr,
-    clauses: &[Clause<'_>],
-    out: &mut Vec<PolicyElement>,
-) {
-    let (family, _) = ranges::split(target);
-    let range = |(first, last): ranges::Span| AddrRange {
-        first: ranges::join(family, first),
-        last: ranges::join(family, last),
-    };
-    out.push(PolicyElement::Isolated { direction, target });
-    let any = ranges::merge(
-        clauses
-            .iter()
-            .filter(|c| c.ports.is_none())
-            .flat_map(|c| c.peers.family(family).iter().copied())
-            .collect(),
-    );
-    let mut rects: BTreeMap<Protocol, Vec<Rect>> = BTreeMap::new();
-    for c in clauses {
-        let Some(ports) = &c.ports else { continue };
-        let peers = ranges::subtract(c.peers.family(family), &any);
-        for &(protocol, lo, hi) in ports {
-            let of_protocol = rects.entry(protocol).or_default();
-            of_protocol.extend(peers.iter().map(|&peers| Rect {
-                peers,
-                ports: (lo, hi),
-            }));
+/// The profile of a target's clauses: the peers that clauses without ports let through
+/// entirely, and the ports cut into ranges that each lead to the class of the peers allowed
+/// there (peers allowed entirely are left out of the classes).
+fn profile_of(clauses: &[Clause<'_>]) -> Profile {
+    let any = clauses
+        .iter()
+        .filter(|c| c.ports.is_none())
+        .fold(Spans::default(), |s, c| s.union(&c.peers));
+    let tagged: Vec<(usize, ranges::PortRange)> = clauses
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| Some((i, c.ports.as_ref()?)))
+        .flat_map(|(i, ports)| ports.iter().map(move |&r| (i, r)))
+        .collect();
+    let groups = ranges::port_groups(&tagged);
+    // The peers of each set of clauses that allow some port range, once per set.
+    let mut peers_of: BTreeMap<&[usize], Vec<AddrRange>> = BTreeMap::new();
+    for (_, set) in &groups {
+        peers_of.entry(set).or_insert_with(|| {
+            let peers = set
+                .iter()
+                .fold(Spans::default(), |s, &i| s.union(&clauses[i].peers));
+            addr_ranges(&peers.minus(&any))
+        });
+    }
+    // A class per distinct list of peers, with the ports that lead to it.
+    let mut ports_of: BTreeMap<&Vec<AddrRange>, Vec<ranges::PortRange>> = BTreeMap::new();
+    for ((protocol, lo, hi), set) in &groups {
+        let peers = &peers_of[set.as_slice()];
+        if peers.is_empty() {
+            continue;
+        }
+        let ports = ports_of.entry(peers).or_default();
+        match ports.last_mut() {
+            Some((p, _, last)) if *p == *protocol && u32::from(*last) + 1 == u32::from(*lo) => {
+                *last = *hi
+            }
+            _ => ports.push((*protocol, *lo, *hi)),
         }
     }
-    out.extend(any.into_iter().map(|span| PolicyElement::Any {
-        direction,
-        target,
-        peers: range(span),
-    }));
-    for (protocol, rects) in rects {
-        out.extend(
-            ranges::disjoint(&rects)
-                .into_iter()
-                .map(|r| PolicyElement::Ports {
-                    direction,
-                    target,
-                    peers: range(r.peers),
-                    protocol,
-                    ports: r.ports,
-                }),
-        );
+    // Numbered by its ports, so that a class keeps its number while peers come and go (a
+    // list of ports that hashes alike takes the next free number, in the lists' order).
+    let mut by_ports: Vec<(&Vec<ranges::PortRange>, &Vec<AddrRange>)> = ports_of
+        .iter()
+        .map(|(peers, ports)| (ports, *peers))
+        .collect();
+    by_ports.sort();
+    let mut taken: BTreeSet<ClassId> = BTreeSet::new();
+    let mut profile = Profile {
+        any: addr_ranges(&any),
+        ..Profile::default()
+    };
+    for (ports, peers) in by_ports {
+        let mut class = class_hash(ports);
+        while !taken.insert(class) {
+            class = class.wrapping_add(1);
+        }
+        profile.classes.push((class, peers.clone()));
+        profile
+            .ports
+            .extend(ports.iter().map(|&(p, lo, hi)| (p, lo, hi, class)));
     }
+    profile.classes.sort_unstable();
+    profile.ports.sort_unstable();
+    profile
+}
+
+/// Spans of both families as address ranges, IPv4 first.
+fn addr_ranges(spans: &Spans) -> Vec<AddrRange> {
+    [ranges::Family::V4, ranges::Family::V6]
+        .into_iter()
+        .flat_map(|family| {
+            spans
+                .family(family)
+                .iter()
+                .map(move |&(first, last)| AddrRange {
+                    first: ranges::join(family, first),
+                    last: ranges::join(family, last),
+                })
+        })
+        .collect()
+}
+
+/// FNV-1a over a list of port ranges.
+fn class_hash(list: &[ranges::PortRange]) -> ClassId {
+    let mut h: u32 = 0x811c_9dc5;
+    for &(p, lo, hi) in list {
+        for b in [p.number()]
+            .into_iter()
+            .chain(lo.to_be_bytes())
+            .chain(hi.to_be_bytes())
+        {
+            h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+        }
+    }
+    h
 }

@@ -4,6 +4,7 @@
 
 mod explain;
 mod index;
+mod program;
 mod ranges;
 #[cfg(test)]
 mod tests;
@@ -15,7 +16,8 @@ use berth_model::Protocol;
 use serde::{Deserialize, Serialize};
 
 pub use explain::{Explanation, Judgement, Party};
-pub use index::PolicyIndex;
+pub use index::{PolicyIndex, Touched};
+pub use program::{Change, Program};
 
 /// Which way a connection goes, seen from the endpoint a policy selects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -34,32 +36,158 @@ pub struct AddrRange {
     pub last: IpAddr,
 }
 
-/// One element of the kernel's policy sets. `target` is an address of a local endpoint a
-/// policy selects (the destination for ingress, the source for egress); `peers` the other
-/// end's addresses, of the same family. Elements of one target never overlap: the kernel
-/// refuses concatenated ranges that partly overlap.
+/// A profile's number in the kernel: the key every allow element of the profile starts with.
+pub type ProfileId = u32;
+
+/// A class's number within its profile: the ports of one class admit the same peers.
+pub type ClassId = u32;
+
+/// One element of the kernel's policy state (see `berth_dataplane::nftables::policy`).
+///
+/// Targets (addresses of local endpoints a policy isolates) point at a profile: the compiled
+/// form of the policies that isolate them in a direction, shared by every target those same
+/// policies select. A profile lets some peers through whatever the protocol (`Any`); the rest
+/// goes by its destination port, which leads to one class (`Ports`), and the class admits some
+/// peers (`Peers`). Ports and peers are looked up apart, tied by the class, so a rule's kernel
+/// form grows with its peers plus its ports, never their product; and an endpoint whose
+/// policies are in force already adds one element per address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum PolicyElement {
-    /// The target is isolated in this direction: only what other elements allow passes.
-    Isolated {
+    /// The profile exists: its chain, its peers and its ports.
+    Profile {
         direction: Direction,
-        target: IpAddr,
+        profile: ProfileId,
     },
-    /// Everything between the target and these peers, whatever the protocol.
+    /// One of the profile's classes exists.
+    Class {
+        direction: Direction,
+        profile: ProfileId,
+        class: ClassId,
+    },
+    /// Everything between the profile's targets and these peers, whatever the protocol.
     Any {
         direction: Direction,
-        target: IpAddr,
+        profile: ProfileId,
         peers: AddrRange,
     },
-    /// TCP, UDP or SCTP between the target and these peers, to ports `ports.0` to `ports.1`
-    /// of the destination (the target's for ingress, the peer's for egress).
+    /// TCP, UDP or SCTP to ports `ports.0` to `ports.1` of the destination (the target's for
+    /// ingress, the peer's for egress) is judged by `class`.
     Ports {
         direction: Direction,
-        target: IpAddr,
-        peers: AddrRange,
+        profile: ProfileId,
         protocol: Protocol,
         ports: (u16, u16),
+        class: ClassId,
     },
+    /// The class lets these peers through.
+    Peers {
+        direction: Direction,
+        profile: ProfileId,
+        class: ClassId,
+        peers: AddrRange,
+    },
+    /// The target is isolated in this direction: only what its profile allows passes.
+    Target {
+        direction: Direction,
+        target: IpAddr,
+        profile: ProfileId,
+    },
+}
+
+/// What the policies isolating a target in one direction let through: the shape of the
+/// kernel's elements, and what [`Profile::allows`] judges.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Profile {
+    /// Peers allowed everything: sorted, disjoint.
+    pub any: Vec<AddrRange>,
+    /// Each class and the peers it admits (sorted, disjoint; none of `any`).
+    pub classes: Vec<(ClassId, Vec<AddrRange>)>,
+    /// Port ranges `(protocol, first, last, class)` and the class that judges them: sorted,
+    /// disjoint per protocol.
+    pub ports: Vec<(Protocol, u16, u16, ClassId)>,
+}
+
+impl Profile {
+    /// How many kernel elements the profile takes (its targets' not counted).
+    pub fn size(&self) -> usize {
+        1 + self.any.len()
+            + self.ports.len()
+            + self
+                .classes
+                .iter()
+                .map(|(_, peers)| 1 + peers.len())
+                .sum::<usize>()
+    }
+
+    /// The profile's elements under the number `profile`.
+    pub fn elements(&self, direction: Direction, profile: ProfileId) -> Vec<PolicyElement> {
+        let mut out = vec![PolicyElement::Profile { direction, profile }];
+        out.extend(self.any.iter().map(|&peers| PolicyElement::Any {
+            direction,
+            profile,
+            peers,
+        }));
+        for (class, peers) in &self.classes {
+            out.push(PolicyElement::Class {
+                direction,
+                profile,
+                class: *class,
+            });
+            out.extend(peers.iter().map(|&peers| PolicyElement::Peers {
+                direction,
+                profile,
+                class: *class,
+                peers,
+            }));
+        }
+        out.extend(
+            self.ports
+                .iter()
+                .map(|&(protocol, lo, hi, class)| PolicyElement::Ports {
+                    direction,
+                    profile,
+                    protocol,
+                    ports: (lo, hi),
+                    class,
+                }),
+        );
+        out
+    }
+
+    /// Whether the profile lets a connection with `peer` through, as the kernel decides:
+    /// `protocol` is the IP protocol number and `port` the destination port; `None` for
+    /// protocols without ports (ICMP), which only `any` lets through.
+    pub fn allows(&self, peer: IpAddr, protocol: u8, port: Option<u16>) -> bool {
+        if self.any.iter().any(|r| r.contains(peer)) {
+            return true;
+        }
+        let Some(port) = port else { return false };
+        let Some(&(_, _, _, class)) = self
+            .ports
+            .iter()
+            .find(|&&(p, lo, hi, _)| p.number() == protocol && lo <= port && port <= hi)
+        else {
+            return false;
+        };
+        self.classes
+            .iter()
+            .find(|(c, _)| *c == class)
+            .is_some_and(|(_, peers)| peers.iter().any(|r| r.contains(peer)))
+    }
+}
+
+/// What a target's profile is compiled from: the same key, the same profile. A target's
+/// profile changes only when its key does (the policies selecting it, its named ports) or the
+/// key's content does (a policy's rules, the endpoints its peers stand for, the gateways).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ProfileKey {
+    pub network: String,
+    pub direction: Direction,
+    /// The policies that isolate the target in this direction, by name, sorted.
+    pub policies: Vec<String>,
+    /// The target's named ports `(name, protocol, port)`, sorted, where an ingress rule of
+    /// these policies names a port (they resolve on the target); empty otherwise.
+    pub named_ports: Vec<(String, Protocol, u16)>,
 }
 
 impl fmt::Display for Direction {
@@ -81,54 +209,30 @@ impl AddrRange {
 impl PolicyElement {
     pub fn direction(&self) -> Direction {
         match *self {
-            PolicyElement::Isolated { direction, .. }
+            PolicyElement::Profile { direction, .. }
+            | PolicyElement::Class { direction, .. }
             | PolicyElement::Any { direction, .. }
-            | PolicyElement::Ports { direction, .. } => direction,
+            | PolicyElement::Ports { direction, .. }
+            | PolicyElement::Peers { direction, .. }
+            | PolicyElement::Target { direction, .. } => direction,
         }
     }
 
-    pub fn target(&self) -> IpAddr {
+    /// The profile the element belongs to or points at.
+    pub fn profile(&self) -> ProfileId {
         match *self {
-            PolicyElement::Isolated { target, .. }
-            | PolicyElement::Any { target, .. }
-            | PolicyElement::Ports { target, .. } => target,
+            PolicyElement::Profile { profile, .. }
+            | PolicyElement::Class { profile, .. }
+            | PolicyElement::Any { profile, .. }
+            | PolicyElement::Ports { profile, .. }
+            | PolicyElement::Peers { profile, .. }
+            | PolicyElement::Target { profile, .. } => profile,
         }
     }
 }
 
-/// Whether these elements (one target's) let a connection through in `direction`, as the
-/// kernel decides: a target that is not isolated lets everything through. `protocol` is the IP
-/// protocol number and `port` the destination port; `None` for protocols without ports (ICMP),
-/// which only [`PolicyElement::Any`] lets through.
-pub fn allows(
-    elements: &[PolicyElement],
-    direction: Direction,
-    target: IpAddr,
-    peer: IpAddr,
-    protocol: u8,
-    port: Option<u16>,
-) -> bool {
-    let mut isolated = false;
-    for e in elements
-        .iter()
-        .filter(|e| e.direction() == direction && e.target() == target)
-    {
-        match *e {
-            PolicyElement::Isolated { .. } => isolated = true,
-            PolicyElement::Any { peers, .. } if peers.contains(peer) => return true,
-            PolicyElement::Ports {
-                peers,
-                protocol: p,
-                ports: (lo, hi),
-                ..
-            } if p.number() == protocol
-                && peers.contains(peer)
-                && port.is_some_and(|n| lo <= n && n <= hi) =>
-            {
-                return true;
-            }
-            PolicyElement::Any { .. } | PolicyElement::Ports { .. } => {}
-        }
-    }
-    !isolated
+/// Whether a target whose profile in `direction` is `profile` (`None`: not isolated) lets a
+/// connection with `peer` through; see [`Profile::allows`].
+pub fn allows(profile: Option<&Profile>, peer: IpAddr, protocol: u8, port: Option<u16>) -> bool {
+    profile.is_none_or(|p| p.allows(peer, protocol, port))
 }

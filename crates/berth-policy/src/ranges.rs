@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use berth_model::Protocol;
 use ipnet::IpNet;
 
 /// The addresses `.0` to `.1` (both included) of one family, as numbers.
@@ -158,79 +159,57 @@ impl Spans {
     }
 }
 
-/// Connections to the ports `ports.0..=ports.1` of the peers in `peers`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) struct Rect {
-    pub(crate) peers: Span,
-    pub(crate) ports: (u16, u16),
-}
+/// A protocol's ports, first to last.
+pub(crate) type PortRange = (Protocol, u16, u16);
 
-/// Disjoint rectangles covering exactly the union of `rects`, sorted by peers then ports.
-///
-/// A sweep over the peers: between two consecutive peer boundaries the same rectangles apply,
-/// so the union of their port ranges is exact there; consecutive peer intervals with the same
-/// port ranges are merged, so a rule over a CIDR stays one element per port range.
-pub(crate) fn disjoint(rects: &[Rect]) -> Vec<Rect> {
-    let mut starts: Vec<(u128, (u16, u16))> = Vec::with_capacity(rects.len());
-    let mut ends: Vec<(u128, (u16, u16))> = Vec::with_capacity(rects.len());
-    let mut bounds: Vec<u128> = Vec::with_capacity(rects.len() * 2);
-    for r in rects
-        .iter()
-        .filter(|r| r.peers.0 <= r.peers.1 && r.ports.0 <= r.ports.1)
-    {
-        starts.push((r.peers.0, r.ports));
-        ends.push((r.peers.1, r.ports));
-        bounds.push(r.peers.0);
-        // A rectangle reaching the very last address ends with the sweep.
-        bounds.extend(r.peers.1.checked_add(1));
+/// The ports of `ranges` (each tagged with the clause it comes from) cut into disjoint
+/// ranges, each with the clauses that allow all of it (sorted, without repeats): a sweep over
+/// each protocol's ports, consecutive ranges with the same clauses merged. The output grows
+/// with the number of ranges, whatever the peers.
+pub(crate) fn port_groups(ranges: &[(usize, PortRange)]) -> Vec<(PortRange, Vec<usize>)> {
+    // (protocol, port, starts) events: a range adds its clause at its first port and takes
+    // it away after its last (at 65536, past every port).
+    let mut events: Vec<(Protocol, u32, bool, usize)> = Vec::with_capacity(ranges.len() * 2);
+    for &(clause, (protocol, lo, hi)) in ranges.iter().filter(|(_, r)| r.1 <= r.2) {
+        events.push((protocol, u32::from(lo), true, clause));
+        events.push((protocol, u32::from(hi) + 1, false, clause));
     }
-    starts.sort_unstable();
-    ends.sort_unstable();
-    bounds.sort_unstable();
-    bounds.dedup();
-
-    // Port ranges of the rectangles over the current peer interval, with multiplicity.
-    let mut active: BTreeMap<(u16, u16), usize> = BTreeMap::new();
-    let (mut s, mut e) = (0, 0);
-    // Peer intervals with their (merged) port ranges, consecutive equal ones merged.
-    let mut groups: Vec<(Span, Vec<(u16, u16)>)> = Vec::new();
-    for (i, &at) in bounds.iter().enumerate() {
-        while e < ends.len() && ends[e].0 < at {
-            if let Some(n) = active.get_mut(&ends[e].1) {
+    events.sort_unstable();
+    let mut out: Vec<(PortRange, Vec<usize>)> = Vec::new();
+    let mut active: BTreeMap<usize, usize> = BTreeMap::new();
+    let mut i = 0;
+    while i < events.len() {
+        let (protocol, at, ..) = events[i];
+        while i < events.len() && events[i].0 == protocol && events[i].1 == at {
+            let (_, _, starts, clause) = events[i];
+            if starts {
+                *active.entry(clause).or_default() += 1;
+            } else if let Some(n) = active.get_mut(&clause) {
                 *n -= 1;
                 if *n == 0 {
-                    active.remove(&ends[e].1);
+                    active.remove(&clause);
                 }
             }
-            e += 1;
+            i += 1;
         }
-        while s < starts.len() && starts[s].0 <= at {
-            *active.entry(starts[s].1).or_default() += 1;
-            s += 1;
-        }
+        let next = match events.get(i) {
+            Some(&(p, n, ..)) if p == protocol => n,
+            // Every range of the protocol has ended by then.
+            _ => continue,
+        };
         if active.is_empty() {
             continue;
         }
-        let hi = bounds.get(i + 1).map_or(u128::MAX, |next| next - 1);
-        let ports = merge_ports(active.keys().copied());
-        match groups.last_mut() {
-            Some((span, p)) if span.1.checked_add(1) == Some(at) && *p == ports => span.1 = hi,
-            _ => groups.push(((at, hi), ports)),
-        }
-    }
-    groups
-        .into_iter()
-        .flat_map(|(peers, ports)| ports.into_iter().map(move |ports| Rect { peers, ports }))
-        .collect()
-}
-
-/// Sorted port ranges merged into disjoint, non-adjacent ones.
-fn merge_ports(sorted: impl Iterator<Item = (u16, u16)>) -> Vec<(u16, u16)> {
-    let mut out: Vec<(u16, u16)> = Vec::new();
-    for (lo, hi) in sorted {
+        let clauses: Vec<usize> = active.keys().copied().collect();
+        // Ports are at most 65535, so `at` and `next - 1` fit.
+        let (lo, hi) = (at as u16, (next - 1) as u16);
         match out.last_mut() {
-            Some(last) if u32::from(lo) <= u32::from(last.1) + 1 => last.1 = last.1.max(hi),
-            _ => out.push((lo, hi)),
+            Some(((p, _, last), c))
+                if *p == protocol && u32::from(*last) + 1 == at && *c == clauses =>
+            {
+                *last = hi
+            }
+            _ => out.push(((protocol, lo, hi), clauses)),
         }
     }
     out
@@ -242,61 +221,51 @@ mod tests {
 
     use super::*;
 
-    /// Small rectangles placed either at the bottom of the address space or at its very top,
-    /// where a boundary past the last address does not exist.
-    fn rects() -> impl Strategy<Value = (u128, Vec<Rect>)> {
-        let base = prop_oneof![Just(0u128), Just(u128::MAX - 15)];
-        let rect = (0u128..16, 0u128..16, 0u16..12, 0u16..12)
-            .prop_map(|(a, b, c, d)| (a.min(b), a.max(b), c.min(d), c.max(d)));
-        (base, proptest::collection::vec(rect, 0..8)).prop_map(|(base, rs)| {
-            let rects = rs
-                .into_iter()
-                .map(|(a, b, c, d)| Rect {
-                    peers: (base + a, base + b),
-                    ports: (c, d),
-                })
-                .collect();
-            (base, rects)
-        })
-    }
-
-    fn covers(r: &Rect, peer: u128, port: u16) -> bool {
-        r.peers.0 <= peer && peer <= r.peers.1 && r.ports.0 <= port && port <= r.ports.1
-    }
-
-    fn overlap(a: &Rect, b: &Rect) -> bool {
-        a.peers.0 <= b.peers.1
-            && b.peers.0 <= a.peers.1
-            && a.ports.0 <= b.ports.1
-            && b.ports.0 <= a.ports.1
+    fn port_ranges() -> impl Strategy<Value = Vec<(usize, PortRange)>> {
+        let range = (0usize..4, any::<bool>(), 0u16..12, 0u16..12, any::<bool>()).prop_map(
+            |(clause, udp, a, b, top)| {
+                let protocol = if udp { Protocol::Udp } else { Protocol::Tcp };
+                // Some at the very top of the ports, where nothing comes after.
+                let base = if top { u16::MAX - 11 } else { 0 };
+                (clause, (protocol, base + a.min(b), base + a.max(b)))
+            },
+        );
+        proptest::collection::vec(range, 0..8)
     }
 
     proptest! {
-        /// The output covers exactly the points of the input, with no two pieces overlapping,
-        /// in a canonical order (so the same input always makes the same elements).
+        /// Every port is in the group of exactly the clauses whose ranges hold it, groups
+        /// never overlap, and the same input in any order makes the same groups.
         #[test]
-        fn disjoint_rectangles_cover_exactly_the_union((base, input) in rects()) {
-            let out = disjoint(&input);
-            for peer in base..=base.saturating_add(15) {
-                for port in 0..14 {
-                    prop_assert_eq!(
-                        out.iter().any(|r| covers(r, peer, port)),
-                        input.iter().any(|r| covers(r, peer, port)),
-                        "peer {} port {}", peer - base, port
-                    );
+        fn port_groups_cover_exactly_the_clauses(input in port_ranges()) {
+            let out = port_groups(&input);
+            for protocol in [Protocol::Tcp, Protocol::Udp] {
+                for port in (0..14u16).chain(u16::MAX - 13..=u16::MAX) {
+                    let want: Vec<usize> = {
+                        let mut w: Vec<usize> = input
+                            .iter()
+                            .filter(|(_, (p, lo, hi))| *p == protocol && *lo <= port && port <= *hi)
+                            .map(|(c, _)| *c)
+                            .collect();
+                        w.sort_unstable();
+                        w.dedup();
+                        w
+                    };
+                    let got: Vec<&Vec<usize>> = out
+                        .iter()
+                        .filter(|((p, lo, hi), _)| *p == protocol && *lo <= port && port <= *hi)
+                        .map(|(_, c)| c)
+                        .collect();
+                    if want.is_empty() {
+                        prop_assert!(got.is_empty(), "{:?} {}: {:?}", protocol, port, got);
+                    } else {
+                        prop_assert_eq!(got, vec![&want], "{:?} {}", protocol, port);
+                    }
                 }
             }
-            for (i, a) in out.iter().enumerate() {
-                for b in &out[i + 1..] {
-                    prop_assert!(!overlap(a, b), "{:?} overlaps {:?}", a, b);
-                }
-            }
-            let mut sorted = out.clone();
-            sorted.sort_unstable();
-            prop_assert_eq!(&sorted, &out);
             let mut shuffled = input.clone();
             shuffled.reverse();
-            prop_assert_eq!(disjoint(&shuffled), out);
+            prop_assert_eq!(port_groups(&shuffled), out);
         }
 
         /// Merging and subtracting spans agree with sets of points, also at the top end.

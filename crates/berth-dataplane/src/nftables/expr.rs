@@ -1,6 +1,8 @@
 //! nf_tables expressions, typed, encoded as libnftnl sends them for nft's text (what
 //! `nft --debug=netlink` prints as `[ meta load oifname => reg 1 ]` and so on).
 
+use std::borrow::Cow;
+
 use super::nfnl::{NFTA_DATA_VALUE, NFTA_LIST_ELEM, put_attr, put_nested, put_str, put_u32};
 
 /// Register 0 holds the verdict; 1 to 4 are the 16-byte registers. The 4-byte registers
@@ -118,9 +120,10 @@ pub(super) static ICMPV6_ND: AnonSet = AnonSet {
     ],
 };
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(super) enum SetRef {
-    Named(&'static str),
+    /// A set of the table's, or one made for a policy profile.
+    Named(Cow<'static, str>),
     Anonymous(&'static AnonSet),
 }
 
@@ -160,8 +163,6 @@ pub(super) enum Expr {
     },
     /// `[ bitwise reg R = ( reg R & MASK ) ^ 0 ]`, as long as the mask.
     And { reg: u32, mask: Vec<u8> },
-    /// `[ byteorder reg R = hton(reg R, SIZE, LEN) ]`
-    Hton { reg: u32, size: u32, len: u32 },
     /// `[ counter pkts 0 bytes 0 ]`
     Counter,
     /// `[ payload load LEN b @ BASE header + OFFSET => reg DREG ]`
@@ -219,10 +220,10 @@ pub(super) fn nonzero(sreg: u32) -> Expr {
     }
 }
 
-pub(super) fn lookup(sreg: u32, set: &'static str) -> Expr {
+pub(super) fn lookup(sreg: u32, set: impl Into<Cow<'static, str>>) -> Expr {
     Expr::Lookup {
         sreg,
-        set: SetRef::Named(set),
+        set: SetRef::Named(set.into()),
         dreg: None,
         invert: false,
     }
@@ -232,7 +233,7 @@ pub(super) fn lookup(sreg: u32, set: &'static str) -> Expr {
 pub(super) fn not_in(sreg: u32, set: &'static str) -> Expr {
     Expr::Lookup {
         sreg,
-        set: SetRef::Named(set),
+        set: SetRef::Named(set.into()),
         dreg: None,
         invert: true,
     }
@@ -249,10 +250,10 @@ pub(super) fn lookup_anonymous(sreg: u32, set: &'static AnonSet) -> Expr {
 
 /// A map lookup: the value for the key in `sreg` lands in `dreg` (no match: the rule ends).
 /// A verdict map's lands in [`REG_VERDICT`].
-pub(super) fn map(sreg: u32, map: &'static str, dreg: u32) -> Expr {
+pub(super) fn map(sreg: u32, map: impl Into<Cow<'static, str>>, dreg: u32) -> Expr {
     Expr::Lookup {
         sreg,
-        set: SetRef::Named(map),
+        set: SetRef::Named(map.into()),
         dreg: Some(dreg),
         invert: false,
     }
@@ -353,10 +354,6 @@ pub(super) fn and_u8(reg: u32, mask: u8) -> Expr {
 
 /// What nft puts after a host-order value in the key of an interval set (whose ranges the
 /// kernel compares in network order): `len` bytes as `size`-byte words.
-pub(super) fn hton(reg: u32, size: u32, len: u32) -> Expr {
-    Expr::Hton { reg, size, len }
-}
-
 pub(super) fn counter() -> Expr {
     Expr::Counter
 }
@@ -445,7 +442,6 @@ impl Expr {
             Expr::Verdict { .. } | Expr::Immediate { .. } => "immediate",
             Expr::Ct { .. } => "ct",
             Expr::And { .. } => "bitwise",
-            Expr::Hton { .. } => "byteorder",
             Expr::Counter => "counter",
             Expr::Payload { .. } => "payload",
             Expr::FibDaddrType { .. } => "fib",
@@ -529,13 +525,6 @@ impl Expr {
                 put_nested(&mut d, 5, |v| {
                     put_attr(v, NFTA_DATA_VALUE, &vec![0; mask.len()]) // NFTA_BITWISE_XOR
                 });
-            }
-            Expr::Hton { reg, size, len } => {
-                put_u32(&mut d, 1, *reg); // NFTA_BYTEORDER_SREG
-                put_u32(&mut d, 2, *reg); // NFTA_BYTEORDER_DREG
-                put_u32(&mut d, 3, 1); // NFTA_BYTEORDER_OP: NFT_BYTEORDER_HTON
-                put_u32(&mut d, 4, *len); // NFTA_BYTEORDER_LEN
-                put_u32(&mut d, 5, *size); // NFTA_BYTEORDER_SIZE
             }
             Expr::Payload {
                 base,

@@ -30,6 +30,7 @@ pub(super) const NFT_MSG_GETSETELEM: u16 = 13;
 pub(super) const NFT_MSG_DELSETELEM: u16 = 14;
 // Delete like `DELCHAIN` and `DELSETELEM`, but what is already gone is no error (Linux 6.3).
 pub(super) const NFT_MSG_DESTROYCHAIN: u16 = 27;
+pub(super) const NFT_MSG_DESTROYSET: u16 = 29;
 pub(super) const NFT_MSG_DESTROYSETELEM: u16 = 30;
 const NFT_MSG_GETGEN: u16 = 16;
 const NFTA_GEN_ID: u16 = 1;

@@ -1,0 +1,329 @@
+//! What the kernel holds for this host's endpoints, and the changes that keep it in step with
+//! the index: each target points at the profile of its key, each profile is compiled once for
+//! all the targets that share it, and a change recompiles only the profiles it may have
+//! changed and moves only the targets whose keys changed.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use crate::{Direction, PolicyElement, PolicyIndex, Profile, ProfileId, ProfileKey, Touched};
+
+/// The kernel elements a change adds and removes (one batch: removals first), and the local
+/// endpoints that may have lost an allowance, whose established flows are to be judged again.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub remove: Vec<PolicyElement>,
+    pub add: Vec<PolicyElement>,
+    pub revoke: BTreeSet<String>,
+}
+
+impl Change {
+    pub fn is_empty(&self) -> bool {
+        self.remove.is_empty() && self.add.is_empty()
+    }
+}
+
+/// One target: an address of a local endpoint, judged in a direction by a profile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Target {
+    direction: Direction,
+    address: IpAddr,
+    key: Arc<ProfileKey>,
+}
+
+#[derive(Debug, Clone)]
+struct Compiled {
+    id: ProfileId,
+    profile: Arc<Profile>,
+    /// The local endpoints with a target judged by it.
+    users: BTreeSet<String>,
+}
+
+/// The program: from the index's local endpoints to the kernel's policy elements.
+#[derive(Debug, Clone, Default)]
+pub struct Program {
+    endpoints: BTreeMap<String, Vec<Target>>,
+    profiles: HashMap<Arc<ProfileKey>, Compiled>,
+    ids: HashMap<ProfileId, Arc<ProfileKey>>,
+    /// Who claims each target, with the profile each would give it: the first claimant's is
+    /// in force (two endpoints share an address only through a stale record).
+    claims: BTreeMap<(Direction, IpAddr), BTreeMap<String, ProfileId>>,
+    /// How many elements the kernel holds.
+    len: usize,
+}
+
+impl Program {
+    pub fn new() -> Program {
+        Program::default()
+    }
+
+    /// How many elements the kernel should hold.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Every element the kernel should hold, sorted.
+    pub fn elements(&self) -> Vec<PolicyElement> {
+        let mut out: Vec<PolicyElement> = self
+            .profiles
+            .iter()
+            .flat_map(|(key, c)| c.profile.elements(key.direction, c.id))
+            .chain(self.claims.iter().filter_map(|(&(direction, target), by)| {
+                let (_, &profile) = by.iter().next()?;
+                Some(PolicyElement::Target {
+                    direction,
+                    target,
+                    profile,
+                })
+            }))
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// The profile that judges a target in `direction`, `None` when nothing isolates it.
+    pub fn profile_for(&self, direction: Direction, target: IpAddr) -> Option<Arc<Profile>> {
+        let (_, id) = self.claims.get(&(direction, target))?.iter().next()?;
+        let key = self.ids.get(id)?;
+        Some(self.profiles.get(key)?.profile.clone())
+    }
+
+    /// Whether a policy judges the endpoint (it has a target).
+    pub fn judges(&self, id: &str) -> bool {
+        self.endpoints.contains_key(id)
+    }
+
+    /// The profiles in force and their sizes, by key (for `explain` and the budgets).
+    pub fn profiles(&self) -> impl Iterator<Item = (&ProfileKey, ProfileId, &Profile)> {
+        self.profiles
+            .iter()
+            .map(|(k, c)| (k.as_ref(), c.id, c.profile.as_ref()))
+    }
+
+    /// Brings the program in line with the index after a change that touched `touched`, and
+    /// returns the kernel change that does the same.
+    pub fn update(&mut self, index: &PolicyIndex, touched: &Touched) -> Change {
+        let mut change = Change::default();
+        // The profiles whose content may have changed, compiled again below if still used.
+        let dirty: Vec<Arc<ProfileKey>> = self
+            .profiles
+            .keys()
+            .filter(|k| touched.dirties(k))
+            .cloned()
+            .collect();
+        // The touched endpoints' targets as they will be, and what was in force at every
+        // target they had or will have.
+        let retargeted: Vec<(String, Vec<Target>)> = touched
+            .endpoints
+            .iter()
+            .map(|id| (id.clone(), self.targets_of(index, id)))
+            .collect();
+        let moved: BTreeSet<(Direction, IpAddr)> = retargeted
+            .iter()
+            .flat_map(|(id, new)| {
+                new.iter()
+                    .chain(self.endpoints.get(id).into_iter().flatten())
+            })
+            .map(|t| (t.direction, t.address))
+            .collect();
+        let before: HashMap<(Direction, IpAddr), Option<ProfileId>> = moved
+            .iter()
+            .map(|&(d, a)| ((d, a), self.in_force(d, a)))
+            .collect();
+        for (id, new) in retargeted {
+            let id = &id;
+            let old = self.endpoints.remove(id).unwrap_or_default();
+            for t in &old {
+                self.unclaim(id, t);
+            }
+            for t in &new {
+                let compiled = match self.profiles.get_mut(&t.key) {
+                    Some(c) => c,
+                    None => {
+                        let profile = Arc::new(index.compile_profile(&t.key));
+                        let id = self.free_id(&t.key);
+                        self.ids.insert(id, t.key.clone());
+                        self.len += profile.size();
+                        change.add.extend(profile.elements(t.key.direction, id));
+                        self.profiles.entry(t.key.clone()).or_insert(Compiled {
+                            id,
+                            profile,
+                            users: BTreeSet::new(),
+                        })
+                    }
+                };
+                compiled.users.insert(id.clone());
+                let profile = compiled.id;
+                self.claims
+                    .entry((t.direction, t.address))
+                    .or_default()
+                    .insert(id.clone(), profile);
+            }
+            if !new.is_empty() {
+                self.endpoints.insert(id.clone(), new);
+            }
+        }
+        // Profiles no target uses any more go.
+        let unused: Vec<Arc<ProfileKey>> = self
+            .profiles
+            .iter()
+            .filter(|(_, c)| c.users.is_empty())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in unused {
+            let c = self.profiles.remove(&key).expect("listed above");
+            self.ids.remove(&c.id);
+            self.len -= c.profile.size();
+            change
+                .remove
+                .extend(c.profile.elements(key.direction, c.id));
+        }
+        // Profiles whose content may have changed: their elements follow it, under the same
+        // number, and their targets' flows are judged again if they lost anything.
+        for key in dirty {
+            let Some(c) = self.profiles.get_mut(&key) else {
+                continue;
+            };
+            let fresh = index.compile_profile(&key);
+            if fresh == *c.profile {
+                continue;
+            }
+            let old: HashSet<PolicyElement> = c
+                .profile
+                .elements(key.direction, c.id)
+                .into_iter()
+                .collect();
+            let new: HashSet<PolicyElement> =
+                fresh.elements(key.direction, c.id).into_iter().collect();
+            let lost = old.difference(&new).count() > 0;
+            change.remove.extend(old.difference(&new).copied());
+            change.add.extend(new.difference(&old).copied());
+            self.len = self.len - c.profile.size() + fresh.size();
+            c.profile = Arc::new(fresh);
+            if lost {
+                change.revoke.extend(c.users.iter().cloned());
+            }
+        }
+        // Targets whose profile in force changed.
+        for (direction, target) in moved {
+            let was = before[&(direction, target)];
+            let now = self.in_force(direction, target);
+            if was == now {
+                continue;
+            }
+            if let Some(profile) = was {
+                self.len -= 1;
+                change.remove.push(PolicyElement::Target {
+                    direction,
+                    target,
+                    profile,
+                });
+            }
+            if let Some(profile) = now {
+                self.len += 1;
+                change.add.push(PolicyElement::Target {
+                    direction,
+                    target,
+                    profile,
+                });
+                // Judged by another profile (or judged at all) now: what it had may be gone.
+                if let Some(by) = self.claims.get(&(direction, target)) {
+                    change.revoke.extend(by.keys().cloned());
+                }
+            }
+        }
+        // An element let go of and taken again in one change stays.
+        let removed: HashSet<PolicyElement> = change.remove.iter().copied().collect();
+        let added: HashSet<PolicyElement> = change.add.iter().copied().collect();
+        change.remove.retain(|e| !added.contains(e));
+        change.add.retain(|e| !removed.contains(e));
+        change.remove.sort_unstable();
+        change.add.sort_unstable();
+        change.revoke.retain(|id| self.endpoints.contains_key(id));
+        change
+    }
+
+    /// The targets of endpoint `id` as the index has it now: none if it is not local.
+    fn targets_of(&self, index: &PolicyIndex, id: &str) -> Vec<Target> {
+        let Some(ep) = index.endpoint(id).filter(|ep| index.is_local(ep)) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for direction in [Direction::Ingress, Direction::Egress] {
+            let Some(key) = index.profile_key(ep, direction) else {
+                continue;
+            };
+            // Targets of the same key share one key in memory.
+            let key = match self.profiles.get_key_value(&key) {
+                Some((k, _)) => k.clone(),
+                None => Arc::new(key),
+            };
+            let mut addrs: Vec<IpAddr> = ep.ips.iter().map(|n| n.addr()).collect();
+            addrs.sort_unstable();
+            addrs.dedup();
+            out.extend(addrs.into_iter().map(|address| Target {
+                direction,
+                address,
+                key: key.clone(),
+            }));
+        }
+        out
+    }
+
+    fn unclaim(&mut self, id: &str, t: &Target) {
+        if let Some(by) = self.claims.get_mut(&(t.direction, t.address)) {
+            by.remove(id);
+            if by.is_empty() {
+                self.claims.remove(&(t.direction, t.address));
+            }
+        }
+        if let Some(c) = self.profiles.get_mut(&t.key) {
+            c.users.remove(id);
+        }
+    }
+
+    /// The profile in force at a target now.
+    fn in_force(&self, direction: Direction, target: IpAddr) -> Option<ProfileId> {
+        let by = self.claims.get(&(direction, target))?;
+        by.values().next().copied()
+    }
+
+    /// A number for a new profile: from its key, so that a restarted daemon numbers its
+    /// profiles as before (and finds the kernel's elements as they are); the next free one if
+    /// taken.
+    fn free_id(&self, key: &ProfileKey) -> ProfileId {
+        let mut id = key_hash(key);
+        while self.ids.contains_key(&id) {
+            id = id.wrapping_add(1);
+        }
+        id
+    }
+}
+
+/// FNV-1a over a key.
+fn key_hash(key: &ProfileKey) -> ProfileId {
+    let mut h: u32 = 0x811c_9dc5;
+    let mut eat = |bytes: &[u8]| {
+        for &b in bytes {
+            h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+        }
+        // A separator, so that ("ab", "c") and ("a", "bc") differ.
+        h = (h ^ 0xff).wrapping_mul(0x0100_0193);
+    };
+    eat(key.network.as_bytes());
+    eat(&[key.direction as u8]);
+    for p in &key.policies {
+        eat(p.as_bytes());
+    }
+    for (name, protocol, port) in &key.named_ports {
+        eat(name.as_bytes());
+        eat(&[protocol.number()]);
+        eat(&port.to_be_bytes());
+    }
+    h
+}
