@@ -23,7 +23,8 @@ use berth_dataplane::conntrack::{self, FlowTuple};
 use berth_dataplane::nftables::PolicySets;
 use berth_model::{Endpoint, Network, Policy, Protocol};
 use berth_policy::{
-    Change, Direction, Explanation, Party, PolicyIndex, Profile, Program, Touched, allows,
+    Change, Direction, Explanation, MAX_HOST_ELEMENTS, MAX_POLICY_ELEMENTS, Party, PolicyIndex,
+    Profile, Program, Touched, allows,
 };
 use berth_store::{Compare, Event, Txn, TxnOutcome, Watch};
 use serde_json::Value;
@@ -293,11 +294,17 @@ impl Agent {
         if touched.is_empty() || !state.listed {
             return false;
         }
+        let change = state.program.update(&state.index, &touched);
+        self.write_change(state, change).await
+    }
+
+    /// Writes a change the program made (see [`Agent::program_policies`]).
+    async fn write_change(&self, state: &mut PolicyState, change: Change) -> bool {
         let Change {
             remove,
             add,
             revoke,
-        } = state.program.update(&state.index, &touched);
+        } = change;
         let lost = !revoke.is_empty();
         state.pending_revoke.extend(revoke);
         if state.stale {
@@ -402,8 +409,23 @@ impl Agent {
             // The daemon lists before it serves: an endpoint is never let in unjudged.
             return Err(AgentError::Internal("policies are not loaded yet".into()));
         }
-        let dirty = state.index.put_endpoint(ep.clone());
-        self.program_policies(&mut state, dirty).await;
+        let s = &mut *state;
+        let dirty = s.index.put_endpoint(ep.clone());
+        let before = s.program.len();
+        let change = s.program.update(&s.index, &dirty);
+        if s.program.len() > MAX_HOST_ELEMENTS && s.program.len() > before {
+            // Undone before anything reaches the kernel: the two changes cancel out.
+            let size = s.program.len();
+            let undo = s.index.remove_endpoint(&ep.id);
+            s.program.update(&s.index, &undo);
+            return Err(AgentError::Conflict(format!(
+                "the policies that select this endpoint would take this host's policy elements \
+                 to {size}, over the limit of {MAX_HOST_ELEMENTS}: simplify the policies of \
+                 network {:?}",
+                ep.network
+            )));
+        }
+        self.write_change(&mut state, change).await;
         // Nothing of its own to revoke: it is new (the flows of an earlier holder of its
         // addresses ended with that one's detach); the others only gain.
         state.pending_revoke.remove(&ep.id);
@@ -754,6 +776,7 @@ impl Agent {
             // Stored as it reads back, so that what `inspect` shows is what was applied.
             checked.push(policy.normalized());
         }
+        self.check_budgets(&checked).await?;
         let networks: BTreeSet<&str> = checked.iter().map(|p| p.network.as_str()).collect();
         let ops = networks.len() + checked.len() * if replace { 1 } else { 2 };
         if ops > crate::MAX_TXN_OPS {
@@ -825,6 +848,54 @@ impl Agent {
             ));
         }
         Ok(views)
+    }
+
+    /// Refuses policies whose kernel form is too big, on their own or for this host with
+    /// everything else it holds ([`MAX_POLICY_ELEMENTS`], [`MAX_HOST_ELEMENTS`]): checked
+    /// against the endpoints there are now, before anything is written.
+    async fn check_budgets(&self, policies: &[Policy]) -> Result<()> {
+        let mut state = self.policy_state.lock().await;
+        for p in policies {
+            let cost = state.index.cost(p);
+            if cost > MAX_POLICY_ELEMENTS {
+                return Err(AgentError::Invalid(format!(
+                    "policy {:?} compiles to {cost} kernel elements, {} over the limit of \
+                     {MAX_POLICY_ELEMENTS} per policy: use fewer peers, exceptions or ports, or \
+                     split it",
+                    p.name,
+                    cost - MAX_POLICY_ELEMENTS
+                )));
+            }
+        }
+        if !state.listed {
+            return Ok(());
+        }
+        // This host with them: tried on a copy of the program, the index put back after.
+        let mut trial = state.program.clone();
+        let mut touched = Touched::default();
+        let mut undo = Vec::new();
+        for p in policies {
+            undo.push((p.name.clone(), state.index.policy(&p.name).cloned()));
+            touched.extend(state.index.put_policy(p.clone()));
+        }
+        trial.update(&state.index, &touched);
+        for (name, old) in undo.into_iter().rev() {
+            match old {
+                Some(old) => state.index.put_policy(old),
+                None => state.index.remove_policy(&name),
+            };
+        }
+        let (now, then) = (state.program.len(), trial.len());
+        if then > MAX_HOST_ELEMENTS && then > now {
+            let names: Vec<&str> = policies.iter().map(|p| p.name.as_str()).collect();
+            return Err(AgentError::Invalid(format!(
+                "with policy {} this host would hold {then} policy elements, {} over its limit \
+                 of {MAX_HOST_ELEMENTS}: simplify the policies that select its endpoints",
+                names.join(", "),
+                then - MAX_HOST_ELEMENTS
+            )));
+        }
+        Ok(())
     }
 
     pub async fn delete_policy(&self, name: &str) -> Result<()> {

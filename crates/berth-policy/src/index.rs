@@ -373,6 +373,21 @@ impl PolicyIndex {
         profile_of(&compiled.clauses)
     }
 
+    /// How many kernel elements `policy` compiles to on its own (both directions, with the
+    /// endpoints there are now): what [`crate::MAX_POLICY_ELEMENTS`] limits. A profile of
+    /// several policies is never bigger than theirs added up.
+    pub fn cost(&self, policy: &Policy) -> usize {
+        let no_names = |_: PortName, _: Protocol| None;
+        [Direction::Ingress, Direction::Egress]
+            .into_iter()
+            .filter(|&d| isolates(policy, d))
+            .map(|d| {
+                let compiled = self.compile_for(&policy.network, &no_names, &[policy], d);
+                profile_of(&compiled.clauses).size()
+            })
+            .sum()
+    }
+
     /// The profile judging endpoint `id` in `direction` (`None`: not isolated, or unknown).
     pub fn profile_of(&self, id: &str, direction: Direction) -> Option<Profile> {
         let ep = self.endpoint(id)?;

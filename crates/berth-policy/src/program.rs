@@ -24,6 +24,11 @@ impl Change {
     }
 }
 
+/// The most elements a profile's content changes by under its number; a bigger change makes
+/// it anew under another number, which its targets move to once it is whole, so that the
+/// kernel never has to change a big profile in place in one transaction.
+pub const MAX_IN_PLACE: usize = 1024;
+
 /// One target: an address of a local endpoint, judged in a direction by a profile.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Target {
@@ -123,7 +128,7 @@ impl Program {
             .iter()
             .map(|id| (id.clone(), self.targets_of(index, id)))
             .collect();
-        let moved: BTreeSet<(Direction, IpAddr)> = retargeted
+        let mut moved: BTreeSet<(Direction, IpAddr)> = retargeted
             .iter()
             .flat_map(|(id, new)| {
                 new.iter()
@@ -131,7 +136,7 @@ impl Program {
             })
             .map(|t| (t.direction, t.address))
             .collect();
-        let before: HashMap<(Direction, IpAddr), Option<ProfileId>> = moved
+        let mut before: HashMap<(Direction, IpAddr), Option<ProfileId>> = moved
             .iter()
             .map(|&(d, a)| ((d, a), self.in_force(d, a)))
             .collect();
@@ -184,9 +189,12 @@ impl Program {
                 .extend(c.profile.elements(key.direction, c.id));
         }
         // Profiles whose content may have changed: their elements follow it, under the same
-        // number, and their targets' flows are judged again if they lost anything.
+        // number, or, when much changed, under a new one that their targets move to once it
+        // is whole (see `MAX_IN_PLACE`). Their targets' flows are judged again if they lost
+        // anything.
+        let mut retired: Vec<ProfileId> = Vec::new();
         for key in dirty {
-            let Some(c) = self.profiles.get_mut(&key) else {
+            let Some(c) = self.profiles.get(&key) else {
                 continue;
             };
             let fresh = index.compile_profile(&key);
@@ -201,12 +209,49 @@ impl Program {
             let new: HashSet<PolicyElement> =
                 fresh.elements(key.direction, c.id).into_iter().collect();
             let lost = old.difference(&new).count() > 0;
-            change.remove.extend(old.difference(&new).copied());
-            change.add.extend(new.difference(&old).copied());
+            let in_place = old.symmetric_difference(&new).count() <= MAX_IN_PLACE;
+            let (old_id, users) = (c.id, c.users.clone());
+            let id = if in_place {
+                change.remove.extend(old.difference(&new).copied());
+                change.add.extend(new.difference(&old).copied());
+                old_id
+            } else {
+                let id = self.free_id_but(&key, &retired);
+                retired.push(old_id);
+                change.remove.extend(old);
+                change.add.extend(fresh.elements(key.direction, id));
+                self.ids.remove(&old_id);
+                self.ids.insert(id, key.clone());
+                // Every target of the profile moves to the new number.
+                for user in &users {
+                    for t in self.endpoints.get(user).into_iter().flatten() {
+                        if t.key != key {
+                            continue;
+                        }
+                        let at = (t.direction, t.address);
+                        if moved.insert(at) {
+                            before.insert(at, self.in_force(t.direction, t.address));
+                        }
+                    }
+                    for t in self.endpoints.get(user).into_iter().flatten() {
+                        if t.key == key
+                            && let Some(p) = self
+                                .claims
+                                .get_mut(&(t.direction, t.address))
+                                .and_then(|by| by.get_mut(user))
+                        {
+                            *p = id;
+                        }
+                    }
+                }
+                id
+            };
+            let c = self.profiles.get_mut(&key).expect("looked up above");
             self.len = self.len - c.profile.size() + fresh.size();
             c.profile = Arc::new(fresh);
+            c.id = id;
             if lost {
-                change.revoke.extend(c.users.iter().cloned());
+                change.revoke.extend(users);
             }
         }
         // Targets whose profile in force changed.
@@ -297,8 +342,14 @@ impl Program {
     /// profiles as before (and finds the kernel's elements as they are); the next free one if
     /// taken.
     fn free_id(&self, key: &ProfileKey) -> ProfileId {
+        self.free_id_but(key, &[])
+    }
+
+    /// [`Program::free_id`], also avoiding numbers let go of in this change (whose elements
+    /// the change removes while it adds the new profile's).
+    fn free_id_but(&self, key: &ProfileKey, retired: &[ProfileId]) -> ProfileId {
         let mut id = key_hash(key);
-        while self.ids.contains_key(&id) {
+        while self.ids.contains_key(&id) || retired.contains(&id) {
             id = id.wrapping_add(1);
         }
         id

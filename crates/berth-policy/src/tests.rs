@@ -850,6 +850,67 @@ fn an_endpoint_like_others_costs_its_addresses_only() {
     assert!(change.revoke.is_empty(), "nothing was lost");
 }
 
+/// A profile whose content changes much is made anew under another number and its targets
+/// move to it, rather than changed in place in one big transaction.
+#[test]
+fn a_profile_that_changes_much_moves_to_a_new_number() {
+    let mut ix = world();
+    let big = |base: u32| {
+        let peers: Vec<Peer> = (0..1500u32)
+            .map(|i| {
+                let a = std::net::Ipv4Addr::from(base + i * 2);
+                cidr(&format!("{a}/32"), &[])
+            })
+            .collect();
+        policy(
+            "big",
+            "app=db",
+            Some(vec![rule(peers, vec![tcp(80)])]),
+            None,
+        )
+    };
+    let mut program = Program::new();
+    let touched = ix.put_policy(big(0xc612_0000));
+    let mut kernel: std::collections::BTreeSet<PolicyElement> = Default::default();
+    kernel.extend(program.update(&ix, &touched).add);
+    let target = |els: &[PolicyElement]| {
+        els.iter()
+            .find_map(|e| match e {
+                PolicyElement::Target {
+                    target, profile, ..
+                } if *target == ip("10.0.0.20") => Some(*profile),
+                _ => None,
+            })
+            .unwrap()
+    };
+    let first = target(&program.elements());
+    let touched = ix.put_policy(big(0xc613_0000));
+    let change = program.update(&ix, &touched);
+    assert_eq!(target(&change.remove), first);
+    let second = target(&change.add);
+    assert_ne!(first, second, "a new number");
+    for e in &change.remove {
+        assert!(kernel.remove(e), "{e:?}");
+    }
+    for e in &change.add {
+        assert!(kernel.insert(*e), "{e:?}");
+    }
+    assert_eq!(
+        kernel.iter().copied().collect::<Vec<_>>(),
+        program.elements()
+    );
+    assert!(
+        kernel.iter().all(|e| e.profile() != first),
+        "nothing of the old number is left"
+    );
+    assert!(ok(&ix, "198.19.0.0", "db", Some((TCP, 80))));
+    assert!(!ok(&ix, "198.18.0.0", "db", Some((TCP, 80))));
+    assert!(
+        !change.revoke.is_empty(),
+        "what the old one allowed is judged again"
+    );
+}
+
 // Random worlds: two networks, a handful of endpoints with colliding addresses, labels,
 // named ports and hosts, and policies over them.
 

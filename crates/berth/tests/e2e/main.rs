@@ -20,4 +20,5 @@ mod nat;
 mod plugin_fuzz;
 mod podman;
 mod policy;
+mod policy_size;
 mod services;
