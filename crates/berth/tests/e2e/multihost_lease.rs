@@ -191,8 +191,8 @@ fn a_stalled_daemons_containers_stay_reachable() {
             "NXDOMAIN",
             "a lapsed host's names"
         );
-        assert_eq!(entries_to(h1, vni, &cl.addr(3)), [c.mac.clone()]);
-        assert_eq!(entries_to(cl.host(2), vni, &cl.addr(3)), [c.mac.clone()]);
+        assert_eq!(entries_to(h1, vni, &cl.addr(3)), [c.mac.as_str()]);
+        assert_eq!(entries_to(cl.host(2), vni, &cl.addr(3)), [c.mac.as_str()]);
         sleep(stall.saturating_sub(stalled.elapsed()));
         h3.resume();
         eprintln!("h3's daemon was frozen for {:?}", stalled.elapsed());
@@ -255,7 +255,7 @@ fn a_stopped_and_restarted_daemons_containers_stay_reachable() {
                 s => Err(format!("h2 is {s}")),
             },
         );
-        assert_eq!(entries_to(h1, vni, &cl.addr(2)), [c.mac.clone()]);
+        assert_eq!(entries_to(h1, vni, &cl.addr(2)), [c.mac.as_str()]);
         sleep(down.saturating_sub(stopped.elapsed()));
         let started = Instant::now();
         cl.start(2);
@@ -323,7 +323,7 @@ fn a_host_gone_for_good_loses_its_entries() {
         killed.elapsed() < Duration::from_secs(grace),
         "too slow to see h3 within its grace"
     );
-    assert_eq!(entries_to(h1, vni, &cl.addr(3)), [c.mac.clone()]);
+    assert_eq!(entries_to(h1, vni, &cl.addr(3)), [c.mac.as_str()]);
     assert!(h1.cannot_reach("a1", b.v4()), "b2 after host rm");
     assert!(h1.reaches("a1", c.v4()), "c3 within its grace");
     assert!(!try_hosts(&cl, 1).unwrap().contains_key("h2"));
