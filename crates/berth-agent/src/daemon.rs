@@ -82,15 +82,26 @@ pub async fn run(cfg: DaemonConfig) -> Result<()> {
             .map_err(|e| AgentError::Invalid(format!("cannot derive a host id: {e}")))?,
     };
     berth_model::validate_name("host", &host_id)?;
-    let (store, shared): (Arc<dyn Store>, bool) = match &cfg.store {
-        StoreConfig::Embedded => (Arc::new(RedbStore::open(&cfg.state_dir)?), false),
-        StoreConfig::Etcd { .. } => (open_etcd(&cfg.store, &host_id).await?, true),
+    let (store, lease_store): (Arc<dyn Store>, LeaseStore) = match &cfg.store {
+        StoreConfig::Embedded => {
+            let store: Arc<dyn Store> = Arc::new(RedbStore::open(&cfg.state_dir)?);
+            (store.clone(), LeaseStore::Same(store))
+        }
+        StoreConfig::Etcd {
+            endpoints,
+            prefix,
+            tls,
+        } => {
+            let etcd = Etcd {
+                endpoints: endpoints.clone(),
+                prefix: prefix.clone(),
+                tls: tls.clone(),
+                host_id: host_id.clone(),
+            };
+            (etcd.open().await?, LeaseStore::Own(etcd))
+        }
     };
-    let lease_store = if shared {
-        LeaseStore::Own(cfg.store.clone(), host_id.clone())
-    } else {
-        LeaseStore::Same(store.clone())
-    };
+    let shared = matches!(lease_store, LeaseStore::Own(_));
     for dir in [&cfg.run_dir, &cfg.netns_dir] {
         std::fs::create_dir_all(dir)
             .map_err(|e| AgentError::Invalid(format!("cannot create {}: {e}", dir.display())))?;
@@ -218,27 +229,30 @@ pub async fn run(cfg: DaemonConfig) -> Result<()> {
     Ok(())
 }
 
-/// An etcd store client, scoped to this host.
-async fn open_etcd(cfg: &StoreConfig, host_id: &str) -> Result<Arc<dyn Store>> {
-    let StoreConfig::Etcd {
-        endpoints,
-        prefix,
-        tls,
-    } = cfg
-    else {
-        return Err(AgentError::Internal("not an etcd store".into()));
-    };
-    let etcd = EtcdStore::connect(endpoints, prefix, tls.clone()).await?;
-    Ok(Arc::new(HostScoped::new(Arc::new(etcd), host_id)))
+/// How this host reaches etcd.
+struct Etcd {
+    endpoints: Vec<String>,
+    prefix: String,
+    tls: Option<TlsFiles>,
+    host_id: String,
+}
+
+impl Etcd {
+    /// A client of its own (its connection's tasks run on the calling runtime), scoped to
+    /// this host.
+    async fn open(&self) -> Result<Arc<dyn Store>> {
+        let etcd = EtcdStore::connect(&self.endpoints, &self.prefix, self.tls.clone()).await?;
+        Ok(Arc::new(HostScoped::new(Arc::new(etcd), &self.host_id)))
+    }
 }
 
 /// The store the host lease is kept in.
 enum LeaseStore {
     /// The daemon's own (embedded) store: its renewals are memory only, nothing to wait on.
     Same(Arc<dyn Store>),
-    /// A connection of its own to etcd (this host's id scopes it): renewals do not queue
-    /// behind the daemon's lists, watches and transactions on one HTTP/2 connection.
-    Own(StoreConfig, String),
+    /// A connection of its own to etcd: renewals do not queue behind the daemon's lists,
+    /// watches and transactions on one HTTP/2 connection.
+    Own(Etcd),
 }
 
 /// This host's registration, kept on a thread of its own with a runtime and store client of
@@ -274,7 +288,7 @@ impl LeaseKeeper {
                     // Made on this runtime: its connection's tasks run here too.
                     let store = match store {
                         LeaseStore::Same(s) => s,
-                        LeaseStore::Own(cfg, host_id) => match open_etcd(&cfg, &host_id).await {
+                        LeaseStore::Own(etcd) => match etcd.open().await {
                             Ok(s) => s,
                             Err(e) => {
                                 let _ = registered_tx.send(Err(e));
