@@ -11,7 +11,7 @@ pub use berth_store::TlsFiles;
 use berth_store::{EtcdStore, RedbStore, Store};
 use tokio::net::UnixListener;
 
-use crate::hosts::{HostIdentity, default_host_id};
+use crate::hosts::{HostIdentity, HostLease, default_host_id};
 use crate::overlay::{ClusterReconciler, Kernel};
 use crate::scope::HostScoped;
 use crate::{Agent, AgentError, Result};
@@ -82,17 +82,26 @@ pub async fn run(cfg: DaemonConfig) -> Result<()> {
             .map_err(|e| AgentError::Invalid(format!("cannot derive a host id: {e}")))?,
     };
     berth_model::validate_name("host", &host_id)?;
-    let (store, shared): (Arc<dyn Store>, bool) = match &cfg.store {
-        StoreConfig::Embedded => (Arc::new(RedbStore::open(&cfg.state_dir)?), false),
+    let (store, lease_store): (Arc<dyn Store>, LeaseStore) = match &cfg.store {
+        StoreConfig::Embedded => {
+            let store: Arc<dyn Store> = Arc::new(RedbStore::open(&cfg.state_dir)?);
+            (store.clone(), LeaseStore::Same(store))
+        }
         StoreConfig::Etcd {
             endpoints,
             prefix,
             tls,
         } => {
-            let etcd = EtcdStore::connect(endpoints, prefix, tls.clone()).await?;
-            (Arc::new(HostScoped::new(Arc::new(etcd), &host_id)), true)
+            let etcd = Etcd {
+                endpoints: endpoints.clone(),
+                prefix: prefix.clone(),
+                tls: tls.clone(),
+                host_id: host_id.clone(),
+            };
+            (etcd.open().await?, LeaseStore::Own(etcd))
         }
     };
+    let shared = matches!(lease_store, LeaseStore::Own(_));
     for dir in [&cfg.run_dir, &cfg.netns_dir] {
         std::fs::create_dir_all(dir)
             .map_err(|e| AgentError::Invalid(format!("cannot create {}: {e}", dir.display())))?;
@@ -147,8 +156,7 @@ pub async fn run(cfg: DaemonConfig) -> Result<()> {
     let prepared = async {
         // Registered before the repair pass, and kept alive during it (it may take longer
         // than the lease): other hosts point at this one again at once.
-        let lease = agent.register_host_at_start(cfg.host_lease_ttl).await?;
-        tokio::spawn(agent.clone().run_host_lease(cfg.host_lease_ttl, lease));
+        let lease = LeaseKeeper::start(agent.host_lease(cfg.host_lease_ttl), lease_store).await?;
         let report = agent.reconcile().await?;
         tracing::info!("{report}");
         agent.restore_firewall().await?;
@@ -162,9 +170,9 @@ pub async fn run(cfg: DaemonConfig) -> Result<()> {
         // it kept over the restart to the store's in one transaction.
         let policy_watches = agent.list_policies().await?;
         agent.load_dns().await?;
-        Ok(policy_watches)
+        Ok((lease, policy_watches))
     };
-    let policy_watches = match prepared.await {
+    let (_lease, policy_watches) = match prepared.await {
         Ok(w) => w,
         Err(e) => {
             let _ = std::fs::remove_file(&socket);
@@ -219,6 +227,117 @@ pub async fn run(cfg: DaemonConfig) -> Result<()> {
     served.map_err(|e| AgentError::Internal(format!("API server: {e}")))?;
     tracing::info!("berth daemon stopped; containers stay connected");
     Ok(())
+}
+
+/// How this host reaches etcd.
+struct Etcd {
+    endpoints: Vec<String>,
+    prefix: String,
+    tls: Option<TlsFiles>,
+    host_id: String,
+}
+
+impl Etcd {
+    /// A client of its own (its connection's tasks run on the calling runtime), scoped to
+    /// this host.
+    async fn open(&self) -> Result<Arc<dyn Store>> {
+        let etcd = EtcdStore::connect(&self.endpoints, &self.prefix, self.tls.clone()).await?;
+        Ok(Arc::new(HostScoped::new(Arc::new(etcd), &self.host_id)))
+    }
+}
+
+/// The store the host lease is kept in.
+enum LeaseStore {
+    /// The daemon's own (embedded) store: its renewals are memory only, nothing to wait on.
+    Same(Arc<dyn Store>),
+    /// A connection of its own to etcd: renewals do not queue behind the daemon's lists,
+    /// watches and transactions on one HTTP/2 connection.
+    Own(Etcd),
+}
+
+/// This host's registration, kept on a thread of its own with a runtime and store client of
+/// its own: no task, lock, kernel call or big store request of the daemon's can hold a
+/// renewal back. Dropping it stops renewing without revoking the lease: a daemon restarted
+/// within the TTL is never seen gone.
+struct LeaseKeeper {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LeaseKeeper {
+    /// Registers this host (see [`HostLease::register_at_start`]) and keeps it registered;
+    /// returns once it is registered.
+    async fn start(lease: HostLease, store: LeaseStore) -> Result<LeaseKeeper> {
+        use tokio::sync::oneshot;
+        let (registered_tx, registered_rx) = oneshot::channel::<Result<()>>();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let run = move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    let why = format!("cannot start the host lease's runtime: {e}");
+                    let _ = registered_tx.send(Err(AgentError::Internal(why)));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let keep = async {
+                    // Made on this runtime: its connection's tasks run here too.
+                    let store = match store {
+                        LeaseStore::Same(s) => s,
+                        LeaseStore::Own(etcd) => match etcd.open().await {
+                            Ok(s) => s,
+                            Err(e) => {
+                                let _ = registered_tx.send(Err(e));
+                                return;
+                            }
+                        },
+                    };
+                    match lease.register_at_start(&*store).await {
+                        Ok(id) => {
+                            let _ = registered_tx.send(Ok(()));
+                            lease.keep(&*store, id).await;
+                        }
+                        Err(e) => {
+                            let _ = registered_tx.send(Err(e));
+                        }
+                    }
+                };
+                tokio::select! {
+                    _ = keep => {}
+                    _ = stop_rx => {}
+                }
+            });
+        };
+        let thread = std::thread::Builder::new()
+            .name("berth-lease".into())
+            .spawn(run)
+            .map_err(|e| {
+                AgentError::Internal(format!("cannot start the host lease thread: {e}"))
+            })?;
+        let keeper = LeaseKeeper {
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        };
+        match registered_rx.await {
+            Ok(registered) => registered.map(|()| keeper),
+            Err(_) => Err(AgentError::Internal("the host lease thread ended".into())),
+        }
+    }
+}
+
+impl Drop for LeaseKeeper {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// The first address of the interface the default route goes out of (IPv4 first).
@@ -357,4 +476,45 @@ fn bind_socket(path: &std::path::Path) -> Result<UnixListener> {
     let _ = std::fs::remove_file(path);
     UnixListener::bind(path)
         .map_err(|e| AgentError::Invalid(format!("cannot listen on {}: {e}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The daemon's runtime blocked for several TTLs (one thread, stuck in a blocking call):
+    /// the lease is renewed all along, never lapsing or replaced.
+    #[test]
+    fn the_lease_is_kept_while_the_daemons_runtime_is_blocked() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(RedbStore::open(dir.path()).unwrap());
+        let agent = Agent::new(store.clone(), dir.path().join("netns"), 1500).with_host(
+            HostIdentity {
+                id: "h1".into(),
+                address: Some("198.51.100.11".parse().unwrap()),
+                mtu: 1500,
+            },
+            true,
+        );
+        let ttl = Duration::from_millis(1500);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let _keeper =
+                LeaseKeeper::start(agent.host_lease(ttl), LeaseStore::Same(store.clone()))
+                    .await
+                    .unwrap();
+            let lease = store.get("hosts/h1").await.unwrap().unwrap().lease;
+            assert!(lease.is_some());
+            std::thread::sleep(ttl * 3);
+            let after = store.get("hosts/h1").await.unwrap();
+            assert_eq!(
+                after.and_then(|kv| kv.lease),
+                lease,
+                "the registration lapsed while the daemon's runtime was blocked"
+            );
+        });
+    }
 }

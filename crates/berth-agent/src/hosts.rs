@@ -1,15 +1,17 @@
 //! Hosts: each daemon registers itself under a short lease, and a host whose lease lapsed is
-//! gone. Other hosts stop pointing at a gone host at once (the cluster reconciler), and free
-//! its addresses and blocks only after a grace period, so that a host cut off for a moment
-//! comes back to its own addresses.
+//! gone. A gone host may be dead or only its daemon stopped, stalled or cut off from the
+//! store, while its containers run on: other hosts stop choosing it (its service backends
+//! and names go at once) but keep sending what is addressed to its endpoints to its last
+//! registered address, and free its addresses, blocks and that address only after a grace
+//! period (or `berth host rm`), so that a host back in time finds everything as it was.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use berth_api::HostView;
 use berth_model::{Endpoint, HostRecord, MacAddr};
-use berth_store::{Compare, StoreError, Txn, TxnOutcome};
+use berth_store::{Compare, LeaseId, Op, Store, StoreError, Txn, TxnOutcome};
 use serde::{Deserialize, Serialize};
 
 use crate::{Agent, AgentError, Result, decode, encode, keys};
@@ -70,34 +72,41 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-impl Agent {
-    pub fn host(&self) -> &HostIdentity {
-        &self.host
+/// This host's registration: a record under a lease (while the lease lives, the host is up)
+/// and a durable record of its address (other hosts keep sending its endpoints' traffic there
+/// while the lease has lapsed, until the host is freed). [`HostLease::keep`] renews it; the
+/// daemon runs that on a thread and store connection of its own (see `daemon.rs`), so a busy
+/// daemon does not starve its renewals.
+#[derive(Debug, Clone)]
+pub struct HostLease {
+    record: HostRecord,
+    ttl: Duration,
+}
+
+impl HostLease {
+    pub fn ttl(&self) -> Duration {
+        self.ttl
     }
 
-    fn host_record(&self) -> HostRecord {
-        HostRecord {
-            id: self.host.id.clone(),
-            address: self.host.address,
-            vtep_mac: self.host.vtep_mac(),
-            mtu: self.host.mtu,
-            version: env!("CARGO_PKG_VERSION").to_string(),
-        }
-    }
-
-    /// Registers this host under a fresh lease (and clears a gone mark of an earlier life).
-    pub async fn register_host(&self, ttl: Duration) -> Result<berth_store::LeaseId> {
-        let lease = self.store.grant_lease(ttl).await?;
-        self.commit(
-            Txn::new()
-                .put_leased(
-                    keys::host(&self.host.id),
-                    encode(&self.host_record()),
-                    lease,
-                )
-                .delete(keys::host_gone(&self.host.id)),
-        )
-        .await?;
+    /// Registers under a fresh lease (and clears a gone mark of an earlier life). The address
+    /// record is written only when it changed: a registration after a lapse then wakes no
+    /// other host's reconcilers.
+    pub async fn register(&self, store: &dyn Store) -> Result<LeaseId> {
+        let lease = store.grant_lease(self.ttl).await?;
+        let id = &self.record.id;
+        let value = encode(&self.record);
+        let address = keys::host_address(id);
+        store
+            .txn(
+                Txn::new()
+                    .when(Compare::Value(address.clone(), value.clone()))
+                    .put_leased(keys::host(id), value.clone(), lease)
+                    .delete(keys::host_gone(id))
+                    .or_else(Op::PutLeased(keys::host(id), value.clone(), lease))
+                    .or_else(Op::Delete(keys::host_gone(id)))
+                    .or_else(Op::Put(address, value)),
+            )
+            .await?;
         Ok(lease)
     }
 
@@ -105,15 +114,15 @@ impl Agent {
     /// earlier life (restarted with a new address): its lease lapses within a TTL. One still
     /// renewed after that is another daemon with the same id (a cloned machine-id): refused,
     /// as the two would take each other's sandboxes for dead.
-    pub async fn register_host_at_start(&self, ttl: Duration) -> Result<berth_store::LeaseId> {
-        let key = keys::host(&self.host.id);
-        let deadline = tokio::time::Instant::now() + ttl + Duration::from_secs(2);
+    pub async fn register_at_start(&self, store: &dyn Store) -> Result<LeaseId> {
+        let key = keys::host(&self.record.id);
+        let deadline = tokio::time::Instant::now() + self.ttl + Duration::from_secs(2);
         let mut said = false;
         loop {
-            let other = match self.store.get(&key).await? {
+            let other = match store.get(&key).await? {
                 Some(kv) => decode::<HostRecord>(&kv)
                     .ok()
-                    .filter(|r| r.address != self.host.address),
+                    .filter(|r| r.address != self.record.address),
                 None => None,
             };
             let Some(other) = other else { break };
@@ -123,36 +132,52 @@ impl Agent {
             if tokio::time::Instant::now() > deadline {
                 return Err(AgentError::Conflict(format!(
                     "host id {:?} is registered by a running daemon at {at}; give this host another --host-id",
-                    self.host.id
+                    self.record.id
                 )));
             }
             if !said {
-                tracing::warn!(host = %self.host.id, "host id registered at {at}; waiting for that registration to lapse");
+                tracing::warn!(host = %self.record.id, "host id registered at {at}; waiting for that registration to lapse");
                 said = true;
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        self.register_host(ttl).await
+        self.register(store).await
     }
 
-    /// Keeps this host's registration alive for the life of the daemon: renews the lease
-    /// three times per TTL, and registers again under a new lease when the old one lapsed
-    /// (the store was unreachable for longer than the TTL).
-    pub async fn run_host_lease(self: std::sync::Arc<Self>, ttl: Duration, mut lease: i64) {
-        let every = (ttl / 3).max(Duration::from_millis(200));
+    /// Keeps the registration alive until dropped: renews the lease three times per TTL, and
+    /// registers again under a new lease when the old one lapsed (the daemon was stopped or
+    /// the store unreachable for longer than the TTL). A renewal that comes late (more than a
+    /// third of the TTL after it was due) is logged with its delay.
+    pub async fn keep(&self, store: &dyn Store, mut lease: LeaseId) {
+        let id = &self.record.id;
+        let every = (self.ttl / 3).max(Duration::from_millis(200));
         // After a failure, soon again rather than a third of a TTL later: two slow failures
         // in a row would otherwise let the lease lapse.
         let retry = Duration::from_millis(500).min(every);
+        let mut renewed = Instant::now();
         let mut wait = every;
         loop {
             tokio::time::sleep(wait).await;
-            match self.store.keep_alive(lease).await {
+            match store.keep_alive(lease).await {
                 Ok(()) => {
+                    let since = renewed.elapsed();
+                    renewed = Instant::now();
+                    if since > every * 2 {
+                        tracing::warn!(
+                            host = %id, late_ms = (since - every).as_millis(),
+                            "host lease renewed late: {since:.1?} after the previous renewal (it lapses after {:?})",
+                            self.ttl
+                        );
+                    }
                     wait = every;
                     continue;
                 }
                 Err(StoreError::LeaseNotFound(_)) => {
-                    tracing::warn!(host = %self.host.id, "host lease lapsed; registering again");
+                    tracing::warn!(
+                        host = %id, late_ms = renewed.elapsed().saturating_sub(every).as_millis(),
+                        "host lease lapsed ({:.1?} after the last renewal); registering again",
+                        renewed.elapsed()
+                    );
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot renew the host lease");
@@ -161,10 +186,11 @@ impl Agent {
                 }
             }
             loop {
-                match self.register_host(ttl).await {
+                match self.register(store).await {
                     Ok(l) => {
                         lease = l;
-                        tracing::info!(host = %self.host.id, "host registered again");
+                        renewed = Instant::now();
+                        tracing::info!(host = %id, "host registered again");
                         break;
                     }
                     Err(e) => {
@@ -174,6 +200,26 @@ impl Agent {
                 }
             }
             wait = every;
+        }
+    }
+}
+
+impl Agent {
+    pub fn host(&self) -> &HostIdentity {
+        &self.host
+    }
+
+    /// This host's registration under a lease of `ttl`.
+    pub fn host_lease(&self, ttl: Duration) -> HostLease {
+        HostLease {
+            record: HostRecord {
+                id: self.host.id.clone(),
+                address: self.host.address,
+                vtep_mac: self.host.vtep_mac(),
+                mtu: self.host.mtu,
+                version: env!("CARGO_PKG_VERSION").to_string(),
+            },
+            ttl,
         }
     }
 
@@ -187,9 +233,42 @@ impl Agent {
         Ok(hosts)
     }
 
-    /// `berth host ls`: live hosts, and gone hosts whose records are still kept.
+    /// Every host's last registered address (the durable records), by id.
+    async fn host_addresses(&self) -> Result<HashMap<String, HostRecord>> {
+        let mut hosts = HashMap::new();
+        for kv in self.store.list(keys::HOST_ADDRESSES).await?.items {
+            let h: HostRecord = decode(&kv)?;
+            hosts.insert(h.id.clone(), h);
+        }
+        Ok(hosts)
+    }
+
+    /// `berth host ls`: live hosts, and gone hosts whose records are still kept. An up host's
+    /// `last_seen` is its last renewal, read from its lease's remaining TTL (one lease query
+    /// per up host, made only here: renewals themselves write nothing); a gone host's is
+    /// when its lapse was first noticed.
     pub async fn hosts(&self) -> Result<Vec<HostView>> {
-        let live = self.live_hosts().await?;
+        let listing = self.store.list(keys::HOSTS).await?;
+        let mut renewals = tokio::task::JoinSet::new();
+        let mut live: HashMap<String, HostRecord> = HashMap::new();
+        for kv in &listing.items {
+            let h: HostRecord = decode(kv)?;
+            if let Some(lease) = kv.lease {
+                let (store, id) = (self.store.clone(), h.id.clone());
+                renewals.spawn(async move { (id, store.lease_ttl(lease).await) });
+            }
+            live.insert(h.id.clone(), h);
+        }
+        let now = now_secs();
+        let mut last_seen: HashMap<String, u64> = HashMap::new();
+        while let Some(done) = renewals.join_next().await {
+            let (id, ttl) = done.map_err(|e| AgentError::Internal(format!("lease query: {e}")))?;
+            // A lease that lapsed since the listing: unknown, as for a host without one.
+            if let Some(ttl) = ttl? {
+                last_seen.insert(id, now.saturating_sub(ttl.since_renewal().as_secs()));
+            }
+        }
+        let addresses = self.host_addresses().await?;
         let endpoints: Vec<Endpoint> = self.load_all(keys::ENDPOINTS).await?;
         let mut count: HashMap<String, usize> = HashMap::new();
         for ep in &endpoints {
@@ -201,12 +280,15 @@ impl Agent {
             let since = decode::<GoneRecord>(&kv).map(|g| g.since).unwrap_or(0);
             gone.insert(kv.key[keys::HOSTS_GONE.len()..].to_string(), since);
         }
-        for id in count.keys() {
+        // Also hosts not marked gone yet, and (on a shared store, where an address record
+        // lives from a host's first registration until it is freed) hosts whose gone mark
+        // went between the listings above: a host coming or going is always listed.
+        let unmarked = count.keys().chain(addresses.keys().filter(|_| self.shared));
+        for id in unmarked {
             if !live.contains_key(id) {
                 gone.entry(id.clone()).or_insert(0);
             }
         }
-        let now = now_secs();
         let mut views: Vec<HostView> = live
             .values()
             .map(|h| HostView {
@@ -215,19 +297,22 @@ impl Agent {
                 vtep_mac: Some(h.vtep_mac),
                 state: "up".into(),
                 endpoints: count.get(&h.id).copied().unwrap_or(0),
-                last_seen: now,
+                last_seen: last_seen.get(&h.id).copied().unwrap_or(0),
             })
             .collect();
         views.extend(
             gone.into_iter()
                 .filter(|(id, _)| !live.contains_key(id))
-                .map(|(id, since)| HostView {
-                    endpoints: count.get(&id).copied().unwrap_or(0),
-                    id,
-                    address: None,
-                    vtep_mac: None,
-                    state: "gone".into(),
-                    last_seen: since,
+                .map(|(id, since)| {
+                    let known = addresses.get(&id);
+                    HostView {
+                        endpoints: count.get(&id).copied().unwrap_or(0),
+                        address: known.and_then(|h| h.address),
+                        vtep_mac: known.map(|h| h.vtep_mac),
+                        id,
+                        state: "gone".into(),
+                        last_seen: since,
+                    }
                 }),
         );
         views.sort_by(|a, b| a.id.cmp(&b.id));
@@ -242,6 +327,7 @@ impl Agent {
             )));
         }
         let known = self.store.get(&keys::host_gone(id)).await?.is_some()
+            || self.store.get(&keys::host_address(id)).await?.is_some()
             || self
                 .load_all::<Endpoint>(keys::ENDPOINTS)
                 .await?
@@ -266,6 +352,8 @@ impl Agent {
         for kv in self.store.list(keys::BLOCKS).await?.items {
             holders.push(String::from_utf8_lossy(&kv.value).into_owned());
         }
+        // A host without endpoints or blocks holds its address record: freed too, in time.
+        holders.extend(self.host_addresses().await?.into_keys());
         holders.sort();
         holders.dedup();
         let now = now_secs();
@@ -295,7 +383,9 @@ impl Agent {
     }
 
     /// Deletes a gone host's endpoints (with their addresses), blocks and own records; each
-    /// step only while the host is still gone. Returns how many endpoints went.
+    /// step only while the host is still gone. Its address record goes last: until then the
+    /// other hosts keep their entries for whatever of its endpoints is left. Returns how many
+    /// endpoints went.
     async fn free_host(&self, id: &str) -> Result<usize> {
         let gone = || Compare::Absent(keys::host(id));
         let mut freed = 0;
@@ -375,7 +465,8 @@ impl Agent {
             Txn::new()
                 .when(gone())
                 .delete_prefix(keys::local_prefix(id))
-                .delete(keys::host_gone(id)),
+                .delete(keys::host_gone(id))
+                .delete(keys::host_address(id)),
         )
         .await?;
         Ok(freed)
@@ -407,6 +498,68 @@ impl Agent {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+
+    use berth_store::RedbStore;
+
+    #[tokio::test]
+    async fn registration_keeps_the_address_record_and_replaces_a_lapsed_lease() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(RedbStore::open(dir.path()).unwrap());
+        let agent = Agent::new(store.clone(), dir.path().join("netns"), 1500).with_host(
+            HostIdentity {
+                id: "h1".into(),
+                address: Some("198.51.100.11".parse().unwrap()),
+                mtu: 1500,
+            },
+            true,
+        );
+        let lease = agent.host_lease(Duration::from_millis(1500));
+        let first = lease.register(&*store).await.unwrap();
+        let live = store.get("hosts/h1").await.unwrap().unwrap();
+        assert_eq!(live.lease, Some(first));
+        let address = store.get("host-addresses/h1").await.unwrap().unwrap();
+        assert_eq!(address.lease, None, "the address record outlives the lease");
+        assert_eq!(decode::<HostRecord>(&address).unwrap(), lease.record);
+
+        // The lease lapses and other hosts mark the host gone: the address stays; the next
+        // registration clears the mark and leaves the unchanged address record alone (no
+        // event for every other host's reconcilers).
+        store.revoke_lease(first).await.unwrap();
+        assert!(store.get("hosts/h1").await.unwrap().is_none());
+        store
+            .txn(Txn::new().put(keys::host_gone("h1"), encode(&GoneRecord { since: 1 })))
+            .await
+            .unwrap();
+        let second = lease.register(&*store).await.unwrap();
+        assert_eq!(
+            store.get("hosts/h1").await.unwrap().unwrap().lease,
+            Some(second)
+        );
+        assert!(store.get("hosts-gone/h1").await.unwrap().is_none());
+        let again = store.get("host-addresses/h1").await.unwrap().unwrap();
+        assert_eq!(again.mod_revision, address.mod_revision, "not rewritten");
+
+        // keep(): a lease lapsed under it is replaced by a new registration.
+        let keeper = {
+            let (lease, store) = (lease.clone(), store.clone());
+            tokio::spawn(async move { lease.keep(&*store, second).await })
+        };
+        store.revoke_lease(second).await.unwrap();
+        let mut renewed = None;
+        for _ in 0..100 {
+            renewed = store.get("hosts/h1").await.unwrap().and_then(|kv| kv.lease);
+            if renewed.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            renewed.is_some_and(|l| l != second),
+            "registered again: {renewed:?}"
+        );
+        keeper.abort();
+    }
 
     #[test]
     fn vtep_macs_are_stable_unicast_and_differ_between_hosts() {

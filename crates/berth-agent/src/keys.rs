@@ -17,6 +17,10 @@
 //! default-routes/<netns-id>/<ipv4|ipv6>  endpoint id  (whose gateway the namespace's default
 //!                                    route of that family goes through: one per namespace)
 //! hosts/<host>                       HostRecord, under the host's lease (gone with it)
+//! host-addresses/<host>              HostRecord, not leased: the host's last registered
+//!                                    address, kept while its lease lapsed (other hosts keep
+//!                                    sending its endpoints' traffic there) and removed when
+//!                                    the host is freed
 //! hosts-gone/<host>                  when a host's lease was first seen lapsed (seconds since
 //!                                    the epoch); its records are freed a grace period later
 //! blocks/<network>/<addr>-<prefix>   host id (an overlay network's address block it owns)
@@ -52,6 +56,7 @@ pub const PORTS: &str = "ports/";
 pub const DEFAULT_ROUTES: &str = "default-routes/";
 pub const HOSTS: &str = "hosts/";
 pub const HOSTS_GONE: &str = "hosts-gone/";
+pub const HOST_ADDRESSES: &str = "host-addresses/";
 pub const BLOCKS: &str = "blocks/";
 pub const VNIS: &str = "vnis/";
 pub const SUBNETS: &str = "subnets/";
@@ -160,6 +165,9 @@ pub fn host(id: &str) -> String {
 }
 pub fn host_gone(id: &str) -> String {
     format!("{HOSTS_GONE}{id}")
+}
+pub fn host_address(id: &str) -> String {
+    format!("{HOST_ADDRESSES}{id}")
 }
 pub fn local_prefix(host: &str) -> String {
     format!("{LOCAL}{host}/")

@@ -5,7 +5,9 @@
 //! VXLAN device on it) while the host has endpoints on it. Remote endpoints reach the kernel
 //! only as static entries on the VXLAN device: an FDB entry (their MAC → their host's
 //! underlay address) and a neighbour entry (their address → their MAC, answered by the
-//! device's ARP/ND proxy). Nothing is learned and nothing floods.
+//! device's ARP/ND proxy). Nothing is learned and nothing floods. A host whose lease lapsed
+//! keeps its entries, at its last registered address, until it is freed: its daemon may be
+//! stopped, restarting or stalled while its containers run on. Only its names go.
 //!
 //! The [`ClusterReconciler`] lists hosts, networks and endpoints, then watches them from the
 //! listing's revision. Each change marks networks dirty; a dirty network's entries are
@@ -71,7 +73,11 @@ impl OverlayKernel for Kernel {
 /// What this host knows of the cluster: the input of every decision the reconciler makes.
 #[derive(Debug, Default)]
 pub struct ClusterView {
+    /// Hosts whose lease is alive (`hosts/`): their endpoints are named in DNS.
     pub hosts: HashMap<String, HostRecord>,
+    /// Every host's last registered address (`host-addresses/`, not leased): where a host
+    /// whose lease lapsed still gets its endpoints' traffic, until it is freed.
+    pub addresses: HashMap<String, HostRecord>,
     pub networks: HashMap<String, Network>,
     pub endpoints: HashMap<String, Endpoint>,
     /// Overlay networks deleted since the last sync: a device left here goes too.
@@ -83,10 +89,18 @@ pub struct ClusterView {
 
 impl ClusterView {
     /// The entries `net`'s VXLAN device on host `me` should have: every address of every
-    /// endpoint of the network on another live host with an underlay address.
+    /// endpoint of the network on another host, sent to that host's [`Self::vtep`]. A host
+    /// whose lease lapsed keeps its entries: its daemon may only be stopped or stalled while
+    /// its containers talk on.
     pub fn desired(&self, net: &Network, me: &str) -> BTreeSet<Remote> {
-        self.remote_endpoints(&net.name, me)
-            .filter_map(|(ep, host)| Some((ep, host.address?)))
+        let claimed: HashSet<IpAddr> = self.hosts.values().filter_map(|h| h.address).collect();
+        self.endpoints
+            .values()
+            .filter(|ep| ep.network == net.name)
+            .filter_map(|ep| {
+                let host = ep.host.as_deref().filter(|h| *h != me)?;
+                Some((ep, self.vtep(host, &claimed)?))
+            })
             .flat_map(|(ep, vtep)| {
                 ep.ips.iter().map(move |ip| Remote {
                     mac: ep.mac,
@@ -97,7 +111,24 @@ impl ClusterView {
             .collect()
     }
 
-    /// Endpoints of `network` on other hosts that are alive, with their host.
+    /// Where `host`'s endpoints are sent: its registered address while its lease lives;
+    /// after that its last registered one, until the host is freed (its address record
+    /// goes) or a live host registers that address (`claimed`: the address now belongs to
+    /// another machine, which would only drop the traffic).
+    fn vtep(&self, host: &str, claimed: &HashSet<IpAddr>) -> Option<IpAddr> {
+        match self.hosts.get(host) {
+            Some(live) => live.address,
+            None => self
+                .addresses
+                .get(host)?
+                .address
+                .filter(|a| !claimed.contains(a)),
+        }
+    }
+
+    /// Endpoints of `network` on other hosts that are alive, with their host: those named in
+    /// DNS. A lapsed host's names go at once (NXDOMAIN rather than an address that may be
+    /// dead), although its entries stay.
     pub fn remote_endpoints<'a>(
         &'a self,
         network: &'a str,
@@ -135,6 +166,13 @@ impl ClusterView {
             match put {
                 Some(kv) => self.hosts.insert(id.to_string(), decode(kv)?),
                 None => self.hosts.remove(id),
+            };
+            return Ok(None);
+        }
+        if let Some(id) = key.strip_prefix(keys::HOST_ADDRESSES) {
+            match put {
+                Some(kv) => self.addresses.insert(id.to_string(), decode(kv)?),
+                None => self.addresses.remove(id),
             };
             return Ok(None);
         }
@@ -184,7 +222,12 @@ impl ClusterView {
 const MAX_BATCH: usize = 1024;
 
 /// The watched prefixes: everything the reconciler decides from.
-const WATCHED: [&str; 3] = [keys::HOSTS, keys::NETWORKS, keys::ENDPOINTS];
+const WATCHED: [&str; 4] = [
+    keys::HOSTS,
+    keys::HOST_ADDRESSES,
+    keys::NETWORKS,
+    keys::ENDPOINTS,
+];
 
 /// The reconciler's own state between passes.
 pub struct ClusterReconciler {
@@ -275,12 +318,13 @@ impl ClusterReconciler {
             let mut dirty: Vec<String> = Vec::new();
             let mut taken = 0;
             loop {
-                let [hosts, networks, endpoints] = &mut watches[..] else {
+                let [hosts, addresses, networks, endpoints] = &mut watches[..] else {
                     return "watches missing".into();
                 };
                 let next = async {
                     tokio::select! {
                         e = hosts.next() => Some(e),
+                        e = addresses.next() => Some(e),
                         e = networks.next() => Some(e),
                         e = endpoints.next() => Some(e),
                         Some(net) = realized.recv() => {
@@ -632,6 +676,7 @@ mod tests {
         let mut v = ClusterView::default();
         for (id, last) in [("h1", 11), ("h2", 12), ("h3", 13)] {
             v.hosts.insert(id.into(), host(id, last));
+            v.addresses.insert(id.into(), host(id, last));
         }
         v.networks.insert("ov".into(), overlay("ov"));
         for ep in [
@@ -645,29 +690,74 @@ mod tests {
         v
     }
 
+    /// `(ip, vtep)` of each entry, sorted.
+    fn entries(want: &BTreeSet<Remote>) -> Vec<String> {
+        want.iter()
+            .map(|r| format!("{}@{}", r.ip, r.vtep))
+            .collect()
+    }
+
     #[test]
-    fn a_host_wants_entries_for_remote_endpoints_of_live_hosts_only() {
-        let mut v = view();
+    fn a_host_wants_entries_for_every_remote_endpoint_but_never_the_gateway() {
+        let v = view();
         let want = v.desired(&overlay("ov"), "h1");
-        let vteps: Vec<String> = want.iter().map(|r| r.vtep.to_string()).collect();
-        assert_eq!(vteps, ["198.51.100.12", "198.51.100.13"]);
+        assert_eq!(
+            entries(&want),
+            ["10.188.0.66@198.51.100.12", "10.188.0.130@198.51.100.13"]
+        );
         assert!(
             want.iter().all(|r| r.ip.to_string() != "10.188.0.1"),
             "never the gateway"
         );
-        // h3's lease lapsed: its entries go.
+        // A host that registered before address records existed: its live record will do.
+        let mut old = view();
+        old.addresses.clear();
+        assert_eq!(old.desired(&overlay("ov"), "h1"), want);
+    }
+
+    #[test]
+    fn a_lapsed_host_keeps_its_entries_until_freed_or_its_address_is_taken() {
+        let mut v = view();
+        let ov = overlay("ov");
+        let before = entries(&v.desired(&ov, "h1"));
+        let named = |v: &ClusterView| -> Vec<String> {
+            let mut ids: Vec<String> = v
+                .remote_endpoints("ov", "h1")
+                .map(|(ep, _)| ep.id.clone())
+                .collect();
+            ids.sort();
+            ids
+        };
+        assert_eq!(named(&v), ["b", "c"]);
+
+        // h3's lease lapses (its daemon is stopped or stalled): its containers stay reachable
+        // at its last address; only its names go.
         v.hosts.remove("h3");
-        let want = v.desired(&overlay("ov"), "h1");
-        assert_eq!(want.len(), 1);
-        assert_eq!(want.iter().next().unwrap().ip.to_string(), "10.188.0.66");
-        // h2 came back with a new address: the entry moves.
-        let mut h2 = host("h2", 50);
-        h2.id = "h2".into();
-        v.hosts.insert("h2".into(), h2);
-        let moved = v.desired(&overlay("ov"), "h1");
+        assert_eq!(entries(&v.desired(&ov, "h1")), before);
+        assert_eq!(named(&v), ["b"]);
+
+        // Another live host registers h3's address: that machine is not h3 any more.
+        v.hosts.insert("h4".into(), host("h4", 13));
         assert_eq!(
-            moved.iter().next().unwrap().vtep.to_string(),
-            "198.51.100.50"
+            entries(&v.desired(&ov, "h1")),
+            ["10.188.0.66@198.51.100.12"]
+        );
+        v.hosts.remove("h4");
+        assert_eq!(entries(&v.desired(&ov, "h1")), before);
+
+        // h3 is freed (grace over, or `berth host rm`): its address record goes.
+        v.addresses.remove("h3");
+        assert_eq!(
+            entries(&v.desired(&ov, "h1")),
+            ["10.188.0.66@198.51.100.12"]
+        );
+
+        // h2 comes back with a new address: the live record wins over an older address
+        // record, and the entry moves.
+        v.hosts.insert("h2".into(), host("h2", 50));
+        assert_eq!(
+            entries(&v.desired(&ov, "h1")),
+            ["10.188.0.66@198.51.100.50"]
         );
     }
 
@@ -690,17 +780,29 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(nets, ["other", "ov"], "old and new network");
-        assert_eq!(
-            v.apply(&Event::Delete {
-                key: "hosts/h2".into(),
-                revision: 2,
-                prev: None
-            })
-            .unwrap(),
-            None,
-            "a host change touches every network"
-        );
+        for key in ["hosts/h2", "host-addresses/h2"] {
+            assert_eq!(
+                v.apply(&Event::Delete {
+                    key: key.into(),
+                    revision: 2,
+                    prev: None
+                })
+                .unwrap(),
+                None,
+                "a host change touches every network"
+            );
+        }
         assert!(!v.hosts.contains_key("h2"));
+        assert!(!v.addresses.contains_key("h2"));
+        assert_eq!(
+            v.apply(&Event::Put(kv(
+                "host-addresses/h2",
+                serde_json::to_vec(&host("h2", 12)).unwrap()
+            )))
+            .unwrap(),
+            None
+        );
+        assert_eq!(v.addresses["h2"].address, host("h2", 12).address);
         assert!(
             v.apply(&Event::Put(kv("endpoints/e", b"not json".to_vec())))
                 .is_err(),
@@ -803,9 +905,10 @@ mod tests {
     }
 
     /// The whole loop on a real (embedded) store and the fake kernel: entries follow the
-    /// store through host loss, a host's new address, and a forced relist.
+    /// store through a lease lapse (kept), a forced relist (still kept), an address taken by
+    /// another host, the host freed, and the host back at a new address.
     #[tokio::test]
-    async fn the_reconciler_follows_the_store_through_lease_loss_moves_and_compaction() {
+    async fn the_reconciler_keeps_a_lapsed_hosts_entries_until_it_is_freed() {
         use berth_store::{RedbStore, Store, Txn};
 
         let dir = tempfile::tempdir().unwrap();
@@ -826,7 +929,9 @@ mod tests {
             .txn(
                 put("networks/ov", json(&overlay("ov")))
                     .put("hosts/h1", json(&host("h1", 11)))
+                    .put("host-addresses/h1", json(&host("h1", 11)))
                     .put("hosts/h2", json(&host("h2", 12)))
+                    .put("host-addresses/h2", json(&host("h2", 12)))
                     .put(
                         "endpoints/a",
                         json(&endpoint("a", "ov", "h1", [10, 188, 0, 2])),
@@ -847,12 +952,7 @@ mod tests {
         let (_tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let task = tokio::spawn(ClusterReconciler::new(agent, kernel.clone()).run(rx));
 
-        let vteps = || -> Vec<String> {
-            kernel.entries.lock().unwrap()["ov"]
-                .iter()
-                .map(|r| format!("{}@{}", r.ip, r.vtep))
-                .collect()
-        };
+        let vteps = || -> Vec<String> { entries(&kernel.entries.lock().unwrap()["ov"]) };
         let eventually = |want: Vec<&str>| {
             let want: Vec<String> = want.into_iter().map(String::from).collect();
             let vteps = &vteps;
@@ -868,30 +968,53 @@ mod tests {
         };
         eventually(vec!["10.188.0.66@198.51.100.12"]).await;
 
-        // h2's lease lapses: its entries go.
+        // h2's lease lapses, then one more endpoint of it shows up: the sync that follows
+        // keeps the old entry and adds the new one.
         store.txn(Txn::new().delete("hosts/h2")).await.unwrap();
-        eventually(vec![]).await;
-        // h2 comes back with a new address: the entries point there.
         store
-            .txn(put("hosts/h2", json(&host("h2", 50))))
+            .txn(put(
+                "endpoints/c",
+                json(&endpoint("c", "ov", "h2", [10, 188, 0, 67])),
+            ))
             .await
             .unwrap();
-        eventually(vec!["10.188.0.66@198.51.100.50"]).await;
+        eventually(vec![
+            "10.188.0.66@198.51.100.12",
+            "10.188.0.67@198.51.100.12",
+        ])
+        .await;
 
         // The watch history is gone (as after an etcd compaction): the reconciler lists again
-        // and picks up what changed meanwhile, leaving nothing stale.
+        // and picks up what changed meanwhile, still keeping the lapsed host's entries.
         redb.compact_history();
+        store.txn(Txn::new().delete("endpoints/c")).await.unwrap();
+        eventually(vec!["10.188.0.66@198.51.100.12"]).await;
+
+        // Another host registers h2's address: the entry goes; and comes back with it gone.
+        store
+            .txn(put("hosts/h3", json(&host("h3", 12))))
+            .await
+            .unwrap();
+        eventually(vec![]).await;
+        store.txn(Txn::new().delete("hosts/h3")).await.unwrap();
+        eventually(vec!["10.188.0.66@198.51.100.12"]).await;
+
+        // h2 is freed: its address record goes, and the entry with it.
+        store
+            .txn(Txn::new().delete("host-addresses/h2"))
+            .await
+            .unwrap();
+        eventually(vec![]).await;
+
+        // h2 comes back with a new address: the entries point there.
         store
             .txn(
-                put(
-                    "endpoints/c",
-                    json(&endpoint("c", "ov", "h2", [10, 188, 0, 67])),
-                )
-                .delete("endpoints/b"),
+                put("hosts/h2", json(&host("h2", 50)))
+                    .put("host-addresses/h2", json(&host("h2", 50))),
             )
             .await
             .unwrap();
-        eventually(vec!["10.188.0.67@198.51.100.50"]).await;
+        eventually(vec!["10.188.0.66@198.51.100.50"]).await;
         task.abort();
     }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use berth_store::{
-    Compare, KeyValue, LeaseId, Listing, Op, Store, StoreError, Txn, TxnOutcome, Watch,
+    Compare, KeyValue, LeaseId, LeaseTtl, Listing, Op, Store, StoreError, Txn, TxnOutcome, Watch,
 };
 
 use crate::keys;
@@ -125,6 +125,10 @@ impl Store for HostScoped {
         self.inner.revoke_lease(lease).await
     }
 
+    async fn lease_ttl(&self, lease: LeaseId) -> Result<Option<LeaseTtl>, StoreError> {
+        self.inner.lease_ttl(lease).await
+    }
+
     fn describe(&self) -> String {
         self.inner.describe()
     }
@@ -182,6 +186,9 @@ mod tests {
             unreachable!()
         }
         async fn revoke_lease(&self, _: LeaseId) -> Result<(), StoreError> {
+            unreachable!()
+        }
+        async fn lease_ttl(&self, _: LeaseId) -> Result<Option<LeaseTtl>, StoreError> {
             unreachable!()
         }
         fn describe(&self) -> String {

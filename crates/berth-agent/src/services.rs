@@ -50,6 +50,9 @@ pub(crate) struct ServiceView {
     /// Following the watch (not reading a listing): new local endpoints wait for their
     /// attach to finish.
     live: bool,
+    /// Flows to end that no frontend change shows: to the endpoints of a host whose lease
+    /// lapsed, once they go (they left the load balancer at the lapse, keeping their flows).
+    flows_of_lapsed: Vec<(Frontend, Backend)>,
 }
 
 impl ServiceView {
@@ -86,10 +89,15 @@ impl ServiceView {
     /// The frontends a service wants here, with their pools: each port on each VIP, and each
     /// published port per family.
     fn frontends(&self, svc: &Service) -> Vec<(Frontend, Pool)> {
+        let backends: Vec<&Endpoint> = self.backends(svc).collect();
+        self.frontends_over(svc, &backends)
+    }
+
+    /// [`Self::frontends`] with these backends.
+    fn frontends_over(&self, svc: &Service, backends: &[&Endpoint]) -> Vec<(Frontend, Pool)> {
         if !self.carried_here(svc) {
             return Vec::new();
         }
-        let backends: Vec<&Endpoint> = self.backends(svc).collect();
         let mut out = Vec::new();
         for vip in &svc.vips {
             for p in &svc.ports {
@@ -191,7 +199,35 @@ impl ServiceView {
         if let Some(ids) = self.endpoints_of.get_mut(&old.network) {
             ids.remove(id);
         }
-        self.touched_by(&old).collect()
+        let touched: Vec<String> = self.touched_by(&old).collect();
+        if !self.usable(&old) {
+            let flows: Vec<(Frontend, Backend)> = touched
+                .iter()
+                .filter_map(|name| self.services.get(name))
+                .flat_map(|svc| self.frontends_over(svc, &[&old]))
+                .flat_map(|(f, pool)| pool.backends.into_iter().map(move |b| (f, b)))
+                .collect();
+            self.flows_of_lapsed.extend(flows);
+        }
+        touched
+    }
+
+    /// Of the backends that left their frontends, those whose flows end now, and the flows
+    /// of a lapsed host's endpoints that went since. A backend that left because its host's
+    /// lease lapsed keeps its flows: its daemon may only be stopped or stalled, and its
+    /// container answers on (new connections go elsewhere meanwhile).
+    fn flows_ending(&mut self, mut left: Vec<(Frontend, Backend)>) -> Vec<(Frontend, Backend)> {
+        if !left.is_empty() {
+            let lapsed: HashSet<IpAddr> = self
+                .endpoints
+                .values()
+                .filter(|ep| !self.usable(ep))
+                .flat_map(|ep| ep.ips.iter().map(|ip| ip.addr()))
+                .collect();
+            left.retain(|(_, b)| !lapsed.contains(&b.addr));
+        }
+        left.append(&mut self.flows_of_lapsed);
+        left
     }
 
     /// Applies one watch event; returns the services it touches (`None`: all of them).
@@ -371,7 +407,7 @@ impl Agent {
                     }
                 }
                 state.stale = false;
-                left
+                state.view.flows_ending(left)
             }
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "cannot program services; syncing them all");
@@ -527,7 +563,7 @@ impl Agent {
         state.view.programmed = programmed;
         state.stale = false;
         state.synced_at = std::time::Instant::now();
-        Ok(left)
+        Ok(state.view.flows_ending(left))
     }
 
     /// [`Agent::sync_everything`], a failure logged: the state stays stale, and the next
@@ -1183,6 +1219,37 @@ mod tests {
         );
         assert_eq!(v.remove_endpoint("a"), ["web"]);
         assert_eq!(pool_addrs(&v, &web), ["10.0.0.4:8080"]);
+    }
+
+    #[test]
+    fn a_lapsed_hosts_backends_keep_their_flows_until_their_endpoints_go() {
+        let mut v = ServiceView::new("h1", true);
+        for h in ["h1", "h2"] {
+            v.hosts.insert(h.into());
+        }
+        let web = svc("web", "blue", "app=web", &["80:8080"]);
+        v.put_service(web.clone());
+        v.put_endpoint(ep("a", "blue", "h1", "10.0.0.2", &[("app", "web")]));
+        v.put_endpoint(ep("b", "blue", "h2", "10.0.0.3", &[("app", "web")]));
+        let (vip, _) = v.frontends(&web)[0].clone();
+        let backend = |addr: &str| Backend {
+            addr: addr.parse().unwrap(),
+            port: 8080,
+            local: false,
+        };
+
+        // h2's lease lapses: b leaves the pool, but its flows are not ended.
+        v.hosts.remove("h2");
+        assert_eq!(pool_addrs(&v, &web), ["10.0.0.2:8080"]);
+        assert_eq!(v.flows_ending(vec![(vip, backend("10.0.0.3"))]), []);
+        // A backend that leaves for another reason (its labels) ends its flows.
+        let left = vec![(vip, backend("10.0.0.2"))];
+        assert_eq!(v.flows_ending(left.clone()), left);
+
+        // h2 is freed: b's record goes, and with it its flows.
+        assert_eq!(v.remove_endpoint("b"), ["web"]);
+        assert_eq!(v.flows_ending(vec![]), [(vip, backend("10.0.0.3"))]);
+        assert_eq!(v.flows_ending(vec![]), [], "once");
     }
 
     #[test]

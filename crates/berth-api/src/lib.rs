@@ -81,9 +81,11 @@ pub struct HostView {
     pub address: Option<std::net::IpAddr>,
     pub vtep_mac: Option<MacAddr>,
     /// `up` (its lease is alive) or `gone` (lapsed; its records wait for the grace period).
+    /// A gone host shows its last registered address and VTEP MAC.
     pub state: String,
     pub endpoints: usize,
-    /// Seconds since the epoch when it was last known alive (now, for a host that is up).
+    /// Seconds since the epoch: an up host's last lease renewal (whole seconds, from the
+    /// lease's remaining TTL), a gone host's lapse as first noticed; 0 when unknown.
     pub last_seen: u64,
 }
 

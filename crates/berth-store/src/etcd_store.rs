@@ -17,8 +17,8 @@ use etcd_client::{
 };
 
 use crate::{
-    Compare, Event, KeyValue, LeaseId, Listing, Op, Store, StoreError, Txn, TxnOutcome, Watch,
-    WatchError, WatchSource,
+    Compare, Event, KeyValue, LeaseId, LeaseTtl, Listing, Op, Store, StoreError, Txn, TxnOutcome,
+    Watch, WatchError, WatchSource,
 };
 
 /// The deadline of every request (and of connecting).
@@ -418,6 +418,24 @@ impl Store for EtcdStore {
         self.call_leased("lease revoke", lease.revoke(id), Some(id))
             .await
             .map(drop)
+    }
+
+    async fn lease_ttl(&self, id: LeaseId) -> Result<Option<LeaseTtl>, StoreError> {
+        let mut lease = self.client.lease_client();
+        let resp = match self
+            .call_leased("lease time-to-live", lease.time_to_live(id, None), Some(id))
+            .await
+        {
+            Ok(r) => r,
+            Err(StoreError::LeaseNotFound(_)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        // etcd answers "not found" or a TTL of -1 for a lease it does not have any more.
+        let secs = |s: i64| Duration::from_secs(u64::try_from(s).unwrap_or(0));
+        Ok((resp.ttl() >= 0).then(|| LeaseTtl {
+            granted: secs(resp.granted_ttl()),
+            remaining: secs(resp.ttl()),
+        }))
     }
 
     fn describe(&self) -> String {

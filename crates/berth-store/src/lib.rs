@@ -21,6 +21,22 @@ pub use redb_store::RedbStore;
 /// A lease handle, as etcd numbers them.
 pub type LeaseId = i64;
 
+/// What is left of a lease: how long it was granted for and how long until it lapses unless
+/// kept alive. `granted - remaining` is the time since it was last kept alive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseTtl {
+    pub granted: std::time::Duration,
+    /// etcd counts whole seconds, rounded down.
+    pub remaining: std::time::Duration,
+}
+
+impl LeaseTtl {
+    /// How long ago the lease was last kept alive (or granted).
+    pub fn since_renewal(&self) -> std::time::Duration {
+        self.granted.saturating_sub(self.remaining)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
@@ -260,6 +276,9 @@ pub trait Store: Send + Sync + 'static {
     async fn keep_alive(&self, lease: LeaseId) -> Result<(), StoreError>;
     /// Ends the lease now, deleting its keys.
     async fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError>;
+    /// The lease's granted and remaining TTL; `None` once it expired or was revoked. A read:
+    /// it does not keep the lease alive.
+    async fn lease_ttl(&self, lease: LeaseId) -> Result<Option<LeaseTtl>, StoreError>;
     /// A line for `berth status`: the backend and where its data lives.
     fn describe(&self) -> String;
 }

@@ -22,8 +22,8 @@ use redb::{Database, ReadableDatabase, ReadableTable, Table, TableDefinition, Wr
 use tokio::sync::watch;
 
 use crate::{
-    Event, KeyValue, LeaseId, Listing, Op, Store, StoreError, Txn, TxnOutcome, Watch, WatchError,
-    WatchSource,
+    Event, KeyValue, LeaseId, LeaseTtl, Listing, Op, Store, StoreError, Txn, TxnOutcome, Watch,
+    WatchError, WatchSource,
 };
 
 const KV: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("kv");
@@ -478,6 +478,17 @@ impl Inner {
         Ok(id)
     }
 
+    fn lease_ttl(&self, id: LeaseId) -> Option<LeaseTtl> {
+        let now = Instant::now();
+        lock(&self.leases)
+            .get(&id)
+            .filter(|l| l.deadline > now)
+            .map(|l| LeaseTtl {
+                granted: l.ttl,
+                remaining: l.deadline - now,
+            })
+    }
+
     fn keep_alive(&self, id: LeaseId) -> Result<(), StoreError> {
         match lock(&self.leases).get_mut(&id) {
             Some(l) if l.deadline > Instant::now() => {
@@ -781,6 +792,10 @@ impl Store for RedbStore {
 
     async fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
         self.blocking(move |inner| inner.revoke(lease, false)).await
+    }
+
+    async fn lease_ttl(&self, lease: LeaseId) -> Result<Option<LeaseTtl>, StoreError> {
+        Ok(self.inner.lease_ttl(lease))
     }
 
     fn describe(&self) -> String {

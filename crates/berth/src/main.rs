@@ -143,7 +143,8 @@ enum Command {
 
 #[derive(Subcommand)]
 enum HostCmd {
-    /// List the hosts: up (lease alive) and gone (records kept for the grace period).
+    /// List the hosts: up (lease alive; LAST SEEN is its last renewal) and gone (records kept
+    /// for the grace period; LAST SEEN is when the lapse was first noticed).
     Ls,
     /// Free a gone host's endpoints, addresses and blocks now.
     Rm {
@@ -233,8 +234,9 @@ struct DaemonArgs {
     /// after its daemon stopped renewing it.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     host_lease_ttl: u64,
-    /// Seconds a gone host's addresses and blocks stay reserved for it before any host frees
-    /// them (`berth host rm` frees them at once).
+    /// Seconds a gone host's addresses and blocks stay reserved for it, and other hosts keep
+    /// forwarding to its containers, before any host frees them (`berth host rm` frees them
+    /// at once).
     #[arg(long, default_value_t = 600)]
     host_gone_grace: u64,
     /// The range service VIPs come from, e.g. `--service-cidr 10.96.0.0/16`; repeat for IPv6

@@ -446,6 +446,31 @@ pub async fn leased_keys_stay_while_kept_alive_and_go_on_revoke(b: &Backend) {
     assert_eq!(get(s, "lk/c").await, None, "a failed txn changed something");
 }
 
+/// A lease's TTL shows the time since it was last kept alive (whole seconds on etcd), and
+/// reading it does not keep it alive.
+pub async fn lease_ttl_shows_the_time_since_the_last_keep_alive(b: &Backend) {
+    let s = &*b.store;
+    let granted = Duration::from_secs(6);
+    let lease = s.grant_lease(granted).await.unwrap();
+    let fresh = s.lease_ttl(lease).await.unwrap().expect("a live lease");
+    assert_eq!(fresh.granted, granted);
+    assert!(fresh.since_renewal() <= Duration::from_secs(1), "{fresh:?}");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let aged = s.lease_ttl(lease).await.unwrap().expect("a live lease");
+    assert!(
+        (Duration::from_secs(2)..=Duration::from_secs(4)).contains(&aged.since_renewal()),
+        "2.5 s after the grant: {aged:?}"
+    );
+    s.keep_alive(lease).await.unwrap();
+    let renewed = s.lease_ttl(lease).await.unwrap().expect("a live lease");
+    assert!(
+        renewed.since_renewal() <= Duration::from_secs(1),
+        "{renewed:?}"
+    );
+    s.revoke_lease(lease).await.unwrap();
+    assert_eq!(s.lease_ttl(lease).await.unwrap(), None, "a revoked lease");
+}
+
 pub async fn plain_put_detaches_from_the_lease(b: &Backend) {
     let s = &*b.store;
     let lease = s.grant_lease(Duration::from_secs(30)).await.unwrap();

@@ -43,6 +43,7 @@ conformance!(
     create_revision_stays_across_updates,
     leased_keys_vanish_without_keep_alive,
     leased_keys_stay_while_kept_alive_and_go_on_revoke,
+    lease_ttl_shows_the_time_since_the_last_keep_alive,
     plain_put_detaches_from_the_lease,
 );
 

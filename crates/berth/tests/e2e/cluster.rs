@@ -24,7 +24,7 @@ pub const UNDERLAY_PREFIX: &str = "198.51.100";
 pub const UNDERLAY_MTU: u32 = 1500;
 /// VXLAN over IPv4: outer IP 20 + UDP 8 + VXLAN 8 + inner Ethernet 14.
 pub const VXLAN_OVERHEAD: u32 = 50;
-/// The daemons' host lease, in seconds (`--host-lease-ttl`): short, for tests.
+/// The daemons' default host lease, in seconds (`--host-lease-ttl`): short, for tests.
 pub const LEASE_TTL: u64 = 3;
 /// The default `--host-gone-grace`, in seconds.
 pub const GONE_GRACE: u64 = 5;
@@ -37,6 +37,8 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 pub struct Options {
     /// `--host-gone-grace` of every daemon, in seconds.
     pub gone_grace: u64,
+    /// `--host-lease-ttl` of every daemon, in seconds.
+    pub lease_ttl: u64,
     /// Whether `Cluster::with` starts the daemons.
     pub start_daemons: bool,
 }
@@ -45,6 +47,7 @@ impl Default for Options {
     fn default() -> Options {
         Options {
             gone_grace: GONE_GRACE,
+            lease_ttl: LEASE_TTL,
             start_daemons: true,
         }
     }
@@ -313,7 +316,7 @@ impl Cluster {
             "--advertise-address".into(),
             self.addr(i),
             "--host-lease-ttl".into(),
-            LEASE_TTL.to_string(),
+            self.opts.lease_ttl.to_string(),
             "--host-gone-grace".into(),
             self.opts.gone_grace.to_string(),
         ]

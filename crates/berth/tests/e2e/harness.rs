@@ -217,6 +217,26 @@ impl Host {
         }
     }
 
+    /// Freezes the daemon (SIGSTOP), as a stalled process: its containers run on. `resume`,
+    /// `kill` and drop work on a frozen daemon.
+    pub fn pause(&self) {
+        self.signal_daemon(nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    /// Undoes `pause` (SIGCONT).
+    pub fn resume(&self) {
+        self.signal_daemon(nix::sys::signal::Signal::SIGCONT);
+    }
+
+    fn signal_daemon(&self, signal: nix::sys::signal::Signal) {
+        let daemon = self
+            .daemon
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let d = daemon.as_ref().expect("a running daemon");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(d.id() as i32), signal).unwrap();
+    }
+
     /// SIGTERM, as a service manager stops it.
     pub fn stop(&self) {
         if let Some(mut d) = self

@@ -13,6 +13,7 @@ mod harness;
 mod lifecycle;
 mod multihost;
 mod multihost_crash;
+mod multihost_lease;
 mod multihost_policy;
 mod multihost_runtimes;
 mod multihost_services;
