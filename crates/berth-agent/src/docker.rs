@@ -976,6 +976,17 @@ impl Agent {
             .into_iter()
             .filter(|d| !d.pool.is_empty())
             .collect();
+        for (what, pools) in [
+            ("IPv4 pools (--subnet)", &v4),
+            ("IPv6 pools (--subnet)", &v6),
+        ] {
+            check_count(
+                what,
+                pools.len(),
+                1,
+                "per network (a berth network has one subnet of each family)",
+            )?;
+        }
         let pool_of = |d: &IpamData| parse_cidr_addr("pool", &d.pool).map(|p| p.trunc());
         let gateway_of = |d: &IpamData| -> Result<Option<String>> {
             Ok(match d.gateway.as_str() {

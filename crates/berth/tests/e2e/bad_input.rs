@@ -968,9 +968,9 @@ fn a_huge_label_set_is_refused_without_growing_the_daemon() {
     unchanged(&h, &before, "100,000 labels");
 }
 
-/// The Docker plugin holds an endpoint's driver options and port bindings to the same caps,
-/// answering in the engine's form (`{"Err": ...}`), and a body over the limit too; nothing is
-/// made or held.
+/// The Docker plugin holds an endpoint's driver options and port bindings to the same caps, and
+/// a network to one pool per family, answering in the engine's form (`{"Err": ...}`), and a
+/// body over the limit too; nothing is made or held.
 #[test]
 fn docker_requests_over_a_cap_get_the_engines_error_form_and_change_nothing() {
     let h = Host::new();
@@ -1032,6 +1032,20 @@ fn docker_requests_over_a_cap_get_the_engines_error_form_and_change_nothing() {
             vec![b' '; 3 << 20],
             413,
             "request body too large: at most 2097152 bytes",
+        ),
+        (
+            "NetworkDriver.CreateNetwork",
+            json!({
+                "NetworkID": "dn2",
+                "IPv4Data": [
+                    {"AddressSpace": "LocalDefault", "Pool": "10.95.0.0/24"},
+                    {"AddressSpace": "LocalDefault", "Pool": "10.96.0.0/24"},
+                ],
+            })
+            .to_string()
+            .into_bytes(),
+            400,
+            "too many IPv4 pools (--subnet): 2 given, at most 1 per network (a berth network has one subnet of each family)",
         ),
     ];
     for (method, body, code, expected) in &cases {
