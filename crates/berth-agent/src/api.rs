@@ -14,7 +14,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use berth_api::{
-    Attach, CreateNetwork, CreateSandbox, CreateService, Detach, ErrorBody, Gc, Policy,
+    Attach, CreateNetwork, CreateSandbox, CreateService, Detach, ErrorBody, Gc, MAX_BODY, Policy,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -46,11 +46,8 @@ fn ok<T: Serialize>(status: StatusCode, v: T) -> Response {
     (status, axum::Json(v)).into_response()
 }
 
-/// The largest request body accepted (axum's default, made explicit so the 413 can say it).
-const BODY_LIMIT: usize = 2 << 20;
-
 /// axum answers some failures itself, before any handler runs, with a plain-text or empty body:
-/// a method a path does not have (405), a body over [`BODY_LIMIT`] (413). Every failure has the
+/// a method a path does not have (405), a body over [`MAX_BODY`] (413). Every failure has the
 /// one shape docs/api.md documents, so those are rewritten as `{"error": ...}`.
 async fn json_errors(req: Request, next: Next) -> Response {
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
@@ -69,7 +66,7 @@ async fn json_errors(req: Request, next: Next) -> Response {
             format!("method {method} is not allowed on {path} (see docs/api.md)")
         }
         StatusCode::PAYLOAD_TOO_LARGE => {
-            format!("request body too large: at most {BODY_LIMIT} bytes")
+            format!("request body too large: at most {MAX_BODY} bytes")
         }
         _ => {
             let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
@@ -138,7 +135,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .fallback(|| async {
             AgentError::NotFound("no such API path (see docs/api.md)".into()).into_response()
         })
-        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn(json_errors))
         .with_state(agent)
 }

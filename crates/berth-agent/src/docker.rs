@@ -15,15 +15,17 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path as UrlPath, State};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path as UrlPath, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use berth_api::CreateNetwork;
 use berth_dataplane::{Netlink, netns};
 use berth_model::{
-    DEFAULT_POOL, DEFAULT_POOL_PREFIX, Driver, Endpoint, Labels, MacAddr, ModelError, NamedPort,
-    NetnsRef, Network, PortMapping, Protocol, validate_labels, veth_name,
+    DEFAULT_POOL, DEFAULT_POOL_PREFIX, Driver, Endpoint, Labels, MAX_BODY, MAX_LABELS,
+    MAX_NAMED_PORTS, MAX_PUBLISHED_PORTS, MacAddr, ModelError, NamedPort, NetnsRef, Network,
+    PortMapping, Protocol, check_count, validate_labels, validate_named_ports, veth_name,
 };
 use berth_store::{Compare, Txn, TxnOutcome};
 use ipnet::IpNet;
@@ -141,6 +143,13 @@ fn docker_labels(opts: &HashMap<String, Value>) -> Result<Labels> {
             Some((key.to_string(), v.as_str().unwrap_or_default().to_string()))
         })
         .collect();
+    // Counted as the engine's user wrote them (`--driver-opt`), then checked as any labels.
+    check_count(
+        format!("labels (driver options {LABEL_OPTION_PREFIX}*)"),
+        labels.len(),
+        MAX_LABELS,
+        "per endpoint",
+    )?;
     validate_labels(&labels)?;
     Ok(labels)
 }
@@ -157,6 +166,13 @@ fn docker_named_ports(opts: &HashMap<String, Value>) -> Result<Vec<NamedPort>> {
             Some(format!("{name}={}", v.as_str().unwrap_or_default()).parse())
         })
         .collect::<Result<_, ModelError>>()?;
+    check_count(
+        format!("named ports (driver options {PORT_NAME_OPTION_PREFIX}*)"),
+        named.len(),
+        MAX_NAMED_PORTS,
+        "per endpoint",
+    )?;
+    validate_named_ports(&named)?;
     named.sort_by(|a, b| a.name.as_str().cmp(b.name.as_str()));
     Ok(named)
 }
@@ -266,6 +282,12 @@ fn docker_ports(opts: &HashMap<String, Value>) -> Result<Vec<PortMapping>> {
     };
     let bindings: Vec<PortBinding> = serde_json::from_value(v.clone())
         .map_err(|e| invalid(format!("invalid com.docker.network.portmap: {e}")))?;
+    check_count(
+        "port bindings (-p)",
+        bindings.len(),
+        MAX_PUBLISHED_PORTS,
+        "per endpoint",
+    )?;
     bindings
         .iter()
         .map(|b| {
@@ -348,14 +370,28 @@ pub fn router(agent: Arc<Agent>) -> Router {
     Router::new()
         .route("/{method}", post(dispatch))
         .fallback(|| async { PluginError(StatusCode::NOT_FOUND, "no such plugin method".into()) })
+        .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(agent)
 }
 
 async fn dispatch(
     State(a): State<Arc<Agent>>,
     UrlPath(method): UrlPath<String>,
-    body: Bytes,
+    body: std::result::Result<Bytes, BytesRejection>,
 ) -> Response {
+    // A body over the limit (or one that could not be read) is answered in the engine's form
+    // too, not axum's plain text.
+    let body = match body {
+        Ok(body) => body,
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return PluginError(
+                e.status(),
+                format!("request body too large: at most {MAX_BODY} bytes"),
+            )
+            .into_response();
+        }
+        Err(e) => return PluginError(e.status(), e.body_text()).into_response(),
+    };
     tracing::debug!(%method, body = %String::from_utf8_lossy(&body), "docker plugin call");
     let started = std::time::Instant::now();
     let _one_at_a_time = a.docker_calls.lock().await;
@@ -940,6 +976,17 @@ impl Agent {
             .into_iter()
             .filter(|d| !d.pool.is_empty())
             .collect();
+        for (what, pools) in [
+            ("IPv4 pools (--subnet)", &v4),
+            ("IPv6 pools (--subnet)", &v6),
+        ] {
+            check_count(
+                what,
+                pools.len(),
+                1,
+                "per network (a berth network has one subnet of each family)",
+            )?;
+        }
         let pool_of = |d: &IpamData| parse_cidr_addr("pool", &d.pool).map(|p| p.trunc());
         let gateway_of = |d: &IpamData| -> Result<Option<String>> {
             Ok(match d.gateway.as_str() {

@@ -10,8 +10,10 @@ use std::path::Path;
 use berth_api::Attach;
 use berth_dataplane::{EndpointSpec, Netlink, netns};
 use berth_model::{
-    Driver, Endpoint, MacAddr, NetnsRef, Network, Sandbox, tombstone_name, validate_ifname,
-    validate_name, veth_name,
+    Driver, Endpoint, IFNAME_MAX, MAX_CONTAINER_ID, MAX_GC_ATTACHMENTS, MacAddr, NetnsRef, Network,
+    Sandbox, Shown, check_count, check_length, parse_requested_ips, tombstone_name,
+    validate_aliases, validate_container_id, validate_ifname, validate_labels, validate_name,
+    validate_named_ports, validate_netns_ref, veth_name,
 };
 use berth_store::{Compare, KeyValue, Txn, TxnOutcome};
 use ipnet::IpNet;
@@ -160,7 +162,8 @@ impl Agent {
         };
         if named && record.is_none() {
             return Err(AgentError::NotFound(format!(
-                "no sandbox named {sandbox:?}"
+                "no sandbox named {}",
+                Shown(sandbox)
             )));
         }
         let (path, name) = match &record {
@@ -238,29 +241,24 @@ impl Agent {
     /// One attempt at an attach; `Ok(Err(endpoint))` when a dead endpoint holds what the
     /// attach needs.
     async fn attach_once(&self, req: &Attach) -> Result<Result<Endpoint, Endpoint>> {
+        // Everything the request carries is checked, and its lists and strings held to their
+        // caps (docs/api.md), before anything is read or changed.
+        validate_name("network", &req.network)?;
+        validate_netns_ref(&req.sandbox)?;
         let ifname = req.ifname.clone().unwrap_or_else(|| "eth0".into());
         validate_ifname(&ifname)?;
-        for n in req.name.iter().chain(&req.aliases) {
-            validate_name("endpoint", n)?;
+        if let Some(name) = &req.name {
+            validate_name("endpoint", name)?;
         }
-        berth_model::validate_labels(&req.labels)?;
-        berth_model::validate_named_ports(&req.named_ports)?;
+        validate_aliases(&req.aliases)?;
+        validate_labels(&req.labels)?;
+        validate_named_ports(&req.named_ports)?;
+        berth_model::validate_published_ports(&req.ports)?;
         if let Some(cid) = &req.container_id {
-            validate_name("container id", cid).map_err(|_| {
-                AgentError::Invalid(format!(
-                    "invalid container id {cid:?}: letters, digits, '_', '.' and '-', starting with a letter or digit"
-                ))
-            })?;
+            validate_container_id(cid)?;
         }
         let requested_mac = req.mac.as_deref().map(str::parse::<MacAddr>).transpose()?;
-        let requested: Vec<IpAddr> = req
-            .ips
-            .iter()
-            .map(|s| {
-                s.parse()
-                    .map_err(|_| AgentError::Invalid(format!("invalid IP address {s:?}")))
-            })
-            .collect::<Result<_>>()?;
+        let requested: Vec<IpAddr> = parse_requested_ips(&req.ips)?;
 
         let _topology = self.topology.read().await;
         // Both at once: on etcd each read is a round trip.
@@ -736,21 +734,30 @@ impl Agent {
         self.network(network).await?;
         let (key, who) = match (&req.sandbox, &req.container_id, &req.ifname) {
             (Some(sandbox), None, None) => {
+                validate_netns_ref(sandbox)?;
                 let (_, netns_ref, _) = self.resolve_netns(sandbox).await?;
                 (keys::member(network, &netns_ref.id), sandbox.clone())
             }
-            (None, Some(cid), Some(ifname)) => (
-                keys::container(network, cid, ifname),
-                format!("container {cid} interface {ifname}"),
-            ),
+            (None, Some(cid), Some(ifname)) => {
+                check_length("container id", cid, MAX_CONTAINER_ID)?;
+                check_length("interface name", ifname, IFNAME_MAX)?;
+                (
+                    keys::container(network, cid, ifname),
+                    format!("container {cid} interface {ifname}"),
+                )
+            }
             _ => {
                 return Err(AgentError::Invalid(
                     "detach takes either sandbox, or container_id and ifname".into(),
                 ));
             }
         };
-        let not_attached =
-            || AgentError::NotFound(format!("{who} is not attached to network {network:?}"));
+        let not_attached = || {
+            AgentError::NotFound(format!(
+                "{who} is not attached to network {}",
+                Shown(network)
+            ))
+        };
         let kv = self.store.get(&key).await?.ok_or_else(not_attached)?;
         let id = String::from_utf8_lossy(&kv.value).to_string();
         let ep = self.endpoint(&id).await.map_err(|_| not_attached())?;
@@ -851,6 +858,18 @@ impl Agent {
     /// interface) the runtime no longer knows. Endpoints made otherwise (sandboxes, Docker)
     /// are not the runtime's to collect and are left alone.
     pub async fn gc(&self, req: &berth_api::Gc) -> Result<berth_api::GcReport> {
+        check_count(
+            "valid attachments",
+            req.valid.len(),
+            MAX_GC_ATTACHMENTS,
+            "per request",
+        )?;
+        // Held to the lengths berth takes; the characters are not checked, since an entry
+        // berth could not have made only matches nothing.
+        for a in &req.valid {
+            check_length("container id", &a.container_id, MAX_CONTAINER_ID)?;
+            check_length("interface name", &a.ifname, IFNAME_MAX)?;
+        }
         self.network(&req.network).await?;
         let valid: std::collections::HashSet<(&str, &str)> = req
             .valid

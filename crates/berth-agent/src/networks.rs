@@ -7,7 +7,7 @@ use berth_api::{Allocation, CreateNetwork};
 use berth_dataplane::{BridgeSpec, Netlink};
 use berth_ipam::{IpamError, Pool};
 use berth_model::{
-    DEFAULT_POOL, DEFAULT_POOL_PREFIX, Driver, Endpoint, Network, Subnet, bridge_name,
+    DEFAULT_POOL, DEFAULT_POOL_PREFIX, Driver, Endpoint, Network, Shown, Subnet, bridge_name,
     parse_subnet, validate_name, validate_network_mtu, vxlan_name,
 };
 use berth_store::{Compare, Txn, TxnOutcome};
@@ -67,7 +67,7 @@ impl Agent {
         self.load::<Network>(&keys::network(name))
             .await?
             .map(|(n, _)| n)
-            .ok_or_else(|| AgentError::NotFound(format!("no network named {name:?}")))
+            .ok_or_else(|| AgentError::NotFound(format!("no network named {}", Shown(name))))
     }
 
     pub async fn create_network(&self, req: CreateNetwork) -> Result<Network> {
@@ -181,7 +181,7 @@ impl Agent {
             let gateway = match gw {
                 Some(g) => {
                     let ip: IpAddr = g.parse().map_err(|_| {
-                        AgentError::Invalid(format!("invalid gateway address {g:?}"))
+                        AgentError::Invalid(format!("invalid gateway address {}", Shown(g)))
                     })?;
                     if !cidr.contains(&ip) {
                         return Err(AgentError::Invalid(format!(

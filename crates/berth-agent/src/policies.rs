@@ -781,8 +781,10 @@ impl Agent {
         let ops = networks.len() + checked.len() * if replace { 1 } else { 2 };
         if ops > crate::MAX_TXN_OPS {
             return Err(AgentError::Invalid(format!(
-                "too many policies in one request ({}): split them",
-                checked.len()
+                "too many policies in one request: {} policies on {} networks take {ops} store operations, at most {} in one transaction: split them",
+                checked.len(),
+                networks.len(),
+                crate::MAX_TXN_OPS
             )));
         }
         let mut txn = Txn::new();

@@ -20,7 +20,7 @@ use berth_dataplane::conntrack::{self, FlowMatch};
 use berth_dataplane::nftables::{Backend, Frontend, LoadBalancer, Pool};
 use berth_model::{
     DEFAULT_AFFINITY_TIMEOUT, Driver, Endpoint, HostRecord, Network, Selector, Service,
-    ServiceBackend, ServicePort, apply_publish, parse_affinity_timeout,
+    ServiceBackend, ServicePort, Shown, apply_publish, parse_affinity_timeout,
 };
 use berth_store::{Compare, Event, Txn, TxnOutcome, Watch};
 use ipnet::IpNet;
@@ -812,7 +812,7 @@ impl Agent {
         Ok(())
     }
 
-    /// Parses and checks a request into a service without VIPs.
+    /// Parses and checks a request into a service with the requested VIPs.
     fn service_from_request(&self, req: &CreateService) -> Result<Service> {
         let selector: Selector = req.selector.parse()?;
         let mut ports = req
@@ -836,7 +836,8 @@ impl Agent {
             }),
             Some(other) => {
                 return Err(AgentError::Invalid(format!(
-                    "unknown session affinity {other:?}: none or client-ip"
+                    "unknown session affinity {}: none or client-ip",
+                    Shown(other)
                 )));
             }
         };
@@ -845,7 +846,8 @@ impl Agent {
             network: req.network.clone(),
             selector,
             ports,
-            vips: Vec::new(),
+            // The requested ones, to be checked; `choose_vips` settles them.
+            vips: req.vips.clone(),
             host: None,
             affinity_timeout,
             backends: Vec::new(),
@@ -864,17 +866,8 @@ impl Agent {
         name: &str,
         attempt: u32,
     ) -> Result<Vec<IpAddr>> {
+        // At most one per family: `Service::validate` checked.
         for vip in requested {
-            if requested
-                .iter()
-                .filter(|v| v.is_ipv4() == vip.is_ipv4())
-                .count()
-                > 1
-            {
-                return Err(AgentError::Invalid(
-                    "at most one VIP per address family".into(),
-                ));
-            }
             let Some(range) = self.service_cidrs.iter().find(|r| r.contains(vip)) else {
                 return Err(AgentError::Invalid(format!(
                     "VIP {vip} is outside the service range ({})",

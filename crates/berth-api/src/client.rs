@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::ErrorBody;
+use crate::{ErrorBody, MAX_BODY};
 
 /// Why a call failed. Each message says its cause once: the I/O error is part of the message,
 /// not also a `source()`, so a printer that walks the chain does not repeat it.
@@ -24,6 +24,9 @@ pub enum ClientError {
     Closed { socket: String },
     #[error("the berth daemon at {socket} did not answer within {} s", timeout.as_secs())]
     TimedOut { socket: String, timeout: Duration },
+    /// The request is over the daemon's body limit: it would be refused, so it is not sent.
+    #[error("request body too large: {size} bytes, the daemon takes at most {limit}")]
+    TooLarge { size: usize, limit: usize },
     /// The daemon answered with an error.
     #[error("{message}")]
     Api { status: u16, message: String },
@@ -86,6 +89,12 @@ impl Client {
             Some(b) => serde_json::to_vec(b).map_err(|e| ClientError::Protocol(e.to_string()))?,
             None => Vec::new(),
         };
+        if body.len() > MAX_BODY {
+            return Err(ClientError::TooLarge {
+                size: body.len(),
+                limit: MAX_BODY,
+            });
+        }
         let unreachable = |cause| ClientError::Unreachable {
             socket: self.socket.display().to_string(),
             cause,
@@ -126,9 +135,17 @@ impl Client {
         }
         req.extend_from_slice(b"\r\n");
         req.extend_from_slice(&body);
-        stream.write_all(&req).map_err(lost)?;
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).map_err(lost)?;
+        if let Err(e) = stream.write_all(&req) {
+            // The daemon may answer a request before reading all of it (a body it refuses)
+            // and close the connection: that answer is still there to be read.
+            if !matches!(
+                e.kind(),
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+            ) {
+                return Err(lost(e));
+            }
+        }
+        let raw = read_answer(&mut stream).map_err(lost)?;
         let (status, payload) = parse_response(&raw).map_err(|e| match e {
             Parse::Truncated => self.closed(),
             Parse::Bad(what) => ClientError::Protocol(what.into()),
@@ -150,6 +167,23 @@ impl Client {
     fn closed(&self) -> ClientError {
         ClientError::Closed {
             socket: self.socket.display().to_string(),
+        }
+    }
+}
+
+/// Everything the daemon sent until it closed the connection. A reset (the daemon closed it
+/// with some of the request unread) ends the answer as a close does: what arrived before it
+/// is kept, and judged whole or not by [`parse_response`].
+fn read_answer(stream: &mut UnixStream) -> std::io::Result<Vec<u8>> {
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return Ok(raw),
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(raw),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
     }
 }
@@ -287,6 +321,47 @@ mod tests {
             );
             let _ = std::fs::remove_dir_all(dir);
         }
+    }
+
+    /// A daemon that refuses a body before reading it all answers and closes: the answer is
+    /// the error, not "the daemon closed the connection".
+    #[test]
+    fn an_answer_to_a_request_cut_short_is_read() {
+        let (c, dir) = serve(|mut s| {
+            let body = br#"{"error":"request body too large: at most 2097152 bytes"}"#;
+            let head = format!(
+                "HTTP/1.1 413 Payload Too Large\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                body.len()
+            );
+            let _ = s.write_all(head.as_bytes());
+            let _ = s.write_all(body);
+        });
+        let big = serde_json::Value::String("x".repeat(1 << 20));
+        match c.post::<_, serde_json::Value>("/v1/networks", &big) {
+            Err(ClientError::Api { status, message }) => {
+                assert_eq!(status, 413);
+                assert!(message.contains("too large"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A body the daemon would refuse is not sent.
+    #[test]
+    fn a_body_over_the_limit_is_refused_before_it_is_sent() {
+        let big = serde_json::Value::String("x".repeat(MAX_BODY));
+        let err = Client::new("/nonexistent/berth.sock")
+            .post::<_, serde_json::Value>("/v1/networks", &big)
+            .unwrap_err();
+        assert!(
+            matches!(err, ClientError::TooLarge { size, limit: MAX_BODY } if size == MAX_BODY + 2),
+            "{err}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "request body too large: 2097154 bytes, the daemon takes at most 2097152"
+        );
     }
 
     #[test]

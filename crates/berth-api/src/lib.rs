@@ -6,14 +6,24 @@
 
 mod client;
 
+use std::io::Read;
+
 use serde::{Deserialize, Serialize};
 
 pub use berth_model::{
-    Endpoint, Labels, MacAddr, ModelError, NamedPort, NetnsRef, Network, NetworkDns, Policy,
-    PortMapping, Protocol, Sandbox, Selector, Service, ServiceBackend, ServicePort, Subnet,
+    Endpoint, Labels, MAX_BODY, MacAddr, ModelError, NamedPort, NetnsRef, Network, NetworkDns,
+    Policy, PortMapping, Protocol, Sandbox, Selector, Service, ServiceBackend, ServicePort, Subnet,
     parse_publish, parse_subnet, validate_network_mtu,
 };
 pub use client::{Client, ClientError};
+
+/// Reads all of `r` when it is at most `cap` bytes; `None` when it is longer, having read only
+/// `cap + 1` bytes of it, so that a client holds no more of an input than it could send.
+pub fn read_at_most(r: impl Read, cap: usize) -> std::io::Result<Option<Vec<u8>>> {
+    let mut buf = Vec::new();
+    r.take(cap as u64 + 1).read_to_end(&mut buf)?;
+    Ok((buf.len() <= cap).then_some(buf))
+}
 
 /// Default API socket (`<run-dir>/berth.sock`).
 pub const DEFAULT_SOCKET: &str = "/run/berth/berth.sock";

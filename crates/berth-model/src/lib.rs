@@ -3,6 +3,7 @@
 //! Everything here is plain data and pure validation so that front-ends (CLI, Docker, CNI) and
 //! the agent agree on one meaning of every field, and so it can be tested without root.
 
+mod caps;
 mod names;
 mod policy;
 mod ports;
@@ -15,6 +16,12 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+pub use caps::{
+    MAX_ALIASES, MAX_BODY, MAX_CONTAINER_ID, MAX_GC_ATTACHMENTS, MAX_LABEL_NAME, MAX_LABEL_PREFIX,
+    MAX_LABEL_VALUE, MAX_LABELS, MAX_NAME, MAX_NAMED_PORTS, MAX_NETNS_PATH, MAX_NODE_PORTS,
+    MAX_PUBLISHED_PORTS, MAX_REQUESTED_IPS, MAX_SELECTOR_TERMS, MAX_SELECTOR_VALUES,
+    MAX_SERVICE_PORTS, MAX_VIPS, Shown, check_count, check_length,
+};
 pub use names::{
     BRIDGE_PREFIX, IFNAME_MAX, TOMBSTONE_PREFIX, VETH_PREFIX, VXLAN_PREFIX, bridge_name,
     is_berth_link_name, tombstone_name, veth_name, vxlan_name,
@@ -23,7 +30,7 @@ pub use policy::{
     NamedPort, Peer, Policy, PolicyFileError, PolicyPort, PolicyRule, PortRef,
     parse_policy_documents, validate_named_ports,
 };
-pub use ports::{MAX_RANGE, PortMapping, Protocol, parse_publish};
+pub use ports::{MAX_RANGE, PortMapping, Protocol, parse_publish, validate_published_ports};
 pub use selector::{Operator, Requirement, Selector};
 pub use service::{
     DEFAULT_AFFINITY_TIMEOUT, DEFAULT_SERVICE_CIDR, DEFAULT_SERVICE_CIDR6, MAX_AFFINITY_TIMEOUT,
@@ -31,8 +38,10 @@ pub use service::{
     parse_affinity_timeout,
 };
 pub use validate::{
-    IPV6_MIN_MTU, MacAddr, ModelError, parse_cidr, parse_subnet, validate_ifname, validate_labels,
-    validate_mtu, validate_name, validate_network_mtu, validate_sandbox_name, validate_subnet,
+    IPV6_MIN_MTU, MacAddr, ModelError, parse_cidr, parse_requested_ips, parse_subnet,
+    validate_aliases, validate_container_id, validate_ifname, validate_label, validate_labels,
+    validate_mtu, validate_name, validate_netns_ref, validate_network_mtu, validate_sandbox_name,
+    validate_subnet,
 };
 
 /// Labels on an endpoint (`app=web`): what services and policies select endpoints by.

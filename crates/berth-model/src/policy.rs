@@ -16,8 +16,10 @@ use std::str::FromStr;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::selector::check_key_and_values;
-use crate::{Labels, ModelError, Operator, PortName, Protocol, Selector, validate_name};
+use crate::{
+    Labels, MAX_NAMED_PORTS, ModelError, Operator, PortName, Protocol, Selector, check_count,
+    validate_name,
+};
 
 pub use file::{PolicyFileError, parse_policy_documents};
 
@@ -111,27 +113,14 @@ impl Policy {
         }
         check_selector(&self.selector).map_err(|why| bad(format!("selector: {why}")))?;
         for (direction, rules) in [("ingress", &self.ingress), ("egress", &self.egress)] {
-            if rules.len() > MAX_POLICY_PARTS {
-                return Err(bad(format!(
-                    "{} {direction} rules: at most {MAX_POLICY_PARTS}",
-                    rules.len()
-                )));
-            }
+            check_count(
+                format!("{direction} rules"),
+                rules.len(),
+                MAX_POLICY_PARTS,
+                "per policy",
+            )
+            .map_err(|e| bad(e.to_string()))?;
             for (i, rule) in rules.iter().enumerate() {
-                let excepts = rule.peers.iter().map(|p| match p {
-                    Peer::Cidr { except, .. } => except.len(),
-                    Peer::Endpoints(_) => 0,
-                });
-                if rule.peers.len() > MAX_POLICY_PARTS
-                    || rule.ports.len() > MAX_POLICY_PARTS
-                    || excepts.max().unwrap_or(0) > MAX_POLICY_PARTS
-                {
-                    return Err(bad(format!(
-                        "{direction} rule {}: at most {MAX_POLICY_PARTS} peers, ports and \
-                         exceptions of a CIDR",
-                        i + 1
-                    )));
-                }
                 rule.check()
                     .map_err(|why| bad(format!("{direction} rule {}: {why}", i + 1)))?;
             }
@@ -159,10 +148,16 @@ pub const MAX_POLICY_PARTS: usize = 256;
 
 impl PolicyRule {
     fn check(&self) -> Result<(), String> {
+        let cap = |what: &str, given, per| {
+            check_count(what, given, MAX_POLICY_PARTS, per).map_err(|e| e.to_string())
+        };
+        cap("peers", self.peers.len(), "per rule")?;
+        cap("ports", self.ports.len(), "per rule")?;
         for peer in &self.peers {
             match peer {
                 Peer::Endpoints(selector) => check_selector(selector)?,
                 Peer::Cidr { cidr, except } => {
+                    cap("exceptions", except.len(), "per CIDR")?;
                     for e in except {
                         check_except(cidr, e)?;
                     }
@@ -191,10 +186,10 @@ impl PolicyRule {
     }
 }
 
-/// Keys and values follow the label rules, and `in` and `notin` have values.
+/// [`Selector::validate`], and `in` and `notin` have values.
 fn check_selector(selector: &Selector) -> Result<(), String> {
+    selector.validate().map_err(|e| e.to_string())?;
     for r in &selector.requirements {
-        check_key_and_values(r).map_err(|e| e.to_string())?;
         if let Operator::In(values) | Operator::NotIn(values) = &r.op
             && values.is_empty()
         {
@@ -285,9 +280,15 @@ impl FromStr for NamedPort {
     }
 }
 
-/// An endpoint's named ports: ports 1 to 65535, each name once (Kubernetes refuses a
-/// container whose ports share a name).
+/// An endpoint's named ports: at most [`MAX_NAMED_PORTS`], ports 1 to 65535, each name once
+/// (Kubernetes refuses a container whose ports share a name).
 pub fn validate_named_ports(ports: &[NamedPort]) -> Result<(), ModelError> {
+    check_count(
+        "named ports (named_ports)",
+        ports.len(),
+        MAX_NAMED_PORTS,
+        "per endpoint",
+    )?;
     for (i, p) in ports.iter().enumerate() {
         let bad = |why| ModelError::InvalidNamedPort {
             given: p.to_string(),

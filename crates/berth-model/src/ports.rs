@@ -108,6 +108,18 @@ impl PortMapping {
     }
 }
 
+/// An endpoint's published ports: at most [`crate::MAX_PUBLISHED_PORTS`], each
+/// [`PortMapping::validate`]d.
+pub fn validate_published_ports(ports: &[PortMapping]) -> Result<(), ModelError> {
+    crate::check_count(
+        "published ports (ports)",
+        ports.len(),
+        crate::MAX_PUBLISHED_PORTS,
+        "per endpoint",
+    )?;
+    ports.iter().try_for_each(PortMapping::validate)
+}
+
 impl fmt::Display for PortMapping {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.host_ip {
@@ -243,6 +255,30 @@ mod tests {
             one("[fd00::1]:53:53/udp").to_string(),
             "[fd00::1]:53:53/udp"
         );
+    }
+
+    #[test]
+    fn published_ports_are_capped() {
+        let ports = |n: u16| {
+            (1..=n)
+                .map(|p| PortMapping {
+                    protocol: Protocol::Tcp,
+                    host_ip: None,
+                    host_port: p,
+                    container_port: p,
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(validate_published_ports(&ports(4096)), Ok(()));
+        assert_eq!(
+            validate_published_ports(&ports(4097))
+                .unwrap_err()
+                .to_string(),
+            "too many published ports (ports): 4097 given, at most 4096 per endpoint"
+        );
+        let mut zero = ports(1);
+        zero[0].host_port = 0;
+        assert!(validate_published_ports(&zero).is_err());
     }
 
     #[test]

@@ -8,7 +8,9 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::{Labels, ModelError, validate_labels};
+use crate::{
+    Labels, MAX_SELECTOR_TERMS, MAX_SELECTOR_VALUES, ModelError, Shown, check_count, validate_label,
+};
 
 /// Every requirement must hold (an empty selector selects everything).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
@@ -59,6 +61,31 @@ impl Selector {
     pub fn is_empty(&self) -> bool {
         self.requirements.is_empty()
     }
+
+    /// A selector as a request may give it: at most [`MAX_SELECTOR_TERMS`] requirements, at
+    /// most [`MAX_SELECTOR_VALUES`] values of each `in` and `notin`, keys and values by the
+    /// label rules. Parsing (the text, or Kubernetes' form) checks the rules but not the
+    /// caps, so that a record stored before a cap existed still reads.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        check_count(
+            "selector terms",
+            self.requirements.len(),
+            MAX_SELECTOR_TERMS,
+            "per selector",
+        )?;
+        for r in &self.requirements {
+            if let Operator::In(values) | Operator::NotIn(values) = &r.op {
+                check_count(
+                    format!("values of {}", Shown(&r.key)),
+                    values.len(),
+                    MAX_SELECTOR_VALUES,
+                    "per in or notin",
+                )?;
+            }
+            check_key_and_values(r)?;
+        }
+        Ok(())
+    }
 }
 
 impl Requirement {
@@ -83,13 +110,14 @@ impl FromStr for Selector {
             given: s.to_string(),
             why,
         };
-        let mut requirements = Vec::new();
-        for part in split_top_level(s).map_err(&bad)? {
+        if s.trim().is_empty() {
+            return Ok(Selector::default());
+        }
+        let parts = split_top_level(s).map_err(&bad)?;
+        let mut requirements = Vec::with_capacity(parts.len());
+        for part in parts {
             let part = part.trim();
             if part.is_empty() {
-                if s.trim().is_empty() {
-                    break;
-                }
                 return Err(bad("an empty requirement between commas".into()));
             }
             let r = parse_requirement(part).map_err(&bad)?;
@@ -178,13 +206,13 @@ fn parse_requirement(part: &str) -> Result<Requirement, String> {
 
 /// Keys and values follow the label rules, so a selector can match only what labels can be.
 pub(crate) fn check_key_and_values(r: &Requirement) -> Result<(), ModelError> {
-    let values: Vec<String> = match &r.op {
-        Operator::Equals(v) | Operator::NotEquals(v) => vec![v.clone()],
-        Operator::In(s) | Operator::NotIn(s) => s.iter().cloned().collect(),
-        Operator::Exists | Operator::DoesNotExist => vec![String::new()],
-    };
-    let labels: Vec<(String, String)> = values.into_iter().map(|v| (r.key.clone(), v)).collect();
-    validate_labels(labels.iter().map(|(k, v)| (k, v)))
+    match &r.op {
+        Operator::Equals(v) | Operator::NotEquals(v) => validate_label(&r.key, v),
+        Operator::In(values) | Operator::NotIn(values) => {
+            values.iter().try_for_each(|v| validate_label(&r.key, v))
+        }
+        Operator::Exists | Operator::DoesNotExist => validate_label(&r.key, ""),
+    }
 }
 
 impl fmt::Display for Requirement {
@@ -278,6 +306,40 @@ mod tests {
             let err = sel.parse::<Selector>().unwrap_err().to_string();
             assert!(err.contains(why), "{sel}: {err}");
         }
+    }
+
+    #[test]
+    fn terms_and_values_are_capped_by_validate_not_by_parsing() {
+        let terms = |n: usize| {
+            (0..n)
+                .map(|i| format!("k{i}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let check = |text: String| text.parse::<Selector>().unwrap().validate();
+        assert_eq!(check(terms(MAX_SELECTOR_TERMS)), Ok(()));
+        assert_eq!(
+            check(terms(10_000)).unwrap_err().to_string(),
+            "too many selector terms: 10000 given, at most 256 per selector"
+        );
+        let values = |n: usize| {
+            let v: Vec<String> = (0..n).map(|i| format!("v{i}")).collect();
+            format!("env in ({})", v.join(","))
+        };
+        assert_eq!(check(values(MAX_SELECTOR_VALUES)), Ok(()));
+        assert_eq!(
+            check(values(257)).unwrap_err().to_string(),
+            "too many values of \"env\": 257 given, at most 256 per in or notin"
+        );
+        // A record stored before the caps still reads.
+        let stored = serde_json::to_string(&terms(300)).unwrap();
+        assert_eq!(
+            serde_json::from_str::<Selector>(&stored)
+                .unwrap()
+                .requirements
+                .len(),
+            300
+        );
     }
 
     #[test]

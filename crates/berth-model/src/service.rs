@@ -7,7 +7,10 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{ModelError, Protocol, Selector};
+use crate::{
+    MAX_NODE_PORTS, MAX_SERVICE_PORTS, MAX_VIPS, ModelError, Protocol, Selector, check_count,
+    validate_name,
+};
 
 /// Where service VIPs come from unless the daemon is told otherwise: next to berth's default
 /// network pool (10.210.0.0/16), overlapping none of its networks.
@@ -204,6 +207,12 @@ impl fmt::Display for ServicePort {
 /// Applies `--publish` values to parsed ports: `NODEPORT` when the service has one port
 /// (per protocol it is the same port), or `PORT_OR_NAME=NODEPORT`.
 pub fn apply_publish(ports: &mut [ServicePort], publish: &[String]) -> Result<(), ModelError> {
+    check_count(
+        "published ports (publish)",
+        publish.len(),
+        MAX_NODE_PORTS,
+        "per service",
+    )?;
     for given in publish {
         let bad = |why| ModelError::InvalidServicePort {
             given: given.clone(),
@@ -268,7 +277,9 @@ pub fn parse_affinity_timeout(s: &str) -> Result<u32, ModelError> {
 
 impl Service {
     /// What a service must be before anything is stored: a DNS label for a name (it is one in
-    /// DNS), at least one port, no port twice, names and published ports unique.
+    /// DNS), a network name, a valid selector, one to [`MAX_SERVICE_PORTS`] ports, no port twice,
+    /// names and published ports unique, at most [`MAX_NODE_PORTS`] of them, and at most one
+    /// VIP per address family.
     pub fn validate(&self) -> Result<(), ModelError> {
         let bad = |why: String| ModelError::InvalidService {
             name: self.name.clone(),
@@ -287,8 +298,29 @@ impl Service {
                 "a service name is a DNS label: 1 to 63 lower-case letters, digits and '-', starting with a letter and ending with a letter or digit".into(),
             ));
         }
+        validate_name("network", &self.network)?;
+        self.selector.validate()?;
         if self.ports.is_empty() {
             return Err(bad("a service needs at least one --port".into()));
+        }
+        check_count("ports", self.ports.len(), MAX_SERVICE_PORTS, "per service")?;
+        check_count(
+            "published ports",
+            self.ports.iter().filter(|p| p.node_port.is_some()).count(),
+            MAX_NODE_PORTS,
+            "per service",
+        )?;
+        check_count(
+            "vips",
+            self.vips.len(),
+            MAX_VIPS,
+            "per service (one per address family)",
+        )?;
+        if self.vips.len() == MAX_VIPS && self.vips[0].is_ipv4() == self.vips[1].is_ipv4() {
+            return Err(bad(format!(
+                "vips {} and {}: at most one per address family",
+                self.vips[0], self.vips[1]
+            )));
         }
         for (i, p) in self.ports.iter().enumerate() {
             if let Some(np) = p.node_port
@@ -335,6 +367,7 @@ impl Service {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{Operator, Requirement};
 
     #[test]
     fn ports_parse_in_every_form() {
@@ -382,6 +415,17 @@ mod tests {
     }
 
     #[test]
+    fn publish_is_capped() {
+        let mut ports = vec!["80".parse::<ServicePort>().unwrap()];
+        let publish: Vec<String> = (30000..30065).map(|p| format!("80={p}")).collect();
+        assert_eq!(
+            apply_publish(&mut ports, &publish).unwrap_err().to_string(),
+            "too many published ports (publish): 65 given, at most 64 per service"
+        );
+        assert_eq!(ports[0].node_port, None);
+    }
+
+    #[test]
     fn affinity_timeouts() {
         assert_eq!(parse_affinity_timeout("3h").unwrap(), 10_800);
         assert_eq!(parse_affinity_timeout("90").unwrap(), 90);
@@ -411,7 +455,46 @@ mod tests {
         assert!(err.contains("node-port range 30000-32767"), "{err}");
         published.ports[0].node_port = Some(30080);
         assert!(published.validate().is_ok());
+        let many: Vec<String> = (1..=257).map(|p| p.to_string()).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert!(svc("web", &many[..MAX_SERVICE_PORTS]).validate().is_ok());
+        let mut vips = svc("web", &["80"]);
+        vips.vips = vec!["10.211.0.9".parse().unwrap(), "fd00::9".parse().unwrap()];
+        assert!(vips.validate().is_ok());
+        let mut two_v4 = vips.clone();
+        two_v4.vips[1] = "10.211.0.10".parse().unwrap();
+        let mut three = vips.clone();
+        three.vips.push("10.211.0.11".parse().unwrap());
+        let mut published = svc("web", &many[..65]);
+        for (p, np) in published.ports.iter_mut().zip(30000..) {
+            p.node_port = Some(np);
+        }
+        let mut bad_selector = svc("web", &["80"]);
+        bad_selector.selector.requirements = vec![
+            Requirement {
+                key: "k".into(),
+                op: Operator::Exists
+            };
+            257
+        ];
+        let mut bad_network = svc("web", &["80"]);
+        bad_network.network = "n".repeat(65);
         for (s, why) in [
+            (
+                svc("web", &many),
+                "too many ports: 257 given, at most 256 per service",
+            ),
+            (
+                three,
+                "too many vips: 3 given, at most 2 per service (one per address family)",
+            ),
+            (two_v4, "at most one per address family"),
+            (
+                published,
+                "too many published ports: 65 given, at most 64 per service",
+            ),
+            (bad_selector, "too many selector terms: 257 given"),
+            (bad_network, ": 65 bytes long, at most 64"),
             (svc("Web", &["80"]), "DNS label"),
             (svc("we.b", &["80"]), "DNS label"),
             (svc("web", &[]), "at least one"),

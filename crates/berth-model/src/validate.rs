@@ -8,32 +8,48 @@ use std::str::FromStr;
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::Labels;
+use crate::caps::{
+    MAX_ALIASES, MAX_CONTAINER_ID, MAX_LABEL_NAME, MAX_LABEL_PREFIX, MAX_LABEL_VALUE, MAX_LABELS,
+    MAX_NAME, MAX_NETNS_PATH, MAX_REQUESTED_IPS, Shown, ShownStart, check_count, check_length,
+};
 use crate::names::IFNAME_MAX;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ModelError {
-    #[error("invalid label {label:?}: {why}")]
-    InvalidLabel { label: String, why: &'static str },
-    #[error("unknown network driver {0:?}: bridge or overlay")]
+    #[error("invalid label {}: {why}", Shown(.label))]
+    InvalidLabel { label: String, why: String },
+    #[error("unknown network driver {}: bridge or overlay", Shown(.0))]
     UnknownDriver(String),
     #[error("invalid VNI {0}: must be between 1 and 16777215")]
     InvalidVni(u32),
-    #[error("invalid CIDR {0:?}: expected ADDRESS/PREFIX, e.g. 10.91.0.0/24")]
+    #[error("invalid CIDR {}: expected ADDRESS/PREFIX, e.g. 10.91.0.0/24", Shown(.0))]
     InvalidCidr(String),
     #[error("invalid subnet {given}: host bits are set, did you mean {canonical}?")]
     NotCanonical { given: String, canonical: String },
-    #[error("invalid {what} name {name:?}: {why}")]
+    #[error("invalid {what} name {}: {why}", Shown(.name))]
     InvalidName {
         what: &'static str,
         name: String,
         why: &'static str,
     },
     #[error(
-        "invalid interface name {0:?}: 1 to 15 characters, no '/', ':', whitespace, '.' or '..'"
+        "invalid interface name {}: 1 to 15 characters, no '/', ':', whitespace, '.' or '..'",
+        Shown(.0)
     )]
     InvalidIfname(String),
-    #[error("invalid MAC address {0:?}: expected six hex bytes like 02:42:0a:5b:00:0a")]
+    #[error(
+        "invalid container id {}: letters, digits, '_', '.' and '-', starting with a letter or digit",
+        Shown(.0)
+    )]
+    InvalidContainerId(String),
+    #[error("invalid IP address {}", Shown(.0))]
+    InvalidAddress(String),
+    #[error(
+        "invalid MAC address {}: expected six hex bytes like 02:42:0a:5b:00:0a",
+        Shown(.0)
+    )]
     InvalidMac(String),
     #[error("invalid MAC address {0}: it must be unicast (lowest bit of the first byte clear)")]
     MulticastMac(String),
@@ -70,22 +86,44 @@ pub enum ModelError {
         subnet: IpNet,
         what: &'static str,
     },
-    #[error("invalid --publish {given:?}: {why}")]
+    #[error("invalid --publish {}: {why}", Shown(.given))]
     InvalidPublish { given: String, why: &'static str },
-    #[error("invalid selector {given:?}: {why}")]
+    #[error("invalid selector {}: {why}", Shown(.given))]
     InvalidSelector { given: String, why: String },
-    #[error("invalid service port {given:?}: {why}")]
+    #[error("invalid service port {}: {why}", Shown(.given))]
     InvalidServicePort { given: String, why: &'static str },
-    #[error("invalid service {name:?}: {why}")]
+    #[error("invalid service {}: {why}", Shown(.name))]
     InvalidService { name: String, why: String },
-    #[error("invalid affinity timeout {0:?}: 1 second to 24h, as seconds or with s, m or h (3h)")]
+    #[error(
+        "invalid affinity timeout {}: 1 second to 24h, as seconds or with s, m or h (3h)",
+        Shown(.0)
+    )]
     InvalidAffinityTimeout(String),
-    #[error("invalid policy {name:?}: {why}")]
+    #[error("invalid policy {}: {why}", Shown(.name))]
     InvalidPolicy { name: String, why: String },
-    #[error("invalid policy rule {given:?}: {why}")]
+    #[error("invalid policy rule {}: {why}", Shown(.given))]
     InvalidPolicyRule { given: String, why: String },
-    #[error("invalid named port {given:?}: {why}")]
+    #[error("invalid named port {}: {why}", Shown(.given))]
     InvalidNamedPort { given: String, why: &'static str },
+    /// A list over its cap (see [`crate::check_count`]).
+    #[error("too many {what}: {given} given, at most {cap} {per}")]
+    TooMany {
+        what: String,
+        given: usize,
+        cap: usize,
+        per: &'static str,
+    },
+    /// A string over its cap (see [`crate::check_length`]).
+    #[error(
+        "invalid {what} {}: {} bytes long, at most {cap}",
+        ShownStart(.value),
+        .value.len()
+    )]
+    TooLong {
+        what: String,
+        value: String,
+        cap: usize,
+    },
 }
 
 /// Parses `ADDRESS/PREFIX` and insists on the canonical network form, as Docker does: a subnet
@@ -168,7 +206,14 @@ pub fn validate_name(what: &'static str, name: &str) -> Result<(), ModelError> {
         name: name.to_string(),
         why,
     };
-    if name.is_empty() || name.len() > 64 {
+    if name.len() > MAX_NAME {
+        return Err(ModelError::TooLong {
+            what: format!("{what} name"),
+            value: name.to_string(),
+            cap: MAX_NAME,
+        });
+    }
+    if name.is_empty() {
         return Err(err("1 to 64 characters"));
     }
     if !name.as_bytes()[0].is_ascii_alphanumeric() {
@@ -183,60 +228,112 @@ pub fn validate_name(what: &'static str, name: &str) -> Result<(), ModelError> {
     Ok(())
 }
 
-/// Checks endpoint labels with Kubernetes' rules, so that selectors written for Kubernetes
-/// mean the same here: a key is `[PREFIX/]NAME`, NAME 1 to 63 characters of letters, digits,
-/// '-', '_' and '.', starting and ending with a letter or digit, PREFIX a DNS subdomain of at
-/// most 253 characters; a value is empty or follows NAME's rule.
-pub fn validate_labels<'a>(
-    labels: impl IntoIterator<Item = (&'a String, &'a String)>,
-) -> Result<(), ModelError> {
+/// An endpoint's labels: at most [`MAX_LABELS`], each as [`validate_label`] has it.
+pub fn validate_labels(labels: &Labels) -> Result<(), ModelError> {
+    check_count("labels", labels.len(), MAX_LABELS, "per endpoint")?;
+    labels.iter().try_for_each(|(k, v)| validate_label(k, v))
+}
+
+/// Checks a label with Kubernetes' rules, so that selectors written for Kubernetes mean the
+/// same here: a key is `[PREFIX/]NAME`, NAME 1 to 63 characters of letters, digits, '-', '_'
+/// and '.', starting and ending with a letter or digit, PREFIX a DNS subdomain of at most 253
+/// characters; a value is empty or follows NAME's rule.
+pub fn validate_label(key: &str, value: &str) -> Result<(), ModelError> {
     fn name_ok(s: &str) -> bool {
         let b = s.as_bytes();
         !b.is_empty()
-            && b.len() <= 63
             && b[0].is_ascii_alphanumeric()
             && b[b.len() - 1].is_ascii_alphanumeric()
             && b.iter()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
     }
     fn subdomain_ok(s: &str) -> bool {
-        s.len() <= 253
-            && s.split('.').all(|l| {
-                let b = l.as_bytes();
-                !b.is_empty()
-                    && b.len() <= 63
-                    && b[0].is_ascii_alphanumeric()
-                    && b[b.len() - 1].is_ascii_alphanumeric()
-                    && b.iter()
-                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-            })
+        s.split('.').all(|l| {
+            let b = l.as_bytes();
+            !b.is_empty()
+                && b.len() <= 63
+                && b[0].is_ascii_alphanumeric()
+                && b[b.len() - 1].is_ascii_alphanumeric()
+                && b.iter()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        })
     }
-    for (key, value) in labels {
-        let bad = |why| ModelError::InvalidLabel {
-            label: format!("{key}={value}"),
-            why,
-        };
-        let name = match key.split_once('/') {
-            Some((prefix, name)) => {
-                if !subdomain_ok(prefix) {
-                    return Err(bad(
-                        "the key's prefix must be a lower-case DNS subdomain (e.g. example.com/)",
-                    ));
-                }
-                name
+    let bad = |why: String| ModelError::InvalidLabel {
+        label: format!("{key}={value}"),
+        why,
+    };
+    let too_long = |part: &str, len: usize, cap: usize| {
+        bad(format!("{part} is {len} bytes long, at most {cap}"))
+    };
+    let name = match key.split_once('/') {
+        Some((prefix, name)) => {
+            if prefix.len() > MAX_LABEL_PREFIX {
+                return Err(too_long("the key's prefix", prefix.len(), MAX_LABEL_PREFIX));
             }
-            None => key.as_str(),
-        };
-        if !name_ok(name) {
-            return Err(bad(
-                "the key must be 1 to 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit",
-            ));
+            if !subdomain_ok(prefix) {
+                return Err(bad(
+                    "the key's prefix must be a lower-case DNS subdomain (e.g. example.com/)"
+                        .into(),
+                ));
+            }
+            name
         }
-        if !value.is_empty() && !name_ok(value) {
-            return Err(bad(
-                "the value must be empty or 1 to 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit",
-            ));
-        }
+        None => key,
+    };
+    if name.len() > MAX_LABEL_NAME {
+        return Err(too_long("the key's name", name.len(), MAX_LABEL_NAME));
+    }
+    if !name_ok(name) {
+        return Err(bad(
+            "the key must be 1 to 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit".into(),
+        ));
+    }
+    if value.len() > MAX_LABEL_VALUE {
+        return Err(too_long("the value", value.len(), MAX_LABEL_VALUE));
+    }
+    if !value.is_empty() && !name_ok(value) {
+        return Err(bad(
+            "the value must be empty or 1 to 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// DNS aliases of an endpoint: at most [`MAX_ALIASES`], each an endpoint name.
+pub fn validate_aliases(aliases: &[String]) -> Result<(), ModelError> {
+    check_count("aliases", aliases.len(), MAX_ALIASES, "per endpoint")?;
+    aliases
+        .iter()
+        .try_for_each(|a| validate_name("endpoint", a))
+}
+
+/// The addresses asked for an endpoint: at most one per address family, each an address.
+pub fn parse_requested_ips(ips: &[String]) -> Result<Vec<IpAddr>, ModelError> {
+    check_count(
+        "ips",
+        ips.len(),
+        MAX_REQUESTED_IPS,
+        "per endpoint (one per address family)",
+    )?;
+    ips.iter()
+        .map(|s| {
+            s.parse()
+                .map_err(|_| ModelError::InvalidAddress(s.to_string()))
+        })
+        .collect()
+}
+
+/// A CNI container id (the spec's syntax), at most [`MAX_CONTAINER_ID`] bytes.
+pub fn validate_container_id(id: &str) -> Result<(), ModelError> {
+    check_length("container id", id, MAX_CONTAINER_ID)?;
+    let b = id.as_bytes();
+    if b.is_empty()
+        || !b[0].is_ascii_alphanumeric()
+        || !b
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+    {
+        return Err(ModelError::InvalidContainerId(id.to_string()));
     }
     Ok(())
 }
@@ -247,9 +344,19 @@ pub fn validate_sandbox_name(name: &str) -> Result<(), ModelError> {
     validate_name("sandbox", name)
 }
 
+/// How an attach or detach names a namespace: a sandbox's name, or a namespace path (it has a
+/// '/') of at most [`MAX_NETNS_PATH`] bytes.
+pub fn validate_netns_ref(sandbox: &str) -> Result<(), ModelError> {
+    if sandbox.contains('/') {
+        check_length("network namespace path", sandbox, MAX_NETNS_PATH)
+    } else {
+        validate_sandbox_name(sandbox)
+    }
+}
+
 pub fn validate_ifname(name: &str) -> Result<(), ModelError> {
+    check_length("interface name", name, IFNAME_MAX)?;
     let bad = name.is_empty()
-        || name.len() > IFNAME_MAX
         || name == "."
         || name == ".."
         || name
@@ -363,10 +470,7 @@ mod tests {
 
     #[test]
     fn labels_follow_kubernetes_rules() {
-        let check = |k: &str, v: &str| {
-            let (k, v) = (k.to_string(), v.to_string());
-            validate_labels([(&k, &v)])
-        };
+        let check = validate_label;
         for (k, v) in [
             ("app", "web"),
             ("tier", ""),
@@ -381,16 +485,116 @@ mod tests {
             ("-app", "web", "key must be"),
             ("app-", "web", "key must be"),
             ("a b", "web", "key must be"),
-            (&"x".repeat(64), "web", "key must be"),
+            (
+                &"x".repeat(64),
+                "web",
+                "the key's name is 64 bytes long, at most 63",
+            ),
+            (
+                &format!("{}/app", "a".repeat(254)),
+                "web",
+                "the key's prefix is 254 bytes long, at most 253",
+            ),
             ("Example.com/app", "web", "prefix"),
             ("/app", "web", "prefix"),
             ("app", "-web", "value must be"),
-            ("app", &"v".repeat(64), "value must be"),
+            (
+                "app",
+                &"v".repeat(64),
+                "the value is 64 bytes long, at most 63",
+            ),
             ("app", "a/b", "value must be"),
         ] {
             let e = check(k, v).unwrap_err().to_string();
             assert!(e.contains(why), "{k}={v}: {e}");
         }
+    }
+
+    #[test]
+    fn an_endpoints_lists_are_capped() {
+        let labels = |n: usize| -> Labels {
+            (0..n)
+                .map(|i| (format!("example.com/key-{i}"), format!("value-{i}")))
+                .collect()
+        };
+        assert_eq!(validate_labels(&labels(MAX_LABELS)), Ok(()));
+        assert_eq!(
+            validate_labels(&labels(100_000)).unwrap_err().to_string(),
+            "too many labels: 100000 given, at most 1024 per endpoint"
+        );
+        let aliases = |n: usize| (0..n).map(|i| format!("a{i}")).collect::<Vec<_>>();
+        assert_eq!(validate_aliases(&aliases(MAX_ALIASES)), Ok(()));
+        assert_eq!(
+            validate_aliases(&aliases(257)).unwrap_err().to_string(),
+            "too many aliases: 257 given, at most 256 per endpoint"
+        );
+        assert!(validate_aliases(&["-bad".into()]).is_err());
+        let ips = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            parse_requested_ips(&ips(&["10.0.0.5", "fd00::5"])).unwrap(),
+            [
+                "10.0.0.5".parse::<IpAddr>().unwrap(),
+                "fd00::5".parse().unwrap()
+            ]
+        );
+        assert_eq!(
+            parse_requested_ips(&ips(&["10.0.0.5", "10.0.0.6", "10.0.0.7"]))
+                .unwrap_err()
+                .to_string(),
+            "too many ips: 3 given, at most 2 per endpoint (one per address family)"
+        );
+        assert_eq!(
+            parse_requested_ips(&ips(&["nope"])),
+            Err(ModelError::InvalidAddress("nope".into()))
+        );
+    }
+
+    #[test]
+    fn names_ids_and_paths_are_capped_with_their_length() {
+        assert_eq!(
+            validate_name("network", &"n".repeat(65))
+                .unwrap_err()
+                .to_string(),
+            format!(
+                "invalid network name {:?}: 65 bytes long, at most 64",
+                "n".repeat(65)
+            )
+        );
+        let long = "n".repeat(1 << 20);
+        let e = validate_name("network", &long).unwrap_err().to_string();
+        assert!(
+            e.ends_with("...: 1048576 bytes long, at most 64") && e.len() < 200,
+            "{e}"
+        );
+        assert_eq!(validate_container_id(&"c".repeat(MAX_CONTAINER_ID)), Ok(()));
+        assert!(
+            validate_container_id(&"c".repeat(129))
+                .unwrap_err()
+                .to_string()
+                .ends_with(": 129 bytes long, at most 128")
+        );
+        for bad in ["", "-c", "c/d", "c d"] {
+            assert_eq!(
+                validate_container_id(bad),
+                Err(ModelError::InvalidContainerId(bad.into()))
+            );
+        }
+        assert_eq!(validate_netns_ref("web"), Ok(()));
+        assert!(validate_netns_ref("we b").is_err());
+        let path = |n: usize| format!("/{}", "p".repeat(n - 1));
+        assert_eq!(validate_netns_ref(&path(MAX_NETNS_PATH)), Ok(()));
+        assert!(
+            validate_netns_ref(&path(4096))
+                .unwrap_err()
+                .to_string()
+                .ends_with(": 4096 bytes long, at most 4095")
+        );
+        assert!(
+            validate_ifname("sixteen-chars-xx")
+                .unwrap_err()
+                .to_string()
+                .ends_with(": 16 bytes long, at most 15")
+        );
     }
 
     #[test]

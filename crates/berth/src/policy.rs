@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use anyhow::{Context, Result, bail};
-use berth_api::{Client, Network, Policy, Selector};
-use berth_model::{PolicyRule, parse_policy_documents};
+use berth_api::{Client, MAX_BODY, Network, Policy, Selector, read_at_most};
+use berth_model::{PolicyRule, Shown, parse_policy_documents};
 use clap::{Subcommand, ValueEnum};
 use serde_json::Value;
 
@@ -178,11 +178,13 @@ fn from_flags(
     no_gateway_dns: bool,
 ) -> Result<Policy> {
     let selector = Selector::from_str(&selectors.join(","))
-        .with_context(|| format!("--selector {:?}", selectors.join(",")))?;
+        .with_context(|| format!("--selector {}", Shown(&selectors.join(","))))?;
     let rules = |specs: &[String], ingress: bool, flag: &str| -> Result<Vec<PolicyRule>> {
         specs
             .iter()
-            .map(|s| PolicyRule::parse_cli(s, ingress).with_context(|| format!("{flag} {s:?}")))
+            .map(|s| {
+                PolicyRule::parse_cli(s, ingress).with_context(|| format!("{flag} {}", Shown(s)))
+            })
             .collect()
     };
     let (ingress_isolated, egress_isolated) = if types.is_empty() {
@@ -218,17 +220,27 @@ fn from_flags(
 /// `policy apply -f`: every document is checked, and every network looked up (to say which
 /// document names a missing one), before they are sent, all in one request.
 fn apply(client: &Client, out: Output, file: &PathBuf) -> Result<()> {
-    let (shown, text) = if file.as_os_str() == "-" {
-        let mut s = String::new();
-        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
-            .context("reading standard input")?;
-        ("<stdin>".to_string(), s)
+    // The name shown in messages, the input, and its size when it is a file's.
+    let (shown, input, size): (String, Box<dyn std::io::Read>, _) = if file.as_os_str() == "-" {
+        ("<stdin>".into(), Box::new(std::io::stdin()), None)
     } else {
-        (
-            file.display().to_string(),
-            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?,
-        )
+        let f = std::fs::File::open(file).with_context(|| format!("reading {}", file.display()))?;
+        let size = f.metadata().ok().filter(|m| m.is_file()).map(|m| m.len());
+        (file.display().to_string(), Box::new(f), size)
     };
+    // No more than one request takes: the policies go to the daemon in one.
+    let Some(text) = read_at_most(input, MAX_BODY).with_context(|| format!("reading {shown}"))?
+    else {
+        let size = size.map_or_else(
+            || format!("over {MAX_BODY} bytes"),
+            |n| format!("{n} bytes"),
+        );
+        bail!(
+            "{shown} is {size}, more than the {MAX_BODY} bytes `policy apply` reads (the daemon's request limit): split it"
+        );
+    };
+    let text = String::from_utf8(text)
+        .map_err(|_| anyhow::anyhow!("reading {shown}: it is not UTF-8 text"))?;
     let policies = parse_policy_documents(&text).map_err(|e| anyhow::anyhow!("{shown}: {e}"))?;
     if policies.is_empty() {
         bail!("{shown}: no policy in the file");

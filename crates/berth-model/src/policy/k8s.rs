@@ -16,7 +16,7 @@ use super::{
 };
 use crate::selector::check_key_and_values;
 use crate::{
-    Labels, ModelError, Operator, PortName, Protocol, Requirement, Selector, validate_labels,
+    Labels, ModelError, Operator, PortName, Protocol, Requirement, Selector, validate_label,
     validate_name,
 };
 
@@ -373,6 +373,10 @@ impl<'de> Deserialize<'de> for Spec {
                 .into_iter()
                 .map(|r| rule(r.to, r.ports))
                 .collect();
+            if raw.policy_types.as_ref().is_some_and(|t| t.len() > 2) {
+                // Kubernetes' rule.
+                return Err("policyTypes: may not specify more than two policyTypes".into());
+            }
             // Kubernetes' defaulting: no policyTypes means Ingress, and Egress too when there
             // are egress rules.
             let types = raw
@@ -893,7 +897,7 @@ impl<'de> Deserialize<'de> for MatchLabels {
                             return Err(format!("label key {key:?} is given twice"));
                         }
                         let value = value.to_string();
-                        validate_labels([(&key, &value)]).map_err(|e| e.to_string())?;
+                        validate_label(&key, &value).map_err(|e| e.to_string())?;
                         Ok(value)
                     }))?;
                     labels.insert(key, value);

@@ -1163,6 +1163,12 @@ fn named_ports_need_a_port_and_a_name_of_their_own() {
         ..p("http=80")
     };
     assert!(validate_named_ports(&[zero]).is_err());
+    let many: Vec<NamedPort> = (1..=1025).map(|i| p(&format!("p{i}={i}"))).collect();
+    assert!(validate_named_ports(&many[..crate::MAX_NAMED_PORTS]).is_ok());
+    assert_eq!(
+        validate_named_ports(&many).unwrap_err().to_string(),
+        "too many named ports (named_ports): 1025 given, at most 1024 per endpoint"
+    );
 }
 
 #[test]
@@ -1170,7 +1176,82 @@ fn policies_too_big_for_the_kernel_are_refused() {
     let mut p = parse_policy_documents(EXAMPLE).unwrap().remove(0);
     assert!(p.validate().is_ok());
     let rule = p.ingress[0].clone();
-    p.ingress = vec![rule; MAX_POLICY_PARTS + 1];
+    p.ingress = vec![rule.clone(); MAX_POLICY_PARTS + 1];
     let err = p.validate().unwrap_err().to_string();
-    assert!(err.contains("at most 256"), "{err}");
+    assert!(
+        err.ends_with("too many ingress rules: 257 given, at most 256 per policy"),
+        "{err}"
+    );
+    let mut wide = rule.clone();
+    wide.peers = vec![wide.peers[0].clone(); 300];
+    p.ingress = vec![rule.clone(), wide];
+    let err = p.validate().unwrap_err().to_string();
+    assert!(
+        err.ends_with("ingress rule 2: too many peers: 300 given, at most 256 per rule"),
+        "{err}"
+    );
+    let mut ports = rule.clone();
+    ports.ports = vec![ports.ports[0].clone(); 257];
+    p.ingress = vec![ports];
+    let err = p.validate().unwrap_err().to_string();
+    assert!(
+        err.ends_with("too many ports: 257 given, at most 256 per rule"),
+        "{err}"
+    );
+    let mut excepts = rule;
+    excepts.peers = vec![Peer::Cidr {
+        cidr: net("10.0.0.0/8"),
+        except: (0..257u32)
+            .map(|i| net(&format!("10.{}.{}.0/24", i / 256, i % 256)))
+            .collect(),
+    }];
+    p.ingress = vec![excepts];
+    let err = p.validate().unwrap_err().to_string();
+    assert!(
+        err.ends_with("too many exceptions: 257 given, at most 256 per CIDR"),
+        "{err}"
+    );
+}
+
+/// A policy document's selectors are capped when the policy is validated (a stored one over
+/// the caps still reads), and its policy types where they are.
+#[test]
+fn selectors_and_types_in_documents_are_capped() {
+    let doc = |spec: &str| {
+        format!("{{\"metadata\": {{\"name\": \"p\", \"network\": \"blue\"}}, \"spec\": {spec}}}")
+    };
+    let validate = |spec: String| parse_policy_documents(&doc(&spec)).unwrap()[0].validate();
+    let labels: Vec<String> = (0..257).map(|i| format!("\"k{i}\": \"v\"")).collect();
+    let match_labels = |n: usize| {
+        format!(
+            "{{\"podSelector\": {{\"matchLabels\": {{{}}}}}}}",
+            labels[..n].join(",")
+        )
+    };
+    assert_eq!(validate(match_labels(256)), Ok(()));
+    let err = validate(match_labels(257)).unwrap_err().to_string();
+    assert!(
+        err.ends_with("selector: too many selector terms: 257 given, at most 256 per selector"),
+        "{err}"
+    );
+    let values: Vec<String> = (0..257).map(|i| format!("\"v{i}\"")).collect();
+    let err = validate(format!(
+        "{{\"podSelector\": {{}}, \"ingress\": [{{\"from\": [{{\"podSelector\": {{\"matchExpressions\": [{{\"key\": \"env\", \"operator\": \"In\", \"values\": [{}]}}]}}}}]}}]}}",
+        values.join(",")
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.ends_with("too many values of \"env\": 257 given, at most 256 per in or notin"),
+        "{err}"
+    );
+    let err = parse_policy_documents(&doc(
+        "{\"podSelector\": {}, \"policyTypes\": [\"Ingress\", \"Egress\", \"Ingress\"]}",
+    ))
+    .unwrap_err();
+    assert!(
+        err.message
+            .contains("may not specify more than two policyTypes"),
+        "{err}"
+    );
 }

@@ -544,3 +544,221 @@ fn labels_from_the_config_and_the_pod() {
     let got = crate::services::ask(&h.sandbox_path("client"), &format!("{vip}:80")).unwrap();
     assert!(got.starts_with("pod "), "{got}");
 }
+
+/// A configuration whose lists are over the caps the daemon holds an attach to is refused
+/// with code 7 naming the key, before anything is asked of the daemon (not even the network
+/// is made); `CNI_*` variables over their lengths are code 4 naming the variable.
+#[test]
+fn over_cap_configs_and_variables_get_codes_7_and_4_and_change_nothing() {
+    let h = Host::new();
+    let ctr = Container::start();
+    let netns = ctr.netns();
+    let before = h.snapshot();
+    let list = |n: usize, f: &dyn Fn(usize) -> Value| Value::Array((0..n).map(f).collect());
+    let add = env("ADD", "c1", &netns);
+    // (environment, configuration, message)
+    type Case<'a> = (Vec<(&'a str, &'a str)>, Value, &'a str);
+    let cases: Vec<Case<'_>> = vec![
+        (
+            add.clone(),
+            conf(
+                &h,
+                "1.1.0",
+                json!({"args": {"cni": {"labels": list(1025, &|i| {
+                    json!({"key": format!("l{i}"), "value": "v"})
+                })}}}),
+            ),
+            "invalid args.cni.labels (with CNI_ARGS' pod name and namespace): too many labels: 1025 given, at most 1024 per endpoint",
+        ),
+        (
+            add.clone(),
+            conf(
+                &h,
+                "1.1.0",
+                json!({"args": {"cni": {"namedPorts": list(1025, &|i| {
+                    json!({"name": format!("p{i}"), "port": i + 1})
+                })}}}),
+            ),
+            "invalid args.cni.namedPorts: too many named ports (named_ports): 1025 given, at most 1024 per endpoint",
+        ),
+        (
+            add.clone(),
+            conf(
+                &h,
+                "1.1.0",
+                json!({"runtimeConfig": {"aliases": {"blue": list(257, &|i| {
+                    json!(format!("a{i}"))
+                })}}}),
+            ),
+            "invalid runtimeConfig.aliases: too many aliases: 257 given, at most 256 per endpoint",
+        ),
+        (
+            add.clone(),
+            conf(
+                &h,
+                "1.1.0",
+                json!({"runtimeConfig": {"portMappings": list(4097, &|i| {
+                    json!({"hostPort": i + 1, "containerPort": 80})
+                })}}),
+            ),
+            "invalid runtimeConfig.portMappings: too many published ports (ports): 4097 given, at most 4096 per endpoint",
+        ),
+        (
+            add.clone(),
+            conf(
+                &h,
+                "1.1.0",
+                json!({"runtimeConfig": {"ips": ["10.91.0.5", "fd00:91::5", "10.91.0.6"]}}),
+            ),
+            "invalid runtimeConfig.ips (with CNI_ARGS IP): too many ips: 3 given, at most 2 per endpoint (one per address family)",
+        ),
+        (
+            vec![("CNI_COMMAND", "GC")],
+            conf(
+                &h,
+                "1.1.0",
+                json!({"cni.dev/valid-attachments": list(8193, &|i| {
+                    json!({"containerID": format!("c{i}"), "ifname": "eth0"})
+                })}),
+            ),
+            "invalid cni.dev/valid-attachments: too many valid attachments: 8193 given, at most 8192 per request",
+        ),
+    ];
+    for (env, conf, expected) in &cases {
+        let msg = fails(&h, env, conf, 7);
+        assert_eq!(msg, *expected);
+        assert_eq!(h.snapshot(), before, "{expected}: changed something");
+    }
+
+    let long_args = "a".repeat((16 << 10) + 1);
+    let long_path = "p".repeat((16 << 10) + 1);
+    let long_cid = "c".repeat(129);
+    let long_netns = format!("/{}", "n".repeat(4095));
+    let vars = [
+        (
+            "CNI_ARGS",
+            long_args.as_str(),
+            "invalid CNI_ARGS: 16385 bytes long, at most 16384",
+        ),
+        (
+            "CNI_PATH",
+            long_path.as_str(),
+            "invalid CNI_PATH: 16385 bytes long, at most 16384",
+        ),
+        (
+            "CNI_CONTAINERID",
+            long_cid.as_str(),
+            "invalid CNI_CONTAINERID: 129 bytes long, at most 128",
+        ),
+        (
+            "CNI_NETNS",
+            long_netns.as_str(),
+            "invalid CNI_NETNS: 4096 bytes long, at most 4095",
+        ),
+        (
+            "CNI_ARGS",
+            "IP=10.91.0.5,10.91.0.6,10.91.0.7",
+            "invalid CNI_ARGS IP: too many ips: 3 given, at most 2 per endpoint",
+        ),
+    ];
+    let c = conf(&h, "1.1.0", json!({}));
+    for (key, value, expected) in vars {
+        let mut with = add.clone();
+        with.retain(|(k, _)| *k != key);
+        with.push((key, value));
+        let msg = fails(&h, &with, &c, 4);
+        assert!(msg.starts_with(expected), "{key}: {msg}");
+        assert_eq!(h.snapshot(), before, "{key}: changed something");
+    }
+}
+
+/// The reported fault: a 34 MB configuration was read whole into 926 MB and answered with
+/// code 11 (try again). berth-cni reads no more than the daemon's request limit and answers
+/// code 7 at once, naming the size (a file's, known) or that it is over the limit (a pipe's).
+#[test]
+fn a_huge_config_is_refused_at_once_without_reading_it() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    let h = Host::new();
+    let ctr = Container::start();
+    let netns = ctr.netns();
+    let before = h.snapshot();
+    // Valid JSON, as a runtime would send, 34 MB of labels.
+    let mut huge = conf(&h, "1.0.0", json!({})).to_string().into_bytes();
+    huge.truncate(huge.len() - 1);
+    huge.extend_from_slice(br#","args":{"cni":{"labels":["#);
+    let mut i = 0;
+    while huge.len() < 34_000_000 {
+        huge.extend_from_slice(format!(r#"{{"key":"l{i}","value":"v"}},"#).as_bytes());
+        i += 1;
+    }
+    huge.extend_from_slice(br#"{"key":"last","value":"v"}]}}}"#);
+    let file = h.dir.join("huge.json");
+    std::fs::write(&file, &huge).unwrap();
+
+    let run = |stdin: Stdio| {
+        Command::new("nsenter")
+            .arg(format!("--net={}", h.netns_path()))
+            .arg(crate::harness::BERTH_CNI)
+            .env_clear()
+            .envs(env("ADD", "c1", &netns))
+            .stdin(stdin)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let answer = |out: std::process::Output| -> Value {
+        assert!(!out.status.success());
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+    };
+
+    // Through a pipe, as runtimes hand it over: the writer is cut off once berth-cni has read
+    // its limit.
+    let started = Instant::now();
+    let mut child = run(Stdio::piped());
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || {
+        let mut written = 0;
+        for chunk in huge.chunks(64 << 10) {
+            if stdin.write_all(chunk).is_err() {
+                break;
+            }
+            written += chunk.len();
+        }
+        written
+    });
+    let out = answer(child.wait_with_output().unwrap());
+    let elapsed = started.elapsed();
+    let written = writer.join().unwrap();
+    assert_eq!(out["code"], 7, "{out}");
+    assert_eq!(out["cniVersion"], "1.1.0", "{out}");
+    assert_eq!(
+        out["msg"],
+        "the network configuration is over 2097152 bytes, more than the 2097152 bytes berth-cni reads (the daemon's request limit)"
+    );
+    assert!(
+        written < 4 << 20,
+        "berth-cni took {written} bytes of the configuration"
+    );
+    assert!(elapsed < Duration::from_secs(5), "answered in {elapsed:?}");
+
+    // From a file: its size is known, and named.
+    let out = answer(
+        run(Stdio::from(std::fs::File::open(&file).unwrap()))
+            .wait_with_output()
+            .unwrap(),
+    );
+    assert_eq!(out["code"], 7, "{out}");
+    let size = std::fs::metadata(&file).unwrap().len();
+    assert_eq!(
+        out["msg"],
+        format!(
+            "the network configuration is {size} bytes, more than the 2097152 bytes berth-cni reads (the daemon's request limit)"
+        )
+    );
+    assert_eq!(h.snapshot(), before, "nothing was made");
+}

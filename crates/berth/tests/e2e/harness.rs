@@ -259,6 +259,29 @@ impl Host {
         }
     }
 
+    /// The daemon's resident memory in KiB (`VmRSS`). `nsenter` execs the daemon in place,
+    /// so the child is the daemon.
+    pub fn daemon_rss_kib(&self) -> u64 {
+        let pid = self
+            .daemon
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .expect("a running daemon")
+            .id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        assert!(
+            status.starts_with("Name:\tberth\n"),
+            "pid {pid} is the daemon: {status}"
+        );
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().strip_suffix(" kB"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no VmRSS in {status}"))
+    }
+
     /// Waits up to 5 s for `cond`; for effects that are asynchronous by design.
     pub fn eventually(&self, what: &str, mut cond: impl FnMut() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(5);

@@ -9,23 +9,55 @@ use berth_api::{
     Attachment, DEFAULT_SOCKET, MacAddr, NamedPort, Network, PortMapping, Protocol, parse_subnet,
     validate_network_mtu,
 };
+use berth_model::{
+    IFNAME_MAX, MAX_CONTAINER_ID, MAX_NETNS_PATH, ModelError, parse_requested_ips,
+    validate_aliases, validate_container_id, validate_ifname,
+};
 use serde::Deserialize;
 use serde_json::Value;
 
 use crate::{CniError, SUPPORTED, code};
 
+/// The longest `CNI_ARGS` and `CNI_PATH`: far above what runtimes pass (Kubernetes' `CNI_ARGS`
+/// is about 300 bytes), far below what would cost the plugin.
+pub const MAX_CNI_ARGS: usize = 16 << 10;
+pub const MAX_CNI_PATH: usize = 16 << 10;
+
+/// The longest value of each `CNI_*` variable berth-cni reads.
+const ENV_CAPS: [(&str, usize); 5] = [
+    ("CNI_CONTAINERID", MAX_CONTAINER_ID),
+    ("CNI_NETNS", MAX_NETNS_PATH),
+    ("CNI_IFNAME", IFNAME_MAX),
+    ("CNI_ARGS", MAX_CNI_ARGS),
+    ("CNI_PATH", MAX_CNI_PATH),
+];
+
 /// The `CNI_*` environment.
 pub struct Env {
     vars: HashMap<String, String>,
+    /// `CNI_*` variables whose values are not UTF-8.
+    not_utf8: Vec<String>,
 }
 
 impl Env {
     pub fn from_process() -> Self {
-        Env {
-            vars: std::env::vars()
-                .filter(|(k, _)| k.starts_with("CNI_"))
-                .collect(),
+        let mut env = Env {
+            vars: HashMap::new(),
+            not_utf8: Vec::new(),
+        };
+        // `vars_os`: `vars` panics on any variable that is not UTF-8, even one not ours.
+        for (k, v) in std::env::vars_os() {
+            let Some(k) = k.to_str().filter(|k| k.starts_with("CNI_")) else {
+                continue;
+            };
+            match v.into_string() {
+                Ok(v) => {
+                    env.vars.insert(k.to_string(), v);
+                }
+                Err(_) => env.not_utf8.push(k.to_string()),
+            }
         }
+        env
     }
 
     #[cfg(test)]
@@ -35,7 +67,30 @@ impl Env {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            not_utf8: Vec::new(),
         }
+    }
+
+    /// Every `CNI_*` variable berth-cni reads is UTF-8 and within its length (`ENV_CAPS`),
+    /// checked before any is used: the spec's code 4 naming the variable otherwise.
+    pub fn check(&self) -> Result<(), CniError> {
+        if let Some(key) = self.not_utf8.first() {
+            return Err(CniError::new(
+                code::INVALID_ENV,
+                format!("{key} is not valid UTF-8"),
+            ));
+        }
+        for (key, cap) in ENV_CAPS {
+            if let Some(v) = self.vars.get(key)
+                && v.len() > cap
+            {
+                return Err(CniError::new(
+                    code::INVALID_ENV,
+                    format!("invalid {key}: {} bytes long, at most {cap}", v.len()),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn get(&self, key: &str) -> Option<&str> {
@@ -56,19 +111,11 @@ impl Env {
 
     /// `(container id, netns, ifname)`, validated; the namespace only where it is required.
     pub fn attachment(&self, need_netns: bool) -> Result<(&str, &str, &str), CniError> {
+        let invalid = |key: &str, e: ModelError| {
+            CniError::new(code::INVALID_ENV, format!("invalid {key}: {e}"))
+        };
         let cid = self.require("CNI_CONTAINERID")?;
-        let valid_cid = cid.as_bytes()[0].is_ascii_alphanumeric()
-            && cid
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
-        if !valid_cid {
-            return Err(CniError::new(
-                code::INVALID_ENV,
-                format!(
-                    "invalid CNI_CONTAINERID {cid:?}: must start with a letter or digit, then letters, digits, '_', '.', '-'"
-                ),
-            ));
-        }
+        validate_container_id(cid).map_err(|e| invalid("CNI_CONTAINERID", e))?;
         let netns = if need_netns {
             let netns = self.require("CNI_NETNS")?;
             check_netns(netns).map_err(|why| {
@@ -82,18 +129,7 @@ impl Env {
             self.get("CNI_NETNS").unwrap_or("")
         };
         let ifname = self.require("CNI_IFNAME")?;
-        let bad_ifname = ifname.len() > 15
-            || ifname == "."
-            || ifname == ".."
-            || ifname
-                .bytes()
-                .any(|b| b == b'/' || b == b':' || !b.is_ascii_graphic());
-        if bad_ifname {
-            return Err(CniError::new(
-                code::INVALID_ENV,
-                format!("invalid CNI_IFNAME {ifname:?}"),
-            ));
-        }
+        validate_ifname(ifname).map_err(|e| invalid("CNI_IFNAME", e))?;
         Ok((cid, netns, ifname))
     }
 
@@ -117,10 +153,7 @@ impl Env {
             .into_iter()
             .flat_map(|v| v.split(',').map(str::to_string).collect::<Vec<_>>())
             .collect();
-        for ip in &ips {
-            ip.parse::<IpAddr>()
-                .map_err(|_| bad("IP", format!("{ip:?} is not an IP address")))?;
-        }
+        parse_requested_ips(&ips).map_err(|e| bad("IP", e.to_string()))?;
         let mac = self.arg("MAC");
         if let Some(m) = &mac {
             m.parse::<MacAddr>()
@@ -399,7 +432,8 @@ impl NetConf {
         })
     }
 
-    /// Checks what ADD uses of the configuration (network keys, `runtimeConfig.ips` and `mac`)
+    /// Checks what ADD uses of the configuration (network keys, `runtimeConfig.ips`, `mac` and
+    /// `aliases`)
     /// before anything is asked of the daemon, so that a value that cannot work is the spec's
     /// code 7 (2 for `ipam`) and creates nothing. DEL and GC do not check: cleanup must work
     /// with any configuration a runtime still holds.
@@ -450,6 +484,7 @@ impl NetConf {
             m.parse::<MacAddr>()
                 .map_err(|e| bad("runtimeConfig.mac", e.to_string()))?;
         }
+        validate_aliases(&self.aliases).map_err(|e| bad("runtimeConfig.aliases", e.to_string()))?;
         Ok(())
     }
 
@@ -650,6 +685,42 @@ mod tests {
         assert_eq!(e.ips_and_mac().unwrap_err().code, code::INVALID_ENV);
         let e = Env::from_pairs(&[("CNI_ARGS", "IP=10.0.0.5,bad")]);
         assert_eq!(e.ips_and_mac().unwrap_err().code, code::INVALID_ENV);
+    }
+
+    #[test]
+    fn env_variables_are_capped_with_code_4() {
+        let ok = [
+            ("CNI_CONTAINERID", "c".repeat(MAX_CONTAINER_ID)),
+            ("CNI_NETNS", format!("/{}", "n".repeat(MAX_NETNS_PATH - 1))),
+            ("CNI_IFNAME", "i".repeat(IFNAME_MAX)),
+            ("CNI_ARGS", "a".repeat(MAX_CNI_ARGS)),
+            ("CNI_PATH", "p".repeat(MAX_CNI_PATH)),
+        ];
+        let pairs: Vec<(&str, &str)> = ok.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        assert!(Env::from_pairs(&pairs).check().is_ok());
+        for (key, value) in ok {
+            let over = format!("{value}x");
+            let e = Env::from_pairs(&[(key, &over)]).check().unwrap_err();
+            assert_eq!(e.code, code::INVALID_ENV, "{key}: {}", e.msg);
+            assert_eq!(
+                e.msg,
+                format!(
+                    "invalid {key}: {} bytes long, at most {}",
+                    over.len(),
+                    over.len() - 1
+                )
+            );
+        }
+        let e = Env::from_pairs(&[("CNI_ARGS", "IP=10.0.0.5,10.0.0.6,10.0.0.7")]);
+        let e = e.ips_and_mac().unwrap_err();
+        assert_eq!(e.code, code::INVALID_ENV);
+        assert!(
+            e.msg.ends_with(
+                "too many ips: 3 given, at most 2 per endpoint (one per address family)"
+            ),
+            "{}",
+            e.msg
+        );
     }
 
     #[test]

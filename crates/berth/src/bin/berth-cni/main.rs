@@ -5,10 +5,18 @@
 mod conf;
 mod result;
 
-use std::io::Read;
+use std::fs::File;
+use std::os::fd::AsFd;
 use std::time::Duration;
 
-use berth_api::{Attach, Client, ClientError, CreateNetwork, Detach, Endpoint, Gc, Network};
+use berth_api::{
+    Attach, Client, ClientError, CreateNetwork, Detach, Endpoint, Gc, MAX_BODY, ModelError,
+    Network, read_at_most,
+};
+use berth_model::{
+    MAX_GC_ATTACHMENTS, Shown, check_count, parse_requested_ips, validate_labels,
+    validate_named_ports, validate_published_ports,
+};
 use serde_json::{Value, json};
 
 use conf::{Env, NetConf};
@@ -42,6 +50,7 @@ pub mod code {
     pub const UNSUPPORTED_FIELD: u32 = 2;
     pub const UNKNOWN_CONTAINER: u32 = 3;
     pub const INVALID_ENV: u32 = 4;
+    pub const IO: u32 = 5;
     pub const DECODE: u32 = 6;
     pub const INVALID_CONFIG: u32 = 7;
     pub const TRY_AGAIN_LATER: u32 = 11;
@@ -55,12 +64,13 @@ pub mod code {
 }
 
 fn main() {
-    let mut stdin = String::new();
-    let _ = std::io::stdin().read_to_string(&mut stdin);
     let env = Env::from_process();
+    let stdin = read_config();
     // Errors are reported in the version the runtime asked for, when it can be read.
-    let version = serde_json::from_str::<Value>(&stdin)
+    let version = stdin
+        .as_deref()
         .ok()
+        .and_then(|s| serde_json::from_str::<Value>(s).ok())
         .and_then(|v| {
             v.get("cniVersion")
                 .and_then(Value::as_str)
@@ -68,7 +78,7 @@ fn main() {
         })
         .filter(|v| SUPPORTED.contains(&v.as_str()))
         .unwrap_or_else(|| "1.1.0".to_string());
-    match run(&env, &stdin) {
+    match stdin.and_then(|stdin| run(&env, &stdin)) {
         Ok(Some(out)) => println!("{out}"),
         Ok(None) => {}
         Err(e) => {
@@ -81,7 +91,46 @@ fn main() {
     }
 }
 
+/// The network configuration on stdin: at most [`MAX_BODY`] bytes, the daemon's request limit
+/// (no larger configuration could reach it, and reading one whole costs the plugin memory for
+/// nothing), of UTF-8.
+fn read_config() -> Result<String, CniError> {
+    let stdin = std::io::stdin();
+    let read = read_at_most(stdin.lock(), MAX_BODY).map_err(|e| {
+        CniError::new(
+            code::IO,
+            format!("cannot read the network configuration: {e}"),
+        )
+    })?;
+    let Some(bytes) = read else {
+        // A file's length is known; a pipe's only that it is longer.
+        let size = stdin
+            .as_fd()
+            .try_clone_to_owned()
+            .ok()
+            .and_then(|fd| File::from(fd).metadata().ok())
+            .filter(|m| m.is_file())
+            .map_or_else(
+                || format!("over {MAX_BODY} bytes"),
+                |m| format!("{} bytes", m.len()),
+            );
+        return Err(CniError::new(
+            code::INVALID_CONFIG,
+            format!(
+                "the network configuration is {size}, more than the {MAX_BODY} bytes berth-cni reads (the daemon's request limit)"
+            ),
+        ));
+    };
+    String::from_utf8(bytes).map_err(|_| {
+        CniError::new(
+            code::DECODE,
+            "cannot decode the network configuration: it is not UTF-8",
+        )
+    })
+}
+
 fn run(env: &Env, stdin: &str) -> Result<Option<Value>, CniError> {
+    env.check()?;
     let command = env.command()?;
     if command == "VERSION" {
         let asked = serde_json::from_str::<Value>(stdin)
@@ -114,6 +163,13 @@ fn run(env: &Env, stdin: &str) -> Result<Option<Value>, CniError> {
         }
         "GC" => {
             conf.require_version("1.1.0", "GC")?;
+            check_count(
+                "valid attachments",
+                conf.valid_attachments.len(),
+                MAX_GC_ATTACHMENTS,
+                "per request",
+            )
+            .map_err(|e| invalid_config("cni.dev/valid-attachments", e))?;
             let req = Gc {
                 network: conf.network.clone(),
                 valid: conf.valid_attachments.clone(),
@@ -128,7 +184,8 @@ fn run(env: &Env, stdin: &str) -> Result<Option<Value>, CniError> {
         other => Err(CniError::new(
             code::INVALID_ENV,
             format!(
-                "unknown CNI_COMMAND {other:?}: expected ADD, DEL, CHECK, STATUS, GC or VERSION"
+                "unknown CNI_COMMAND {}: expected ADD, DEL, CHECK, STATUS, GC or VERSION",
+                Shown(other)
             ),
         )),
     }
@@ -152,6 +209,10 @@ fn api_error(e: ClientError) -> CniError {
             status: 400 | 404, ..
         } => code::INVALID_CONFIG,
         ClientError::Api { status: 409, .. } => code::CONFLICT,
+        // A request over the daemon's body limit: it never will succeed as it is.
+        ClientError::Api { status: 413, .. } | ClientError::TooLarge { .. } => {
+            code::INVALID_CONFIG
+        }
         _ => code::INTERNAL,
     };
     CniError::new(code, e.to_string())
@@ -162,7 +223,6 @@ fn add(env: &Env, conf: &NetConf, client: &Client) -> Result<Value, CniError> {
     // Everything checkable is checked before the daemon creates anything.
     conf.validate_for_add()?;
     let (env_ips, env_mac) = env.ips_and_mac()?;
-    let net = ensure_network(conf, client)?;
     let mut ips = conf.requested_ips.clone();
     ips.extend(env_ips);
     // The runtime's name for the container (podman passes the container name, Kubernetes the
@@ -172,7 +232,7 @@ fn add(env: &Env, conf: &NetConf, client: &Client) -> Result<Value, CniError> {
         .filter(|n| !n.is_empty())
         .or_else(|| conf.aliases.first().cloned());
     let req = Attach {
-        network: net.name.clone(),
+        network: conf.network.clone(),
         sandbox: netns.to_string(),
         ifname: Some(ifname.to_string()),
         ips,
@@ -190,8 +250,30 @@ fn add(env: &Env, conf: &NetConf, client: &Client) -> Result<Value, CniError> {
         labels: labels(env, conf),
         named_ports: conf.named_ports.clone(),
     };
+    check_caps(&req)?;
+    let net = ensure_network(conf, client)?;
     let ep: Endpoint = client.post("/v1/endpoints", &req).map_err(api_error)?;
     Ok(result::add_result(&conf.cni_version, &ep, &net, netns))
+}
+
+/// The caps the daemon holds an attach's lists to (docs/api.md), checked before anything is
+/// asked of it: an ADD refused after its network was made would leave the network behind.
+/// Each error names the configuration's key (or the variable) the list came from. (The
+/// aliases are checked as the configuration gives them, by `validate_for_add`.)
+fn check_caps(req: &Attach) -> Result<(), CniError> {
+    validate_labels(&req.labels).map_err(|e| {
+        invalid_config("args.cni.labels (with CNI_ARGS' pod name and namespace)", e)
+    })?;
+    validate_named_ports(&req.named_ports).map_err(|e| invalid_config("args.cni.namedPorts", e))?;
+    validate_published_ports(&req.ports)
+        .map_err(|e| invalid_config("runtimeConfig.portMappings", e))?;
+    parse_requested_ips(&req.ips)
+        .map_err(|e| invalid_config("runtimeConfig.ips (with CNI_ARGS IP)", e))?;
+    Ok(())
+}
+
+fn invalid_config(key: &str, e: ModelError) -> CniError {
+    CniError::new(code::INVALID_CONFIG, format!("invalid {key}: {e}"))
 }
 
 /// The endpoint's labels: the configuration's `args.cni.labels`, and a Kubernetes pod's
@@ -296,5 +378,30 @@ fn check(env: &Env, conf: &NetConf, client: &Client) -> Result<(), CniError> {
             ),
             details: String::new(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A request the daemon refuses for its size never succeeds: the runtime must not retry it.
+    #[test]
+    fn a_request_too_large_is_invalid_config_not_try_again() {
+        for e in [
+            ClientError::Api {
+                status: 413,
+                message: "request body too large: at most 2097152 bytes".into(),
+            },
+            ClientError::TooLarge {
+                size: MAX_BODY + 1,
+                limit: MAX_BODY,
+            },
+        ] {
+            let text = e.to_string();
+            let e = api_error(e);
+            assert_eq!(e.code, code::INVALID_CONFIG, "{text}");
+            assert!(e.msg.contains("too large"), "{}", e.msg);
+        }
     }
 }
