@@ -595,6 +595,14 @@ impl Agent {
         fresh.listed = true;
         let (index, program) = (&fresh.index, &mut fresh.program);
         program.update(index, &locals);
+        // Numbered as the kernel's profiles are, so that what is in force stays put.
+        let sets = state.sets.clone();
+        match kernel(move || sets.lock().expect("policy sets lock").elements()).await {
+            Ok(held) => fresh.program.adopt_numbers(&held),
+            Err(e) => {
+                tracing::info!(error = %e, "the kernel's policy is not berth's as it is: written anew")
+            }
+        }
         fresh.sets = state.sets.clone();
         *state = fresh;
         self.sync_policies(&mut state).await?;
@@ -870,6 +878,13 @@ impl Agent {
             }
         }
         if !state.listed {
+            return Ok(());
+        }
+        // A policy joins at most every profile there is and one of its own: when even that
+        // fits, there is nothing to try.
+        let bound: usize = policies.iter().map(|p| state.index.cost(p)).sum::<usize>()
+            * (state.program.profiles().count() + 1);
+        if state.program.len() + bound <= MAX_HOST_ELEMENTS {
             return Ok(());
         }
         // This host with them: tried on a copy of the program, the index put back after.

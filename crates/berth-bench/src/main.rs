@@ -122,6 +122,14 @@ struct Args {
     /// Policies in place for the second kind of those attaches.
     #[arg(long, default_value_t = 1000)]
     policy_attach_policies: usize,
+    /// Policy creations, replacements and deletions timed with --policy-attach-policies in
+    /// place, each kind (0 skips them).
+    #[arg(long, default_value_t = 50)]
+    policy_api_changes: usize,
+    /// Busy threads that load the machine for loaded runs of the policy attaches and changes
+    /// (0: quiet runs only).
+    #[arg(long, default_value_t = 8)]
+    policy_load_threads: usize,
 }
 
 /// Where the p-quantile is in `len` sorted samples: the sample at index len·p.
@@ -388,6 +396,8 @@ fn main() -> Result<()> {
                 clients: args.policy_clients,
                 attach_n: args.policy_attach_n,
                 attach_policies: args.policy_attach_policies,
+                api_changes: args.policy_api_changes,
+                load_threads: args.policy_load_threads,
             },
         )?;
     }

@@ -76,6 +76,89 @@ pub struct Options {
     /// Attaches timed with no policy, and as many with `attach_policies` in place; 0 skips it.
     pub attach_n: usize,
     pub attach_policies: usize,
+    /// Policy creations, replacements and deletions timed with `attach_policies` in place,
+    /// each kind; 0 skips them.
+    pub api_changes: usize,
+    /// Busy threads that load the machine for the loaded runs of the attaches and of the
+    /// policy changes; 0: quiet runs only.
+    pub load_threads: usize,
+}
+
+/// Threads that keep the CPUs busy until dropped: a loaded host.
+struct Load {
+    stop: std::sync::Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(n: usize) -> Load {
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let threads = (0..n)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut x = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        for i in 0..10_000u64 {
+                            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load { stop, threads }
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The load average over the last minute.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
+}
+
+/// Policy API calls with the policies in place: `n` creations of a policy that selects the
+/// server too (its profile changes, with all the others'), `n` replacements of it (another
+/// port each time) and `n` deletions; each timed. (create, replace, delete).
+fn api_changes(b: &mut Bench<'_>, n: usize) -> Result<[Vec<Duration>; 3]> {
+    let mut out: [Vec<Duration>; 3] = Default::default();
+    for i in 0..n {
+        let port = 20_000 + (i % 1000) as u16;
+        let p = policy(
+            "bench-extra",
+            vec![PolicyRule {
+                peers: vec![Peer::Endpoints("app=extra".parse()?)],
+                ports: vec![tcp(port)],
+            }],
+        )?;
+        let t = Instant::now();
+        b.create(&p)?;
+        out[0].push(t.elapsed());
+        let p = policy(
+            "bench-extra",
+            vec![PolicyRule {
+                peers: vec![Peer::Endpoints("app=extra".parse()?)],
+                ports: vec![tcp(port + 1000)],
+            }],
+        )?;
+        let t = Instant::now();
+        let _: serde_json::Value = b.client.put("/v1/policies/bench-extra", &p)?;
+        out[1].push(t.elapsed());
+        let t = Instant::now();
+        b.delete("bench-extra")?;
+        out[2].push(t.elapsed());
+    }
+    Ok(out)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -519,7 +602,76 @@ pub fn bench(client: &Client, dir: &Path, o: &Options) -> Result<()> {
                 t.elapsed().as_secs_f64()
             );
         }
-        print_attach(plan);
+        print_attach(plan, "quiet");
+        if o.load_threads > 0 {
+            let mut loaded = AttachPlan::new(plan.n, plan.policies);
+            let t = Instant::now();
+            let load = Load::start(o.load_threads);
+            attach_cost(&mut b, &mut loaded)?;
+            let avg = load_average();
+            drop(load);
+            eprintln!(
+                "policy: loaded attach cost done in {:.1} s",
+                t.elapsed().as_secs_f64()
+            );
+            print_attach(
+                &loaded,
+                &format!(
+                    "loaded: {} busy threads, load average {avg}",
+                    o.load_threads
+                ),
+            );
+        }
+    }
+    if o.api_changes > 0 && o.attach_policies > 0 {
+        let t = Instant::now();
+        b.set_policies(o.attach_policies)?;
+        settle(o.attach_policies);
+        let quiet = api_changes(&mut b, o.api_changes)?;
+        let mut runs = vec![("quiet".to_string(), quiet)];
+        if o.load_threads > 0 {
+            let load = Load::start(o.load_threads);
+            let loaded = api_changes(&mut b, o.api_changes)?;
+            runs.push((format!("loaded (load average {})", load_average()), loaded));
+            drop(load);
+        }
+        eprintln!(
+            "policy: API changes done in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
+        println!(
+            "\nPolicy changes with {} policies in place (every one selects the server): {} each of \
+             create, replace (PUT) and delete of one more policy that selects the server, timed from \
+             the API call to its answer (enforced on this host when it answers).",
+            o.attach_policies, o.api_changes
+        );
+        println!(
+            "| run | create p50 | create p99 | replace p50 | replace p99 | delete p50 | delete p99 |"
+        );
+        println!(
+            "|-----|-----------:|-----------:|------------:|------------:|-----------:|-----------:|"
+        );
+        let mut worst: f64 = 0.0;
+        for (label, [c, r, d]) in &runs {
+            println!(
+                "| {label} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
+                q_ms(c, 0.5),
+                q_ms(c, 0.99),
+                q_ms(r, 0.5),
+                q_ms(r, 0.99),
+                q_ms(d, 0.5),
+                q_ms(d, 0.99)
+            );
+            worst = worst
+                .max(q_ms(c, 0.99))
+                .max(q_ms(r, 0.99))
+                .max(q_ms(d, 0.99));
+        }
+        println!(
+            "Target p99 <= 300 ms with {} policies in place, loaded: {} (worst p99 {worst:.1} ms).",
+            o.attach_policies,
+            met(worst <= 300.0)
+        );
     }
     if !b.creates.is_empty() || !b.deletes.is_empty() {
         println!(
@@ -1156,11 +1308,11 @@ fn attach_cost(b: &mut Bench<'_>, plan: &mut AttachPlan) -> Result<()> {
     Ok(())
 }
 
-fn print_attach(plan: &AttachPlan) {
+fn print_attach(plan: &AttachPlan, run: &str) {
     let (n, policies) = (plan.n, plan.policies);
     let order: Vec<String> = plan.order.iter().map(ToString::to_string).collect();
     println!(
-        "\nAttach with policies in place: POST /v1/endpoints of {n} new sandboxes labelled app=server with no policy, \
+        "\nAttach with policies in place ({run}): POST /v1/endpoints of {n} new sandboxes labelled app=server with no policy, \
          {n} with {policies} in place (the policies above: every one selects app=server, so each attach writes the \
          endpoint's {policies} allow elements: the worst case), and {n} labelled app=bystander with the {policies} in \
          place (none selects it: the usual case, a network with many policies for other endpoints), in blocks of \

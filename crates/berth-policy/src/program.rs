@@ -115,7 +115,7 @@ impl Program {
     pub fn update(&mut self, index: &PolicyIndex, touched: &Touched) -> Change {
         let mut change = Change::default();
         // The profiles whose content may have changed, compiled again below if still used.
-        let dirty: Vec<Arc<ProfileKey>> = self
+        let mut dirty: Vec<Arc<ProfileKey>> = self
             .profiles
             .keys()
             .filter(|k| touched.dirties(k))
@@ -128,6 +128,7 @@ impl Program {
             .iter()
             .map(|id| (id.clone(), self.targets_of(index, id)))
             .collect();
+        dirty.extend(self.rekey(&retargeted));
         let mut moved: BTreeSet<(Direction, IpAddr)> = retargeted
             .iter()
             .flat_map(|(id, new)| {
@@ -293,6 +294,64 @@ impl Program {
         change
     }
 
+    /// Profiles whose every target moves to one new key (a policy added to or removed from
+    /// all the endpoints that share them: the common case) take that key, keeping their
+    /// number, so that the change is a difference of their content rather than a new
+    /// profile and every target moved. Returns the keys to compile again.
+    fn rekey(&mut self, retargeted: &[(String, Vec<Target>)]) -> Vec<Arc<ProfileKey>> {
+        // For each old key of a touched endpoint, the keys its targets of that direction
+        // move to.
+        let mut moves: HashMap<Arc<ProfileKey>, BTreeSet<Arc<ProfileKey>>> = HashMap::new();
+        let mut movers: HashMap<Arc<ProfileKey>, BTreeSet<&str>> = HashMap::new();
+        for (id, new) in retargeted {
+            for old in self.endpoints.get(id).into_iter().flatten() {
+                let to = new
+                    .iter()
+                    .find(|t| t.direction == old.key.direction && t.address == old.address)
+                    .map(|t| t.key.clone());
+                let entry = moves.entry(old.key.clone()).or_default();
+                match to {
+                    Some(k) => {
+                        entry.insert(k);
+                    }
+                    // Not judged any more in that direction: no single key to move to.
+                    None => {
+                        entry.insert(old.key.clone());
+                    }
+                }
+                movers.entry(old.key.clone()).or_default().insert(id);
+            }
+        }
+        let mut rekeyed = Vec::new();
+        let mut taken: BTreeSet<Arc<ProfileKey>> = BTreeSet::new();
+        for (old, to) in moves {
+            if to.len() != 1 {
+                continue;
+            }
+            let new = to.into_iter().next().expect("one key");
+            let Some(c) = self.profiles.get(&old) else {
+                continue;
+            };
+            let all_move = movers
+                .get(&old)
+                .is_some_and(|m| c.users.iter().all(|u| m.contains(u.as_str())));
+            if new == old
+                || !all_move
+                || self.profiles.contains_key(&new)
+                || !taken.insert(new.clone())
+            {
+                continue;
+            }
+            let c = self.profiles.remove(&old).expect("looked up above");
+            self.ids.insert(c.id, new.clone());
+            self.profiles.insert(new.clone(), c);
+            // The endpoints' old targets still name the old key: they are unclaimed below by
+            // endpoint, whatever key they name.
+            rekeyed.push(new);
+        }
+        rekeyed
+    }
+
     /// The targets of endpoint `id` as the index has it now: none if it is not local.
     fn targets_of(&self, index: &PolicyIndex, id: &str) -> Vec<Target> {
         let Some(ep) = index.endpoint(id).filter(|ep| index.is_local(ep)) else {
@@ -321,13 +380,20 @@ impl Program {
     }
 
     fn unclaim(&mut self, id: &str, t: &Target) {
+        let mut profile = None;
         if let Some(by) = self.claims.get_mut(&(t.direction, t.address)) {
-            by.remove(id);
+            profile = by.remove(id);
             if by.is_empty() {
                 self.claims.remove(&(t.direction, t.address));
             }
         }
-        if let Some(c) = self.profiles.get_mut(&t.key) {
+        // Its key's profile, or the one that took over from it (see `rekey`).
+        let key = self
+            .profiles
+            .contains_key(&t.key)
+            .then(|| t.key.clone())
+            .or_else(|| profile.and_then(|p| self.ids.get(&p).cloned()));
+        if let Some(c) = key.and_then(|k| self.profiles.get_mut(&k)) {
             c.users.remove(id);
         }
     }
@@ -336,6 +402,69 @@ impl Program {
     fn in_force(&self, direction: Direction, target: IpAddr) -> Option<ProfileId> {
         let by = self.claims.get(&(direction, target))?;
         by.values().next().copied()
+    }
+
+    /// Takes the numbers the kernel's profiles have (`kernel`: what it holds) for the
+    /// profiles of the same targets, so that a program built anew (a daemon that starts) finds
+    /// the kernel's elements as they are rather than making every profile again: a profile
+    /// whose targets all point at one kernel profile takes its number. Call it on a program
+    /// before any of its changes reach the kernel.
+    pub fn adopt_numbers(&mut self, kernel: &[PolicyElement]) {
+        let held: HashMap<(Direction, IpAddr), ProfileId> = kernel
+            .iter()
+            .filter_map(|e| match *e {
+                PolicyElement::Target {
+                    direction,
+                    target,
+                    profile,
+                } => Some(((direction, target), profile)),
+                _ => None,
+            })
+            .collect();
+        // By the targets in force: the profile of each takes the number the kernel has there
+        // (the first to want a number, or to be given one, keeps it).
+        let mut wanted: BTreeMap<ProfileId, Arc<ProfileKey>> = BTreeMap::new();
+        let mut given: HashSet<Arc<ProfileKey>> = HashSet::new();
+        for (at, by) in &self.claims {
+            let (Some(&kernel_id), Some((_, ours))) = (held.get(at), by.iter().next()) else {
+                continue;
+            };
+            let Some(key) = self.ids.get(ours) else {
+                continue;
+            };
+            if !wanted.contains_key(&kernel_id) && given.insert(key.clone()) {
+                wanted.insert(kernel_id, key.clone());
+            }
+        }
+        let adopted: HashSet<Arc<ProfileKey>> = wanted.values().cloned().collect();
+        let mut numbers: HashMap<Arc<ProfileKey>, ProfileId> =
+            wanted.iter().map(|(id, k)| (k.clone(), *id)).collect();
+        // The others keep theirs, unless an adopted one took it.
+        let mut taken: HashSet<ProfileId> = wanted.keys().copied().collect();
+        let mut keys: Vec<Arc<ProfileKey>> = self.profiles.keys().cloned().collect();
+        keys.sort();
+        for key in keys.iter().filter(|k| !adopted.contains(*k)) {
+            let mut id = self.profiles[key].id;
+            while taken.contains(&id) {
+                id = id.wrapping_add(1);
+            }
+            taken.insert(id);
+            numbers.insert(key.clone(), id);
+        }
+        let renames: HashMap<ProfileId, ProfileId> = self
+            .profiles
+            .iter()
+            .map(|(k, c)| (c.id, numbers[k]))
+            .collect();
+        self.ids = numbers.iter().map(|(k, id)| (*id, k.clone())).collect();
+        for (key, c) in self.profiles.iter_mut() {
+            c.id = numbers[key];
+        }
+        for by in self.claims.values_mut() {
+            for p in by.values_mut() {
+                *p = renames[p];
+            }
+        }
     }
 
     /// A number for a new profile: from its key, so that a restarted daemon numbers its

@@ -1243,15 +1243,19 @@ proptest! {
             for e in &change.add {
                 prop_assert!(kernel.insert(*e), "{:?} added twice, by {:?}", e, op);
             }
+            // A program built from scratch (a daemon that starts) holds the same, numbered
+            // as the kernel is once it adopts the kernel's numbers.
             let mut scratch = Program::new();
             let all = Touched {
                 endpoints: w.ix.local_endpoints().map(|e| e.id.clone()).collect(),
                 ..Touched::default()
             };
             scratch.update(&w.ix, &all);
+            let held: Vec<PolicyElement> = kernel.iter().copied().collect();
+            scratch.adopt_numbers(&held);
             let want = scratch.elements();
             prop_assert_eq!(program.elements(), want.clone(), "after {:?}", op);
-            prop_assert_eq!(kernel.iter().copied().collect::<Vec<_>>(), want, "after {:?}", op);
+            prop_assert_eq!(held, want, "after {:?}", op);
             prop_assert_eq!(program.len(), kernel.len());
         }
     }
@@ -1414,4 +1418,74 @@ fn overlap(a: &PolicyElement, b: &PolicyElement) -> bool {
         ) => d1 == d2 && p1 == p2 && x1 == x2 && q1.0 <= q2.1 && q2.0 <= q1.1,
         _ => false,
     }
+}
+
+/// How long changes take with many policies in place (not a test: figures printed).
+/// `cargo test --release -p berth-policy -- --ignored --nocapture timing`
+#[test]
+#[ignore]
+fn timing_with_many_policies() {
+    use std::time::Instant;
+    let mut ix = world();
+    let mut program = Program::new();
+    let filler = |i: usize| {
+        policy(
+            &format!("f{i:05}"),
+            "app=db",
+            Some(vec![rule(
+                vec![
+                    peers(&format!("app=client-{i}")),
+                    cidr(&format!("198.18.{}.{}/32", i / 256, i % 256), &[]),
+                ],
+                vec![tcp(10000 + i as u16)],
+            )]),
+            None,
+        )
+    };
+    let t = Instant::now();
+    for i in 0..1000 {
+        let touched = ix.put_policy(filler(i));
+        program.update(&ix, &touched);
+    }
+    println!("1000 creates: {:?}", t.elapsed());
+    let t = Instant::now();
+    let touched = ix.put_policy(filler(1000));
+    let change = program.update(&ix, &touched);
+    println!(
+        "one more: {:?} ({} added, {} removed)",
+        t.elapsed(),
+        change.add.len(),
+        change.remove.len()
+    );
+    let t = Instant::now();
+    let touched = ix.put_endpoint(endpoint(
+        "db2",
+        "blue",
+        Some(ME),
+        &["10.0.0.21"],
+        "app=db,tier=back",
+    ));
+    let change = program.update(&ix, &touched);
+    println!(
+        "attach selected: {:?} ({} added)",
+        t.elapsed(),
+        change.add.len()
+    );
+    let t = Instant::now();
+    let touched = ix.remove_endpoint("db2");
+    let change = program.update(&ix, &touched);
+    println!(
+        "detach selected: {:?} ({} removed)",
+        t.elapsed(),
+        change.remove.len()
+    );
+    let t = Instant::now();
+    let touched = ix.put_endpoint(endpoint("by", "blue", Some(ME), &["10.0.0.22"], "app=by"));
+    program.update(&ix, &touched);
+    let touched = ix.remove_endpoint("by");
+    program.update(&ix, &touched);
+    println!("attach+detach bystander: {:?}", t.elapsed());
+    let t = Instant::now();
+    let cost = ix.cost(&filler(2000));
+    println!("cost: {:?} ({cost})", t.elapsed());
 }
