@@ -267,8 +267,13 @@ fn store_config(args: &DaemonArgs) -> anyhow::Result<berth_agent::daemon::StoreC
     if args.store == "embedded" {
         if !tls_flags.is_empty() {
             bail!(
-                "{} apply only to --store etcd://HOST:PORT: the embedded store does not use TLS",
-                tls_flags.join(", ")
+                "{} {} only to --store etcd://HOST:PORT: the embedded store does not use TLS",
+                tls_flags.join(", "),
+                if tls_flags.len() == 1 {
+                    "applies"
+                } else {
+                    "apply"
+                }
             );
         }
         return Ok(StoreConfig::Embedded);

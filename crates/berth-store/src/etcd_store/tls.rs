@@ -55,7 +55,11 @@ fn certificates(
         .collect::<Result<_, _>>()
         .map_err(|e| unusable(flag, path, format_args!("not PEM ({e})")))?;
     if certs.is_empty() {
-        return Err(unusable(flag, path, "holds no PEM certificate"));
+        return Err(unusable(
+            flag,
+            path,
+            "holds no PEM certificate; give a file with a -----BEGIN CERTIFICATE----- block",
+        ));
     }
     Ok(certs)
 }
@@ -88,8 +92,13 @@ impl Tls {
                 let cert_pem = read("--etcd-cert", &client.cert)?;
                 let key_pem = read("--etcd-key", &client.key)?;
                 let chain = certificates("--etcd-cert", &client.cert, &cert_pem)?;
-                let key = PrivateKeyDer::from_pem_slice(&key_pem)
-                    .map_err(|_| unusable("--etcd-key", &client.key, "holds no PEM private key"))?;
+                let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| {
+                    unusable(
+                        "--etcd-key",
+                        &client.key,
+                        "holds no PEM private key; give the file with the key of --etcd-cert",
+                    )
+                })?;
                 let config = builder
                     .with_client_auth_cert(chain, key)
                     .map_err(|e| match e {
