@@ -27,7 +27,7 @@ use tokio_rustls::rustls::{
 use super::tls::Tls;
 
 /// One etcd endpoint.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct Target {
     /// As the user gave it, with its scheme (`https://10.0.0.1:2379`).
     pub url: String,
@@ -37,7 +37,7 @@ pub(crate) struct Target {
 }
 
 /// Why an endpoint cannot be used.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub(crate) enum Cause {
     NameNotFound {
         host: String,
@@ -86,9 +86,9 @@ impl Cause {
                 format!("connection refused; check that etcd is running and listens on {at}")
             }
             Cause::NoAnswer(after) => format!(
-                "no answer within {}s; check that etcd is running (not stopped or overloaded) \
+                "no answer within {}; check that etcd is running (not stopped or overloaded) \
                  and that this host can reach {at}",
-                after.as_secs_f32()
+                seconds(*after)
             ),
             Cause::Unreachable(why) => {
                 format!("{why}; check this host's routes and firewall towards {at}")
@@ -164,6 +164,7 @@ pub(crate) async fn probe(target: &Target, tls: Option<&Tls>) -> Option<Cause> {
         None => match http2_answer(tcp).await {
             Answer::Http2 => None,
             Answer::Tls => Some(Cause::ExpectsTls),
+            Answer::Other => Some(not_etcd()),
             Answer::Nothing(how) => match speaks_tls(target).await {
                 Some(true) => Some(Cause::ExpectsTls),
                 _ => Some(Cause::Closed(how)),
@@ -208,7 +209,6 @@ fn io_cause(e: &io::Error) -> Cause {
     use io::ErrorKind as K;
     match e.kind() {
         K::ConnectionRefused => Cause::Refused,
-        K::TimedOut => Cause::NoAnswer(Duration::ZERO),
         K::HostUnreachable => Cause::Unreachable("no route to the host".into()),
         K::NetworkUnreachable => Cause::Unreachable("the network is unreachable".into()),
         _ => match io_words(e) {
@@ -238,22 +238,54 @@ enum Answer {
     Http2,
     /// A TLS record (an alert, as a TLS server sends to a client that does not speak TLS).
     Tls,
+    /// Something else: not etcd's client port.
+    Other,
     /// The connection ended without an answer.
     Nothing(String),
+}
+
+/// Reads until `buf` is full or the stream ends; how much it read, or the error that ended it
+/// before anything came.
+async fn read_up_to(
+    stream: &mut (impl tokio::io::AsyncRead + Unpin),
+    buf: &mut [u8],
+) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match stream.read(&mut buf[n..]).await {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if n == 0 => return Err(e),
+            Err(_) => break,
+        }
+    }
+    Ok(n)
 }
 
 /// What a plain connection answers to an HTTP/2 preface.
 async fn http2_answer(mut tcp: TcpStream) -> Answer {
     let _ = tcp.write_all(HTTP2_PREFACE).await;
     let mut first = [0u8; 9];
-    match tcp.read(&mut first).await {
+    match read_up_to(&mut tcp, &mut first).await {
         // A frame header: 3 bytes of length, then the type (4: SETTINGS).
-        Ok(n) if n >= 4 && first[3] == 4 => Answer::Http2,
+        Ok(9) if first[3] == 4 => Answer::Http2,
         // A TLS record header: content type (21: alert, 22: handshake), then version 3.x.
         Ok(n) if n >= 2 && matches!(first[0], 21 | 22) && first[1] == 3 => Answer::Tls,
         Ok(0) => Answer::Nothing("the connection was closed at once".into()),
-        Ok(_) => Answer::Nothing("the answer is not HTTP/2".into()),
+        Ok(_) => Answer::Other,
         Err(e) => Answer::Nothing(io_words(&e).unwrap_or("the connection failed").into()),
+    }
+}
+
+fn not_etcd() -> Cause {
+    Cause::Other("what answers there does not speak HTTP/2, so it is not etcd".into())
+}
+
+/// "2s", "0.5s".
+fn seconds(d: Duration) -> String {
+    match d.subsec_millis() {
+        0 => format!("{}s", d.as_secs()),
+        _ => format!("{:.1}s", d.as_secs_f64()),
     }
 }
 
