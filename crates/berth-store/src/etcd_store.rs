@@ -16,7 +16,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -33,8 +33,6 @@ use crate::{
 
 /// The deadline of every request (and of connecting).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
-/// What a diagnosis may take at least, also when the request used up its deadline.
-const PROBE_MIN: Duration = Duration::from_millis(500);
 /// HTTP/2 pings find a dead connection under an open watch. etcd refuses pings more often
 /// than every 5 s (`--grpc-keepalive-min-time`).
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
@@ -192,9 +190,10 @@ fn open_stream<T: Send + 'static>(first: T) -> impl tokio_stream::Stream<Item = 
 }
 
 impl EtcdStore {
-    /// Connects and checks that etcd answers, within about [`REQUEST_TIMEOUT`]: a store that
-    /// cannot be reached fails here with [`StoreError::Unavailable`] instead of at first use,
-    /// and says why (connection refused, TLS handshake failed because ...).
+    /// Connects and checks that etcd answers, within [`REQUEST_TIMEOUT`] (twice that to say
+    /// why it does not): a store that cannot be reached fails here with
+    /// [`StoreError::Unavailable`] instead of at first use, and says why (connection refused,
+    /// TLS handshake failed because ...).
     pub async fn connect(
         endpoints: &[String],
         prefix: &str,
@@ -275,12 +274,11 @@ impl EtcdStore {
         request: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
         lease: Option<LeaseId>,
     ) -> Result<T, StoreError> {
-        let start = Instant::now();
         match tokio::time::timeout(REQUEST_TIMEOUT, request).await {
             Ok(Ok(v)) => Ok(v.into_inner()),
             Ok(Err(s)) => match lease {
                 Some(id) if lease_not_found(&s) => Err(StoreError::LeaseNotFound(id)),
-                _ => Err(self.failure(verb, &s, start.elapsed()).await),
+                _ => Err(self.failure(verb, &s).await),
             },
             Err(_) => Err(StoreError::Unavailable(
                 self.sentence(verb, &[(None, Cause::NoAnswer(REQUEST_TIMEOUT))]),
@@ -289,8 +287,9 @@ impl EtcdStore {
     }
 
     /// A failed request as one sentence: etcd's own refusal, or, for a failure below gRPC,
-    /// what a probe of every endpoint finds.
-    async fn failure(&self, verb: Verb, status: &tonic::Status, took: Duration) -> StoreError {
+    /// what a probe of every endpoint finds, within [`REQUEST_TIMEOUT`] more (such failures
+    /// come fast: a refused or reset connection, a failed handshake).
+    async fn failure(&self, verb: Verb, status: &tonic::Status) -> StoreError {
         use std::error::Error as _;
         // Taken before any await: the error behind a status is not Sync.
         let Some(fallback) = status.source().map(diagnose::transport_cause) else {
@@ -302,8 +301,7 @@ impl EtcdStore {
                 StoreError::Backend(msg)
             };
         };
-        let budget = REQUEST_TIMEOUT.saturating_sub(took).max(PROBE_MIN);
-        let each = budget / u32::try_from(self.targets.len()).unwrap_or(u32::MAX);
+        let each = REQUEST_TIMEOUT / u32::try_from(self.targets.len()).unwrap_or(u32::MAX);
         let mut found = Vec::new();
         for t in &self.targets {
             match tokio::time::timeout(each, diagnose::probe(t, self.tls.as_deref())).await {

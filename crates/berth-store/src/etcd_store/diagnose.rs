@@ -377,10 +377,11 @@ async fn probe_tls(target: &Target, tcp: TcpStream, tls: &Tls) -> Option<Cause> 
                     | rustls::Error::InappropriateHandshakeMessage { .. },
                 ) => not_tls_or(target, "etcd's answer is not TLS").await,
                 Some(other) => Cause::Handshake(other.to_string()),
-                None if e.kind() == io::ErrorKind::UnexpectedEof => {
-                    not_tls_or(target, "etcd closed the connection during it").await
+                // A server that does not speak TLS closes or resets the connection.
+                None => {
+                    let how = io_words(&e).map_or_else(|| e.to_string(), Into::into);
+                    not_tls_or(target, &how).await
                 }
-                None => Cause::Handshake(io_words(&e).map_or_else(|| e.to_string(), Into::into)),
             });
         }
     };
