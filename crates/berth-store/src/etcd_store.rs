@@ -294,7 +294,7 @@ impl EtcdStore {
         // Taken before any await: the error behind a status is not Sync.
         let Some(fallback) = status.source().map(diagnose::transport_cause) else {
             let said = diagnose::status_words(status);
-            let msg = self.sentence(verb, &[(None, Cause::Refusal(said))]);
+            let msg = self.sentence(verb, &[(None, Cause::Status(said))]);
             return if retryable(status.code()) {
                 StoreError::Unavailable(msg)
             } else {

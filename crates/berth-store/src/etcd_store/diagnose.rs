@@ -69,13 +69,13 @@ pub(crate) enum Cause {
     Handshake(String),
     /// An error status without a transport failure behind it: etcd's own ("etcdserver: no
     /// leader"), or a stream that ended without one.
-    Refusal(String),
+    Status(String),
     Other(String),
 }
 
 impl Cause {
-    /// The cause and what to check, e.g. "connection refused; check that etcd runs and listens
-    /// on 10.0.0.1:2379". `at` is the endpoint's host:port.
+    /// The cause and what to check, e.g. "connection refused; check that etcd is running and
+    /// listens on 10.0.0.1:2379". `at` is the endpoint's host:port.
     pub(crate) fn explain(&self, at: &str) -> String {
         match self {
             Cause::NameNotFound { host, why } => format!(
@@ -140,7 +140,7 @@ impl Cause {
                 "the TLS handshake failed ({why}); check that --etcd-ca, --etcd-cert and \
                  --etcd-key match etcd's TLS settings"
             ),
-            Cause::Refusal(message) => {
+            Cause::Status(message) => {
                 format!("{message}; check etcd's health (etcdctl endpoint health) and its log")
             }
             Cause::Other(why) => format!("{why}; check that etcd is running and reachable at {at}"),
