@@ -29,10 +29,9 @@ command -v nft >/dev/null || need+=(nftables)
 command -v iperf3 >/dev/null || need+=(iperf3)
 command -v dig >/dev/null || need+=(dnsutils)
 command -v dnsperf >/dev/null || need+=(dnsperf)
-# Many hosts: the tests start their own etcd; the etcd-client crate needs protoc to build.
+# Many hosts: the tests start their own etcd (and use etcdctl beside berth).
 command -v etcd >/dev/null || need+=(etcd-server)
 command -v etcdctl >/dev/null || need+=(etcd-client)
-command -v protoc >/dev/null || need+=(protobuf-compiler)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing test dependencies: ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use berth_dataplane::Netlink;
 use berth_model::FALLBACK_MTU;
-pub use berth_store::TlsFiles;
+pub use berth_store::{ClientCert, TlsFiles};
 use berth_store::{EtcdStore, RedbStore, Store};
 use tokio::net::UnixListener;
 
@@ -52,6 +52,7 @@ pub enum StoreConfig {
     Embedded,
     /// etcd, shared by every host of the cluster.
     Etcd {
+        /// `HOST:PORT` each (or `http://`, `https://` URLs).
         endpoints: Vec<String>,
         prefix: String,
         tls: Option<TlsFiles>,

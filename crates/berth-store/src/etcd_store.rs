@@ -1,21 +1,31 @@
-//! The multi-host backend: etcd v3 (tested against 3.4) through `etcd-client`.
+//! The multi-host backend: etcd v3 (tested against 3.4), through a small gRPC client of our
+//! own: tonic, with the messages generated once from a trimmed copy of etcd's .proto files and
+//! committed (`proto.rs`), so that building berth needs no protoc.
 //!
 //! Every key is stored under a fixed prefix (e.g. "/berth/") so several clusters or tools can
 //! share one etcd; the prefix is added on the way in and stripped on the way out. Every call has
 //! a deadline of [`REQUEST_TIMEOUT`], and anything that looks like "etcd cannot be reached" maps
-//! to [`StoreError::Unavailable`]. The client's channel reconnects by itself when etcd is back.
+//! to [`StoreError::Unavailable`], with the cause in words (see `diagnose`). The channel
+//! reconnects by itself when etcd is back.
+
+mod diagnose;
+mod proto;
+mod tls;
 
 use std::collections::VecDeque;
+use std::fmt;
 use std::future::Future;
-use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use etcd_client::{
-    Certificate, Client, CompactionOptions, ConnectOptions, DeleteOptions, EventType, GetOptions,
-    Identity, PutOptions, TlsOptions, TxnOpResponse, WatchOptions, WatchResponse, WatchStream,
-};
+use tonic::transport::{Channel, Endpoint, Uri};
 
+use self::diagnose::{Cause, Target};
+use self::proto::etcdserverpb as pb;
+use self::proto::mvccpb;
+use self::tls::Tls;
+pub use self::tls::{ClientCert, TlsFiles};
 use crate::{
     Compare, Event, KeyValue, LeaseId, LeaseTtl, Listing, Op, Store, StoreError, Txn, TxnOutcome,
     Watch, WatchError, WatchSource,
@@ -30,27 +40,41 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Lists and watch batches can be larger than tonic's default 4 MiB.
 const MAX_MESSAGE: usize = 256 << 20;
 
-/// gRPC status codes (from the gRPC spec) that mean "not reachable / try again".
-const GRPC_CANCELLED: i32 = 1;
-const GRPC_UNKNOWN: i32 = 2;
-const GRPC_DEADLINE_EXCEEDED: i32 = 4;
-const GRPC_NOT_FOUND: i32 = 5;
-const GRPC_UNAVAILABLE: i32 = 14;
+/// What a request was for, as it reads in "cannot VERB etcd at ...".
+#[derive(Debug, Clone, Copy)]
+enum Verb {
+    Connect,
+    Read,
+    List,
+    Commit,
+    Watch,
+    Grant,
+    Renew,
+    Revoke,
+    Compact,
+}
 
-/// PEM files for a TLS connection to etcd (endpoints must then be `https://` or bare
-/// `host:port`).
-#[derive(Debug, Clone)]
-pub struct TlsFiles {
-    /// The CA that signed etcd's server certificate.
-    pub ca: PathBuf,
-    /// The client certificate and its key.
-    pub cert: PathBuf,
-    pub key: PathBuf,
+impl fmt::Display for Verb {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Verb::Connect => "connect to",
+            Verb::Read => "read from",
+            Verb::List => "list keys in",
+            Verb::Commit => "commit a transaction in",
+            Verb::Watch => "watch",
+            Verb::Grant => "grant a lease in",
+            Verb::Renew => "renew a lease in",
+            Verb::Revoke => "revoke a lease in",
+            Verb::Compact => "compact",
+        })
+    }
 }
 
 pub struct EtcdStore {
-    client: Client,
+    channel: Channel,
     prefix: String,
+    targets: Vec<Target>,
+    tls: Option<Arc<Tls>>,
     /// For messages: "http://a:2379,http://b:2379".
     endpoints: String,
 }
@@ -73,38 +97,103 @@ fn strip(prefix: &str, raw: &[u8]) -> Result<String, StoreError> {
         })
 }
 
-fn key_value(prefix: &str, kv: &etcd_client::KeyValue) -> Result<KeyValue, StoreError> {
+fn key_value(prefix: &str, kv: &mvccpb::KeyValue) -> Result<KeyValue, StoreError> {
     Ok(KeyValue {
-        key: strip(prefix, kv.key())?,
-        value: kv.value().to_vec(),
-        create_revision: rev(kv.create_revision()),
-        mod_revision: rev(kv.mod_revision()),
-        lease: (kv.lease() != 0).then_some(kv.lease()),
+        key: strip(prefix, &kv.key)?,
+        value: kv.value.clone(),
+        create_revision: rev(kv.create_revision),
+        mod_revision: rev(kv.mod_revision),
+        lease: (kv.lease != 0).then_some(kv.lease),
     })
 }
 
-fn lease_not_found(e: &etcd_client::Error) -> bool {
-    match e {
-        etcd_client::Error::GRpcStatus(s) => {
-            s.code() as i32 == GRPC_NOT_FOUND && s.message().contains("lease not found")
+/// The end of etcd's key range that holds exactly the keys starting with `prefix`: the prefix
+/// with its last byte below 0xff incremented (etcd's `GetPrefixRangeEnd`).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
         }
-        etcd_client::Error::LeaseKeepAliveError(m) => m.contains("lease not found"),
-        _ => false,
     }
+    // Empty, or all 0xff: every key from `prefix` on.
+    vec![0]
 }
 
-fn read_pem(what: &str, path: &PathBuf) -> Result<Vec<u8>, StoreError> {
-    std::fs::read(path).map_err(|e| {
-        StoreError::Backend(format!(
-            "cannot read etcd TLS {what} {}: {e}",
-            path.display()
-        ))
-    })
+fn lease_not_found(s: &tonic::Status) -> bool {
+    s.code() == tonic::Code::NotFound && s.message().contains("lease not found")
+}
+
+/// etcd's gRPC codes that mean "try again later" rather than "refused".
+fn retryable(code: tonic::Code) -> bool {
+    use tonic::Code as C;
+    matches!(
+        code,
+        C::Cancelled | C::Unknown | C::DeadlineExceeded | C::Unavailable
+    )
+}
+
+/// One endpoint as given (`http://h:p`, `https://h:p` or `h:p`, which takes the scheme from
+/// whether TLS is configured), for the channel and for diagnosis.
+fn target(url: &str, tls: Option<&Tls>) -> Result<(Target, Endpoint), StoreError> {
+    let bad = |why: String| StoreError::Backend(format!("etcd endpoint {url:?}: {why}"));
+    let full = match (url.split_once("://"), tls) {
+        (Some(("http", _)), Some(_)) => {
+            return Err(bad("http:// endpoints take no TLS files".into()));
+        }
+        (Some(("https", _)), None) => {
+            return Err(bad("https:// needs the CA of etcd's certificate".into()));
+        }
+        (Some(("http" | "https", _)), _) => url.to_string(),
+        (Some((scheme, _)), _) => {
+            return Err(bad(format!("{scheme}:// is not http:// or https://")));
+        }
+        (None, Some(_)) => format!("https://{url}"),
+        (None, None) => format!("http://{url}"),
+    };
+    let uri: Uri = full.parse().map_err(|e| bad(format!("{e}")))?;
+    let host = uri
+        .host()
+        .ok_or_else(|| bad("no host".into()))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let port = uri
+        .port_u16()
+        .unwrap_or(if tls.is_some() { 443 } else { 80 });
+    let mut endpoint = Endpoint::from(uri)
+        .connect_timeout(REQUEST_TIMEOUT)
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true);
+    if let Some(tls) = tls {
+        endpoint = endpoint
+            .tls_config(tls.tonic.clone())
+            .map_err(|e| bad(format!("TLS: {}", diagnose::transport_words(&e))))?;
+    }
+    Ok((
+        Target {
+            url: full,
+            host,
+            port,
+        },
+        endpoint,
+    ))
+}
+
+/// One request, a stream in gRPC terms, that stays open for more: etcd ends a watch whose
+/// client has half-closed its side.
+fn open_stream<T: Send + 'static>(first: T) -> impl tokio_stream::Stream<Item = T> + Send {
+    use tokio_stream::StreamExt;
+    tokio_stream::once(first).chain(tokio_stream::pending())
 }
 
 impl EtcdStore {
-    /// Connects and checks that etcd answers, within about [`REQUEST_TIMEOUT`]: a store that
-    /// cannot be reached fails here with [`StoreError::Unavailable`] instead of at first use.
+    /// Connects and checks that etcd answers, within [`REQUEST_TIMEOUT`] (twice that to say
+    /// why it does not): a store that cannot be reached fails here with
+    /// [`StoreError::Unavailable`] instead of at first use, and says why (connection refused,
+    /// TLS handshake failed because ...).
     pub async fn connect(
         endpoints: &[String],
         prefix: &str,
@@ -113,53 +202,33 @@ impl EtcdStore {
         if endpoints.is_empty() {
             return Err(StoreError::Backend("no etcd endpoints given".into()));
         }
-        let mut options = ConnectOptions::new()
-            .with_connect_timeout(REQUEST_TIMEOUT)
-            .with_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT);
-        if let Some(tls) = &tls {
-            let config = TlsOptions::new()
-                .ca_certificate(Certificate::from_pem(read_pem("CA", &tls.ca)?))
-                .identity(Identity::from_pem(
-                    read_pem("certificate", &tls.cert)?,
-                    read_pem("key", &tls.key)?,
-                ));
-            options = options.with_tls(config);
-        }
-        let joined = endpoints.join(",");
-        let client =
-            match tokio::time::timeout(REQUEST_TIMEOUT, Client::connect(endpoints, Some(options)))
-                .await
-            {
-                Ok(Ok(c)) => c,
-                Ok(Err(
-                    e @ (etcd_client::Error::InvalidArgs(_) | etcd_client::Error::InvalidUri(_)),
-                )) => {
-                    return Err(StoreError::Backend(format!(
-                        "bad etcd endpoints {joined}: {e}"
-                    )));
-                }
-                Ok(Err(e)) => {
-                    return Err(StoreError::Unavailable(format!(
-                        "cannot connect to etcd at {joined}: {e}"
-                    )));
-                }
-                Err(_) => {
-                    return Err(StoreError::Unavailable(format!(
-                        "cannot connect to etcd at {joined}: no answer within {REQUEST_TIMEOUT:?}"
-                    )));
-                }
-            };
+        let tls = tls.map(Tls::load).transpose()?.map(Arc::new);
+        let (targets, channels): (Vec<_>, Vec<_>) = endpoints
+            .iter()
+            .map(|e| target(e, tls.as_deref()))
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .unzip();
         let store = EtcdStore {
-            client,
+            // Balanced also with one endpoint: one way of failing and reconnecting.
+            channel: Channel::balance_list(channels.into_iter()),
             prefix: prefix.to_string(),
-            endpoints: joined,
+            endpoints: targets
+                .iter()
+                .map(|t| t.url.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+            targets,
+            tls,
         };
         // The channel connects lazily: ask something to know it works.
-        let probe = GetOptions::new().with_count_only();
-        let mut kv = store.client.kv_client();
-        store
-            .call("a first request", kv.get(store.prefix.clone(), Some(probe)))
-            .await?;
+        let probe = pb::RangeRequest {
+            key: store.prefix.clone().into_bytes(),
+            count_only: true,
+            ..Default::default()
+        };
+        let mut kv = store.kv();
+        store.call(Verb::Connect, kv.range(probe)).await?;
         Ok(store)
     }
 
@@ -167,103 +236,184 @@ impl EtcdStore {
     #[doc(hidden)]
     pub async fn compact(&self, revision: u64) -> Result<(), StoreError> {
         let revision = i64::try_from(revision).map_err(|e| StoreError::Backend(e.to_string()))?;
-        let mut kv = self.client.kv_client();
-        self.call(
-            "compact",
-            kv.compact(revision, Some(CompactionOptions::new().with_physical())),
-        )
-        .await
-        .map(drop)
+        let mut kv = self.kv();
+        let request = pb::CompactionRequest {
+            revision,
+            physical: true,
+        };
+        self.call(Verb::Compact, kv.compact(request))
+            .await
+            .map(drop)
     }
 
-    fn full(&self, key: &str) -> String {
-        format!("{}{key}", self.prefix)
+    fn kv(&self) -> pb::kv_client::KvClient<Channel> {
+        pb::kv_client::KvClient::new(self.channel.clone()).max_decoding_message_size(MAX_MESSAGE)
+    }
+
+    fn lease(&self) -> pb::lease_client::LeaseClient<Channel> {
+        pb::lease_client::LeaseClient::new(self.channel.clone())
+    }
+
+    fn full(&self, key: &str) -> Vec<u8> {
+        format!("{}{key}", self.prefix).into_bytes()
     }
 
     /// Runs one request under the deadline and maps its failure.
     async fn call<T>(
         &self,
-        what: &str,
-        request: impl Future<Output = Result<T, etcd_client::Error>>,
+        verb: Verb,
+        request: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     ) -> Result<T, StoreError> {
-        self.call_leased(what, request, None).await
+        self.call_leased(verb, request, None).await
     }
 
     /// [`Self::call`], mapping etcd's "lease not found" to [`StoreError::LeaseNotFound`].
     async fn call_leased<T>(
         &self,
-        what: &str,
-        request: impl Future<Output = Result<T, etcd_client::Error>>,
+        verb: Verb,
+        request: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
         lease: Option<LeaseId>,
     ) -> Result<T, StoreError> {
         match tokio::time::timeout(REQUEST_TIMEOUT, request).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => match lease {
-                Some(id) if lease_not_found(&e) => Err(StoreError::LeaseNotFound(id)),
-                _ => Err(self.map_error(what, e)),
+            Ok(Ok(v)) => Ok(v.into_inner()),
+            Ok(Err(s)) => match lease {
+                Some(id) if lease_not_found(&s) => Err(StoreError::LeaseNotFound(id)),
+                _ => Err(self.failure(verb, &s).await),
             },
-            Err(_) => Err(StoreError::Unavailable(format!(
-                "etcd at {} did not answer {what} within {REQUEST_TIMEOUT:?}",
-                self.endpoints
-            ))),
+            Err(_) => Err(StoreError::Unavailable(
+                self.sentence(verb, &[(None, Cause::NoAnswer(REQUEST_TIMEOUT))]),
+            )),
         }
     }
 
-    fn map_error(&self, what: &str, e: etcd_client::Error) -> StoreError {
-        use etcd_client::Error as E;
-        let unreachable = match &e {
-            E::TransportError(_) | E::IoError(_) => true,
-            E::GRpcStatus(s) => matches!(
-                s.code() as i32,
-                GRPC_CANCELLED | GRPC_UNKNOWN | GRPC_DEADLINE_EXCEEDED | GRPC_UNAVAILABLE
-            ),
-            _ => false,
+    /// A failed request as one sentence: etcd's own refusal, or, for a failure below gRPC,
+    /// what a probe of every endpoint finds, within [`REQUEST_TIMEOUT`] more (such failures
+    /// come fast: a refused or reset connection, a failed handshake).
+    async fn failure(&self, verb: Verb, status: &tonic::Status) -> StoreError {
+        use std::error::Error as _;
+        // Taken before any await: the error behind a status is not Sync.
+        let Some(fallback) = status.source().map(diagnose::transport_cause) else {
+            let said = diagnose::status_words(status);
+            let msg = self.sentence(verb, &[(None, Cause::Status(said))]);
+            return if retryable(status.code()) {
+                StoreError::Unavailable(msg)
+            } else {
+                StoreError::Backend(msg)
+            };
         };
-        let msg = format!("etcd at {}: {what}: {e}", self.endpoints);
-        if unreachable {
-            StoreError::Unavailable(msg)
-        } else {
-            StoreError::Backend(msg)
+        let each = REQUEST_TIMEOUT / u32::try_from(self.targets.len()).unwrap_or(u32::MAX);
+        let mut found = Vec::new();
+        for t in &self.targets {
+            match tokio::time::timeout(each, diagnose::probe(t, self.tls.as_deref())).await {
+                Ok(Some(cause)) => found.push((Some(t), cause)),
+                Ok(None) => {}
+                Err(_) => found.push((Some(t), Cause::NoAnswer(each))),
+            }
         }
+        if found.is_empty() {
+            // Every endpoint works now: the failure passed, or lies beyond a probe.
+            found.push((None, fallback));
+        }
+        StoreError::Unavailable(self.sentence(verb, &found))
     }
 
-    fn compare(&self, c: &Compare) -> etcd_client::Compare {
-        use etcd_client::{Compare as C, CompareOp};
-        match c {
-            Compare::Absent(k) => C::create_revision(self.full(k), CompareOp::Equal, 0),
-            // etcd compares a missing key's mod revision as 0; ours requires the key.
-            Compare::ModRevision(k, 0) => C::mod_revision(self.full(k), CompareOp::Less, 0),
-            Compare::ModRevision(k, r) => C::mod_revision(
-                self.full(k),
-                CompareOp::Equal,
-                i64::try_from(*r).unwrap_or(i64::MAX),
+    /// "cannot VERB etcd at URL: CAUSE; CHECK", for one endpoint (`None`: all of them) or
+    /// several.
+    fn sentence(&self, verb: Verb, found: &[(Option<&Target>, Cause)]) -> String {
+        let at = |t: Option<&Target>| match t {
+            Some(t) => (t.url.clone(), format!("{}:{}", t.host, t.port)),
+            None => (
+                self.endpoints.clone(),
+                self.targets
+                    .iter()
+                    .map(|t| format!("{}:{}", t.host, t.port))
+                    .collect::<Vec<_>>()
+                    .join(", "),
             ),
-            // etcd fails a value compare on a missing key, as ours does.
-            Compare::Value(k, v) => C::value(self.full(k), CompareOp::Equal, v.clone()),
-        }
-    }
-
-    fn op(&self, op: &Op) -> etcd_client::TxnOp {
-        use etcd_client::TxnOp;
-        match op {
-            Op::Put(k, v) => TxnOp::put(self.full(k), v.clone(), None),
-            Op::PutLeased(k, v, l) => TxnOp::put(
-                self.full(k),
-                v.clone(),
-                Some(PutOptions::new().with_lease(*l)),
-            ),
-            Op::Delete(k) => TxnOp::delete(self.full(k), None),
-            Op::DeletePrefix(p) => {
-                TxnOp::delete(self.full(p), Some(DeleteOptions::new().with_prefix()))
+        };
+        match found {
+            [(t, cause)] => {
+                let (url, hostport) = at(*t);
+                format!("cannot {verb} etcd at {url}: {}", cause.explain(&hostport))
+            }
+            _ => {
+                let parts: Vec<_> = found
+                    .iter()
+                    .map(|(t, cause)| {
+                        let (url, hostport) = at(*t);
+                        format!("at {url}, {}", cause.explain(&hostport))
+                    })
+                    .collect();
+                format!("cannot {verb} etcd: {}", parts.join("; "))
             }
         }
     }
 
-    fn header_revision(
-        &self,
-        header: Option<&etcd_client::ResponseHeader>,
-    ) -> Result<u64, StoreError> {
-        header.map(|h| rev(h.revision())).ok_or_else(|| {
+    fn compare(&self, c: &Compare) -> pb::Compare {
+        use pb::compare::{CompareResult as R, CompareTarget as T, TargetUnion as U};
+        let (result, target, union) = match c {
+            Compare::Absent(_) => (R::Equal, T::Create, U::CreateRevision(0)),
+            // etcd compares a missing key's mod revision as 0; ours requires the key.
+            Compare::ModRevision(_, 0) => (R::Less, T::Mod, U::ModRevision(0)),
+            Compare::ModRevision(_, r) => (
+                R::Equal,
+                T::Mod,
+                U::ModRevision(i64::try_from(*r).unwrap_or(i64::MAX)),
+            ),
+            // etcd fails a value compare on a missing key, as ours does.
+            Compare::Value(_, v) => (R::Equal, T::Value, U::Value(v.clone())),
+        };
+        pb::Compare {
+            result: result.into(),
+            target: target.into(),
+            key: self.full(c.key()),
+            target_union: Some(union),
+            ..Default::default()
+        }
+    }
+
+    fn op(&self, op: &Op) -> pb::RequestOp {
+        use pb::request_op::Request;
+        let put = |k: &str, v: &[u8], lease: LeaseId| {
+            Request::RequestPut(pb::PutRequest {
+                key: self.full(k),
+                value: v.to_vec(),
+                lease,
+                ..Default::default()
+            })
+        };
+        let request = match op {
+            Op::Put(k, v) => put(k, v, 0),
+            Op::PutLeased(k, v, l) => put(k, v, *l),
+            Op::Delete(k) => Request::RequestDeleteRange(pb::DeleteRangeRequest {
+                key: self.full(k),
+                ..Default::default()
+            }),
+            Op::DeletePrefix(p) => {
+                let key = self.full(p);
+                Request::RequestDeleteRange(pb::DeleteRangeRequest {
+                    range_end: prefix_end(&key),
+                    key,
+                    ..Default::default()
+                })
+            }
+        };
+        pb::RequestOp {
+            request: Some(request),
+        }
+    }
+
+    fn get_op(&self, key: &str) -> pb::RequestOp {
+        pb::RequestOp {
+            request: Some(pb::request_op::Request::RequestRange(pb::RangeRequest {
+                key: self.full(key),
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn header_revision(&self, header: Option<&pb::ResponseHeader>) -> Result<u64, StoreError> {
+        header.map(|h| rev(h.revision)).ok_or_else(|| {
             StoreError::Backend(format!("etcd at {} sent no header", self.endpoints))
         })
     }
@@ -272,29 +422,31 @@ impl EtcdStore {
 #[async_trait]
 impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
-        let mut kv = self.client.kv_client();
-        let resp = self.call("get", kv.get(self.full(key), None)).await?;
-        resp.kvs()
+        let mut kv = self.kv();
+        let request = pb::RangeRequest {
+            key: self.full(key),
+            ..Default::default()
+        };
+        let resp = self.call(Verb::Read, kv.range(request)).await?;
+        resp.kvs
             .first()
             .map(|kv| key_value(&self.prefix, kv))
             .transpose()
     }
 
     async fn list(&self, prefix: &str) -> Result<Listing, StoreError> {
-        let mut kv = self
-            .client
-            .kv_client()
-            .max_decoding_message_size(MAX_MESSAGE);
-        let resp = self
-            .call(
-                "list",
-                kv.get(self.full(prefix), Some(GetOptions::new().with_prefix())),
-            )
-            .await?;
+        let mut kv = self.kv();
+        let key = self.full(prefix);
+        let request = pb::RangeRequest {
+            range_end: prefix_end(&key),
+            key,
+            ..Default::default()
+        };
+        let resp = self.call(Verb::List, kv.range(request)).await?;
         Ok(Listing {
-            revision: self.header_revision(resp.header())?,
+            revision: self.header_revision(resp.header.as_ref())?,
             items: resp
-                .kvs()
+                .kvs
                 .iter()
                 .map(|kv| key_value(&self.prefix, kv))
                 .collect::<Result<_, _>>()?,
@@ -304,34 +456,33 @@ impl Store for EtcdStore {
     /// The else branch first reads every compared key, then applies `otherwise`: the reads
     /// see the state the compares saw, so the first failing compare can be named.
     async fn txn(&self, txn: Txn) -> Result<TxnOutcome, StoreError> {
-        let compares: Vec<_> = txn.compares.iter().map(|c| self.compare(c)).collect();
-        let then: Vec<_> = txn.ops.iter().map(|o| self.op(o)).collect();
-        let otherwise: Vec<_> = txn
-            .compares
-            .iter()
-            .map(|c| etcd_client::TxnOp::get(self.full(c.key()), None))
-            .chain(txn.otherwise.iter().map(|o| self.op(o)))
-            .collect();
-        let request = etcd_client::Txn::new()
-            .when(compares)
-            .and_then(then)
-            .or_else(otherwise);
+        let request = pb::TxnRequest {
+            compare: txn.compares.iter().map(|c| self.compare(c)).collect(),
+            success: txn.ops.iter().map(|o| self.op(o)).collect(),
+            failure: txn
+                .compares
+                .iter()
+                .map(|c| self.get_op(c.key()))
+                .chain(txn.otherwise.iter().map(|o| self.op(o)))
+                .collect(),
+        };
         // etcd names no lease when one is missing: blame the first one the txn uses.
         let lease = txn.ops.iter().chain(&txn.otherwise).find_map(|o| match o {
             Op::PutLeased(_, _, l) => Some(*l),
             _ => None,
         });
-        let mut kv = self.client.kv_client();
-        let resp = self.call_leased("txn", kv.txn(request), lease).await?;
-        let revision = self.header_revision(resp.header())?;
-        if resp.succeeded() {
+        let mut kv = self.kv();
+        let resp = self
+            .call_leased(Verb::Commit, kv.txn(request), lease)
+            .await?;
+        let revision = self.header_revision(resp.header.as_ref())?;
+        if resp.succeeded {
             return Ok(TxnOutcome::Committed { revision });
         }
-        let reads = resp.op_responses();
         for (i, c) in txn.compares.iter().enumerate() {
-            let current = match reads.get(i) {
-                Some(TxnOpResponse::Get(g)) => g
-                    .kvs()
+            let current = match resp.responses.get(i).and_then(|r| r.response.as_ref()) {
+                Some(pb::response_op::Response::ResponseRange(r)) => r
+                    .kvs
                     .first()
                     .map(|kv| key_value(&self.prefix, kv))
                     .transpose()?,
@@ -351,31 +502,35 @@ impl Store for EtcdStore {
     }
 
     async fn watch(&self, prefix: &str, after: u64) -> Result<Watch, StoreError> {
-        let start = i64::try_from(after.saturating_add(1)).unwrap_or(i64::MAX);
-        let options = WatchOptions::new()
-            .with_prefix()
-            .with_prev_key()
-            .with_start_revision(start);
-        let mut client = self
-            .client
-            .watch_client()
-            .max_decoding_message_size(MAX_MESSAGE);
         let key = self.full(prefix);
+        let create = pb::WatchRequest {
+            request_union: Some(pb::watch_request::RequestUnion::CreateRequest(
+                pb::WatchCreateRequest {
+                    range_end: prefix_end(&key),
+                    key,
+                    start_revision: i64::try_from(after.saturating_add(1)).unwrap_or(i64::MAX),
+                    prev_kv: true,
+                    ..Default::default()
+                },
+            )),
+        };
+        let mut client = pb::watch_client::WatchClient::new(self.channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE);
         // Wait for etcd to confirm the watch, so a watch that returned is in place; one
         // deadline for both steps.
         let (stream, first) = self
-            .call("watch", async {
-                let mut stream = client.watch(key, Some(options)).await?;
+            .call(Verb::Watch, async {
+                let mut stream = client.watch(open_stream(create)).await?.into_inner();
                 let first = stream.message().await?;
-                Ok((stream, first))
+                Ok(tonic::Response::new((stream, first)))
             })
             .await?;
         let first = match first {
-            Some(r) if r.created() && !r.canceled() && r.events().is_empty() => None,
+            Some(r) if r.created && !r.canceled && r.events.is_empty() => None,
             Some(r) => Some(r),
             None => {
                 return Err(StoreError::Unavailable(format!(
-                    "etcd at {} closed the watch at once",
+                    "etcd at {} closed the watch at once; check etcd's log",
                     self.endpoints
                 )));
             }
@@ -392,30 +547,53 @@ impl Store for EtcdStore {
         let secs = i64::try_from(ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0))
             .unwrap_or(i64::MAX)
             .max(1);
-        let mut lease = self.client.lease_client();
-        let resp = self.call("lease grant", lease.grant(secs, None)).await?;
-        if !resp.error().is_empty() {
+        let mut lease = self.lease();
+        let request = pb::LeaseGrantRequest { ttl: secs, id: 0 };
+        let resp = self.call(Verb::Grant, lease.lease_grant(request)).await?;
+        if !resp.error.is_empty() {
             return Err(StoreError::Backend(format!(
                 "etcd at {} refused a lease: {}",
-                self.endpoints,
-                resp.error()
+                self.endpoints, resp.error
             )));
         }
-        Ok(resp.id())
+        Ok(resp.id)
     }
 
     /// One keep-alive round trip on a fresh stream: nothing to cache or to go stale across
     /// reconnects.
     async fn keep_alive(&self, id: LeaseId) -> Result<(), StoreError> {
-        let mut lease = self.client.lease_client();
-        self.call_leased("lease keep-alive", lease.keep_alive(id), Some(id))
-            .await
-            .map(drop)
+        let mut lease = self.lease();
+        let request = pb::LeaseKeepAliveRequest { id };
+        let answer = self
+            .call_leased(
+                Verb::Renew,
+                async {
+                    let mut stream = lease
+                        .lease_keep_alive(tokio_stream::once(request))
+                        .await?
+                        .into_inner();
+                    stream.message().await.map(tonic::Response::new)
+                },
+                Some(id),
+            )
+            .await?;
+        match answer {
+            // etcd answers a lease it does not know with a TTL of 0.
+            Some(r) if r.ttl > 0 => Ok(()),
+            Some(_) => Err(StoreError::LeaseNotFound(id)),
+            None => Err(StoreError::Unavailable(format!(
+                "cannot {} etcd at {}: etcd closed the keep-alive stream without an answer; \
+                 check etcd's log",
+                Verb::Renew,
+                self.endpoints
+            ))),
+        }
     }
 
     async fn revoke_lease(&self, id: LeaseId) -> Result<(), StoreError> {
-        let mut lease = self.client.lease_client();
-        self.call_leased("lease revoke", lease.revoke(id), Some(id))
+        let mut lease = self.lease();
+        let request = pb::LeaseRevokeRequest { id };
+        self.call_leased(Verb::Revoke, lease.lease_revoke(request), Some(id))
             .await
             .map(drop)
     }
@@ -445,10 +623,10 @@ impl Store for EtcdStore {
 
 /// One etcd watch stream; dropping it cancels the watch.
 pub(crate) struct EtcdWatch {
-    stream: WatchStream,
+    stream: tonic::Streaming<pb::WatchResponse>,
     prefix: String,
     /// A response read while waiting for the watch to be created.
-    first: Option<WatchResponse>,
+    first: Option<pb::WatchResponse>,
 }
 
 impl EtcdWatch {
@@ -456,35 +634,41 @@ impl EtcdWatch {
         strip(&self.prefix, raw).map_err(|e| WatchError::Backend(format!("etcd sent {e}")))
     }
 
-    fn key_value(&self, kv: &etcd_client::KeyValue) -> Result<KeyValue, WatchError> {
+    fn key_value(&self, kv: &mvccpb::KeyValue) -> Result<KeyValue, WatchError> {
         key_value(&self.prefix, kv).map_err(|e| WatchError::Backend(format!("etcd sent {e}")))
     }
 
-    fn take(&self, resp: WatchResponse, out: &mut VecDeque<Event>) -> Result<(), WatchError> {
-        if resp.compact_revision() > 0 {
+    fn take(&self, resp: pb::WatchResponse, out: &mut VecDeque<Event>) -> Result<(), WatchError> {
+        if resp.compact_revision > 0 {
             return Err(WatchError::Compacted {
-                compact_revision: rev(resp.compact_revision()),
+                compact_revision: rev(resp.compact_revision),
             });
         }
-        if resp.canceled() {
+        if resp.canceled {
             return Err(WatchError::Backend(format!(
                 "etcd canceled the watch: {}",
-                resp.cancel_reason()
+                resp.cancel_reason
             )));
         }
-        for e in resp.events() {
-            let Some(kv) = e.kv() else {
+        for e in &resp.events {
+            let Some(kv) = &e.kv else {
                 return Err(WatchError::Backend(
                     "etcd sent an event without a key".into(),
                 ));
             };
-            out.push_back(match e.event_type() {
-                EventType::Put => Event::Put(self.key_value(kv)?),
-                EventType::Delete => Event::Delete {
-                    key: self.strip(kv.key())?,
-                    revision: rev(kv.mod_revision()),
-                    prev: e.prev_kv().map(|p| self.key_value(p)).transpose()?,
+            out.push_back(match mvccpb::event::EventType::try_from(e.r#type) {
+                Ok(mvccpb::event::EventType::Put) => Event::Put(self.key_value(kv)?),
+                Ok(mvccpb::event::EventType::Delete) => Event::Delete {
+                    key: self.strip(&kv.key)?,
+                    revision: rev(kv.mod_revision),
+                    prev: e.prev_kv.as_ref().map(|p| self.key_value(p)).transpose()?,
                 },
+                Err(_) => {
+                    return Err(WatchError::Backend(format!(
+                        "etcd sent an event of unknown type {}",
+                        e.r#type
+                    )));
+                }
             });
         }
         Ok(())
@@ -497,7 +681,12 @@ impl EtcdWatch {
                 None => match self.stream.message().await {
                     Ok(Some(r)) => r,
                     Ok(None) => return Err(WatchError::Closed),
-                    Err(e) => return Err(WatchError::Backend(format!("etcd watch broke: {e}"))),
+                    Err(s) => {
+                        return Err(WatchError::Backend(format!(
+                            "the etcd watch broke: {}",
+                            diagnose::status_words(&s)
+                        )));
+                    }
                 },
             };
             self.take(resp, out)?;
@@ -505,5 +694,18 @@ impl EtcdWatch {
                 return Ok(());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_end_is_the_first_key_after_the_prefix() {
+        assert_eq!(prefix_end(b"/berth/"), b"/berth0");
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff\xff"), [0]);
+        assert_eq!(prefix_end(b""), [0]);
     }
 }

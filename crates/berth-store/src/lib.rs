@@ -15,7 +15,7 @@ use std::collections::VecDeque;
 
 use async_trait::async_trait;
 
-pub use etcd_store::{EtcdStore, TlsFiles};
+pub use etcd_store::{ClientCert, EtcdStore, TlsFiles};
 pub use redb_store::RedbStore;
 
 /// A lease handle, as etcd numbers them.

@@ -213,15 +213,15 @@ struct DaemonArgs {
     /// The key prefix of berth's records in etcd (several clusters can share one etcd).
     #[arg(long, default_value = "/berth/")]
     etcd_prefix: String,
-    /// etcd over TLS: the CA that signed etcd's certificate (with --etcd-cert and --etcd-key,
-    /// this host's client certificate and key).
-    #[arg(long, requires_all = ["etcd_cert", "etcd_key"])]
+    /// etcd over TLS: the CA that signed etcd's certificate (PEM). Alone: server-only TLS;
+    /// with --etcd-cert and --etcd-key, for an etcd that asks for client certificates.
+    #[arg(long)]
     etcd_ca: Option<PathBuf>,
-    /// This host's client certificate for etcd (PEM).
-    #[arg(long, requires_all = ["etcd_ca", "etcd_key"])]
+    /// This host's client certificate for etcd (PEM); needs --etcd-key and --etcd-ca.
+    #[arg(long)]
     etcd_cert: Option<PathBuf>,
-    /// The key of --etcd-cert (PEM).
-    #[arg(long, requires_all = ["etcd_ca", "etcd_cert"])]
+    /// The private key of --etcd-cert (PEM).
+    #[arg(long)]
     etcd_key: Option<PathBuf>,
     /// This host's id in the cluster (letters, digits, '-', '_', '.'); default: from /etc/machine-id.
     #[arg(long)]
@@ -254,38 +254,94 @@ fn parse_service_cidr_arg(s: &str) -> Result<String, String> {
         .map_err(|e| e.to_string())
 }
 
-/// `--store`: embedded or etcd://endpoints.
+/// `--store`: embedded or etcd://endpoints, and etcd's TLS flags, which make sense only
+/// together: every combination that cannot work is refused here, naming the flag to fix.
 fn store_config(args: &DaemonArgs) -> anyhow::Result<berth_agent::daemon::StoreConfig> {
-    use berth_agent::daemon::StoreConfig;
+    use berth_agent::daemon::{ClientCert, StoreConfig, TlsFiles};
+    let tls_flags: Vec<&str> = [
+        ("--etcd-ca", args.etcd_ca.is_some()),
+        ("--etcd-cert", args.etcd_cert.is_some()),
+        ("--etcd-key", args.etcd_key.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(flag, given)| given.then_some(flag))
+    .collect();
     if args.store == "embedded" {
+        if !tls_flags.is_empty() {
+            bail!(
+                "{} {} only to --store etcd://HOST:PORT: the embedded store does not use TLS",
+                tls_flags.join(", "),
+                if tls_flags.len() == 1 {
+                    "applies"
+                } else {
+                    "apply"
+                }
+            );
+        }
         return Ok(StoreConfig::Embedded);
     }
     let Some(list) = args.store.strip_prefix("etcd://") else {
-        anyhow::bail!(
+        if let Some((scheme @ ("http" | "https"), _)) = args.store.split_once("://") {
+            let hosts: Vec<&str> = args
+                .store
+                .split(',')
+                .map(|e| e.trim().split_once("://").map_or(e, |(_, hp)| hp))
+                .collect();
+            let tls = if scheme == "https" {
+                " with --etcd-ca FILE (the CA of etcd's certificate) for TLS"
+            } else {
+                ""
+            };
+            bail!(
+                "invalid --store {:?}: write etcd://{}{tls}",
+                args.store,
+                hosts.join(",")
+            );
+        }
+        bail!(
             "invalid --store {:?}: `embedded` or etcd://HOST:PORT[,HOST:PORT...]",
             args.store
         );
     };
     let tls = match (&args.etcd_ca, &args.etcd_cert, &args.etcd_key) {
-        (Some(ca), Some(cert), Some(key)) => Some(berth_agent::daemon::TlsFiles {
+        (None, None, None) => None,
+        (Some(ca), None, None) => Some(TlsFiles {
             ca: ca.clone(),
-            cert: cert.clone(),
-            key: key.clone(),
+            client: None,
         }),
-        _ => None,
+        (Some(ca), Some(cert), Some(key)) => Some(TlsFiles {
+            ca: ca.clone(),
+            client: Some(ClientCert {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+        }),
+        (_, Some(_), None) => {
+            bail!("--etcd-cert needs --etcd-key, the private key of that certificate")
+        }
+        (_, None, Some(_)) => bail!("--etcd-key needs --etcd-cert, the certificate of that key"),
+        (None, Some(_), Some(_)) => bail!(
+            "--etcd-cert and --etcd-key need --etcd-ca, the CA that signed etcd's certificate"
+        ),
     };
-    let scheme = if tls.is_some() { "https" } else { "http" };
     let endpoints: Vec<String> = list
         .split(',')
         .map(str::trim)
         .filter(|e| !e.is_empty())
-        .map(|e| format!("{scheme}://{e}"))
+        .map(str::to_string)
         .collect();
     if endpoints.is_empty() {
-        anyhow::bail!("invalid --store {:?}: no etcd endpoint", args.store);
+        bail!("invalid --store {:?}: no etcd endpoint", args.store);
+    }
+    if let Some(e) = endpoints.iter().find(|e| e.contains("://")) {
+        bail!(
+            "invalid --store {:?}: {e} has a scheme; write HOST:PORT after etcd:// (TLS comes \
+             from --etcd-ca)",
+            args.store
+        );
     }
     if !args.etcd_prefix.starts_with('/') || !args.etcd_prefix.ends_with('/') {
-        anyhow::bail!(
+        bail!(
             "invalid --etcd-prefix {:?}: it starts and ends with '/'",
             args.etcd_prefix
         );

@@ -7,7 +7,7 @@ mod fixture;
 
 use std::time::{Duration, Instant};
 
-use berth_store::{EtcdStore, Store, StoreError, TlsFiles, Txn};
+use berth_store::{ClientCert, EtcdStore, Store, StoreError, TlsFiles, Txn};
 use fixture::{ETCD_URL, Etcd, Instance, shared_etcd};
 use nix::sys::signal::Signal;
 
@@ -168,8 +168,10 @@ async fn etcd_missing_tls_files_are_an_error() {
         "/",
         Some(TlsFiles {
             ca: "/nonexistent/ca.pem".into(),
-            cert: "/nonexistent/cert.pem".into(),
-            key: "/nonexistent/key.pem".into(),
+            client: Some(ClientCert {
+                cert: "/nonexistent/cert.pem".into(),
+                key: "/nonexistent/key.pem".into(),
+            }),
         }),
     )
     .await;

@@ -33,7 +33,7 @@ const ETCD_CLIENT: &str = "198.51.100.1:2379";
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
 /// How a cluster is made.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Options {
     /// `--host-gone-grace` of every daemon, in seconds.
     pub gone_grace: u64,
@@ -41,6 +41,8 @@ pub struct Options {
     pub lease_ttl: u64,
     /// Whether `Cluster::with` starts the daemons.
     pub start_daemons: bool,
+    /// etcd over TLS, and the daemons with the matching flags; `None`: plain.
+    pub etcd_tls: Option<EtcdTls>,
 }
 
 impl Default for Options {
@@ -49,8 +51,43 @@ impl Default for Options {
             gone_grace: GONE_GRACE,
             lease_ttl: LEASE_TTL,
             start_daemons: true,
+            etcd_tls: None,
         }
     }
+}
+
+/// PEM files of an etcd that speaks TLS on its client port.
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    /// etcd's certificate (valid for [`UNDERLAY_GW`]) and key.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The CA of etcd's certificate (`--etcd-ca` of the daemons, `--cacert` of etcdctl).
+    pub ca: PathBuf,
+    /// `Some`: etcd asks for client certificates signed by this CA (`--client-cert-auth`).
+    pub client_ca: Option<PathBuf>,
+    /// The client certificate and key the daemons and etcdctl present, if any.
+    pub client: Option<(PathBuf, PathBuf)>,
+}
+
+impl EtcdTls {
+    /// The daemon's TLS flags for this etcd.
+    pub fn daemon_flags(&self) -> Vec<String> {
+        let mut flags = vec!["--etcd-ca".to_string(), path(&self.ca)];
+        if let Some((cert, key)) = &self.client {
+            flags.extend([
+                "--etcd-cert".into(),
+                path(cert),
+                "--etcd-key".into(),
+                path(key),
+            ]);
+        }
+        flags
+    }
+}
+
+fn path(p: &Path) -> String {
+    p.to_str().expect("UTF-8 path").to_string()
 }
 
 pub struct Cluster {
@@ -136,7 +173,7 @@ impl Cluster {
             c.hosts.push(h);
             c.addrs.lock().unwrap().push(addr);
         }
-        if opts.start_daemons {
+        if c.opts.start_daemons {
             for i in 1..=n {
                 c.start(i);
             }
@@ -144,17 +181,35 @@ impl Cluster {
         c
     }
 
+    /// `https` for an etcd with TLS, else `http`.
+    fn etcd_scheme(&self) -> &'static str {
+        match self.opts.etcd_tls {
+            Some(_) => "https",
+            None => "http",
+        }
+    }
+
     fn start_etcd(&self) {
         let log = std::fs::File::create(self.dir.join("etcd.log")).unwrap();
-        let url = format!("http://{ETCD_CLIENT}");
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", self.underlay))
+        let url = format!("{}://{ETCD_CLIENT}", self.etcd_scheme());
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", self.underlay))
             .arg("etcd")
             .arg("--data-dir")
             .arg(self.dir.join("etcd"))
             .args(["--listen-client-urls", &url])
             .args(["--advertise-client-urls", &url])
-            .args(["--listen-peer-urls", "http://127.0.0.1:2380"])
+            .args(["--listen-peer-urls", "http://127.0.0.1:2380"]);
+        if let Some(tls) = &self.opts.etcd_tls {
+            cmd.arg("--cert-file").arg(&tls.cert);
+            cmd.arg("--key-file").arg(&tls.key);
+            if let Some(ca) = &tls.client_ca {
+                cmd.arg("--trusted-ca-file")
+                    .arg(ca)
+                    .arg("--client-cert-auth");
+            }
+        }
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -217,15 +272,19 @@ impl Cluster {
     }
 
     fn etcdctl_output(&self, args: &[&str]) -> Output {
-        Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", self.underlay))
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", self.underlay))
             .arg("etcdctl")
-            .args(["--endpoints", ETCD_CLIENT, "--dial-timeout", "2s"])
-            .args(["--command-timeout", "10s"])
-            .args(args)
-            .env("ETCDCTL_API", "3")
-            .output()
-            .unwrap()
+            .arg("--endpoints")
+            .arg(format!("{}://{ETCD_CLIENT}", self.etcd_scheme()))
+            .args(["--dial-timeout", "2s", "--command-timeout", "10s"]);
+        if let Some(tls) = &self.opts.etcd_tls {
+            cmd.arg("--cacert").arg(&tls.ca);
+            if let Some((cert, key)) = &tls.client {
+                cmd.arg("--cert").arg(cert).arg("--key").arg(key);
+            }
+        }
+        cmd.args(args).env("ETCDCTL_API", "3").output().unwrap()
     }
 
     /// Runs etcdctl (API v3) against the cluster's etcd from the underlay namespace; its
@@ -306,7 +365,7 @@ impl Cluster {
 
     /// The daemon flags that make host `i` a member of the cluster.
     pub fn daemon_flags(&self, i: usize) -> Vec<String> {
-        [
+        let mut flags: Vec<String> = [
             "--store".to_string(),
             self.etcd_endpoint(),
             "--etcd-prefix".into(),
@@ -320,7 +379,11 @@ impl Cluster {
             "--host-gone-grace".into(),
             self.opts.gone_grace.to_string(),
         ]
-        .into()
+        .into();
+        if let Some(tls) = &self.opts.etcd_tls {
+            flags.extend(tls.daemon_flags());
+        }
+        flags
     }
 
     /// Starts host `i`'s daemon as a cluster member (advertising its current underlay address)

@@ -8,6 +8,7 @@ mod containerd;
 mod crash;
 mod dns;
 mod docker;
+mod etcd_access;
 mod firewall;
 mod harness;
 mod lifecycle;
