@@ -51,6 +51,7 @@ enum Verb {
     Grant,
     Renew,
     Revoke,
+    ReadLease,
     Compact,
 }
 
@@ -65,6 +66,7 @@ impl fmt::Display for Verb {
             Verb::Grant => "grant a lease in",
             Verb::Renew => "renew a lease in",
             Verb::Revoke => "revoke a lease in",
+            Verb::ReadLease => "read a lease in",
             Verb::Compact => "compact",
         })
     }
@@ -599,9 +601,10 @@ impl Store for EtcdStore {
     }
 
     async fn lease_ttl(&self, id: LeaseId) -> Result<Option<LeaseTtl>, StoreError> {
-        let mut lease = self.client.lease_client();
+        let mut lease = self.lease();
+        let request = pb::LeaseTimeToLiveRequest { id, keys: false };
         let resp = match self
-            .call_leased("lease time-to-live", lease.time_to_live(id, None), Some(id))
+            .call_leased(Verb::ReadLease, lease.lease_time_to_live(request), Some(id))
             .await
         {
             Ok(r) => r,
@@ -610,9 +613,9 @@ impl Store for EtcdStore {
         };
         // etcd answers "not found" or a TTL of -1 for a lease it does not have any more.
         let secs = |s: i64| Duration::from_secs(u64::try_from(s).unwrap_or(0));
-        Ok((resp.ttl() >= 0).then(|| LeaseTtl {
-            granted: secs(resp.granted_ttl()),
-            remaining: secs(resp.ttl()),
+        Ok((resp.ttl >= 0).then(|| LeaseTtl {
+            granted: secs(resp.granted_ttl),
+            remaining: secs(resp.ttl),
         }))
     }
 
