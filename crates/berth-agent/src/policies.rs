@@ -472,17 +472,26 @@ impl Agent {
                 .pending_revoke
                 .retain(|id| pending_before.contains(id));
         }
-        drop(state);
-        // Its flows end: a later holder of its addresses must not inherit an entry that
-        // bypasses policy.
-        if judged || others_lost {
-            self.end_flows_of(ep).await;
-        }
+        // Its flows end when the reaper releases its addresses (see
+        // `Agent::end_flows_of_released`), off the detach's path: a later holder of its
+        // addresses must not inherit an entry that bypasses policy.
     }
 
     /// Deletes the conntrack entries of every flow from or to the endpoint's addresses.
     async fn end_flows_of(&self, ep: &Endpoint) {
-        let addrs: Vec<IpAddr> = ep.ips.iter().map(|n| n.addr()).collect();
+        self.end_flows_of_all(std::slice::from_ref(ep)).await;
+    }
+
+    /// Deletes the conntrack entries of every flow from or to these endpoints' addresses, in
+    /// one reading of the conntrack table.
+    async fn end_flows_of_all(&self, eps: &[Endpoint]) {
+        let addrs: HashSet<IpAddr> = eps
+            .iter()
+            .flat_map(|ep| ep.ips.iter().map(|n| n.addr()))
+            .collect();
+        if addrs.is_empty() {
+            return;
+        }
         let ipv4 = addrs.iter().any(IpAddr::is_ipv4);
         let ipv6 = addrs.iter().any(IpAddr::is_ipv6);
         let ended = kernel(move || {
@@ -492,7 +501,18 @@ impl Agent {
         })
         .await;
         if let Err(e) = ended {
-            tracing::warn!(endpoint = %ep.id, error = %e, "cannot end a detached endpoint's flows");
+            tracing::warn!(error = %e, "cannot end detached endpoints' flows");
+        }
+    }
+
+    /// Ends the flows of detached endpoints whose addresses the reaper is about to release,
+    /// if a policy may have judged them (there is one): a later holder of their addresses
+    /// must not inherit an entry that bypasses policy. One reading of the conntrack table for
+    /// the whole batch.
+    pub(crate) async fn end_flows_of_released(&self, eps: &[Endpoint]) {
+        let any = self.policy_state.lock().await.index.policies().next().is_some();
+        if any {
+            self.end_flows_of_all(eps).await;
         }
     }
 

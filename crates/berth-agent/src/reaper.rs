@@ -55,6 +55,7 @@ impl Agent {
             Ok(())
         })
         .await?;
+        self.end_flows_of_released(&pending).await;
         let done: Vec<&Endpoint> = pending.iter().collect();
         self.release_records(&done).await?;
         Ok(done.len())
