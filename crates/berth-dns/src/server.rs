@@ -28,9 +28,11 @@ use crate::{Clients, DnsConfig, DnsError, NetworkDns, Step, Zone, respond, wire}
 
 /// Forwarded queries in flight at once per network; beyond it, SERVFAIL at once.
 const MAX_FORWARDS: usize = 256;
-/// Forwarded queries in flight at once per client (UDP and TCP, all networks); beyond it,
-/// REFUSED at once: a quarter of a network's, so one client cannot take them all.
-const MAX_FORWARDS_PER_CLIENT: usize = 64;
+/// A client's forwarded queries in flight (UDP and TCP, all networks) are at most its rate
+/// times this: what it takes to forward the whole rate to an upstream that answers within it
+/// (50 at the default rate, a fifth of a network's, so one client cannot take them all).
+/// Beyond it, REFUSED at once.
+const FORWARD_LATENCY: Duration = Duration::from_millis(10);
 /// Clients whose query rate is remembered; a full table forgets idle clients first.
 const RATE_TABLE: usize = 4096;
 /// TCP connections per listener.
@@ -52,8 +54,9 @@ pub struct Shared {
     pub networks: Mutex<HashMap<String, Served>>,
     pub clients: RwLock<Clients>,
     pub rates: Mutex<Rates>,
-    /// Forwarded queries in flight per client.
+    /// Forwarded queries in flight per client, and how many one may have.
     pub forwarding: Arc<Mutex<HashMap<Client, usize>>>,
+    pub forwards_per_client: usize,
 }
 
 impl Shared {
@@ -63,11 +66,17 @@ impl Shared {
             upstream: Upstream::new(cfg.resolv_conf.clone(), own.clone()),
             own,
             rates: Mutex::new(Rates::new(cfg.client_qps, RATE_TABLE)),
+            forwards_per_client: forwards_per_client(cfg.client_qps),
             cfg,
             networks: Mutex::new(HashMap::new()),
             clients: RwLock::new(Clients::default()),
             forwarding: Arc::new(Mutex::new(HashMap::new())),
         }
+    }
+
+    /// A hold on one of `client`'s forwards in flight; None when it has its share.
+    fn forwarding(&self, client: Client) -> Option<InFlight> {
+        InFlight::take(&self.forwarding, client, self.forwards_per_client)
     }
 
     /// The verdict on one query of `client`'s.
@@ -286,7 +295,7 @@ async fn spawn_forward(
     peer: SocketAddr,
     client: Client,
 ) {
-    let Some(mine) = InFlight::take(&net.shared.forwarding, client, MAX_FORWARDS_PER_CLIENT) else {
+    let Some(mine) = net.shared.forwarding(client) else {
         if let Some(r) = refusal(msg, false) {
             let _ = sock.send_to(&r, peer).await;
         }
@@ -455,16 +464,10 @@ async fn tcp_session(
                 match respond(&net.zone, &msg, true, &others) {
                     Step::Reply(r) => Some(r),
                     Step::Ignore => None,
-                    Step::Forward => {
-                        match InFlight::take(
-                            &net.shared.forwarding,
-                            client,
-                            MAX_FORWARDS_PER_CLIENT,
-                        ) {
-                            Some(_mine) => Some(forward(&net.shared, &msg, true).await),
-                            None => refusal(&msg, true),
-                        }
-                    }
+                    Step::Forward => match net.shared.forwarding(client) {
+                        Some(_mine) => Some(forward(&net.shared, &msg, true).await),
+                        None => refusal(&msg, true),
+                    },
                 }
             }
             Verdict::Refuse => refusal(&msg, true),
@@ -484,6 +487,13 @@ async fn tcp_session(
             .await
             .map_err(|_| std::io::ErrorKind::TimedOut)??;
     }
+}
+
+/// How many forwarded queries a client of rate `qps` may have in flight (see
+/// [`FORWARD_LATENCY`]), from one to a network's.
+fn forwards_per_client(qps: u32) -> usize {
+    let n = (f64::from(qps) * FORWARD_LATENCY.as_secs_f64()) as usize;
+    n.clamp(1, MAX_FORWARDS)
 }
 
 /// The upstream answer, or SERVFAIL when no upstream server answered.
@@ -525,5 +535,17 @@ fn error_answer(msg: &[u8], rcode: u8, tcp: bool) -> Vec<u8> {
             header.iter_mut().zip(msg).for_each(|(h, m)| *h = *m);
             wire::bare_answer(header, rcode)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwards_in_flight_follow_the_rate_up_to_a_networks() {
+        assert_eq!(forwards_per_client(crate::DEFAULT_CLIENT_QPS), 50);
+        assert_eq!(forwards_per_client(1), 1);
+        assert_eq!(forwards_per_client(crate::MAX_CLIENT_QPS), MAX_FORWARDS);
     }
 }
