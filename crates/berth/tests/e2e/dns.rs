@@ -510,7 +510,8 @@ fn stalled_tcp_clients_and_garbage_do_not_stop_answers() {
     });
     let t = Instant::now();
     for _ in 0..20 {
-        assert_eq!(dig(&h, "cli", "10.98.0.1", &["cli"]).answers, [ip.as_str()]);
+        let d = dig(&h, "cli", "10.98.0.1", &["cli"]);
+        assert_eq!(d.answers, [ip.as_str()], "{d:?}");
     }
     assert!(
         t.elapsed() < Duration::from_secs(10),
@@ -769,6 +770,14 @@ fn a_udp_flood_is_held_to_its_clients_rate_and_others_keep_their_latency() {
     let (flooder, neighbour, elsewhere) = (bind("web"), bind("cli"), bind("r1"));
     let blue: SocketAddr = format!("{BLUE_GW}:53").parse().unwrap();
     let red: SocketAddr = format!("{RED_GW}:53").parse().unwrap();
+    // Neighbours resolved first: a first packet may wait a second for an ARP retry.
+    for (sandbox, server, name) in [
+        ("web", BLUE_GW, "web"),
+        ("cli", BLUE_GW, "cli"),
+        ("r1", RED_GW, "r1"),
+    ] {
+        assert_eq!(dig(&h, sandbox, server, &[name]).status, "NOERROR");
+    }
     // web floods blue's server; meanwhile cli asks it too, and r1 asks red's.
     let ((seen, took), same, other) = std::thread::scope(|s| {
         let flooding = s.spawn(|| flood(flooder, blue, "web", count, per_tick));
@@ -787,20 +796,35 @@ fn a_udp_flood_is_held_to_its_clients_rate_and_others_keep_their_latency() {
         other[other.len() * 99 / 100],
         other[other.len() - 1],
     );
-    assert!(
-        answered as f64 <= allowed * 1.1 + 10.0,
-        "{answered} answered in {took:?}, the rate allows {allowed}"
-    );
+    // At most the rate answered, as many refused, the rest dropped.
+    for (what, n) in [("answered", answered), ("refused", refused)] {
+        assert!(
+            n as f64 <= allowed * 1.1 + 10.0,
+            "{n} {what} in {took:?}, the rate allows {allowed}: {seen:?}"
+        );
+    }
     assert!(refused >= qps / 2, "{refused} refused: {seen:?}");
     assert!(
-        answered + refused < count / 2,
+        !stress || answered + refused < count / 2,
         "most of a flood is dropped: {seen:?}"
     );
-    let p99 = |l: &[Duration]| l[l.len() * 99 / 100];
-    // The reported fault: a p99 of 56 ms on another network. By default the worst of 40.
-    let bound = Duration::from_millis(if stress { 50 } else { 100 });
-    assert!(p99(&same) < bound, "on the flooded network: {same:?}");
-    assert!(p99(&other) < bound, "on another network: {other:?}");
+    // The reported fault was a p99 of 56 ms on another network. By default, with 40 probes
+    // beside other tests, the median, and no probe lost.
+    let (at, bound) = if stress { (99, 50) } else { (50, 20) };
+    for (probes, what) in [
+        (&same, "on the flooded network"),
+        (&other, "on another network"),
+    ] {
+        let latency = probes[probes.len() * at / 100];
+        assert!(
+            latency < Duration::from_millis(bound),
+            "{what}: p{at} {latency:?} {probes:?}"
+        );
+        assert!(
+            stress || probes[probes.len() - 1] < Duration::from_secs(1),
+            "{what}: a probe was lost {probes:?}"
+        );
+    }
     assert!(!h.log().contains("panicked"));
 }
 
