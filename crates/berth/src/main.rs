@@ -195,8 +195,9 @@ struct DaemonArgs {
     /// Names berth does not know are forwarded to this file's nameservers (re-read on change).
     #[arg(long, default_value = "/etc/resolv.conf")]
     dns_resolv_conf: PathBuf,
-    /// DNS queries a second each client address gets answered (as many at once); as many again
-    /// are refused, the rest dropped.
+    /// DNS queries a second each client gets answered (as many at once); as many again are
+    /// refused, the rest dropped. A client is an endpoint's address; all other source
+    /// addresses together count as one.
     #[arg(long, default_value_t = berth_dns::DEFAULT_CLIENT_QPS)]
     dns_client_qps: u32,
     /// Sandboxes' resolv.conf go to <dir>/<sandbox>/resolv.conf, where `ip netns exec` finds them.
