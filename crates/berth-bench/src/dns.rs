@@ -273,6 +273,11 @@ fn dnsperf(client_ns: &Path, server: &str, queries: &Path, secs: u32) -> Result<
             .find_map(|l| l.trim().strip_prefix(key).map(|r| r.trim().to_string()))
             .with_context(|| format!("dnsperf printed no {key:?}:\n{text}"))
     };
+    // A server that refused or failed queries would look fast: say so.
+    let codes = field("Response codes:")?;
+    if codes.split(", ").any(|c| !c.starts_with("NOERROR")) {
+        eprintln!("dnsperf against {server}: response codes {codes}");
+    }
     let num = |s: String| {
         s.split_whitespace()
             .next()

@@ -9,15 +9,16 @@
 //! carry TTL 0, so the next query sees the change.
 
 mod batch;
+mod limits;
 mod server;
 mod upstream;
 pub mod wire;
 mod zone;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 
 use ipnet::IpNet;
 
@@ -25,11 +26,19 @@ pub use zone::{Resolution, SrvPort, Zone};
 
 /// The suffix of qualified names when none is configured: `NAME.NETWORK.berth.local`.
 pub const DEFAULT_SUFFIX: &str = "berth.local";
+/// Queries a second one client gets answered when none is configured (as many at once, and
+/// as many again refused): far above what a container's resolver sends, far below what the
+/// server answers, so that one client's flood leaves the others their answers.
+pub const DEFAULT_CLIENT_QPS: u32 = 5_000;
+/// The most `client_qps` may be.
+pub const MAX_CLIENT_QPS: u32 = 1_000_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DnsError {
     #[error("invalid DNS suffix {0:?}: dot-separated labels of letters, digits and '-'")]
     InvalidSuffix(String),
+    #[error("invalid DNS client rate {0}: 1 to {MAX_CLIENT_QPS} queries a second")]
+    InvalidClientRate(u32),
     #[error("cannot serve DNS on {addr}: {source}")]
     Bind {
         addr: std::net::SocketAddr,
@@ -44,6 +53,8 @@ pub struct DnsConfig {
     pub port: u16,
     /// Where the upstream nameservers are read from (the daemon's `/etc/resolv.conf`).
     pub resolv_conf: PathBuf,
+    /// Queries a second each client gets answered, UDP and TCP together.
+    pub client_qps: u32,
 }
 
 impl DnsConfig {
@@ -58,6 +69,9 @@ impl DnsConfig {
         };
         if s.is_empty() || s.len() > 200 || !s.split('.').all(label_ok) {
             return Err(DnsError::InvalidSuffix(self.suffix.clone()));
+        }
+        if !(1..=MAX_CLIENT_QPS).contains(&self.client_qps) {
+            return Err(DnsError::InvalidClientRate(self.client_qps));
         }
         Ok(())
     }
@@ -82,15 +96,8 @@ pub struct NetworkDns {
 impl Dns {
     pub fn new(cfg: DnsConfig) -> Result<Dns, DnsError> {
         cfg.validate()?;
-        let own = Arc::new(Mutex::new(HashSet::new()));
         Ok(Dns {
-            shared: Arc::new(server::Shared {
-                upstream: upstream::Upstream::new(cfg.resolv_conf.clone(), own.clone()),
-                own,
-                cfg,
-                networks: Mutex::new(HashMap::new()),
-                clients: RwLock::new(Clients::default()),
-            }),
+            shared: Arc::new(server::Shared::new(cfg)),
         })
     }
 
@@ -209,6 +216,15 @@ impl Clients {
         }
     }
 
+    /// Who a query from `ip` counts against.
+    pub(crate) fn client(&self, ip: IpAddr) -> limits::Client {
+        if self.netns_of.contains_key(&ip) {
+            limits::Client::Endpoint(ip)
+        } else {
+            limits::Client::Stranger
+        }
+    }
+
     /// The networks of the namespace that holds `ip`.
     pub(crate) fn networks_of(&self, ip: IpAddr) -> Vec<String> {
         let Some(netns) = self.netns_of.get(&ip) else {
@@ -280,11 +296,24 @@ mod tests {
             suffix: s.into(),
             port: 53,
             resolv_conf: "/etc/resolv.conf".into(),
+            client_qps: DEFAULT_CLIENT_QPS,
         };
         assert!(cfg("berth.local").validate().is_ok());
         assert!(cfg("cluster.local.").validate().is_ok());
         for bad in ["", ".", "a..b", "-a.b", "a_b", "a b"] {
             assert!(cfg(bad).validate().is_err(), "{bad:?}");
+        }
+        for (qps, ok) in [
+            (0, false),
+            (1, true),
+            (MAX_CLIENT_QPS, true),
+            (MAX_CLIENT_QPS + 1, false),
+        ] {
+            let c = DnsConfig {
+                client_qps: qps,
+                ..cfg("berth.local")
+            };
+            assert_eq!(c.validate().is_ok(), ok, "{qps}");
         }
     }
 

@@ -196,6 +196,11 @@ struct DaemonArgs {
     /// Names berth does not know are forwarded to this file's nameservers (re-read on change).
     #[arg(long, default_value = "/etc/resolv.conf")]
     dns_resolv_conf: PathBuf,
+    /// DNS queries a second each client gets answered (as many at once); as many again are
+    /// refused, the rest dropped. A client is an endpoint's address; all other source
+    /// addresses together count as one.
+    #[arg(long, default_value_t = berth_dns::DEFAULT_CLIENT_QPS)]
+    dns_client_qps: u32,
     /// Sandboxes' resolv.conf go to <dir>/<sandbox>/resolv.conf, where `ip netns exec` finds them.
     #[arg(long, default_value = "/etc/netns")]
     sandbox_etc_dir: PathBuf,
@@ -965,6 +970,7 @@ fn daemon(args: DaemonArgs) -> Result<()> {
                 suffix: args.dns_suffix,
                 port: args.dns_port,
                 resolv_conf: args.dns_resolv_conf,
+                client_qps: args.dns_client_qps,
             }),
             sandbox_etc_dir: args.sandbox_etc_dir,
             docker_endpoint_grace: std::time::Duration::from_secs(args.docker_endpoint_grace),

@@ -267,6 +267,22 @@ fn cli_usage_errors_exit_non_zero() {
         "{err}"
     );
     assert!(!state.exists());
+    // And so does one with a DNS client rate out of its range.
+    for qps in ["0", "1000001"] {
+        let o = h.berth(&[
+            "daemon",
+            "--dns-client-qps",
+            qps,
+            "--state-dir",
+            state.to_str().unwrap(),
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains("invalid DNS client rate"),
+            "{err}"
+        );
+        assert!(!state.exists());
+    }
     let o = std::process::Command::new(crate::harness::BERTH)
         .arg("frobnicate")
         .stderr(Stdio::null())
