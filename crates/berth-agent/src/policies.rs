@@ -510,7 +510,14 @@ impl Agent {
     /// must not inherit an entry that bypasses policy. One reading of the conntrack table for
     /// the whole batch.
     pub(crate) async fn end_flows_of_released(&self, eps: &[Endpoint]) {
-        let any = self.policy_state.lock().await.index.policies().next().is_some();
+        let any = self
+            .policy_state
+            .lock()
+            .await
+            .index
+            .policies()
+            .next()
+            .is_some();
         if any {
             self.end_flows_of_all(eps).await;
         }

@@ -350,6 +350,24 @@ fn policy_isolates_allows_and_revokes() {
         .unwrap();
     assert!(!udp_arrives(&a, &udp_b, sa(B, 8080)));
     holds(&[&iso_b[..], &web_from_a].concat());
+    // One peer, one port, without a class: a pair.
+    let admin_from_a = PolicyElement::Pair {
+        direction: Ingress,
+        profile: B_IN,
+        peer: addr(A),
+        protocol: Tcp,
+        port: 8081,
+    };
+    nftables::PolicySets::new()
+        .apply(&[], &[admin_from_a])
+        .unwrap();
+    connects(&a, sa(B, 8081));
+    blocked(&c, sa(B, 8081));
+    nftables::PolicySets::new()
+        .apply(&[admin_from_a], &[])
+        .unwrap();
+    blocked(&a, sa(B, 8081));
+    holds(&[&iso_b[..], &web_from_a].concat());
 
     // Revoked with two connections open, whose flows are then deleted: neither a client's
     // next segment nor (picked up by conntrack as a connection of B's) a server's arrives.

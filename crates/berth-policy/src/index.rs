@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use berth_model::{Endpoint, Peer, Policy, PolicyRule, PortName, PortRef, Protocol, Selector};
 
 use crate::ranges::{self, Spans};
-use crate::{AddrRange, ClassId, Direction, Profile, ProfileKey};
+use crate::{AddrRange, ClassId, Direction, MAX_PAIRS_PER_CLASS, Profile, ProfileKey};
 
 /// The policies, endpoints and networks of the cluster, as far as policies care.
 ///
@@ -760,6 +760,23 @@ fn profile_of(clauses: &[Clause<'_>]) -> Profile {
         ..Profile::default()
     };
     for (ports, peers) in by_ports {
+        // A few single peers and ports: pairs, not a class.
+        let single_peers: Option<Vec<IpAddr>> = peers
+            .iter()
+            .map(|r| (r.first == r.last).then_some(r.first))
+            .collect();
+        let single_ports = ports.iter().all(|&(_, lo, hi)| lo == hi);
+        if let Some(single) = single_peers
+            && single_ports
+            && single.len() * ports.len() <= MAX_PAIRS_PER_CLASS
+        {
+            for peer in single {
+                profile
+                    .pairs
+                    .extend(ports.iter().map(|&(p, port, _)| (peer, p, port)));
+            }
+            continue;
+        }
         let mut class = class_hash(ports);
         while !taken.insert(class) {
             class = class.wrapping_add(1);
@@ -771,6 +788,7 @@ fn profile_of(clauses: &[Clause<'_>]) -> Profile {
     }
     profile.classes.sort_unstable();
     profile.ports.sort_unstable();
+    profile.pairs.sort_unstable();
     profile
 }
 

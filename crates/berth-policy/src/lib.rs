@@ -96,6 +96,15 @@ pub enum PolicyElement {
         class: ClassId,
         peers: AddrRange,
     },
+    /// One peer may use one port (of TCP, UDP or SCTP) of the destination: a class too small
+    /// for a chain of its own (see [`Profile::pairs`]).
+    Pair {
+        direction: Direction,
+        profile: ProfileId,
+        peer: IpAddr,
+        protocol: Protocol,
+        port: u16,
+    },
     /// The target is isolated in this direction: only what its profile allows passes.
     Target {
         direction: Direction,
@@ -115,13 +124,25 @@ pub struct Profile {
     /// Port ranges `(protocol, first, last, class)` and the class that judges them: sorted,
     /// disjoint per protocol.
     pub ports: Vec<(Protocol, u16, u16, ClassId)>,
+    /// Single peers allowed single ports, `(peer, protocol, port)`, sorted: the classes of a
+    /// few single addresses and ports ([`MAX_PAIRS_PER_CLASS`] pairs at most), which would
+    /// otherwise each need a chain and two sets in the kernel (a profile of a thousand
+    /// policies that each allow one address one port would be a thousand chains). None of
+    /// their ports are in `ports`.
+    pub pairs: Vec<(IpAddr, Protocol, u16)>,
 }
+
+/// The most peer-and-port pairs a class may be written as (see [`Profile::pairs`]): beyond
+/// that it keeps its chain, so that a rule's elements still grow with its peers plus its
+/// ports.
+pub const MAX_PAIRS_PER_CLASS: usize = 4;
 
 impl Profile {
     /// How many kernel elements the profile takes (its targets' not counted).
     pub fn size(&self) -> usize {
         1 + self.any.len()
             + self.ports.len()
+            + self.pairs.len()
             + self
                 .classes
                 .iter()
@@ -161,6 +182,17 @@ impl Profile {
                     class,
                 }),
         );
+        out.extend(
+            self.pairs
+                .iter()
+                .map(|&(peer, protocol, port)| PolicyElement::Pair {
+                    direction,
+                    profile,
+                    peer,
+                    protocol,
+                    port,
+                }),
+        );
         out
     }
 
@@ -172,6 +204,13 @@ impl Profile {
             return true;
         }
         let Some(port) = port else { return false };
+        if self
+            .pairs
+            .iter()
+            .any(|&(a, p, n)| a == peer && p.number() == protocol && n == port)
+        {
+            return true;
+        }
         let Some(&(_, _, _, class)) = self
             .ports
             .iter()
@@ -224,6 +263,7 @@ impl PolicyElement {
             | PolicyElement::Any { direction, .. }
             | PolicyElement::Ports { direction, .. }
             | PolicyElement::Peers { direction, .. }
+            | PolicyElement::Pair { direction, .. }
             | PolicyElement::Target { direction, .. } => direction,
         }
     }
@@ -236,6 +276,7 @@ impl PolicyElement {
             | PolicyElement::Any { profile, .. }
             | PolicyElement::Ports { profile, .. }
             | PolicyElement::Peers { profile, .. }
+            | PolicyElement::Pair { profile, .. }
             | PolicyElement::Target { profile, .. } => profile,
         }
     }

@@ -436,6 +436,45 @@ impl Program {
                 wanted.insert(kernel_id, key.clone());
             }
         }
+        // Profiles no target in force points at (an endpoint whose address another has, as a
+        // stale record may make): by their content, among the kernel's profiles left.
+        let unmatched: Vec<Arc<ProfileKey>> = {
+            let mut keys: Vec<Arc<ProfileKey>> = self
+                .profiles
+                .keys()
+                .filter(|k| !given.contains(*k))
+                .cloned()
+                .collect();
+            keys.sort();
+            keys
+        };
+        if !unmatched.is_empty() {
+            let mut content: BTreeMap<(Direction, ProfileId), Vec<PolicyElement>> = BTreeMap::new();
+            for e in kernel {
+                if !matches!(e, PolicyElement::Target { .. }) {
+                    content
+                        .entry((e.direction(), e.profile()))
+                        .or_default()
+                        .push(renumbered(e, 0));
+                }
+            }
+            for key in unmatched {
+                let c = &self.profiles[&key];
+                let mut mine: Vec<PolicyElement> =
+                    c.profile.elements(key.direction, 0).into_iter().collect();
+                mine.sort_unstable();
+                let found = content.iter().find(|((d, id), els)| {
+                    *d == key.direction && !wanted.contains_key(id) && {
+                        let mut els = (*els).clone();
+                        els.sort_unstable();
+                        els == mine
+                    }
+                });
+                if let Some((&(_, id), _)) = found {
+                    wanted.insert(id, key.clone());
+                }
+            }
+        }
         let adopted: HashSet<Arc<ProfileKey>> = wanted.values().cloned().collect();
         let mut numbers: HashMap<Arc<ProfileKey>, ProfileId> =
             wanted.iter().map(|(id, k)| (k.clone(), *id)).collect();
@@ -506,4 +545,19 @@ fn key_hash(key: &ProfileKey) -> ProfileId {
         eat(&port.to_be_bytes());
     }
     h
+}
+
+/// `e` under profile number `profile`.
+fn renumbered(e: &PolicyElement, profile: ProfileId) -> PolicyElement {
+    let mut e = *e;
+    match &mut e {
+        PolicyElement::Profile { profile: p, .. }
+        | PolicyElement::Class { profile: p, .. }
+        | PolicyElement::Any { profile: p, .. }
+        | PolicyElement::Ports { profile: p, .. }
+        | PolicyElement::Peers { profile: p, .. }
+        | PolicyElement::Pair { profile: p, .. }
+        | PolicyElement::Target { profile: p, .. } => *p = profile,
+    }
+    e
 }

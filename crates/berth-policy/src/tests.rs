@@ -843,7 +843,7 @@ fn an_endpoint_like_others_costs_its_addresses_only() {
     let change = program.update(&ix, &touched);
     assert!(change.remove.is_empty(), "{:?}", change.remove);
     assert!(
-        matches!(change.add[..], [PolicyElement::Peers { peers, .. }] if peers.first == ip("10.0.0.77")),
+        matches!(change.add[..], [PolicyElement::Pair { peer, port: 10007, .. }] if peer == ip("10.0.0.77")),
         "{:?}",
         change.add
     );

@@ -5,6 +5,8 @@
 //! target those same policies select. A profile is a chain of its own, `pol_in_<P>` (ingress) or
 //! `pol_eg_<P>` (egress, P its number in hex), with its sets:
 //! - `pol_in_<P>_any4`, `..._any6`: peers allowed everything (`ip saddr @... return`);
+//! - `pol_in_<P>_pairs4`, `..._pairs6`: single peers allowed single ports (`ip saddr . meta
+//!   l4proto . th dport @... return`), the classes too small for a chain of their own;
 //! - `pol_in_<P>_tcp`, `..._udp`, `..._sctp`: destination ports to the chain of the class that
 //!   judges them (`tcp dport vmap @...`, each range to a `goto`);
 //! - per class C, chain `pol_in_<P>_<C>` with `..._4` and `..._6`: the peers the class lets
@@ -48,12 +50,12 @@ use super::nfnl::{
     NLM_F_CREATE, Nfnetlink, attr, attr_str, covers, put_attr, put_str, put_u32,
 };
 use super::{
-    Data, Element, INET_SERVICE, IPV4_ADDR, IPV6_ADDR, NFT_SET_INTERVAL, NFT_SET_MAP,
+    Data, Element, INET_PROTO, INET_SERVICE, IPV4_ADDR, IPV6_ADDR, NFT_SET_INTERVAL, NFT_SET_MAP,
     NFTA_CHAIN_NAME, NFTA_CHAIN_TABLE, NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS, NFTA_RULE_TABLE,
     NFTA_SET_DATA_LEN, NFTA_SET_DATA_TYPE, NFTA_SET_FLAGS, NFTA_SET_ID, NFTA_SET_KEY_LEN,
-    NFTA_SET_KEY_TYPE, NFTA_SET_NAME, NFTA_SET_TABLE, NFTA_SET_USERDATA, Rule, TABLE, UD_NET_ORDER,
-    VERDICT, chain_attrs, expr, family, ip_bytes, parse_ip, push_element_list, push_rule,
-    read_elements, rule, set_attrs,
+    NFTA_SET_KEY_TYPE, NFTA_SET_NAME, NFTA_SET_TABLE, NFTA_SET_USERDATA, Rule, TABLE, UD_CONCAT,
+    UD_NET_ORDER, VERDICT, chain_attrs, expr, family, ip_bytes, parse_ip, push_element_list,
+    push_rule, read_elements, rule, set_attrs,
 };
 use crate::{DataplaneError, Result};
 
@@ -107,6 +109,14 @@ fn family_suffix(ipv6: bool) -> &'static str {
 fn any_set(direction: Direction, profile: ProfileId, ipv6: bool) -> String {
     format!(
         "{}_any{}",
+        profile_chain(direction, profile),
+        family_suffix(ipv6)
+    )
+}
+
+fn pairs_set(direction: Direction, profile: ProfileId, ipv6: bool) -> String {
+    format!(
+        "{}_pairs{}",
         profile_chain(direction, profile),
         family_suffix(ipv6)
     )
@@ -307,7 +317,7 @@ fn profile_rules(direction: Direction, profile: ProfileId) -> Vec<Rule> {
     use super::expr::{
         Base::{Network, Transport},
         MetaKey::L4Proto,
-        REG_VERDICT, REG1, cmp_eq, counter, drop, lookup, map, meta, payload, ret,
+        REG_VERDICT, REG1, cmp_eq, counter, drop, lookup, map, meta, payload, reg, ret,
     };
     let chain = profile_chain(direction, profile);
     let mut all = Vec::new();
@@ -321,6 +331,27 @@ fn profile_rules(direction: Direction, profile: ProfileId) -> Vec<Rule> {
                 family(ipv6),
                 vec![
                     payload(Network, e.peer.1, e.len, REG1),
+                    lookup(REG1, set),
+                    ret(),
+                ],
+            ],
+        ));
+    }
+    for ipv6 in [false, true] {
+        let e = ends(direction, ipv6);
+        let set = pairs_set(direction, profile, ipv6);
+        all.push(rule(
+            &chain,
+            &format!(
+                "{} {} . meta l4proto . th dport @{set} return",
+                e.ip, e.peer.0
+            ),
+            &[
+                family(ipv6),
+                vec![
+                    payload(Network, e.peer.1, e.len, REG1),
+                    meta(L4Proto, reg(e.len)),
+                    payload(Transport, 2, 2, reg(e.len + 4)),
                     lookup(REG1, set),
                     ret(),
                 ],
@@ -374,7 +405,18 @@ fn class_rules(direction: Direction, profile: ProfileId, class: ClassId) -> Vec<
 struct OwnSet {
     name: String,
     ipv6: bool,
-    vmap: bool,
+    shape: Shape,
+}
+
+/// What an [`OwnSet`] holds.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// Address ranges.
+    Addresses,
+    /// Port ranges, each to a verdict.
+    PortVerdicts,
+    /// `address . protocol . port`, exact.
+    Pairs,
 }
 
 impl OwnSet {
@@ -382,23 +424,37 @@ impl OwnSet {
         let mut a = Vec::new();
         put_str(&mut a, NFTA_SET_TABLE, TABLE);
         put_str(&mut a, NFTA_SET_NAME, &self.name);
-        if self.vmap {
-            put_u32(&mut a, NFTA_SET_FLAGS, NFT_SET_INTERVAL | NFT_SET_MAP);
-            put_u32(&mut a, NFTA_SET_KEY_TYPE, INET_SERVICE);
-            put_u32(&mut a, NFTA_SET_KEY_LEN, 2);
-            put_u32(&mut a, NFTA_SET_DATA_TYPE, VERDICT.0);
-            put_u32(&mut a, NFTA_SET_DATA_LEN, VERDICT.1);
+        let (addr, addr_len) = if self.ipv6 {
+            (IPV6_ADDR, 16)
         } else {
-            put_u32(&mut a, NFTA_SET_FLAGS, NFT_SET_INTERVAL);
-            let (t, len) = if self.ipv6 {
-                (IPV6_ADDR, 16)
-            } else {
-                (IPV4_ADDR, 4)
-            };
-            put_u32(&mut a, NFTA_SET_KEY_TYPE, t);
-            put_u32(&mut a, NFTA_SET_KEY_LEN, len);
+            (IPV4_ADDR, 4)
+        };
+        match self.shape {
+            Shape::PortVerdicts => {
+                put_u32(&mut a, NFTA_SET_FLAGS, NFT_SET_INTERVAL | NFT_SET_MAP);
+                put_u32(&mut a, NFTA_SET_KEY_TYPE, INET_SERVICE);
+                put_u32(&mut a, NFTA_SET_KEY_LEN, 2);
+                put_u32(&mut a, NFTA_SET_DATA_TYPE, VERDICT.0);
+                put_u32(&mut a, NFTA_SET_DATA_LEN, VERDICT.1);
+                put_attr(&mut a, NFTA_SET_USERDATA, UD_NET_ORDER);
+            }
+            Shape::Addresses => {
+                put_u32(&mut a, NFTA_SET_FLAGS, NFT_SET_INTERVAL);
+                put_u32(&mut a, NFTA_SET_KEY_TYPE, addr);
+                put_u32(&mut a, NFTA_SET_KEY_LEN, addr_len);
+                put_attr(&mut a, NFTA_SET_USERDATA, UD_NET_ORDER);
+            }
+            Shape::Pairs => {
+                put_u32(&mut a, NFTA_SET_FLAGS, 0);
+                put_u32(
+                    &mut a,
+                    NFTA_SET_KEY_TYPE,
+                    super::concat(&[addr, INET_PROTO, INET_SERVICE]),
+                );
+                put_u32(&mut a, NFTA_SET_KEY_LEN, addr_len + 8);
+                put_attr(&mut a, NFTA_SET_USERDATA, UD_CONCAT);
+            }
         }
-        put_attr(&mut a, NFTA_SET_USERDATA, UD_NET_ORDER);
         // The kernel wants an id for a set it creates, by which rules of the same batch may
         // name it; berth's name it by its name.
         let id = self.name.bytes().fold(0x811c_9dc5_u32, |h, b| {
@@ -412,16 +468,25 @@ impl OwnSet {
 fn profile_sets(direction: Direction, profile: ProfileId) -> Vec<OwnSet> {
     let mut out: Vec<OwnSet> = [false, true]
         .into_iter()
-        .map(|ipv6| OwnSet {
-            name: any_set(direction, profile, ipv6),
-            ipv6,
-            vmap: false,
+        .flat_map(|ipv6| {
+            [
+                OwnSet {
+                    name: any_set(direction, profile, ipv6),
+                    ipv6,
+                    shape: Shape::Addresses,
+                },
+                OwnSet {
+                    name: pairs_set(direction, profile, ipv6),
+                    ipv6,
+                    shape: Shape::Pairs,
+                },
+            ]
         })
         .collect();
     out.extend(PROTOCOLS.map(|p| OwnSet {
         name: ports_map(direction, profile, p),
         ipv6: false,
-        vmap: true,
+        shape: Shape::PortVerdicts,
     }));
     out
 }
@@ -432,7 +497,7 @@ fn class_sets(direction: Direction, profile: ProfileId, class: ClassId) -> Vec<O
         .map(|ipv6| OwnSet {
             name: peers_set(direction, profile, class, ipv6),
             ipv6,
-            vmap: false,
+            shape: Shape::Addresses,
         })
         .collect()
 }
@@ -479,6 +544,27 @@ fn push_destroy(b: &mut Batch, chain: &str, sets: &[OwnSet]) {
         put_str(&mut a, NFTA_SET_TABLE, TABLE);
         put_str(&mut a, NFTA_SET_NAME, &s.name);
         b.push(NFT_MSG_DESTROYSET, 0, a, format!("delete set {}", s.name));
+    }
+}
+
+/// `address . protocol . port`, each part from a 4-byte boundary.
+fn pair_key(peer: IpAddr, protocol: Protocol, port: u16) -> Vec<u8> {
+    let mut k = ip_bytes(peer);
+    k.extend([protocol.number(), 0, 0, 0]);
+    k.extend(super::port_bytes(port));
+    k
+}
+
+/// The other way round; `None` for a key [`pair_key`] does not make.
+fn parse_pair(key: &[u8]) -> Option<(IpAddr, Protocol, u16)> {
+    let (addr, rest) = key.split_at_checked(key.len().checked_sub(8)?)?;
+    match *rest {
+        [proto, 0, 0, 0, hi, lo, 0, 0] => Some((
+            parse_ip(addr)?,
+            Protocol::from_number(proto)?,
+            u16::from_be_bytes([hi, lo]),
+        )),
+        _ => None,
     }
 }
 
@@ -543,6 +629,7 @@ enum Kind {
     Ports,
     Peers,
     Any,
+    Pair,
     Class,
     Profile,
 }
@@ -553,6 +640,7 @@ fn kind(e: &PolicyElement) -> Kind {
         PolicyElement::Ports { .. } => Kind::Ports,
         PolicyElement::Peers { .. } => Kind::Peers,
         PolicyElement::Any { .. } => Kind::Any,
+        PolicyElement::Pair { .. } => Kind::Pair,
         PolicyElement::Class { .. } => Kind::Class,
         PolicyElement::Profile { .. } => Kind::Profile,
     }
@@ -603,6 +691,16 @@ fn encode(e: &PolicyElement) -> Result<Option<(String, Vec<Element>)>> {
             let (ipv6, elements) = addrs(&peers)?;
             (peers_set(direction, profile, class, ipv6), elements)
         }
+        PolicyElement::Pair {
+            direction,
+            profile,
+            peer,
+            protocol,
+            port,
+        } => (
+            pairs_set(direction, profile, peer.is_ipv6()),
+            vec![Element::of(pair_key(peer, protocol, port))],
+        ),
         PolicyElement::Ports {
             direction,
             profile,
@@ -750,9 +848,9 @@ fn read_state(nl: &mut Nfnetlink) -> Result<State> {
                 .all(|(w, g)| covers(g, &expr::encode(&w.exprs, expr::Refs::Dump)))
     };
     let mut state = State::default();
-    let mut read = |set: &str| -> Result<Option<(Vec<KeyRange>, bool)>> {
+    let mut read = |set: &str| -> Result<Option<Vec<Element>>> {
         match read_elements(nl, set)? {
-            Ok((elements, _)) => Ok(Some(ranges(&elements))),
+            Ok((elements, _)) => Ok(Some(elements)),
             Err(errno) if errno == super::nfnl::enoent() => Ok(None),
             Err(errno) => Err(refused(format!("set {set}"), errno)),
         }
@@ -768,9 +866,10 @@ fn read_state(nl: &mut Nfnetlink) -> Result<State> {
             }
             for ipv6 in [false, true] {
                 let set = any_set(direction, profile, ipv6);
-                let Some((rs, clean)) = read(&set)? else {
+                let Some(elements) = read(&set)? else {
                     continue;
                 };
+                let (rs, clean) = ranges(&elements);
                 let (peers, clean) = addr_ranges(rs, clean);
                 state
                     .elements
@@ -783,11 +882,37 @@ fn read_state(nl: &mut Nfnetlink) -> Result<State> {
                     state.foreign.push(set);
                 }
             }
-            for protocol in PROTOCOLS {
-                let set = ports_map(direction, profile, protocol);
-                let Some((rs, mut clean)) = read(&set)? else {
+            for ipv6 in [false, true] {
+                let set = pairs_set(direction, profile, ipv6);
+                let Some(elements) = read(&set)? else {
                     continue;
                 };
+                let mut clean = true;
+                for e in &elements {
+                    let pair = parse_pair(&e.key)
+                        .filter(|(peer, ..)| peer.is_ipv6() == ipv6)
+                        .filter(|_| e.data.is_none() && !e.interval_end && e.key_end.is_none());
+                    match pair {
+                        Some((peer, protocol, port)) => state.elements.push(PolicyElement::Pair {
+                            direction,
+                            profile,
+                            peer,
+                            protocol,
+                            port,
+                        }),
+                        None => clean = false,
+                    }
+                }
+                if !clean {
+                    state.foreign.push(set);
+                }
+            }
+            for protocol in PROTOCOLS {
+                let set = ports_map(direction, profile, protocol);
+                let Some(elements) = read(&set)? else {
+                    continue;
+                };
+                let (rs, mut clean) = ranges(&elements);
                 for (first, last, data) in rs {
                     let port = |k: &[u8]| Some(u16::from_be_bytes(k.try_into().ok()?));
                     let class = match data {
@@ -830,9 +955,10 @@ fn read_state(nl: &mut Nfnetlink) -> Result<State> {
         }
         for ipv6 in [false, true] {
             let set = peers_set(direction, profile, class, ipv6);
-            let Some((rs, clean)) = read(&set)? else {
+            let Some(elements) = read(&set)? else {
                 continue;
             };
+            let (rs, clean) = ranges(&elements);
             let (peers, clean) = addr_ranges(rs, clean);
             state
                 .elements
