@@ -72,15 +72,16 @@ fn timed(h: &Host, args: &[&str], timeout: Duration) -> (Duration, bool, String)
 fn kernel_answers(h: &Host) {
     let start = Instant::now();
     let out = Command::new("timeout")
-        .args([
-            "10", "ip", "netns", "exec", &h.netns, "nft", "list", "table", "inet", "berth",
-        ])
+        .args(["20", "nsenter"])
+        .arg(format!("--net={}", h.netns_path()))
+        .args(["nft", "list", "table", "inet", "berth"])
         .output()
         .unwrap();
     assert!(
         out.status.success(),
-        "nft list after {:?}: {}",
+        "nft list after {:?}: {}: {}",
         start.elapsed(),
+        out.status,
         String::from_utf8_lossy(&out.stderr)
     );
 }
