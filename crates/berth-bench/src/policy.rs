@@ -379,7 +379,8 @@ fn filler(i: usize) -> Result<Policy> {
 }
 
 /// How many IPv4 peers berth's ingress profiles allow, read with `nft` (None: no `nft`, or no
-/// policy there): the elements of the profiles' `..._any4` and classes' `..._4` sets.
+/// policy there): the elements of the profiles' `..._any4` and `..._pairs4` sets and of their
+/// classes' `..._4` sets.
 fn allow_elements() -> Option<usize> {
     let out = Command::new("nft")
         .args([
@@ -402,7 +403,10 @@ fn allow_elements() -> Option<usize> {
         .as_array()?
         .iter()
         .filter_map(|o| o.pointer("/set/name").and_then(serde_json::Value::as_str))
-        .filter(|n| n.starts_with("pol_in_") && (n.ends_with("_any4") || n.ends_with("_4")))
+        .filter(|n| {
+            n.starts_with("pol_in_")
+                && (n.ends_with("_any4") || n.ends_with("_pairs4") || n.ends_with("_4"))
+        })
         .map(str::to_string)
         .collect();
     let mut total = 0;
