@@ -246,6 +246,9 @@ fn add(env: &Env, conf: &NetConf, client: &Client) -> Result<Value, CniError> {
         name,
         container_id: Some(container_id.to_string()),
         ports: conf.ports.clone(),
+        // A runtime cannot force a port a host process serves: refused, as podman's and
+        // Docker's own port reservations refuse it.
+        force: false,
         default_route: false,
         labels: labels(env, conf),
         named_ports: conf.named_ports.clone(),
