@@ -381,7 +381,8 @@ enum NetworkCmd {
         /// (MTU: the underlay's less 50).
         #[arg(long, default_value = "bridge")]
         driver: String,
-        /// The overlay network's VXLAN id (1 to 16777215); default: a free one from 4096.
+        /// The overlay network's VXLAN id (1 to 16777215); default: a random free one from
+        /// 4096 up (never one just given back; see docs/api.md).
         #[arg(long)]
         vni: Option<u32>,
     },
