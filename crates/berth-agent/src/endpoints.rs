@@ -309,8 +309,7 @@ impl Agent {
         let ports = self.check_ports(&net, &req.ports)?;
         let publishing_guard = self.reserve_ports(&ports).await?;
         if !req.force {
-            // A CNI runtime has no way to force (its users expect the refusal podman's and
-            // Docker's own port reservations give).
+            // CNI has no way to force, so a CNI request is not told of one.
             let how_to_force = req
                 .container_id
                 .is_none()

@@ -178,9 +178,12 @@ impl Netlink {
     }
 
     /// Sends a request that creates link `name` with the message that marks it as berth's
-    /// ([`LINK_MARK`]) in one datagram. When the creation succeeded but the mark did not, the
-    /// new link is deleted again; when the creation failed (the name is taken), nothing of
-    /// what has that name is touched, whatever the mark's answer.
+    /// ([`LINK_MARK`]) in one datagram, so that no crash of the daemon leaves the link
+    /// unmarked (the mark cannot go in the creating message: the kernel ignores an alias
+    /// there). When the creation succeeded but the mark did not, the new link is deleted
+    /// again. When the creation failed because the name was taken, the mark went to the link
+    /// that has it: berth's names carry a random id and are looked up before a bridge or
+    /// VXLAN device is made, so that is a link of berth's own of the same id.
     fn create_marked(
         &mut self,
         create: RouteNetlinkMessage,

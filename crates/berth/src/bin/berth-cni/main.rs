@@ -246,8 +246,8 @@ fn add(env: &Env, conf: &NetConf, client: &Client) -> Result<Value, CniError> {
         name,
         container_id: Some(container_id.to_string()),
         ports: conf.ports.clone(),
-        // A runtime cannot force a port a host process serves: refused, as podman's and
-        // Docker's own port reservations refuse it.
+        // CNI has no way to ask for a port a host process serves: refused, as a port in
+        // use fails `docker run -p` (and `podman run -p` on its own networks).
         force: false,
         default_route: false,
         labels: labels(env, conf),
