@@ -673,7 +673,8 @@ impl Agent {
             (p, _) => Some(berth_model::parse_subnet(p)?),
         };
         let held: Vec<IpNet> = pools.iter().map(|p| p.cidr).collect();
-        let taken = |c: &IpNet| crate::networks::overlapping(&networks, &held, c);
+        let host_routes = self.host_routes(&networks).await?;
+        let taken = |c: &IpNet| crate::networks::overlapping(&networks, &held, &host_routes, c);
         let (cidr, network) = match wanted {
             Some(c) => {
                 if let Some(p) = pools.iter().find(|p| p.cidr == c) {
@@ -693,9 +694,9 @@ impl Agent {
                 {
                     Some(n) => (c, Some(n.name.clone())),
                     None => {
-                        if let Some((owner, theirs)) = taken(&c) {
+                        if let Some(theirs) = taken(&c) {
                             return Err(AgentError::Conflict(format!(
-                                "pool {c} overlaps {theirs} of {owner}"
+                                "pool {c} overlaps {theirs}"
                             )));
                         }
                         (c, None)
@@ -709,15 +710,7 @@ impl Agent {
                     (DEFAULT_POOL, DEFAULT_POOL_PREFIX)
                 };
                 let base: IpNet = base.parse().expect("valid default pool");
-                let c = base
-                    .subnets(len)
-                    .expect("valid prefix")
-                    .find(|c| taken(c).is_none())
-                    .ok_or_else(|| {
-                        AgentError::Conflict(format!(
-                            "the default pool {base} is used up; give --subnet"
-                        ))
-                    })?;
+                let c = crate::networks::carve(base, len, &taken, &host_routes)?;
                 (c, None)
             }
         };
@@ -1693,6 +1686,8 @@ impl Agent {
             self.ensure_overlay(&net).await?;
         }
         let publishing_guard = self.reserve_ports(&ep.ports).await?;
+        // `docker run -p` has no way to force a port, and fails where the port is in use.
+        self.refuse_host_listeners(&ep.ports, None).await?;
         // Against the network as read: a removal (on any host) marks it first.
         let mut txn = Txn::new().when(Compare::ModRevision(keys::network(&net.name), net_rev));
         for c in self.block_compares(&net, &ep.ips) {

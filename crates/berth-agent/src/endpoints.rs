@@ -308,6 +308,14 @@ impl Agent {
 
         let ports = self.check_ports(&net, &req.ports)?;
         let publishing_guard = self.reserve_ports(&ports).await?;
+        if !req.force {
+            // CNI has no way to force, so a CNI request is not told of one.
+            let how_to_force = req
+                .container_id
+                .is_none()
+                .then_some("--force (\"force\": true in the API)");
+            self.refuse_host_listeners(&ports, how_to_force).await?;
+        }
 
         let ips = self.allocate(&net, &requested).await?;
         let mac = requested_mac.unwrap_or_else(|| {

@@ -6,8 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use berth_dataplane::nftables::{self, Forward, NetworkRules, ServiceRules};
+use berth_dataplane::sockets::{self, Listener};
 use berth_dataplane::sysctl;
-use berth_model::{Endpoint, Network, PortMapping};
+use berth_model::{Endpoint, Network, PortMapping, Protocol};
 
 use crate::{Agent, AgentError, Result, kernel, keys};
 
@@ -18,11 +19,11 @@ const GUARD_INTERVAL: Duration = Duration::from_secs(1);
 /// difference for damage.
 const SETTLE: Duration = Duration::from_millis(200);
 
-/// The forwards that publish an endpoint's ports: a port on one host address goes to the
-/// endpoint's address of that family, a port on every address to each of its addresses.
 /// Published ports per endpoint on a shared store (see [`Agent::check_ports`]).
 const MAX_SHARED_PORTS: usize = 64;
 
+/// The forwards that publish an endpoint's ports: a port on one host address goes to the
+/// endpoint's address of that family, a port on every address to each of its addresses.
 pub(crate) fn forwards_of(ep: &Endpoint) -> Vec<Forward> {
     let mut out = Vec::new();
     for m in &ep.ports {
@@ -139,6 +140,64 @@ impl Agent {
             }
         }
         Ok(Some(held))
+    }
+
+    /// Refuses host ports that a socket of the host already serves: the published port would
+    /// take their traffic from the process silently, where Docker's proxy fails to bind them
+    /// ("address already in use"). A socket on every address (`0.0.0.0`, `::`) meets every
+    /// published address of its family, one on an address meets that address and a port
+    /// published on every address. berth's own DNS servers on the network gateways do not
+    /// count: their UDP is never NATed (berth's table leaves it untracked), and a container
+    /// publishing DNS (port 53) on every address is a use to keep. `how_to_force` is what
+    /// the front-end's user gives to publish the port anyway, if it has a way.
+    pub(crate) async fn refuse_host_listeners(
+        &self,
+        ports: &[PortMapping],
+        how_to_force: Option<&str>,
+    ) -> Result<()> {
+        if ports.is_empty() {
+            return Ok(());
+        }
+        let ours: HashSet<std::net::SocketAddr> = self
+            .networks()
+            .await?
+            .iter()
+            .flat_map(|n| self.dns_addresses(n))
+            .collect();
+        let wanted: HashSet<(Protocol, u16)> =
+            ports.iter().map(|m| (m.protocol, m.host_port)).collect();
+        let listeners: Vec<Listener> = kernel(sockets::listeners)
+            .await?
+            .into_iter()
+            .filter(|l| wanted.contains(&(l.protocol, l.port)))
+            .filter(|l| !ours.contains(&std::net::SocketAddr::new(l.address, l.port)))
+            .collect();
+        let taken = ports.iter().find_map(|m| {
+            listeners
+                .iter()
+                .find(|l| l.protocol == m.protocol && l.port == m.host_port && l.serves(m.host_ip))
+                .map(|l| (m, l.clone()))
+        });
+        let Some((m, l)) = taken else {
+            return Ok(());
+        };
+        let inode = l.inode;
+        let by = match kernel(move || Ok(sockets::holder(inode))).await? {
+            Some((pid, comm)) => format!(" ({comm}, pid {pid})"),
+            None => String::new(),
+        };
+        let on = m
+            .host_ip
+            .map_or_else(|| "every address".to_string(), |ip| ip.to_string());
+        let force = how_to_force
+            .map(|f| format!(", or give {f} to take it from the host process"))
+            .unwrap_or_default();
+        Err(AgentError::Conflict(format!(
+            "cannot publish host port {}/{} on {on}: address already in use on the host by {}{by}; publish another host port{force}",
+            m.host_port,
+            m.protocol,
+            l.describe()
+        )))
     }
 
     /// Installs an endpoint's published ports. If the elements cannot be added (berth's

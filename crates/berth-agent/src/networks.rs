@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 
 use berth_api::{Allocation, CreateNetwork};
-use berth_dataplane::{BridgeSpec, Netlink};
+use berth_dataplane::{BridgeSpec, Netlink, ROUTE_PROTOCOL};
 use berth_ipam::{IpamError, Pool};
 use berth_model::{
     DEFAULT_POOL, DEFAULT_POOL_PREFIX, Driver, Endpoint, Network, Shown, Subnet, bridge_name,
@@ -148,24 +148,28 @@ impl Agent {
             .filter(|p| p.network.is_none() && !adopting.contains(&p.cidr))
             .map(|p| p.cidr)
             .collect();
-        let overlap = |cidr: &IpNet| overlapping(&existing, &held, cidr);
+        let host_routes = self.host_routes(&existing).await?;
+        let overlap = |cidr: &IpNet| overlapping(&existing, &held, &host_routes, cidr);
         let v4 = match v4 {
             Some(c) => c,
-            None => carve_default(&|c: &IpNet| {
-                overlap(c).or_else(|| {
-                    self.service_cidrs()
-                        .iter()
-                        .find(|r| r.contains(c) || c.contains(*r))
-                        .map(|r| ("the service range".to_string(), *r))
-                })
-            })?,
+            None => carve_default(
+                &|c: &IpNet| {
+                    overlap(c).or_else(|| {
+                        self.service_cidrs()
+                            .iter()
+                            .find(|r| r.contains(c) || c.contains(*r))
+                            .map(|r| format!("the service range {r}"))
+                    })
+                },
+                &host_routes,
+            )?,
         };
         let mut subnets = Vec::new();
         for (cidr, gw) in [(Some(v4), &req.gateway), (v6, &req.ipv6_gateway)] {
             let Some(cidr) = cidr else { continue };
-            if let Some((other, theirs)) = overlap(&cidr) {
+            if let Some(theirs) = overlap(&cidr) {
                 return Err(AgentError::Conflict(format!(
-                    "subnet {cidr} overlaps {theirs} of {other}"
+                    "subnet {cidr} overlaps {theirs}"
                 )));
             }
             if let Some(range) = self
@@ -458,35 +462,115 @@ impl Agent {
     }
 }
 
-/// The first subnet in use that overlaps `cidr`, named for an error message: a berth
-/// network's, or one of `pools` (Docker IPAM pools).
+/// A route of this host (one of its addresses is a `local` route) that no network's subnet
+/// may overlap: the host would then send that range's traffic to the network's bridge (the
+/// bridge taking the router's address makes the router itself `local`).
+pub(crate) struct HostRoute {
+    pub destination: IpNet,
+    /// `the host's route 192.168.78.0/24 dev eth0`, `the host's address 192.168.78.2 (dev eth0)`.
+    pub named: String,
+}
+
+impl Agent {
+    /// The routes of every table and family that a new network's subnet must stay clear of:
+    /// all but the default routes (every subnet is inside them) and berth's own (those of its
+    /// bridges and VXLAN devices, and those it makes). Main-table routes come first, so that
+    /// an overlap is named by the route `ip route` shows rather than by a `local` entry.
+    /// Link-local and multicast routes need no rule of their own: subnets in those ranges are
+    /// refused before this is asked (see `berth_model::validate_subnet`), so none can meet them.
+    pub(crate) async fn host_routes(&self, networks: &[Network]) -> Result<Vec<HostRoute>> {
+        let berth_links: Vec<String> = networks
+            .iter()
+            .flat_map(|n| [n.bridge.clone(), vxlan_name(&n.id)])
+            .collect();
+        kernel(move || {
+            let mut nl = Netlink::open()?;
+            let links = nl.links()?;
+            let mut routes = nl.routes()?;
+            routes.sort_by_key(|r| !r.is_main_unicast());
+            let link = |index: Option<u32>| index.and_then(|i| links.iter().find(|l| l.index == i));
+            Ok(routes
+                .into_iter()
+                .filter(|r| r.destination.prefix_len() != 0 && r.protocol != ROUTE_PROTOCOL)
+                .filter(|r| {
+                    link(r.oif).is_none_or(|l| !l.marked() && !berth_links.contains(&l.name))
+                })
+                .map(|r| {
+                    let dev = link(r.oif).map(|l| l.name.as_str());
+                    let named = match (r.is_local(), dev) {
+                        (true, Some(dev)) => {
+                            format!("the host's address {} (dev {dev})", r.destination.addr())
+                        }
+                        _ => format!("the host's route {}", r.describe(dev)),
+                    };
+                    HostRoute {
+                        destination: r.destination,
+                        named,
+                    }
+                })
+                .collect())
+        })
+        .await
+    }
+}
+
+/// What `cidr` would overlap, named for an error message: a berth network's subnet, one of
+/// `pools` (Docker IPAM pools) or one of the host's routes.
 pub(crate) fn overlapping(
     networks: &[Network],
     pools: &[IpNet],
+    host: &[HostRoute],
     cidr: &IpNet,
-) -> Option<(String, IpNet)> {
+) -> Option<String> {
+    let meets = |theirs: &IpNet| theirs.contains(cidr) || cidr.contains(theirs);
     networks
         .iter()
         .flat_map(|n| {
             n.subnets
                 .iter()
-                .map(move |s| (format!("network {:?}", n.name), s.cidr))
+                .map(move |s| (format!("{} of network {:?}", s.cidr, n.name), s.cidr))
         })
-        .chain(pools.iter().map(|c| ("a Docker IPAM pool".to_string(), *c)))
-        .find(|(_, theirs)| theirs.contains(cidr) || cidr.contains(theirs))
+        .chain(
+            pools
+                .iter()
+                .map(|c| (format!("{c} of a Docker IPAM pool"), *c)),
+        )
+        .find(|(_, theirs)| meets(theirs))
+        .map(|(named, _)| named)
+        .or_else(|| {
+            host.iter()
+                .find(|r| meets(&r.destination))
+                .map(|r| r.named.clone())
+        })
 }
 
-/// The first /24 of the default pool that overlaps no existing network.
-fn carve_default(overlap: &dyn Fn(&IpNet) -> Option<(String, IpNet)>) -> Result<IpNet> {
-    let pool: IpNet = DEFAULT_POOL.parse().expect("valid default pool");
-    pool.subnets(DEFAULT_POOL_PREFIX)
+/// The first subnet of `len` in `pool` that overlaps nothing. When none is left, the error
+/// names a host route that covers the whole pool (a VPN's `10.0.0.0/8`), if one does.
+pub(crate) fn carve(
+    pool: IpNet,
+    len: u8,
+    overlap: &dyn Fn(&IpNet) -> Option<String>,
+    host: &[HostRoute],
+) -> Result<IpNet> {
+    pool.subnets(len)
         .expect("valid prefix")
         .find(|c| overlap(c).is_none())
         .ok_or_else(|| {
+            let why = host
+                .iter()
+                .find(|r| r.destination.contains(&pool))
+                .map(|r| format!(": all of it is under {}", r.named))
+                .unwrap_or_default();
             AgentError::Conflict(format!(
-                "the default pool {DEFAULT_POOL} is used up; give --subnet"
+                "the default pool {pool} is used up{why}; give --subnet"
             ))
         })
+}
+
+/// The first /24 of berth's default pool that overlaps nothing.
+fn carve_default(overlap: &dyn Fn(&IpNet) -> Option<String>, host: &[HostRoute]) -> Result<IpNet> {
+    let pool: IpNet = DEFAULT_POOL.parse().expect("valid default pool");
+    carve(pool, DEFAULT_POOL_PREFIX, overlap, host)
 }
 
 /// "10.91.0.0/24 via 10.91.0.1, ..." for the log.

@@ -1015,6 +1015,11 @@ impl Agent {
         port: Option<&str>,
     ) -> Result<Explanation> {
         let port = port.map(parse_probe_port).transpose()?;
+        // A service's VIP is no endpoint: the connection goes to one of its backends.
+        let service = match dst.parse::<IpAddr>() {
+            Ok(ip) => self.service_at(ip).await.map(|s| (ip, s)),
+            Err(_) => None,
+        };
         let state = self.policy_state.lock().await;
         // An address is judged as the address (its family), whoever holds it.
         let party = |what: &str| -> Result<Party> {
@@ -1029,7 +1034,12 @@ impl Agent {
             }
         };
         let (src, dst) = (party(src)?, party(dst)?);
-        Ok(state.index.explain(&src, &dst, port))
+        Ok(match service {
+            Some((vip, (svc, backends))) => state
+                .index
+                .explain_service(&src, &svc, vip, &backends, port),
+            None => state.index.explain(&src, &dst, port),
+        })
     }
 }
 

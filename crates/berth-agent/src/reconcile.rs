@@ -1,12 +1,13 @@
 //! The start-up repair pass: make the kernel match the store, and the store match what still
 //! exists. After it: every network has its bridge, every endpoint whose namespace still exists
 //! has its veth, addresses and routes, endpoints whose namespace is gone are removed and their
-//! addresses released, and no berth-named link is left that the store does not know.
+//! addresses released, and no link berth marked as its own is left that the store does not
+//! know.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
-use berth_dataplane::{Netlink, Repair, netns};
+use berth_dataplane::{LinkRef, Netlink, Repair, netns};
 use berth_ipam::Pool;
 use berth_model::{Driver, Endpoint, Network, Sandbox, is_berth_link_name, vxlan_name};
 use berth_store::{Compare, Txn};
@@ -25,6 +26,9 @@ pub struct ReconcileReport {
     pub endpoints_removed: usize,
     pub sandboxes_removed: usize,
     pub links_removed: usize,
+    /// Links with a berth name that the store does not know and that carry no berth mark: an
+    /// operator's, or a stray of a berth from before links were marked. Left alone.
+    pub unmarked_links_left: usize,
     pub stale_records_removed: usize,
     /// Namespaces whose default route (of a family) had no holder and got one.
     pub default_routes_assigned: usize,
@@ -35,14 +39,15 @@ impl std::fmt::Display for ReconcileReport {
         write!(
             f,
             "kernel reconciled with the store: {} networks, {} endpoints ({} repaired, {} removed), \
-             {} sandboxes removed, {} stray links removed, {} stale records removed, \
-             {} default routes assigned",
+             {} sandboxes removed, {} stray links removed ({} unmarked left), \
+             {} stale records removed, {} default routes assigned",
             self.networks,
             self.endpoints,
             self.endpoints_repaired,
             self.endpoints_removed,
             self.sandboxes_removed,
             self.links_removed,
+            self.unmarked_links_left,
             self.stale_records_removed,
             self.default_routes_assigned
         )
@@ -214,7 +219,11 @@ impl Agent {
         }
         report.endpoints = live.len();
 
-        // Links that look like berth's but that the store does not know.
+        // Links berth made (they carry its mark) that the store does not know: strays of a
+        // crash or of a removal cut short. A link that only has a berth-like name is left, as
+        // nothing proves it berth's: an operator's `berth-test`, or a stray of a berth from
+        // before links were marked. Deleting an operator's link breaks what uses it, silently;
+        // leaving a stray veth costs an idle interface, and the log names it.
         let vxlans: Vec<String> = networks
             .iter()
             .filter(|n| n.driver == Driver::Overlay)
@@ -226,12 +235,39 @@ impl Agent {
             .chain(vxlans.iter().map(String::as_str))
             .chain(live.iter().map(|e| e.host_ifname.as_str()))
             .collect();
+        let mut unmarked_known = Vec::new();
         for link in host_links {
-            let ours = matches!(link.kind.as_deref(), Some("bridge" | "veth" | "vxlan"));
-            if ours && is_berth_link_name(&link.name) && !known.contains(link.name.as_str()) {
+            let kind_ours = matches!(link.kind.as_deref(), Some("bridge" | "veth" | "vxlan"));
+            if !kind_ours || !is_berth_link_name(&link.name) {
+                continue;
+            }
+            if known.contains(link.name.as_str()) {
+                if !link.marked() {
+                    unmarked_known.push(link.index);
+                }
+            } else if link.marked() {
                 remove_link(link.name.clone()).await?;
                 report.links_removed += 1;
-                tracing::warn!(link = %link.name, "unknown berth link removed");
+                tracing::warn!(link = %link.name, "stray berth link removed: the store does not know it");
+            } else {
+                report.unmarked_links_left += 1;
+                tracing::warn!(
+                    link = %link.name,
+                    "link with a berth name left alone: the store does not know it and it has no berth mark \
+                     (made by hand, or by a berth before links were marked); `ip link del {}` if nothing uses it",
+                    link.name
+                );
+            }
+        }
+        // Links the store knows that a berth before marks made get the mark now, so that they
+        // are recognised should they ever be left behind.
+        if !unmarked_known.is_empty() {
+            let marks = unmarked_known
+                .into_iter()
+                .map(|i| Netlink::mark_msg(LinkRef::Index(i)))
+                .collect();
+            if let Err(e) = kernel(move || Netlink::open()?.batch(marks)).await {
+                tracing::warn!(error = %e, "cannot mark berth's links as berth's");
             }
         }
 

@@ -689,6 +689,17 @@ impl Agent {
         Ok(out)
     }
 
+    /// The service whose virtual IP `ip` is, with the endpoints its load balancer sends
+    /// connections to.
+    pub(crate) async fn service_at(&self, ip: IpAddr) -> Option<(Service, Vec<Endpoint>)> {
+        let state = self.service_state.lock().await;
+        let view = &state.view;
+        let svc = view.services.values().find(|s| s.vips.contains(&ip))?;
+        let mut backends: Vec<Endpoint> = view.backends(svc).cloned().collect();
+        backends.sort_by(|a, b| a.ips.cmp(&b.ips));
+        Some((svc.clone(), backends))
+    }
+
     pub async fn service(&self, name: &str) -> Result<Service> {
         let (mut svc, _) = self
             .load::<Service>(&keys::service(name))

@@ -130,6 +130,10 @@ pub struct Attach {
     /// Host ports to forward to the endpoint.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<PortMapping>,
+    /// Publish `ports` even where a process of the host already serves them (it then gets
+    /// none of their traffic); without it such a port is refused.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force: bool,
     /// Take the sandbox's default routes (of the families this network has) from the network
     /// that holds them. Without it, a sandbox's default route stays with the network attached
     /// first, and passes to the next-oldest one when that network is detached.

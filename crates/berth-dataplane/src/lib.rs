@@ -10,6 +10,7 @@ pub mod conntrack;
 mod netlink;
 pub mod netns;
 pub mod nftables;
+pub mod sockets;
 pub mod sysctl;
 mod vxlan;
 
@@ -18,7 +19,7 @@ pub use bridge::{
     create_runtime_endpoint, delete_link, ensure_bridge, ensure_endpoint, reap, retire_endpoint,
     sandbox_state,
 };
-pub use netlink::{Link, LinkEvent, LinkWatch, Netlink, ROUTE_PROTOCOL};
+pub use netlink::{LINK_MARK, Link, LinkEvent, LinkRef, LinkWatch, Netlink, ROUTE_PROTOCOL, Route};
 pub use vxlan::{
     RemoteEntry, Remotes, VXLAN_OVERHEAD, VXLAN_PORT, VxlanSpec, add_remote, delete_vxlan,
     ensure_vxlan, remotes, remove_remote, sync_remotes,

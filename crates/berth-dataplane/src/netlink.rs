@@ -31,6 +31,11 @@ use crate::{DataplaneError, Result};
 /// The route protocol number berth marks its routes with, so they are recognisably berth's.
 pub const ROUTE_PROTOCOL: u8 = 201;
 
+/// The alias (`ip link show`: `alias berth`) berth gives every link it creates, in the same
+/// datagram as the creation, so that a link berth made is told from one that only has a
+/// berth-like name (an operator's `berth-test`) even when the store has lost track of it.
+pub const LINK_MARK: &str = "berth";
+
 /// A network interface as the kernel reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Link {
@@ -42,6 +47,15 @@ pub struct Link {
     pub controller: Option<u32>,
     pub up: bool,
     pub mac: Option<[u8; 6]>,
+    /// The link's alias (`IFLA_IFALIAS`); [`LINK_MARK`] on links berth made.
+    pub alias: Option<String>,
+}
+
+impl Link {
+    /// Whether berth made this link (it carries [`LINK_MARK`]).
+    pub fn marked(&self) -> bool {
+        self.alias.as_deref() == Some(LINK_MARK)
+    }
 }
 
 pub struct Netlink {
@@ -116,6 +130,19 @@ impl Netlink {
     /// Sends every request in one datagram and waits for all their ACKs. The kernel processes
     /// each message even if an earlier one failed; the first failure is returned.
     pub fn batch(&mut self, requests: Vec<(RouteNetlinkMessage, u16, String)>) -> Result<()> {
+        self.batch_each(requests)?
+            .into_iter()
+            .find_map(Result::err)
+            .map_or(Ok(()), Err)
+    }
+
+    /// [`Netlink::batch`], with each request's own outcome, in order. The kernel handles a
+    /// datagram's messages in one system call, so a crash of the daemon cannot fall between
+    /// them.
+    fn batch_each(
+        &mut self,
+        requests: Vec<(RouteNetlinkMessage, u16, String)>,
+    ) -> Result<Vec<Result<()>>> {
         let first_seq = self.seq.wrapping_add(1);
         let mut out = Vec::new();
         let mut ops = Vec::with_capacity(requests.len());
@@ -124,28 +151,80 @@ impl Netlink {
             ops.push(op);
         }
         self.send(&out)?;
+        let mut outcomes: Vec<Option<Result<()>>> = ops.iter().map(|_| None).collect();
         let mut pending = ops.len();
-        let mut first_err = None;
         while pending > 0 {
             self.recv_each(|msg| {
                 if let NetlinkPayload::Error(e) = msg.payload {
                     let i = msg.header.sequence_number.wrapping_sub(first_seq) as usize;
-                    if i < ops.len() {
+                    if let Some(slot) = outcomes.get_mut(i).filter(|o| o.is_none()) {
                         pending -= 1;
-                        if let Some(code) = e.code
-                            && first_err.is_none()
-                        {
-                            first_err = Some(DataplaneError::Kernel {
+                        *slot = Some(match e.code {
+                            Some(code) => Err(DataplaneError::Kernel {
                                 op: ops[i].clone(),
                                 source: std::io::Error::from_raw_os_error(-code.get()),
-                            });
-                        }
+                            }),
+                            None => Ok(()),
+                        });
                     }
                 }
                 Ok(())
             })?;
         }
-        first_err.map_or(Ok(()), Err)
+        Ok(outcomes
+            .into_iter()
+            .map(|o| o.expect("every request answered"))
+            .collect())
+    }
+
+    /// Sends a request that creates link `name` with the message that marks it as berth's
+    /// ([`LINK_MARK`]) in one datagram, so that no crash of the daemon leaves the link
+    /// unmarked (the mark cannot go in the creating message: the kernel ignores an alias
+    /// there). When the creation succeeded but the mark did not, the new link is deleted
+    /// again. When the creation failed because the name was taken, the mark went to the link
+    /// that has it: berth's names carry a random id and are looked up before a bridge or
+    /// VXLAN device is made, so that is a link of berth's own of the same id.
+    fn create_marked(
+        &mut self,
+        create: RouteNetlinkMessage,
+        flags: u16,
+        name: &str,
+        op: String,
+    ) -> Result<()> {
+        let mut outcomes = self
+            .batch_each(vec![
+                (create, flags, op),
+                Self::mark_msg(LinkRef::Name(name)),
+            ])?
+            .into_iter();
+        let (created, marked) = (
+            outcomes.next().expect("two answers"),
+            outcomes.next().expect("two answers"),
+        );
+        created?;
+        if let Err(e) = marked {
+            if let Some(l) = self.link_by_name(name)? {
+                let _ = self.delete_link(l.index);
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// The message that marks a link as berth's (see [`LINK_MARK`]).
+    pub fn mark_msg(link: LinkRef<'_>) -> (RouteNetlinkMessage, u16, String) {
+        let mut msg = LinkMessage::default();
+        match link {
+            LinkRef::Index(i) => msg.header.index = i,
+            LinkRef::Name(n) => msg.attributes.push(LinkAttribute::IfName(n.to_string())),
+        }
+        msg.attributes
+            .push(LinkAttribute::IfAlias(LINK_MARK.to_string()));
+        (
+            RouteNetlinkMessage::SetLink(msg),
+            0,
+            format!("mark link {link:?} as berth's"),
+        )
     }
 
     pub fn request(&mut self, msg: RouteNetlinkMessage, flags: u16, op: &str) -> Result<()> {
@@ -259,10 +338,11 @@ impl Netlink {
             LinkAttribute::Address(mac.to_vec()),
             LinkAttribute::LinkInfo(bridge_through_netfilter()),
         ];
-        self.request(
+        self.create_marked(
             RouteNetlinkMessage::NewLink(msg),
             NLM_F_CREATE | NLM_F_EXCL,
-            &format!("create bridge {name}"),
+            name,
+            format!("create bridge {name}"),
         )
     }
 
@@ -327,10 +407,11 @@ impl Netlink {
                 LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer))),
             ]),
         ];
-        self.request(
+        self.create_marked(
             RouteNetlinkMessage::NewLink(msg),
             NLM_F_CREATE | NLM_F_EXCL,
-            &format!("create veth {} with peer {}", v.host_name, v.peer_name),
+            v.host_name,
+            format!("create veth {} with peer {}", v.host_name, v.peer_name),
         )?;
         // Then, in one batch, by name (the index is not known): no IPv6 address for a bridge
         // port, which needs none, set before it goes up.
@@ -557,6 +638,24 @@ impl Netlink {
         Ok(out)
     }
 
+    /// Every route of every table (`ip route show table all`, both families), as the kernel
+    /// has them: the host's own addresses are among them (the `local` table).
+    pub fn routes(&mut self) -> Result<Vec<Route>> {
+        let mut out = Vec::new();
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let mut req = RouteMessage::default();
+            req.header.address_family = family;
+            for m in self.dump(RouteNetlinkMessage::GetRoute(req), "list routes")? {
+                if let RouteNetlinkMessage::NewRoute(r) = m
+                    && let Some(route) = route_from(&r)
+                {
+                    out.push(route);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// The MTU of the interface the IPv4 (else IPv6) default route leaves through.
     pub fn default_route_mtu(&mut self) -> Result<Option<u32>> {
         let Some(oif) = self.default_routes()?.into_iter().find_map(|(_, oif)| oif) else {
@@ -600,6 +699,7 @@ fn link_from(l: &LinkMessage) -> Link {
         controller: None,
         up: l.header.flags.contains(LinkFlags::Up),
         mac: None,
+        alias: None,
     };
     for a in &l.attributes {
         match a {
@@ -607,6 +707,7 @@ fn link_from(l: &LinkMessage) -> Link {
             LinkAttribute::Mtu(m) => link.mtu = *m,
             LinkAttribute::Address(a) => link.mac = a.as_slice().try_into().ok(),
             LinkAttribute::Controller(c) => link.controller = Some(*c),
+            LinkAttribute::IfAlias(a) => link.alias = Some(a.clone()),
             LinkAttribute::LinkInfo(infos) => {
                 for i in infos {
                     if let LinkInfo::Kind(k) = i {
@@ -618,6 +719,133 @@ fn link_from(l: &LinkMessage) -> Link {
         }
     }
     link
+}
+
+/// A route as the kernel reports it, enough of it to name it as `ip route` would.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub destination: IpNet,
+    kind: RouteType,
+    pub gateway: Option<IpAddr>,
+    /// The interface it leaves by (the first next hop's, for a multipath route).
+    pub oif: Option<u32>,
+    pub table: u32,
+    pub protocol: u8,
+}
+
+impl Route {
+    /// A route to one of the namespace's own addresses (the `local` table's entries).
+    pub fn is_local(&self) -> bool {
+        self.kind == RouteType::Local
+    }
+
+    /// A plain route of the main table: what `ip route` shows.
+    pub fn is_main_unicast(&self) -> bool {
+        self.table == u32::from(RouteHeader::RT_TABLE_MAIN) && self.kind == RouteType::Unicast
+    }
+
+    /// `main`, `local` or the table's number, as `ip route` names it.
+    fn table_name(&self) -> String {
+        match self.table {
+            254 => "main".into(),
+            255 => "local".into(),
+            253 => "default".into(),
+            n => n.to_string(),
+        }
+    }
+
+    /// The route as `ip route` shows it, with the name of its interface.
+    pub fn describe(&self, dev: Option<&str>) -> String {
+        let mut s = match self.kind {
+            RouteType::Unicast => String::new(),
+            kind => format!("{} ", route_type_name(kind)),
+        };
+        s += &match self.destination.prefix_len() == self.destination.max_prefix_len() {
+            true => self.destination.addr().to_string(),
+            false => self.destination.to_string(),
+        };
+        if let Some(gw) = self.gateway {
+            s += &format!(" via {gw}");
+        }
+        match (dev, self.oif) {
+            (Some(d), _) => s += &format!(" dev {d}"),
+            (None, Some(i)) => s += &format!(" dev #{i}"),
+            (None, None) => {}
+        }
+        if self.table != u32::from(RouteHeader::RT_TABLE_MAIN) {
+            s += &format!(" table {}", self.table_name());
+        }
+        s
+    }
+}
+
+fn route_type_name(kind: RouteType) -> &'static str {
+    match kind {
+        RouteType::Unicast => "unicast",
+        RouteType::Local => "local",
+        RouteType::Broadcast => "broadcast",
+        RouteType::Anycast => "anycast",
+        RouteType::Multicast => "multicast",
+        RouteType::BlackHole => "blackhole",
+        RouteType::Unreachable => "unreachable",
+        RouteType::Prohibit => "prohibit",
+        RouteType::Throw => "throw",
+        RouteType::Nat => "nat",
+        _ => "route",
+    }
+}
+
+fn route_from(r: &RouteMessage) -> Option<Route> {
+    let family_len = match r.header.address_family {
+        AddressFamily::Inet => 32,
+        AddressFamily::Inet6 => 128,
+        _ => return None,
+    };
+    let mut destination = None;
+    let mut gateway = None;
+    let mut oif = None;
+    let mut table = u32::from(r.header.table);
+    for a in &r.attributes {
+        match a {
+            RouteAttribute::Destination(d) => destination = route_address(d),
+            RouteAttribute::Gateway(g) => gateway = route_address(g),
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            RouteAttribute::Table(t) => table = *t,
+            RouteAttribute::MultiPath(hops) => {
+                if let Some(hop) = hops.first() {
+                    oif = oif.or(Some(hop.interface_index));
+                    gateway = gateway.or_else(|| {
+                        hop.attributes.iter().find_map(|a| match a {
+                            RouteAttribute::Gateway(g) => route_address(g),
+                            _ => None,
+                        })
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+    let destination = match destination {
+        Some(d) => IpNet::new(d, r.header.destination_prefix_length).ok()?,
+        None if family_len == 32 => IpNet::new(std::net::Ipv4Addr::UNSPECIFIED.into(), 0).ok()?,
+        None => IpNet::new(std::net::Ipv6Addr::UNSPECIFIED.into(), 0).ok()?,
+    };
+    Some(Route {
+        destination,
+        kind: r.header.kind,
+        gateway,
+        oif,
+        table,
+        protocol: r.header.protocol.into(),
+    })
+}
+
+fn route_address(a: &RouteAddress) -> Option<IpAddr> {
+    match a {
+        RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
+        RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
+        _ => None,
+    }
 }
 
 /// Hands each netlink message of one received datagram to `f`.
@@ -808,10 +1036,11 @@ impl Netlink {
                 LinkInfo::Data(InfoData::Vxlan(data)),
             ]),
         ];
-        self.request(
+        self.create_marked(
             RouteNetlinkMessage::NewLink(msg),
             NLM_F_CREATE | NLM_F_EXCL,
-            &format!("create vxlan {} (vni {})", spec.name, spec.vni),
+            &spec.name,
+            format!("create vxlan {} (vni {})", spec.name, spec.vni),
         )
     }
 

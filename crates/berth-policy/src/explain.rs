@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 
-use berth_model::{Endpoint, Protocol};
+use berth_model::{Endpoint, Protocol, Service};
 use serde::{Deserialize, Serialize};
 
 use crate::index::Source;
@@ -37,6 +37,35 @@ pub struct Explanation {
     /// other whatever the policies say: denied.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub across_networks: bool,
+    /// The destination is a service's virtual IP: the connection goes to one of its backends,
+    /// each judged here. `egress` and `ingress` above are then those of the first backend
+    /// that refuses it (else of the first backend).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceExplanation>,
+}
+
+/// A connection to a service's virtual IP, judged at every backend the load balancer may
+/// send it to, on the backends' port for it. It is allowed only when each of them allows
+/// it: the balancer picks a backend per connection (by chance, or the client's last one
+/// under affinity), so with one backend refusing, some of the client's connections fail.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceExplanation {
+    pub name: String,
+    /// The service port asked about and the backends' port it is forwarded to; `None` when
+    /// the service has no such port (nor does it answer a protocol without ports): nothing
+    /// answers the connection.
+    pub port: Option<u16>,
+    pub target_port: Option<u16>,
+    pub backends: Vec<BackendExplanation>,
+}
+
+/// One backend's verdict on the connection forwarded to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendExplanation {
+    pub endpoint: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub explanation: Explanation,
 }
 
 /// One end's decision.
@@ -84,6 +113,78 @@ impl PolicyIndex {
             source: pair.map(|(s, _)| s),
             destination: pair.map(|(_, d)| d),
             across_networks,
+            service: None,
+        }
+    }
+
+    /// Whether a connection from `src` to the virtual IP `vip` of `service` passes: the
+    /// service port `port` leads to each of `backends` (the endpoints the load balancer has,
+    /// each at its address of the VIP's family) on its target port, and every one of them
+    /// must allow it (see [`ServiceExplanation`]).
+    pub fn explain_service(
+        &self,
+        src: &Party,
+        service: &Service,
+        vip: IpAddr,
+        backends: &[Endpoint],
+        port: Option<(Protocol, u16)>,
+    ) -> Explanation {
+        let forwarded = port.and_then(|(protocol, number)| {
+            service
+                .ports
+                .iter()
+                .find(|p| p.protocol == protocol && p.port == number)
+                .map(|p| (protocol, p.port, p.target_port))
+        });
+        let judged: Vec<BackendExplanation> = match forwarded {
+            None => Vec::new(),
+            Some((protocol, _, target)) => backends
+                .iter()
+                .filter_map(|ep| {
+                    let addr = ep
+                        .ips
+                        .iter()
+                        .map(|n| n.addr())
+                        .find(|a| a.is_ipv4() == vip.is_ipv4())?;
+                    let mut e = self.explain(src, &Party::Address(addr), Some((protocol, target)));
+                    // A connection the load balancer forwarded passes between networks, as
+                    // a published port's does: only the policies decide.
+                    e.across_networks = false;
+                    e.allowed = e.source.is_some() && e.egress.allowed && e.ingress.allowed;
+                    Some(BackendExplanation {
+                        endpoint: ep.id.clone(),
+                        name: ep.name.clone(),
+                        explanation: e,
+                    })
+                })
+                .collect(),
+        };
+        let deciding = judged
+            .iter()
+            .find(|b| !b.explanation.allowed)
+            .or(judged.first())
+            .map(|b| &b.explanation);
+        // With no backend to judge, only the source's side of the connection to the VIP.
+        let (egress, ingress, source) = match deciding {
+            Some(e) => (e.egress.clone(), e.ingress.clone(), e.source),
+            None => {
+                let to_vip = self.explain(src, &Party::Address(vip), port);
+                (to_vip.egress, to_vip.ingress, to_vip.source)
+            }
+        };
+        Explanation {
+            allowed: !judged.is_empty() && judged.iter().all(|b| b.explanation.allowed),
+            egress,
+            ingress,
+            source,
+            destination: Some(vip),
+            across_networks: false,
+            service: Some(ServiceExplanation {
+                name: service.name.clone(),
+                port: forwarded.map(|(_, p, _)| p),
+                target_port: forwarded.map(|(_, _, t)| t),
+                backends: judged,
+            }),
         }
     }
 

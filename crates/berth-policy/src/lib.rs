@@ -15,7 +15,7 @@ use std::net::IpAddr;
 use berth_model::Protocol;
 use serde::{Deserialize, Serialize};
 
-pub use explain::{Explanation, Judgement, Party};
+pub use explain::{BackendExplanation, Explanation, Judgement, Party, ServiceExplanation};
 pub use index::{PolicyIndex, Touched};
 pub use program::{Change, Program};
 

@@ -1489,3 +1489,109 @@ fn timing_with_many_policies() {
     let cost = ix.cost(&filler(2000));
     println!("cost: {:?} ({cost})", t.elapsed());
 }
+
+/// A service `svc` on blue over `backends`, port 80 to their 8080.
+fn service(backends: &[&str], ix: &PolicyIndex) -> (berth_model::Service, Vec<Endpoint>) {
+    let svc = berth_model::Service {
+        name: "svc".into(),
+        network: "blue".into(),
+        selector: sel("app=web"),
+        ports: vec!["80:8080".parse().unwrap()],
+        vips: vec![ip("10.9.0.1")],
+        host: None,
+        affinity_timeout: None,
+        backends: vec![],
+    };
+    let eps = backends
+        .iter()
+        .map(|id| ix.endpoint(id).unwrap().clone())
+        .collect();
+    (svc, eps)
+}
+
+#[test]
+fn a_service_vip_is_judged_at_every_backend_on_the_target_port() {
+    let mut ix = world();
+    let (svc, backends) = service(&["web1", "web2"], &ix);
+    let vip = ip("10.9.0.1");
+    let explain =
+        |ix: &PolicyIndex, port| ix.explain_service(&party("cache"), &svc, vip, &backends, port);
+    let verdicts = |e: &Explanation| -> Vec<(String, bool)> {
+        let s = e.service.as_ref().unwrap();
+        s.backends
+            .iter()
+            .map(|b| (b.endpoint.clone(), b.explanation.allowed))
+            .collect()
+    };
+    // Open: allowed, judged on 8080 at each backend's address.
+    let e = explain(&ix, Some((TCP, 80)));
+    assert!(e.allowed);
+    let s = e.service.as_ref().unwrap();
+    assert_eq!(
+        (s.name.as_str(), s.port, s.target_port),
+        ("svc", Some(80), Some(8080))
+    );
+    assert_eq!(e.destination, Some(vip));
+    assert_eq!(s.backends[1].explanation.destination, Some(ip("10.0.0.11")));
+
+    // web1 (tier=front) lets cache in on 8080 only: a rule for the service port would not do.
+    ix.put_policy(policy(
+        "front",
+        "tier=front",
+        Some(vec![rule(vec![peers("app=cache")], vec![tcp(8080)])]),
+        None,
+    ));
+    assert!(explain(&ix, Some((TCP, 80))).allowed);
+    ix.put_policy(policy(
+        "front",
+        "tier=front",
+        Some(vec![rule(vec![peers("app=cache")], vec![tcp(80)])]),
+        None,
+    ));
+    // One backend refuses: the connection fails on some choices, so denied; the refusing
+    // backend's judgement is the one shown.
+    let e = explain(&ix, Some((TCP, 80)));
+    assert!(!e.allowed);
+    assert_eq!(
+        verdicts(&e),
+        [("web1".to_string(), false), ("web2".to_string(), true)]
+    );
+    assert_eq!(e.ingress.endpoint.as_deref(), Some("web1"));
+    assert_eq!(e.ingress.isolated_by, ["front"]);
+
+    // A port the service lacks, or none: nothing answers.
+    for port in [Some((TCP, 81)), Some((UDP, 80)), None] {
+        let e = explain(&ix, port);
+        assert!(!e.allowed, "{port:?}");
+        let s = e.service.unwrap();
+        assert_eq!((s.port, s.target_port), (None, None));
+        assert!(s.backends.is_empty());
+    }
+    // No backends: nothing answers either.
+    let e = ix.explain_service(&party("cache"), &svc, vip, &[], Some((TCP, 80)));
+    assert!(!e.allowed);
+}
+
+#[test]
+fn a_service_backend_on_another_network_is_judged_by_policy_alone() {
+    let mut ix = world();
+    ix.put_network("red", vec![ip("10.1.0.1")]);
+    ix.put_endpoint(endpoint(
+        "client",
+        "red",
+        Some(ME),
+        &["10.1.0.5"],
+        "app=client",
+    ));
+    let (svc, backends) = service(&["web1"], &ix);
+    // Directly, the networks are isolated; through the VIP the forwarded connection passes.
+    assert!(!ok(&ix, "client", "web1", Some((TCP, 8080))));
+    let e = ix.explain_service(
+        &party("client"),
+        &svc,
+        ip("10.9.0.1"),
+        &backends,
+        Some((TCP, 80)),
+    );
+    assert!(e.allowed && !e.across_networks, "{e:?}");
+}

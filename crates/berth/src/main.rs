@@ -386,7 +386,8 @@ enum NetworkCmd {
         /// (MTU: the underlay's less 50).
         #[arg(long, default_value = "bridge")]
         driver: String,
-        /// The overlay network's VXLAN id (1 to 16777215); default: a free one from 4096.
+        /// The overlay network's VXLAN id (1 to 16777215); default: a random free one from
+        /// 4096 up (never one just given back; see docs/api.md).
         #[arg(long)]
         vni: Option<u32>,
     },
@@ -467,6 +468,10 @@ struct AttachArgs {
     /// Publish a host port: [HOST_IP:]HOST_PORT[-END]:PORT[-END][/tcp|udp|sctp]; repeatable.
     #[arg(long = "publish", short = 'p', value_parser = parse_publish_arg)]
     publish: Vec<Vec<PortMapping>>,
+    /// Publish the ports even where a process of the host already serves them (it then gets
+    /// none of their traffic); without it such a port is refused.
+    #[arg(long, requires = "publish")]
+    force: bool,
     #[command(flatten)]
     opts: ClientOpts,
     /// Route the sandbox's default traffic through this network (default: the network
@@ -661,6 +666,7 @@ fn run(cli: Cli) -> Result<()> {
                     name: a.name,
                     aliases: a.aliases,
                     ports: a.publish.into_iter().flatten().collect(),
+                    force: a.force,
                     default_route: a.default_route,
                     labels: a.labels.into_iter().collect(),
                     named_ports: a.named_ports,

@@ -425,24 +425,81 @@ fn print_explanation(v: &Value, src: &str, dst: &str, port: Option<&str>) {
     if v["across_networks"] == Value::Bool(true) {
         say!("networks: the two are on different networks, which are isolated from each other");
     }
-    for (dir, at) in [("egress", src), ("ingress", dst)] {
-        let j = &v[dir];
-        let judged = j["endpoint"].as_str();
-        let list =
-            |k: &str| -> Vec<String> { j[k].as_array().into_iter().flatten().map(text).collect() };
-        let line = match judged {
-            None => "not a berth endpoint: not judged".to_string(),
-            Some(_) if list("isolated_by").is_empty() => "open: no policy isolates it".to_string(),
-            Some(_) if j["allowed"].as_bool() == Some(true) => format!(
-                "allowed by {} (isolated by {})",
-                list("allowed_by").join(", "),
-                list("isolated_by").join(", ")
+    let mut ingress_at = dst.to_string();
+    if let Some(svc) = v.get("service").filter(|s| s.is_object()) {
+        let name = text(&svc["name"]);
+        let backends = svc["backends"].as_array().cloned().unwrap_or_default();
+        match svc["target_port"].as_u64() {
+            None => say!(
+                "service  {name} has no port {}: nothing answers",
+                port.unwrap_or("without ports (ping)")
             ),
-            Some(_) => format!(
-                "denied: isolated by {}, and no rule of theirs allows it",
-                list("isolated_by").join(", ")
-            ),
-        };
-        say!("{dir:<8} at {at}: {line}");
+            Some(_) if backends.is_empty() => {
+                say!("service  {name} has no backends: nothing answers")
+            }
+            Some(target) => {
+                let refusing = backends
+                    .iter()
+                    .filter(|b| b["explanation"]["allowed"].as_bool() != Some(true))
+                    .count();
+                say!(
+                    "service  {name}: to its backends' port {target}; {refusing} of {} backends refuse",
+                    backends.len()
+                );
+            }
+        }
+        for b in &backends {
+            let shown = b["name"]
+                .as_str()
+                .unwrap_or(b["endpoint"].as_str().unwrap_or("?"));
+            let e = &b["explanation"];
+            let verdict = if e["allowed"].as_bool() == Some(true) {
+                "allowed".to_string()
+            } else {
+                ["egress", "ingress"]
+                    .into_iter()
+                    .filter(|d| e[*d]["allowed"].as_bool() != Some(true))
+                    .map(|d| {
+                        let line = judgement_line(&e[d]);
+                        format!("denied at {d}: {}", line.trim_start_matches("denied: "))
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            };
+            say!("backend  {shown} {}: {verdict}", text(&e["destination"]));
+        }
+        // The lines below are the deciding backend's (the first that refuses, else the first).
+        let deciding = backends
+            .iter()
+            .find(|b| b["explanation"]["allowed"].as_bool() != Some(true))
+            .or(backends.first());
+        if let Some(b) = deciding {
+            ingress_at = b["name"]
+                .as_str()
+                .unwrap_or(b["endpoint"].as_str().unwrap_or("?"))
+                .to_string();
+        }
+    }
+    for (dir, at) in [("egress", src), ("ingress", ingress_at.as_str())] {
+        say!("{dir:<8} at {at}: {}", judgement_line(&v[dir]));
+    }
+}
+
+/// One end's decision as `policy explain` prints it.
+fn judgement_line(j: &Value) -> String {
+    let list =
+        |k: &str| -> Vec<String> { j[k].as_array().into_iter().flatten().map(text).collect() };
+    match j["endpoint"].as_str() {
+        None => "not a berth endpoint: not judged".to_string(),
+        Some(_) if list("isolated_by").is_empty() => "open: no policy isolates it".to_string(),
+        Some(_) if j["allowed"].as_bool() == Some(true) => format!(
+            "allowed by {} (isolated by {})",
+            list("allowed_by").join(", "),
+            list("isolated_by").join(", ")
+        ),
+        Some(_) => format!(
+            "denied: isolated by {}, and no rule of theirs allows it",
+            list("isolated_by").join(", ")
+        ),
     }
 }

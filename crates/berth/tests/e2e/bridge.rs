@@ -237,7 +237,7 @@ fn restart_keeps_containers_connected_and_repairs_the_kernel() {
     h.stop();
     assert!(h.reaches("a", "10.91.0.3"));
     // While it is down: b loses its address and route, a's veth is deleted, and a stray link
-    // with a berth name appears.
+    // of berth's (its name and its mark, as a crash mid-attach leaves one) appears.
     h.in_netns(
         &h.sandbox_path("b"),
         &["ip", "addr", "flush", "dev", "eth0"],
@@ -254,6 +254,7 @@ fn restart_keeps_containers_connected_and_repairs_the_kernel() {
         "name",
         "stray0",
     ]);
+    h.sh(&["ip", "link", "set", "berth0123456789", "alias", "berth"]);
     h.start();
     assert!(h.reaches("a", "10.91.0.3"), "a's veth was recreated");
     assert!(h.reaches("b", "10.91.0.2"), "b's address was put back");

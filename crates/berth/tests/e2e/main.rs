@@ -11,6 +11,7 @@ mod docker;
 mod etcd_access;
 mod firewall;
 mod harness;
+mod host_collisions;
 mod lifecycle;
 mod multihost;
 mod multihost_crash;

@@ -1093,3 +1093,71 @@ fn host_readded_with_new_address() {
     eventually_reaches(h1, "a1", b.v4(), CONVERGE);
     eventually_reaches(h2, "b2", a.v4(), CONVERGE);
 }
+
+/// An overlay network's VNI, when none is asked for, is a random free one from 4096 up (as
+/// docs/api.md says, and why): a VNI just given back is not handed out again, and an asked-for
+/// VNI is checked.
+#[test]
+fn vnis_are_random_free_ones_from_4096_and_a_freed_one_is_not_reused() {
+    let h = Host::bare();
+    let _underlay = crate::harness::Outside::new(&h);
+    h.start_with(|c| {
+        c.args(["--advertise-address", crate::harness::HOST_UNDERLAY_IP]);
+    });
+    let vni = |name: &str, subnet: &str| -> u64 {
+        let n = h.json(&[
+            "network", "create", name, "--driver", "overlay", "--subnet", subnet,
+        ]);
+        n["vni"].as_u64().unwrap_or_else(|| panic!("no vni: {n}"))
+    };
+    let first: Vec<u64> = (1..=3)
+        .map(|i| vni(&format!("ov{i}"), &format!("10.18{i}.0.0/16")))
+        .collect();
+    for v in &first {
+        assert!((4096..=16_777_215).contains(v), "{first:?}");
+    }
+    assert_eq!(
+        first.iter().collect::<BTreeSet<_>>().len(),
+        3,
+        "distinct: {first:?}"
+    );
+    // Not the lowest free ones: 4096, 4097, 4098 would be what "lowest free" gives.
+    assert_ne!(first, [4096, 4097, 4098]);
+    h.ok(&["network", "rm", "ov1"]);
+    let again = vni("ov4", "10.184.0.0/16");
+    assert_ne!(
+        again, first[0],
+        "a VNI just given back is not handed out again"
+    );
+    // Asked for: taken as asked, once.
+    let asked = h.json(&[
+        "network",
+        "create",
+        "ov5",
+        "--driver",
+        "overlay",
+        "--subnet",
+        "10.185.0.0/16",
+        "--vni",
+        "100",
+    ]);
+    assert_eq!(asked["vni"], 100, "{asked}");
+    let err = h.fails(&[
+        "network",
+        "create",
+        "ov6",
+        "--driver",
+        "overlay",
+        "--subnet",
+        "10.186.0.0/16",
+        "--vni",
+        &first[1].to_string(),
+    ]);
+    assert!(
+        err.contains(&format!(
+            "VNI {} is used by another overlay network",
+            first[1]
+        )),
+        "{err}"
+    );
+}

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::harness::{Host, ServerThreads, in_ns, run_ok};
 
@@ -763,4 +763,182 @@ fn an_ipv6_network_gets_a_vip_of_each_family() {
     assert!(permanent());
     h.ok(&["detach", "b1", "--network", "dual"]);
     assert!(!permanent());
+}
+
+/// `policy explain` of a connection to a VIP follows it to the service's backends, on their
+/// target port, and its verdict is the traffic's.
+#[test]
+fn explain_through_a_vip_judges_the_backends_as_the_traffic_is_judged() {
+    let h = Host::new();
+    h.ok(&["network", "create", "blue", "--subnet", BLUE]);
+    let mut servers = Vec::new();
+    for (sb, labels) in [
+        ("c", &["role=client"][..]),
+        ("b1", &["app=web", "tier=a"][..]),
+        ("b2", &["app=web", "tier=b"][..]),
+    ] {
+        h.ok(&["sandbox", "create", sb]);
+        let mut a = vec!["attach", sb, "--network", "blue"];
+        for l in labels {
+            a.extend(["--label", l]);
+        }
+        h.ok(&a);
+        servers.push(Identify::start(&h.sandbox_path(sb), sb, 8080));
+    }
+    let svc = h.json(&[
+        "service",
+        "create",
+        "web",
+        "--network",
+        "blue",
+        "-l",
+        "app=web",
+        "--port",
+        "80:8080",
+    ]);
+    let vip = vip(&svc);
+    let to = format!("{vip}:80");
+    let client = h.sandbox_path("c");
+    let explain = |port: &str| -> Value {
+        let mut a = vec!["policy", "explain", "c", vip.as_str()];
+        if !port.is_empty() {
+            a.push(port);
+        }
+        h.json(&a)
+    };
+    let backend_verdicts = |v: &Value| -> Vec<(String, bool)> {
+        v["service"]["backends"]
+            .as_array()
+            .unwrap_or_else(|| panic!("backends in {v}"))
+            .iter()
+            .map(|b| {
+                (
+                    b["name"].as_str().unwrap().to_string(),
+                    b["explanation"]["allowed"].as_bool().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let sorted = |mut v: Vec<(String, bool)>| {
+        v.sort();
+        v
+    };
+
+    // Open: allowed, also from another network (a connection the load balancer forwarded
+    // passes between networks, as a published port's does).
+    h.ok(&["network", "create", "red", "--subnet", "10.92.0.0/24"]);
+    h.ok(&["sandbox", "create", "r"]);
+    h.ok(&["attach", "r", "--network", "red"]);
+    for from in ["c", "r"] {
+        let v = h.json(&["policy", "explain", from, vip.as_str(), "80/tcp"]);
+        assert_eq!(v["allowed"], true, "{from}: {v}");
+        assert!(
+            ask(&h.sandbox_path(from), &to).is_ok(),
+            "{from} reaches the VIP"
+        );
+    }
+
+    // Every backend refuses the client: denied, each backend judged on 8080.
+    h.ok(&[
+        "policy",
+        "create",
+        "closed",
+        "--network",
+        "blue",
+        "-l",
+        "app=web",
+        "--type",
+        "ingress",
+    ]);
+    let v = explain("80/tcp");
+    assert_eq!(v["allowed"], false, "{v}");
+    assert_eq!(v["service"]["name"], "web", "{v}");
+    assert_eq!(v["service"]["target_port"], 8080, "{v}");
+    assert_eq!(
+        sorted(backend_verdicts(&v)),
+        [("b1".to_string(), false), ("b2".to_string(), false)]
+    );
+    assert_eq!(v["ingress"]["isolated_by"], json!(["closed"]), "{v}");
+    let text = String::from_utf8_lossy(
+        &h.berth(&["policy", "explain", "c", vip.as_str(), "80/tcp"])
+            .stdout,
+    )
+    .into_owned();
+    assert!(
+        text.starts_with(&format!("denied: c -> {vip} 80/tcp\n"))
+            && text.contains("service  web: to its backends' port 8080; 2 of 2 backends refuse")
+            && text.contains("denied at ingress: isolated by closed"),
+        "{text}"
+    );
+    assert!(ask(&client, &to).is_err(), "the traffic is refused too");
+
+    // One backend refuses: some connections would fail, so denied, and which one says so.
+    h.ok(&["policy", "rm", "closed"]);
+    h.ok(&[
+        "policy",
+        "create",
+        "b-closed",
+        "--network",
+        "blue",
+        "-l",
+        "tier=b",
+        "--type",
+        "ingress",
+    ]);
+    let v = explain("80/tcp");
+    assert_eq!(v["allowed"], false, "{v}");
+    assert_eq!(
+        sorted(backend_verdicts(&v)),
+        [("b1".to_string(), true), ("b2".to_string(), false)]
+    );
+    for _ in 0..4 {
+        if let Ok(answer) = ask(&client, &to) {
+            assert!(answer.starts_with("b1 "), "only b1 lets c in: {answer}");
+        }
+    }
+
+    // Both let the client in on their target port: allowed, and connections pass.
+    h.ok(&[
+        "policy",
+        "create",
+        "b-from-client",
+        "--network",
+        "blue",
+        "-l",
+        "tier=b",
+        "--ingress",
+        "from=role=client ports=8080",
+    ]);
+    let v = explain("80/tcp");
+    assert_eq!(v["allowed"], true, "{v}");
+    assert_eq!(
+        sorted(backend_verdicts(&v)),
+        [("b1".to_string(), true), ("b2".to_string(), true)]
+    );
+    let (counts, _) = spread(&client, &to, 20);
+    assert_eq!(counts.values().sum::<usize>(), 20, "{counts:?}");
+    // The rule is of the target port: a policy allowing only the service port would not do.
+    h.ok(&["policy", "rm", "b-from-client"]);
+    h.ok(&[
+        "policy",
+        "create",
+        "b-port-80",
+        "--network",
+        "blue",
+        "-l",
+        "tier=b",
+        "--ingress",
+        "from=role=client ports=80",
+    ]);
+    assert_eq!(
+        sorted(backend_verdicts(&explain("80/tcp"))),
+        [("b1".to_string(), true), ("b2".to_string(), false)]
+    );
+    // A port the service does not have, or none, reaches nothing.
+    for port in ["81/tcp", "80/udp", ""] {
+        let v = explain(port);
+        assert_eq!(v["allowed"], false, "{port}: {v}");
+        assert_eq!(v["service"]["target_port"], Value::Null, "{port}: {v}");
+    }
+    assert!(ask(&client, &format!("{vip}:81")).is_err());
 }

@@ -246,6 +246,9 @@ fn add(env: &Env, conf: &NetConf, client: &Client) -> Result<Value, CniError> {
         name,
         container_id: Some(container_id.to_string()),
         ports: conf.ports.clone(),
+        // CNI has no way to ask for a port a host process serves: refused, as a port in
+        // use fails `docker run -p` (and `podman run -p` on its own networks).
+        force: false,
         default_route: false,
         labels: labels(env, conf),
         named_ports: conf.named_ports.clone(),
