@@ -259,16 +259,19 @@ impl Host {
         }
     }
 
-    /// The daemon's resident memory in KiB (`VmRSS`). `nsenter` execs the daemon in place,
-    /// so the child is the daemon.
-    pub fn daemon_rss_kib(&self) -> u64 {
-        let pid = self
-            .daemon
+    /// The daemon's pid. `nsenter` execs the daemon in place, so the child is the daemon.
+    pub fn daemon_pid(&self) -> u32 {
+        self.daemon
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .as_ref()
             .expect("a running daemon")
-            .id();
+            .id()
+    }
+
+    /// The daemon's resident memory in KiB (`VmRSS`).
+    pub fn daemon_rss_kib(&self) -> u64 {
+        let pid = self.daemon_pid();
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
         assert!(
             status.starts_with("Name:\tberth\n"),

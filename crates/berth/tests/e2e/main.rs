@@ -23,4 +23,5 @@ mod plugin_fuzz;
 mod podman;
 mod policy;
 mod policy_size;
+mod security;
 mod services;
