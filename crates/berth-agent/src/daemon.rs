@@ -1,11 +1,10 @@
 //! `berth daemon`: open the store, repair the kernel, serve the API until SIGTERM. Stopping
 //! leaves every container connected: the kernel state is the containers', not the daemon's.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-
-use std::os::unix::fs::PermissionsExt;
 
 use berth_dataplane::{Netlink, hostns};
 use berth_model::FALLBACK_MTU;
@@ -223,7 +222,9 @@ pub async fn run(cfg: DaemonConfig) -> Result<()> {
     tokio::spawn(agent.clone().run_link_watch());
     let (stop, stopping) = tokio::sync::watch::channel(false);
     let docker = docker_listener.map(|(listener, path)| {
-        tracing::info!(socket = %path.display(), max_connections = docker_cap, "Docker plugin API ready");
+        tracing::info!(
+            socket = %path.display(), max_connections = docker_cap, "Docker plugin API ready"
+        );
         let served = crate::serve::Socket {
             what: "the berth Docker plugin",
             dialect: Dialect::DockerPlugin,

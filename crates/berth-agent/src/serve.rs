@@ -175,7 +175,8 @@ pub async fn serve(
             if let Some(slot) = slots.admit() {
                 break slot;
             }
-            // Every connection is being answered: this one waits for the first to finish.
+            // Full: this one waits for an idle connection to close for it, or for one being
+            // answered to finish.
             tokio::select! {
                 _ = room => {}
                 _ = stopped(&mut shutdown) => break 'accepting,
@@ -202,9 +203,18 @@ async fn stopped(shutdown: &mut watch::Receiver<bool>) {
 /// The connections of one socket, oldest first.
 struct Slots {
     max: usize,
-    open: Mutex<(u64, BTreeMap<u64, Arc<Slot>>)>,
+    open: Mutex<Open>,
     /// Raised when a connection ends or finishes an answer: there may be room.
     room: Notify,
+}
+
+#[derive(Default)]
+struct Open {
+    next: u64,
+    live: BTreeMap<u64, Arc<Slot>>,
+    /// Connections told to close for a newcomer that have not closed yet: they still hold
+    /// their descriptors, so they count against the cap until they are gone.
+    closing: usize,
 }
 
 /// One connection's place.
@@ -220,40 +230,52 @@ impl Slots {
     fn new(max: usize) -> Slots {
         Slots {
             max,
-            open: Mutex::new((0, BTreeMap::new())),
+            open: Mutex::new(Open::default()),
             room: Notify::new(),
         }
     }
 
-    /// A place for a new connection, if there is room or an idle connection to close for it.
+    fn lock(&self) -> std::sync::MutexGuard<'_, Open> {
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A place for a new connection if there is room. Without room, the oldest connection
+    /// not being answered is told to close (unless one is closing already), and the newcomer
+    /// waits for [`Slots::room`]: at most `max` connections hold descriptors at any time.
     fn admit(&self) -> Option<Arc<Slot>> {
-        let mut guard = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        let (next, open) = &mut *guard;
-        if open.len() >= self.max {
-            let idle = open
-                .values()
-                .find(|s| s.answering.load(Ordering::Acquire) == 0)?
-                .id;
-            if let Some(evicted) = open.remove(&idle) {
+        let mut open = self.lock();
+        if open.live.len() + open.closing >= self.max {
+            if open.closing == 0
+                && let Some(idle) = open
+                    .live
+                    .values()
+                    .find(|s| s.answering.load(Ordering::Acquire) == 0)
+                    .map(|s| s.id)
+                && let Some(evicted) = open.live.remove(&idle)
+            {
+                open.closing += 1;
                 evicted.evict.notify_one();
             }
+            return None;
         }
         let slot = Arc::new(Slot {
-            id: *next,
+            id: open.next,
             answering: AtomicUsize::new(0),
             evict: Notify::new(),
         });
-        *next += 1;
-        open.insert(slot.id, slot.clone());
+        open.next += 1;
+        open.live.insert(slot.id, slot.clone());
         Some(slot)
     }
 
+    /// The connection `id` is closed.
     fn release(&self, id: u64) {
-        self.open
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .1
-            .remove(&id);
+        {
+            let mut open = self.lock();
+            if open.live.remove(&id).is_none() {
+                open.closing -= 1;
+            }
+        }
         self.room.notify_waiters();
     }
 }
@@ -313,8 +335,8 @@ async fn connection(
     slots.release(slot.id);
 }
 
-/// Answers one request: its body is read within the client timeout (at most one byte over
-/// [`MAX_BODY`], for the router to refuse with its 413), then the router answers it with the
+/// Answers one request: its body is read within the client timeout (no more than
+/// [`MAX_BODY`] and the frame that passes it, for the router to refuse with its 413), then the router answers it with the
 /// connection marked busy until the answer is written.
 async fn answer(
     req: Request<Incoming>,
@@ -344,7 +366,14 @@ async fn answer(
             );
         }
     };
-    let busy = Busy::enter(slots, slot);
+    let Some(busy) = Busy::enter(slots, slot) else {
+        // Closed for a newer client while it sent its body: the connection is going.
+        return refuse(
+            socket.dialect,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "closed for a newer client; try again".into(),
+        );
+    };
     let resp = match router
         .oneshot(Request::from_parts(parts, Body::from(body)))
         .await
@@ -394,9 +423,16 @@ struct Busy {
 }
 
 impl Busy {
-    fn enter(slots: Arc<Slots>, slot: Arc<Slot>) -> Busy {
-        slot.answering.fetch_add(1, Ordering::AcqRel);
-        Busy { slots, slot }
+    /// `None` if the connection was already closed for a newer client. Decided under the
+    /// lock [`Slots::admit`] chooses under: a request is never cut once it is answered.
+    fn enter(slots: Arc<Slots>, slot: Arc<Slot>) -> Option<Busy> {
+        {
+            if !slots.lock().live.contains_key(&slot.id) {
+                return None;
+            }
+            slot.answering.fetch_add(1, Ordering::AcqRel);
+        }
+        Some(Busy { slots, slot })
     }
 }
 
@@ -528,30 +564,31 @@ mod tests {
 
     #[test]
     fn a_full_socket_closes_its_oldest_idle_connection_for_a_new_one() {
-        let slots = Slots::new(2);
-        let a = slots.admit().unwrap();
-        let b = slots.admit().unwrap();
-        a.answering.store(1, Ordering::Release);
-        // `a` is being answered: `b`, the oldest idle one, makes room.
-        let c = slots.admit().unwrap();
-        assert_eq!(
-            slots
-                .open
-                .lock()
-                .unwrap()
-                .1
-                .keys()
-                .copied()
-                .collect::<Vec<_>>(),
-            vec![a.id, c.id]
-        );
+        let slots = Arc::new(Slots::new(2));
+        let live = |slots: &Slots| slots.lock().live.keys().copied().collect::<Vec<_>>();
+        let (a, b) = (slots.admit().unwrap(), slots.admit().unwrap());
+        let busy_a = Busy::enter(slots.clone(), a.clone()).expect("a is open");
+        // `a` is being answered: `b`, the oldest idle one, is told to close, and the newcomer
+        // waits until it has.
+        assert!(slots.admit().is_none());
         let evicted = std::pin::pin!(b.evict.notified());
         let mut cx = Context::from_waker(std::task::Waker::noop());
         assert!(evicted.poll(&mut cx).is_ready(), "b is told to close");
+        assert!(slots.admit().is_none(), "one closes for one newcomer");
+        assert!(
+            Busy::enter(slots.clone(), b.clone()).is_none(),
+            "b starts no answer"
+        );
+        slots.release(b.id);
+        let c = slots.admit().expect("b is gone");
+        assert_eq!(live(&slots), vec![a.id, c.id]);
         // Both being answered: no room until one finishes.
-        c.answering.store(1, Ordering::Release);
+        let busy_c = Busy::enter(slots.clone(), c.clone()).expect("c is open");
         assert!(slots.admit().is_none());
-        slots.release(a.id);
+        assert_eq!(live(&slots), vec![a.id, c.id], "nothing answered is closed");
+        drop(busy_a);
+        drop(busy_c);
+        slots.release(c.id);
         assert!(slots.admit().is_some());
     }
 }
