@@ -677,16 +677,34 @@ mod tests {
                 ("CNI_NETNS", netns),
             ])
         };
-        assert!(env("/proc/self/ns/net").attachment(true).is_ok());
-        for bad in [
-            "/proc/self/ns/mnt",
-            "/",
-            "/proc/self/status",
-            "/no/such/netns",
+        // A container's: a namespace of its own, on a thread kept there meanwhile (needs root).
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let container = std::thread::spawn(move || {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            tid_tx.send(nix::unistd::gettid()).unwrap();
+            let _ = done_rx.recv();
+        });
+        let tid = tid_rx.recv().unwrap();
+        let container_ns = format!("/proc/self/task/{tid}/ns/net");
+        assert!(env(&container_ns).attachment(true).is_ok());
+        drop(done_tx);
+        container.join().unwrap();
+        for (bad, why) in [
+            ("/proc/self/ns/mnt", "another kind"),
+            ("/", "directory"),
+            ("/proc/self/status", "not a namespace file"),
+            ("/no/such/netns", "no such file"),
+            // The runtime's own (berth-cni runs in it).
+            ("/proc/self/ns/net", "host's network namespace"),
         ] {
             let e = env(bad).attachment(true).unwrap_err();
             assert_eq!(e.code, code::INVALID_ENV, "{bad}: {}", e.msg);
-            assert!(e.msg.contains("CNI_NETNS"), "{}", e.msg);
+            assert!(
+                e.msg.contains("CNI_NETNS") && e.msg.contains(why),
+                "{}",
+                e.msg
+            );
         }
         // DEL does not need the namespace, so it is not checked.
         assert!(env("/no/such/netns").attachment(false).is_ok());
