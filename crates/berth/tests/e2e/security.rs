@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::harness::Host;
+use crate::harness::{Host, settled};
 use crate::plugin_fuzz::post;
 
 /// Starts the host's daemon with `args` under umask 000, the widest there is.
@@ -84,11 +84,13 @@ fn mode(path: &Path) -> (u32, u32) {
 
 /// Everything about a host namespace an attach could change: links, addresses, routes.
 fn kernel_of(h: &Host) -> String {
-    ["link", "addr", "route"]
-        .iter()
-        .map(|what| h.sh(&["ip", "-o", what, "show"]))
-        .chain([h.sh(&["ip", "-6", "route", "show"])])
-        .collect()
+    settled(
+        &["link", "addr", "route"]
+            .iter()
+            .map(|what| h.sh(&["ip", "-o", what, "show"]))
+            .chain([h.sh(&["ip", "-6", "route", "show"])])
+            .collect::<String>(),
+    )
 }
 
 /// An attach, a CNI ADD and a Docker Join into the daemon's own namespace (by its path and by
@@ -135,6 +137,12 @@ fn an_attach_never_lands_in_a_hosts_namespace() {
                "Options": {}}),
     );
     assert_eq!(status, 200);
+    // CreateEndpoint makes the endpoint's veth in the background.
+    h.eventually("the Docker endpoint's veth is made", || {
+        h.host_links()
+            .iter()
+            .any(|l| l.starts_with("berth") && !l.starts_with("berth-"))
+    });
 
     let before = (h.snapshot(), kernel_of(&h), kernel_of(&other));
     let own_by_pid = format!("/proc/{}/ns/net", h.daemon_pid());
