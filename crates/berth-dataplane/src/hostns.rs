@@ -84,6 +84,7 @@ impl DaemonLock {
             file.set_len(0)
                 .and_then(|()| file.write_all(std::process::id().to_string().as_bytes()))
                 .map_err(|e| DataplaneError::io(format!("write {}", path.display()), e))?;
+            remove_stale_locks(&dir);
             return Ok(Claim::Held(DaemonLock { path, _file: file }));
         }
     }
@@ -94,6 +95,29 @@ impl Drop for DaemonLock {
         // Removed while still locked: a daemon starting now either finds no file (and makes
         // its own) or locks this one after we are gone and sees it is no longer at the path.
         let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Removes the lock files no daemon holds: those of daemons that were killed (a clean stop
+/// removes its own). A daemon that opened one of them and is about to lock it finds it gone
+/// from the path after locking, and starts over with a new one.
+fn remove_stale_locks(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for path in entries.flatten().map(|e| e.path()) {
+        let free = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .is_ok_and(|f| {
+                let mut probe = whole_file(libc::F_WRLCK);
+                fcntl(&f, FcntlArg::F_OFD_GETLK(&mut probe)).is_ok()
+                    && probe.l_type == libc::F_UNLCK as libc::c_short
+            });
+        if free {
+            let _ = std::fs::remove_file(&path);
+        }
     }
 }
 
@@ -258,9 +282,13 @@ mod tests {
             assert_eq!(dir.permissions().mode() & 0o777, 0o700);
             drop(lock);
             assert_eq!(host_namespace(&own).unwrap(), Some(HostNamespace::Caller));
+            // A killed daemon's file (no one holds it) goes when the next daemon starts.
+            let stale = Path::new(LOCK_DIR).join("netns-0-1");
+            std::fs::write(&stale, "1").unwrap();
             let Claim::Held(_again) = DaemonLock::claim().unwrap() else {
                 panic!("released on drop");
             };
+            assert!(!stale.exists());
         })
         .join()
         .unwrap();
