@@ -1,11 +1,12 @@
 //! `berth daemon`: open the store, repair the kernel, serve the API until SIGTERM. Stopping
 //! leaves every container connected: the kernel state is the containers', not the daemon's.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use berth_dataplane::Netlink;
+use berth_dataplane::{Netlink, hostns};
 use berth_model::FALLBACK_MTU;
 pub use berth_store::{ClientCert, TlsFiles};
 use berth_store::{EtcdStore, RedbStore, Store};
@@ -14,6 +15,7 @@ use tokio::net::UnixListener;
 use crate::hosts::{HostIdentity, HostLease, default_host_id};
 use crate::overlay::{ClusterReconciler, Kernel};
 use crate::scope::HostScoped;
+use crate::serve::{Access, Dialect};
 use crate::{Agent, AgentError, Result};
 
 #[derive(Debug, Clone)]
@@ -43,6 +45,11 @@ pub struct DaemonConfig {
     /// `--service-cidr`: where service VIPs come from; empty: the cluster's (or the
     /// defaults, for the first daemon).
     pub service_cidrs: Vec<ipnet::IpNet>,
+    /// `--socket-group`: the group whose members may use the API and Docker plugin sockets
+    /// beside root; `None`: root only.
+    pub socket_group: Option<String>,
+    /// How long an API or plugin client may take (see [`crate::serve::CLIENT_TIMEOUT`]).
+    pub client_timeout: Duration,
 }
 
 /// Where the desired state lives.
@@ -66,6 +73,9 @@ impl DaemonConfig {
 }
 
 pub async fn run(cfg: DaemonConfig) -> Result<()> {
+    // Nothing the daemon makes is writable by others, whatever umask it was started with;
+    // what is private (the state, the sockets) is made so explicitly.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
     // Configuration first: a bad option changes nothing, not even the state directory.
     let dns = cfg
         .dns
@@ -73,10 +83,13 @@ pub async fn run(cfg: DaemonConfig) -> Result<()> {
         .map(berth_dns::Dns::new)
         .transpose()
         .map_err(|e| AgentError::Invalid(e.to_string()))?;
+    let access = Access {
+        group: cfg.socket_group.as_deref().map(socket_group).transpose()?,
+    };
     // Before anything else: a second daemon in this namespace must not touch the first one's
     // kernel state (its repair pass would take the first's links for strays).
     let _only_daemon = claim_network_namespace()?;
-    raise_open_files_limit();
+    let (api_cap, docker_cap) = crate::serve::connection_caps(raise_open_files_limit());
     let host_id = match &cfg.host_id {
         Some(id) => id.clone(),
         None => default_host_id()
@@ -103,16 +116,16 @@ pub async fn run(cfg: DaemonConfig) -> Result<()> {
         }
     };
     let shared = matches!(lease_store, LeaseStore::Own(_));
-    for dir in [&cfg.run_dir, &cfg.netns_dir] {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| AgentError::Invalid(format!("cannot create {}: {e}", dir.display())))?;
-    }
+    std::fs::create_dir_all(&cfg.netns_dir).map_err(|e| {
+        AgentError::Invalid(format!("cannot create {}: {e}", cfg.netns_dir.display()))
+    })?;
+    make_run_dir(&cfg.run_dir, &access)?;
     // The sockets too before the repair pass: a daemon that cannot serve changes nothing.
     // Clients that connect meanwhile wait in the backlog until the repair is done.
     let socket = cfg.socket();
-    let listener = bind_socket(&socket)?;
+    let listener = bind_socket(&socket, &access)?;
     let docker_listener = match &cfg.docker_plugin_socket {
-        Some(path) => match bind_socket(path) {
+        Some(path) => match bind_socket(path, &access) {
             Ok(l) => Some((l, path.clone())),
             Err(e) => {
                 let _ = std::fs::remove_file(&socket);
@@ -207,25 +220,52 @@ pub async fn run(cfg: DaemonConfig) -> Result<()> {
     );
     tokio::spawn(agent.clone().run_firewall_guard());
     tokio::spawn(agent.clone().run_link_watch());
-    let docker = match docker_listener {
-        Some((listener, path)) => {
-            tracing::info!(socket = %path.display(), "Docker plugin API ready");
-            let router = crate::docker::router(agent.clone());
-            Some(tokio::spawn(
-                async move { axum::serve(listener, router).await },
-            ))
-        }
-        None => None,
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let docker = docker_listener.map(|(listener, path)| {
+        tracing::info!(
+            socket = %path.display(), max_connections = docker_cap, "Docker plugin API ready"
+        );
+        let served = crate::serve::Socket {
+            what: "the berth Docker plugin",
+            dialect: Dialect::DockerPlugin,
+            access: access.clone(),
+            max_connections: docker_cap,
+            client_timeout: cfg.client_timeout,
+        };
+        tokio::spawn(crate::serve::serve(
+            listener,
+            crate::docker::router(agent.clone()),
+            served,
+            stopping.clone(),
+        ))
+    });
+    tracing::info!(
+        max_connections = api_cap, client_timeout = ?cfg.client_timeout,
+        group = ?cfg.socket_group, "API ready"
+    );
+    let api = crate::serve::Socket {
+        what: "the berth API",
+        dialect: Dialect::Api,
+        access,
+        max_connections: api_cap,
+        client_timeout: cfg.client_timeout,
     };
-    let served = axum::serve(listener, crate::api::router(agent))
-        .with_graceful_shutdown(shutdown_signal())
-        .await;
+    let api = tokio::spawn(crate::serve::serve(
+        listener,
+        crate::api::router(agent),
+        api,
+        stopping,
+    ));
+    shutdown_signal().await;
+    let _ = stop.send(true);
+    let _ = api.await;
+    if let Some(docker) = docker {
+        let _ = docker.await;
+    }
     let _ = std::fs::remove_file(&socket);
-    if let (Some(task), Some(path)) = (docker, &cfg.docker_plugin_socket) {
-        task.abort();
+    if let Some(path) = &cfg.docker_plugin_socket {
         let _ = std::fs::remove_file(path);
     }
-    served.map_err(|e| AgentError::Internal(format!("API server: {e}")))?;
     tracing::info!("berth daemon stopped; containers stay connected");
     Ok(())
 }
@@ -365,14 +405,23 @@ fn is_link_local(a: &std::net::IpAddr) -> bool {
 }
 
 /// Every forwarded DNS query holds a socket while it waits: the soft limit on open files
-/// (often 1,024) goes up to the hard one, as Go programs do at start.
-fn raise_open_files_limit() {
+/// (often 1,024) goes up to the hard one, as Go programs do at start. Returns the limit in
+/// force, which the API's connection caps are made from.
+fn raise_open_files_limit() -> u64 {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
-        && soft < hard
-        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
-    {
-        tracing::warn!(error = %e, "cannot raise the open-files limit");
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot raise the open-files limit");
+                soft
+            }
+        },
+        Ok((soft, _)) => soft,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the open-files limit; assuming 1024");
+            1024
+        }
     }
 }
 
@@ -386,50 +435,51 @@ async fn shutdown_signal() {
     }
 }
 
-/// The name of the abstract unix socket a daemon holds while it runs. Abstract socket names
-/// belong to a network namespace, and the kernel frees the name when the process dies: at most
-/// one berth daemon per network namespace, whatever its directories, and no stale lock.
-const DAEMON_LOCK_NAME: &[u8] = b"berth-daemon";
-
-/// Makes sure this is the only berth daemon in the calling process's network namespace, for as
-/// long as the returned socket lives. The error names the daemon that runs (by pid).
-fn claim_network_namespace() -> Result<std::os::unix::net::UnixListener> {
-    use std::os::linux::net::SocketAddrExt;
-    use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
-    let name = SocketAddr::from_abstract_name(DAEMON_LOCK_NAME)
-        .map_err(|e| AgentError::Internal(format!("abstract socket name: {e}")))?;
-    match UnixListener::bind_addr(&name) {
-        Ok(l) => {
-            // Refused daemons connect to learn the holder's pid: take those connections off
-            // the backlog, so a full backlog never blocks a connect.
-            let acceptor = l
-                .try_clone()
-                .map_err(|e| AgentError::Internal(format!("daemon lock socket: {e}")))?;
-            std::thread::Builder::new()
-                .name("berth-lock".into())
-                .spawn(move || {
-                    for conn in acceptor.incoming() {
-                        drop(conn);
-                    }
-                })
-                .map_err(|e| AgentError::Internal(format!("daemon lock thread: {e}")))?;
-            Ok(l)
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-            let pid = UnixStream::connect_addr(&name).ok().and_then(|s| {
-                nix::sys::socket::getsockopt(&s, nix::sys::socket::sockopt::PeerCredentials)
-                    .ok()
-                    .map(|c| c.pid())
-            });
+/// Makes sure this is the only berth daemon in the calling thread's network namespace, for
+/// as long as the returned lock lives (see [`hostns`]: a lock only root can hold). The error
+/// names the daemon that runs (by pid).
+fn claim_network_namespace() -> Result<hostns::DaemonLock> {
+    match hostns::DaemonLock::claim()? {
+        hostns::Claim::Held(lock) => Ok(lock),
+        hostns::Claim::Taken { pid } => {
             let who = pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
             Err(AgentError::Conflict(format!(
                 "another berth daemon{who} is running in this network namespace; not starting"
             )))
         }
-        Err(e) => Err(AgentError::Internal(format!(
-            "cannot hold the daemon lock socket: {e}"
+    }
+}
+
+/// `--socket-group NAME`: its id and name.
+fn socket_group(name: &str) -> Result<(u32, String)> {
+    match nix::unistd::Group::from_name(name) {
+        Ok(Some(g)) => Ok((g.gid.as_raw(), g.name)),
+        Ok(None) => Err(AgentError::Invalid(format!(
+            "invalid --socket-group {name:?}: no such group"
+        ))),
+        Err(e) => Err(AgentError::Invalid(format!(
+            "cannot look up --socket-group {name:?}: {e}"
         ))),
     }
+}
+
+/// The run directory, root's alone (0700) or, with a socket group, searchable by that group
+/// (0710), so that only those who may use the API reach its socket.
+fn make_run_dir(dir: &std::path::Path, access: &Access) -> Result<()> {
+    let fail = |what: &str, e: &dyn std::fmt::Display| {
+        AgentError::Invalid(format!("cannot {what} {}: {e}", dir.display()))
+    };
+    std::fs::create_dir_all(dir).map_err(|e| fail("create", &e))?;
+    let mode = match &access.group {
+        Some((gid, _)) => {
+            nix::unistd::chown(dir, None, Some(nix::unistd::Gid::from_raw(*gid)))
+                .map_err(|e| fail("chown", &e))?;
+            0o710
+        }
+        None => 0o700,
+    };
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| fail("chmod", &e))
 }
 
 /// Where Docker looks for plugins: `/run/docker/plugins/NAME.sock`.
@@ -462,8 +512,9 @@ pub fn default_docker_plugin_socket() -> Option<PathBuf> {
 }
 
 /// Listens on a unix socket, replacing a stale socket file but refusing one a live daemon
-/// still serves.
-fn bind_socket(path: &std::path::Path) -> Result<UnixListener> {
+/// still serves. The socket is root's (0600), or its group's too (0660); whoever connects in
+/// the moment before the mode is set is still checked by its credentials.
+fn bind_socket(path: &std::path::Path, access: &Access) -> Result<UnixListener> {
     if std::os::unix::net::UnixStream::connect(path).is_ok() {
         return Err(AgentError::Conflict(format!(
             "another daemon is serving on {}",
@@ -475,8 +526,28 @@ fn bind_socket(path: &std::path::Path) -> Result<UnixListener> {
             .map_err(|e| AgentError::Invalid(format!("cannot create {}: {e}", dir.display())))?;
     }
     let _ = std::fs::remove_file(path);
-    UnixListener::bind(path)
-        .map_err(|e| AgentError::Invalid(format!("cannot listen on {}: {e}", path.display())))
+    let listener = UnixListener::bind(path)
+        .map_err(|e| AgentError::Invalid(format!("cannot listen on {}: {e}", path.display())))?;
+    let restrict = || -> std::result::Result<(), String> {
+        let mode = match &access.group {
+            Some((gid, _)) => {
+                nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(*gid)))
+                    .map_err(|e| format!("chown: {e}"))?;
+                0o660
+            }
+            None => 0o600,
+        };
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| format!("chmod: {e}"))
+    };
+    if let Err(e) = restrict() {
+        let _ = std::fs::remove_file(path);
+        return Err(AgentError::Invalid(format!(
+            "cannot restrict {}: {e}",
+            path.display()
+        )));
+    }
+    Ok(listener)
 }
 
 #[cfg(test)]

@@ -1544,6 +1544,11 @@ impl Agent {
     ) -> Result<Value> {
         let key = keys::docker_endpoint(&req.endpoint_id);
         let sandbox = required("SandboxKey", &req.sandbox_key)?.to_string();
+        // The engine moves the interface in itself, often into a namespace not made yet; one
+        // that exists must not be a host's.
+        if let Ok(ns) = netns::open(std::path::Path::new(&sandbox)) {
+            crate::endpoints::refuse_host_namespace(&ns, &sandbox)?;
+        }
         let (mut de, de_rev, sources, id, veth_made) = match pending {
             Some(p) => {
                 // Waited for before the topology lock: a writer queued for it would hold up

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use std::path::Path;
 
 use berth_api::Attach;
-use berth_dataplane::{EndpointSpec, Netlink, netns};
+use berth_dataplane::{EndpointSpec, Netlink, hostns, netns};
 use berth_model::{
     Driver, Endpoint, IFNAME_MAX, MAX_CONTAINER_ID, MAX_GC_ATTACHMENTS, MacAddr, NetnsRef, Network,
     Sandbox, Shown, check_count, check_length, parse_requested_ips, tombstone_name,
@@ -33,6 +33,20 @@ pub(crate) enum Held {
     Neither,
     Ports,
     PortsAndAddresses,
+}
+
+/// Refuses a namespace that is a host's (see [`hostns::host_namespace`]): an attach there
+/// would take over that host's addresses and default route. "is a host's network namespace"
+/// is what clients (`berth-cni`) recognise the refusal by.
+pub(crate) fn refuse_host_namespace(ns: &File, given: &str) -> Result<()> {
+    match hostns::host_namespace(ns)? {
+        Some(why) => Err(AgentError::Invalid(format!(
+            "{} is a host's network namespace, not a container's ({why}); berth attaches \
+             only containers' namespaces",
+            Shown(given)
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// The gateways of `net` the sandbox's default routes go through because `ep` holds them,
@@ -271,6 +285,7 @@ impl Agent {
             .ok_or_else(|| AgentError::NotFound(format!("no network named {:?}", req.network)))?;
         self.check_usable(&net)?;
         let (ns, netns_ref, sandbox) = resolved?;
+        refuse_host_namespace(&ns, &req.sandbox)?;
         if let Some((sb, _)) = &sandbox
             && sb.removing
         {

@@ -45,6 +45,7 @@ mod reaper;
 mod reconcile;
 mod sandboxes;
 pub mod scope;
+pub mod serve;
 mod services;
 mod watch;
 

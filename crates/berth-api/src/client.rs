@@ -18,6 +18,12 @@ pub enum ClientError {
         socket: String,
         cause: std::io::Error,
     },
+    /// The socket (or its directory) is not this user's to use.
+    #[error(
+        "permission denied on the berth daemon's socket {socket}: only root, and the members of \
+         the daemon's --socket-group if it has one, may use it"
+    )]
+    Denied { socket: String },
     /// The daemon took the request and closed the connection without a whole answer: it
     /// stopped or died meanwhile. The request may or may not have taken effect.
     #[error("the daemon closed the connection before answering (at {socket})")]
@@ -99,7 +105,12 @@ impl Client {
             socket: self.socket.display().to_string(),
             cause,
         };
-        let mut stream = UnixStream::connect(&self.socket).map_err(unreachable)?;
+        let mut stream = UnixStream::connect(&self.socket).map_err(|e| match e.kind() {
+            std::io::ErrorKind::PermissionDenied => ClientError::Denied {
+                socket: self.socket.display().to_string(),
+            },
+            _ => unreachable(e),
+        })?;
         stream
             .set_read_timeout(Some(self.timeout))
             .map_err(unreachable)?;

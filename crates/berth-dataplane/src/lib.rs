@@ -7,6 +7,7 @@
 
 mod bridge;
 pub mod conntrack;
+pub mod hostns;
 mod netlink;
 pub mod netns;
 pub mod nftables;

@@ -13,6 +13,7 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -596,23 +597,38 @@ impl Inner {
     }
 }
 
+/// Opens (creating if needed) a file only its owner may read or write, also one made before
+/// with a wider mode.
+fn private_file(path: &Path) -> std::io::Result<File> {
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(path)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    Ok(file)
+}
+
 impl RedbStore {
     /// Opens (creating if needed) the store in `dir`, taking an exclusive lock on the directory
     /// so a second daemon on the same state fails at once instead of corrupting it. Does not
     /// need a tokio runtime: lease expiry runs on a thread of its own.
+    ///
+    /// The store holds every network, endpoint, name and label: the directory is made the
+    /// owner's alone (0700) and so are its files (0600), whatever the umask.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir)?;
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(dir.join("lock"))?;
+        let lock = private_file(&dir.join("lock"))?;
         if lock.try_lock().is_err() {
             return Err(StoreError::Locked {
                 path: dir.display().to_string(),
             });
         }
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
         let path = dir.join("berth.redb");
+        // Made (empty, which redb initialises) or narrowed before redb opens it.
+        drop(private_file(&path)?);
         let db = Database::create(&path).map_err(backend)?;
         let revision = prepare(&db)?;
         let leases = load_leases(&db)?;
@@ -870,6 +886,29 @@ mod tests {
         let keys: Vec<_> = l.items.iter().map(|kv| kv.key.as_str()).collect();
         assert_eq!(keys, ["a/1", "a/2"]);
         assert!(l.items.iter().all(|kv| kv.mod_revision == 2));
+    }
+
+    /// Also a state directory and store made before with wide modes (an old berth, umask 000).
+    #[test]
+    fn the_state_directory_and_its_files_are_the_owners_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let state = dir.path().join("state");
+        drop(RedbStore::open(&state).unwrap());
+        for (path, wide) in [
+            (state.clone(), 0o777),
+            (state.join("berth.redb"), 0o666),
+            (state.join("lock"), 0o666),
+        ] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(wide)).unwrap();
+        }
+        let fresh = dir.path().join("fresh");
+        for s in [&state, &fresh] {
+            drop(RedbStore::open(s).unwrap());
+            assert_eq!(mode(s), 0o700, "{s:?}");
+            assert_eq!(mode(&s.join("berth.redb")), 0o600);
+            assert_eq!(mode(&s.join("lock")), 0o600);
+        }
     }
 
     #[tokio::test]

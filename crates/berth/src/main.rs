@@ -249,6 +249,16 @@ struct DaemonArgs {
     /// Default: 10.211.0.0/16 and fd00:b5:5e7::/112, or the ranges the cluster already uses.
     #[arg(long = "service-cidr", value_name = "CIDR", value_parser = parse_service_cidr_arg)]
     service_cidrs: Vec<String>,
+    /// The group whose members may use the API and Docker plugin sockets beside root (the
+    /// sockets become 0660 and the run directory 0710, owned by that group). Default: root
+    /// only.
+    #[arg(long, value_name = "NAME")]
+    socket_group: Option<String>,
+    /// Milliseconds an API or plugin client may take to send a request head (or stay idle
+    /// between requests), to send its body, or to read on; for tests.
+    #[arg(long, hide = true, default_value_t = berth_agent::serve::CLIENT_TIMEOUT.as_millis() as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    client_timeout_ms: u64,
 }
 
 /// `--service-cidr`: a range with no special meaning (not loopback, link-local, multicast...),
@@ -980,6 +990,8 @@ fn daemon(args: DaemonArgs) -> Result<()> {
             }),
             sandbox_etc_dir: args.sandbox_etc_dir,
             docker_endpoint_grace: std::time::Duration::from_secs(args.docker_endpoint_grace),
+            socket_group: args.socket_group,
+            client_timeout: std::time::Duration::from_millis(args.client_timeout_ms),
         },
     ))?;
     Ok(())
@@ -1224,8 +1236,9 @@ mod tests {
             .unwrap()
             .render_help()
             .to_string();
+        // (`--socket-group` is the daemon's own.)
         assert!(
-            !help.contains("--socket") && !help.contains("--output"),
+            !help.contains("--socket <") && !help.contains("--output"),
             "{help}"
         );
         for args in [

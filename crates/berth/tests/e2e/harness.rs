@@ -259,16 +259,19 @@ impl Host {
         }
     }
 
-    /// The daemon's resident memory in KiB (`VmRSS`). `nsenter` execs the daemon in place,
-    /// so the child is the daemon.
-    pub fn daemon_rss_kib(&self) -> u64 {
-        let pid = self
-            .daemon
+    /// The daemon's pid. `nsenter` execs the daemon in place, so the child is the daemon.
+    pub fn daemon_pid(&self) -> u32 {
+        self.daemon
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .as_ref()
             .expect("a running daemon")
-            .id();
+            .id()
+    }
+
+    /// The daemon's resident memory in KiB (`VmRSS`).
+    pub fn daemon_rss_kib(&self) -> u64 {
+        let pid = self.daemon_pid();
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
         assert!(
             status.starts_with("Name:\tberth\n"),
@@ -432,14 +435,10 @@ impl Host {
     }
 
     /// Everything observable about the host: the daemon's state and the kernel's. Used to show
-    /// that a rejected request changed nothing. Kernel-made IPv6 link-local addresses are left
-    /// out: their DAD state changes on its own a second after a link comes up.
+    /// that a rejected request changed nothing. What the kernel changes on its own is left
+    /// out (see [`settled`]).
     pub fn snapshot(&self) -> String {
-        self.snapshot_all()
-            .lines()
-            .filter(|l| !l.contains(" fe80::"))
-            .collect::<Vec<_>>()
-            .join("\n")
+        settled(&self.snapshot_all())
     }
 
     fn snapshot_all(&self) -> String {
@@ -488,6 +487,31 @@ impl Drop for Host {
         let _ = run("ip", &["netns", "del", &self.netns]);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// `ip` output without what the kernel changes on its own after a change: IPv6 link-local
+/// addresses (their DAD state changes a second after a link comes up), and links' carrier and
+/// operational state, also as routes show it (`linkdown`): a new veth's carrier, and its
+/// bridge's with it, is reported up to a second later. A link's being set up or down (`UP`)
+/// is kept.
+pub fn settled(ip_output: &str) -> String {
+    ip_output
+        .lines()
+        .filter(|l| !l.contains(" fe80::"))
+        .map(|l| {
+            let l = l
+                .replace("NO-CARRIER,", "")
+                .replace(",LOWER_UP", "")
+                .replace(" linkdown", "");
+            match l.split_once(" state ") {
+                Some((head, rest)) => {
+                    format!("{head}{}", rest.find(' ').map_or("", |i| &rest[i..]))
+                }
+                None => l,
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// A process in a fresh network namespace of its own, like a container: attachable by

@@ -24,4 +24,5 @@ mod plugin_fuzz;
 mod podman;
 mod policy;
 mod policy_size;
+mod security;
 mod services;

@@ -163,7 +163,7 @@ impl Env {
     }
 }
 
-/// Why `path` is not a network namespace, if it is not one. Checked here, before the daemon is
+/// Why `path` is not a container's network namespace, if it is not one. Checked here, before the daemon is
 /// asked anything (it checks again), so that a wrong `CNI_NETNS` is the spec's code 4 and no
 /// network is created for an ADD that cannot succeed.
 fn check_netns(path: &str) -> Result<(), String> {
@@ -182,9 +182,18 @@ fn check_netns(path: &str) -> Result<(), String> {
     // refers to; `f` stays open for the duration of the call.
     let t = unsafe { nix::libc::ioctl(f.as_raw_fd(), nix::libc::NS_GET_NSTYPE) };
     match nix::errno::Errno::result(t) {
-        Ok(t) if t == nix::libc::CLONE_NEWNET => Ok(()),
-        Ok(_) => Err("it is a namespace of another kind, not a network namespace".into()),
-        Err(e) => Err(format!("cannot tell its namespace type: {e}")),
+        Ok(t) if t == nix::libc::CLONE_NEWNET => {}
+        Ok(_) => return Err("it is a namespace of another kind, not a network namespace".into()),
+        Err(e) => return Err(format!("cannot tell its namespace type: {e}")),
+    }
+    // A host's namespace (the runtime's own, PID 1's, a berth daemon's) is refused before the
+    // daemon is asked (it refuses it too), so that such an ADD creates no network either.
+    match berth_dataplane::hostns::host_namespace(&f) {
+        Ok(None) => Ok(()),
+        Ok(Some(why)) => Err(format!(
+            "it is a host's network namespace, not a container's ({why})"
+        )),
+        Err(e) => Err(format!("cannot tell whether it is a host's namespace: {e}")),
     }
 }
 
@@ -668,16 +677,34 @@ mod tests {
                 ("CNI_NETNS", netns),
             ])
         };
-        assert!(env("/proc/self/ns/net").attachment(true).is_ok());
-        for bad in [
-            "/proc/self/ns/mnt",
-            "/",
-            "/proc/self/status",
-            "/no/such/netns",
+        // A container's: a namespace of its own, on a thread kept there meanwhile (needs root).
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let container = std::thread::spawn(move || {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            tid_tx.send(nix::unistd::gettid()).unwrap();
+            let _ = done_rx.recv();
+        });
+        let tid = tid_rx.recv().unwrap();
+        let container_ns = format!("/proc/self/task/{tid}/ns/net");
+        assert!(env(&container_ns).attachment(true).is_ok());
+        drop(done_tx);
+        container.join().unwrap();
+        for (bad, why) in [
+            ("/proc/self/ns/mnt", "another kind"),
+            ("/", "directory"),
+            ("/proc/self/status", "not a namespace file"),
+            ("/no/such/netns", "no such file"),
+            // The runtime's own (berth-cni runs in it).
+            ("/proc/self/ns/net", "host's network namespace"),
         ] {
             let e = env(bad).attachment(true).unwrap_err();
             assert_eq!(e.code, code::INVALID_ENV, "{bad}: {}", e.msg);
-            assert!(e.msg.contains("CNI_NETNS"), "{}", e.msg);
+            assert!(
+                e.msg.contains("CNI_NETNS") && e.msg.contains(why),
+                "{}",
+                e.msg
+            );
         }
         // DEL does not need the namespace, so it is not checked.
         assert!(env("/no/such/netns").attachment(false).is_ok());

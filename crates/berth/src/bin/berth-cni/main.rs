@@ -200,11 +200,16 @@ fn api_error(e: ClientError) -> CniError {
         // The daemon cannot reach its store (etcd).
         | ClientError::Api { status: 503, .. } => code::TRY_AGAIN_LATER,
         // The daemon found CNI_NETNS no network namespace although it was one here (a
-        // namespace that went away meanwhile).
+        // namespace that went away meanwhile), or a host's (one a daemon in another namespace
+        // runs in): the variable is what is wrong.
         ClientError::Api {
             status: 400,
             message,
-        } if message.contains("is not a network namespace") => code::INVALID_ENV,
+        } if message.contains("is not a network namespace")
+            || message.contains("is a host's network namespace") =>
+        {
+            code::INVALID_ENV
+        }
         ClientError::Api {
             status: 400 | 404, ..
         } => code::INVALID_CONFIG,
