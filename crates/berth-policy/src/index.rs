@@ -69,10 +69,9 @@ impl Touched {
 #[derive(Debug, Clone, Default)]
 struct Members {
     policies: BTreeMap<String, Policy>,
+    /// (Which endpoints a policy selects is worked out when asked, from these: a policy
+    /// change then costs what its network holds, and an attach nothing per policy.)
     endpoints: BTreeMap<String, Endpoint>,
-    /// By policy, the ids of the endpoints it selects (on any host), kept up to date so that
-    /// finding the targets of a change costs what it finds.
-    selected: BTreeMap<String, BTreeSet<String>>,
 }
 
 impl Members {
@@ -226,13 +225,6 @@ impl PolicyIndex {
             self.wide.insert(name.clone());
         }
         let m = self.networks.entry(network.clone()).or_default();
-        let selected = m
-            .endpoints
-            .values()
-            .filter(|ep| policy.selector.matches(&ep.labels))
-            .map(|ep| ep.id.clone())
-            .collect();
-        m.selected.insert(name.clone(), selected);
         m.policies.insert(name.clone(), policy);
         self.policy_networks.insert(name.clone(), network.clone());
         self.local_targets(&network, &name, &mut changed.endpoints);
@@ -249,7 +241,6 @@ impl PolicyIndex {
         self.wide.remove(name);
         if let Some(m) = self.networks.get_mut(&network) {
             m.policies.remove(name);
-            m.selected.remove(name);
             if m.is_empty() {
                 self.networks.remove(&network);
             }
@@ -263,14 +254,6 @@ impl PolicyIndex {
         let id = ep.id.clone();
         let network = ep.network.clone();
         let m = self.networks.entry(network.clone()).or_default();
-        for (name, p) in &m.policies {
-            if p.selector.matches(&ep.labels) {
-                m.selected
-                    .entry(name.clone())
-                    .or_default()
-                    .insert(id.clone());
-            }
-        }
         m.endpoints.insert(id.clone(), ep);
         self.endpoint_networks.insert(id.clone(), network);
         if let Some(new) = self.endpoint(&id) {
@@ -288,9 +271,6 @@ impl PolicyIndex {
             return changed;
         };
         let old = m.endpoints.remove(id);
-        for selected in m.selected.values_mut() {
-            selected.remove(id);
-        }
         if m.is_empty() {
             self.networks.remove(&network);
         }
@@ -346,12 +326,12 @@ impl PolicyIndex {
             Vec::new()
         };
         named_ports.sort();
-        Some(ProfileKey {
-            network: ep.network.clone(),
+        Some(ProfileKey::new(
+            ep.network.clone(),
             direction,
-            policies: isolating.iter().map(|p| p.name.clone()).collect(),
+            isolating.iter().map(|p| p.name.clone()).collect(),
             named_ports,
-        })
+        ))
     }
 
     /// The profile of a key, from the policies and endpoints as they are now. Policies of the
@@ -404,11 +384,12 @@ impl PolicyIndex {
         else {
             return Vec::new();
         };
-        m.selected
-            .get(policy)
-            .into_iter()
-            .flatten()
-            .filter_map(|id| m.endpoints.get(id))
+        let Some(p) = m.policies.get(policy) else {
+            return Vec::new();
+        };
+        m.endpoints
+            .values()
+            .filter(|ep| p.selector.matches(&ep.labels))
             .collect()
     }
 
@@ -647,15 +628,14 @@ impl PolicyIndex {
         let Some(m) = self.networks.get(network) else {
             return;
         };
+        let Some(p) = m.policies.get(name) else {
+            return;
+        };
         out.extend(
-            m.selected
-                .get(name)
-                .into_iter()
-                .flatten()
-                .filter(|id| !out.contains(*id))
-                .filter(|id| m.endpoints.get(*id).is_some_and(|ep| self.is_local(ep)))
-                .cloned()
-                .collect::<Vec<_>>(),
+            m.endpoints
+                .values()
+                .filter(|ep| self.is_local(ep) && p.selector.matches(&ep.labels))
+                .map(|ep| ep.id.clone()),
         );
     }
 

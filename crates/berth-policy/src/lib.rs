@@ -228,8 +228,11 @@ impl Profile {
 /// What a target's profile is compiled from: the same key, the same profile. A target's
 /// profile changes only when its key does (the policies selecting it, its named ports) or the
 /// key's content does (a policy's rules, the endpoints its peers stand for, the gateways).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ProfileKey {
+    /// A digest of the rest, so that a key of a thousand policies hashes and compares as fast
+    /// as one of a single policy (it is looked up on every attach).
+    digest: u64,
     pub network: String,
     pub direction: Direction,
     /// The policies that isolate the target in this direction, by name, sorted.
@@ -237,6 +240,52 @@ pub struct ProfileKey {
     /// The target's named ports `(name, protocol, port)`, sorted, where an ingress rule of
     /// these policies names a port (they resolve on the target); empty otherwise.
     pub named_ports: Vec<(String, Protocol, u16)>,
+}
+
+impl ProfileKey {
+    pub fn new(
+        network: String,
+        direction: Direction,
+        policies: Vec<String>,
+        named_ports: Vec<(String, Protocol, u16)>,
+    ) -> ProfileKey {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut eat = |bytes: &[u8]| {
+            for &b in bytes {
+                h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+            }
+            // A separator, so that ("ab", "c") and ("a", "bc") differ.
+            h = (h ^ 0xff).wrapping_mul(0x0100_0000_01b3);
+        };
+        eat(network.as_bytes());
+        eat(&[direction as u8]);
+        for p in &policies {
+            eat(p.as_bytes());
+        }
+        for (name, protocol, port) in &named_ports {
+            eat(name.as_bytes());
+            eat(&[protocol.number()]);
+            eat(&port.to_be_bytes());
+        }
+        ProfileKey {
+            digest: h,
+            network,
+            direction,
+            policies,
+            named_ports,
+        }
+    }
+
+    /// The key's digest (see [`ProfileKey::new`]).
+    pub fn digest(&self) -> u64 {
+        self.digest
+    }
+}
+
+impl std::hash::Hash for ProfileKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.digest);
+    }
 }
 
 impl fmt::Display for Direction {

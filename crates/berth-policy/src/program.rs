@@ -524,27 +524,10 @@ impl Program {
     }
 }
 
-/// FNV-1a over a key.
+/// A key's digest, folded to a profile's number.
 fn key_hash(key: &ProfileKey) -> ProfileId {
-    let mut h: u32 = 0x811c_9dc5;
-    let mut eat = |bytes: &[u8]| {
-        for &b in bytes {
-            h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
-        }
-        // A separator, so that ("ab", "c") and ("a", "bc") differ.
-        h = (h ^ 0xff).wrapping_mul(0x0100_0193);
-    };
-    eat(key.network.as_bytes());
-    eat(&[key.direction as u8]);
-    for p in &key.policies {
-        eat(p.as_bytes());
-    }
-    for (name, protocol, port) in &key.named_ports {
-        eat(name.as_bytes());
-        eat(&[protocol.number()]);
-        eat(&port.to_be_bytes());
-    }
-    h
+    let d = key.digest();
+    (d ^ (d >> 32)) as u32
 }
 
 /// `e` under profile number `profile`.
