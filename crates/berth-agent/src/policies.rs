@@ -679,7 +679,14 @@ impl Agent {
             }
             let mut state = self.policy_state.lock().await;
             let mut dirty = Touched::default();
+            let mut arrived = Vec::new();
             for event in &events {
+                if let Event::Put(kv) = event
+                    && let Some(id) = kv.key.strip_prefix(keys::ENDPOINTS)
+                    && state.index.endpoint(id).is_none()
+                {
+                    arrived.push(id.to_string());
+                }
                 match state.apply(event) {
                     Ok(touched) => dirty.extend(touched),
                     Err(e) => {
@@ -690,6 +697,11 @@ impl Agent {
             // Under the lock: a request that made this change may be waiting for it, and
             // must find the flows ended when it gets the lock.
             self.program_policies(&mut state, dirty).await;
+            // A new endpoint has no flows to judge again (as in `policy_endpoint_up`): not
+            // asking the kernel for its flows keeps the lock short for the next attach.
+            for id in &arrived {
+                state.pending_revoke.remove(id);
+            }
             let revoked = state.take_revocation();
             self.revoke_flows(revoked).await;
         }

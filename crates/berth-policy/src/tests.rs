@@ -1610,3 +1610,27 @@ fn a_service_backend_on_another_network_is_judged_by_policy_alone() {
     );
     assert!(e.allowed && !e.across_networks, "{e:?}");
 }
+
+#[test]
+fn putting_an_endpoint_again_changes_nothing() {
+    let mut ix = world();
+    ix.put_policy(policy(
+        "p",
+        "app=db",
+        Some(vec![rule(vec![cidr("198.18.0.1/32", &[])], vec![tcp(80)])]),
+        None,
+    ));
+    let mut program = Program::new();
+    let all = Touched {
+        endpoints: ix.local_endpoints().map(|e| e.id.clone()).collect(),
+        ..Touched::default()
+    };
+    program.update(&ix, &all);
+    let ep = endpoint("db2", "blue", Some(ME), &["10.0.0.21"], "app=db,tier=back");
+    let touched = ix.put_endpoint(ep.clone());
+    let first = program.update(&ix, &touched);
+    assert_eq!(first.add.len(), 1);
+    let touched = ix.put_endpoint(ep);
+    let again = program.update(&ix, &touched);
+    assert_eq!(again, Change::default(), "{touched:?}");
+}
